@@ -1,0 +1,26 @@
+//! Compiles `proto/` with the pure-Rust `protox` compiler (no `protoc` needed)
+//! and writes the encoded descriptor set that server reflection serves.
+
+use prost::Message;
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos: Vec<PathBuf> = std::fs::read_dir("proto/verdict/v1")?
+        .map(|entry| entry.map(|e| e.path()))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|p| p.extension().is_some_and(|ext| ext == "proto"))
+        .collect();
+    let fds = protox::compile(&protos, ["proto"])?;
+
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out_dir.join("verdict_descriptor.bin"), fds.encode_to_vec())?;
+
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+
+    println!("cargo:rerun-if-changed=proto");
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! SQLSTATE and pool failures mapped to domain errors, in one place.
+
+use crate::error::Error;
+use deadpool_postgres::{PoolError, TimeoutType};
+use tokio_postgres::error::SqlState;
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let Some(db) = e.as_db_error() else {
+            // No SQLSTATE: the connection broke, could not be made, or a
+            // value did not convert (our bug).
+            let io = std::error::Error::source(&e)
+                .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some());
+            return if e.is_closed() || io || e.to_string().contains("connect") {
+                Error::Unavailable(e.to_string())
+            } else {
+                Error::Internal(e.to_string())
+            };
+        };
+        let code = db.code();
+        match code {
+            c if *c == SqlState::QUERY_CANCELED => Error::DeadlineExceeded,
+            c if *c == SqlState::UNIQUE_VIOLATION => {
+                Error::AlreadyExists("an object with the same unique key already exists".into())
+            }
+            c if *c == SqlState::FOREIGN_KEY_VIOLATION => {
+                Error::NotFound("an object this request refers to does not exist".into())
+            }
+            c if *c == SqlState::T_R_SERIALIZATION_FAILURE
+                || *c == SqlState::T_R_DEADLOCK_DETECTED
+                || *c == SqlState::LOCK_NOT_AVAILABLE =>
+            {
+                Error::Aborted("the call conflicted with a concurrent change; retry it".into())
+            }
+            c if *c == SqlState::PROGRAM_LIMIT_EXCEEDED => {
+                Error::ResourceExhausted("a value exceeds a limit of the database".into())
+            }
+            c if *c == SqlState::ADMIN_SHUTDOWN
+                || *c == SqlState::CRASH_SHUTDOWN
+                || *c == SqlState::CANNOT_CONNECT_NOW
+                || *c == SqlState::TOO_MANY_CONNECTIONS
+                || *c == SqlState::READ_ONLY_SQL_TRANSACTION
+                || c.code().starts_with("08") =>
+            {
+                Error::Unavailable(format!("{}: {}", c.code(), db.message()))
+            }
+            c => Error::Internal(format!("SQLSTATE {}: {}", c.code(), db.message())),
+        }
+    }
+}
+
+impl From<PoolError> for Error {
+    fn from(e: PoolError) -> Self {
+        match e {
+            PoolError::Timeout(TimeoutType::Wait) => Error::ResourceExhausted(
+                "no database connection became free in time; the gateway is overloaded, retry later"
+                    .into(),
+            ),
+            PoolError::Timeout(TimeoutType::Create | TimeoutType::Recycle) => {
+                Error::Unavailable("timed out connecting to PostgreSQL".into())
+            }
+            PoolError::Backend(e) => Error::from(e),
+            PoolError::Closed => Error::Unavailable("the connection pool is closed".into()),
+            PoolError::NoRuntimeSpecified => Error::Internal("pool has no runtime".into()),
+            PoolError::PostCreateHook(e) => Error::Unavailable(e.to_string()),
+        }
+    }
+}

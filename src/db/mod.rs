@@ -1,0 +1,249 @@
+//! Everything that touches PostgreSQL below the areas' SQL functions: the
+//! pool, per-call statement timeouts, traced statements, SQLSTATE mapping,
+//! migrations and the embedded server.
+
+pub mod embedded;
+mod error;
+pub mod migrate;
+pub mod notify;
+mod query;
+
+pub use query::Stmt;
+
+use crate::call::Call;
+use crate::error::{Error, Result};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio_postgres::NoTls;
+use tracing::Instrument;
+
+/// `application_name` of every connection the gateway opens.
+pub const APPLICATION_NAME: &str = "verdict";
+
+/// The shared database handle of a gateway: a pool plus the knowledge of
+/// whether the schema is ready.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    ready: Arc<AtomicBool>,
+    max_statement_timeout: Duration,
+}
+
+/// Pool statistics, for health and admin reporting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolStats {
+    pub size: usize,
+    pub available: usize,
+    pub waiting: usize,
+    pub max_size: usize,
+}
+
+/// Connection settings shared by the pool, migrations, the health probe and
+/// the notification listener.
+pub fn connection_config(
+    mut config: tokio_postgres::Config,
+    max_statement_timeout: Duration,
+) -> tokio_postgres::Config {
+    config.application_name(APPLICATION_NAME);
+    // The ceiling every statement runs under unless a call lowers it.
+    config.options(format!(
+        "-c statement_timeout={}",
+        max_statement_timeout.as_millis()
+    ));
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(Duration::from_secs(5));
+    }
+    config.keepalives_idle(Duration::from_secs(30));
+    config
+}
+
+impl Db {
+    /// A lazy pool: no connection is made until the first call needs one.
+    pub fn new(
+        pg: tokio_postgres::Config,
+        max_size: usize,
+        wait_timeout: Duration,
+        max_statement_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let manager = Manager::from_config(
+            pg,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(max_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(wait_timeout))
+            .create_timeout(Some(Duration::from_secs(5)))
+            .recycle_timeout(Some(Duration::from_secs(5)))
+            .build()?;
+        Ok(Db {
+            pool,
+            ready: Arc::new(AtomicBool::new(false)),
+            max_statement_timeout,
+        })
+    }
+
+    /// Marks the schema as migrated: calls may use the database from now on.
+    pub fn set_ready(&self) {
+        self.ready.store(true, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let s = self.pool.status();
+        PoolStats {
+            size: s.size,
+            available: s.available,
+            waiting: s.waiting,
+            max_size: s.max_size,
+        }
+    }
+
+    pub fn close(&self) {
+        self.pool.close();
+    }
+
+    /// A pooled connection for one call. The time spent waiting for it is the
+    /// `db.pool.acquire` span.
+    pub async fn conn(&self, call: &Call) -> Result<Conn> {
+        if !self.is_ready() {
+            return Err(Error::Unavailable(
+                "the gateway has not finished connecting to and migrating the database".into(),
+            ));
+        }
+        let timeout = self.statement_timeout(call)?;
+        let span = tracing::info_span!(
+            "db.pool.acquire",
+            db.system.name = "postgresql",
+            db.pool.size = tracing::field::Empty,
+            db.pool.waiting = tracing::field::Empty
+        );
+        let status = self.pool.status();
+        span.record("db.pool.size", status.size);
+        span.record("db.pool.waiting", status.waiting);
+        let object = self.pool.get().instrument(span).await?;
+        Ok(Conn {
+            object: Some(object),
+            lowered_timeout: timeout,
+            session_timeout_set: false,
+            max_statement_timeout: self.max_statement_timeout,
+        })
+    }
+
+    /// The statement timeout for this call: its remaining deadline, capped by
+    /// the configured maximum. `None` when the maximum (the connection
+    /// default) applies.
+    fn statement_timeout(&self, call: &Call) -> Result<Option<Duration>> {
+        match call.remaining() {
+            Some(left) if left.is_zero() => Err(Error::DeadlineExceeded),
+            Some(left) if left < self.max_statement_timeout => {
+                // Leave a margin so PostgreSQL cancels the statement (and the
+                // caller hears DEADLINE_EXCEEDED from us) before the transport's
+                // own timer abandons the call with the query still running.
+                let margin = left / 10 + Duration::from_millis(2);
+                Ok(Some(
+                    left.saturating_sub(margin).max(Duration::from_millis(1)),
+                ))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+/// A pooled connection bound to one call's deadline.
+///
+/// Use [`Conn::client`] for statements outside a transaction and
+/// [`Conn::begin`] for a transaction; either applies the call's deadline as
+/// PostgreSQL's `statement_timeout` so a query outliving its caller is
+/// cancelled in the server, not merely abandoned.
+pub struct Conn {
+    object: Option<Object>,
+    lowered_timeout: Option<Duration>,
+    session_timeout_set: bool,
+    max_statement_timeout: Duration,
+}
+
+impl Conn {
+    fn object(&self) -> &Object {
+        self.object.as_ref().expect("object is present until drop")
+    }
+
+    /// The connection for statements outside a transaction. A deadline below
+    /// the maximum is set for the session and restored when the connection
+    /// goes back to the pool.
+    pub async fn client(&mut self) -> Result<&deadpool_postgres::Client> {
+        if let Some(timeout) = self.lowered_timeout
+            && !self.session_timeout_set
+        {
+            self.session_timeout_set = true;
+            self.object()
+                .batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis()))
+                .await?;
+        }
+        Ok(self.object())
+    }
+
+    /// Begins a transaction; a deadline below the maximum becomes its
+    /// `SET LOCAL statement_timeout`. Dropping the transaction without
+    /// `commit` rolls it back.
+    pub async fn begin(&mut self) -> Result<deadpool_postgres::Transaction<'_>> {
+        let timeout = self.lowered_timeout;
+        let object = self.object.as_mut().expect("object is present until drop");
+        let tx = object.transaction().await?;
+        if let Some(timeout) = timeout {
+            tx.batch_execute(&format!(
+                "SET LOCAL statement_timeout = {}",
+                timeout.as_millis()
+            ))
+            .await?;
+        }
+        Ok(tx)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if !self.session_timeout_set {
+            return;
+        }
+        // Restore the connection's default before another call gets it. The
+        // reset queues behind anything still running on the connection.
+        if let Some(object) = self.object.take() {
+            let sql = format!(
+                "SET statement_timeout = {}",
+                self.max_statement_timeout.as_millis()
+            );
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if object.batch_execute(&sql).await.is_err() {
+                        // Never hand out a connection in an unknown state.
+                        drop(Object::take(object));
+                    }
+                });
+            } else {
+                drop(Object::take(object));
+            }
+        }
+    }
+}
+
+/// Connects one connection outside the pool, driving it on a task of its own.
+pub async fn connect_direct(
+    config: &tokio_postgres::Config,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let (client, connection) = config.connect(NoTls).await?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "direct connection closed");
+        }
+    });
+    Ok(client)
+}

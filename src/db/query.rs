@@ -1,0 +1,122 @@
+//! Statements that trace themselves: every statement runs in a client span
+//! named after its operation and table, carrying the SQL text with its
+//! placeholders (never the values) and the number of rows.
+
+use crate::error::Result;
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use tokio_postgres::types::ToSql;
+use tracing::{Instrument, Span, field::Empty};
+
+/// A static SQL statement with the names its span carries.
+#[derive(Debug, Clone, Copy)]
+pub struct Stmt {
+    /// `db.operation.name`, e.g. `SELECT`.
+    pub op: &'static str,
+    /// `db.collection.name`: the main table.
+    pub table: &'static str,
+    /// The SQL text, with `$n` placeholders.
+    pub sql: &'static str,
+}
+
+type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+impl Stmt {
+    pub const fn new(op: &'static str, table: &'static str, sql: &'static str) -> Self {
+        Stmt { op, table, sql }
+    }
+
+    fn span(&self) -> Span {
+        tracing::info_span!(
+            "db.statement",
+            otel.name = %format_args!("{} {}", self.op, self.table),
+            otel.kind = "client",
+            otel.status_code = Empty,
+            db.system.name = "postgresql",
+            db.operation.name = self.op,
+            db.collection.name = self.table,
+            db.query.text = self.sql,
+            db.response.returned_rows = Empty,
+            db.response.affected_rows = Empty,
+            db.response.status_code = Empty,
+        )
+    }
+
+    fn fail(span: &Span, e: &tokio_postgres::Error) {
+        span.record("otel.status_code", "ERROR");
+        if let Some(code) = e.code() {
+            span.record("db.response.status_code", code.code());
+        }
+    }
+
+    /// Runs a query and returns every row.
+    pub async fn query(&self, c: &impl GenericClient, params: Params<'_>) -> Result<Vec<Row>> {
+        let span = self.span();
+        async {
+            let run = async {
+                let stmt = c.prepare_cached(self.sql).await?;
+                c.query(&stmt, params).await
+            };
+            match run.await {
+                Ok(rows) => {
+                    Span::current().record("db.response.returned_rows", rows.len());
+                    Ok(rows)
+                }
+                Err(e) => {
+                    Self::fail(&Span::current(), &e);
+                    Err(e.into())
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Runs a query expected to return at most one row.
+    pub async fn query_opt(
+        &self,
+        c: &impl GenericClient,
+        params: Params<'_>,
+    ) -> Result<Option<Row>> {
+        let mut rows = self.query(c, params).await?;
+        if rows.len() > 1 {
+            return Err(crate::error::Error::Internal(format!(
+                "{} {} returned {} rows where at most one was expected",
+                self.op,
+                self.table,
+                rows.len()
+            )));
+        }
+        Ok(rows.pop())
+    }
+
+    /// Runs a query expected to return exactly one row.
+    pub async fn query_one(&self, c: &impl GenericClient, params: Params<'_>) -> Result<Row> {
+        self.query_opt(c, params).await?.ok_or_else(|| {
+            crate::error::Error::Internal(format!("{} {} returned no row", self.op, self.table))
+        })
+    }
+
+    /// Runs a statement and returns the number of rows it affected.
+    pub async fn execute(&self, c: &impl GenericClient, params: Params<'_>) -> Result<u64> {
+        let span = self.span();
+        async {
+            let run = async {
+                let stmt = c.prepare_cached(self.sql).await?;
+                c.execute(&stmt, params).await
+            };
+            match run.await {
+                Ok(n) => {
+                    Span::current().record("db.response.affected_rows", n);
+                    Ok(n)
+                }
+                Err(e) => {
+                    Self::fail(&Span::current(), &e);
+                    Err(e.into())
+                }
+            }
+        }
+        .instrument(span)
+        .await
+    }
+}

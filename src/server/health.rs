@@ -1,0 +1,77 @@
+//! `grpc.health.v1` statuses: NOT_SERVING until the schema is migrated, then
+//! following a background probe of PostgreSQL over a connection of its own
+//! (so a busy pool never makes a healthy database look down).
+
+use crate::db::{self, Db};
+use std::time::Duration;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+/// Sets every service name's status at once.
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    services: Vec<&'static str>,
+}
+
+impl Health {
+    pub fn new(reporter: HealthReporter, services: Vec<&'static str>) -> Self {
+        Health { reporter, services }
+    }
+
+    pub async fn set(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("", status).await;
+        for s in &self.services {
+            self.reporter.set_service_status(*s, status).await;
+        }
+    }
+
+    /// Probes PostgreSQL every `interval` for as long as the gateway runs.
+    pub async fn probe(self, db: Db, config: tokio_postgres::Config, interval: Duration) {
+        let mut client: Option<tokio_postgres::Client> = None;
+        let mut last: Option<bool> = None;
+        let timeout = interval.max(Duration::from_secs(1));
+        loop {
+            let ok = db.is_ready() && ping(&mut client, &config, timeout).await;
+            if last != Some(ok) {
+                if ok {
+                    tracing::info!("PostgreSQL reachable: SERVING");
+                } else if db.is_ready() {
+                    tracing::warn!("PostgreSQL unreachable: NOT_SERVING");
+                }
+                self.set(ok).await;
+                last = Some(ok);
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+}
+
+async fn ping(
+    client: &mut Option<tokio_postgres::Client>,
+    config: &tokio_postgres::Config,
+    timeout: Duration,
+) -> bool {
+    if client.as_ref().is_none_or(|c| c.is_closed()) {
+        *client = match tokio::time::timeout(timeout, db::connect_direct(config)).await {
+            Ok(Ok(c)) => Some(c),
+            _ => return false,
+        };
+    }
+    let Some(c) = client.as_ref() else {
+        return false;
+    };
+    let ok = matches!(
+        tokio::time::timeout(timeout, c.simple_query("SELECT 1")).await,
+        Ok(Ok(_))
+    );
+    if !ok {
+        *client = None;
+    }
+    ok
+}

@@ -1,0 +1,62 @@
+//! The gRPC server assembled in one place: tracing layer, health,
+//! reflection (v1 and v1alpha), and every Verdict service with its message
+//! size limits.
+
+pub mod health;
+mod trace;
+
+use crate::config::Config;
+use crate::proto::session_service_server::SessionServiceServer;
+use crate::sessions::SessionApi;
+use crate::state::AppState;
+use std::future::Future;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::server::NamedService;
+use tonic::transport::Server;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+
+/// Names of the Verdict services, as health and reflection list them.
+pub fn service_names() -> Vec<&'static str> {
+    vec![<SessionServiceServer<SessionApi> as NamedService>::NAME]
+}
+
+/// Serves until `shutdown` resolves, then drains in-flight calls.
+pub async fn serve(
+    config: &Config,
+    listener: TcpListener,
+    state: AppState,
+    reporter: HealthReporter,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    let limit = config.max_message_bytes;
+    let sessions = SessionServiceServer::new(SessionApi::new(state))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+
+    Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .layer(trace::RpcTraceLayer)
+        .add_service(HealthServer::new(HealthService::from_health_reporter(
+            reporter,
+        )))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(sessions)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await?;
+    Ok(())
+}

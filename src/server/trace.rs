@@ -1,0 +1,193 @@
+//! One span per RPC, a child of the caller's W3C trace when `traceparent`
+//! arrives, with the gRPC status code recorded when the call ends (from the
+//! headers of a trailers-only reply, or from the trailers of a streamed one),
+//! and one log line per call at a level chosen by that code.
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use http_body::{Body, Frame, SizeHint};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+use tower::{Layer, Service};
+use tracing::{Instrument, Span, field::Empty};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+/// Tower layer adding the RPC span.
+#[derive(Clone, Copy, Default)]
+pub struct RpcTraceLayer;
+
+impl<S> Layer<S> for RpcTraceLayer {
+    type Service = RpcTrace<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcTrace { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct RpcTrace<S> {
+    inner: S,
+}
+
+struct HeaderExtractor<'a>(&'a http::HeaderMap);
+
+impl opentelemetry::propagation::Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| v.to_str().ok())
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(|k| k.as_str()).collect()
+    }
+}
+
+/// Probes and tooling are not traced: they would drown the real calls.
+fn is_infrastructure(service: &str) -> bool {
+    service == "grpc.health.v1.Health" || service.starts_with("grpc.reflection.")
+}
+
+impl<S, ReqBody> Service<http::Request<ReqBody>> for RpcTrace<S>
+where
+    S: Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    ReqBody: Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
+        // The ready service handles this call; a fresh clone waits for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+
+        let path = req.uri().path().trim_start_matches('/');
+        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        if is_infrastructure(service) {
+            return Box::pin(inner.call(req));
+        }
+        let span = tracing::info_span!(
+            "rpc",
+            otel.name = %path,
+            otel.kind = "server",
+            otel.status_code = Empty,
+            rpc.system = "grpc",
+            rpc.service = %service,
+            rpc.method = %method,
+            rpc.grpc.status_code = Empty,
+        );
+        let parent = opentelemetry::global::get_text_map_propagator(|p| {
+            p.extract(&HeaderExtractor(req.headers()))
+        });
+        // Fails only when no OpenTelemetry layer is installed.
+        let _ = span.set_parent(parent);
+
+        Box::pin(async move {
+            let started = Instant::now();
+            let response = inner.call(req).instrument(span.clone()).await?;
+            if let Some(code) = grpc_status(response.headers()) {
+                finish(&span, code, started);
+                return Ok(response);
+            }
+            Ok(response.map(|body| {
+                tonic::body::Body::new(StatusBody {
+                    inner: body,
+                    span,
+                    started,
+                    done: false,
+                })
+            }))
+        })
+    }
+}
+
+fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
+    headers.get("grpc-status")?.to_str().ok()?.parse().ok()
+}
+
+/// Records the outcome on the span and logs the call: client mistakes at
+/// `info`, server-side trouble at `warn`/`error`, successes at `debug`.
+fn finish(span: &Span, code: i32, started: Instant) {
+    let code = tonic::Code::from_i32(code);
+    span.record("rpc.grpc.status_code", code as i32);
+    use tonic::Code::*;
+    let server_fault = matches!(
+        code,
+        Unknown | DeadlineExceeded | Unimplemented | Internal | Unavailable | DataLoss
+    );
+    if server_fault {
+        span.record("otel.status_code", "ERROR");
+    }
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let _entered = span.enter();
+    match code {
+        Ok => tracing::debug!(grpc.code = ?code, elapsed_ms = ms, "rpc finished"),
+        Internal | Unknown | DataLoss | Unimplemented => {
+            tracing::error!(grpc.code = ?code, elapsed_ms = ms, "rpc failed")
+        }
+        Unavailable | ResourceExhausted | DeadlineExceeded => {
+            tracing::warn!(grpc.code = ?code, elapsed_ms = ms, "rpc failed")
+        }
+        _ => tracing::info!(grpc.code = ?code, elapsed_ms = ms, "rpc rejected"),
+    }
+}
+
+/// Passes a response body through, watching for the trailers that carry the
+/// status of a streamed (or successful unary) reply.
+struct StatusBody {
+    inner: tonic::body::Body,
+    span: Span,
+    started: Instant,
+    done: bool,
+}
+
+impl Body for StatusBody {
+    type Data = Bytes;
+    type Error = tonic::Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
+                    self.done = true;
+                    finish(&self.span, code, self.started);
+                }
+            }
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) if !self.done => {
+                self.done = true;
+                // The stream ended without a status: the client went away.
+                finish(&self.span, tonic::Code::Cancelled as i32, self.started);
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for StatusBody {
+    fn drop(&mut self) {
+        if !self.done {
+            finish(&self.span, tonic::Code::Cancelled as i32, self.started);
+        }
+    }
+}

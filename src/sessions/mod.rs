@@ -1,0 +1,477 @@
+//! Validation sessions and their processing logs: domain types and their
+//! conversions from and to the wire.
+
+mod service;
+pub mod sql;
+mod watch;
+
+pub use service::SessionApi;
+
+use crate::convert::{json_to_struct, opt_timestamp, timestamp};
+use crate::error::{Error, Result};
+use crate::pagination;
+use crate::proto;
+use crate::validate::Validator;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value as Json;
+use uuid::Uuid;
+
+/// Longest request_id.
+pub const MAX_REQUEST_ID: usize = 128;
+/// Longest technology name.
+pub const MAX_TECHNOLOGY: usize = 64;
+/// Longest validation scope.
+pub const MAX_SCOPE: usize = 256;
+/// Longest log message.
+pub const MAX_LOG_MESSAGE: usize = 8192;
+
+/// Where a session is in its lifecycle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum SessionStatus {
+    Pending,
+    Processing,
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+impl SessionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionStatus::Pending => "pending",
+            SessionStatus::Processing => "processing",
+            SessionStatus::Completed => "completed",
+            SessionStatus::Failed => "failed",
+            SessionStatus::Cancelled => "cancelled",
+        }
+    }
+
+    pub fn from_db(s: &str) -> Result<Self> {
+        Ok(match s {
+            "pending" => SessionStatus::Pending,
+            "processing" => SessionStatus::Processing,
+            "completed" => SessionStatus::Completed,
+            "failed" => SessionStatus::Failed,
+            "cancelled" => SessionStatus::Cancelled,
+            other => {
+                return Err(Error::Internal(format!(
+                    "unknown session status {other:?} in the database"
+                )));
+            }
+        })
+    }
+
+    pub fn from_proto(v: i32) -> Option<Self> {
+        Some(match proto::SessionStatus::try_from(v).ok()? {
+            proto::SessionStatus::Unspecified => return None,
+            proto::SessionStatus::Pending => SessionStatus::Pending,
+            proto::SessionStatus::Processing => SessionStatus::Processing,
+            proto::SessionStatus::Completed => SessionStatus::Completed,
+            proto::SessionStatus::Failed => SessionStatus::Failed,
+            proto::SessionStatus::Cancelled => SessionStatus::Cancelled,
+        })
+    }
+
+    pub fn to_proto(self) -> proto::SessionStatus {
+        match self {
+            SessionStatus::Pending => proto::SessionStatus::Pending,
+            SessionStatus::Processing => proto::SessionStatus::Processing,
+            SessionStatus::Completed => proto::SessionStatus::Completed,
+            SessionStatus::Failed => proto::SessionStatus::Failed,
+            SessionStatus::Cancelled => proto::SessionStatus::Cancelled,
+        }
+    }
+
+    /// Completed, failed and cancelled sessions never change status again.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            SessionStatus::Completed | SessionStatus::Failed | SessionStatus::Cancelled
+        )
+    }
+
+    /// The legal moves: pending → processing | cancelled;
+    /// processing → completed | failed | cancelled.
+    pub fn can_move_to(self, to: SessionStatus) -> bool {
+        use SessionStatus::*;
+        matches!(
+            (self, to),
+            (Pending, Processing)
+                | (Pending, Cancelled)
+                | (Processing, Completed | Failed | Cancelled)
+        )
+    }
+}
+
+/// A stored session.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Session {
+    pub id: Uuid,
+    pub request_id: String,
+    pub source_technology: String,
+    pub target_technology: String,
+    pub validation_scope: String,
+    pub status: SessionStatus,
+    pub config: Json,
+    pub input_refs: Json,
+    pub metadata: Json,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub version: i64,
+}
+
+impl From<Session> for proto::Session {
+    fn from(s: Session) -> Self {
+        proto::Session {
+            id: s.id.to_string(),
+            request_id: s.request_id,
+            source_technology: s.source_technology,
+            target_technology: s.target_technology,
+            validation_scope: s.validation_scope,
+            status: s.status.to_proto() as i32,
+            config: Some(json_to_struct(&s.config)),
+            input_refs: Some(json_to_struct(&s.input_refs)),
+            metadata: Some(json_to_struct(&s.metadata)),
+            created_at: Some(timestamp(s.created_at)),
+            updated_at: Some(timestamp(s.updated_at)),
+            started_at: opt_timestamp(s.started_at),
+            completed_at: opt_timestamp(s.completed_at),
+            version: s.version,
+        }
+    }
+}
+
+/// A session to create.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub request_id: String,
+    pub source_technology: String,
+    pub target_technology: String,
+    pub validation_scope: String,
+    pub config: Json,
+    pub input_refs: Json,
+    pub metadata: Json,
+}
+
+impl TryFrom<proto::CreateSessionRequest> for NewSession {
+    type Error = Error;
+
+    fn try_from(r: proto::CreateSessionRequest) -> Result<Self> {
+        let mut v = Validator::new();
+        let new = NewSession {
+            request_id: v.required_text("request_id", &r.request_id, MAX_REQUEST_ID),
+            source_technology: v.required_text(
+                "source_technology",
+                &r.source_technology,
+                MAX_TECHNOLOGY,
+            ),
+            target_technology: v.required_text(
+                "target_technology",
+                &r.target_technology,
+                MAX_TECHNOLOGY,
+            ),
+            validation_scope: v.required_text("validation_scope", &r.validation_scope, MAX_SCOPE),
+            config: v.json("config", r.config.as_ref()),
+            input_refs: v.json("input_refs", r.input_refs.as_ref()),
+            metadata: v.json("metadata", r.metadata.as_ref()),
+        };
+        v.finish()?;
+        Ok(new)
+    }
+}
+
+/// How GetSession finds a session.
+#[derive(Debug, Clone)]
+pub enum SessionLookup {
+    Id(Uuid),
+    RequestId(String),
+}
+
+impl TryFrom<proto::GetSessionRequest> for SessionLookup {
+    type Error = Error;
+
+    fn try_from(r: proto::GetSessionRequest) -> Result<Self> {
+        use proto::get_session_request::Lookup;
+        let mut v = Validator::new();
+        let lookup = match r.lookup {
+            Some(Lookup::Id(id)) => SessionLookup::Id(v.uuid("id", &id)),
+            Some(Lookup::RequestId(rid)) => {
+                SessionLookup::RequestId(v.required_text("request_id", &rid, MAX_REQUEST_ID))
+            }
+            None => {
+                v.violation("lookup", "set either id or request_id");
+                SessionLookup::Id(Uuid::nil())
+            }
+        };
+        v.finish()?;
+        Ok(lookup)
+    }
+}
+
+/// The filters of ListSessions; serialised into the page-token fingerprint.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SessionFilter {
+    pub statuses: Vec<SessionStatus>,
+    pub source_technology: Option<String>,
+    pub target_technology: Option<String>,
+    pub validation_scope: Option<String>,
+    pub created_from: Option<DateTime<Utc>>,
+    pub created_to: Option<DateTime<Utc>>,
+}
+
+/// Keyset position in the newest-first session order: (created_at in
+/// microseconds, id).
+pub type SessionKey = (i64, Uuid);
+
+/// A validated ListSessions call.
+#[derive(Debug, Clone)]
+pub struct ListSessions {
+    pub filter: SessionFilter,
+    pub page_size: i64,
+    pub after: Option<SessionKey>,
+    pub fingerprint: String,
+}
+
+impl TryFrom<proto::ListSessionsRequest> for ListSessions {
+    type Error = Error;
+
+    fn try_from(r: proto::ListSessionsRequest) -> Result<Self> {
+        let mut v = Validator::new();
+        let mut statuses = Vec::new();
+        for (i, s) in r.statuses.iter().enumerate() {
+            if let Some(s) =
+                v.required_enum(&format!("statuses[{i}]"), *s, SessionStatus::from_proto)
+                && !statuses.contains(&s)
+            {
+                statuses.push(s);
+            }
+        }
+        statuses.sort_by_key(|s| s.as_str());
+        let (created_from, created_to) = v.time_range("created", r.created.as_ref());
+        let filter = SessionFilter {
+            statuses,
+            source_technology: v.optional_text(
+                "source_technology",
+                &r.source_technology,
+                MAX_TECHNOLOGY,
+            ),
+            target_technology: v.optional_text(
+                "target_technology",
+                &r.target_technology,
+                MAX_TECHNOLOGY,
+            ),
+            validation_scope: v.optional_text("validation_scope", &r.validation_scope, MAX_SCOPE),
+            created_from,
+            created_to,
+        };
+        let page_size = v.page_size("page_size", r.page_size);
+        v.finish()?;
+        let fingerprint = pagination::fingerprint("sessions", &filter);
+        let after = pagination::decode("page_token", &r.page_token, &fingerprint)?;
+        Ok(ListSessions {
+            filter,
+            page_size,
+            after,
+            fingerprint,
+        })
+    }
+}
+
+/// A validated UpdateSessionStatus call.
+#[derive(Debug, Clone)]
+pub struct StatusChange {
+    pub id: Uuid,
+    pub status: SessionStatus,
+    pub expected_version: Option<i64>,
+}
+
+impl TryFrom<proto::UpdateSessionStatusRequest> for StatusChange {
+    type Error = Error;
+
+    fn try_from(r: proto::UpdateSessionStatusRequest) -> Result<Self> {
+        let mut v = Validator::new();
+        let id = v.uuid("id", &r.id);
+        let status = v.required_enum("status", r.status, SessionStatus::from_proto);
+        if let Some(ver) = r.expected_version
+            && ver < 1
+        {
+            v.violation("expected_version", "must be at least 1");
+        }
+        v.finish()?;
+        Ok(StatusChange {
+            id,
+            status: status.expect("validated"),
+            expected_version: r.expected_version,
+        })
+    }
+}
+
+/// Severity of a log entry, ordered from least to most severe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warning,
+    Error,
+}
+
+impl LogLevel {
+    pub const ALL: [LogLevel; 4] = [
+        LogLevel::Debug,
+        LogLevel::Info,
+        LogLevel::Warning,
+        LogLevel::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogLevel::Debug => "debug",
+            LogLevel::Info => "info",
+            LogLevel::Warning => "warning",
+            LogLevel::Error => "error",
+        }
+    }
+
+    pub fn from_db(s: &str) -> Result<Self> {
+        LogLevel::ALL
+            .into_iter()
+            .find(|l| l.as_str() == s)
+            .ok_or_else(|| Error::Internal(format!("unknown log level {s:?} in the database")))
+    }
+
+    pub fn from_proto(v: i32) -> Option<Self> {
+        Some(match proto::LogLevel::try_from(v).ok()? {
+            proto::LogLevel::Unspecified => return None,
+            proto::LogLevel::Debug => LogLevel::Debug,
+            proto::LogLevel::Info => LogLevel::Info,
+            proto::LogLevel::Warning => LogLevel::Warning,
+            proto::LogLevel::Error => LogLevel::Error,
+        })
+    }
+
+    pub fn to_proto(self) -> proto::LogLevel {
+        match self {
+            LogLevel::Debug => proto::LogLevel::Debug,
+            LogLevel::Info => proto::LogLevel::Info,
+            LogLevel::Warning => proto::LogLevel::Warning,
+            LogLevel::Error => proto::LogLevel::Error,
+        }
+    }
+}
+
+/// A stored log entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogEntry {
+    pub id: i64,
+    pub session_id: Uuid,
+    pub logged_at: DateTime<Utc>,
+    pub level: LogLevel,
+    pub message: String,
+    pub fields: Json,
+}
+
+impl From<LogEntry> for proto::SessionLogEntry {
+    fn from(e: LogEntry) -> Self {
+        proto::SessionLogEntry {
+            id: e.id,
+            session_id: e.session_id.to_string(),
+            logged_at: Some(timestamp(e.logged_at)),
+            level: e.level.to_proto() as i32,
+            message: e.message,
+            fields: Some(json_to_struct(&e.fields)),
+        }
+    }
+}
+
+/// A log entry to append.
+#[derive(Debug, Clone)]
+pub struct NewLogEntry {
+    pub session_id: Uuid,
+    pub level: LogLevel,
+    pub message: String,
+    pub fields: Json,
+}
+
+impl TryFrom<proto::AppendSessionLogRequest> for NewLogEntry {
+    type Error = Error;
+
+    fn try_from(r: proto::AppendSessionLogRequest) -> Result<Self> {
+        let mut v = Validator::new();
+        let entry = NewLogEntry {
+            session_id: v.uuid("session_id", &r.session_id),
+            level: v
+                .required_enum("level", r.level, LogLevel::from_proto)
+                .unwrap_or(LogLevel::Info),
+            message: v.required_message("message", &r.message, MAX_LOG_MESSAGE),
+            fields: v.json("fields", r.fields.as_ref()),
+        };
+        v.finish()?;
+        Ok(entry)
+    }
+}
+
+/// A validated ListSessionLogs call.
+#[derive(Debug, Clone)]
+pub struct ListLogs {
+    pub session_id: Uuid,
+    pub min_level: LogLevel,
+    pub page_size: i64,
+    pub after_id: i64,
+    pub fingerprint: String,
+}
+
+impl TryFrom<proto::ListSessionLogsRequest> for ListLogs {
+    type Error = Error;
+
+    fn try_from(r: proto::ListSessionLogsRequest) -> Result<Self> {
+        let mut v = Validator::new();
+        let session_id = v.uuid("session_id", &r.session_id);
+        let min_level = if r.min_level == 0 {
+            LogLevel::Debug
+        } else {
+            v.required_enum("min_level", r.min_level, LogLevel::from_proto)
+                .unwrap_or(LogLevel::Debug)
+        };
+        let page_size = v.page_size("page_size", r.page_size);
+        v.finish()?;
+        let fingerprint = pagination::fingerprint("session_logs", &(session_id, min_level));
+        let after_id = pagination::decode("page_token", &r.page_token, &fingerprint)?.unwrap_or(0);
+        Ok(ListLogs {
+            session_id,
+            min_level,
+            page_size,
+            after_id,
+            fingerprint,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use SessionStatus::*;
+
+    #[test]
+    fn only_the_documented_status_moves_are_legal() {
+        let all = [Pending, Processing, Completed, Failed, Cancelled];
+        let legal = [
+            (Pending, Processing),
+            (Pending, Cancelled),
+            (Processing, Completed),
+            (Processing, Failed),
+            (Processing, Cancelled),
+        ];
+        for from in all {
+            for to in all {
+                assert_eq!(
+                    from.can_move_to(to),
+                    legal.contains(&(from, to)),
+                    "{from:?} -> {to:?}"
+                );
+            }
+        }
+    }
+}

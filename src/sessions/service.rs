@@ -1,0 +1,212 @@
+//! SessionService: thin handlers — validate, convert, run the SQL inside the
+//! transaction the handler owns, convert back.
+
+use super::{
+    ListLogs, ListSessions, NewLogEntry, NewSession, SessionLookup, StatusChange, sql, watch,
+};
+use crate::error::Error;
+use crate::pagination;
+use crate::proto::{self, session_service_server::SessionService};
+use crate::rpc::{self, RpcResult};
+use crate::state::AppState;
+use tonic::{Request, Response};
+use uuid::Uuid;
+
+/// The SessionService implementation.
+pub struct SessionApi {
+    state: AppState,
+}
+
+impl SessionApi {
+    pub fn new(state: AppState) -> Self {
+        SessionApi { state }
+    }
+}
+
+fn not_found(id: impl std::fmt::Display) -> Error {
+    Error::NotFound(format!("session {id} not found"))
+}
+
+#[tonic::async_trait]
+impl SessionService for SessionApi {
+    async fn create_session(
+        &self,
+        request: Request<proto::CreateSessionRequest>,
+    ) -> RpcResult<proto::CreateSessionResponse> {
+        let (call, req) = rpc::split(request);
+        let new = NewSession::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let (session, created) = match sql::insert(c, Uuid::now_v7(), &new).await? {
+            Some(s) => (s, true),
+            // The key was taken: a retry. Return what is stored.
+            None => match sql::get_by_request_id(c, &new.request_id).await? {
+                Some(s) => (s, false),
+                None => {
+                    return Err(Error::Aborted(
+                        "the session with this request_id was deleted concurrently; retry".into(),
+                    )
+                    .into());
+                }
+            },
+        };
+        Ok(Response::new(proto::CreateSessionResponse {
+            session: Some(session.into()),
+            created,
+        }))
+    }
+
+    async fn get_session(
+        &self,
+        request: Request<proto::GetSessionRequest>,
+    ) -> RpcResult<proto::GetSessionResponse> {
+        let (call, req) = rpc::split(request);
+        let lookup = SessionLookup::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let session = match &lookup {
+            SessionLookup::Id(id) => sql::get(c, *id).await?.ok_or_else(|| not_found(id))?,
+            SessionLookup::RequestId(rid) => sql::get_by_request_id(c, rid)
+                .await?
+                .ok_or_else(|| Error::NotFound(format!("no session has request_id {rid:?}")))?,
+        };
+        Ok(Response::new(proto::GetSessionResponse {
+            session: Some(session.into()),
+        }))
+    }
+
+    async fn list_sessions(
+        &self,
+        request: Request<proto::ListSessionsRequest>,
+    ) -> RpcResult<proto::ListSessionsResponse> {
+        let (call, req) = rpc::split(request);
+        let query = ListSessions::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let rows = sql::list(conn.client().await?, &query).await?;
+        let (page, more) = pagination::split_page(rows, query.page_size);
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => pagination::encode(&query.fingerprint, &sql::session_key(last)),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListSessionsResponse {
+            sessions: page.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_session_status(
+        &self,
+        request: Request<proto::UpdateSessionStatusRequest>,
+    ) -> RpcResult<proto::UpdateSessionStatusResponse> {
+        let (call, req) = rpc::split(request);
+        let change = StatusChange::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let tx = conn.begin().await?;
+        let current = sql::get_for_update(&tx, change.id)
+            .await?
+            .ok_or_else(|| not_found(change.id))?;
+        if let Some(expected) = change.expected_version
+            && expected != current.version
+        {
+            return Err(Error::Aborted(format!(
+                "session {} is at version {}, not {expected}; re-read it and retry",
+                change.id, current.version
+            ))
+            .into());
+        }
+        if !current.status.can_move_to(change.status) {
+            return Err(Error::FailedPrecondition(format!(
+                "session {} cannot move from {} to {}",
+                change.id,
+                current.status.as_str(),
+                change.status.as_str()
+            ))
+            .into());
+        }
+        let session = sql::set_status(&tx, change.id, change.status).await?;
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Response::new(proto::UpdateSessionStatusResponse {
+            session: Some(session.into()),
+        }))
+    }
+
+    async fn append_session_log(
+        &self,
+        request: Request<proto::AppendSessionLogRequest>,
+    ) -> RpcResult<proto::AppendSessionLogResponse> {
+        let (call, req) = rpc::split(request);
+        let entry = NewLogEntry::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let stored = sql::insert_log(conn.client().await?, &entry).await?;
+        Ok(Response::new(proto::AppendSessionLogResponse {
+            entry: Some(stored.into()),
+        }))
+    }
+
+    async fn list_session_logs(
+        &self,
+        request: Request<proto::ListSessionLogsRequest>,
+    ) -> RpcResult<proto::ListSessionLogsResponse> {
+        let (call, req) = rpc::split(request);
+        let query = ListLogs::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let rows = sql::list_logs(c, &query).await?;
+        if rows.is_empty() && sql::get(c, query.session_id).await?.is_none() {
+            return Err(not_found(query.session_id).into());
+        }
+        let (page, more) = pagination::split_page(rows, query.page_size);
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => pagination::encode(&query.fingerprint, &last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListSessionLogsResponse {
+            entries: page.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn delete_session(
+        &self,
+        request: Request<proto::DeleteSessionRequest>,
+    ) -> RpcResult<proto::DeleteSessionResponse> {
+        let (call, req) = rpc::split(request);
+        let mut v = crate::validate::Validator::new();
+        let id = v.uuid("id", &req.id);
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let tx = conn.begin().await?;
+        let current = sql::get_for_update(&tx, id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        if let Some(expected) = req.expected_version
+            && expected != current.version
+        {
+            return Err(Error::Aborted(format!(
+                "session {id} is at version {}, not {expected}; re-read it and retry",
+                current.version
+            ))
+            .into());
+        }
+        // Children first, explicitly, so the reply can say what went.
+        let deleted_log_entries = sql::delete_logs(&tx, id).await?;
+        sql::delete(&tx, id).await?;
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Response::new(proto::DeleteSessionResponse {
+            deleted_log_entries: deleted_log_entries as i64,
+        }))
+    }
+
+    type WatchSessionStream = watch::WatchStream;
+
+    async fn watch_session(
+        &self,
+        request: Request<proto::WatchSessionRequest>,
+    ) -> RpcResult<Self::WatchSessionStream> {
+        let (_, req) = rpc::split(request);
+        let mut v = crate::validate::Validator::new();
+        let id = v.uuid("id", &req.id);
+        v.finish()?;
+        Ok(Response::new(watch::start(&self.state, id).await?))
+    }
+}

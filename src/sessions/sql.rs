@@ -1,0 +1,339 @@
+//! The SQL of sessions and session logs: one small function per statement,
+//! each taking the caller's client or transaction.
+
+use super::{
+    ListLogs, ListSessions, LogEntry, LogLevel, NewLogEntry, NewSession, Session, SessionKey,
+    SessionStatus,
+};
+use crate::db::Stmt;
+use crate::error::{Error, Result};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+macro_rules! session_columns {
+    () => {
+        "id, request_id, source_technology, target_technology, validation_scope, status, \
+         config, input_refs, metadata, created_at, updated_at, started_at, completed_at, version"
+    };
+}
+
+macro_rules! log_columns {
+    () => {
+        "id, session_id, logged_at, level, message, fields"
+    };
+}
+
+fn session_from_row(row: &Row) -> Result<Session> {
+    Ok(Session {
+        id: row.try_get("id")?,
+        request_id: row.try_get("request_id")?,
+        source_technology: row.try_get("source_technology")?,
+        target_technology: row.try_get("target_technology")?,
+        validation_scope: row.try_get("validation_scope")?,
+        status: SessionStatus::from_db(row.try_get("status")?)?,
+        config: row.try_get("config")?,
+        input_refs: row.try_get("input_refs")?,
+        metadata: row.try_get("metadata")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+        started_at: row.try_get("started_at")?,
+        completed_at: row.try_get("completed_at")?,
+        version: row.try_get("version")?,
+    })
+}
+
+fn log_from_row(row: &Row) -> Result<LogEntry> {
+    Ok(LogEntry {
+        id: row.try_get("id")?,
+        session_id: row.try_get("session_id")?,
+        logged_at: row.try_get("logged_at")?,
+        level: LogLevel::from_db(row.try_get("level")?)?,
+        message: row.try_get("message")?,
+        fields: row.try_get("fields")?,
+    })
+}
+
+/// The sort key of a session in list order.
+pub fn session_key(s: &Session) -> SessionKey {
+    (s.created_at.timestamp_micros(), s.id)
+}
+
+const INSERT: Stmt = Stmt::new(
+    "INSERT",
+    "sessions",
+    concat!(
+        "INSERT INTO sessions (id, request_id, source_technology, target_technology, \
+         validation_scope, config, input_refs, metadata) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (request_id) DO NOTHING RETURNING ",
+        session_columns!()
+    ),
+);
+
+/// Inserts a session unless its request_id is taken; `None` when it is.
+pub async fn insert(c: &impl GenericClient, id: Uuid, s: &NewSession) -> Result<Option<Session>> {
+    INSERT
+        .query_opt(
+            c,
+            &[
+                &id,
+                &s.request_id,
+                &s.source_technology,
+                &s.target_technology,
+                &s.validation_scope,
+                &s.config,
+                &s.input_refs,
+                &s.metadata,
+            ],
+        )
+        .await?
+        .as_ref()
+        .map(session_from_row)
+        .transpose()
+}
+
+const BY_ID: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    concat!(
+        "SELECT ",
+        session_columns!(),
+        " FROM sessions WHERE id = $1"
+    ),
+);
+
+pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<Option<Session>> {
+    BY_ID
+        .query_opt(c, &[&id])
+        .await?
+        .as_ref()
+        .map(session_from_row)
+        .transpose()
+}
+
+const BY_ID_FOR_UPDATE: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    concat!(
+        "SELECT ",
+        session_columns!(),
+        " FROM sessions WHERE id = $1 FOR UPDATE"
+    ),
+);
+
+/// Reads a session and locks it until the transaction ends.
+pub async fn get_for_update(c: &impl GenericClient, id: Uuid) -> Result<Option<Session>> {
+    BY_ID_FOR_UPDATE
+        .query_opt(c, &[&id])
+        .await?
+        .as_ref()
+        .map(session_from_row)
+        .transpose()
+}
+
+const BY_REQUEST_ID: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    concat!(
+        "SELECT ",
+        session_columns!(),
+        " FROM sessions WHERE request_id = $1"
+    ),
+);
+
+pub async fn get_by_request_id(
+    c: &impl GenericClient,
+    request_id: &str,
+) -> Result<Option<Session>> {
+    BY_REQUEST_ID
+        .query_opt(c, &[&request_id])
+        .await?
+        .as_ref()
+        .map(session_from_row)
+        .transpose()
+}
+
+const LIST: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    concat!(
+        "SELECT ",
+        session_columns!(),
+        " FROM sessions \
+         WHERE ($1::text[] IS NULL OR status = ANY($1)) \
+           AND ($2::text IS NULL OR source_technology = $2) \
+           AND ($3::text IS NULL OR target_technology = $3) \
+           AND ($4::text IS NULL OR validation_scope = $4) \
+           AND ($5::timestamptz IS NULL OR created_at >= $5) \
+           AND ($6::timestamptz IS NULL OR created_at < $6) \
+           AND ($7::timestamptz IS NULL OR (created_at, id) < ($7, $8)) \
+         ORDER BY created_at DESC, id DESC \
+         LIMIT $9"
+    ),
+);
+
+/// One page of sessions, newest first, plus one extra row when more follow.
+pub async fn list(c: &impl GenericClient, q: &ListSessions) -> Result<Vec<Session>> {
+    let f = &q.filter;
+    let statuses: Option<Vec<&str>> =
+        (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
+    let (after_at, after_id): (Option<DateTime<Utc>>, Option<Uuid>) = match q.after {
+        Some((micros, id)) => (
+            Some(
+                DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(|| {
+                    Error::invalid("page_token", "is not a page token issued by this list")
+                })?,
+            ),
+            Some(id),
+        ),
+        None => (None, None),
+    };
+    LIST.query(
+        c,
+        &[
+            &statuses,
+            &f.source_technology,
+            &f.target_technology,
+            &f.validation_scope,
+            &f.created_from,
+            &f.created_to,
+            &after_at,
+            &after_id,
+            &(q.page_size + 1),
+        ],
+    )
+    .await?
+    .iter()
+    .map(session_from_row)
+    .collect()
+}
+
+const SET_STATUS: Stmt = Stmt::new(
+    "UPDATE",
+    "sessions",
+    concat!(
+        "UPDATE sessions SET status = $2, version = version + 1, updated_at = now(), \
+           started_at = CASE WHEN $2 = 'processing' THEN now() ELSE started_at END, \
+           completed_at = CASE WHEN $2 IN ('completed', 'failed', 'cancelled') THEN now() \
+                          ELSE completed_at END \
+         WHERE id = $1 RETURNING ",
+        session_columns!()
+    ),
+);
+
+pub async fn set_status(
+    c: &impl GenericClient,
+    id: Uuid,
+    status: SessionStatus,
+) -> Result<Session> {
+    session_from_row(&SET_STATUS.query_one(c, &[&id, &status.as_str()]).await?)
+}
+
+const DELETE_LOGS: Stmt = Stmt::new(
+    "DELETE",
+    "session_logs",
+    "DELETE FROM session_logs WHERE session_id = $1",
+);
+
+pub async fn delete_logs(c: &impl GenericClient, session_id: Uuid) -> Result<u64> {
+    DELETE_LOGS.execute(c, &[&session_id]).await
+}
+
+const DELETE: Stmt = Stmt::new("DELETE", "sessions", "DELETE FROM sessions WHERE id = $1");
+
+pub async fn delete(c: &impl GenericClient, id: Uuid) -> Result<u64> {
+    DELETE.execute(c, &[&id]).await
+}
+
+const INSERT_LOG: Stmt = Stmt::new(
+    "INSERT",
+    "session_logs",
+    concat!(
+        "INSERT INTO session_logs (session_id, level, message, fields) \
+         VALUES ($1, $2, $3, $4) RETURNING ",
+        log_columns!()
+    ),
+);
+
+/// Appends a log entry; NOT_FOUND when the session does not exist.
+pub async fn insert_log(c: &impl GenericClient, e: &NewLogEntry) -> Result<LogEntry> {
+    let row = INSERT_LOG
+        .query_one(
+            c,
+            &[&e.session_id, &e.level.as_str(), &e.message, &e.fields],
+        )
+        .await
+        .map_err(|err| match err {
+            Error::NotFound(_) => Error::NotFound(format!("session {} not found", e.session_id)),
+            other => other,
+        })?;
+    log_from_row(&row)
+}
+
+const LIST_LOGS: Stmt = Stmt::new(
+    "SELECT",
+    "session_logs",
+    concat!(
+        "SELECT ",
+        log_columns!(),
+        " FROM session_logs \
+         WHERE session_id = $1 AND level = ANY($2) AND id > $3 \
+         ORDER BY id LIMIT $4"
+    ),
+);
+
+/// One page of a session's log, oldest first, plus one extra row when more follow.
+pub async fn list_logs(c: &impl GenericClient, q: &ListLogs) -> Result<Vec<LogEntry>> {
+    let levels: Vec<&str> = LogLevel::ALL
+        .into_iter()
+        .filter(|l| *l >= q.min_level)
+        .map(LogLevel::as_str)
+        .collect();
+    LIST_LOGS
+        .query(
+            c,
+            &[&q.session_id, &levels, &q.after_id, &(q.page_size + 1)],
+        )
+        .await?
+        .iter()
+        .map(log_from_row)
+        .collect()
+}
+
+const LOGS_AFTER: Stmt = Stmt::new(
+    "SELECT",
+    "session_logs",
+    concat!(
+        "SELECT ",
+        log_columns!(),
+        " FROM session_logs WHERE session_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+    ),
+);
+
+/// Log entries appended after `after_id`, oldest first.
+pub async fn logs_after(
+    c: &impl GenericClient,
+    session_id: Uuid,
+    after_id: i64,
+    limit: i64,
+) -> Result<Vec<LogEntry>> {
+    LOGS_AFTER
+        .query(c, &[&session_id, &after_id, &limit])
+        .await?
+        .iter()
+        .map(log_from_row)
+        .collect()
+}
+
+const LAST_LOG_ID: Stmt = Stmt::new(
+    "SELECT",
+    "session_logs",
+    "SELECT COALESCE(max(id), 0) FROM session_logs WHERE session_id = $1",
+);
+
+/// The id of the newest log entry of a session (0 when it has none).
+pub async fn last_log_id(c: &impl GenericClient, session_id: Uuid) -> Result<i64> {
+    Ok(LAST_LOG_ID.query_one(c, &[&session_id]).await?.try_get(0)?)
+}

@@ -1,0 +1,15 @@
+//! What every service shares.
+
+use crate::db::Db;
+use crate::db::notify::Hub;
+use tokio::sync::watch;
+
+/// Shared handles of a running gateway; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub db: Db,
+    pub hub: Hub,
+    /// Flips to true when the gateway starts shutting down, so long-lived
+    /// streams end instead of holding the drain open.
+    pub shutdown: watch::Receiver<bool>,
+}

@@ -1,0 +1,102 @@
+//! Logging and tracing: an EnvFilter'd fmt layer (text or JSON), and when an
+//! OTLP endpoint is configured, an OpenTelemetry layer exporting spans over
+//! OTLP/gRPC. W3C trace context is the propagator.
+
+use crate::config::{Config, LogFormat};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::time::Duration;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// Keeps the exporter alive; `shutdown` flushes what is buffered.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Exports every finished span now.
+    pub fn flush(&self) {
+        if let Some(p) = &self.provider
+            && let Err(e) = p.force_flush()
+        {
+            tracing::warn!(error = %e, "flushing spans failed");
+        }
+    }
+
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider
+            && let Err(e) = p.shutdown()
+        {
+            tracing::warn!(error = %e, "shutting the span exporter down failed");
+        }
+    }
+}
+
+/// Installs the global subscriber. Call inside the Tokio runtime (the OTLP
+/// exporter's channel spawns a task). A second call (tests) keeps the first
+/// subscriber.
+pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+
+    let filter = EnvFilter::try_new(&config.log_filter).map_err(|e| {
+        anyhow::anyhow!(
+            "RUST_LOG {:?} is not a valid filter: {e}",
+            config.log_filter
+        )
+    })?;
+    let fmt = match config.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(true).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .boxed(),
+    }
+    .with_filter(filter);
+
+    let provider = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .with_timeout(Duration::from_secs(3))
+                .build()?;
+            let resource = Resource::builder()
+                .with_service_name(config.service_name.clone())
+                .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+                .build();
+            Some(
+                SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(resource)
+                    .build(),
+            )
+        }
+        None => None,
+    };
+    // Only the gateway's own spans are exported: the exporter's transport
+    // (tonic, hyper, h2) must not trace itself.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("verdict"))
+            .with_filter(Targets::new().with_target("verdict", Level::INFO))
+    });
+
+    let installed = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()
+        .is_ok();
+    if !installed {
+        tracing::debug!("a global subscriber was already installed; keeping it");
+    }
+    Ok(Telemetry { provider })
+}

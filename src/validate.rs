@@ -1,0 +1,195 @@
+//! Request validation: collects every bad field of a request into one
+//! INVALID_ARGUMENT with a field violation each.
+
+use crate::convert::{self, JsonError};
+use crate::error::{Error, FieldViolation, Result};
+use chrono::{DateTime, Utc};
+use prost_types::{Struct, Timestamp};
+use serde_json::Value as Json;
+use uuid::Uuid;
+
+/// Largest JSON document (encoded) accepted in a `Struct` field.
+pub const MAX_JSON_BYTES: usize = 64 * 1024;
+/// Default and largest page sizes of every list.
+pub const DEFAULT_PAGE_SIZE: i64 = 50;
+pub const MAX_PAGE_SIZE: i64 = 1000;
+
+/// Collects violations; `finish` turns them into an error.
+#[derive(Default)]
+pub struct Validator {
+    violations: Vec<FieldViolation>,
+}
+
+impl Validator {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn violation(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.violations
+            .push(FieldViolation::new(field, description));
+    }
+
+    /// A required text of `1..=max` characters without control characters.
+    pub fn required_text(&mut self, field: &str, value: &str, max: usize) -> String {
+        if value.is_empty() {
+            self.violation(field, "is required");
+        } else {
+            self.check_text(field, value, max);
+        }
+        value.to_owned()
+    }
+
+    /// An optional text (empty means unset) of at most `max` characters.
+    pub fn optional_text(&mut self, field: &str, value: &str, max: usize) -> Option<String> {
+        if value.is_empty() {
+            return None;
+        }
+        self.check_text(field, value, max);
+        Some(value.to_owned())
+    }
+
+    /// A free text (may hold newlines and tabs) of `1..=max` characters.
+    pub fn required_message(&mut self, field: &str, value: &str, max: usize) -> String {
+        if value.trim().is_empty() {
+            self.violation(field, "is required");
+        } else if value.chars().count() > max {
+            self.violation(field, format!("must be at most {max} characters"));
+        } else if value.contains('\0') {
+            self.violation(field, "must not contain NUL characters");
+        }
+        value.to_owned()
+    }
+
+    fn check_text(&mut self, field: &str, value: &str, max: usize) {
+        if value.chars().count() > max {
+            self.violation(field, format!("must be at most {max} characters"));
+        } else if value.chars().any(char::is_control) {
+            self.violation(field, "must not contain control characters");
+        }
+    }
+
+    /// A required UUID in text form.
+    pub fn uuid(&mut self, field: &str, value: &str) -> Uuid {
+        if value.is_empty() {
+            self.violation(field, "is required");
+            return Uuid::nil();
+        }
+        Uuid::parse_str(value).unwrap_or_else(|_| {
+            self.violation(field, "must be a UUID");
+            Uuid::nil()
+        })
+    }
+
+    /// An optional JSON object of at most `MAX_JSON_BYTES` encoded.
+    pub fn json(&mut self, field: &str, value: Option<&Struct>) -> Json {
+        let Some(s) = value else {
+            return Json::Object(Default::default());
+        };
+        match convert::struct_to_json(s) {
+            Ok(j) => {
+                let size = serde_json::to_vec(&j)
+                    .map(|v| v.len())
+                    .unwrap_or(usize::MAX);
+                if size > MAX_JSON_BYTES {
+                    self.violation(
+                        field,
+                        format!("is {size} bytes as JSON; at most {MAX_JSON_BYTES} are accepted"),
+                    );
+                }
+                if contains_nul(&j) {
+                    self.violation(field, "must not contain NUL characters");
+                }
+                j
+            }
+            Err(JsonError::NotFinite) => {
+                self.violation(field, "numbers must be finite (no NaN or infinity)");
+                Json::Null
+            }
+            Err(JsonError::TooDeep) => {
+                self.violation(field, "is nested too deeply (at most 32 levels)");
+                Json::Null
+            }
+        }
+    }
+
+    /// `page_size`: 0 means the default; otherwise 1..=MAX_PAGE_SIZE.
+    pub fn page_size(&mut self, field: &str, value: i32) -> i64 {
+        match i64::from(value) {
+            0 => DEFAULT_PAGE_SIZE,
+            n if (1..=MAX_PAGE_SIZE).contains(&n) => n,
+            _ => {
+                self.violation(
+                    field,
+                    format!("must be between 0 (default {DEFAULT_PAGE_SIZE}) and {MAX_PAGE_SIZE}"),
+                );
+                DEFAULT_PAGE_SIZE
+            }
+        }
+    }
+
+    /// A protobuf enum field that must hold a known, specified value.
+    pub fn required_enum<T>(
+        &mut self,
+        field: &str,
+        value: i32,
+        convert: impl Fn(i32) -> Option<T>,
+    ) -> Option<T> {
+        if value == 0 {
+            self.violation(field, "is required (not UNSPECIFIED)");
+            return None;
+        }
+        let v = convert(value);
+        if v.is_none() {
+            self.violation(field, format!("{value} is not a known value"));
+        }
+        v
+    }
+
+    /// An optional timestamp in the supported range.
+    pub fn timestamp(&mut self, field: &str, value: Option<&Timestamp>) -> Option<DateTime<Utc>> {
+        let t = value?;
+        let dt = convert::from_timestamp(t);
+        if dt.is_none() {
+            self.violation(field, "is not a valid time between years 1 and 9999");
+        }
+        dt
+    }
+
+    /// An optional time range: both bounds valid and start before end.
+    pub fn time_range(
+        &mut self,
+        field: &str,
+        range: Option<&crate::proto::TimeRange>,
+    ) -> (Option<DateTime<Utc>>, Option<DateTime<Utc>>) {
+        let Some(r) = range else {
+            return (None, None);
+        };
+        let start = self.timestamp(&format!("{field}.start_time"), r.start_time.as_ref());
+        let end = self.timestamp(&format!("{field}.end_time"), r.end_time.as_ref());
+        if let (Some(s), Some(e)) = (start, end)
+            && s >= e
+        {
+            self.violation(field, "start_time must be before end_time");
+        }
+        (start, end)
+    }
+
+    pub fn finish(self) -> Result<()> {
+        if self.violations.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::InvalidArgument(self.violations))
+        }
+    }
+}
+
+/// PostgreSQL text and jsonb cannot hold NUL characters.
+fn contains_nul(j: &Json) -> bool {
+    match j {
+        Json::String(s) => s.contains('\0'),
+        Json::Array(a) => a.iter().any(contains_nul),
+        Json::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
+        _ => false,
+    }
+}

@@ -1,0 +1,242 @@
+//! The gateway itself: health, reflection, migrations, the embedded
+//! default, start-up against a database that is not there yet, limits.
+
+use crate::helpers::{
+    create_database, spawn_app, spawn_app_with, start_app, temp_pg_dir, test_config,
+};
+use crate::sessions::{create, new_session};
+use tonic::Code;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_reflection::pb::v1 as refl;
+use tonic_reflection::pb::v1alpha as refl_alpha;
+use verdict::Application;
+use verdict::config::Config;
+use verdict::db::embedded::EmbeddedPostgres;
+use verdict::proto::GetSessionRequest;
+use verdict::proto::get_session_request::Lookup;
+
+#[tokio::test]
+async fn health_reports_serving_for_the_server_and_each_service() {
+    let app = spawn_app().await;
+    for service in ["", "verdict.v1.SessionService"] {
+        let reply = app.health_check(service).await.unwrap();
+        assert_eq!(reply.status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = app.health_check("verdict.v1.Nope").await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn reflection_lists_verdict_and_health_in_v1_and_v1alpha() {
+    let app = spawn_app().await;
+    let mut v1 = refl::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
+    let request = refl::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            refl::server_reflection_request::MessageRequest::ListServices(String::new()),
+        ),
+    };
+    let mut replies = v1
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    let Some(refl::server_reflection_response::MessageResponse::ListServicesResponse(list)) =
+        reply.message_response
+    else {
+        panic!("expected a service list");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    assert!(
+        names.contains(&"verdict.v1.SessionService".to_string()),
+        "{names:?}"
+    );
+    assert!(
+        names.contains(&"grpc.health.v1.Health".to_string()),
+        "{names:?}"
+    );
+
+    let mut alpha =
+        refl_alpha::server_reflection_client::ServerReflectionClient::new(app.channel.clone());
+    let request = refl_alpha::ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(
+            refl_alpha::server_reflection_request::MessageRequest::FileContainingSymbol(
+                "verdict.v1.SessionService".into(),
+            ),
+        ),
+    };
+    let mut replies = alpha
+        .server_reflection_info(futures::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let reply = replies.message().await.unwrap().unwrap();
+    assert!(matches!(
+        reply.message_response,
+        Some(refl_alpha::server_reflection_response::MessageResponse::FileDescriptorResponse(_))
+    ));
+}
+
+#[tokio::test]
+async fn two_gateways_migrating_one_database_at_once_both_come_up() {
+    let (_, url) = create_database().await;
+    let (a, b) = tokio::join!(
+        spawn_app_with(test_config(&url)),
+        spawn_app_with(test_config(&url))
+    );
+    let applied: i64 = a
+        .sql()
+        .await
+        .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        applied as usize,
+        verdict::db::migrate::known_versions().len()
+    );
+    let s = create(&a, "through-a").await;
+    let seen = b
+        .sessions
+        .clone()
+        .get_session(GetSessionRequest {
+            lookup: Some(Lookup::Id(s.id.clone())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(seen.session.unwrap().id, s.id);
+}
+
+#[tokio::test]
+async fn a_database_holding_unknown_migrations_is_refused() {
+    let app = spawn_app().await;
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO refinery_schema_history (version, name, applied_on, checksum)
+             VALUES (9999, 'from_the_future', '2030-01-01T00:00:00Z', '1')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let url = app.database_url.clone();
+    app.stop().await.unwrap();
+    let refused = start_app(test_config(&url)).await;
+    let err = refused.outcome().await.unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("V9999") && text.contains("does not know"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_waits_for_its_database_and_follows_it_down_and_up() {
+    let dir = temp_pg_dir();
+    // The gateway starts first, pointed at a server that is not there yet.
+    let url = format!(
+        "host={} port=5432 user=verdict dbname=verdict",
+        dir.display()
+    );
+    let app = start_app(test_config(&url)).await;
+    let early = app.health_check("").await.unwrap();
+    assert_eq!(early.status, ServingStatus::NotServing as i32);
+    let err = app
+        .sessions
+        .clone()
+        .create_session(new_session("too-early"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+
+    let mut pg = EmbeddedPostgres::start(&dir).await.unwrap();
+    app.wait_for_health("", ServingStatus::Serving).await;
+    create(&app, "first").await;
+
+    pg.stop_immediately().await;
+    app.wait_for_health("verdict.v1.SessionService", ServingStatus::NotServing)
+        .await;
+    let err = app
+        .sessions
+        .clone()
+        .create_session(new_session("while-down"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+
+    pg.restart().await.unwrap();
+    app.wait_for_health("", ServingStatus::Serving).await;
+    create(&app, "after-restart").await;
+    app.stop().await.unwrap();
+    pg.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn the_embedded_default_keeps_data_across_restarts_and_refuses_a_busy_folder() {
+    let dir = temp_pg_dir();
+    let mut config = Config::for_database(None);
+    config.data_dir = dir.clone();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+
+    let first = spawn_embedded(config.clone()).await;
+    create(&first, "persisted").await;
+
+    // The folder's server is running: a second gateway must refuse it.
+    let busy = Application::build(config.clone()).await;
+    let message = format!("{:#}", busy.err().expect("a busy folder is refused"));
+    assert!(
+        message.contains("in use by another running PostgreSQL"),
+        "{message}"
+    );
+
+    first.stop().await.unwrap();
+    assert!(
+        !dir.join("pgdata/postmaster.pid").exists(),
+        "the embedded server was stopped cleanly"
+    );
+
+    let second = spawn_embedded(config).await;
+    let found = second
+        .sessions
+        .clone()
+        .get_session(GetSessionRequest {
+            lookup: Some(Lookup::RequestId("persisted".into())),
+        })
+        .await
+        .unwrap();
+    assert!(found.into_inner().session.is_some());
+    second.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A gateway on the embedded default (no DATABASE_URL).
+async fn spawn_embedded(config: Config) -> crate::helpers::TestApp {
+    let app = Application::build(config)
+        .await
+        .expect("build on the embedded default");
+    crate::helpers::adopt(app).await
+}
+
+#[tokio::test]
+async fn oversized_messages_are_refused_before_reaching_the_database() {
+    let (_, url) = create_database().await;
+    let mut config = test_config(&url);
+    config.max_message_bytes = 16 * 1024;
+    let app = spawn_app_with(config).await;
+    let mut req = new_session("big");
+    req.validation_scope = "s".repeat(20 * 1024);
+    let err = app.sessions.clone().create_session(req).await.unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    let count: i64 = app
+        .sql()
+        .await
+        .query_one("SELECT count(*) FROM sessions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 0);
+}

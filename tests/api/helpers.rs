@@ -1,0 +1,273 @@
+//! Test harness: one PostgreSQL for the whole test run (the gateway's own
+//! embedded mechanism in a temporary folder, or `TEST_DATABASE_URL`), a fresh
+//! database per test, and a real gateway on 127.0.0.1:0 per test.
+
+use std::time::Duration;
+use tokio::sync::{OnceCell, oneshot};
+use tokio_postgres::NoTls;
+use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+use verdict::Application;
+use verdict::config::Config;
+use verdict::db::embedded::EmbeddedPostgres;
+use verdict::proto::session_service_client::SessionServiceClient;
+
+/// Where test databases are created.
+pub enum TestServer {
+    /// A server given by `TEST_DATABASE_URL` (URL form).
+    External(String),
+    /// The run's own embedded server.
+    Embedded(EmbeddedPostgres),
+}
+
+impl TestServer {
+    /// Connection string of database `name` on this server.
+    pub fn url(&self, name: &str) -> String {
+        match self {
+            TestServer::External(url) => {
+                let (base, query) = url
+                    .split_once('?')
+                    .map_or((url.as_str(), ""), |(b, q)| (b, q));
+                let base = base.rsplit_once('/').map_or(base, |(b, _)| b);
+                if query.is_empty() {
+                    format!("{base}/{name}")
+                } else {
+                    format!("{base}/{name}?{query}")
+                }
+            }
+            TestServer::Embedded(pg) => pg.database_url(name),
+        }
+    }
+}
+
+static SERVER: OnceCell<TestServer> = OnceCell::const_new();
+
+/// The run's PostgreSQL, started on first use.
+pub async fn test_server() -> &'static TestServer {
+    SERVER
+        .get_or_init(|| async {
+            if let Ok(url) = std::env::var("TEST_DATABASE_URL") {
+                return TestServer::External(url);
+            }
+            let dir = temp_pg_dir();
+            let pg = EmbeddedPostgres::start(&dir)
+                .await
+                .expect("cannot start the test PostgreSQL");
+            TestServer::Embedded(pg)
+        })
+        .await
+}
+
+/// A per-process folder for the run's PostgreSQL; folders of earlier runs
+/// whose process is gone are removed.
+pub fn temp_pg_dir() -> std::path::PathBuf {
+    let base = std::env::temp_dir();
+    if let Ok(entries) = std::fs::read_dir(&base) {
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let Some(pid) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix("verdict-test-pg-"))
+                .and_then(|p| p.split('-').next())
+                .and_then(|p| p.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // SAFETY: signal 0 only checks the process exists.
+            if unsafe { libc::kill(pid, 0) } != 0 {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+    base.join(format!(
+        "verdict-test-pg-{}-{}",
+        std::process::id(),
+        uuid::Uuid::new_v4().simple()
+    ))
+}
+
+/// Creates an empty database and returns its name and URL.
+pub async fn create_database() -> (String, String) {
+    let server = test_server().await;
+    let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let admin = admin_client(&server.url("postgres")).await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create test database");
+    (name.clone(), server.url(&name))
+}
+
+pub async fn admin_client(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect to the test PostgreSQL");
+    tokio::spawn(conn);
+    client
+}
+
+/// A running gateway with clients and direct SQL access to its database.
+pub struct TestApp {
+    pub port: u16,
+    pub channel: Channel,
+    pub sessions: SessionServiceClient<Channel>,
+    pub health: HealthClient<Channel>,
+    /// Connection settings of the gateway's database.
+    pg: tokio_postgres::Config,
+    /// The gateway's DATABASE_URL; empty on the embedded default.
+    pub database_url: String,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Settings of a test gateway on `database_url`.
+pub fn test_config(database_url: &str) -> Config {
+    let mut config = Config::for_database(Some(database_url.to_owned()));
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.health_probe_interval_ms = 200;
+    config.pool_size = 8;
+    config
+}
+
+/// A gateway on a fresh database, SERVING.
+pub async fn spawn_app() -> TestApp {
+    let (_, url) = create_database().await;
+    spawn_app_with(test_config(&url)).await
+}
+
+/// A gateway with the given settings; returns once it is SERVING.
+pub async fn spawn_app_with(config: Config) -> TestApp {
+    let app = start_app(config).await;
+    app.wait_for_health("", ServingStatus::Serving).await;
+    app
+}
+
+/// A gateway with the given settings, not yet waited for.
+pub async fn start_app(config: Config) -> TestApp {
+    let app = Application::build(config).await.expect("build the gateway");
+    start(app).await
+}
+
+/// Runs a built gateway and waits until it is SERVING.
+pub async fn adopt(app: Application) -> TestApp {
+    let app = start(app).await;
+    app.wait_for_health("", ServingStatus::Serving).await;
+    app
+}
+
+async fn start(app: Application) -> TestApp {
+    let port = app.port();
+    let pg = app.database_config().clone();
+    let database_url = app.database_url().unwrap_or_default();
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(app.run_until(async {
+        let _ = stop_rx.await;
+    }));
+    let channel = connect(port).await;
+    TestApp {
+        port,
+        sessions: SessionServiceClient::new(channel.clone()),
+        health: HealthClient::new(channel.clone()),
+        channel,
+        pg,
+        database_url,
+        stop: Some(stop_tx),
+        handle: Some(handle),
+    }
+}
+
+pub async fn connect(port: u16) -> Channel {
+    Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect to the gateway")
+}
+
+impl TestApp {
+    /// A direct connection to the gateway's database, to check stored rows.
+    pub async fn sql(&self) -> tokio_postgres::Client {
+        let (client, conn) = self
+            .pg
+            .connect(NoTls)
+            .await
+            .expect("connect to the gateway's database");
+        tokio::spawn(conn);
+        client
+    }
+
+    /// Waits (by the health Watch stream, no polling) until `service` has `status`.
+    pub async fn wait_for_health(&self, service: &str, status: ServingStatus) {
+        let mut health = self.health.clone();
+        let mut stream = health
+            .watch(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .expect("health watch")
+            .into_inner();
+        let wait = async {
+            while let Some(update) = stream.message().await.expect("health stream") {
+                if update.status == status as i32 {
+                    return;
+                }
+            }
+            panic!("health stream ended before {status:?}");
+        };
+        tokio::time::timeout(Duration::from_secs(30), wait)
+            .await
+            .unwrap_or_else(|_| panic!("{service:?} did not become {status:?} within 30 s"));
+    }
+
+    pub async fn health_check(&self, service: &str) -> Result<HealthCheckResponse, tonic::Status> {
+        self.health
+            .clone()
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    /// Stops the gateway gracefully and returns how its run ended.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.handle
+            .take()
+            .expect("running")
+            .await
+            .expect("join the gateway task")
+    }
+
+    /// Waits for the gateway's run to end by itself (e.g. a refused start).
+    pub async fn outcome(mut self) -> anyhow::Result<()> {
+        let handle = self.handle.take().expect("running");
+        tokio::time::timeout(Duration::from_secs(30), handle)
+            .await
+            .expect("the gateway did not stop within 30 s")
+            .expect("join the gateway task")
+    }
+}
+
+/// Field violations of an INVALID_ARGUMENT status, as (field, description).
+pub fn violations(status: &tonic::Status) -> Vec<(String, String)> {
+    use tonic_types::StatusExt;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    status
+        .get_details_bad_request()
+        .expect("INVALID_ARGUMENT carries a google.rpc.BadRequest")
+        .field_violations
+        .into_iter()
+        .map(|v| (v.field, v.description))
+        .collect()
+}
+
+/// The fields named by the violations of a status.
+pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    violations(status).into_iter().map(|(f, _)| f).collect()
+}

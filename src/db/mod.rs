@@ -127,8 +127,8 @@ impl Db {
             db.pool.waiting = tracing::field::Empty
         );
         let status = self.pool.status();
-        span.record("db.pool.size", status.size);
-        span.record("db.pool.waiting", status.waiting);
+        span.record("db.pool.size", status.size as i64);
+        span.record("db.pool.waiting", status.waiting as i64);
         let object = self.pool.get().instrument(span).await?;
         Ok(Conn {
             object: Some(object),

@@ -59,7 +59,7 @@ impl Stmt {
             };
             match run.await {
                 Ok(rows) => {
-                    Span::current().record("db.response.returned_rows", rows.len());
+                    Span::current().record("db.response.returned_rows", rows.len() as i64);
                     Ok(rows)
                 }
                 Err(e) => {
@@ -107,7 +107,7 @@ impl Stmt {
             };
             match run.await {
                 Ok(n) => {
-                    Span::current().record("db.response.affected_rows", n);
+                    Span::current().record("db.response.affected_rows", n as i64);
                     Ok(n)
                 }
                 Err(e) => {

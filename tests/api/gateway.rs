@@ -240,3 +240,159 @@ async fn oversized_messages_are_refused_before_reaching_the_database() {
         .get(0);
     assert_eq!(count, 0);
 }
+
+/// Holds the row lock of a session from outside the gateway, so calls that
+/// update it wait (holding their pooled connection) until released.
+async fn lock_session(app: &crate::helpers::TestApp, id: &str) -> tokio_postgres::Client {
+    let blocker = app.sql().await;
+    blocker.batch_execute("BEGIN").await.unwrap();
+    blocker
+        .execute(
+            "SELECT 1 FROM sessions WHERE id = $1::text::uuid FOR UPDATE",
+            &[&id],
+        )
+        .await
+        .unwrap();
+    blocker
+}
+
+/// Resolves once a gateway statement is waiting on a lock.
+async fn until_a_call_waits_on_the_lock(app: &crate::helpers::TestApp) {
+    let sql = app.sql().await;
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        loop {
+            let waiting: i64 = sql
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE application_name = 'verdict' AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting > 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the call never reached PostgreSQL");
+}
+
+#[tokio::test]
+async fn a_call_that_cannot_get_a_connection_in_time_is_resource_exhausted() {
+    let (_, url) = create_database().await;
+    let mut config = test_config(&url);
+    config.pool_size = 1;
+    config.pool_wait_timeout_ms = 200;
+    let app = spawn_app_with(config).await;
+    let s = create(&app, "busy").await;
+    let blocker = lock_session(&app, &s.id).await;
+
+    let mut waiting = app.sessions.clone();
+    let id = s.id.clone();
+    let stuck = tokio::spawn(async move {
+        crate::sessions::set_status_with(
+            &mut waiting,
+            &id,
+            verdict::proto::SessionStatus::Processing,
+        )
+        .await
+    });
+    until_a_call_waits_on_the_lock(&app).await;
+
+    let err = app
+        .sessions
+        .clone()
+        .get_session(GetSessionRequest {
+            lookup: Some(Lookup::Id(s.id.clone())),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    use tonic_types::StatusExt;
+    assert!(
+        err.get_details_retry_info().is_some(),
+        "retry advice attached"
+    );
+
+    blocker.batch_execute("COMMIT").await.unwrap();
+    stuck
+        .await
+        .unwrap()
+        .expect("the waiting call completes once the lock is released");
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_calls_finish() {
+    let app = spawn_app().await;
+    let s = create(&app, "in-flight").await;
+    let blocker = lock_session(&app, &s.id).await;
+    let mut client = app.sessions.clone();
+    let id = s.id.clone();
+    let in_flight = tokio::spawn(async move {
+        crate::sessions::set_status_with(
+            &mut client,
+            &id,
+            verdict::proto::SessionStatus::Processing,
+        )
+        .await
+    });
+    until_a_call_waits_on_the_lock(&app).await;
+
+    let port = app.port;
+    let sql = app.sql().await;
+    let stopping = tokio::spawn(app.stop());
+    // The gateway now drains: the in-flight call is still waiting on the lock.
+    blocker.batch_execute("COMMIT").await.unwrap();
+    let updated = in_flight
+        .await
+        .unwrap()
+        .expect("the in-flight call finishes");
+    assert_eq!(updated.version, 2);
+    stopping.await.unwrap().expect("a clean stop");
+
+    let stored: String = sql
+        .query_one(
+            "SELECT status FROM sessions WHERE id = $1::text::uuid",
+            &[&s.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, "processing");
+    assert!(
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err(),
+        "no new connections after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn migrate_status_lists_pending_then_applied_migrations() {
+    let (_, url) = create_database().await;
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .env("RUST_LOG", "warn")
+            .output()
+            .expect("run verdict");
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let before = run(&["migrate", "--status"]);
+    assert!(before.lines().count() >= 2, "{before}");
+    assert!(before.lines().all(|l| l.contains("pending")), "{before}");
+    let applied = run(&["migrate"]);
+    assert!(applied.contains("applied V1"), "{applied}");
+    let after = run(&["migrate", "--status"]);
+    assert!(after.lines().all(|l| l.contains("applied 2")), "{after}");
+    assert_eq!(run(&["migrate"]).trim(), "no pending migrations");
+}

@@ -1,3 +1,4 @@
+#![allow(dead_code)] // shared by several test binaries, each using a part
 //! Test harness: one PostgreSQL for the whole test run (the gateway's own
 //! embedded mechanism in a temporary folder, or `TEST_DATABASE_URL`), a fresh
 //! database per test, and a real gateway on 127.0.0.1:0 per test.

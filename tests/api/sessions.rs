@@ -55,8 +55,17 @@ pub async fn set_status(
     id: &str,
     status: SessionStatus,
 ) -> Result<Session, tonic::Status> {
-    app.sessions
-        .clone()
+    set_status_with(&mut app.sessions.clone(), id, status).await
+}
+
+pub async fn set_status_with(
+    client: &mut verdict::proto::session_service_client::SessionServiceClient<
+        tonic::transport::Channel,
+    >,
+    id: &str,
+    status: SessionStatus,
+) -> Result<Session, tonic::Status> {
+    client
         .update_session_status(UpdateSessionStatusRequest {
             id: id.into(),
             status: status as i32,

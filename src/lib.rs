@@ -8,14 +8,18 @@ pub mod call;
 pub mod config;
 pub mod convert;
 pub mod db;
+pub mod discrepancies;
 pub mod error;
+pub mod ingest;
 pub mod pagination;
+pub mod results;
 pub mod rpc;
 pub mod server;
 pub mod sessions;
 pub mod state;
 pub mod telemetry;
 pub mod validate;
+pub mod wire;
 
 /// Types generated from `proto/verdict/v1`.
 #[allow(clippy::large_enum_variant)] // generated oneofs; boxing would change the public API

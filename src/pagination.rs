@@ -70,6 +70,24 @@ pub fn decode<K: DeserializeOwned>(
     Ok(Some(parsed.k))
 }
 
+/// A newest-first keyset position, (created_at in microseconds, id), as
+/// the two SQL parameters of a `(created_at, id) < ($n, $m)` predicate.
+pub fn time_key(
+    key: Option<(i64, uuid::Uuid)>,
+) -> Result<(Option<chrono::DateTime<chrono::Utc>>, Option<uuid::Uuid>)> {
+    match key {
+        Some((micros, id)) => Ok((
+            Some(
+                chrono::DateTime::from_timestamp_micros(micros).ok_or_else(|| {
+                    Error::invalid("page_token", "is not a page token issued by this list")
+                })?,
+            ),
+            Some(id),
+        )),
+        None => Ok((None, None)),
+    }
+}
+
 /// Splits one extra row fetched past the page: returns the page and whether
 /// another page follows.
 pub fn split_page<T>(mut rows: Vec<T>, page_size: i64) -> (Vec<T>, bool) {

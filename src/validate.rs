@@ -18,16 +18,81 @@ pub const MAX_PAGE_SIZE: i64 = 1000;
 #[derive(Default)]
 pub struct Validator {
     violations: Vec<FieldViolation>,
+    prefix: String,
 }
+
+/// Most violations reported for one request; the rest are left out.
+const MAX_VIOLATIONS: usize = 100;
 
 impl Validator {
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// A validator of a nested message: every field it names gets `prefix`
+    /// (e.g. `items[3].`).
+    pub fn scoped(prefix: impl Into<String>) -> Self {
+        Validator {
+            violations: Vec::new(),
+            prefix: prefix.into(),
+        }
+    }
+
     pub fn violation(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        if self.violations.len() >= MAX_VIOLATIONS {
+            return;
+        }
+        let field = field.into();
+        let field = if self.prefix.is_empty() {
+            field
+        } else {
+            format!("{}{field}", self.prefix)
+        };
         self.violations
             .push(FieldViolation::new(field, description));
+    }
+
+    /// Takes over the violations of a nested validator.
+    pub fn absorb(&mut self, other: Validator) {
+        for v in other.violations {
+            self.violation(v.field, v.description);
+        }
+    }
+
+    /// A finite number in [0, 1].
+    pub fn unit_interval(&mut self, field: &str, value: f64) -> f64 {
+        if !value.is_finite() {
+            self.violation(field, "must be a finite number (no NaN or infinity)");
+        } else if !(0.0..=1.0).contains(&value) {
+            self.violation(field, format!("must be between 0 and 1, not {value}"));
+        }
+        value
+    }
+
+    /// A count or duration: 0 or more.
+    pub fn non_negative(&mut self, field: &str, value: i64) -> i64 {
+        if value < 0 {
+            self.violation(field, "must be 0 or more");
+        }
+        value
+    }
+
+    /// An optional UUID (empty means unset).
+    pub fn optional_uuid(&mut self, field: &str, value: &str) -> Option<Uuid> {
+        if value.is_empty() {
+            return None;
+        }
+        Some(self.uuid(field, value))
+    }
+
+    /// An optional free text (may hold newlines) of at most `max` characters.
+    pub fn optional_message(&mut self, field: &str, value: &str, max: usize) -> String {
+        if value.chars().count() > max {
+            self.violation(field, format!("must be at most {max} characters"));
+        } else if value.contains('\0') {
+            self.violation(field, "must not contain NUL characters");
+        }
+        value.to_owned()
     }
 
     /// A required text of `1..=max` characters without control characters.
@@ -83,6 +148,11 @@ impl Validator {
 
     /// An optional JSON object of at most `MAX_JSON_BYTES` encoded.
     pub fn json(&mut self, field: &str, value: Option<&Struct>) -> Json {
+        self.json_max(field, value, MAX_JSON_BYTES)
+    }
+
+    /// An optional JSON object of at most `max_bytes` encoded.
+    pub fn json_max(&mut self, field: &str, value: Option<&Struct>, max_bytes: usize) -> Json {
         let Some(s) = value else {
             return Json::Object(Default::default());
         };
@@ -91,10 +161,10 @@ impl Validator {
                 let size = serde_json::to_vec(&j)
                     .map(|v| v.len())
                     .unwrap_or(usize::MAX);
-                if size > MAX_JSON_BYTES {
+                if size > max_bytes {
                     self.violation(
                         field,
-                        format!("is {size} bytes as JSON; at most {MAX_JSON_BYTES} are accepted"),
+                        format!("is {size} bytes as JSON; at most {max_bytes} are accepted"),
                     );
                 }
                 if contains_nul(&j) {

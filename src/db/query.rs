@@ -26,7 +26,9 @@ impl Stmt {
         Stmt { op, table, sql }
     }
 
-    fn span(&self) -> Span {
+    /// The span of one execution of this statement; `COPY` code that drives
+    /// the protocol itself instruments its work with it.
+    pub fn span(&self) -> Span {
         tracing::info_span!(
             "db.statement",
             otel.name = %format_args!("{} {}", self.op, self.table),
@@ -42,7 +44,13 @@ impl Stmt {
         )
     }
 
-    fn fail(span: &Span, e: &tokio_postgres::Error) {
+    /// Records rows written by a `COPY` on its span.
+    pub fn record_copied(span: &Span, rows: u64) {
+        span.record("db.response.affected_rows", rows as i64);
+    }
+
+    /// Marks a span failed with the statement's SQLSTATE.
+    pub fn fail(span: &Span, e: &tokio_postgres::Error) {
         span.record("otel.status_code", "ERROR");
         if let Some(code) = e.code() {
             span.record("db.response.status_code", code.code());

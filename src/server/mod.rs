@@ -6,7 +6,11 @@ pub mod health;
 mod trace;
 
 use crate::config::Config;
+use crate::discrepancies::DiscrepancyApi;
+use crate::proto::discrepancy_service_server::DiscrepancyServiceServer;
+use crate::proto::result_service_server::ResultServiceServer;
 use crate::proto::session_service_server::SessionServiceServer;
+use crate::results::ResultApi;
 use crate::sessions::SessionApi;
 use crate::state::AppState;
 use std::future::Future;
@@ -20,7 +24,11 @@ use tonic_health::server::{HealthReporter, HealthService};
 
 /// Names of the Verdict services, as health and reflection list them.
 pub fn service_names() -> Vec<&'static str> {
-    vec![<SessionServiceServer<SessionApi> as NamedService>::NAME]
+    vec![
+        <SessionServiceServer<SessionApi> as NamedService>::NAME,
+        <ResultServiceServer<ResultApi> as NamedService>::NAME,
+        <DiscrepancyServiceServer<DiscrepancyApi> as NamedService>::NAME,
+    ]
 }
 
 /// Serves until `shutdown` resolves, then drains in-flight calls.
@@ -41,7 +49,13 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let limit = config.max_message_bytes;
-    let sessions = SessionServiceServer::new(SessionApi::new(state))
+    let sessions = SessionServiceServer::new(SessionApi::new(state.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let results = ResultServiceServer::new(ResultApi::new(state.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let discrepancies = DiscrepancyServiceServer::new(DiscrepancyApi::new(state))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
 
@@ -56,6 +70,8 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(sessions)
+        .add_service(results)
+        .add_service(discrepancies)
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
         .await?;
     Ok(())

@@ -7,7 +7,6 @@ use super::{
 };
 use crate::db::Stmt;
 use crate::error::{Error, Result};
-use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -179,17 +178,7 @@ pub async fn list(c: &impl GenericClient, q: &ListSessions) -> Result<Vec<Sessio
     let f = &q.filter;
     let statuses: Option<Vec<&str>> =
         (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
-    let (after_at, after_id): (Option<DateTime<Utc>>, Option<Uuid>) = match q.after {
-        Some((micros, id)) => (
-            Some(
-                DateTime::<Utc>::from_timestamp_micros(micros).ok_or_else(|| {
-                    Error::invalid("page_token", "is not a page token issued by this list")
-                })?,
-            ),
-            Some(id),
-        ),
-        None => (None, None),
-    };
+    let (after_at, after_id) = crate::pagination::time_key(q.after)?;
     LIST.query(
         c,
         &[
@@ -336,4 +325,28 @@ const LAST_LOG_ID: Stmt = Stmt::new(
 /// The id of the newest log entry of a session (0 when it has none).
 pub async fn last_log_id(c: &impl GenericClient, session_id: Uuid) -> Result<i64> {
     Ok(LAST_LOG_ID.query_one(c, &[&session_id]).await?.try_get(0)?)
+}
+
+const STATUS_FOR_SHARE: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    "SELECT status FROM sessions WHERE id = $1 FOR SHARE",
+);
+
+/// Checks, in the caller's transaction, that a session exists and still
+/// accepts results and findings (not FAILED or CANCELLED); holds a share
+/// lock on it so it cannot move to such a status before the caller commits.
+pub async fn lock_accepting(c: &impl GenericClient, id: Uuid) -> Result<()> {
+    let row = STATUS_FOR_SHARE
+        .query_opt(c, &[&id])
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("session {id} not found")))?;
+    let status = SessionStatus::from_db(row.try_get(0)?)?;
+    if matches!(status, SessionStatus::Failed | SessionStatus::Cancelled) {
+        return Err(Error::FailedPrecondition(format!(
+            "session {id} is {}; it accepts no more results or findings",
+            status.as_str()
+        )));
+    }
+    Ok(())
 }

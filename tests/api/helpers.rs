@@ -13,6 +13,8 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use verdict::Application;
 use verdict::config::Config;
 use verdict::db::embedded::EmbeddedPostgres;
+use verdict::proto::discrepancy_service_client::DiscrepancyServiceClient;
+use verdict::proto::result_service_client::ResultServiceClient;
 use verdict::proto::session_service_client::SessionServiceClient;
 
 /// Where test databases are created.
@@ -114,6 +116,8 @@ pub struct TestApp {
     pub port: u16,
     pub channel: Channel,
     pub sessions: SessionServiceClient<Channel>,
+    pub results: ResultServiceClient<Channel>,
+    pub discrepancies: DiscrepancyServiceClient<Channel>,
     pub health: HealthClient<Channel>,
     /// Connection settings of the gateway's database.
     pg: tokio_postgres::Config,
@@ -170,6 +174,8 @@ async fn start(app: Application) -> TestApp {
     TestApp {
         port,
         sessions: SessionServiceClient::new(channel.clone()),
+        results: ResultServiceClient::new(channel.clone()),
+        discrepancies: DiscrepancyServiceClient::new(channel.clone()),
         health: HealthClient::new(channel.clone()),
         channel,
         pg,

@@ -1,6 +1,8 @@
 //! Integration tests: a real gateway, a real tonic client, a real PostgreSQL.
 
+mod discrepancies;
 mod gateway;
 mod helpers;
+mod results;
 mod sessions;
 mod watch;

@@ -1,0 +1,325 @@
+//! DiscrepancyService handlers.
+
+use super::sql::{self, DiscrepancySink};
+use super::{ListDiscrepancies, Resolution, Resolve, Severity, validate_items};
+use crate::error::{Error, Result};
+use crate::ingest::{self, Chunk, Claim, IngestKey};
+use crate::pagination;
+use crate::proto::{self, discrepancy_service_server::DiscrepancyService};
+use crate::rpc::{self, RpcResult};
+use crate::sessions;
+use crate::state::AppState;
+use crate::validate::Validator;
+use futures::StreamExt;
+use prost::Message;
+use std::sync::Arc;
+use tonic::{Request, Response, Streaming};
+use uuid::Uuid;
+
+/// Discrepancies committed per transaction of a streamed ingest.
+const INGEST_BATCH_ITEMS: usize = 10_000;
+
+/// The DiscrepancyService implementation.
+pub struct DiscrepancyApi {
+    state: AppState,
+}
+
+impl DiscrepancyApi {
+    pub fn new(state: AppState) -> Self {
+        DiscrepancyApi { state }
+    }
+}
+
+fn not_found(id: Uuid) -> Error {
+    Error::NotFound(format!("discrepancy {id} not found"))
+}
+
+#[tonic::async_trait]
+impl DiscrepancyService for DiscrepancyApi {
+    async fn record_discrepancies(
+        &self,
+        request: Request<proto::RecordDiscrepanciesRequest>,
+    ) -> RpcResult<proto::RecordDiscrepanciesResponse> {
+        let (call, req) = rpc::split(request);
+        let digest = ingest::digest(
+            req.items
+                .iter()
+                .map(|i| i.encode_to_vec())
+                .collect::<Vec<_>>()
+                .iter()
+                .map(Vec::as_slice),
+        );
+        let mut v = Validator::new();
+        let session_id = v.uuid("session_id", &req.session_id);
+        let batch_id = v.required_text("batch_id", &req.batch_id, crate::sessions::MAX_REQUEST_ID);
+        let items = validate_items(&mut v, req.items, false);
+        v.finish()?;
+
+        let mut conn = self.state.db.conn(&call).await?;
+        let tx = conn.begin().await?;
+        sessions::sql::lock_accepting(&tx, session_id).await?;
+        let scope = session_id.to_string();
+        let claim = ingest::claim_batch(
+            &tx,
+            "discrepancies",
+            &scope,
+            &batch_id,
+            &digest,
+            items.len(),
+        )
+        .await?;
+        let (ids, replayed) = match claim {
+            Claim::Replay { .. } => (sql::batch_ids(&tx, session_id, &batch_id).await?, true),
+            Claim::New => {
+                let sink = DiscrepancySink {
+                    session_id,
+                    batch_id: Some(batch_id.clone()),
+                };
+                ingest::Sink::write(&sink, &tx, &items).await?;
+                (items.iter().map(|d| d.id).collect(), false)
+            }
+        };
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Response::new(proto::RecordDiscrepanciesResponse {
+            ids: ids.into_iter().map(|id| id.to_string()).collect(),
+            replayed,
+        }))
+    }
+
+    async fn ingest_discrepancies(
+        &self,
+        request: Request<Streaming<proto::IngestDiscrepanciesRequest>>,
+    ) -> RpcResult<proto::IngestDiscrepanciesResponse> {
+        let (call, mut stream) = rpc::split(request);
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Error::invalid("ingest_id", "the stream held no message"))?;
+        let mut v = Validator::new();
+        let ingest_id = v.required_text(
+            "ingest_id",
+            &first.ingest_id,
+            crate::sessions::MAX_REQUEST_ID,
+        );
+        let session_id = v.uuid("session_id", &first.session_id);
+        v.finish()?;
+        {
+            let mut conn = self.state.db.conn(&call).await?;
+            let tx = conn.begin().await?;
+            sessions::sql::lock_accepting(&tx, session_id).await?;
+            tx.commit().await.map_err(Error::from)?;
+        }
+
+        let header = (ingest_id.clone(), session_id.to_string());
+        let chunks = futures::stream::once(async { Ok(first) })
+            .chain(stream.map(|m| {
+                m.map_err(|s| Error::Aborted(format!("the stream broke: {}", s.message())))
+            }))
+            .map(move |m: Result<proto::IngestDiscrepanciesRequest>| {
+                let m = m?;
+                to_chunk(&header, m)
+            });
+        let outcome = ingest::run(
+            &self.state.db,
+            &call,
+            IngestKey {
+                kind: "discrepancies",
+                ingest_id,
+                scope: session_id.to_string(),
+            },
+            Arc::new(DiscrepancySink {
+                session_id,
+                batch_id: None,
+            }),
+            Box::pin(chunks),
+            INGEST_BATCH_ITEMS,
+        )
+        .await?;
+        Ok(Response::new(proto::IngestDiscrepanciesResponse {
+            committed_items: outcome.committed_items,
+            committed_chunks: outcome.committed_chunks,
+            skipped_chunks: outcome.skipped_chunks,
+            high_water_mark: outcome.high_water_mark,
+        }))
+    }
+
+    async fn list_discrepancies(
+        &self,
+        request: Request<proto::ListDiscrepanciesRequest>,
+    ) -> RpcResult<proto::ListDiscrepanciesResponse> {
+        let (call, req) = rpc::split(request);
+        let query = ListDiscrepancies::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let rows = sql::list(conn.client().await?, &query).await?;
+        let (page, more) = pagination::split_page(rows, query.page_size);
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => pagination::encode(&query.fingerprint, &sql::key(last)),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListDiscrepanciesResponse {
+            discrepancies: page.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn resolve_discrepancy(
+        &self,
+        request: Request<proto::ResolveDiscrepancyRequest>,
+    ) -> RpcResult<proto::ResolveDiscrepancyResponse> {
+        let (call, req) = rpc::split(request);
+        let r = Resolve::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let tx = conn.begin().await?;
+        let current = sql::get_for_update(&tx, r.id)
+            .await?
+            .ok_or_else(|| not_found(r.id))?;
+        let updated = if r.apply_to_fingerprint {
+            // Reopening lifts a mute; anything else applies to the open ones.
+            let from = if r.resolution == Resolution::Open {
+                sql::unmute(&tx, &current.fingerprint).await?;
+                Resolution::Muted
+            } else {
+                if r.resolution == Resolution::Muted {
+                    sql::mute(&tx, &current.fingerprint, &r.actor, &r.note).await?;
+                }
+                Resolution::Open
+            };
+            sql::resolve_fingerprint(
+                &tx,
+                &current.fingerprint,
+                from,
+                r.id,
+                r.resolution,
+                &r.actor,
+                &r.note,
+            )
+            .await?
+        } else {
+            sql::resolve_one(&tx, &current, r.resolution, &r.actor, &r.note).await?
+        };
+        let after = sql::get(&tx, r.id).await?.ok_or_else(|| not_found(r.id))?;
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Response::new(proto::ResolveDiscrepancyResponse {
+            discrepancy: Some(after.into()),
+            updated_count: updated as i64,
+        }))
+    }
+
+    async fn list_resolution_history(
+        &self,
+        request: Request<proto::ListResolutionHistoryRequest>,
+    ) -> RpcResult<proto::ListResolutionHistoryResponse> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let id = v.uuid("id", &req.id);
+        let page_size = v.page_size("page_size", req.page_size);
+        v.finish()?;
+        let fingerprint = pagination::fingerprint("discrepancy_resolutions", &id);
+        let after: i64 =
+            pagination::decode("page_token", &req.page_token, &fingerprint)?.unwrap_or(0);
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let d = sql::get(c, id).await?.ok_or_else(|| not_found(id))?;
+        let rows = sql::history(c, &d, after, page_size + 1).await?;
+        let (page, more) = pagination::split_page(rows, page_size);
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => pagination::encode(&fingerprint, &last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListResolutionHistoryResponse {
+            changes: page.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn summarize_discrepancies(
+        &self,
+        request: Request<proto::SummarizeDiscrepanciesRequest>,
+    ) -> RpcResult<proto::SummarizeDiscrepanciesResponse> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let session_id = v.optional_uuid("session_id", &req.session_id);
+        let (from, to) = v.time_range("sessions_created", req.sessions_created.as_ref());
+        if session_id.is_some() == req.sessions_created.is_some() {
+            v.violation(
+                "session_id",
+                "set exactly one of session_id and sessions_created",
+            );
+        }
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let rows = match session_id {
+            Some(id) => {
+                if sessions::sql::get(c, id).await?.is_none() {
+                    return Err(Error::NotFound(format!("session {id} not found")).into());
+                }
+                sql::summary_of_session(c, id).await?
+            }
+            None => sql::summary_of_range(c, from, to).await?,
+        };
+        Ok(Response::new(summary(rows)?))
+    }
+}
+
+/// Turns a chunk message into validated items, checking it belongs to the
+/// stream's ingest.
+fn to_chunk(
+    (ingest_id, session_id): &(String, String),
+    m: proto::IngestDiscrepanciesRequest,
+) -> Result<Chunk<super::NewDiscrepancy>> {
+    let mut v = Validator::new();
+    if !m.ingest_id.is_empty() && &m.ingest_id != ingest_id {
+        v.violation("ingest_id", "differs from the first message of the stream");
+    }
+    if !m.session_id.is_empty() && &m.session_id != session_id {
+        v.violation("session_id", "differs from the first message of the stream");
+    }
+    if m.sequence < 1 {
+        v.violation("sequence", "must be 1 or more");
+    }
+    let items = validate_items(&mut v, m.items, true);
+    v.finish().map_err(|e| ingest::in_chunk(e, m.sequence))?;
+    Ok(Chunk {
+        sequence: m.sequence,
+        items,
+    })
+}
+
+fn summary(rows: Vec<sql::SummaryRow>) -> Result<proto::SummarizeDiscrepanciesResponse> {
+    let mut out = proto::SummarizeDiscrepanciesResponse::default();
+    let mut severities = Vec::new();
+    for row in rows {
+        match row.dimension.as_str() {
+            "total" => out.total = row.count,
+            "severity" => {
+                let rank: i16 = row
+                    .key
+                    .parse()
+                    .map_err(|_| Error::Internal(format!("severity {:?} in a summary", row.key)))?;
+                severities.push((Severity::from_rank(rank)?, row.count));
+            }
+            "kind" => out.by_kind.push(proto::DiscrepancyCount {
+                key: row.key,
+                count: row.count,
+            }),
+            "resolution" => out.by_resolution.push(proto::DiscrepancyCount {
+                key: Resolution::from_db(&row.key)?
+                    .to_proto()
+                    .as_str_name()
+                    .to_owned(),
+                count: row.count,
+            }),
+            other => return Err(Error::Internal(format!("summary dimension {other:?}"))),
+        }
+    }
+    severities.sort_by_key(|(s, _)| s.rank());
+    out.by_severity = severities
+        .into_iter()
+        .map(|(s, count)| proto::DiscrepancyCount {
+            key: s.to_proto().as_str_name().to_owned(),
+            count,
+        })
+        .collect();
+    Ok(out)
+}

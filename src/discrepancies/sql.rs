@@ -1,0 +1,516 @@
+//! The SQL of discrepancies, their resolution history and fingerprint rules.
+
+use super::{
+    Discrepancy, DiscrepancyKey, ListDiscrepancies, NewDiscrepancy, Resolution, ResolutionChange,
+    Severity,
+};
+use crate::db::Stmt;
+use crate::error::{Error, Result};
+use crate::ingest::Sink;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use futures::pin_mut;
+use std::collections::HashSet;
+use tokio_postgres::Row;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tracing::Instrument;
+use uuid::Uuid;
+
+macro_rules! discrepancy_columns {
+    () => {
+        "id, session_id, result_id, kind, severity, description, source_element, target_element, \
+         recommendation, confidence, fingerprint, resolution, resolved_by, resolution_note, \
+         resolution_updated_at, created_at"
+    };
+}
+
+fn from_row(row: &Row) -> Result<Discrepancy> {
+    Ok(Discrepancy {
+        id: row.try_get("id")?,
+        session_id: row.try_get("session_id")?,
+        result_id: row.try_get("result_id")?,
+        kind: row.try_get("kind")?,
+        severity: Severity::from_rank(row.try_get("severity")?)?,
+        description: row.try_get("description")?,
+        source_element: row.try_get("source_element")?,
+        target_element: row.try_get("target_element")?,
+        recommendation: row.try_get("recommendation")?,
+        confidence: row.try_get("confidence")?,
+        fingerprint: row.try_get("fingerprint")?,
+        resolution: Resolution::from_db(row.try_get("resolution")?)?,
+        resolved_by: row.try_get("resolved_by")?,
+        resolution_note: row.try_get("resolution_note")?,
+        resolution_updated_at: row.try_get("resolution_updated_at")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+pub fn key(d: &Discrepancy) -> DiscrepancyKey {
+    (d.severity.rank(), d.created_at.timestamp_micros(), d.id)
+}
+
+/// Writes discrepancies of one session with binary COPY.
+pub struct DiscrepancySink {
+    pub session_id: Uuid,
+    /// Set for RecordDiscrepancies: rows remember their batch and position.
+    pub batch_id: Option<String>,
+}
+
+const KNOWN_RESULTS: Stmt = Stmt::new(
+    "SELECT",
+    "results",
+    "SELECT id FROM results WHERE session_id = $1 AND id = ANY($2)",
+);
+
+const MUTED: Stmt = Stmt::new(
+    "SELECT",
+    "fingerprint_rules",
+    "SELECT fingerprint, actor, note FROM fingerprint_rules WHERE fingerprint = ANY($1)",
+);
+
+const COPY: Stmt = Stmt::new(
+    "COPY",
+    "discrepancies",
+    "COPY discrepancies (session_id, id, result_id, kind, severity, description, source_element, \
+     target_element, recommendation, confidence, fingerprint, resolution, resolved_by, \
+     resolution_note, resolution_updated_at, batch_id, batch_position) FROM STDIN BINARY",
+);
+
+const COPY_TYPES: [Type; 17] = [
+    Type::UUID,
+    Type::UUID,
+    Type::UUID,
+    Type::TEXT,
+    Type::INT2,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::FLOAT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::INT4,
+];
+
+impl Sink for DiscrepancySink {
+    type Item = NewDiscrepancy;
+
+    async fn write<'a>(
+        &'a self,
+        tx: &'a deadpool_postgres::Transaction<'a>,
+        items: &'a [NewDiscrepancy],
+    ) -> Result<u64> {
+        // A named result must be a result of the same session: say which
+        // one is not, instead of a bare foreign-key failure.
+        let named: HashSet<Uuid> = items.iter().filter_map(|d| d.result_id).collect();
+        if !named.is_empty() {
+            let wanted: Vec<Uuid> = named.iter().copied().collect();
+            let found: HashSet<Uuid> = KNOWN_RESULTS
+                .query(tx, &[&self.session_id, &wanted])
+                .await?
+                .iter()
+                .map(|r| r.try_get(0))
+                .collect::<Result<_, _>>()?;
+            if let Some((i, d)) = items
+                .iter()
+                .enumerate()
+                .find(|(_, d)| d.result_id.is_some_and(|r| !found.contains(&r)))
+            {
+                return Err(Error::invalid(
+                    format!("items[{i}].result_id"),
+                    format!(
+                        "{} is not a result of session {}",
+                        d.result_id.unwrap_or_default(),
+                        self.session_id
+                    ),
+                ));
+            }
+        }
+
+        // Fingerprints muted for good arrive muted.
+        let fingerprints: Vec<&str> = items
+            .iter()
+            .map(|d| d.fingerprint.as_str())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let rules: std::collections::HashMap<String, (String, String)> = MUTED
+            .query(tx, &[&fingerprints])
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?))))
+            .collect::<Result<_>>()?;
+        let now = Utc::now();
+
+        let span = COPY.span();
+        let copied = async {
+            let sink = tx.copy_in(COPY.sql).await?;
+            let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+            pin_mut!(writer);
+            for (position, d) in items.iter().enumerate() {
+                let rule = rules.get(&d.fingerprint);
+                let (resolution, by, note, at) = match rule {
+                    Some((actor, note)) => (
+                        Resolution::Muted.as_str(),
+                        actor.as_str(),
+                        note.as_str(),
+                        Some(now),
+                    ),
+                    None => (Resolution::Open.as_str(), "", "", None),
+                };
+                let position = self.batch_id.as_ref().map(|_| position as i32);
+                let row: [&(dyn ToSql + Sync); 17] = [
+                    &self.session_id,
+                    &d.id,
+                    &d.result_id,
+                    &d.kind,
+                    &d.severity.rank(),
+                    &d.description,
+                    &d.source_element,
+                    &d.target_element,
+                    &d.recommendation,
+                    &d.confidence,
+                    &d.fingerprint,
+                    &resolution,
+                    &by,
+                    &note,
+                    &at,
+                    &self.batch_id,
+                    &position,
+                ];
+                writer.as_mut().write(&row).await?;
+            }
+            writer.finish().await
+        }
+        .instrument(span.clone())
+        .await;
+        match copied {
+            Ok(n) => {
+                Stmt::record_copied(&span, n);
+                Ok(n)
+            }
+            Err(e) => {
+                Stmt::fail(&span, &e);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+const BATCH_IDS: Stmt = Stmt::new(
+    "SELECT",
+    "discrepancies",
+    "SELECT id FROM discrepancies WHERE session_id = $1 AND batch_id = $2 ORDER BY batch_position",
+);
+
+/// Ids of a committed batch, in item order.
+pub async fn batch_ids(
+    c: &impl GenericClient,
+    session_id: Uuid,
+    batch_id: &str,
+) -> Result<Vec<Uuid>> {
+    BATCH_IDS
+        .query(c, &[&session_id, &batch_id])
+        .await?
+        .iter()
+        .map(|r| Ok(r.try_get(0)?))
+        .collect()
+}
+
+const LIST: Stmt = Stmt::new(
+    "SELECT",
+    "discrepancies",
+    concat!(
+        "SELECT ",
+        discrepancy_columns!(),
+        " FROM discrepancies \
+         WHERE ($1::uuid IS NULL OR session_id = $1) \
+           AND ($2::uuid IS NULL OR result_id = $2) \
+           AND ($3::int2[] IS NULL OR severity = ANY($3)) \
+           AND ($4::text IS NULL OR kind = $4) \
+           AND ($5::text[] IS NULL OR resolution = ANY($5)) \
+           AND ($6::text IS NULL OR fingerprint = $6) \
+           AND ($7::float8 IS NULL OR confidence >= $7) \
+           AND ($8::int2 IS NULL OR severity > $8 \
+                OR (severity = $8 AND (created_at, id) < ($9, $10))) \
+         ORDER BY severity, created_at DESC, id DESC LIMIT $11"
+    ),
+);
+
+/// One page, most severe first, plus one extra row when more follow.
+pub async fn list(c: &impl GenericClient, q: &ListDiscrepancies) -> Result<Vec<Discrepancy>> {
+    let f = &q.filter;
+    let severities: Option<Vec<i16>> =
+        (!f.severities.is_empty()).then(|| f.severities.iter().map(|s| s.rank()).collect());
+    let resolutions: Option<Vec<&str>> =
+        (!f.resolutions.is_empty()).then(|| f.resolutions.iter().map(|r| r.as_str()).collect());
+    let (after_rank, after_time) = match q.after {
+        Some((rank, micros, id)) => (Some(rank), Some((micros, id))),
+        None => (None, None),
+    };
+    let (after_at, after_id) = crate::pagination::time_key(after_time)?;
+    LIST.query(
+        c,
+        &[
+            &f.session_id,
+            &f.result_id,
+            &severities,
+            &f.kind,
+            &resolutions,
+            &f.fingerprint,
+            &f.min_confidence,
+            &after_rank,
+            &after_at,
+            &after_id,
+            &(q.page_size + 1),
+        ],
+    )
+    .await?
+    .iter()
+    .map(from_row)
+    .collect()
+}
+
+const BY_ID: Stmt = Stmt::new(
+    "SELECT",
+    "discrepancies",
+    concat!(
+        "SELECT ",
+        discrepancy_columns!(),
+        " FROM discrepancies WHERE id = $1"
+    ),
+);
+
+pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<Option<Discrepancy>> {
+    BY_ID
+        .query_opt(c, &[&id])
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+const BY_ID_FOR_UPDATE: Stmt = Stmt::new(
+    "SELECT",
+    "discrepancies",
+    concat!(
+        "SELECT ",
+        discrepancy_columns!(),
+        " FROM discrepancies WHERE id = $1 FOR UPDATE"
+    ),
+);
+
+pub async fn get_for_update(c: &impl GenericClient, id: Uuid) -> Result<Option<Discrepancy>> {
+    BY_ID_FOR_UPDATE
+        .query_opt(c, &[&id])
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+const RESOLVE_ONE: Stmt = Stmt::new(
+    "UPDATE",
+    "discrepancies",
+    "WITH changed AS ( \
+         UPDATE discrepancies SET resolution = $3, resolved_by = $4, resolution_note = $5, \
+                resolution_updated_at = now() \
+         WHERE session_id = $1 AND id = $2 RETURNING session_id, id) \
+     INSERT INTO discrepancy_resolutions \
+         (session_id, discrepancy_id, from_resolution, to_resolution, actor, note, via_fingerprint) \
+     SELECT session_id, id, $6, $3, $4, $5, false FROM changed",
+);
+
+/// Sets one discrepancy's resolution and records the change.
+pub async fn resolve_one(
+    c: &impl GenericClient,
+    d: &Discrepancy,
+    to: Resolution,
+    actor: &str,
+    note: &str,
+) -> Result<u64> {
+    RESOLVE_ONE
+        .execute(
+            c,
+            &[
+                &d.session_id,
+                &d.id,
+                &to.as_str(),
+                &actor,
+                &note,
+                &d.resolution.as_str(),
+            ],
+        )
+        .await
+}
+
+const RESOLVE_FINGERPRINT: Stmt = Stmt::new(
+    "UPDATE",
+    "discrepancies",
+    "WITH targets AS ( \
+         SELECT session_id, id, resolution AS before FROM discrepancies \
+         WHERE fingerprint = $1 AND (resolution = $2 OR id = $3) FOR UPDATE), \
+     changed AS ( \
+         UPDATE discrepancies d SET resolution = $4, resolved_by = $5, resolution_note = $6, \
+                resolution_updated_at = now() \
+         FROM targets t WHERE d.session_id = t.session_id AND d.id = t.id \
+         RETURNING d.session_id, d.id, t.before) \
+     INSERT INTO discrepancy_resolutions \
+         (session_id, discrepancy_id, from_resolution, to_resolution, actor, note, via_fingerprint) \
+     SELECT session_id, id, before, $4, $5, $6, true FROM changed",
+);
+
+/// Applies a resolution to every discrepancy of `fingerprint` currently in
+/// `from` (plus the named one), recording each change.
+pub async fn resolve_fingerprint(
+    c: &impl GenericClient,
+    fingerprint: &str,
+    from: Resolution,
+    named: Uuid,
+    to: Resolution,
+    actor: &str,
+    note: &str,
+) -> Result<u64> {
+    RESOLVE_FINGERPRINT
+        .execute(
+            c,
+            &[
+                &fingerprint,
+                &from.as_str(),
+                &named,
+                &to.as_str(),
+                &actor,
+                &note,
+            ],
+        )
+        .await
+}
+
+const MUTE: Stmt = Stmt::new(
+    "INSERT",
+    "fingerprint_rules",
+    "INSERT INTO fingerprint_rules (fingerprint, resolution, actor, note) VALUES ($1, 'muted', $2, $3) \
+     ON CONFLICT (fingerprint) DO UPDATE SET actor = EXCLUDED.actor, note = EXCLUDED.note",
+);
+
+pub async fn mute(
+    c: &impl GenericClient,
+    fingerprint: &str,
+    actor: &str,
+    note: &str,
+) -> Result<()> {
+    MUTE.execute(c, &[&fingerprint, &actor, &note]).await?;
+    Ok(())
+}
+
+const UNMUTE: Stmt = Stmt::new(
+    "DELETE",
+    "fingerprint_rules",
+    "DELETE FROM fingerprint_rules WHERE fingerprint = $1",
+);
+
+pub async fn unmute(c: &impl GenericClient, fingerprint: &str) -> Result<()> {
+    UNMUTE.execute(c, &[&fingerprint]).await?;
+    Ok(())
+}
+
+const HISTORY: Stmt = Stmt::new(
+    "SELECT",
+    "discrepancy_resolutions",
+    "SELECT id, from_resolution, to_resolution, actor, note, via_fingerprint, changed_at \
+     FROM discrepancy_resolutions \
+     WHERE session_id = $1 AND discrepancy_id = $2 AND id > $3 ORDER BY id LIMIT $4",
+);
+
+/// Resolution changes of a discrepancy after `after_id`, oldest first.
+pub async fn history(
+    c: &impl GenericClient,
+    d: &Discrepancy,
+    after_id: i64,
+    limit: i64,
+) -> Result<Vec<ResolutionChange>> {
+    HISTORY
+        .query(c, &[&d.session_id, &d.id, &after_id, &limit])
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(ResolutionChange {
+                id: r.try_get(0)?,
+                from: Resolution::from_db(r.try_get(1)?)?,
+                to: Resolution::from_db(r.try_get(2)?)?,
+                actor: r.try_get(3)?,
+                note: r.try_get(4)?,
+                via_fingerprint: r.try_get(5)?,
+                changed_at: r.try_get(6)?,
+            })
+        })
+        .collect()
+}
+
+/// Counts of a summary: `dimension` is `severity`, `kind`, `resolution` or
+/// `total`.
+pub struct SummaryRow {
+    pub dimension: String,
+    pub key: String,
+    pub count: i64,
+}
+
+macro_rules! summary_sql {
+    ($scope:literal) => {
+        concat!(
+            "WITH scoped AS (SELECT severity, kind, resolution FROM discrepancies WHERE ",
+            $scope,
+            ") \
+             SELECT CASE WHEN GROUPING(severity) = 0 THEN 'severity' \
+                         WHEN GROUPING(kind) = 0 THEN 'kind' \
+                         WHEN GROUPING(resolution) = 0 THEN 'resolution' ELSE 'total' END, \
+                    COALESCE(severity::text, kind, resolution, ''), count(*) \
+             FROM scoped GROUP BY GROUPING SETS ((severity), (kind), (resolution), ()) \
+             ORDER BY 1, 3 DESC, 2"
+        )
+    };
+}
+
+const SUMMARY_SESSION: Stmt = Stmt::new("SELECT", "discrepancies", summary_sql!("session_id = $1"));
+
+const SUMMARY_RANGE: Stmt = Stmt::new(
+    "SELECT",
+    "discrepancies",
+    summary_sql!(
+        "session_id IN (SELECT id FROM sessions \
+          WHERE ($1::timestamptz IS NULL OR created_at >= $1) \
+            AND ($2::timestamptz IS NULL OR created_at < $2))"
+    ),
+);
+
+fn summary_rows(rows: Vec<Row>) -> Result<Vec<SummaryRow>> {
+    rows.iter()
+        .map(|r| {
+            Ok(SummaryRow {
+                dimension: r.try_get(0)?,
+                key: r.try_get(1)?,
+                count: r.try_get(2)?,
+            })
+        })
+        .collect()
+}
+
+pub async fn summary_of_session(
+    c: &impl GenericClient,
+    session_id: Uuid,
+) -> Result<Vec<SummaryRow>> {
+    summary_rows(SUMMARY_SESSION.query(c, &[&session_id]).await?)
+}
+
+pub async fn summary_of_range(
+    c: &impl GenericClient,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+) -> Result<Vec<SummaryRow>> {
+    summary_rows(SUMMARY_RANGE.query(c, &[&from, &to]).await?)
+}

@@ -1,0 +1,89 @@
+//! ResultService handlers.
+
+use super::{ListResults, NewResult, sql};
+use crate::error::Error;
+use crate::pagination;
+use crate::proto::{self, result_service_server::ResultService};
+use crate::rpc::{self, RpcResult};
+use crate::sessions;
+use crate::state::AppState;
+use crate::validate::Validator;
+use tonic::{Request, Response};
+use uuid::Uuid;
+
+/// The ResultService implementation.
+pub struct ResultApi {
+    state: AppState,
+}
+
+impl ResultApi {
+    pub fn new(state: AppState) -> Self {
+        ResultApi { state }
+    }
+}
+
+#[tonic::async_trait]
+impl ResultService for ResultApi {
+    async fn record_result(
+        &self,
+        request: Request<proto::RecordResultRequest>,
+    ) -> RpcResult<proto::RecordResultResponse> {
+        let (call, req) = rpc::split(request);
+        let new = NewResult::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let tx = conn.begin().await?;
+        sessions::sql::lock_accepting(&tx, new.session_id).await?;
+        let (result, created) = match sql::insert(&tx, Uuid::now_v7(), &new).await? {
+            Some(r) => (r, true),
+            None => (
+                sql::get_by_request_id(&tx, new.session_id, &new.request_id)
+                    .await?
+                    .ok_or_else(|| {
+                        Error::Aborted("the result was deleted concurrently; retry".into())
+                    })?,
+                false,
+            ),
+        };
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Response::new(proto::RecordResultResponse {
+            result: Some(result.into()),
+            created,
+        }))
+    }
+
+    async fn get_result(
+        &self,
+        request: Request<proto::GetResultRequest>,
+    ) -> RpcResult<proto::GetResultResponse> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let id = v.uuid("id", &req.id);
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let result = sql::get(conn.client().await?, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("result {id} not found")))?;
+        Ok(Response::new(proto::GetResultResponse {
+            result: Some(result.into()),
+        }))
+    }
+
+    async fn list_results(
+        &self,
+        request: Request<proto::ListResultsRequest>,
+    ) -> RpcResult<proto::ListResultsResponse> {
+        let (call, req) = rpc::split(request);
+        let query = ListResults::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let rows = sql::list(conn.client().await?, &query).await?;
+        let (page, more) = pagination::split_page(rows, query.page_size);
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => pagination::encode(&query.fingerprint, &sql::key(last)),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListResultsResponse {
+            results: page.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+}

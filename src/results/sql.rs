@@ -1,0 +1,162 @@
+//! The SQL of results.
+
+use super::{ListResults, NewResult, OverallStatus, ResultKey, ResultType, ValidationResult};
+use crate::db::Stmt;
+use crate::error::Result;
+use crate::pagination;
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+macro_rules! result_columns {
+    () => {
+        "id, session_id, request_id, result_type, overall_status, fidelity_score, summary, \
+         execution_time_ms, source_representation, target_representation, created_at"
+    };
+}
+
+fn from_row(row: &Row) -> Result<ValidationResult> {
+    Ok(ValidationResult {
+        id: row.try_get("id")?,
+        session_id: row.try_get("session_id")?,
+        request_id: row.try_get("request_id")?,
+        result_type: ResultType::from_db(row.try_get("result_type")?)?,
+        overall_status: OverallStatus::from_db(row.try_get("overall_status")?)?,
+        fidelity_score: row.try_get("fidelity_score")?,
+        summary: row.try_get("summary")?,
+        execution_time_ms: row.try_get("execution_time_ms")?,
+        source_representation: row.try_get("source_representation")?,
+        target_representation: row.try_get("target_representation")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+pub fn key(r: &ValidationResult) -> ResultKey {
+    (r.created_at.timestamp_micros(), r.id)
+}
+
+const INSERT: Stmt = Stmt::new(
+    "INSERT",
+    "results",
+    concat!(
+        "INSERT INTO results (id, session_id, request_id, result_type, overall_status, \
+         fidelity_score, summary, execution_time_ms, source_representation, target_representation) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (session_id, request_id) DO NOTHING RETURNING ",
+        result_columns!()
+    ),
+);
+
+/// Inserts a result unless its request_id is taken in the session.
+pub async fn insert(
+    c: &impl GenericClient,
+    id: Uuid,
+    r: &NewResult,
+) -> Result<Option<ValidationResult>> {
+    INSERT
+        .query_opt(
+            c,
+            &[
+                &id,
+                &r.session_id,
+                &r.request_id,
+                &r.result_type.as_str(),
+                &r.overall_status.as_str(),
+                &r.fidelity_score,
+                &r.summary,
+                &r.execution_time_ms,
+                &r.source_representation,
+                &r.target_representation,
+            ],
+        )
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+const BY_REQUEST_ID: Stmt = Stmt::new(
+    "SELECT",
+    "results",
+    concat!(
+        "SELECT ",
+        result_columns!(),
+        " FROM results WHERE session_id = $1 AND request_id = $2"
+    ),
+);
+
+pub async fn get_by_request_id(
+    c: &impl GenericClient,
+    session_id: Uuid,
+    request_id: &str,
+) -> Result<Option<ValidationResult>> {
+    BY_REQUEST_ID
+        .query_opt(c, &[&session_id, &request_id])
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+const BY_ID: Stmt = Stmt::new(
+    "SELECT",
+    "results",
+    concat!("SELECT ", result_columns!(), " FROM results WHERE id = $1"),
+);
+
+pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<Option<ValidationResult>> {
+    BY_ID
+        .query_opt(c, &[&id])
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+const LIST: Stmt = Stmt::new(
+    "SELECT",
+    "results",
+    concat!(
+        "SELECT ",
+        result_columns!(),
+        " FROM results \
+         WHERE ($1::uuid IS NULL OR session_id = $1) \
+           AND ($2::text[] IS NULL OR result_type = ANY($2)) \
+           AND ($3::text[] IS NULL OR overall_status = ANY($3)) \
+           AND ($4::float8 IS NULL OR fidelity_score >= $4) \
+           AND ($5::float8 IS NULL OR fidelity_score <= $5) \
+           AND ($6::timestamptz IS NULL OR created_at >= $6) \
+           AND ($7::timestamptz IS NULL OR created_at < $7) \
+           AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9)) \
+         ORDER BY created_at DESC, id DESC LIMIT $10"
+    ),
+);
+
+/// One page of results, newest first, plus one extra row when more follow.
+pub async fn list(c: &impl GenericClient, q: &ListResults) -> Result<Vec<ValidationResult>> {
+    let f = &q.filter;
+    let types: Option<Vec<&str>> =
+        (!f.result_types.is_empty()).then(|| f.result_types.iter().map(|t| t.as_str()).collect());
+    let statuses: Option<Vec<&str>> = (!f.overall_statuses.is_empty())
+        .then(|| f.overall_statuses.iter().map(|t| t.as_str()).collect());
+    let (after_at, after_id) = pagination::time_key(q.after)?;
+    LIST.query(
+        c,
+        &[
+            &f.session_id,
+            &types,
+            &statuses,
+            &f.min_fidelity,
+            &f.max_fidelity,
+            &f.created_from,
+            &f.created_to,
+            &after_at,
+            &after_id,
+            &(q.page_size + 1),
+        ],
+    )
+    .await?
+    .iter()
+    .map(from_row)
+    .collect()
+}

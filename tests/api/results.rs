@@ -1,0 +1,223 @@
+//! ResultService through a real client.
+
+use crate::helpers::{TestApp, spawn_app, violated_fields};
+use crate::sessions::{create, set_status};
+use std::collections::HashSet;
+use tonic::Code;
+use verdict::proto::{
+    GetResultRequest, ListResultsRequest, OverallStatus, RecordResultRequest, ResultType,
+    SessionStatus, ValidationResult,
+};
+
+pub fn new_result(session_id: &str, request_id: &str, fidelity: f64) -> RecordResultRequest {
+    RecordResultRequest {
+        session_id: session_id.into(),
+        request_id: request_id.into(),
+        result_type: ResultType::Static as i32,
+        overall_status: OverallStatus::Passed as i32,
+        fidelity_score: fidelity,
+        summary: "all good".into(),
+        execution_time_ms: 1200,
+        source_representation: None,
+        target_representation: None,
+    }
+}
+
+pub async fn record(app: &TestApp, req: RecordResultRequest) -> ValidationResult {
+    app.results
+        .clone()
+        .record_result(req)
+        .await
+        .expect("record result")
+        .into_inner()
+        .result
+        .expect("result")
+}
+
+#[tokio::test]
+async fn record_result_stores_it_once_per_request_id() {
+    let app = spawn_app().await;
+    let s = create(&app, "r").await;
+    let mut client = app.results.clone();
+    let first = client
+        .record_result(new_result(&s.id, "res-1", 0.93))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = client
+        .record_result(new_result(&s.id, "res-1", 0.10))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.created && !again.created);
+    assert_eq!(first.result, again.result);
+    let stored: f64 = app
+        .sql()
+        .await
+        .query_one("SELECT fidelity_score FROM results", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0.93);
+    let got = client
+        .get_result(GetResultRequest {
+            id: first.result.as_ref().unwrap().id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.result, first.result);
+}
+
+#[tokio::test]
+async fn record_result_needs_a_session_that_accepts_results() {
+    let app = spawn_app().await;
+    let mut client = app.results.clone();
+    let missing = client
+        .record_result(new_result(&uuid::Uuid::new_v4().to_string(), "x", 0.5))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+
+    let s = create(&app, "cancelled").await;
+    set_status(&app, &s.id, SessionStatus::Cancelled)
+        .await
+        .unwrap();
+    let refused = client
+        .record_result(new_result(&s.id, "x", 0.5))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
+
+    let done = create(&app, "completed").await;
+    set_status(&app, &done.id, SessionStatus::Processing)
+        .await
+        .unwrap();
+    set_status(&app, &done.id, SessionStatus::Completed)
+        .await
+        .unwrap();
+    client
+        .record_result(new_result(&done.id, "x", 0.5))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn record_result_reports_every_bad_field() {
+    let app = spawn_app().await;
+    let s = create(&app, "bad").await;
+    let mut client = app.results.clone();
+    for score in [f64::NAN, f64::INFINITY, 1.5, -0.1] {
+        let err = client
+            .record_result(new_result(&s.id, "x", score))
+            .await
+            .unwrap_err();
+        assert_eq!(violated_fields(&err), ["fidelity_score"], "score {score}");
+    }
+    let err = client
+        .record_result(RecordResultRequest {
+            session_id: "nope".into(),
+            request_id: String::new(),
+            result_type: 9,
+            overall_status: 0,
+            fidelity_score: 0.5,
+            execution_time_ms: -1,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    let mut fields = violated_fields(&err);
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "execution_time_ms",
+            "overall_status",
+            "request_id",
+            "result_type",
+            "session_id"
+        ]
+    );
+    let err = client
+        .get_result(GetResultRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+}
+
+#[tokio::test]
+async fn list_results_filters_and_pages_through_every_result() {
+    let app = spawn_app().await;
+    let a = create(&app, "a").await;
+    let b = create(&app, "b").await;
+    for i in 0..30 {
+        let mut req = new_result(&a.id, &format!("a{i}"), f64::from(i) / 30.0);
+        if i % 3 == 0 {
+            req.overall_status = OverallStatus::Failed as i32;
+            req.result_type = ResultType::Behavioral as i32;
+        }
+        record(&app, req).await;
+    }
+    record(&app, new_result(&b.id, "b0", 0.99)).await;
+    let mut client = app.results.clone();
+
+    let mut seen = HashSet::new();
+    let mut token = String::new();
+    loop {
+        let page = client
+            .list_results(ListResultsRequest {
+                session_id: a.id.clone(),
+                page_size: 7,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for r in page.results {
+            assert_eq!(r.session_id, a.id);
+            assert!(seen.insert(r.id));
+        }
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(seen.len(), 30);
+
+    let failed = client
+        .list_results(ListResultsRequest {
+            overall_statuses: vec![OverallStatus::Failed as i32],
+            result_types: vec![ResultType::Behavioral as i32],
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(failed.results.len(), 10);
+
+    let high = client
+        .list_results(ListResultsRequest {
+            min_fidelity: Some(0.9),
+            page_size: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // 27/30, 28/30, 29/30 of session a and 0.99 of session b.
+    assert_eq!(high.results.len(), 4);
+
+    let err = client
+        .list_results(ListResultsRequest {
+            min_fidelity: Some(0.8),
+            max_fidelity: Some(0.2),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_fields(&err), ["min_fidelity"]);
+}

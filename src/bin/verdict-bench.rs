@@ -134,16 +134,20 @@ fn print_row(name: &str, conc: usize, v: Figures, d: Figures) {
     );
 }
 
+async fn direct_client(pg: &EmbeddedPostgres) -> tokio_postgres::Client {
+    let (c, conn) = pg
+        .config("bench")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .expect("direct connection");
+    tokio::spawn(conn);
+    c
+}
+
 async fn direct_clients(pg: &EmbeddedPostgres, n: usize) -> Vec<Arc<tokio_postgres::Client>> {
     let mut out = Vec::new();
     for _ in 0..n {
-        let (c, conn) = pg
-            .config("bench")
-            .connect(tokio_postgres::NoTls)
-            .await
-            .expect("direct connection");
-        tokio::spawn(conn);
-        out.push(Arc::new(c));
+        out.push(Arc::new(direct_client(pg).await));
     }
     out
 }
@@ -423,15 +427,10 @@ async fn main() -> anyhow::Result<()> {
                 }
             })
             .await;
-            let mut own = direct_clients(&pg, c).await;
-            let own: Vec<_> = own
-                .drain(..)
-                .map(|c| {
-                    Arc::new(tokio::sync::Mutex::new(
-                        Arc::try_unwrap(c).ok().expect("sole owner"),
-                    ))
-                })
-                .collect();
+            let mut own = Vec::new();
+            for _ in 0..c {
+                own.push(Arc::new(tokio::sync::Mutex::new(direct_client(&pg).await)));
+            }
             let d = timed(c, args.seconds, move |task, _| {
                 let client = own[task].clone();
                 async move {
@@ -467,8 +466,7 @@ async fn main() -> anyhow::Result<()> {
         let v_secs = t.elapsed().as_secs_f64();
         let v_cpu = (cpu_time() - cpu0).as_secs_f64();
 
-        let (mut c, conn) = pg.config("bench").connect(tokio_postgres::NoTls).await?;
-        tokio::spawn(conn);
+        let mut c = direct_client(&pg).await;
         let cpu0 = cpu_time();
         let t = Instant::now();
         let mut done = 0;
@@ -486,7 +484,7 @@ async fn main() -> anyhow::Result<()> {
             cpu_us_per_op: cpu * 1e6 / rows as f64,
         };
         print_row(
-            &format!("IngestDiscrepancies rows"),
+            "IngestDiscrepancies rows",
             1,
             fig(v_secs, v_cpu),
             fig(d_secs, d_cpu),

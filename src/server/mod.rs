@@ -16,9 +16,9 @@ use crate::state::AppState;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::server::NamedService;
 use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
@@ -60,7 +60,6 @@ pub async fn serve(
         .max_encoding_message_size(limit);
 
     Server::builder()
-        .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(trace::RpcTraceLayer)
@@ -72,7 +71,15 @@ pub async fn serve(
         .add_service(sessions)
         .add_service(results)
         .add_service(discrepancies)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        // Settings of the builder (nodelay, keepalive) do not reach sockets
+        // of an incoming stream we bring ourselves: set them here. Without
+        // nodelay, replies larger than a segment wait out delayed ACKs (40 ms).
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener)
+                .with_nodelay(Some(true))
+                .with_keepalive(Some(Duration::from_secs(60))),
+            shutdown,
+        )
         .await?;
     Ok(())
 }

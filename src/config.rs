@@ -114,6 +114,17 @@ pub struct Config {
     )]
     pub health_probe_interval_ms: u64,
 
+    /// How often the gateway recomputes touched validation rollups, in
+    /// seconds; 0 turns the periodic computation off. Replicas take turns
+    /// through an advisory lock.
+    #[arg(
+        long,
+        env = "VERDICT_ROLLUP_INTERVAL_SECS",
+        default_value_t = 300,
+        global = true
+    )]
+    pub rollup_interval_secs: u64,
+
     /// OTLP/gRPC collector endpoint for traces (e.g. `http://localhost:4317`).
     /// When unset, nothing is exported.
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
@@ -163,6 +174,10 @@ impl Config {
         Duration::from_millis(self.shutdown_grace_ms)
     }
 
+    pub fn rollup_interval(&self) -> Option<Duration> {
+        (self.rollup_interval_secs > 0).then(|| Duration::from_secs(self.rollup_interval_secs))
+    }
+
     pub fn health_probe_interval(&self) -> Duration {
         Duration::from_millis(self.health_probe_interval_ms)
     }
@@ -184,6 +199,7 @@ impl std::fmt::Debug for Config {
             .field("max_message_bytes", &self.max_message_bytes)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .field("health_probe_interval_ms", &self.health_probe_interval_ms)
+            .field("rollup_interval_secs", &self.rollup_interval_secs)
             .field("otlp_endpoint", &self.otlp_endpoint)
             .field("service_name", &self.service_name)
             .field("log_filter", &self.log_filter)

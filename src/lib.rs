@@ -11,6 +11,7 @@ pub mod db;
 pub mod discrepancies;
 pub mod error;
 pub mod ingest;
+pub mod metrics;
 pub mod pagination;
 pub mod results;
 pub mod rpc;
@@ -129,6 +130,7 @@ impl Application {
             health.clone(),
             hub,
             self.config.health_probe_interval(),
+            self.config.rollup_interval(),
             fatal_tx,
         ));
 
@@ -203,6 +205,7 @@ async fn bootstrap(
     health: Health,
     hub: Hub,
     probe_interval: Duration,
+    rollup_interval: Option<Duration>,
     fatal: oneshot::Sender<anyhow::Error>,
 ) {
     let mut delay = Duration::from_millis(100);
@@ -238,9 +241,15 @@ async fn bootstrap(
     }
     db.set_ready();
     health.set(true).await;
+    let rollups = async {
+        if let Some(every) = rollup_interval {
+            metrics::rollups::run_periodically(db.clone(), every).await
+        }
+    };
     tokio::join!(
         health.probe(db.clone(), pg.clone(), probe_interval),
-        hub.listen(pg)
+        hub.listen(pg),
+        rollups
     );
 }
 

@@ -47,9 +47,11 @@ pub fn connection_config(
     max_statement_timeout: Duration,
 ) -> tokio_postgres::Config {
     config.application_name(APPLICATION_NAME);
-    // The ceiling every statement runs under unless a call lowers it.
+    // The ceiling every statement runs under unless a call lowers it; and
+    // UTC, so calendar buckets (days, weeks, months) never depend on the
+    // server's configured time zone.
     config.options(format!(
-        "-c statement_timeout={}",
+        "-c statement_timeout={} -c TimeZone=UTC",
         max_statement_timeout.as_millis()
     ));
     if config.get_connect_timeout().is_none() {

@@ -7,7 +7,9 @@ mod trace;
 
 use crate::config::Config;
 use crate::discrepancies::DiscrepancyApi;
+use crate::metrics::MetricsApi;
 use crate::proto::discrepancy_service_server::DiscrepancyServiceServer;
+use crate::proto::metrics_service_server::MetricsServiceServer;
 use crate::proto::result_service_server::ResultServiceServer;
 use crate::proto::session_service_server::SessionServiceServer;
 use crate::results::ResultApi;
@@ -28,6 +30,7 @@ pub fn service_names() -> Vec<&'static str> {
         <SessionServiceServer<SessionApi> as NamedService>::NAME,
         <ResultServiceServer<ResultApi> as NamedService>::NAME,
         <DiscrepancyServiceServer<DiscrepancyApi> as NamedService>::NAME,
+        <MetricsServiceServer<MetricsApi> as NamedService>::NAME,
     ]
 }
 
@@ -55,7 +58,10 @@ pub async fn serve(
     let results = ResultServiceServer::new(ResultApi::new(state.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let discrepancies = DiscrepancyServiceServer::new(DiscrepancyApi::new(state))
+    let discrepancies = DiscrepancyServiceServer::new(DiscrepancyApi::new(state.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let metrics = MetricsServiceServer::new(MetricsApi::new(state))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
 
@@ -71,6 +77,7 @@ pub async fn serve(
         .add_service(sessions)
         .add_service(results)
         .add_service(discrepancies)
+        .add_service(metrics)
         // Settings of the builder (nodelay, keepalive) do not reach sockets
         // of an incoming stream we bring ourselves: set them here. Without
         // nodelay, replies larger than a segment wait out delayed ACKs (40 ms).

@@ -14,6 +14,7 @@ use verdict::Application;
 use verdict::config::Config;
 use verdict::db::embedded::EmbeddedPostgres;
 use verdict::proto::discrepancy_service_client::DiscrepancyServiceClient;
+use verdict::proto::metrics_service_client::MetricsServiceClient;
 use verdict::proto::result_service_client::ResultServiceClient;
 use verdict::proto::session_service_client::SessionServiceClient;
 
@@ -118,6 +119,7 @@ pub struct TestApp {
     pub sessions: SessionServiceClient<Channel>,
     pub results: ResultServiceClient<Channel>,
     pub discrepancies: DiscrepancyServiceClient<Channel>,
+    pub metrics: MetricsServiceClient<Channel>,
     pub health: HealthClient<Channel>,
     /// Connection settings of the gateway's database.
     pg: tokio_postgres::Config,
@@ -133,6 +135,8 @@ pub fn test_config(database_url: &str) -> Config {
     config.listen = "127.0.0.1:0".parse().unwrap();
     config.health_probe_interval_ms = 200;
     config.pool_size = 8;
+    // Tests compute rollups when they mean to.
+    config.rollup_interval_secs = 0;
     config
 }
 
@@ -176,6 +180,7 @@ async fn start(app: Application) -> TestApp {
         sessions: SessionServiceClient::new(channel.clone()),
         results: ResultServiceClient::new(channel.clone()),
         discrepancies: DiscrepancyServiceClient::new(channel.clone()),
+        metrics: MetricsServiceClient::new(channel.clone()),
         health: HealthClient::new(channel.clone()),
         channel,
         pg,

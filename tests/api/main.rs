@@ -3,6 +3,7 @@
 mod discrepancies;
 mod gateway;
 mod helpers;
+mod metrics;
 mod results;
 mod sessions;
 mod watch;

@@ -1,0 +1,211 @@
+//! MetricsService handlers.
+
+use super::rollups::{self, Locking};
+use super::{RollupPeriod, SeriesQuery, sql, validate_points};
+use crate::convert::{opt_timestamp, timestamp};
+use crate::error::{Error, Result};
+use crate::ingest::{self, Claim};
+use crate::pagination;
+use crate::proto::{self, metrics_service_server::MetricsService};
+use crate::rpc::{self, RpcResult};
+use crate::state::AppState;
+use crate::validate::Validator;
+use chrono::{DateTime, Utc};
+use prost::Message;
+use tonic::{Request, Response};
+
+/// The MetricsService implementation.
+pub struct MetricsApi {
+    state: AppState,
+}
+
+impl MetricsApi {
+    pub fn new(state: AppState) -> Self {
+        MetricsApi { state }
+    }
+}
+
+fn required_period(v: &mut Validator, raw: i32) -> RollupPeriod {
+    v.required_enum("period", raw, RollupPeriod::from_proto)
+        .unwrap_or(RollupPeriod::Day)
+}
+
+#[tonic::async_trait]
+impl MetricsService for MetricsApi {
+    async fn record_metric_points(
+        &self,
+        request: Request<proto::RecordMetricPointsRequest>,
+    ) -> RpcResult<proto::RecordMetricPointsResponse> {
+        let (call, req) = rpc::split(request);
+        let encoded: Vec<Vec<u8>> = req.points.iter().map(|p| p.encode_to_vec()).collect();
+        let digest = ingest::digest(encoded.iter().map(Vec::as_slice));
+        let mut v = Validator::new();
+        let batch_id = v.required_text("batch_id", &req.batch_id, crate::sessions::MAX_REQUEST_ID);
+        let points = validate_points(&mut v, req.points);
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let tx = conn.begin().await?;
+        let claim =
+            ingest::claim_batch(&tx, "metric_points", "", &batch_id, &digest, points.len()).await?;
+        let (recorded, replayed) = match claim {
+            Claim::Replay { item_count } => (i64::from(item_count), true),
+            Claim::New => (sql::insert_points(&tx, &points).await? as i64, false),
+        };
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Response::new(proto::RecordMetricPointsResponse {
+            recorded,
+            replayed,
+        }))
+    }
+
+    async fn query_time_series(
+        &self,
+        request: Request<proto::QueryTimeSeriesRequest>,
+    ) -> RpcResult<proto::QueryTimeSeriesResponse> {
+        let (call, req) = rpc::split(request);
+        let query = SeriesQuery::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let rows = sql::series(conn.client().await?, &query).await?;
+        Ok(Response::new(proto::QueryTimeSeriesResponse {
+            buckets: rows
+                .into_iter()
+                .map(|b| proto::TimeSeriesBucket {
+                    start_time: Some(timestamp(b.start)),
+                    count: b.count,
+                    sum: b.sum,
+                    avg: b.avg,
+                    min: b.min,
+                    max: b.max,
+                    p50: b.p50,
+                    p95: b.p95,
+                    p99: b.p99,
+                })
+                .collect(),
+        }))
+    }
+
+    async fn compute_rollups(
+        &self,
+        request: Request<proto::ComputeRollupsRequest>,
+    ) -> RpcResult<proto::ComputeRollupsResponse> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let period = required_period(&mut v, req.period);
+        let (from, to) = v.time_range("range", req.range.as_ref());
+        if from.is_none() || to.is_none() {
+            v.violation("range", "both start_time and end_time are required");
+        }
+        v.finish()?;
+        let (from, to) = (from.expect("validated"), to.expect("validated"));
+        let mut conn = self.state.db.conn(&call).await?;
+        let tx = conn.begin().await?;
+        let starts = rollups::compute(&tx, period, from, to, req.full_recompute, Locking::Wait)
+            .await?
+            .unwrap_or_default();
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Response::new(proto::ComputeRollupsResponse {
+            period_starts: starts.into_iter().map(timestamp).collect(),
+        }))
+    }
+
+    async fn list_rollups(
+        &self,
+        request: Request<proto::ListRollupsRequest>,
+    ) -> RpcResult<proto::ListRollupsResponse> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let period = required_period(&mut v, req.period);
+        let (from, to) = v.time_range("range", req.range.as_ref());
+        let page_size = v.page_size("page_size", req.page_size);
+        v.finish()?;
+        let fingerprint = pagination::fingerprint("rollups", &(period, from, to));
+        let after: Option<DateTime<Utc>> =
+            pagination::decode("page_token", &req.page_token, &fingerprint)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let rows =
+            sql::list_rollups(conn.client().await?, period, from, to, after, page_size + 1).await?;
+        let rollups = rows
+            .iter()
+            .map(|r| to_proto(period, &r.0))
+            .collect::<Result<Vec<_>>>()?;
+        let (page, more) = pagination::split_page(rollups, page_size);
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => pagination::encode(
+                &fingerprint,
+                &last
+                    .period_start
+                    .as_ref()
+                    .and_then(crate::convert::from_timestamp),
+            ),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListRollupsResponse {
+            rollups: page,
+            next_page_token,
+        }))
+    }
+
+    async fn get_technology_usage(
+        &self,
+        request: Request<proto::GetTechnologyUsageRequest>,
+    ) -> RpcResult<proto::GetTechnologyUsageResponse> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let (from, to) = v.time_range("range", req.range.as_ref());
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let rows = sql::technology_usage(conn.client().await?, from, to).await?;
+        Ok(Response::new(proto::GetTechnologyUsageResponse {
+            pairs: rows
+                .into_iter()
+                .map(|u| proto::TechnologyUsage {
+                    success_rate: (u.finished > 0).then(|| u.completed as f64 / u.finished as f64),
+                    source_technology: u.source,
+                    target_technology: u.target,
+                    sessions: u.sessions,
+                    completed: u.completed,
+                    finished: u.finished,
+                })
+                .collect(),
+        }))
+    }
+}
+
+fn to_proto(period: RollupPeriod, r: &tokio_postgres::Row) -> Result<proto::Rollup> {
+    let total: i64 = r.try_get("sessions_total")?;
+    let completed: i64 = r.try_get("sessions_completed")?;
+    let executions: i64 = r.try_get("test_executions")?;
+    let passed: i64 = r.try_get("test_passed")?;
+    let failed: i64 = r.try_get("test_failed_or_error")?;
+    let pairs: serde_json::Value = r.try_get("technology_pairs")?;
+    Ok(proto::Rollup {
+        period: period.to_proto() as i32,
+        period_start: Some(timestamp(r.try_get("period_start")?)),
+        sessions_total: total,
+        sessions_pending: r.try_get("sessions_pending")?,
+        sessions_processing: r.try_get("sessions_processing")?,
+        sessions_completed: completed,
+        sessions_failed: r.try_get("sessions_failed")?,
+        sessions_cancelled: r.try_get("sessions_cancelled")?,
+        completion_rate: (total > 0).then(|| completed as f64 / total as f64),
+        avg_fidelity: r.try_get("avg_fidelity")?,
+        p95_fidelity: r.try_get("p95_fidelity")?,
+        discrepancies_critical: r.try_get("discrepancies_critical")?,
+        discrepancies_high: r.try_get("discrepancies_high")?,
+        discrepancies_medium: r.try_get("discrepancies_medium")?,
+        discrepancies_low: r.try_get("discrepancies_low")?,
+        discrepancies_info: r.try_get("discrepancies_info")?,
+        avg_session_duration_ms: r.try_get("avg_session_duration_ms")?,
+        test_executions: executions,
+        test_pass_rate: (passed + failed > 0).then(|| passed as f64 / (passed + failed) as f64),
+        technology_pairs: pairs
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, n)| (k.clone(), n.as_i64().unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        computed_at: opt_timestamp(r.try_get("computed_at")?),
+    })
+}

@@ -1,0 +1,185 @@
+//! The SQL of time series, technology usage and stored rollups.
+
+use super::{Buckets, Point, RollupPeriod, SeriesQuery};
+use crate::db::Stmt;
+use crate::error::Result;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+
+const INSERT_POINTS: Stmt = Stmt::new(
+    "INSERT",
+    "metric_points",
+    "INSERT INTO metric_points (name, value, unit, labels, recorded_at) \
+     SELECT * FROM UNNEST($1::text[], $2::float8[], $3::text[], $4::jsonb[], $5::timestamptz[])",
+);
+
+/// Stores points with one statement (arrays unnested server-side).
+pub async fn insert_points(c: &impl GenericClient, points: &[Point]) -> Result<u64> {
+    let names: Vec<&str> = points.iter().map(|p| p.name.as_str()).collect();
+    let values: Vec<f64> = points.iter().map(|p| p.value).collect();
+    let units: Vec<&str> = points.iter().map(|p| p.unit.as_str()).collect();
+    let labels: Vec<&serde_json::Value> = points.iter().map(|p| &p.labels).collect();
+    let times: Vec<DateTime<Utc>> = points.iter().map(|p| p.recorded_at).collect();
+    INSERT_POINTS
+        .execute(c, &[&names, &values, &units, &labels, &times])
+        .await
+}
+
+/// One bucket's aggregates.
+pub struct BucketRow {
+    pub start: DateTime<Utc>,
+    pub count: i64,
+    pub sum: Option<f64>,
+    pub avg: Option<f64>,
+    pub min: Option<f64>,
+    pub max: Option<f64>,
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+    pub p99: Option<f64>,
+}
+
+macro_rules! aggregates {
+    () => {
+        "SELECT b.bucket_start, count(p.value), sum(p.value), avg(p.value), min(p.value), max(p.value), \
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY p.value), \
+                percentile_cont(0.95) WITHIN GROUP (ORDER BY p.value), \
+                percentile_cont(0.99) WITHIN GROUP (ORDER BY p.value) \
+         FROM buckets b LEFT JOIN points p USING (bucket_start) \
+         GROUP BY b.bucket_start ORDER BY b.bucket_start"
+    };
+}
+
+const SERIES_FIXED: Stmt = Stmt::new(
+    "SELECT",
+    "metric_points",
+    concat!(
+        "WITH buckets AS ( \
+             SELECT generate_series(date_bin(($4::float8 * interval '1 second'), $2::timestamptz, 'epoch'::timestamptz), \
+                                    $3::timestamptz - interval '1 microsecond', ($4::float8 * interval '1 second')) AS bucket_start), \
+         points AS ( \
+             SELECT date_bin(($4::float8 * interval '1 second'), recorded_at, 'epoch'::timestamptz) AS bucket_start, value \
+             FROM metric_points \
+             WHERE name = $1 AND recorded_at >= $2 AND recorded_at < $3 AND labels @> $5) ",
+        aggregates!()
+    ),
+);
+
+const SERIES_MONTH: Stmt = Stmt::new(
+    "SELECT",
+    "metric_points",
+    concat!(
+        "WITH buckets AS ( \
+             SELECT generate_series(date_trunc('month', $2::timestamptz), \
+                                    $3::timestamptz - interval '1 microsecond', interval '1 month') AS bucket_start), \
+         points AS ( \
+             SELECT date_trunc('month', recorded_at) AS bucket_start, value \
+             FROM metric_points \
+             WHERE name = $1 AND recorded_at >= $2 AND recorded_at < $3 AND labels @> $4) ",
+        aggregates!()
+    ),
+);
+
+/// Every bucket of the range with its aggregates (sessions run in UTC).
+pub async fn series(c: &impl GenericClient, q: &SeriesQuery) -> Result<Vec<BucketRow>> {
+    let rows = match q.buckets {
+        Buckets::Fixed(width) => {
+            let width = width.as_secs_f64();
+            SERIES_FIXED
+                .query(c, &[&q.name, &q.from, &q.to, &width, &q.labels])
+                .await?
+        }
+        Buckets::Month => {
+            SERIES_MONTH
+                .query(c, &[&q.name, &q.from, &q.to, &q.labels])
+                .await?
+        }
+    };
+    rows.iter()
+        .map(|r| {
+            Ok(BucketRow {
+                start: r.try_get(0)?,
+                count: r.try_get(1)?,
+                sum: r.try_get(2)?,
+                avg: r.try_get(3)?,
+                min: r.try_get(4)?,
+                max: r.try_get(5)?,
+                p50: r.try_get(6)?,
+                p95: r.try_get(7)?,
+                p99: r.try_get(8)?,
+            })
+        })
+        .collect()
+}
+
+/// Usage of one technology pair.
+pub struct UsageRow {
+    pub source: String,
+    pub target: String,
+    pub sessions: i64,
+    pub completed: i64,
+    pub finished: i64,
+}
+
+const USAGE: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    "SELECT source_technology, target_technology, count(*), \
+            count(*) FILTER (WHERE status = 'completed'), \
+            count(*) FILTER (WHERE status IN ('completed', 'failed', 'cancelled')) \
+     FROM sessions \
+     WHERE ($1::timestamptz IS NULL OR created_at >= $1) AND ($2::timestamptz IS NULL OR created_at < $2) \
+     GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
+);
+
+pub async fn technology_usage(
+    c: &impl GenericClient,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+) -> Result<Vec<UsageRow>> {
+    USAGE
+        .query(c, &[&from, &to])
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(UsageRow {
+                source: r.try_get(0)?,
+                target: r.try_get(1)?,
+                sessions: r.try_get(2)?,
+                completed: r.try_get(3)?,
+                finished: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
+
+/// A stored rollup row.
+pub struct RollupRow(pub Row);
+
+const LIST_ROLLUPS: Stmt = Stmt::new(
+    "SELECT",
+    "metric_rollups",
+    "SELECT * FROM metric_rollups \
+     WHERE period = $1 \
+       AND ($2::timestamptz IS NULL OR period_start >= $2) \
+       AND ($3::timestamptz IS NULL OR period_start < $3) \
+       AND ($4::timestamptz IS NULL OR period_start > $4) \
+     ORDER BY period_start LIMIT $5",
+);
+
+/// A page of rollups, oldest first, plus one extra row when more follow.
+pub async fn list_rollups(
+    c: &impl GenericClient,
+    period: RollupPeriod,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    after: Option<DateTime<Utc>>,
+    limit: i64,
+) -> Result<Vec<RollupRow>> {
+    Ok(LIST_ROLLUPS
+        .query(c, &[&period.as_str(), &from, &to, &after, &limit])
+        .await?
+        .into_iter()
+        .map(RollupRow)
+        .collect())
+}

@@ -27,6 +27,22 @@ pub enum Command {
         #[arg(long)]
         status: bool,
     },
+    /// Delete sessions (and everything of theirs) older than an age, in
+    /// bounded batches, and print counts per table.
+    Cleanup {
+        /// Age of the sessions to delete: e.g. 30d, 12h, 90m, 45s.
+        #[arg(long)]
+        older_than: String,
+        /// Only count what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Write one session and everything of it as JSON lines to stdout, from
+    /// one consistent snapshot.
+    Export {
+        /// The session's id (UUID).
+        session_id: String,
+    },
 }
 
 /// Log line format.

@@ -4,6 +4,7 @@
 //! [`Application::build`] prepares a gateway (database, pool, listener);
 //! [`Application::run_until_stopped`] serves it until SIGTERM/SIGINT.
 
+pub mod admin;
 pub mod call;
 pub mod config;
 pub mod convert;
@@ -264,13 +265,101 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Runs a one-shot command against the configured database (starting and
+/// stopping the embedded one when DATABASE_URL is unset).
+async fn with_database<T>(
+    config: &Config,
+    run: impl AsyncFnOnce(&tokio_postgres::Config) -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    let (pg, mut embedded) = database(config).await?;
+    let pg = db::connection_config(pg, config.max_statement_timeout());
+    let result = run(&pg).await;
+    if let Some(pg) = embedded.as_mut() {
+        pg.stop().await?;
+    }
+    result
+}
+
+/// A ready pool for a one-shot command: migrated first, so it never runs
+/// against an older schema.
+async fn command_db(config: &Config, pg: &tokio_postgres::Config) -> anyhow::Result<Db> {
+    let mut client = db::connect_direct(pg)
+        .await
+        .context("cannot connect to PostgreSQL")?;
+    migrate::run(&mut client).await?;
+    let db = Db::new(
+        pg.clone(),
+        2,
+        config.pool_wait_timeout(),
+        config.max_statement_timeout(),
+    )?;
+    db.set_ready();
+    Ok(db)
+}
+
+/// `verdict cleanup --older-than AGE [--dry-run]`.
+pub async fn cleanup_command(
+    config: &Config,
+    older_than: &str,
+    dry_run: bool,
+) -> anyhow::Result<()> {
+    let age = admin::parse_age(older_than).map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
+    with_database(config, async |pg| {
+        let db = command_db(config, pg).await?;
+        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(age)?;
+        let mut conn = db.conn(&call::Call::default()).await?;
+        let report = if dry_run {
+            admin::cleanup::dry_run(conn.client().await?, cutoff).await?
+        } else {
+            admin::cleanup::run(&mut conn, cutoff, 500).await?
+        };
+        let verb = if dry_run { "would delete" } else { "deleted" };
+        println!("sessions created before {}:", cutoff.to_rfc3339());
+        for (table, n) in report.deleted {
+            println!("  {verb} {n:>10} {table}");
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// `verdict export SESSION_ID`: JSON lines on stdout.
+pub async fn export_command(config: &Config, session_id: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let id: uuid::Uuid = session_id
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{session_id:?} is not a session id (UUID)"))?;
+    with_database(config, async |pg| {
+        let db = command_db(config, pg).await?;
+        let mut conn = db.conn(&call::Call::default()).await?;
+        let snapshot = conn.begin_snapshot().await?;
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            while let Some(chunk) = rx.blocking_recv() {
+                for record in chunk {
+                    serde_json::to_writer(&mut out, &record)?;
+                    out.write_all(b"\n")?;
+                }
+            }
+            out.flush()?;
+            Ok(())
+        });
+        let produced = admin::export::run(&snapshot, id, &tx).await;
+        drop(tx);
+        writer.await??;
+        produced?;
+        Ok(())
+    })
+    .await
+}
+
 /// `verdict migrate [--status]`: applies pending migrations, or lists every
 /// migration with its state, then exits.
 pub async fn migrate_command(config: &Config, status_only: bool) -> anyhow::Result<()> {
-    let (pg, mut embedded) = database(config).await?;
-    let pg = db::connection_config(pg, config.max_statement_timeout());
-    let result = async {
-        let mut client = db::connect_direct(&pg)
+    with_database(config, async |pg| {
+        let mut client = db::connect_direct(pg)
             .await
             .context("cannot connect to PostgreSQL")?;
         if status_only {
@@ -297,10 +386,6 @@ pub async fn migrate_command(config: &Config, status_only: bool) -> anyhow::Resu
             }
         }
         Ok(())
-    }
-    .await;
-    if let Some(pg) = embedded.as_mut() {
-        pg.stop().await?;
-    }
-    result
+    })
+    .await
 }

@@ -25,6 +25,13 @@ fn main() -> ExitCode {
                 app.run_until_stopped().await
             }
             Command::Migrate { status } => verdict::migrate_command(&cli.config, status).await,
+            Command::Cleanup {
+                older_than,
+                dry_run,
+            } => verdict::cleanup_command(&cli.config, &older_than, dry_run).await,
+            Command::Export { session_id } => {
+                verdict::export_command(&cli.config, &session_id).await
+            }
         };
         telemetry.shutdown();
         result

@@ -211,6 +211,35 @@ impl Conn {
     }
 }
 
+impl Conn {
+    /// Begins a REPEATABLE READ, READ ONLY transaction: every statement in it
+    /// sees one snapshot (exports, consistent multi-table reads).
+    pub async fn begin_snapshot(&mut self) -> Result<deadpool_postgres::Transaction<'_>> {
+        let timeout = self.lowered_timeout;
+        let object = self.object.as_mut().expect("object is present until drop");
+        let tx = object
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        if let Some(timeout) = timeout {
+            tx.batch_execute(&format!(
+                "SET LOCAL statement_timeout = {}",
+                timeout.as_millis()
+            ))
+            .await?;
+        }
+        Ok(tx)
+    }
+
+    /// The underlying client, for tools that need `&mut` (migrations).
+    pub fn client_mut(&mut self) -> &mut tokio_postgres::Client {
+        let object = self.object.as_mut().expect("object is present until drop");
+        &mut *object
+    }
+}
+
 impl Drop for Conn {
     fn drop(&mut self) {
         if !self.session_timeout_set {

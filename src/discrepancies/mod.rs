@@ -151,7 +151,7 @@ pub fn validate_items(
 }
 
 /// A stored discrepancy.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Discrepancy {
     pub id: Uuid,
     pub session_id: Uuid,
@@ -282,7 +282,7 @@ impl TryFrom<proto::ResolveDiscrepancyRequest> for Resolve {
 }
 
 /// One change of a resolution.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ResolutionChange {
     pub id: i64,
     pub from: Resolution,

@@ -514,3 +514,66 @@ pub async fn summary_of_range(
 ) -> Result<Vec<SummaryRow>> {
     summary_rows(SUMMARY_RANGE.query(c, &[&from, &to]).await?)
 }
+
+const PAGE_OF_SESSION: Stmt = Stmt::new(
+    "SELECT",
+    "discrepancies",
+    concat!(
+        "SELECT ",
+        discrepancy_columns!(),
+        " FROM discrepancies WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3"
+    ),
+);
+
+/// Discrepancies of a session in id order after `after`, for exports.
+pub async fn page_of_session(
+    c: &impl GenericClient,
+    session_id: Uuid,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Discrepancy>> {
+    PAGE_OF_SESSION
+        .query(c, &[&session_id, &after, &limit])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+}
+
+const RESOLUTIONS_OF_SESSION: Stmt = Stmt::new(
+    "SELECT",
+    "discrepancy_resolutions",
+    "SELECT discrepancy_id, id, from_resolution, to_resolution, actor, note, via_fingerprint, changed_at \
+     FROM discrepancy_resolutions \
+     WHERE session_id = $1 AND ($2::uuid IS NULL OR (discrepancy_id, id) > ($2, $3)) \
+     ORDER BY discrepancy_id, id LIMIT $4",
+);
+
+/// Resolution changes of a session's discrepancies after a position, for exports.
+pub async fn resolutions_of_session(
+    c: &impl GenericClient,
+    session_id: Uuid,
+    after: Option<(Uuid, i64)>,
+    limit: i64,
+) -> Result<Vec<(Uuid, ResolutionChange)>> {
+    let (after_d, after_id) = (after.map(|a| a.0), after.map(|a| a.1).unwrap_or(0));
+    RESOLUTIONS_OF_SESSION
+        .query(c, &[&session_id, &after_d, &after_id, &limit])
+        .await?
+        .iter()
+        .map(|r| {
+            Ok((
+                r.try_get(0)?,
+                ResolutionChange {
+                    id: r.try_get(1)?,
+                    from: Resolution::from_db(r.try_get(2)?)?,
+                    to: Resolution::from_db(r.try_get(3)?)?,
+                    actor: r.try_get(4)?,
+                    note: r.try_get(5)?,
+                    via_fingerprint: r.try_get(6)?,
+                    changed_at: r.try_get(7)?,
+                },
+            ))
+        })
+        .collect()
+}

@@ -36,7 +36,7 @@ wire_enum!(OverallStatus, proto::OverallStatus, {
 });
 
 /// A stored result.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ValidationResult {
     pub id: Uuid,
     pub session_id: Uuid,

@@ -160,3 +160,28 @@ pub async fn list(c: &impl GenericClient, q: &ListResults) -> Result<Vec<Validat
     .map(from_row)
     .collect()
 }
+
+const PAGE_OF_SESSION: Stmt = Stmt::new(
+    "SELECT",
+    "results",
+    concat!(
+        "SELECT ",
+        result_columns!(),
+        " FROM results WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3"
+    ),
+);
+
+/// Results of a session in id order after `after`, for exports.
+pub async fn page_of_session(
+    c: &impl GenericClient,
+    session_id: uuid::Uuid,
+    after: Option<uuid::Uuid>,
+    limit: i64,
+) -> Result<Vec<ValidationResult>> {
+    PAGE_OF_SESSION
+        .query(c, &[&session_id, &after, &limit])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+}

@@ -5,9 +5,11 @@
 pub mod health;
 mod trace;
 
+use crate::admin::AdminApi;
 use crate::config::Config;
 use crate::discrepancies::DiscrepancyApi;
 use crate::metrics::MetricsApi;
+use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::discrepancy_service_server::DiscrepancyServiceServer;
 use crate::proto::metrics_service_server::MetricsServiceServer;
 use crate::proto::result_service_server::ResultServiceServer;
@@ -31,6 +33,7 @@ pub fn service_names() -> Vec<&'static str> {
         <ResultServiceServer<ResultApi> as NamedService>::NAME,
         <DiscrepancyServiceServer<DiscrepancyApi> as NamedService>::NAME,
         <MetricsServiceServer<MetricsApi> as NamedService>::NAME,
+        <AdminServiceServer<AdminApi> as NamedService>::NAME,
     ]
 }
 
@@ -61,7 +64,10 @@ pub async fn serve(
     let discrepancies = DiscrepancyServiceServer::new(DiscrepancyApi::new(state.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let metrics = MetricsServiceServer::new(MetricsApi::new(state))
+    let metrics = MetricsServiceServer::new(MetricsApi::new(state.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let admin = AdminServiceServer::new(AdminApi::new(state))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
 
@@ -78,6 +84,7 @@ pub async fn serve(
         .add_service(results)
         .add_service(discrepancies)
         .add_service(metrics)
+        .add_service(admin)
         // Settings of the builder (nodelay, keepalive) do not reach sockets
         // of an incoming stream we bring ourselves: set them here. Without
         // nodelay, replies larger than a segment wait out delayed ACKs (40 ms).

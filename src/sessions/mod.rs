@@ -28,6 +28,7 @@ pub const MAX_LOG_MESSAGE: usize = 8192;
 
 /// Where a session is in its lifecycle.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum SessionStatus {
     Pending,
     Processing,
@@ -105,7 +106,7 @@ impl SessionStatus {
 }
 
 /// A stored session.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Session {
     pub id: Uuid,
     pub request_id: String,
@@ -311,6 +312,7 @@ impl TryFrom<proto::UpdateSessionStatusRequest> for StatusChange {
 
 /// Severity of a log entry, ordered from least to most severe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum LogLevel {
     Debug,
     Info,
@@ -363,7 +365,7 @@ impl LogLevel {
 }
 
 /// A stored log entry.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LogEntry {
     pub id: i64,
     pub session_id: Uuid,

@@ -13,6 +13,7 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use verdict::Application;
 use verdict::config::Config;
 use verdict::db::embedded::EmbeddedPostgres;
+use verdict::proto::admin_service_client::AdminServiceClient;
 use verdict::proto::discrepancy_service_client::DiscrepancyServiceClient;
 use verdict::proto::metrics_service_client::MetricsServiceClient;
 use verdict::proto::result_service_client::ResultServiceClient;
@@ -120,6 +121,7 @@ pub struct TestApp {
     pub results: ResultServiceClient<Channel>,
     pub discrepancies: DiscrepancyServiceClient<Channel>,
     pub metrics: MetricsServiceClient<Channel>,
+    pub admin: AdminServiceClient<Channel>,
     pub health: HealthClient<Channel>,
     /// Connection settings of the gateway's database.
     pg: tokio_postgres::Config,
@@ -181,6 +183,7 @@ async fn start(app: Application) -> TestApp {
         results: ResultServiceClient::new(channel.clone()),
         discrepancies: DiscrepancyServiceClient::new(channel.clone()),
         metrics: MetricsServiceClient::new(channel.clone()),
+        admin: AdminServiceClient::new(channel.clone()),
         health: HealthClient::new(channel.clone()),
         channel,
         pg,

@@ -1,5 +1,6 @@
 //! Integration tests: a real gateway, a real tonic client, a real PostgreSQL.
 
+mod admin;
 mod discrepancies;
 mod gateway;
 mod helpers;

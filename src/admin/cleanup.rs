@@ -1,0 +1,116 @@
+//! Retention: deleting old sessions and everything of theirs in bounded
+//! batches, each its own short transaction (no long lock, no huge WAL burst).
+
+use crate::db::{Conn, Stmt};
+use crate::error::{Error, Result};
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use uuid::Uuid;
+
+/// Tables cleaned, children first (the order rows are deleted in).
+pub const CLEANED: &[&str] = &[
+    "discrepancy_resolutions",
+    "discrepancies",
+    "results",
+    "session_logs",
+    "sessions",
+];
+
+const PICK: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    "SELECT id FROM sessions WHERE created_at < $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+);
+
+const DELETE_RESOLUTIONS: Stmt = Stmt::new(
+    "DELETE",
+    "discrepancy_resolutions",
+    "DELETE FROM discrepancy_resolutions WHERE session_id = ANY($1)",
+);
+const DELETE_DISCREPANCIES: Stmt = Stmt::new(
+    "DELETE",
+    "discrepancies",
+    "DELETE FROM discrepancies WHERE session_id = ANY($1)",
+);
+const DELETE_RESULTS: Stmt = Stmt::new(
+    "DELETE",
+    "results",
+    "DELETE FROM results WHERE session_id = ANY($1)",
+);
+const DELETE_LOGS: Stmt = Stmt::new(
+    "DELETE",
+    "session_logs",
+    "DELETE FROM session_logs WHERE session_id = ANY($1)",
+);
+const DELETE_SESSIONS: Stmt = Stmt::new(
+    "DELETE",
+    "sessions",
+    "DELETE FROM sessions WHERE id = ANY($1)",
+);
+
+const COUNT: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    "WITH old AS (SELECT id FROM sessions WHERE created_at < $1) \
+     SELECT (SELECT count(*) FROM discrepancy_resolutions WHERE session_id IN (SELECT id FROM old)), \
+            (SELECT count(*) FROM discrepancies WHERE session_id IN (SELECT id FROM old)), \
+            (SELECT count(*) FROM results WHERE session_id IN (SELECT id FROM old)), \
+            (SELECT count(*) FROM session_logs WHERE session_id IN (SELECT id FROM old)), \
+            (SELECT count(*) FROM old)",
+);
+
+/// What a cleanup did (or would do).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Rows per table, in `CLEANED` order.
+    pub deleted: Vec<(&'static str, i64)>,
+    pub batches: i64,
+}
+
+/// Counts what a cleanup at `cutoff` would delete.
+pub async fn dry_run(c: &impl GenericClient, cutoff: DateTime<Utc>) -> Result<Report> {
+    let row = COUNT.query_one(c, &[&cutoff]).await?;
+    Ok(Report {
+        deleted: CLEANED
+            .iter()
+            .enumerate()
+            .map(|(i, t)| Ok((*t, row.try_get(i)?)))
+            .collect::<Result<_>>()?,
+        batches: 0,
+    })
+}
+
+/// Deletes sessions created before `cutoff` and their children, `batch`
+/// sessions per transaction, until none is left.
+pub async fn run(conn: &mut Conn, cutoff: DateTime<Utc>, batch: i64) -> Result<Report> {
+    let mut totals = [0i64; 5];
+    let mut batches = 0;
+    loop {
+        let tx = conn.begin().await?;
+        let ids: Vec<Uuid> = PICK
+            .query(&tx, &[&cutoff, &batch])
+            .await?
+            .iter()
+            .map(|r| r.try_get(0))
+            .collect::<Result<_, _>>()?;
+        if ids.is_empty() {
+            break;
+        }
+        let steps = [
+            DELETE_RESOLUTIONS,
+            DELETE_DISCREPANCIES,
+            DELETE_RESULTS,
+            DELETE_LOGS,
+            DELETE_SESSIONS,
+        ];
+        for (total, stmt) in totals.iter_mut().zip(steps) {
+            *total += stmt.execute(&tx, &[&ids]).await? as i64;
+        }
+        tx.commit().await.map_err(Error::from)?;
+        batches += 1;
+    }
+    Ok(Report {
+        deleted: CLEANED.iter().copied().zip(totals).collect(),
+        batches,
+    })
+}

@@ -1,0 +1,223 @@
+//! AdminService handlers.
+
+use super::{cleanup, export, integrity, stats};
+use crate::call::Call;
+use crate::convert::{opt_timestamp, timestamp};
+use crate::db::migrate;
+use crate::error::Error;
+use crate::proto::{self, admin_service_server::AdminService};
+use crate::rpc::{self, RpcResult};
+use crate::state::AppState;
+use crate::validate::Validator;
+use chrono::Utc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+/// The AdminService implementation.
+pub struct AdminApi {
+    state: AppState,
+}
+
+impl AdminApi {
+    pub fn new(state: AppState) -> Self {
+        AdminApi { state }
+    }
+}
+
+fn duration(v: &mut Validator, field: &str, d: Option<&prost_types::Duration>) -> Option<Duration> {
+    let d = d?;
+    if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) {
+        v.violation(field, "must be positive");
+        return None;
+    }
+    Some(Duration::new(d.seconds as u64, d.nanos as u32))
+}
+
+fn counts(rows: impl IntoIterator<Item = (String, i64)>, exact: bool) -> Vec<proto::TableCount> {
+    rows.into_iter()
+        .map(|(table, rows)| proto::TableCount { table, rows, exact })
+        .collect()
+}
+
+type ExportStream = ReceiverStream<Result<proto::ExportSessionResponse, Status>>;
+
+#[tonic::async_trait]
+impl AdminService for AdminApi {
+    async fn get_stats(
+        &self,
+        request: Request<proto::GetStatsRequest>,
+    ) -> RpcResult<proto::GetStatsResponse> {
+        let (call, req) = rpc::split(request);
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let tables = stats::table_counts(c, req.exact).await?;
+        let (size, oldest, newest) = stats::overview(c).await?;
+        let pool = self.state.db.stats();
+        Ok(Response::new(proto::GetStatsResponse {
+            tables: counts(tables, req.exact),
+            database_size_bytes: size,
+            oldest_session_at: opt_timestamp(oldest),
+            newest_session_at: opt_timestamp(newest),
+            pool: Some(proto::PoolStats {
+                size: pool.size as i64,
+                available: pool.available as i64,
+                waiting: pool.waiting as i64,
+                max_size: pool.max_size as i64,
+            }),
+        }))
+    }
+
+    async fn cleanup(
+        &self,
+        request: Request<proto::CleanupRequest>,
+    ) -> RpcResult<proto::CleanupResponse> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let older_than = duration(&mut v, "older_than", req.older_than.as_ref());
+        let cutoff = v.timestamp("cutoff", req.cutoff.as_ref());
+        if req.older_than.is_some() == req.cutoff.is_some() {
+            v.violation("older_than", "set exactly one of older_than and cutoff");
+        }
+        let batch = match req.batch_size {
+            0 => 500,
+            n @ 1..=10_000 => i64::from(n),
+            _ => {
+                v.violation("batch_size", "must be between 0 (default 500) and 10000");
+                500
+            }
+        };
+        v.finish()?;
+        let cutoff = match (cutoff, older_than) {
+            (Some(c), _) => c,
+            (None, Some(age)) => {
+                Utc::now()
+                    - chrono::Duration::from_std(age)
+                        .map_err(|_| Error::invalid("older_than", "is too long"))?
+            }
+            (None, None) => unreachable!("validated above"),
+        };
+        let mut conn = self.state.db.conn(&call).await?;
+        let report = if req.dry_run {
+            cleanup::dry_run(conn.client().await?, cutoff).await?
+        } else {
+            cleanup::run(&mut conn, cutoff, batch).await?
+        };
+        Ok(Response::new(proto::CleanupResponse {
+            deleted: counts(
+                report.deleted.into_iter().map(|(t, n)| (t.to_owned(), n)),
+                true,
+            ),
+            cutoff: Some(timestamp(cutoff)),
+            batches: report.batches,
+            dry_run: req.dry_run,
+        }))
+    }
+
+    async fn check_integrity(
+        &self,
+        request: Request<proto::CheckIntegrityRequest>,
+    ) -> RpcResult<proto::CheckIntegrityResponse> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let stuck_after = duration(&mut v, "stuck_after", req.stuck_after.as_ref())
+            .unwrap_or(Duration::from_secs(24 * 3600));
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let tx = conn.begin().await?;
+        let findings = integrity::check(&tx, stuck_after, req.repair).await?;
+        tx.commit().await.map_err(Error::from)?;
+        let repaired = req.repair && findings.iter().any(|f| f.repaired > 0);
+        Ok(Response::new(proto::CheckIntegrityResponse {
+            findings: findings
+                .into_iter()
+                .map(|f| proto::IntegrityFinding {
+                    check: f.check.into(),
+                    count: f.count,
+                    description: f.description.into(),
+                    sample_ids: f.sample_ids,
+                    repaired: f.repaired,
+                })
+                .collect(),
+            repaired,
+        }))
+    }
+
+    async fn get_migration_status(
+        &self,
+        request: Request<proto::GetMigrationStatusRequest>,
+    ) -> RpcResult<proto::GetMigrationStatusResponse> {
+        let (call, _) = rpc::split(request);
+        let mut conn = self.state.db.conn(&call).await?;
+        let known = migrate::known_versions();
+        let states = migrate::status(conn.client_mut())
+            .await
+            .map_err(|e| Error::Internal(format!("{e:#}")))?;
+        Ok(Response::new(proto::GetMigrationStatusResponse {
+            migrations: states
+                .into_iter()
+                .map(|m| proto::Migration {
+                    known: known.contains(&m.version),
+                    version: m.version,
+                    name: m.name,
+                    checksum: m.checksum,
+                    applied_at: opt_timestamp(m.applied_at),
+                })
+                .collect(),
+        }))
+    }
+
+    type ExportSessionStream = ExportStream;
+
+    async fn export_session(
+        &self,
+        request: Request<proto::ExportSessionRequest>,
+    ) -> RpcResult<Self::ExportSessionStream> {
+        let (_, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let session_id = v.uuid("session_id", &req.session_id);
+        v.finish()?;
+        // Fail the call itself (not the stream) when there is no such session.
+        {
+            let mut conn = self.state.db.conn(&Call::default()).await?;
+            if crate::sessions::sql::get(conn.client().await?, session_id)
+                .await?
+                .is_none()
+            {
+                return Err(Error::NotFound(format!("session {session_id} not found")).into());
+            }
+        }
+        let (tx, rx) = mpsc::channel(4);
+        let db = self.state.db.clone();
+        tokio::spawn(
+            async move {
+                let (records_tx, mut records_rx) = mpsc::channel::<Vec<export::Record>>(2);
+                let producer = async {
+                    let mut conn = db.conn(&Call::default()).await?;
+                    let snapshot = conn.begin_snapshot().await?;
+                    export::run(&snapshot, session_id, &records_tx).await?;
+                    drop(records_tx);
+                    snapshot.commit().await.map_err(Error::from)
+                };
+                let forward = async {
+                    while let Some(chunk) = records_rx.recv().await {
+                        let msg = proto::ExportSessionResponse {
+                            records: chunk.into_iter().map(Into::into).collect(),
+                        };
+                        if tx.send(Ok(msg)).await.is_err() {
+                            break;
+                        }
+                    }
+                };
+                let (produced, ()) = tokio::join!(producer, forward);
+                if let Err(e) = produced {
+                    let _ = tx.send(Err(e.into())).await;
+                }
+            }
+            .instrument(tracing::Span::current()),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}

@@ -97,6 +97,17 @@ pub struct Config {
     )]
     pub pool_wait_timeout_ms: u64,
 
+    /// Most calls that may wait for a pooled connection at once; further
+    /// calls are refused at once with RESOURCE_EXHAUSTED instead of queueing
+    /// (load shedding). 0 means four times the pool size.
+    #[arg(
+        long,
+        env = "VERDICT_POOL_MAX_WAITING",
+        default_value_t = 0,
+        global = true
+    )]
+    pub pool_max_waiting: usize,
+
     /// Upper bound of any statement's run time, in milliseconds. A call's
     /// deadline lowers it for that call (`SET LOCAL statement_timeout`).
     #[arg(
@@ -178,6 +189,14 @@ impl Config {
         config
     }
 
+    pub fn pool_max_waiting(&self) -> usize {
+        if self.pool_max_waiting == 0 {
+            self.pool_size * 4
+        } else {
+            self.pool_max_waiting
+        }
+    }
+
     pub fn pool_wait_timeout(&self) -> Duration {
         Duration::from_millis(self.pool_wait_timeout_ms)
     }
@@ -211,6 +230,7 @@ impl std::fmt::Debug for Config {
             .field("data_dir", &self.data_dir)
             .field("pool_size", &self.pool_size)
             .field("pool_wait_timeout_ms", &self.pool_wait_timeout_ms)
+            .field("pool_max_waiting", &self.pool_max_waiting)
             .field("max_statement_timeout_ms", &self.max_statement_timeout_ms)
             .field("max_message_bytes", &self.max_message_bytes)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)

@@ -63,9 +63,10 @@ impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         let (pg, embedded) = database(&config).await?;
         let pg = db::connection_config(pg, config.max_statement_timeout());
-        let db = Db::new(
+        let db = Db::with_limits(
             pg.clone(),
             config.pool_size,
+            config.pool_max_waiting(),
             config.pool_wait_timeout(),
             config.max_statement_timeout(),
         )?;

@@ -29,6 +29,7 @@ pub struct Db {
     pool: Pool,
     ready: Arc<AtomicBool>,
     max_statement_timeout: Duration,
+    max_waiting: usize,
 }
 
 /// Pool statistics, for health and admin reporting.
@@ -69,6 +70,24 @@ impl Db {
         wait_timeout: Duration,
         max_statement_timeout: Duration,
     ) -> anyhow::Result<Self> {
+        Self::with_limits(
+            pg,
+            max_size,
+            max_size * 4,
+            wait_timeout,
+            max_statement_timeout,
+        )
+    }
+
+    /// A lazy pool that refuses calls at once while `max_waiting` calls
+    /// already wait for a connection.
+    pub fn with_limits(
+        pg: tokio_postgres::Config,
+        max_size: usize,
+        max_waiting: usize,
+        wait_timeout: Duration,
+        max_statement_timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let manager = Manager::from_config(
             pg,
             NoTls,
@@ -87,6 +106,7 @@ impl Db {
             pool,
             ready: Arc::new(AtomicBool::new(false)),
             max_statement_timeout,
+            max_waiting,
         })
     }
 
@@ -131,6 +151,12 @@ impl Db {
         let status = self.pool.status();
         span.record("db.pool.size", status.size as i64);
         span.record("db.pool.waiting", status.waiting as i64);
+        if status.available == 0 && status.waiting >= self.max_waiting {
+            // Shed load: queueing more would only grow memory and latency.
+            return Err(Error::ResourceExhausted(
+                "too many calls are waiting for a database connection; retry later".into(),
+            ));
+        }
         let object = self.pool.get().instrument(span).await?;
         Ok(Conn {
             object: Some(object),

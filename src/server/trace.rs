@@ -90,9 +90,30 @@ where
         // Fails only when no OpenTelemetry layer is installed.
         let _ = span.set_parent(parent);
 
+        // The call's own deadline, enforced here so that a call stuck on an
+        // unresponsive database answers DEADLINE_EXCEEDED at its deadline
+        // (the transport's timer would answer CANCELLED). Statement timeouts
+        // fire earlier in the normal case; this is the backstop.
+        let deadline = req
+            .headers()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::call::parse_grpc_timeout)
+            .map(|t| t.mul_f64(0.95));
+
         Box::pin(async move {
             let started = Instant::now();
-            let response = inner.call(req).instrument(span.clone()).await?;
+            let call = inner.call(req).instrument(span.clone());
+            let response = match deadline {
+                Some(limit) => match tokio::time::timeout(limit, call).await {
+                    Ok(response) => response?,
+                    Err(_) => tonic::Status::deadline_exceeded(
+                        "the call's deadline expired before the database answered",
+                    )
+                    .into_http(),
+                },
+                None => call.await?,
+            };
             if let Some(code) = grpc_status(response.headers()) {
                 finish(&span, code, started);
                 return Ok(response);

@@ -434,12 +434,9 @@ async fn overload_is_shed_with_retry_advice_and_memory_stays_flat() {
                     })
                     .await
                     .map(|_| ())
-                    .or_else(|e| {
-                        if e.code() == Code::ResourceExhausted {
-                            Err(e)
-                        } else {
-                            panic!("{id}: {e:?}")
-                        }
+                    .map_err(|e| {
+                        assert_eq!(e.code(), Code::ResourceExhausted, "{id}: {e:?}");
+                        e
                     })
                 }
             })

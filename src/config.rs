@@ -73,6 +73,11 @@ pub struct Config {
     )]
     pub listen: SocketAddr,
 
+    /// Address of the Prometheus scrape endpoint (`GET /metrics`), a
+    /// separate admin port; off when unset.
+    #[arg(long, env = "VERDICT_METRICS_LISTEN", global = true)]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// Folder of the embedded PostgreSQL (data and unix socket); used only
     /// when DATABASE_URL is unset.
     #[arg(
@@ -227,6 +232,7 @@ impl std::fmt::Debug for Config {
                 &self.database_url.as_deref().map(redact_url),
             )
             .field("listen", &self.listen)
+            .field("metrics_listen", &self.metrics_listen)
             .field("data_dir", &self.data_dir)
             .field("pool_size", &self.pool_size)
             .field("pool_wait_timeout_ms", &self.pool_wait_timeout_ms)

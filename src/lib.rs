@@ -13,6 +13,7 @@ pub mod discrepancies;
 pub mod error;
 pub mod ingest;
 pub mod metrics;
+pub mod observability;
 pub mod pagination;
 pub mod results;
 pub mod rpc;
@@ -54,6 +55,7 @@ pub struct Application {
     config: Config,
     listener: TcpListener,
     port: u16,
+    metrics_listener: Option<TcpListener>,
     pg: tokio_postgres::Config,
     db: Db,
     embedded: Option<EmbeddedPostgres>,
@@ -74,10 +76,19 @@ impl Application {
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
         let port = listener.local_addr()?.port();
+        let metrics_listener = match config.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen for metrics on {addr}"))?,
+            ),
+            None => None,
+        };
         Ok(Application {
             config,
             listener,
             port,
+            metrics_listener,
             pg,
             db,
             embedded,
@@ -87,6 +98,14 @@ impl Application {
     /// The port the gateway listens on (useful with port 0).
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The port of the Prometheus endpoint, when enabled.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map(|a| a.port())
     }
 
     /// Connection settings of the database this gateway uses.
@@ -126,6 +145,10 @@ impl Application {
 
         let (fatal_tx, fatal_rx) = oneshot::channel();
         let mut background = JoinSet::new();
+        observability::register_pool_gauges(&self.db);
+        if let Some(listener) = self.metrics_listener.take() {
+            background.spawn(observability::serve_prometheus(listener, self.db.clone()));
+        }
         background.spawn(bootstrap(
             self.pg.clone(),
             self.db.clone(),

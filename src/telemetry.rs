@@ -7,6 +7,7 @@ use opentelemetry::KeyValue;
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::time::Duration;
@@ -16,9 +17,10 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-/// Keeps the exporter alive; `shutdown` flushes what is buffered.
+/// Keeps the exporters alive; `shutdown` flushes what is buffered.
 pub struct Telemetry {
     provider: Option<SdkTracerProvider>,
+    meters: Option<SdkMeterProvider>,
 }
 
 impl Telemetry {
@@ -29,9 +31,19 @@ impl Telemetry {
         {
             tracing::warn!(error = %e, "flushing spans failed");
         }
+        if let Some(m) = &self.meters
+            && let Err(e) = m.force_flush()
+        {
+            tracing::warn!(error = %e, "flushing metrics failed");
+        }
     }
 
     pub fn shutdown(self) {
+        if let Some(m) = &self.meters
+            && let Err(e) = m.shutdown()
+        {
+            tracing::warn!(error = %e, "shutting the metric exporter down failed");
+        }
         if let Some(p) = self.provider
             && let Err(e) = p.shutdown()
         {
@@ -62,6 +74,28 @@ pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
     }
     .with_filter(filter);
 
+    let resource = || {
+        Resource::builder()
+            .with_service_name(config.service_name.clone())
+            .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+            .build()
+    };
+    let meters = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            let exporter = opentelemetry_otlp::MetricExporter::builder()
+                .with_tonic()
+                .with_endpoint(endpoint.clone())
+                .with_timeout(Duration::from_secs(3))
+                .build()?;
+            let meters = SdkMeterProvider::builder()
+                .with_periodic_exporter(exporter)
+                .with_resource(resource())
+                .build();
+            opentelemetry::global::set_meter_provider(meters.clone());
+            Some(meters)
+        }
+        None => None,
+    };
     let provider = match &config.otlp_endpoint {
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
@@ -69,14 +103,10 @@ pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
                 .with_endpoint(endpoint.clone())
                 .with_timeout(Duration::from_secs(3))
                 .build()?;
-            let resource = Resource::builder()
-                .with_service_name(config.service_name.clone())
-                .with_attribute(KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
-                .build();
             Some(
                 SdkTracerProvider::builder()
                     .with_batch_exporter(exporter)
-                    .with_resource(resource)
+                    .with_resource(resource())
                     .build(),
             )
         }
@@ -98,5 +128,5 @@ pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
     if !installed {
         tracing::debug!("a global subscriber was already installed; keeping it");
     }
-    Ok(Telemetry { provider })
+    Ok(Telemetry { provider, meters })
 }

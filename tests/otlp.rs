@@ -6,6 +6,12 @@
 mod helpers;
 
 use helpers::{create_database, spawn_app_with, test_config};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -20,11 +26,31 @@ use tokio::sync::Notify;
 use tokio_stream::wrappers::TcpListenerStream;
 use verdict::proto::CreateSessionRequest;
 
-/// Collects every exported span.
+/// Collects every exported span, and the names of exported metrics.
 #[derive(Clone, Default)]
 struct Receiver {
     spans: Arc<Mutex<Vec<Span>>>,
+    metrics: Arc<Mutex<Vec<String>>>,
     arrived: Arc<Notify>,
+}
+
+#[tonic::async_trait]
+impl MetricsService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        let names = request
+            .into_inner()
+            .resource_metrics
+            .into_iter()
+            .flat_map(|r| r.scope_metrics)
+            .flat_map(|s| s.metrics)
+            .map(|m| m.name);
+        self.metrics.lock().unwrap().extend(names);
+        self.arrived.notify_waiters();
+        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+    }
 }
 
 #[tonic::async_trait]
@@ -99,6 +125,7 @@ async fn the_rpc_span_and_its_sql_spans_reach_the_collector_in_the_callers_trace
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(TraceServiceServer::new(receiver.clone()))
+            .add_service(MetricsServiceServer::new(receiver.clone()))
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
 
@@ -169,6 +196,23 @@ async fn the_rpc_span_and_its_sql_spans_reach_the_collector_in_the_callers_trace
         "pool wait recorded: {:?}",
         names(&children)
     );
+
+    // The RPC metrics went out over OTLP too.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let notified = receiver.arrived.notified();
+            let names = receiver.metrics.lock().unwrap().clone();
+            if names.iter().any(|n| n == "rpc.server.duration")
+                && names.iter().any(|n| n == "verdict.db.pool.size")
+            {
+                return;
+            }
+            telemetry.flush();
+            notified.await;
+        }
+    })
+    .await
+    .expect("RPC duration and pool metrics exported");
 
     // Parameter values never appear in any exported attribute.
     for span in &spans {

@@ -19,7 +19,10 @@ impl From<tokio_postgres::Error> for Error {
         };
         let code = db.code();
         match code {
-            c if *c == SqlState::QUERY_CANCELED => Error::DeadlineExceeded,
+            c if *c == SqlState::QUERY_CANCELED => {
+                crate::observability::statement_timeout();
+                Error::DeadlineExceeded
+            }
             c if *c == SqlState::UNIQUE_VIOLATION => {
                 Error::AlreadyExists("an object with the same unique key already exists".into())
             }

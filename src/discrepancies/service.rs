@@ -75,7 +75,8 @@ impl DiscrepancyService for DiscrepancyApi {
                     session_id,
                     batch_id: Some(batch_id.clone()),
                 };
-                ingest::Sink::write(&sink, &tx, &items).await?;
+                let written = ingest::Sink::write(&sink, &tx, &items).await?;
+                crate::observability::ingest_rows("discrepancies", written);
                 (items.iter().map(|d| d.id).collect(), false)
             }
         };

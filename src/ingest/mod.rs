@@ -262,6 +262,7 @@ async fn write_batches<S: Sink>(
             .execute(&tx, &[&key.kind, &key.ingest_id, &last, &(written as i64)])
             .await?;
         tx.commit().await.map_err(Error::from)?;
+        crate::observability::ingest_rows(key.kind, written);
         outcome.committed_items += written as i64;
         outcome.committed_chunks += batch.len() as i64;
         outcome.high_water_mark = last;

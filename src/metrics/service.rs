@@ -49,7 +49,11 @@ impl MetricsService for MetricsApi {
             ingest::claim_batch(&tx, "metric_points", "", &batch_id, &digest, points.len()).await?;
         let (recorded, replayed) = match claim {
             Claim::Replay { item_count } => (i64::from(item_count), true),
-            Claim::New => (sql::insert_points(&tx, &points).await? as i64, false),
+            Claim::New => {
+                let written = sql::insert_points(&tx, &points).await?;
+                crate::observability::ingest_rows("metric_points", written);
+                (written as i64, false)
+            }
         };
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::RecordMetricPointsResponse {

@@ -74,6 +74,7 @@ where
         if is_infrastructure(service) {
             return Box::pin(inner.call(req));
         }
+        let full_method = path.to_owned();
         let span = tracing::info_span!(
             "rpc",
             otel.name = %path,
@@ -101,6 +102,7 @@ where
             .and_then(crate::call::parse_grpc_timeout)
             .map(|t| t.mul_f64(0.95));
 
+        let method = full_method;
         Box::pin(async move {
             let started = Instant::now();
             let call = inner.call(req).instrument(span.clone());
@@ -115,12 +117,13 @@ where
                 None => call.await?,
             };
             if let Some(code) = grpc_status(response.headers()) {
-                finish(&span, code, started);
+                finish(&span, &method, code, started);
                 return Ok(response);
             }
             Ok(response.map(|body| {
                 tonic::body::Body::new(StatusBody {
                     inner: body,
+                    method,
                     span,
                     started,
                     done: false,
@@ -136,7 +139,8 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
 
 /// Records the outcome on the span and logs the call: client mistakes at
 /// `info`, server-side trouble at `warn`/`error`, successes at `debug`.
-fn finish(span: &Span, code: i32, started: Instant) {
+fn finish(span: &Span, method: &str, code: i32, started: Instant) {
+    crate::observability::rpc_finished(method, code, started.elapsed());
     let code = tonic::Code::from_i32(code);
     span.record("rpc.grpc.status_code", code as i32);
     use tonic::Code::*;
@@ -165,6 +169,7 @@ fn finish(span: &Span, code: i32, started: Instant) {
 /// status of a streamed (or successful unary) reply.
 struct StatusBody {
     inner: tonic::body::Body,
+    method: String,
     span: Span,
     started: Instant,
     done: bool,
@@ -183,13 +188,18 @@ impl Body for StatusBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
                     self.done = true;
-                    finish(&self.span, code, self.started);
+                    finish(&self.span, &self.method, code, self.started);
                 }
             }
             Poll::Ready(Some(Err(_))) | Poll::Ready(None) if !self.done => {
                 self.done = true;
                 // The stream ended without a status: the client went away.
-                finish(&self.span, tonic::Code::Cancelled as i32, self.started);
+                finish(
+                    &self.span,
+                    &self.method,
+                    tonic::Code::Cancelled as i32,
+                    self.started,
+                );
             }
             _ => {}
         }
@@ -208,7 +218,12 @@ impl Body for StatusBody {
 impl Drop for StatusBody {
     fn drop(&mut self) {
         if !self.done {
-            finish(&self.span, tonic::Code::Cancelled as i32, self.started);
+            finish(
+                &self.span,
+                &self.method,
+                tonic::Code::Cancelled as i32,
+                self.started,
+            );
         }
     }
 }

@@ -396,3 +396,45 @@ async fn migrate_status_lists_pending_then_applied_migrations() {
     assert!(after.lines().all(|l| l.contains("applied 2")), "{after}");
     assert_eq!(run(&["migrate"]).trim(), "no pending migrations");
 }
+
+#[tokio::test]
+async fn the_prometheus_endpoint_reports_rpcs_pool_and_ingest() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (_, url) = create_database().await;
+    let mut config = test_config(&url);
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    let app = Application::build(config).await.unwrap();
+    let metrics_port = app.metrics_port().expect("metrics enabled");
+    let app = crate::helpers::adopt(app).await;
+    create(&app, "counted").await;
+    let _ = app
+        .sessions
+        .clone()
+        .get_session(GetSessionRequest {
+            lookup: Some(Lookup::RequestId("missing".into())),
+        })
+        .await;
+
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
+    assert!(
+        body.contains(
+            "verdict_rpc_server_duration_seconds_count{method=\"verdict.v1.SessionService/CreateSession\",code=\"0\"}"
+        ),
+        "{body}"
+    );
+    assert!(
+        body.contains("method=\"verdict.v1.SessionService/GetSession\",code=\"5\""),
+        "NOT_FOUND counted under its code"
+    );
+    assert!(body.contains("verdict_db_pool_max_size 8"), "{body}");
+    assert!(body.contains("# TYPE verdict_db_statement_timeouts_total counter"));
+}

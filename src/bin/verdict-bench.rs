@@ -16,10 +16,12 @@ use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 use verdict::db::embedded::EmbeddedPostgres;
 use verdict::proto::discrepancy_service_client::DiscrepancyServiceClient;
+use verdict::proto::metrics_service_client::MetricsServiceClient;
 use verdict::proto::session_service_client::SessionServiceClient;
 use verdict::proto::{
     CreateSessionRequest, DiscrepancyInput, GetSessionRequest, IngestDiscrepanciesRequest,
-    ListSessionsRequest, RecordDiscrepanciesRequest, Severity, get_session_request::Lookup,
+    ListSessionsRequest, QueryTimeSeriesRequest, RecordDiscrepanciesRequest, Severity, TimeRange,
+    get_session_request::Lookup,
 };
 
 /// Benchmarks of Verdict against direct tokio-postgres.
@@ -34,7 +36,7 @@ struct Args {
     /// Concurrencies of the request/response workloads.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     concurrency: Vec<usize>,
-    /// Only these workloads (get, create, list, batch, ingest); all by default.
+    /// Only these workloads (get, create, list, batch, series, ingest); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
 }
@@ -440,6 +442,73 @@ async fn main() -> anyhow::Result<()> {
             })
             .await;
             print_row("RecordDiscrepancies x1000", c, v, d);
+        }
+    }
+
+    if wants("series") {
+        // 1,000,000 points over 10 days, then 10-day queries in hourly buckets.
+        direct[0]
+            .batch_execute(
+                "INSERT INTO metric_points (name, value, unit, labels, recorded_at)
+                 SELECT 'latency', (i % 1000) / 10.0, 'ms', jsonb_build_object('host', 'h' || (i % 4)),
+                        TIMESTAMPTZ '2026-01-01' + (i * interval '864 milliseconds')
+                 FROM generate_series(1, 1000000) i;
+                 ANALYZE metric_points;",
+            )
+            .await?;
+        let from = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")?.to_utc();
+        let to = from + chrono::Duration::days(10);
+        let ts = |t: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: 0,
+        };
+        for &c in &args.concurrency {
+            let chans = channels.clone();
+            let v = timed(c, args.seconds, move |task, _| {
+                let mut client = MetricsServiceClient::new(chans[task % chans.len()].clone());
+                async move {
+                    let reply = client
+                        .query_time_series(QueryTimeSeriesRequest {
+                            name: "latency".into(),
+                            label_filter: [("host".to_string(), "h1".to_string())].into(),
+                            range: Some(TimeRange {
+                                start_time: Some(ts(from)),
+                                end_time: Some(ts(to)),
+                            }),
+                            bucket_width: Some(prost_types::Duration {
+                                seconds: 3600,
+                                nanos: 0,
+                            }),
+                            calendar_bucket: 0,
+                        })
+                        .await
+                        .expect("query time series")
+                        .into_inner();
+                    assert_eq!(reply.buckets.len(), 240);
+                }
+            })
+            .await;
+            let clients = direct.clone();
+            let d = timed(c, args.seconds, move |task, _| {
+                let client = clients[task].clone();
+                async move {
+                    let stmt = client
+                        .prepare(
+                            "WITH buckets AS (SELECT generate_series(date_bin($4::float8 * interval '1 second', $2::timestamptz, 'epoch'::timestamptz), $3::timestamptz - interval '1 microsecond', $4::float8 * interval '1 second') AS bucket_start),
+                             points AS (SELECT date_bin($4::float8 * interval '1 second', recorded_at, 'epoch'::timestamptz) AS bucket_start, value FROM metric_points WHERE name = $1 AND recorded_at >= $2 AND recorded_at < $3 AND labels @> $5)
+                             SELECT b.bucket_start, count(p.value), sum(p.value), avg(p.value), min(p.value), max(p.value),
+                                    percentile_cont(0.5) WITHIN GROUP (ORDER BY p.value), percentile_cont(0.95) WITHIN GROUP (ORDER BY p.value), percentile_cont(0.99) WITHIN GROUP (ORDER BY p.value)
+                             FROM buckets b LEFT JOIN points p USING (bucket_start) GROUP BY b.bucket_start ORDER BY b.bucket_start",
+                        )
+                        .await
+                        .expect("prepare");
+                    let labels = serde_json::json!({"host": "h1"});
+                    let rows = client.query(&stmt, &[&"latency", &from, &to, &3600.0f64, &labels]).await.expect("series");
+                    assert_eq!(rows.len(), 240);
+                }
+            })
+            .await;
+            print_row("QueryTimeSeries 1M pts", c, v, d);
         }
     }
 

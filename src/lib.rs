@@ -18,6 +18,7 @@ pub mod server;
 pub mod sessions;
 pub mod state;
 pub mod telemetry;
+pub mod test_cases;
 pub mod validate;
 pub mod wire;
 

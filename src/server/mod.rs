@@ -10,9 +10,11 @@ use crate::discrepancies::DiscrepancyApi;
 use crate::proto::discrepancy_service_server::DiscrepancyServiceServer;
 use crate::proto::result_service_server::ResultServiceServer;
 use crate::proto::session_service_server::SessionServiceServer;
+use crate::proto::test_case_service_server::TestCaseServiceServer;
 use crate::results::ResultApi;
 use crate::sessions::SessionApi;
 use crate::state::AppState;
+use crate::test_cases::TestCaseApi;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -28,6 +30,7 @@ pub fn service_names() -> Vec<&'static str> {
         <SessionServiceServer<SessionApi> as NamedService>::NAME,
         <ResultServiceServer<ResultApi> as NamedService>::NAME,
         <DiscrepancyServiceServer<DiscrepancyApi> as NamedService>::NAME,
+        <TestCaseServiceServer<TestCaseApi> as NamedService>::NAME,
     ]
 }
 
@@ -55,7 +58,10 @@ pub async fn serve(
     let results = ResultServiceServer::new(ResultApi::new(state.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let discrepancies = DiscrepancyServiceServer::new(DiscrepancyApi::new(state))
+    let discrepancies = DiscrepancyServiceServer::new(DiscrepancyApi::new(state.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let test_cases = TestCaseServiceServer::new(TestCaseApi::new(state.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
 
@@ -71,6 +77,7 @@ pub async fn serve(
         .add_service(sessions)
         .add_service(results)
         .add_service(discrepancies)
+        .add_service(test_cases)
         // Settings of the builder (nodelay, keepalive) do not reach sockets
         // of an incoming stream we bring ourselves: set them here. Without
         // nodelay, replies larger than a segment wait out delayed ACKs (40 ms).

@@ -7,6 +7,7 @@
 pub mod call;
 pub mod config;
 pub mod convert;
+pub mod coverage;
 pub mod db;
 pub mod discrepancies;
 pub mod error;

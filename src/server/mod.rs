@@ -6,7 +6,9 @@ pub mod health;
 mod trace;
 
 use crate::config::Config;
+use crate::coverage::CoverageApi;
 use crate::discrepancies::DiscrepancyApi;
+use crate::proto::coverage_service_server::CoverageServiceServer;
 use crate::proto::discrepancy_service_server::DiscrepancyServiceServer;
 use crate::proto::result_service_server::ResultServiceServer;
 use crate::proto::session_service_server::SessionServiceServer;
@@ -31,6 +33,7 @@ pub fn service_names() -> Vec<&'static str> {
         <ResultServiceServer<ResultApi> as NamedService>::NAME,
         <DiscrepancyServiceServer<DiscrepancyApi> as NamedService>::NAME,
         <TestCaseServiceServer<TestCaseApi> as NamedService>::NAME,
+        <CoverageServiceServer<CoverageApi> as NamedService>::NAME,
     ]
 }
 
@@ -64,6 +67,9 @@ pub async fn serve(
     let test_cases = TestCaseServiceServer::new(TestCaseApi::new(state.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    let coverage = CoverageServiceServer::new(CoverageApi::new(state))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
 
     Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -78,6 +84,7 @@ pub async fn serve(
         .add_service(results)
         .add_service(discrepancies)
         .add_service(test_cases)
+        .add_service(coverage)
         // Settings of the builder (nodelay, keepalive) do not reach sockets
         // of an incoming stream we bring ourselves: set them here. Without
         // nodelay, replies larger than a segment wait out delayed ACKs (40 ms).

@@ -123,7 +123,10 @@ fn screenshot_refs(v: &mut Validator, raw: &[String]) -> Vec<String> {
     if raw.len() > MAX_SCREENSHOTS {
         v.violation(
             "screenshot_refs",
-            format!("holds {}; at most {MAX_SCREENSHOTS} are accepted", raw.len()),
+            format!(
+                "holds {}; at most {MAX_SCREENSHOTS} are accepted",
+                raw.len()
+            ),
         );
         return Vec::new();
     }
@@ -137,7 +140,10 @@ fn interaction_log(v: &mut Validator, raw: &[prost_types::Struct]) -> Json {
     if raw.len() > MAX_STEPS {
         v.violation(
             "interaction_log",
-            format!("holds {} steps; at most {MAX_STEPS} are accepted", raw.len()),
+            format!(
+                "holds {} steps; at most {MAX_STEPS} are accepted",
+                raw.len()
+            ),
         );
         return Json::Array(Vec::new());
     }
@@ -147,7 +153,9 @@ fn interaction_log(v: &mut Validator, raw: &[prost_types::Struct]) -> Json {
         .map(|(i, s)| v.json_max(&format!("interaction_log[{i}]"), Some(s), MAX_LOG_BYTES))
         .collect();
     let log = Json::Array(steps);
-    let size = serde_json::to_vec(&log).map(|b| b.len()).unwrap_or(usize::MAX);
+    let size = serde_json::to_vec(&log)
+        .map(|b| b.len())
+        .unwrap_or(usize::MAX);
     if size > MAX_LOG_BYTES {
         v.violation(
             "interaction_log",
@@ -161,7 +169,10 @@ fn performance(v: &mut Validator, raw: &std::collections::HashMap<String, f64>) 
     if raw.len() > MAX_FIGURES {
         v.violation(
             "performance",
-            format!("holds {} figures; at most {MAX_FIGURES} are accepted", raw.len()),
+            format!(
+                "holds {} figures; at most {MAX_FIGURES} are accepted",
+                raw.len()
+            ),
         );
         return Json::Object(Map::new());
     }
@@ -172,7 +183,10 @@ fn performance(v: &mut Validator, raw: &std::collections::HashMap<String, f64>) 
         let value = raw[name];
         let field = format!("performance[{name:?}]");
         if name.is_empty() || name.chars().count() > MAX_FIGURE_NAME {
-            v.violation(&field, format!("names must be 1..{MAX_FIGURE_NAME} characters"));
+            v.violation(
+                &field,
+                format!("names must be 1..{MAX_FIGURE_NAME} characters"),
+            );
         } else if name.chars().any(char::is_control) {
             v.violation(&field, "names must not contain control characters");
         }
@@ -196,7 +210,10 @@ pub fn validate_items(
     if items.len() > MAX_BATCH {
         v.violation(
             "items",
-            format!("holds {} items; at most {MAX_BATCH} are accepted", items.len()),
+            format!(
+                "holds {} items; at most {MAX_BATCH} are accepted",
+                items.len()
+            ),
         );
         return Vec::new();
     }
@@ -336,7 +353,10 @@ fn bounded(v: &mut Validator, field: &str, raw: i32, default: i64, max: i64) -> 
         0 => default,
         n if (1..=max).contains(&n) => n,
         _ => {
-            v.violation(field, format!("must be between 0 (default {default}) and {max}"));
+            v.violation(
+                field,
+                format!("must be between 0 (default {default}) and {max}"),
+            );
             default
         }
     }
@@ -377,7 +397,13 @@ impl TryFrom<proto::GetTestStatisticsRequest> for StatisticsQuery {
                 DEFAULT_FLAKINESS_WINDOW,
                 MAX_FLAKINESS_WINDOW,
             ),
-            top_flaky: bounded(&mut v, "top_flaky", r.top_flaky, DEFAULT_TOP_FLAKY, MAX_TOP_FLAKY),
+            top_flaky: bounded(
+                &mut v,
+                "top_flaky",
+                r.top_flaky,
+                DEFAULT_TOP_FLAKY,
+                MAX_TOP_FLAKY,
+            ),
         };
         v.finish()?;
         Ok(query)

@@ -188,7 +188,10 @@ pub fn optional_ref(
         (false, true) => Some(TestCaseRef::Id(v.uuid(id_field, id))),
         (true, false) => Some(TestCaseRef::Key(v.required_text(key_field, key, MAX_KEY))),
         (false, false) => {
-            v.violation(key_field, format!("set at most one of {id_field} and {key_field}"));
+            v.violation(
+                key_field,
+                format!("set at most one of {id_field} and {key_field}"),
+            );
             None
         }
     }
@@ -238,7 +241,11 @@ impl TryFrom<proto::ListTestCasesRequest> for ListTestCases {
         let mut v = Validator::new();
         let filter = TestCaseFilter {
             test_types: enum_set(&mut v, "test_types", &r.test_types, TestType::from_proto),
-            target_subsystem: v.optional_text("target_subsystem", &r.target_subsystem, MAX_SUBSYSTEM),
+            target_subsystem: v.optional_text(
+                "target_subsystem",
+                &r.target_subsystem,
+                MAX_SUBSYSTEM,
+            ),
             tag: v.optional_text("tag", &r.tag, MAX_TAG),
             name_prefix: v.optional_text("name_prefix", &r.name_prefix, MAX_NAME),
         };
@@ -290,7 +297,10 @@ impl TryFrom<proto::UpdateTestCaseRequest> for TestCaseUpdate {
         }
         for (i, p) in paths.iter().enumerate() {
             if p == "key" || p == "id" {
-                v.violation(format!("update_mask.paths[{i}]"), format!("{p:?} is immutable"));
+                v.violation(
+                    format!("update_mask.paths[{i}]"),
+                    format!("{p:?} is immutable"),
+                );
             } else if !UPDATABLE.contains(&p.as_str()) {
                 v.violation(
                     format!("update_mask.paths[{i}]"),
@@ -355,7 +365,11 @@ mod tests {
         let fields: Vec<_> = vs.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(
             fields,
-            ["update_mask.paths[1]", "update_mask.paths[2]", "test_case.name"]
+            [
+                "update_mask.paths[1]",
+                "update_mask.paths[2]",
+                "test_case.name"
+            ]
         );
     }
 }

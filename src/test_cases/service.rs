@@ -188,9 +188,15 @@ impl TestCaseService for TestCaseApi {
 
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let claim =
-            ingest::claim_batch(&tx, INGEST_KIND, INGEST_SCOPE, &batch_id, &digest, items.len())
-                .await?;
+        let claim = ingest::claim_batch(
+            &tx,
+            INGEST_KIND,
+            INGEST_SCOPE,
+            &batch_id,
+            &digest,
+            items.len(),
+        )
+        .await?;
         let (ids, replayed) = match claim {
             Claim::Replay { .. } => (executions_sql::batch_ids(&tx, &batch_id).await?, true),
             Claim::New => {
@@ -267,7 +273,9 @@ impl TestCaseService for TestCaseApi {
         let rows = executions_sql::list(c, &query, test_case_id).await?;
         let (page, more) = pagination::split_page(rows, query.page_size);
         let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => pagination::encode(&query.fingerprint, &executions_sql::key(last)),
+            (true, Some(last)) => {
+                pagination::encode(&query.fingerprint, &executions_sql::key(last))
+            }
             _ => String::new(),
         };
         Ok(Response::new(proto::ListExecutionsResponse {

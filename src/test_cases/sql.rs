@@ -68,13 +68,21 @@ pub async fn insert(c: &impl GenericClient, id: Uuid, t: &NewTestCase) -> Result
 const BY_ID: Stmt = Stmt::new(
     "SELECT",
     "test_cases",
-    concat!("SELECT ", test_case_columns!(), " FROM test_cases WHERE id = $1"),
+    concat!(
+        "SELECT ",
+        test_case_columns!(),
+        " FROM test_cases WHERE id = $1"
+    ),
 );
 
 const BY_KEY: Stmt = Stmt::new(
     "SELECT",
     "test_cases",
-    concat!("SELECT ", test_case_columns!(), " FROM test_cases WHERE key = $1"),
+    concat!(
+        "SELECT ",
+        test_case_columns!(),
+        " FROM test_cases WHERE key = $1"
+    ),
 );
 
 /// A test case by id or key.
@@ -196,7 +204,11 @@ pub async fn delete_executions(c: &impl GenericClient, id: Uuid) -> Result<u64> 
     DELETE_EXECUTIONS.execute(c, &[&id]).await
 }
 
-const DELETE: Stmt = Stmt::new("DELETE", "test_cases", "DELETE FROM test_cases WHERE id = $1");
+const DELETE: Stmt = Stmt::new(
+    "DELETE",
+    "test_cases",
+    "DELETE FROM test_cases WHERE id = $1",
+);
 
 pub async fn delete(c: &impl GenericClient, id: Uuid) -> Result<u64> {
     DELETE.execute(c, &[&id]).await

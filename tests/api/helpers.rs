@@ -13,9 +13,11 @@ use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use verdict::Application;
 use verdict::config::Config;
 use verdict::db::embedded::EmbeddedPostgres;
+use verdict::proto::coverage_service_client::CoverageServiceClient;
 use verdict::proto::discrepancy_service_client::DiscrepancyServiceClient;
 use verdict::proto::result_service_client::ResultServiceClient;
 use verdict::proto::session_service_client::SessionServiceClient;
+use verdict::proto::test_case_service_client::TestCaseServiceClient;
 
 /// Where test databases are created.
 pub enum TestServer {
@@ -118,6 +120,8 @@ pub struct TestApp {
     pub sessions: SessionServiceClient<Channel>,
     pub results: ResultServiceClient<Channel>,
     pub discrepancies: DiscrepancyServiceClient<Channel>,
+    pub test_cases: TestCaseServiceClient<Channel>,
+    pub coverage: CoverageServiceClient<Channel>,
     pub health: HealthClient<Channel>,
     /// Connection settings of the gateway's database.
     pg: tokio_postgres::Config,
@@ -176,6 +180,8 @@ async fn start(app: Application) -> TestApp {
         sessions: SessionServiceClient::new(channel.clone()),
         results: ResultServiceClient::new(channel.clone()),
         discrepancies: DiscrepancyServiceClient::new(channel.clone()),
+        test_cases: TestCaseServiceClient::new(channel.clone()),
+        coverage: CoverageServiceClient::new(channel.clone()),
         health: HealthClient::new(channel.clone()),
         channel,
         pg,

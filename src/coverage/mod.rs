@@ -1,8 +1,11 @@
 //! Code coverage: reports of commits with per-file rows, aggregates,
 //! trends and commit-to-commit comparisons.
 
+mod queries;
 mod service;
 pub mod sql;
+
+pub use queries::{AggregateQuery, CompareQuery, TrendQuery};
 
 pub use service::CoverageApi;
 
@@ -15,15 +18,11 @@ use chrono::{DateTime, Duration, Utc};
 use std::collections::HashMap;
 use uuid::Uuid;
 
-const MAX_BRANCH: usize = 256;
+pub(crate) const MAX_BRANCH: usize = 256;
 const MAX_CLIENT_KEY: usize = 128;
 const MAX_PATH: usize = 1024;
 /// Most per-file rows in one report (the message limit usually binds first).
 pub const MAX_FILES: usize = 100_000;
-const DEFAULT_TREND_DAYS: i64 = 30;
-const MAX_TREND_DAYS: i64 = 730;
-const DEFAULT_COMPARE_FILES: i64 = 1000;
-const MAX_COMPARE_FILES: i64 = 10_000;
 /// How far in the future a client clock may put `recorded_at`.
 const CLOCK_SKEW: Duration = Duration::minutes(5);
 
@@ -142,7 +141,7 @@ impl From<Counters> for proto::CoverageCounters {
 }
 
 /// A commit sha: 7..64 hexadecimal characters, lower-cased.
-fn commit_sha(v: &mut Validator, field: &str, raw: &str) -> String {
+pub(crate) fn commit_sha(v: &mut Validator, field: &str, raw: &str) -> String {
     if raw.is_empty() {
         v.violation(field, "is required");
     } else if !(7..=64).contains(&raw.len()) || !raw.chars().all(|c| c.is_ascii_hexdigit()) {
@@ -281,129 +280,6 @@ impl From<Report> for proto::CoverageReport {
             recorded_at: Some(timestamp(r.recorded_at)),
             created_at: Some(timestamp(r.created_at)),
         }
-    }
-}
-
-/// A validated GetAggregateCoverage call.
-#[derive(Debug, Clone)]
-pub struct AggregateQuery {
-    pub branch: Option<String>,
-    pub subsystem: Option<String>,
-    pub from: Option<DateTime<Utc>>,
-    pub to: Option<DateTime<Utc>>,
-    pub latest_per_subsystem: bool,
-}
-
-impl TryFrom<proto::GetAggregateCoverageRequest> for AggregateQuery {
-    type Error = Error;
-
-    fn try_from(r: proto::GetAggregateCoverageRequest) -> Result<Self> {
-        let mut v = Validator::new();
-        let (from, to) = v.time_range("recorded", r.recorded.as_ref());
-        let query = AggregateQuery {
-            branch: v.optional_text("branch", &r.branch, MAX_BRANCH),
-            subsystem: v.optional_text("subsystem", &r.subsystem, MAX_SUBSYSTEM),
-            from,
-            to,
-            latest_per_subsystem: r.latest_per_subsystem,
-        };
-        v.finish()?;
-        Ok(query)
-    }
-}
-
-/// A validated GetCoverageTrend call: buckets of `step_days` from the bucket
-/// holding `start` to the one holding `end`.
-#[derive(Debug, Clone)]
-pub struct TrendQuery {
-    pub branch: Option<String>,
-    pub subsystem: Option<String>,
-    /// `date_trunc` unit: `day` or `week`.
-    pub unit: &'static str,
-    pub step_days: i32,
-    pub start: DateTime<Utc>,
-    pub end: DateTime<Utc>,
-}
-
-impl TryFrom<proto::GetCoverageTrendRequest> for TrendQuery {
-    type Error = Error;
-
-    fn try_from(r: proto::GetCoverageTrendRequest) -> Result<Self> {
-        let mut v = Validator::new();
-        let (unit, step_days) = match proto::TrendInterval::try_from(r.interval) {
-            Ok(proto::TrendInterval::Unspecified | proto::TrendInterval::Daily) => ("day", 1),
-            Ok(proto::TrendInterval::Weekly) => ("week", 7),
-            Err(_) => {
-                v.violation("interval", format!("{} is not a known value", r.interval));
-                ("day", 1)
-            }
-        };
-        let days = match i64::from(r.days) {
-            0 => DEFAULT_TREND_DAYS,
-            n if (1..=MAX_TREND_DAYS).contains(&n) => n,
-            _ => {
-                v.violation(
-                    "days",
-                    format!(
-                        "must be between 0 (default {DEFAULT_TREND_DAYS}) and {MAX_TREND_DAYS}"
-                    ),
-                );
-                DEFAULT_TREND_DAYS
-            }
-        };
-        let end = v
-            .timestamp("end_time", r.end_time.as_ref())
-            .unwrap_or_else(Utc::now);
-        let query = TrendQuery {
-            branch: v.optional_text("branch", &r.branch, MAX_BRANCH),
-            subsystem: v.optional_text("subsystem", &r.subsystem, MAX_SUBSYSTEM),
-            unit,
-            step_days,
-            start: end - Duration::days(days - 1),
-            end,
-        };
-        v.finish()?;
-        Ok(query)
-    }
-}
-
-/// A validated CompareCoverage call.
-#[derive(Debug, Clone)]
-pub struct CompareQuery {
-    pub base: String,
-    pub head: String,
-    pub subsystem: String,
-    pub max_files: i64,
-}
-
-impl TryFrom<proto::CompareCoverageRequest> for CompareQuery {
-    type Error = Error;
-
-    fn try_from(r: proto::CompareCoverageRequest) -> Result<Self> {
-        let mut v = Validator::new();
-        let max_files = match i64::from(r.max_files) {
-            0 => DEFAULT_COMPARE_FILES,
-            n if (1..=MAX_COMPARE_FILES).contains(&n) => n,
-            _ => {
-                v.violation(
-                    "max_files",
-                    format!(
-                        "must be between 0 (default {DEFAULT_COMPARE_FILES}) and {MAX_COMPARE_FILES}"
-                    ),
-                );
-                DEFAULT_COMPARE_FILES
-            }
-        };
-        let query = CompareQuery {
-            base: commit_sha(&mut v, "base_commit_sha", &r.base_commit_sha),
-            head: commit_sha(&mut v, "head_commit_sha", &r.head_commit_sha),
-            subsystem: v
-                .optional_text("subsystem", &r.subsystem, MAX_SUBSYSTEM)
-                .unwrap_or_default(),
-            max_files,
-        };
-        v.finish()?;
-        Ok(query)
     }
 }
 

@@ -5,6 +5,7 @@ pub mod executions;
 pub mod executions_sql;
 mod service;
 pub mod sql;
+pub mod statistics_sql;
 
 pub use service::TestCaseApi;
 

@@ -2,7 +2,9 @@
 
 use super::executions::{ListExecutions, StatisticsQuery, StatsScope, validate_items};
 use super::executions_sql::{self, ExecutionSink};
-use super::{ExecutionStatus, ListTestCases, NewTestCase, TestCaseRef, TestCaseUpdate, sql};
+use super::{
+    ExecutionStatus, ListTestCases, NewTestCase, TestCaseRef, TestCaseUpdate, sql, statistics_sql,
+};
 use crate::error::{Error, Result};
 use crate::ingest::{self, Chunk, Claim, IngestKey};
 use crate::pagination;
@@ -297,9 +299,9 @@ impl TestCaseService for TestCaseApi {
             StatsScope::TestCase(r) => (Some(resolve(c, r).await?), None),
             StatsScope::Subsystem(s) => (None, Some(s.as_str())),
         };
-        let totals = executions_sql::totals(c, &query, test_case_id, subsystem).await?;
+        let totals = statistics_sql::totals(c, &query, test_case_id, subsystem).await?;
         let (flaky, flaky_test_count) =
-            executions_sql::flakiest(c, &query, test_case_id, subsystem).await?;
+            statistics_sql::flakiest(c, &query, test_case_id, subsystem).await?;
         Ok(Response::new(statistics(totals, flaky, flaky_test_count)))
     }
 }
@@ -326,8 +328,8 @@ fn to_chunk(
 }
 
 fn statistics(
-    totals: executions_sql::Totals,
-    flaky: Vec<executions_sql::Flaky>,
+    totals: statistics_sql::Totals,
+    flaky: Vec<statistics_sql::Flaky>,
     flaky_test_count: i64,
 ) -> proto::GetTestStatisticsResponse {
     let count = |s: ExecutionStatus| {

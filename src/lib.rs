@@ -8,6 +8,7 @@ pub mod admin;
 pub mod call;
 pub mod config;
 pub mod convert;
+pub mod coverage;
 pub mod db;
 pub mod discrepancies;
 pub mod error;
@@ -21,6 +22,7 @@ pub mod server;
 pub mod sessions;
 pub mod state;
 pub mod telemetry;
+pub mod test_cases;
 pub mod validate;
 pub mod wire;
 

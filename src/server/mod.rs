@@ -7,16 +7,20 @@ mod trace;
 
 use crate::admin::AdminApi;
 use crate::config::Config;
+use crate::coverage::CoverageApi;
 use crate::discrepancies::DiscrepancyApi;
 use crate::metrics::MetricsApi;
 use crate::proto::admin_service_server::AdminServiceServer;
+use crate::proto::coverage_service_server::CoverageServiceServer;
 use crate::proto::discrepancy_service_server::DiscrepancyServiceServer;
 use crate::proto::metrics_service_server::MetricsServiceServer;
 use crate::proto::result_service_server::ResultServiceServer;
 use crate::proto::session_service_server::SessionServiceServer;
+use crate::proto::test_case_service_server::TestCaseServiceServer;
 use crate::results::ResultApi;
 use crate::sessions::SessionApi;
 use crate::state::AppState;
+use crate::test_cases::TestCaseApi;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -34,6 +38,8 @@ pub fn service_names() -> Vec<&'static str> {
         <DiscrepancyServiceServer<DiscrepancyApi> as NamedService>::NAME,
         <MetricsServiceServer<MetricsApi> as NamedService>::NAME,
         <AdminServiceServer<AdminApi> as NamedService>::NAME,
+        <TestCaseServiceServer<TestCaseApi> as NamedService>::NAME,
+        <CoverageServiceServer<CoverageApi> as NamedService>::NAME,
     ]
 }
 
@@ -54,22 +60,15 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
+    // Every service gets the same message size limits.
     let limit = config.max_message_bytes;
-    let sessions = SessionServiceServer::new(SessionApi::new(state.clone()))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
-    let results = ResultServiceServer::new(ResultApi::new(state.clone()))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
-    let discrepancies = DiscrepancyServiceServer::new(DiscrepancyApi::new(state.clone()))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
-    let metrics = MetricsServiceServer::new(MetricsApi::new(state.clone()))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
-    let admin = AdminServiceServer::new(AdminApi::new(state))
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+    macro_rules! limited {
+        ($server:ident, $api:ident) => {
+            $server::new($api::new(state.clone()))
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit)
+        };
+    }
 
     Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -80,11 +79,13 @@ pub async fn serve(
         )))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(sessions)
-        .add_service(results)
-        .add_service(discrepancies)
-        .add_service(metrics)
-        .add_service(admin)
+        .add_service(limited!(SessionServiceServer, SessionApi))
+        .add_service(limited!(ResultServiceServer, ResultApi))
+        .add_service(limited!(DiscrepancyServiceServer, DiscrepancyApi))
+        .add_service(limited!(TestCaseServiceServer, TestCaseApi))
+        .add_service(limited!(CoverageServiceServer, CoverageApi))
+        .add_service(limited!(MetricsServiceServer, MetricsApi))
+        .add_service(limited!(AdminServiceServer, AdminApi))
         // Settings of the builder (nodelay, keepalive) do not reach sockets
         // of an incoming stream we bring ourselves: set them here. Without
         // nodelay, replies larger than a segment wait out delayed ACKs (40 ms).

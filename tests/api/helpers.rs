@@ -14,10 +14,12 @@ use verdict::Application;
 use verdict::config::Config;
 use verdict::db::embedded::EmbeddedPostgres;
 use verdict::proto::admin_service_client::AdminServiceClient;
+use verdict::proto::coverage_service_client::CoverageServiceClient;
 use verdict::proto::discrepancy_service_client::DiscrepancyServiceClient;
 use verdict::proto::metrics_service_client::MetricsServiceClient;
 use verdict::proto::result_service_client::ResultServiceClient;
 use verdict::proto::session_service_client::SessionServiceClient;
+use verdict::proto::test_case_service_client::TestCaseServiceClient;
 
 /// Where test databases are created.
 pub enum TestServer {
@@ -122,6 +124,8 @@ pub struct TestApp {
     pub discrepancies: DiscrepancyServiceClient<Channel>,
     pub metrics: MetricsServiceClient<Channel>,
     pub admin: AdminServiceClient<Channel>,
+    pub test_cases: TestCaseServiceClient<Channel>,
+    pub coverage: CoverageServiceClient<Channel>,
     pub health: HealthClient<Channel>,
     /// Connection settings of the gateway's database.
     pg: tokio_postgres::Config,
@@ -184,6 +188,8 @@ async fn start(app: Application) -> TestApp {
         discrepancies: DiscrepancyServiceClient::new(channel.clone()),
         metrics: MetricsServiceClient::new(channel.clone()),
         admin: AdminServiceClient::new(channel.clone()),
+        test_cases: TestCaseServiceClient::new(channel.clone()),
+        coverage: CoverageServiceClient::new(channel.clone()),
         health: HealthClient::new(channel.clone()),
         channel,
         pg,

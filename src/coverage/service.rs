@@ -1,0 +1,180 @@
+//! CoverageService handlers.
+
+use super::sql::{self, Change};
+use super::{AggregateQuery, CompareQuery, Counters, NewReport, TrendQuery, percent_delta};
+use crate::convert::timestamp;
+use crate::error::Error;
+use crate::proto::{self, coverage_service_server::CoverageService};
+use crate::rpc::{self, RpcResult};
+use crate::sessions;
+use crate::state::AppState;
+use tonic::{Request, Response};
+use uuid::Uuid;
+
+/// The CoverageService implementation.
+pub struct CoverageApi {
+    state: AppState,
+}
+
+impl CoverageApi {
+    pub fn new(state: AppState) -> Self {
+        CoverageApi { state }
+    }
+}
+
+fn no_report(role: &str, commit: &str, subsystem: &str) -> Error {
+    let scope = if subsystem.is_empty() {
+        "the whole code base (no subsystem)".to_string()
+    } else {
+        format!("subsystem {subsystem:?}")
+    };
+    Error::FailedPrecondition(format!(
+        "the {role} commit {commit} has no coverage report for {scope}; record one before comparing"
+    ))
+}
+
+#[tonic::async_trait]
+impl CoverageService for CoverageApi {
+    async fn record_coverage(
+        &self,
+        request: Request<proto::RecordCoverageRequest>,
+    ) -> RpcResult<proto::RecordCoverageResponse> {
+        let (call, req) = rpc::split(request);
+        let new = NewReport::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let tx = conn.begin().await?;
+        if let Some(session_id) = new.session_id {
+            sessions::sql::lock_accepting(&tx, session_id).await?;
+        }
+        let (report, created) = match sql::insert(&tx, Uuid::now_v7(), &new).await? {
+            Some(report) => {
+                sql::copy_files(&tx, &report, &new).await?;
+                (report, true)
+            }
+            // The key was taken: a retry. Return what is stored.
+            None => (
+                sql::get_by_key(&tx, &new).await?.ok_or_else(|| {
+                    Error::Aborted(
+                        "the report with this key was deleted concurrently; retry".into(),
+                    )
+                })?,
+                false,
+            ),
+        };
+        tx.commit().await.map_err(Error::from)?;
+        Ok(Response::new(proto::RecordCoverageResponse {
+            report: Some(report.into()),
+            created,
+        }))
+    }
+
+    async fn get_aggregate_coverage(
+        &self,
+        request: Request<proto::GetAggregateCoverageRequest>,
+    ) -> RpcResult<proto::GetAggregateCoverageResponse> {
+        let (call, req) = rpc::split(request);
+        let query = AggregateQuery::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let rows = sql::aggregate(conn.client().await?, &query).await?;
+        let mut out = proto::GetAggregateCoverageResponse {
+            counters: Some(Counters::default().into()),
+            percentages: Some(Counters::default().percentages()),
+            ..Default::default()
+        };
+        for row in rows {
+            match row.subsystem {
+                None => {
+                    out.report_count = row.report_count;
+                    out.percentages = Some(row.counters.percentages());
+                    out.counters = Some(row.counters.into());
+                }
+                Some(subsystem) => out.by_subsystem.push(proto::SubsystemCoverage {
+                    subsystem,
+                    report_count: row.report_count,
+                    percentages: Some(row.counters.percentages()),
+                    counters: Some(row.counters.into()),
+                }),
+            }
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn get_coverage_trend(
+        &self,
+        request: Request<proto::GetCoverageTrendRequest>,
+    ) -> RpcResult<proto::GetCoverageTrendResponse> {
+        let (call, req) = rpc::split(request);
+        let query = TrendQuery::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let buckets = sql::trend(conn.client().await?, &query).await?;
+        Ok(Response::new(proto::GetCoverageTrendResponse {
+            buckets: buckets
+                .into_iter()
+                .map(|b| proto::CoverageBucket {
+                    start_time: Some(timestamp(b.start)),
+                    end_time: Some(timestamp(b.end)),
+                    report_count: b.report_count,
+                    percentages: Some(b.counters.percentages()),
+                    counters: Some(b.counters.into()),
+                })
+                .collect(),
+        }))
+    }
+
+    async fn compare_coverage(
+        &self,
+        request: Request<proto::CompareCoverageRequest>,
+    ) -> RpcResult<proto::CompareCoverageResponse> {
+        let (call, req) = rpc::split(request);
+        let q = CompareQuery::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let base = sql::latest_of_commit(c, &q.base, &q.subsystem)
+            .await?
+            .ok_or_else(|| no_report("base", &q.base, &q.subsystem))?;
+        let head = sql::latest_of_commit(c, &q.head, &q.subsystem)
+            .await?
+            .ok_or_else(|| no_report("head", &q.head, &q.subsystem))?;
+        let files_compared = base.file_count > 0 && head.file_count > 0;
+        let (files, counts) = if files_compared {
+            sql::file_diff(c, base.id, head.id, q.max_files).await?
+        } else {
+            (Vec::new(), sql::DiffCounts::default())
+        };
+        let (b, h) = (base.totals, head.totals);
+        let totals_delta = proto::CoverageDelta {
+            counters: Some(h.minus(b).into()),
+            lines_percent: percent_delta(h.lines_percent(), b.lines_percent()),
+            branches_percent: percent_delta(h.branches_percent(), b.branches_percent()),
+            functions_percent: percent_delta(h.functions_percent(), b.functions_percent()),
+        };
+        let files_truncated = (files.len() as i64) < counts.added + counts.removed + counts.changed;
+        Ok(Response::new(proto::CompareCoverageResponse {
+            base: Some(base.into()),
+            head: Some(head.into()),
+            totals_delta: Some(totals_delta),
+            files_added: counts.added,
+            files_removed: counts.removed,
+            files_changed: counts.changed,
+            files: files
+                .into_iter()
+                .map(|f| proto::FileDelta {
+                    lines_percent_delta: percent_delta(
+                        f.head.and_then(|c| c.lines_percent()),
+                        f.base.and_then(|c| c.lines_percent()),
+                    ),
+                    path: f.path,
+                    change: match f.change {
+                        Change::Added => proto::FileChange::Added,
+                        Change::Removed => proto::FileChange::Removed,
+                        Change::Changed => proto::FileChange::Changed,
+                    } as i32,
+                    base: f.base.map(Into::into),
+                    head: f.head.map(Into::into),
+                })
+                .collect(),
+            files_truncated,
+            files_compared,
+        }))
+    }
+}

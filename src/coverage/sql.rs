@@ -1,0 +1,409 @@
+//! The SQL of coverage reports and their per-file rows.
+
+use super::{AggregateQuery, Counters, NewReport, Report, TrendQuery};
+use crate::db::Stmt;
+use crate::error::Result;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::GenericClient;
+use futures::pin_mut;
+use tokio_postgres::Row;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tracing::Instrument;
+use uuid::Uuid;
+
+macro_rules! report_columns {
+    () => {
+        "id, commit_sha, branch, subsystem, session_id, client_key, lines_covered, lines_total, \
+         branches_covered, branches_total, functions_covered, functions_total, file_count, \
+         recorded_at, created_at"
+    };
+}
+
+/// Counters from six consecutive bigint columns starting at `at`.
+fn counters_at(row: &Row, at: usize) -> Result<Counters> {
+    Ok(Counters {
+        lines_covered: row.try_get(at)?,
+        lines_total: row.try_get(at + 1)?,
+        branches_covered: row.try_get(at + 2)?,
+        branches_total: row.try_get(at + 3)?,
+        functions_covered: row.try_get(at + 4)?,
+        functions_total: row.try_get(at + 5)?,
+    })
+}
+
+/// Counters from six consecutive nullable bigint columns; `None` when the
+/// first is NULL (the side of a join that has no row).
+fn optional_counters_at(row: &Row, at: usize) -> Result<Option<Counters>> {
+    if row.try_get::<_, Option<i64>>(at)?.is_none() {
+        return Ok(None);
+    }
+    counters_at(row, at).map(Some)
+}
+
+fn from_row(row: &Row) -> Result<Report> {
+    Ok(Report {
+        id: row.try_get("id")?,
+        commit_sha: row.try_get("commit_sha")?,
+        branch: row.try_get("branch")?,
+        subsystem: row.try_get("subsystem")?,
+        session_id: row.try_get("session_id")?,
+        client_key: row.try_get("client_key")?,
+        totals: counters_at(row, 6)?,
+        file_count: row.try_get("file_count")?,
+        recorded_at: row.try_get("recorded_at")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+fn one(row: Option<Row>) -> Result<Option<Report>> {
+    row.as_ref().map(from_row).transpose()
+}
+
+const INSERT: Stmt = Stmt::new(
+    "INSERT",
+    "coverage_reports",
+    concat!(
+        "INSERT INTO coverage_reports (id, commit_sha, branch, subsystem, session_id, client_key, \
+         lines_covered, lines_total, branches_covered, branches_total, functions_covered, \
+         functions_total, file_count, recorded_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, COALESCE($14, now())) \
+         ON CONFLICT (commit_sha, subsystem, client_key) DO NOTHING RETURNING ",
+        report_columns!()
+    ),
+);
+
+/// Inserts a report's row unless its key is taken; `None` when it is.
+pub async fn insert(c: &impl GenericClient, id: Uuid, r: &NewReport) -> Result<Option<Report>> {
+    let t = &r.totals;
+    one(INSERT
+        .query_opt(
+            c,
+            &[
+                &id,
+                &r.commit_sha,
+                &r.branch,
+                &r.subsystem,
+                &r.session_id,
+                &r.client_key,
+                &t.lines_covered,
+                &t.lines_total,
+                &t.branches_covered,
+                &t.branches_total,
+                &t.functions_covered,
+                &t.functions_total,
+                &(r.files.len() as i32),
+                &r.recorded_at,
+            ],
+        )
+        .await?)
+}
+
+const COPY_FILES: Stmt = Stmt::new(
+    "COPY",
+    "coverage_files",
+    "COPY coverage_files (report_id, session_id, path, lines_covered, lines_total, \
+     branches_covered, branches_total, functions_covered, functions_total) FROM STDIN BINARY",
+);
+
+const FILE_TYPES: [Type; 9] = [
+    Type::UUID,
+    Type::UUID,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+];
+
+/// Writes the per-file rows of a new report with binary COPY.
+pub async fn copy_files(
+    tx: &deadpool_postgres::Transaction<'_>,
+    report: &Report,
+    r: &NewReport,
+) -> Result<u64> {
+    let span = COPY_FILES.span();
+    let copied = async {
+        let sink = tx.copy_in(COPY_FILES.sql).await?;
+        let writer = BinaryCopyInWriter::new(sink, &FILE_TYPES);
+        pin_mut!(writer);
+        for f in &r.files {
+            let c = &f.counters;
+            let row: [&(dyn ToSql + Sync); 9] = [
+                &report.id,
+                &report.session_id,
+                &f.path,
+                &c.lines_covered,
+                &c.lines_total,
+                &c.branches_covered,
+                &c.branches_total,
+                &c.functions_covered,
+                &c.functions_total,
+            ];
+            writer.as_mut().write(&row).await?;
+        }
+        writer.finish().await
+    }
+    .instrument(span.clone())
+    .await;
+    match copied {
+        Ok(n) => {
+            Stmt::record_copied(&span, n);
+            Ok(n)
+        }
+        Err(e) => {
+            Stmt::fail(&span, &e);
+            Err(e.into())
+        }
+    }
+}
+
+const BY_KEY: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_reports",
+    concat!(
+        "SELECT ",
+        report_columns!(),
+        " FROM coverage_reports WHERE commit_sha = $1 AND subsystem = $2 AND client_key = $3"
+    ),
+);
+
+/// The report stored under an idempotency key.
+pub async fn get_by_key(c: &impl GenericClient, r: &NewReport) -> Result<Option<Report>> {
+    one(BY_KEY
+        .query_opt(c, &[&r.commit_sha, &r.subsystem, &r.client_key])
+        .await?)
+}
+
+const LATEST_OF_COMMIT: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_reports",
+    concat!(
+        "SELECT ",
+        report_columns!(),
+        " FROM coverage_reports WHERE commit_sha = $1 AND subsystem = $2 \
+         ORDER BY recorded_at DESC, id DESC LIMIT 1"
+    ),
+);
+
+/// The latest report of a commit and subsystem.
+pub async fn latest_of_commit(
+    c: &impl GenericClient,
+    commit_sha: &str,
+    subsystem: &str,
+) -> Result<Option<Report>> {
+    one(LATEST_OF_COMMIT
+        .query_opt(c, &[&commit_sha, &subsystem])
+        .await?)
+}
+
+/// Summed counters of some reports.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Pooled {
+    /// `None` for the row pooling every subsystem.
+    pub subsystem: Option<String>,
+    pub report_count: i64,
+    pub counters: Counters,
+}
+
+const AGGREGATE: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_reports",
+    "WITH matching AS ( \
+         SELECT * FROM coverage_reports \
+         WHERE ($1::text IS NULL OR branch = $1) \
+           AND ($2::text IS NULL OR subsystem = $2) \
+           AND ($3::timestamptz IS NULL OR recorded_at >= $3) \
+           AND ($4::timestamptz IS NULL OR recorded_at < $4)), \
+     chosen AS ( \
+         SELECT * FROM matching WHERE NOT $5 \
+         UNION ALL \
+         (SELECT DISTINCT ON (subsystem) * FROM matching WHERE $5 \
+          ORDER BY subsystem, recorded_at DESC, id DESC)) \
+     SELECT GROUPING(subsystem) = 1, subsystem, count(*), \
+            COALESCE(sum(lines_covered), 0)::int8, COALESCE(sum(lines_total), 0)::int8, \
+            COALESCE(sum(branches_covered), 0)::int8, COALESCE(sum(branches_total), 0)::int8, \
+            COALESCE(sum(functions_covered), 0)::int8, COALESCE(sum(functions_total), 0)::int8 \
+     FROM chosen GROUP BY ROLLUP (subsystem) \
+     ORDER BY GROUPING(subsystem) DESC, subsystem",
+);
+
+/// The pooled counters of every matching report (first, subsystem `None`),
+/// then per subsystem in subsystem order.
+pub async fn aggregate(c: &impl GenericClient, q: &AggregateQuery) -> Result<Vec<Pooled>> {
+    AGGREGATE
+        .query(
+            c,
+            &[
+                &q.branch,
+                &q.subsystem,
+                &q.from,
+                &q.to,
+                &q.latest_per_subsystem,
+            ],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let overall: bool = r.try_get(0)?;
+            Ok(Pooled {
+                subsystem: if overall { None } else { r.try_get(1)? },
+                report_count: r.try_get(2)?,
+                counters: counters_at(r, 3)?,
+            })
+        })
+        .collect()
+}
+
+/// One bucket of a trend.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bucket {
+    pub start: DateTime<Utc>,
+    pub end: DateTime<Utc>,
+    pub report_count: i64,
+    pub counters: Counters,
+}
+
+// Buckets are computed in UTC wall time (timestamp without time zone), so the
+// session's TimeZone and DST never shift or stretch them; every bucket of the
+// series is kept by the LEFT JOIN, with or without reports.
+const TREND: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_reports",
+    "WITH buckets AS ( \
+         SELECT b AT TIME ZONE 'UTC' AS bucket_start, \
+                (b + make_interval(days => $4)) AT TIME ZONE 'UTC' AS bucket_end \
+         FROM generate_series(date_trunc($3, $5::timestamptz AT TIME ZONE 'UTC'), \
+                              date_trunc($3, $6::timestamptz AT TIME ZONE 'UTC'), \
+                              make_interval(days => $4)) AS b), \
+     latest AS ( \
+         SELECT DISTINCT ON (k.bucket_start, r.branch, r.subsystem) k.bucket_start, \
+                r.lines_covered, r.lines_total, r.branches_covered, r.branches_total, \
+                r.functions_covered, r.functions_total \
+         FROM buckets k JOIN coverage_reports r \
+           ON r.recorded_at >= k.bucket_start AND r.recorded_at < k.bucket_end \
+         WHERE ($1::text IS NULL OR r.branch = $1) AND ($2::text IS NULL OR r.subsystem = $2) \
+         ORDER BY k.bucket_start, r.branch, r.subsystem, r.recorded_at DESC, r.id DESC) \
+     SELECT k.bucket_start, k.bucket_end, count(l.bucket_start), \
+            COALESCE(sum(l.lines_covered), 0)::int8, COALESCE(sum(l.lines_total), 0)::int8, \
+            COALESCE(sum(l.branches_covered), 0)::int8, COALESCE(sum(l.branches_total), 0)::int8, \
+            COALESCE(sum(l.functions_covered), 0)::int8, COALESCE(sum(l.functions_total), 0)::int8 \
+     FROM buckets k LEFT JOIN latest l ON l.bucket_start = k.bucket_start \
+     GROUP BY k.bucket_start, k.bucket_end ORDER BY k.bucket_start",
+);
+
+/// Every bucket of a trend, oldest first, empty ones included.
+pub async fn trend(c: &impl GenericClient, q: &TrendQuery) -> Result<Vec<Bucket>> {
+    TREND
+        .query(
+            c,
+            &[
+                &q.branch,
+                &q.subsystem,
+                &q.unit,
+                &q.step_days,
+                &q.start,
+                &q.end,
+            ],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            Ok(Bucket {
+                start: r.try_get(0)?,
+                end: r.try_get(1)?,
+                report_count: r.try_get(2)?,
+                counters: counters_at(r, 3)?,
+            })
+        })
+        .collect()
+}
+
+/// How a file differs between two reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    Added,
+    Removed,
+    Changed,
+}
+
+/// One differing file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileDiff {
+    pub path: String,
+    pub change: Change,
+    pub base: Option<Counters>,
+    pub head: Option<Counters>,
+}
+
+/// Counts of differing files, over every file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiffCounts {
+    pub added: i64,
+    pub removed: i64,
+    pub changed: i64,
+}
+
+const FILE_DIFF: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_files",
+    "WITH b AS (SELECT * FROM coverage_files WHERE report_id = $1), \
+          h AS (SELECT * FROM coverage_files WHERE report_id = $2), \
+          diff AS ( \
+         SELECT COALESCE(b.path, h.path) AS path, \
+                b.lines_covered AS b_lc, b.lines_total AS b_lt, b.branches_covered AS b_bc, \
+                b.branches_total AS b_bt, b.functions_covered AS b_fc, b.functions_total AS b_ft, \
+                h.lines_covered AS h_lc, h.lines_total AS h_lt, h.branches_covered AS h_bc, \
+                h.branches_total AS h_bt, h.functions_covered AS h_fc, h.functions_total AS h_ft \
+         FROM b FULL JOIN h ON b.path = h.path \
+         WHERE b.path IS NULL OR h.path IS NULL \
+            OR (b.lines_covered, b.lines_total, b.branches_covered, b.branches_total, \
+                b.functions_covered, b.functions_total) \
+               IS DISTINCT FROM (h.lines_covered, h.lines_total, h.branches_covered, \
+                h.branches_total, h.functions_covered, h.functions_total)) \
+     SELECT path, b_lc, b_lt, b_bc, b_bt, b_fc, b_ft, h_lc, h_lt, h_bc, h_bt, h_fc, h_ft, \
+            count(*) FILTER (WHERE b_lc IS NULL) OVER (), \
+            count(*) FILTER (WHERE h_lc IS NULL) OVER (), \
+            count(*) FILTER (WHERE b_lc IS NOT NULL AND h_lc IS NOT NULL) OVER () \
+     FROM diff ORDER BY path LIMIT $3",
+);
+
+/// The files that differ between two reports, in path order (at most
+/// `limit`), and the counts over every differing file.
+pub async fn file_diff(
+    c: &impl GenericClient,
+    base: Uuid,
+    head: Uuid,
+    limit: i64,
+) -> Result<(Vec<FileDiff>, DiffCounts)> {
+    let rows = FILE_DIFF.query(c, &[&base, &head, &limit]).await?;
+    let counts = match rows.first() {
+        Some(r) => DiffCounts {
+            added: r.try_get(13)?,
+            removed: r.try_get(14)?,
+            changed: r.try_get(15)?,
+        },
+        None => DiffCounts::default(),
+    };
+    let files = rows
+        .iter()
+        .map(|r| {
+            let base = optional_counters_at(r, 1)?;
+            let head = optional_counters_at(r, 7)?;
+            let change = match (&base, &head) {
+                (None, _) => Change::Added,
+                (_, None) => Change::Removed,
+                _ => Change::Changed,
+            };
+            Ok(FileDiff {
+                path: r.try_get(0)?,
+                change,
+                base,
+                head,
+            })
+        })
+        .collect::<Result<_>>()?;
+    Ok((files, counts))
+}

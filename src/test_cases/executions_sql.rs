@@ -1,0 +1,273 @@
+//! The SQL of executions: the COPY sink shared by RecordExecutions and
+//! IngestExecutions, the list, and the statistics.
+
+use super::executions::{Execution, ExecutionKey, ListExecutions, NewExecution};
+use super::{ExecutionStatus, TestCaseRef};
+use crate::db::Stmt;
+use crate::error::{Error, Result};
+use crate::ingest::Sink;
+use crate::sessions::SessionStatus;
+use deadpool_postgres::GenericClient;
+use futures::pin_mut;
+use std::collections::{HashMap, HashSet};
+use tokio_postgres::Row;
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::types::{ToSql, Type};
+use tracing::Instrument;
+use uuid::Uuid;
+
+/// Writes executions with binary COPY, after resolving the test cases and
+/// sessions they name.
+pub struct ExecutionSink {
+    /// Set for RecordExecutions: rows remember their batch and position.
+    pub batch_id: Option<String>,
+}
+
+const RESOLVE_TEST_CASES: Stmt = Stmt::new(
+    "SELECT",
+    "test_cases",
+    "SELECT id, key FROM test_cases WHERE id = ANY($1) OR key = ANY($2)",
+);
+
+const LOCK_SESSIONS: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    "SELECT id, status FROM sessions WHERE id = ANY($1) ORDER BY id FOR SHARE",
+);
+
+const COPY: Stmt = Stmt::new(
+    "COPY",
+    "test_executions",
+    "COPY test_executions (id, test_case_id, session_id, status, started_at, duration_ms, \
+     environment, error_message, stack_trace, screenshot_refs, interaction_log, performance, \
+     batch_id, batch_position) FROM STDIN BINARY",
+);
+
+const COPY_TYPES: [Type; 14] = [
+    Type::UUID,
+    Type::UUID,
+    Type::UUID,
+    Type::TEXT,
+    Type::TIMESTAMPTZ,
+    Type::INT8,
+    Type::JSONB,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT_ARRAY,
+    Type::JSONB,
+    Type::JSONB,
+    Type::TEXT,
+    Type::INT4,
+];
+
+/// The test case id of every item, or an error naming the first item whose
+/// test case does not exist.
+async fn resolve_test_cases(c: &impl GenericClient, items: &[NewExecution]) -> Result<Vec<Uuid>> {
+    let mut ids = HashSet::new();
+    let mut keys = HashSet::new();
+    for e in items {
+        match &e.test_case {
+            TestCaseRef::Id(id) => ids.insert(*id),
+            TestCaseRef::Key(key) => keys.insert(key.as_str()),
+        };
+    }
+    let ids: Vec<Uuid> = ids.into_iter().collect();
+    let keys: Vec<&str> = keys.into_iter().collect();
+    let mut known_ids = HashSet::new();
+    let mut by_key = HashMap::new();
+    for row in RESOLVE_TEST_CASES.query(c, &[&ids, &keys]).await? {
+        let id: Uuid = row.try_get(0)?;
+        known_ids.insert(id);
+        by_key.insert(row.try_get::<_, String>(1)?, id);
+    }
+    items
+        .iter()
+        .map(|e| match &e.test_case {
+            TestCaseRef::Id(id) if known_ids.contains(id) => Ok(*id),
+            TestCaseRef::Key(key) => by_key.get(key).copied().ok_or_else(|| {
+                e.origin
+                    .invalid("test_case_key", format!("no test case has key {key:?}"))
+            }),
+            TestCaseRef::Id(id) => Err(e
+                .origin
+                .invalid("test_case_id", format!("test case {id} not found"))),
+        })
+        .collect()
+}
+
+/// Checks that every named session exists and still accepts findings, and
+/// holds a share lock on each until the transaction ends.
+async fn lock_sessions(c: &impl GenericClient, items: &[NewExecution]) -> Result<()> {
+    let named: Vec<Uuid> = items
+        .iter()
+        .filter_map(|e| e.session_id)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if named.is_empty() {
+        return Ok(());
+    }
+    let mut status = HashMap::new();
+    for row in LOCK_SESSIONS.query(c, &[&named]).await? {
+        status.insert(
+            row.try_get::<_, Uuid>(0)?,
+            SessionStatus::from_db(row.try_get(1)?)?,
+        );
+    }
+    for e in items {
+        let Some(id) = e.session_id else { continue };
+        match status.get(&id) {
+            None => {
+                return Err(e
+                    .origin
+                    .invalid("session_id", format!("session {id} not found")));
+            }
+            Some(s @ (SessionStatus::Failed | SessionStatus::Cancelled)) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "session {id} is {}; it accepts no more executions",
+                    s.as_str()
+                )));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+impl Sink for ExecutionSink {
+    type Item = NewExecution;
+
+    async fn write<'a>(
+        &'a self,
+        tx: &'a deadpool_postgres::Transaction<'a>,
+        items: &'a [NewExecution],
+    ) -> Result<u64> {
+        let test_case_ids = resolve_test_cases(tx, items).await?;
+        lock_sessions(tx, items).await?;
+
+        let span = COPY.span();
+        let copied = async {
+            let sink = tx.copy_in(COPY.sql).await?;
+            let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
+            pin_mut!(writer);
+            for (position, (e, test_case_id)) in items.iter().zip(&test_case_ids).enumerate() {
+                let position = self.batch_id.as_ref().map(|_| position as i32);
+                let row: [&(dyn ToSql + Sync); 14] = [
+                    &e.id,
+                    test_case_id,
+                    &e.session_id,
+                    &e.status.as_str(),
+                    &e.started_at,
+                    &e.duration_ms,
+                    &e.environment,
+                    &e.error_message,
+                    &e.stack_trace,
+                    &e.screenshot_refs,
+                    &e.interaction_log,
+                    &e.performance,
+                    &self.batch_id,
+                    &position,
+                ];
+                writer.as_mut().write(&row).await?;
+            }
+            writer.finish().await
+        }
+        .instrument(span.clone())
+        .await;
+        match copied {
+            Ok(n) => {
+                Stmt::record_copied(&span, n);
+                Ok(n)
+            }
+            Err(e) => {
+                Stmt::fail(&span, &e);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+const BATCH_IDS: Stmt = Stmt::new(
+    "SELECT",
+    "test_executions",
+    "SELECT id FROM test_executions WHERE batch_id = $1 ORDER BY batch_position",
+);
+
+/// Ids of a committed batch, in item order.
+pub async fn batch_ids(c: &impl GenericClient, batch_id: &str) -> Result<Vec<Uuid>> {
+    BATCH_IDS
+        .query(c, &[&batch_id])
+        .await?
+        .iter()
+        .map(|r| Ok(r.try_get(0)?))
+        .collect()
+}
+
+fn from_row(row: &Row) -> Result<Execution> {
+    Ok(Execution {
+        id: row.try_get("id")?,
+        test_case_id: row.try_get("test_case_id")?,
+        test_case_key: row.try_get("test_case_key")?,
+        session_id: row.try_get("session_id")?,
+        status: ExecutionStatus::from_db(row.try_get("status")?)?,
+        started_at: row.try_get("started_at")?,
+        duration_ms: row.try_get("duration_ms")?,
+        environment: row.try_get("environment")?,
+        error_message: row.try_get("error_message")?,
+        stack_trace: row.try_get("stack_trace")?,
+        screenshot_refs: row.try_get("screenshot_refs")?,
+        interaction_log: row.try_get("interaction_log")?,
+        performance: row.try_get("performance")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+pub fn key(e: &Execution) -> ExecutionKey {
+    (e.started_at.timestamp_micros(), e.id)
+}
+
+const LIST: Stmt = Stmt::new(
+    "SELECT",
+    "test_executions",
+    "SELECT e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
+            e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
+            e.interaction_log, e.performance, e.created_at \
+     FROM test_executions e JOIN test_cases t ON t.id = e.test_case_id \
+     WHERE ($1::uuid IS NULL OR e.test_case_id = $1) \
+       AND ($2::uuid IS NULL OR e.session_id = $2) \
+       AND ($3::text[] IS NULL OR e.status = ANY($3)) \
+       AND ($4::timestamptz IS NULL OR e.started_at >= $4) \
+       AND ($5::timestamptz IS NULL OR e.started_at < $5) \
+       AND ($6::timestamptz IS NULL OR (e.started_at, e.id) < ($6, $7)) \
+     ORDER BY e.started_at DESC, e.id DESC LIMIT $8",
+);
+
+/// One page of executions, newest first, plus one extra row when more
+/// follow. `test_case_id` is the resolved test case filter.
+pub async fn list(
+    c: &impl GenericClient,
+    q: &ListExecutions,
+    test_case_id: Option<Uuid>,
+) -> Result<Vec<Execution>> {
+    let f = &q.filter;
+    let statuses: Option<Vec<&str>> =
+        (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
+    let (after_at, after_id) = crate::pagination::time_key(q.after)?;
+    LIST.query(
+        c,
+        &[
+            &test_case_id,
+            &f.session_id,
+            &statuses,
+            &f.started_from,
+            &f.started_to,
+            &after_at,
+            &after_id,
+            &(q.page_size + 1),
+        ],
+    )
+    .await?
+    .iter()
+    .map(from_row)
+    .collect()
+}

@@ -1,0 +1,215 @@
+//! The SQL of test cases.
+
+use super::{ListTestCases, NewTestCase, TestCase, TestCaseRef, TestCaseUpdate, TestType};
+use crate::db::Stmt;
+use crate::error::Result;
+use deadpool_postgres::GenericClient;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+macro_rules! test_case_columns {
+    () => {
+        "id, key, name, description, test_type, target_subsystem, required_hardware, tags, \
+         version, created_at, updated_at"
+    };
+}
+
+fn from_row(row: &Row) -> Result<TestCase> {
+    Ok(TestCase {
+        id: row.try_get("id")?,
+        key: row.try_get("key")?,
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        test_type: TestType::from_db(row.try_get("test_type")?)?,
+        target_subsystem: row.try_get("target_subsystem")?,
+        required_hardware: row.try_get("required_hardware")?,
+        tags: row.try_get("tags")?,
+        version: row.try_get("version")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn one(row: Option<Row>) -> Result<Option<TestCase>> {
+    row.as_ref().map(from_row).transpose()
+}
+
+const INSERT: Stmt = Stmt::new(
+    "INSERT",
+    "test_cases",
+    concat!(
+        "INSERT INTO test_cases (id, key, name, description, test_type, target_subsystem, \
+         required_hardware, tags) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         ON CONFLICT (key) DO NOTHING RETURNING ",
+        test_case_columns!()
+    ),
+);
+
+/// Inserts a test case unless its key is taken; `None` when it is.
+pub async fn insert(c: &impl GenericClient, id: Uuid, t: &NewTestCase) -> Result<Option<TestCase>> {
+    let f = &t.fields;
+    one(INSERT
+        .query_opt(
+            c,
+            &[
+                &id,
+                &t.key,
+                &f.name,
+                &f.description,
+                &f.test_type.as_str(),
+                &f.target_subsystem,
+                &f.required_hardware,
+                &f.tags,
+            ],
+        )
+        .await?)
+}
+
+const BY_ID: Stmt = Stmt::new(
+    "SELECT",
+    "test_cases",
+    concat!(
+        "SELECT ",
+        test_case_columns!(),
+        " FROM test_cases WHERE id = $1"
+    ),
+);
+
+const BY_KEY: Stmt = Stmt::new(
+    "SELECT",
+    "test_cases",
+    concat!(
+        "SELECT ",
+        test_case_columns!(),
+        " FROM test_cases WHERE key = $1"
+    ),
+);
+
+/// A test case by id or key.
+pub async fn get(c: &impl GenericClient, r: &TestCaseRef) -> Result<Option<TestCase>> {
+    match r {
+        TestCaseRef::Id(id) => one(BY_ID.query_opt(c, &[id]).await?),
+        TestCaseRef::Key(key) => one(BY_KEY.query_opt(c, &[key]).await?),
+    }
+}
+
+const BY_ID_FOR_UPDATE: Stmt = Stmt::new(
+    "SELECT",
+    "test_cases",
+    concat!(
+        "SELECT ",
+        test_case_columns!(),
+        " FROM test_cases WHERE id = $1 FOR UPDATE"
+    ),
+);
+
+/// Reads a test case and locks it until the transaction ends. The lock
+/// waits for transactions still inserting executions of it (they hold a
+/// key-share lock through the foreign key), so what follows sees them.
+pub async fn get_for_update(c: &impl GenericClient, id: Uuid) -> Result<Option<TestCase>> {
+    one(BY_ID_FOR_UPDATE.query_opt(c, &[&id]).await?)
+}
+
+const LIST: Stmt = Stmt::new(
+    "SELECT",
+    "test_cases",
+    concat!(
+        "SELECT ",
+        test_case_columns!(),
+        " FROM test_cases \
+         WHERE ($1::text[] IS NULL OR test_type = ANY($1)) \
+           AND ($2::text IS NULL OR target_subsystem = $2) \
+           AND ($3::text IS NULL OR tags @> ARRAY[$3::text]) \
+           AND ($4::text IS NULL OR starts_with(name, $4)) \
+           AND ($5::text IS NULL OR key > $5) \
+         ORDER BY key LIMIT $6"
+    ),
+);
+
+/// One page of test cases in key order, plus one extra row when more follow.
+pub async fn list(c: &impl GenericClient, q: &ListTestCases) -> Result<Vec<TestCase>> {
+    let f = &q.filter;
+    let types: Option<Vec<&str>> =
+        (!f.test_types.is_empty()).then(|| f.test_types.iter().map(|t| t.as_str()).collect());
+    LIST.query(
+        c,
+        &[
+            &types,
+            &f.target_subsystem,
+            &f.tag,
+            &f.name_prefix,
+            &q.after,
+            &(q.page_size + 1),
+        ],
+    )
+    .await?
+    .iter()
+    .map(from_row)
+    .collect()
+}
+
+const UPDATE: Stmt = Stmt::new(
+    "UPDATE",
+    "test_cases",
+    concat!(
+        "UPDATE test_cases SET name = COALESCE($2, name), \
+           description = COALESCE($3, description), \
+           test_type = COALESCE($4, test_type), \
+           target_subsystem = COALESCE($5, target_subsystem), \
+           required_hardware = COALESCE($6, required_hardware), \
+           tags = COALESCE($7, tags), \
+           version = version + 1, updated_at = now() \
+         WHERE id = $1 RETURNING ",
+        test_case_columns!()
+    ),
+);
+
+/// Applies the fields an update names (the others are NULL and kept).
+pub async fn update(c: &impl GenericClient, u: &TestCaseUpdate) -> Result<TestCase> {
+    from_row(
+        &UPDATE
+            .query_one(
+                c,
+                &[
+                    &u.id,
+                    &u.name,
+                    &u.description,
+                    &u.test_type.map(|t| t.as_str()),
+                    &u.target_subsystem,
+                    &u.required_hardware,
+                    &u.tags,
+                ],
+            )
+            .await?,
+    )
+}
+
+const HAS_EXECUTIONS: Stmt = Stmt::new(
+    "SELECT",
+    "test_executions",
+    "SELECT EXISTS (SELECT 1 FROM test_executions WHERE test_case_id = $1)",
+);
+
+pub async fn has_executions(c: &impl GenericClient, id: Uuid) -> Result<bool> {
+    Ok(HAS_EXECUTIONS.query_one(c, &[&id]).await?.try_get(0)?)
+}
+
+const DELETE_EXECUTIONS: Stmt = Stmt::new(
+    "DELETE",
+    "test_executions",
+    "DELETE FROM test_executions WHERE test_case_id = $1",
+);
+
+pub async fn delete_executions(c: &impl GenericClient, id: Uuid) -> Result<u64> {
+    DELETE_EXECUTIONS.execute(c, &[&id]).await
+}
+
+const DELETE: Stmt = Stmt::new(
+    "DELETE",
+    "test_cases",
+    "DELETE FROM test_cases WHERE id = $1",
+);
+
+pub async fn delete(c: &impl GenericClient, id: Uuid) -> Result<u64> {
+    DELETE.execute(c, &[&id]).await
+}

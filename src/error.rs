@@ -43,6 +43,10 @@ pub enum Error {
     DeadlineExceeded,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -96,6 +100,8 @@ impl From<Error> for Status {
                 tracing::error!(error.detail = %detail, "internal error");
                 Status::internal("internal error; see the gateway's logs for this trace")
             }
+            Error::Unauthenticated(msg) => Status::unauthenticated(msg),
+            Error::PermissionDenied(msg) => Status::permission_denied(msg),
         }
     }
 }

@@ -4,6 +4,9 @@
 //! [`Application::build`] prepares a gateway (database, pool, listener);
 //! [`Application::run_until_stopped`] serves it until SIGTERM/SIGINT.
 
+pub mod admin;
+pub mod audit;
+pub mod auth;
 pub mod call;
 pub mod config;
 pub mod convert;
@@ -18,6 +21,7 @@ pub mod server;
 pub mod sessions;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;
 pub mod wire;
 
@@ -32,11 +36,13 @@ pub mod proto {
 }
 
 use anyhow::Context;
-use config::Config;
+use auth::AuthMode;
+use config::{Config, KeysCommand};
 use db::Db;
 use db::embedded::{self, EmbeddedPostgres};
 use db::migrate;
 use db::notify::Hub;
+use pagination::Signer;
 use server::health::Health;
 use state::AppState;
 use std::future::Future;
@@ -55,10 +61,22 @@ pub struct Application {
     pg: tokio_postgres::Config,
     db: Db,
     embedded: Option<EmbeddedPostgres>,
+    auth: AuthMode,
+    signer: Signer,
+    tls: Option<tls::TlsAcceptor>,
 }
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let auth = config.auth_mode()?;
+        let tls = tls::TlsAcceptor::from_config(&config)?;
+        let signer = Signer::new();
+        if let Some(secret) = &config.page_token_secret {
+            if secret.len() < 16 {
+                anyhow::bail!("VERDICT_PAGE_TOKEN_SECRET must be at least 16 characters");
+            }
+            signer.set(secret.as_bytes());
+        }
         let (pg, embedded) = database(&config).await?;
         let pg = db::connection_config(pg, config.max_statement_timeout());
         let db = Db::new(
@@ -78,7 +96,21 @@ impl Application {
             pg,
             db,
             embedded,
+            auth,
+            signer,
+            tls,
         })
+    }
+
+    /// Whether calls need an API key.
+    pub fn auth_mode(&self) -> AuthMode {
+        self.auth
+    }
+
+    /// The TLS acceptor, to reload certificates by hand (SIGHUP and file
+    /// changes do it by themselves); `None` without TLS.
+    pub fn tls(&self) -> Option<tls::TlsAcceptor> {
+        self.tls.clone()
     }
 
     /// The port the gateway listens on (useful with port 0).
@@ -119,13 +151,19 @@ impl Application {
             db: self.db.clone(),
             hub: hub.clone(),
             shutdown: shutdown_rx.clone(),
+            signer: self.signer.clone(),
         };
+        self.auth.log(self.config.listen);
 
         let (fatal_tx, fatal_rx) = oneshot::channel();
         let mut background = JoinSet::new();
+        if let Some(tls) = &self.tls {
+            background.spawn(tls.clone().watch(self.config.tls_reload_interval()));
+        }
         background.spawn(bootstrap(
             self.pg.clone(),
             self.db.clone(),
+            self.signer.clone(),
             health.clone(),
             hub,
             self.config.health_probe_interval(),
@@ -134,10 +172,20 @@ impl Application {
 
         let mut drained = shutdown_rx.clone();
         let config = self.config.clone();
+        let auth = self.auth;
+        let tls = self.tls.clone();
         let mut server = tokio::spawn(async move {
-            server::serve(&config, self.listener, state, reporter, async move {
-                let _ = drained.wait_for(|stopping| *stopping).await;
-            })
+            server::serve(
+                &config,
+                self.listener,
+                state,
+                reporter,
+                auth,
+                tls,
+                async move {
+                    let _ = drained.wait_for(|stopping| *stopping).await;
+                },
+            )
             .await
         });
         tracing::info!(
@@ -200,6 +248,7 @@ async fn database(
 async fn bootstrap(
     pg: tokio_postgres::Config,
     db: Db,
+    signer: Signer,
     health: Health,
     hub: Hub,
     probe_interval: Duration,
@@ -213,7 +262,12 @@ async fn bootstrap(
             Ok(mut client) => match migrate::run(&mut client).await {
                 Ok(applied) => {
                     tracing::info!(?applied, "database schema is up to date");
-                    break;
+                    match load_page_token_secret(&client, &signer).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(attempt, error = %e, "cannot read the page-token secret; retrying")
+                        }
+                    }
                 }
                 Err(e) if client.is_closed() => {
                     tracing::warn!(attempt, error = %format!("{e:#}"), "lost the database while migrating; retrying");
@@ -242,6 +296,26 @@ async fn bootstrap(
         health.probe(db.clone(), pg.clone(), probe_interval),
         hub.listen(pg)
     );
+}
+
+/// Without VERDICT_PAGE_TOKEN_SECRET, page tokens are signed with the
+/// random secret the migrations stored in the database: every replica of a
+/// database reads the same one, so a token from one replica works on all.
+async fn load_page_token_secret(
+    client: &tokio_postgres::Client,
+    signer: &Signer,
+) -> Result<(), tokio_postgres::Error> {
+    if signer.is_set() {
+        return Ok(());
+    }
+    let row = client
+        .query_one(
+            "SELECT secret FROM gateway_secrets WHERE purpose = 'page_tokens'",
+            &[],
+        )
+        .await?;
+    signer.set(row.get::<_, &[u8]>(0));
+    Ok(())
 }
 
 /// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
@@ -285,6 +359,75 @@ pub async fn migrate_command(config: &Config, status_only: bool) -> anyhow::Resu
                 for v in applied {
                     println!("applied V{v}");
                 }
+            }
+        }
+        Ok(())
+    }
+    .await;
+    if let Some(pg) = embedded.as_mut() {
+        pg.stop().await?;
+    }
+    result
+}
+
+/// `verdict keys create|list|revoke`: applies pending migrations (so keys
+/// can be made before the first `serve`), then manages keys. Creating and
+/// revoking write an audit row in the same transaction.
+pub async fn keys_command(config: &Config, action: KeysCommand) -> anyhow::Result<()> {
+    let (pg, mut embedded) = database(config).await?;
+    let pg = db::connection_config(pg, config.max_statement_timeout());
+    let result = async {
+        let mut client = db::connect_direct(&pg)
+            .await
+            .context("cannot connect to PostgreSQL")?;
+        migrate::run(&mut client).await?;
+        drop(client);
+        let db = Db::new(pg.clone(), 1, config.pool_wait_timeout(), config.max_statement_timeout())?;
+        db.set_ready();
+        let mut conn = db.conn(&call::Call::default()).await?;
+        match action {
+            KeysCommand::Create { name, scopes } => {
+                let scopes = auth::ScopeSet::parse_list(&scopes.join(","))
+                    .map_err(anyhow::Error::msg)?;
+                let name = name.trim();
+                if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+                    anyhow::bail!("--name must be 1 to 200 characters without control characters");
+                }
+                let key = auth::keys::generate()?;
+                let tx = conn.begin().await?;
+                auth::keys::insert(&tx, &key, name, scopes).await?;
+                audit::record_as(&tx, None, "cli:keys.create", &[key.id.to_string()], audit::Outcome::Created, None).await?;
+                tx.commit().await?;
+                eprintln!(
+                    "created key {} ({name}, scopes {}); the token below is shown once and cannot be recovered:",
+                    key.id,
+                    scopes.to_list()
+                );
+                println!("{}", key.token);
+            }
+            KeysCommand::List => {
+                println!("{:<16}  {:<17}  {:<25}  {:<10}  name", "id", "scopes", "created", "state");
+                for k in auth::keys::list(conn.client().await?).await? {
+                    let state = match k.revoked_at {
+                        Some(at) => format!("revoked {}", at.format("%Y-%m-%d %H:%M:%S")),
+                        None => "active".into(),
+                    };
+                    println!(
+                        "{:<16}  {:<17}  {:<25}  {:<10}  {}",
+                        k.id,
+                        k.scopes.to_list(),
+                        k.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+                        state,
+                        k.name
+                    );
+                }
+            }
+            KeysCommand::Revoke { id } => {
+                let tx = conn.begin().await?;
+                auth::keys::revoke(&tx, &id).await?;
+                audit::record_as(&tx, None, "cli:keys.revoke", &[id.clone()], audit::Outcome::Updated, None).await?;
+                tx.commit().await?;
+                println!("revoked key {id}; every replica refuses it from the next call on");
             }
         }
         Ok(())

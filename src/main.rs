@@ -25,6 +25,7 @@ fn main() -> ExitCode {
                 app.run_until_stopped().await
             }
             Command::Migrate { status } => verdict::migrate_command(&cli.config, status).await,
+            Command::Keys { action } => verdict::keys_command(&cli.config, action).await,
         };
         telemetry.shutdown();
         result

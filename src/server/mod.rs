@@ -1,12 +1,15 @@
-//! The gRPC server assembled in one place: tracing layer, health,
-//! reflection (v1 and v1alpha), and every Verdict service with its message
-//! size limits.
+//! The gRPC server assembled in one place: tracing layer, auth layer,
+//! health, reflection (v1 and v1alpha), every Verdict service with its
+//! message size limits, over plain TCP or TLS.
 
 pub mod health;
 mod trace;
 
+use crate::admin::AdminApi;
+use crate::auth::{AuthLayer, AuthMode};
 use crate::config::Config;
 use crate::discrepancies::DiscrepancyApi;
+use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::discrepancy_service_server::DiscrepancyServiceServer;
 use crate::proto::result_service_server::ResultServiceServer;
 use crate::proto::session_service_server::SessionServiceServer;
@@ -28,6 +31,7 @@ pub fn service_names() -> Vec<&'static str> {
         <SessionServiceServer<SessionApi> as NamedService>::NAME,
         <ResultServiceServer<ResultApi> as NamedService>::NAME,
         <DiscrepancyServiceServer<DiscrepancyApi> as NamedService>::NAME,
+        <AdminServiceServer<AdminApi> as NamedService>::NAME,
     ]
 }
 
@@ -37,6 +41,8 @@ pub async fn serve(
     listener: TcpListener,
     state: AppState,
     reporter: HealthReporter,
+    auth: AuthMode,
+    tls: Option<crate::tls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -55,14 +61,19 @@ pub async fn serve(
     let results = ResultServiceServer::new(ResultApi::new(state.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
-    let discrepancies = DiscrepancyServiceServer::new(DiscrepancyApi::new(state))
+    let discrepancies = DiscrepancyServiceServer::new(DiscrepancyApi::new(state.clone()))
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
+    let admin = AdminServiceServer::new(AdminApi::new(state.clone()))
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let auth = AuthLayer::new(state.db.clone(), auth.is_required(), state.signer.clone());
 
-    Server::builder()
+    let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(trace::RpcTraceLayer)
+        .layer(auth)
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             reporter,
         )))
@@ -71,15 +82,27 @@ pub async fn serve(
         .add_service(sessions)
         .add_service(results)
         .add_service(discrepancies)
+        .add_service(admin);
+    match tls {
+        Some(tls) => {
+            tracing::info!(mutual = tls.is_mutual(), "serving TLS only");
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await?
+        }
         // Settings of the builder (nodelay, keepalive) do not reach sockets
         // of an incoming stream we bring ourselves: set them here. Without
         // nodelay, replies larger than a segment wait out delayed ACKs (40 ms).
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(60))),
-            shutdown,
-        )
-        .await?;
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(Duration::from_secs(60))),
+                    shutdown,
+                )
+                .await?
+        }
+    }
     Ok(())
 }

@@ -102,6 +102,11 @@ impl Application {
         })
     }
 
+    /// The gateway's database handle (pool and its counters).
+    pub fn db(&self) -> Db {
+        self.db.clone()
+    }
+
     /// Whether calls need an API key.
     pub fn auth_mode(&self) -> AuthMode {
         self.auth
@@ -371,70 +376,146 @@ pub async fn migrate_command(config: &Config, status_only: bool) -> anyhow::Resu
 }
 
 /// `verdict keys create|list|revoke`: applies pending migrations (so keys
-/// can be made before the first `serve`), then manages keys. Creating and
-/// revoking write an audit row in the same transaction.
+/// can be made before the first `serve`), then manages keys.
 pub async fn keys_command(config: &Config, action: KeysCommand) -> anyhow::Result<()> {
-    let (pg, mut embedded) = database(config).await?;
-    let pg = db::connection_config(pg, config.max_statement_timeout());
-    let result = async {
-        let mut client = db::connect_direct(&pg)
-            .await
-            .context("cannot connect to PostgreSQL")?;
-        migrate::run(&mut client).await?;
-        drop(client);
-        let db = Db::new(pg.clone(), 1, config.pool_wait_timeout(), config.max_statement_timeout())?;
-        db.set_ready();
-        let mut conn = db.conn(&call::Call::default()).await?;
-        match action {
-            KeysCommand::Create { name, scopes } => {
-                let scopes = auth::ScopeSet::parse_list(&scopes.join(","))
-                    .map_err(anyhow::Error::msg)?;
-                let name = name.trim();
-                if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
-                    anyhow::bail!("--name must be 1 to 200 characters without control characters");
-                }
-                let key = auth::keys::generate()?;
-                let tx = conn.begin().await?;
-                auth::keys::insert(&tx, &key, name, scopes).await?;
-                audit::record_as(&tx, None, "cli:keys.create", &[key.id.to_string()], audit::Outcome::Created, None).await?;
-                tx.commit().await?;
-                eprintln!(
-                    "created key {} ({name}, scopes {}); the token below is shown once and cannot be recovered:",
-                    key.id,
-                    scopes.to_list()
+    match action {
+        KeysCommand::Create { name, scopes } => {
+            let scopes =
+                auth::ScopeSet::parse_list(&scopes.join(",")).map_err(anyhow::Error::msg)?;
+            let key = create_key(config, &name, scopes).await?;
+            eprintln!(
+                "created key {} ({}, scopes {}); the token below is shown once and cannot be recovered:",
+                key.id,
+                name.trim(),
+                scopes.to_list()
+            );
+            println!("{}", key.token);
+        }
+        KeysCommand::List => {
+            println!(
+                "{:<16}  {:<16}  {:<23}  {:<27}  name",
+                "id", "scopes", "created", "state"
+            );
+            for k in list_keys(config).await? {
+                let state = match k.revoked_at {
+                    Some(at) => format!("revoked {}", at.format("%Y-%m-%d %H:%M:%S UTC")),
+                    None => "active".into(),
+                };
+                println!(
+                    "{:<16}  {:<16}  {:<23}  {:<27}  {}",
+                    k.id,
+                    k.scopes.to_list(),
+                    k.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+                    state,
+                    k.name
                 );
-                println!("{}", key.token);
-            }
-            KeysCommand::List => {
-                println!("{:<16}  {:<17}  {:<25}  {:<10}  name", "id", "scopes", "created", "state");
-                for k in auth::keys::list(conn.client().await?).await? {
-                    let state = match k.revoked_at {
-                        Some(at) => format!("revoked {}", at.format("%Y-%m-%d %H:%M:%S")),
-                        None => "active".into(),
-                    };
-                    println!(
-                        "{:<16}  {:<17}  {:<25}  {:<10}  {}",
-                        k.id,
-                        k.scopes.to_list(),
-                        k.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-                        state,
-                        k.name
-                    );
-                }
-            }
-            KeysCommand::Revoke { id } => {
-                let tx = conn.begin().await?;
-                auth::keys::revoke(&tx, &id).await?;
-                audit::record_as(&tx, None, "cli:keys.revoke", &[id.clone()], audit::Outcome::Updated, None).await?;
-                tx.commit().await?;
-                println!("revoked key {id}; every replica refuses it from the next call on");
             }
         }
-        Ok(())
+        KeysCommand::Revoke { id } => {
+            revoke_key(config, &id).await?;
+            println!("revoked key {id}; every replica refuses it from the next call on");
+        }
     }
-    .await;
-    if let Some(pg) = embedded.as_mut() {
+    Ok(())
+}
+
+/// The database of `config` (started when embedded), migrated, with a
+/// one-connection pool for key management.
+async fn key_database(config: &Config) -> anyhow::Result<(Db, Option<EmbeddedPostgres>)> {
+    let (pg, embedded) = database(config).await?;
+    let pg = db::connection_config(pg, config.max_statement_timeout());
+    let mut client = db::connect_direct(&pg)
+        .await
+        .context("cannot connect to PostgreSQL")?;
+    migrate::run(&mut client).await?;
+    drop(client);
+    let db = Db::new(
+        pg,
+        1,
+        config.pool_wait_timeout(),
+        config.max_statement_timeout(),
+    )?;
+    db.set_ready();
+    Ok((db, embedded))
+}
+
+async fn close_key_database(db: Db, embedded: Option<EmbeddedPostgres>) -> anyhow::Result<()> {
+    db.close();
+    if let Some(mut pg) = embedded {
         pg.stop().await?;
     }
+    Ok(())
+}
+
+/// Creates an API key; its token is in the result and nowhere else. The
+/// audit row (`cli:keys.create`) is written in the same transaction.
+pub async fn create_key(
+    config: &Config,
+    name: &str,
+    scopes: auth::ScopeSet,
+) -> anyhow::Result<auth::keys::NewKey> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        anyhow::bail!("--name must be 1 to 200 characters without control characters");
+    }
+    let (db, embedded) = key_database(config).await?;
+    let result = async {
+        let key = auth::keys::generate()?;
+        let mut conn = db.conn(&call::Call::default()).await?;
+        let tx = conn.begin().await?;
+        auth::keys::insert(&tx, &key, name, scopes).await?;
+        let targets = [key.id.to_string()];
+        audit::record_as(
+            &tx,
+            None,
+            "cli:keys.create",
+            &targets,
+            audit::Outcome::Created,
+            None,
+        )
+        .await?;
+        tx.commit().await.map_err(error::Error::from)?;
+        Ok::<_, anyhow::Error>(key)
+    }
+    .await;
+    close_key_database(db, embedded).await?;
+    result
+}
+
+/// Every API key, oldest first (never their secrets).
+pub async fn list_keys(config: &Config) -> anyhow::Result<Vec<auth::keys::KeyInfo>> {
+    let (db, embedded) = key_database(config).await?;
+    let result = async {
+        let mut conn = db.conn(&call::Call::default()).await?;
+        Ok::<_, anyhow::Error>(auth::keys::list(conn.client().await?).await?)
+    }
+    .await;
+    close_key_database(db, embedded).await?;
+    result
+}
+
+/// Revokes an API key; every replica refuses it from the next call on. The
+/// audit row (`cli:keys.revoke`) is written in the same transaction.
+pub async fn revoke_key(config: &Config, id: &str) -> anyhow::Result<()> {
+    let (db, embedded) = key_database(config).await?;
+    let result = async {
+        let mut conn = db.conn(&call::Call::default()).await?;
+        let tx = conn.begin().await?;
+        auth::keys::revoke(&tx, id).await?;
+        let targets = [id.to_owned()];
+        audit::record_as(
+            &tx,
+            None,
+            "cli:keys.revoke",
+            &targets,
+            audit::Outcome::Updated,
+            None,
+        )
+        .await?;
+        tx.commit().await.map_err(error::Error::from)?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    close_key_database(db, embedded).await?;
     result
 }

@@ -2,6 +2,7 @@
 //! health, reflection (v1 and v1alpha), every Verdict service with its
 //! message size limits, over plain TCP or TLS.
 
+mod decode;
 pub mod health;
 mod trace;
 
@@ -73,6 +74,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(trace::RpcTraceLayer)
+        .layer(decode::DecodeErrorLayer)
         .layer(auth)
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             reporter,

@@ -4,6 +4,7 @@ mod audit;
 mod auth;
 mod discrepancies;
 mod gateway;
+mod fuzz;
 mod helpers;
 mod hostile;
 mod results;

@@ -40,6 +40,8 @@ struct Inner {
     key: PathBuf,
     client_ca: Option<PathBuf>,
     current: RwLock<Arc<ServerConfig>>,
+    /// Counts successful reloads, for whoever waits for one.
+    generation: tokio::sync::watch::Sender<u64>,
     /// (modified, length) of each file at the last load.
     stamps: Mutex<Vec<Option<(SystemTime, u64)>>>,
 }
@@ -64,6 +66,7 @@ impl TlsAcceptor {
                 key: key.to_owned(),
                 client_ca: client_ca.map(Path::to_owned),
                 current: RwLock::new(Arc::new(config)),
+                generation: tokio::sync::watch::Sender::new(0),
                 stamps: Mutex::new(stamps),
             }),
         })
@@ -90,8 +93,14 @@ impl TlsAcceptor {
         let config = load(&i.cert, &i.key, i.client_ca.as_deref())?;
         *i.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(config);
         *i.stamps.lock().unwrap_or_else(|p| p.into_inner()) = stamps;
+        i.generation.send_modify(|g| *g += 1);
         tracing::info!(cert = %i.cert.display(), "TLS certificates reloaded");
         Ok(())
+    }
+
+    /// Follows successful reloads: the value is how many there were.
+    pub fn reloads(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.inner.generation.subscribe()
     }
 
     fn file_stamps(&self) -> Vec<Option<(SystemTime, u64)>> {

@@ -19,11 +19,20 @@ const ALLOWED: &[(&str, &str)] = &[
     ("src/db/mod.rs", "tx.batch_execute(&format!("),
     ("src/db/mod.rs", "\"SET LOCAL statement_timeout = {}\","),
     ("src/db/mod.rs", "\"SET statement_timeout = {}\","),
-    ("src/db/mod.rs", "if object.batch_execute(&sql).await.is_err() {"),
+    (
+        "src/db/mod.rs",
+        "if object.batch_execute(&sql).await.is_err() {",
+    ),
     ("src/db/mod.rs", "\"-c statement_timeout={}\","),
     // Constants of the embedded server and the notification channel.
-    ("src/db/embedded.rs", ".batch_execute(&format!(\"CREATE DATABASE {DATABASE}\"))"),
-    ("src/db/notify.rs", ".batch_execute(&format!(\"LISTEN {SESSION_CHANNEL}\"))"),
+    (
+        "src/db/embedded.rs",
+        ".batch_execute(&format!(\"CREATE DATABASE {DATABASE}\"))",
+    ),
+    (
+        "src/db/notify.rs",
+        ".batch_execute(&format!(\"LISTEN {SESSION_CHANNEL}\"))",
+    ),
 ];
 
 const RAW_CALLS: &[&str] = &[
@@ -43,8 +52,22 @@ const RAW_CALLS: &[&str] = &[
 ];
 
 const SQL_WORDS: &[&str] = &[
-    "SELECT ", "INSERT ", "UPDATE ", "DELETE ", "WHERE ", " FROM ", "SET ", "CREATE ", "DROP ",
-    "ALTER ", "LISTEN ", "NOTIFY ", "COPY ", "ORDER BY", "LIMIT ", "statement_timeout",
+    "SELECT ",
+    "INSERT ",
+    "UPDATE ",
+    "DELETE ",
+    "WHERE ",
+    " FROM ",
+    "SET ",
+    "CREATE ",
+    "DROP ",
+    "ALTER ",
+    "LISTEN ",
+    "NOTIFY ",
+    "COPY ",
+    "ORDER BY",
+    "LIMIT ",
+    "statement_timeout",
 ];
 
 fn sources(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -106,7 +129,10 @@ fn receiver(text: &str, dot: usize) -> String {
 
 fn is_stmt_const(name: &str) -> bool {
     let last = name.rsplit('.').next().unwrap_or(name);
-    !last.is_empty() && last.chars().all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+    !last.is_empty()
+        && last
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
 }
 
 #[test]
@@ -118,7 +144,11 @@ fn no_sql_is_built_at_run_time_from_anything_but_constants() {
     let mut problems = Vec::new();
     let mut raw_calls_checked = 0;
     for path in files {
-        let file = path.strip_prefix(root).unwrap().to_string_lossy().replace('\\', "/");
+        let file = path
+            .strip_prefix(root)
+            .unwrap()
+            .to_string_lossy()
+            .replace('\\', "/");
         let text = std::fs::read_to_string(&path).unwrap();
         let line_of = |at: usize| text[..at].matches('\n').count();
         let lines: Vec<&str> = text.lines().collect();
@@ -151,7 +181,10 @@ fn no_sql_is_built_at_run_time_from_anything_but_constants() {
                     ));
                 }
                 if arg.contains("format!") && !allowed(&file, line) {
-                    problems.push(format!("{file}:{}: SQL built with format!", line_of(at) + 1));
+                    problems.push(format!(
+                        "{file}:{}: SQL built with format!",
+                        line_of(at) + 1
+                    ));
                 }
             }
         }
@@ -174,11 +207,18 @@ fn no_sql_is_built_at_run_time_from_anything_but_constants() {
                 code.contains(w) || (code.trim_end().ends_with('(') && window.contains(w))
             });
             if sqlish && !allowed(&file, line) && !allowed(&file, lines.get(n + 1).unwrap_or(&"")) {
-                problems.push(format!("{file}:{}: text assembly with SQL: {}", n + 1, line.trim()));
+                problems.push(format!(
+                    "{file}:{}: text assembly with SQL: {}",
+                    n + 1,
+                    line.trim()
+                ));
             }
         }
     }
-    assert!(raw_calls_checked > 3, "the scan found no raw call; is it still looking?");
+    assert!(
+        raw_calls_checked > 3,
+        "the scan found no raw call; is it still looking?"
+    );
     assert!(problems.is_empty(), "dynamic SQL:\n{}", problems.join("\n"));
 }
 

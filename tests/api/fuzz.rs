@@ -148,8 +148,17 @@ impl Schema {
                 delimited(out, &inner);
             }
             Type::Double => {
-                let v = [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, 0.5, 1.0, -1.0, 1e308, f64::MIN_POSITIVE]
-                    [rng.below(9)];
+                let v = [
+                    f64::NAN,
+                    f64::INFINITY,
+                    f64::NEG_INFINITY,
+                    0.0,
+                    0.5,
+                    1.0,
+                    -1.0,
+                    1e308,
+                    f64::MIN_POSITIVE,
+                ][rng.below(9)];
                 prost::encoding::encode_varint((number << 3) | 1, out);
                 out.put_f64_le(v);
             }
@@ -168,8 +177,22 @@ impl Schema {
             }
             _ => {
                 // Every varint type, enums included.
-                let v: i64 = [0, 1, 2, 3, 5, 7, -1, 50, 1000, 1001, i32::MAX as i64, i32::MIN as i64, i64::MAX, i64::MIN]
-                    [rng.below(14)];
+                let v: i64 = [
+                    0,
+                    1,
+                    2,
+                    3,
+                    5,
+                    7,
+                    -1,
+                    50,
+                    1000,
+                    1001,
+                    i32::MAX as i64,
+                    i32::MIN as i64,
+                    i64::MAX,
+                    i64::MIN,
+                ][rng.below(14)];
                 let v = if f.r#type() == Type::Bool { v & 1 } else { v };
                 varint(out, v as u64);
             }

@@ -100,7 +100,11 @@ fn proper(code: Code) -> bool {
 fn cases(schema: &Schema, method: &Method, rng: &mut Rng, strings: &[String]) -> Vec<Vec<Vec<u8>>> {
     (0..CASES_PER_RPC)
         .map(|i| {
-            let count = if method.client_streaming { 1 + rng.below(3) } else { 1 };
+            let count = if method.client_streaming {
+                1 + rng.below(3)
+            } else {
+                1
+            };
             (0..count)
                 .map(|_| {
                     if i % 2 == 0 {
@@ -149,7 +153,10 @@ async fn fuzzed_requests_to_every_rpc_get_a_proper_status_and_never_a_server_fau
     let mut faults = Vec::new();
     let mut total = 0;
     for method in &schema.methods {
-        for (n, case) in cases(&schema, method, &mut rng, &strings).into_iter().enumerate() {
+        for (n, case) in cases(&schema, method, &mut rng, &strings)
+            .into_iter()
+            .enumerate()
+        {
             let code = send(&app.channel, method, case).await;
             total += 1;
             if !proper(code) {
@@ -157,7 +164,10 @@ async fn fuzzed_requests_to_every_rpc_get_a_proper_status_and_never_a_server_fau
             }
         }
     }
-    assert!(faults.is_empty(), "server faults on fuzzed input: {faults:#?}");
+    assert!(
+        faults.is_empty(),
+        "server faults on fuzzed input: {faults:#?}"
+    );
     assert_eq!(total, schema.methods.len() * CASES_PER_RPC);
     // The gateway is still healthy and its tables intact.
     let sql = app.sql().await;
@@ -177,8 +187,16 @@ async fn fuzzed_requests_without_a_key_are_all_unauthenticated_before_any_databa
     let mut rng = Rng::new(SEED ^ 1);
     let before = app.db.connections_acquired();
     for method in &schema.methods {
-        for case in cases(&schema, method, &mut rng, &strings).into_iter().take(8) {
-            assert_eq!(send(&app.channel, method, case).await, Code::Unauthenticated, "{}", method.path);
+        for case in cases(&schema, method, &mut rng, &strings)
+            .into_iter()
+            .take(8)
+        {
+            assert_eq!(
+                send(&app.channel, method, case).await,
+                Code::Unauthenticated,
+                "{}",
+                method.path
+            );
         }
     }
     assert_eq!(app.db.connections_acquired(), before);
@@ -231,7 +249,13 @@ async fn sql_metacharacters_in_every_text_field_are_stored_verbatim() {
         req.source_technology = meta.to_string();
         req.target_technology = meta.to_string();
         req.validation_scope = meta.to_string();
-        let created = s.create_session(req).await.unwrap().into_inner().session.unwrap();
+        let created = s
+            .create_session(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .session
+            .unwrap();
         let got = s
             .get_session(GetSessionRequest {
                 lookup: Some(Lookup::RequestId(request_id.clone())),
@@ -243,7 +267,12 @@ async fn sql_metacharacters_in_every_text_field_are_stored_verbatim() {
             .unwrap();
         assert_eq!(got.id, created.id);
         assert_eq!(
-            (got.request_id.as_str(), got.source_technology.as_str(), got.target_technology.as_str(), got.validation_scope.as_str()),
+            (
+                got.request_id.as_str(),
+                got.source_technology.as_str(),
+                got.target_technology.as_str(),
+                got.validation_scope.as_str()
+            ),
             (request_id.as_str(), *meta, *meta, *meta)
         );
 
@@ -268,8 +297,19 @@ async fn sql_metacharacters_in_every_text_field_are_stored_verbatim() {
 
         let mut r = new_result(&created.id, meta, 0.5);
         r.summary = meta.to_string();
-        let result = app.results.clone().record_result(r).await.unwrap().into_inner().result.unwrap();
-        assert_eq!((result.request_id.as_str(), result.summary.as_str()), (*meta, *meta));
+        let result = app
+            .results
+            .clone()
+            .record_result(r)
+            .await
+            .unwrap()
+            .into_inner()
+            .result
+            .unwrap();
+        assert_eq!(
+            (result.request_id.as_str(), result.summary.as_str()),
+            (*meta, *meta)
+        );
 
         let mut d = item(n);
         d.kind = meta.to_string();
@@ -312,18 +352,37 @@ async fn sql_metacharacters_in_every_text_field_are_stored_verbatim() {
             .unwrap()
             .into_inner()
             .discrepancies;
-        assert_eq!(listed.len(), 1, "the filters match the text exactly, no wildcards");
+        assert_eq!(
+            listed.len(),
+            1,
+            "the filters match the text exactly, no wildcards"
+        );
         let d = &listed[0];
         assert_eq!(d.id, resolved.id);
-        for field in [&d.kind, &d.description, &d.source_element, &d.target_element, &d.recommendation, &d.fingerprint] {
+        for field in [
+            &d.kind,
+            &d.description,
+            &d.source_element,
+            &d.target_element,
+            &d.recommendation,
+            &d.fingerprint,
+        ] {
             assert_eq!(field, meta);
         }
     }
     // Every table is still there, with every row.
     let sql = app.sql().await;
-    let sessions: i64 = sql.query_one("SELECT count(*) FROM sessions", &[]).await.unwrap().get(0);
+    let sessions: i64 = sql
+        .query_one("SELECT count(*) FROM sessions", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(sessions, META.len() as i64);
-    let audit: i64 = sql.query_one("SELECT count(*) FROM audit_events", &[]).await.unwrap().get(0);
+    let audit: i64 = sql
+        .query_one("SELECT count(*) FROM audit_events", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert!(audit >= META.len() as i64 * 5);
 }
 
@@ -334,14 +393,91 @@ async fn negative_zero_and_oversized_page_sizes_are_handled_on_every_list() {
     let sid = uuid::Uuid::new_v4().to_string();
     for size in [-1, i32::MIN, 1001, i32::MAX] {
         let mut errs = Vec::new();
-        errs.push(app.sessions.clone().list_sessions(authed(ListSessionsRequest { page_size: size, ..Default::default() }, t)).await.unwrap_err());
-        errs.push(app.sessions.clone().list_session_logs(authed(ListSessionLogsRequest { session_id: sid.clone(), page_size: size, ..Default::default() }, t)).await.unwrap_err());
-        errs.push(app.results.clone().list_results(authed(ListResultsRequest { page_size: size, ..Default::default() }, t)).await.unwrap_err());
-        errs.push(app.discrepancies.clone().list_discrepancies(authed(ListDiscrepanciesRequest { page_size: size, ..Default::default() }, t)).await.unwrap_err());
-        errs.push(app.discrepancies.clone().list_resolution_history(authed(ListResolutionHistoryRequest { id: sid.clone(), page_size: size, ..Default::default() }, t)).await.unwrap_err());
-        errs.push(app.admin.clone().list_audit_events(authed(ListAuditEventsRequest { page_size: size, ..Default::default() }, t)).await.unwrap_err());
+        errs.push(
+            app.sessions
+                .clone()
+                .list_sessions(authed(
+                    ListSessionsRequest {
+                        page_size: size,
+                        ..Default::default()
+                    },
+                    t,
+                ))
+                .await
+                .unwrap_err(),
+        );
+        errs.push(
+            app.sessions
+                .clone()
+                .list_session_logs(authed(
+                    ListSessionLogsRequest {
+                        session_id: sid.clone(),
+                        page_size: size,
+                        ..Default::default()
+                    },
+                    t,
+                ))
+                .await
+                .unwrap_err(),
+        );
+        errs.push(
+            app.results
+                .clone()
+                .list_results(authed(
+                    ListResultsRequest {
+                        page_size: size,
+                        ..Default::default()
+                    },
+                    t,
+                ))
+                .await
+                .unwrap_err(),
+        );
+        errs.push(
+            app.discrepancies
+                .clone()
+                .list_discrepancies(authed(
+                    ListDiscrepanciesRequest {
+                        page_size: size,
+                        ..Default::default()
+                    },
+                    t,
+                ))
+                .await
+                .unwrap_err(),
+        );
+        errs.push(
+            app.discrepancies
+                .clone()
+                .list_resolution_history(authed(
+                    ListResolutionHistoryRequest {
+                        id: sid.clone(),
+                        page_size: size,
+                        ..Default::default()
+                    },
+                    t,
+                ))
+                .await
+                .unwrap_err(),
+        );
+        errs.push(
+            app.admin
+                .clone()
+                .list_audit_events(authed(
+                    ListAuditEventsRequest {
+                        page_size: size,
+                        ..Default::default()
+                    },
+                    t,
+                ))
+                .await
+                .unwrap_err(),
+        );
         for e in errs {
-            assert!(violated_fields(&e).contains(&"page_size".to_string()), "{size}: {e:?}");
+            assert!(
+                violated_fields(&e).contains(&"page_size".to_string()),
+                "{size}: {e:?}"
+            );
         }
     }
 }
@@ -391,11 +527,19 @@ async fn nan_and_infinite_numbers_are_invalid_arguments() {
 async fn invalid_utf8_in_metadata_gets_a_status_not_a_fault() {
     let (auth_app, keys) = spawn_auth_app().await;
     let open_app = spawn_app().await;
-    let value = |bytes: &[u8]| tonic::metadata::MetadataValue::try_from(bytes).expect("obs-text header value");
+    let value = |bytes: &[u8]| {
+        tonic::metadata::MetadataValue::try_from(bytes).expect("obs-text header value")
+    };
     // In the authorization header: not a key.
     let mut r = tonic::Request::new(ListSessionsRequest::default());
-    r.metadata_mut().insert("authorization", value(b"Bearer \xff\xfe\x80vk_"));
-    let err = auth_app.sessions.clone().list_sessions(r).await.unwrap_err();
+    r.metadata_mut()
+        .insert("authorization", value(b"Bearer \xff\xfe\x80vk_"));
+    let err = auth_app
+        .sessions
+        .clone()
+        .list_sessions(r)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     // In headers the gateway reads (trace context, deadline) or ignores.
     for name in ["traceparent", "grpc-timeout", "x-anything"] {
@@ -405,14 +549,20 @@ async fn invalid_utf8_in_metadata_gets_a_status_not_a_fault() {
             Ok(_) => Code::Ok,
             Err(e) => e.code(),
         };
-        assert!(matches!(code, Code::Ok | Code::InvalidArgument), "{name}: {code:?}");
+        assert!(
+            matches!(code, Code::Ok | Code::InvalidArgument),
+            "{name}: {code:?}"
+        );
         let mut r = tonic::Request::new(new_session(&format!("utf8-{name}")));
         r.metadata_mut().insert(name, value(b"\xff\xfe\xc3\x28"));
         let code = match open_app.sessions.clone().create_session(r).await {
             Ok(_) => Code::Ok,
             Err(e) => e.code(),
         };
-        assert!(matches!(code, Code::Ok | Code::InvalidArgument), "{name}: {code:?}");
+        assert!(
+            matches!(code, Code::Ok | Code::InvalidArgument),
+            "{name}: {code:?}"
+        );
     }
     create_ok(&open_app).await;
 }
@@ -435,7 +585,12 @@ async fn forged_tampered_and_foreign_page_tokens_are_refused() {
         page_size: 1,
         ..Default::default()
     };
-    let token = s.list_sessions(first.clone()).await.unwrap().into_inner().next_page_token;
+    let token = s
+        .list_sessions(first.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .next_page_token;
     assert!(!token.is_empty());
     let page = |token: String| ListSessionsRequest {
         page_token: token,
@@ -463,11 +618,23 @@ async fn forged_tampered_and_foreign_page_tokens_are_refused() {
 
     // Another replica of the same database shares the secret: it accepts it.
     let replica = spawn_app_with(test_config(&url)).await;
-    assert!(replica.sessions.clone().list_sessions(page(token.clone())).await.is_ok());
+    assert!(
+        replica
+            .sessions
+            .clone()
+            .list_sessions(page(token.clone()))
+            .await
+            .is_ok()
+    );
     // A gateway with its own configured secret does not.
     let mut config = test_config(&url);
     config.page_token_secret = Some("a different secret, 32+ bytes long".into());
     let foreign = spawn_app_with(config).await;
-    let err = foreign.sessions.clone().list_sessions(page(token)).await.unwrap_err();
+    let err = foreign
+        .sessions
+        .clone()
+        .list_sessions(page(token))
+        .await
+        .unwrap_err();
     assert_eq!(violated_fields(&err), ["page_token"]);
 }

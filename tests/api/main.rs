@@ -3,8 +3,8 @@
 mod audit;
 mod auth;
 mod discrepancies;
-mod gateway;
 mod fuzz;
+mod gateway;
 mod helpers;
 mod hostile;
 mod results;

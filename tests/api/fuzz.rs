@@ -120,7 +120,7 @@ impl Schema {
     ) {
         let number = f.number() as u64;
         let varint = |out: &mut Vec<u8>, v: u64| {
-            prost::encoding::encode_varint((number << 3) | 0, out);
+            prost::encoding::encode_varint(number << 3, out);
             prost::encoding::encode_varint(v, out);
         };
         let delimited = |out: &mut Vec<u8>, bytes: &[u8]| {

@@ -43,6 +43,32 @@ pub enum Command {
         /// The session's id (UUID).
         session_id: String,
     },
+    /// Create, list and revoke API keys (applies pending migrations first).
+    Keys {
+        #[command(subcommand)]
+        action: KeysCommand,
+    },
+}
+
+/// `verdict keys …`.
+#[derive(Subcommand, Debug, Clone)]
+pub enum KeysCommand {
+    /// Create a key and print its token (shown once, never stored).
+    Create {
+        /// What the key is for (e.g. `ci-pipeline`).
+        #[arg(long)]
+        name: String,
+        /// Comma-separated scopes: any of read, write, admin.
+        #[arg(long, value_delimiter = ',', required = true)]
+        scopes: Vec<String>,
+    },
+    /// List keys (ids, names, scopes, state; never secrets).
+    List,
+    /// Revoke a key: refused from the next call on, on every replica.
+    Revoke {
+        /// The key id (the 16 hex characters after `vk_`).
+        id: String,
+    },
 }
 
 /// Log line format.
@@ -184,6 +210,55 @@ pub struct Config {
         global = true
     )]
     pub log_format: LogFormat,
+
+    /// Require API keys even when listening on loopback (authentication is
+    /// always on for any other listen address).
+    #[arg(long, env = "VERDICT_REQUIRE_AUTH", global = true)]
+    pub require_auth: bool,
+
+    /// Turn authentication off on any listen address. Dangerous: anyone who
+    /// can reach the port can read and delete everything; logged loudly.
+    #[arg(long, env = "VERDICT_INSECURE_NO_AUTH", global = true)]
+    pub insecure_no_auth: bool,
+
+    /// Secret that signs page tokens (HMAC-SHA256); give every replica the
+    /// same. When unset, a random secret generated once in the database
+    /// (shared by every replica of that database) is used.
+    #[arg(
+        long,
+        env = "VERDICT_PAGE_TOKEN_SECRET",
+        global = true,
+        hide_env_values = true
+    )]
+    pub page_token_secret: Option<String>,
+
+    /// PEM certificate chain of the gRPC server; with `--tls-key`, the
+    /// server speaks TLS only. Reloaded on SIGHUP and when the file changes.
+    #[arg(long, env = "VERDICT_TLS_CERT", global = true, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "VERDICT_TLS_KEY", global = true, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// PEM CA certificates that client certificates must chain to (mutual
+    /// TLS); clients without a valid certificate are refused.
+    #[arg(
+        long,
+        env = "VERDICT_TLS_CLIENT_CA",
+        global = true,
+        requires = "tls_cert"
+    )]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// How often the TLS files are checked for changes, in milliseconds.
+    #[arg(
+        long,
+        env = "VERDICT_TLS_RELOAD_INTERVAL_MS",
+        default_value_t = 5_000,
+        global = true
+    )]
+    pub tls_reload_interval_ms: u64,
 }
 
 impl Config {
@@ -221,6 +296,15 @@ impl Config {
     pub fn health_probe_interval(&self) -> Duration {
         Duration::from_millis(self.health_probe_interval_ms)
     }
+
+    pub fn tls_reload_interval(&self) -> Duration {
+        Duration::from_millis(self.tls_reload_interval_ms)
+    }
+
+    /// Whether calls need an API key (see [`crate::auth::AuthMode::decide`]).
+    pub fn auth_mode(&self) -> anyhow::Result<crate::auth::AuthMode> {
+        crate::auth::AuthMode::decide(self.listen, self.require_auth, self.insecure_no_auth)
+    }
 }
 
 /// Debug output never shows the database password.
@@ -246,6 +330,16 @@ impl std::fmt::Debug for Config {
             .field("service_name", &self.service_name)
             .field("log_filter", &self.log_filter)
             .field("log_format", &self.log_format)
+            .field("require_auth", &self.require_auth)
+            .field("insecure_no_auth", &self.insecure_no_auth)
+            .field(
+                "page_token_secret",
+                &self.page_token_secret.as_ref().map(|_| "***"),
+            )
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_client_ca", &self.tls_client_ca)
+            .field("tls_reload_interval_ms", &self.tls_reload_interval_ms)
             .finish()
     }
 }
@@ -290,7 +384,10 @@ mod tests {
 
     #[test]
     fn debug_output_never_contains_the_password() {
-        let config = Config::for_database(Some("postgres://u:hunter2@h/d".into()));
-        assert!(!format!("{config:?}").contains("hunter2"));
+        let mut config = Config::for_database(Some("postgres://u:hunter2@h/d".into()));
+        config.page_token_secret = Some("sesame-hunter3".into());
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2"));
+        assert!(!shown.contains("hunter3"));
     }
 }

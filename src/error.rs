@@ -43,6 +43,10 @@ pub enum Error {
     DeadlineExceeded,
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -54,6 +58,21 @@ impl Error {
     }
 }
 
+/// Statuses travel in HTTP/2 headers and trailers, which clients cap (16 KiB
+/// by default): a reply that quotes request text must stay well below that.
+const MAX_REPORTED_VIOLATIONS: usize = 20;
+const MAX_FIELD_CHARS: usize = 128;
+const MAX_DESCRIPTION_CHARS: usize = 256;
+
+fn clip(text: &str, max: usize) -> String {
+    if text.chars().count() <= max {
+        return text.to_owned();
+    }
+    let mut clipped: String = text.chars().take(max).collect();
+    clipped.push('…');
+    clipped
+}
+
 /// How long a client should wait before retrying a retryable failure.
 const RETRY_DELAY: Duration = Duration::from_millis(500);
 
@@ -61,15 +80,29 @@ impl From<Error> for Status {
     fn from(error: Error) -> Status {
         match error {
             Error::InvalidArgument(violations) => {
-                let mut details = ErrorDetails::new();
-                for v in &violations {
-                    details.add_bad_request_violation(v.field.clone(), v.description.clone());
-                }
-                let summary = violations
+                let shown: Vec<(String, String)> = violations
                     .iter()
-                    .map(|v| format!("{}: {}", v.field, v.description))
+                    .take(MAX_REPORTED_VIOLATIONS)
+                    .map(|v| {
+                        (
+                            clip(&v.field, MAX_FIELD_CHARS),
+                            clip(&v.description, MAX_DESCRIPTION_CHARS),
+                        )
+                    })
+                    .collect();
+                let mut details = ErrorDetails::new();
+                for (field, description) in &shown {
+                    details.add_bad_request_violation(field.clone(), description.clone());
+                }
+                let mut summary = shown
+                    .iter()
+                    .take(3)
+                    .map(|(f, d)| format!("{f}: {d}"))
                     .collect::<Vec<_>>()
                     .join("; ");
+                if violations.len() > 3 {
+                    summary.push_str(&format!(" (and {} more)", violations.len() - 3));
+                }
                 Status::with_error_details(Code::InvalidArgument, summary, details)
             }
             Error::NotFound(msg) => Status::not_found(msg),
@@ -96,6 +129,8 @@ impl From<Error> for Status {
                 tracing::error!(error.detail = %detail, "internal error");
                 Status::internal("internal error; see the gateway's logs for this trace")
             }
+            Error::Unauthenticated(msg) => Status::unauthenticated(msg),
+            Error::PermissionDenied(msg) => Status::permission_denied(msg),
         }
     }
 }

@@ -5,6 +5,8 @@
 //! [`Application::run_until_stopped`] serves it until SIGTERM/SIGINT.
 
 pub mod admin;
+pub mod audit;
+pub mod auth;
 pub mod call;
 pub mod config;
 pub mod convert;
@@ -23,6 +25,7 @@ pub mod sessions;
 pub mod state;
 pub mod telemetry;
 pub mod test_cases;
+pub mod tls;
 pub mod validate;
 pub mod wire;
 
@@ -37,11 +40,13 @@ pub mod proto {
 }
 
 use anyhow::Context;
-use config::Config;
+use auth::AuthMode;
+use config::{Config, KeysCommand};
 use db::Db;
 use db::embedded::{self, EmbeddedPostgres};
 use db::migrate;
 use db::notify::Hub;
+use pagination::Signer;
 use server::health::Health;
 use state::AppState;
 use std::future::Future;
@@ -61,10 +66,22 @@ pub struct Application {
     pg: tokio_postgres::Config,
     db: Db,
     embedded: Option<EmbeddedPostgres>,
+    auth: AuthMode,
+    signer: Signer,
+    tls: Option<tls::TlsAcceptor>,
 }
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        let auth = config.auth_mode()?;
+        let tls = tls::TlsAcceptor::from_config(&config)?;
+        let signer = Signer::new();
+        if let Some(secret) = &config.page_token_secret {
+            if secret.len() < 16 {
+                anyhow::bail!("VERDICT_PAGE_TOKEN_SECRET must be at least 16 characters");
+            }
+            signer.set(secret.as_bytes());
+        }
         let (pg, embedded) = database(&config).await?;
         let pg = db::connection_config(pg, config.max_statement_timeout());
         let db = Db::with_limits(
@@ -94,7 +111,26 @@ impl Application {
             pg,
             db,
             embedded,
+            auth,
+            signer,
+            tls,
         })
+    }
+
+    /// The gateway's database handle (pool and its counters).
+    pub fn db(&self) -> Db {
+        self.db.clone()
+    }
+
+    /// Whether calls need an API key.
+    pub fn auth_mode(&self) -> AuthMode {
+        self.auth
+    }
+
+    /// The TLS acceptor, to reload certificates by hand (SIGHUP and file
+    /// changes do it by themselves); `None` without TLS.
+    pub fn tls(&self) -> Option<tls::TlsAcceptor> {
+        self.tls.clone()
     }
 
     /// The port the gateway listens on (useful with port 0).
@@ -143,7 +179,9 @@ impl Application {
             db: self.db.clone(),
             hub: hub.clone(),
             shutdown: shutdown_rx.clone(),
+            signer: self.signer.clone(),
         };
+        self.auth.log(self.config.listen);
 
         let (fatal_tx, fatal_rx) = oneshot::channel();
         let mut background = JoinSet::new();
@@ -151,22 +189,38 @@ impl Application {
         if let Some(listener) = self.metrics_listener.take() {
             background.spawn(observability::serve_prometheus(listener, self.db.clone()));
         }
+        if let Some(tls) = &self.tls {
+            background.spawn(tls.clone().watch(self.config.tls_reload_interval()));
+        }
         background.spawn(bootstrap(
-            self.pg.clone(),
-            self.db.clone(),
-            health.clone(),
-            hub,
-            self.config.health_probe_interval(),
-            self.config.rollup_interval(),
+            Background {
+                pg: self.pg.clone(),
+                db: self.db.clone(),
+                signer: self.signer.clone(),
+                health: health.clone(),
+                hub,
+                probe_interval: self.config.health_probe_interval(),
+                rollup_interval: self.config.rollup_interval(),
+            },
             fatal_tx,
         ));
 
         let mut drained = shutdown_rx.clone();
         let config = self.config.clone();
+        let auth = self.auth;
+        let tls = self.tls.clone();
         let mut server = tokio::spawn(async move {
-            server::serve(&config, self.listener, state, reporter, async move {
-                let _ = drained.wait_for(|stopping| *stopping).await;
-            })
+            server::serve(
+                &config,
+                self.listener,
+                state,
+                reporter,
+                auth,
+                tls,
+                async move {
+                    let _ = drained.wait_for(|stopping| *stopping).await;
+                },
+            )
             .await
         });
         tracing::info!(
@@ -223,18 +277,30 @@ async fn database(
     }
 }
 
-/// Connects (retrying with capped backoff while the database is not there
-/// yet), migrates, opens the gates, then keeps health and notifications
-/// running.
-async fn bootstrap(
+/// What the start-up task needs and then keeps running.
+struct Background {
     pg: tokio_postgres::Config,
     db: Db,
+    signer: Signer,
     health: Health,
     hub: Hub,
     probe_interval: Duration,
     rollup_interval: Option<Duration>,
-    fatal: oneshot::Sender<anyhow::Error>,
-) {
+}
+
+/// Connects (retrying with capped backoff while the database is not there
+/// yet), migrates, opens the gates, then keeps health, notifications and
+/// periodic rollups running.
+async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>) {
+    let Background {
+        pg,
+        db,
+        signer,
+        health,
+        hub,
+        probe_interval,
+        rollup_interval,
+    } = background;
     let mut delay = Duration::from_millis(100);
     let mut attempt = 0u32;
     loop {
@@ -243,7 +309,12 @@ async fn bootstrap(
             Ok(mut client) => match migrate::run(&mut client).await {
                 Ok(applied) => {
                     tracing::info!(?applied, "database schema is up to date");
-                    break;
+                    match load_page_token_secret(&client, &signer).await {
+                        Ok(()) => break,
+                        Err(e) => {
+                            tracing::warn!(attempt, error = %e, "cannot read the page-token secret; retrying")
+                        }
+                    }
                 }
                 Err(e) if client.is_closed() => {
                     tracing::warn!(attempt, error = %format!("{e:#}"), "lost the database while migrating; retrying");
@@ -278,6 +349,26 @@ async fn bootstrap(
         hub.listen(pg),
         rollups
     );
+}
+
+/// Without VERDICT_PAGE_TOKEN_SECRET, page tokens are signed with the
+/// random secret the migrations stored in the database: every replica of a
+/// database reads the same one, so a token from one replica works on all.
+async fn load_page_token_secret(
+    client: &tokio_postgres::Client,
+    signer: &Signer,
+) -> Result<(), tokio_postgres::Error> {
+    if signer.is_set() {
+        return Ok(());
+    }
+    let row = client
+        .query_one(
+            "SELECT secret FROM gateway_secrets WHERE purpose = 'page_tokens'",
+            &[],
+        )
+        .await?;
+    signer.set(row.get::<_, &[u8]>(0));
+    Ok(())
 }
 
 /// Resolves on SIGTERM (Kubernetes) or SIGINT (Ctrl-C).
@@ -332,12 +423,20 @@ pub async fn cleanup_command(
     let age = admin::parse_age(older_than).map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
     with_database(config, async |pg| {
         let db = command_db(config, pg).await?;
-        let cutoff = chrono::Utc::now() - chrono::Duration::from_std(age)?;
+        let cutoff = chrono::Utc::now()
+            .checked_sub_signed(chrono::Duration::from_std(age)?)
+            .ok_or_else(|| anyhow::anyhow!("--older-than is too long"))?;
         let mut conn = db.conn(&call::Call::default()).await?;
         let report = if dry_run {
             admin::cleanup::dry_run(conn.client().await?, cutoff).await?
         } else {
-            admin::cleanup::run(&mut conn, cutoff, 500).await?
+            admin::cleanup::run(
+                &mut conn,
+                &call::Call::command_line("cli:cleanup"),
+                cutoff,
+                500,
+            )
+            .await?
         };
         let verb = if dry_run { "would delete" } else { "deleted" };
         println!("sessions created before {}:", cutoff.to_rfc3339());
@@ -414,4 +513,149 @@ pub async fn migrate_command(config: &Config, status_only: bool) -> anyhow::Resu
         Ok(())
     })
     .await
+}
+
+/// `verdict keys create|list|revoke`: applies pending migrations (so keys
+/// can be made before the first `serve`), then manages keys.
+pub async fn keys_command(config: &Config, action: KeysCommand) -> anyhow::Result<()> {
+    match action {
+        KeysCommand::Create { name, scopes } => {
+            let scopes =
+                auth::ScopeSet::parse_list(&scopes.join(",")).map_err(anyhow::Error::msg)?;
+            let key = create_key(config, &name, scopes).await?;
+            eprintln!(
+                "created key {} ({}, scopes {}); the token below is shown once and cannot be recovered:",
+                key.id,
+                name.trim(),
+                scopes.to_list()
+            );
+            println!("{}", key.token);
+        }
+        KeysCommand::List => {
+            println!(
+                "{:<16}  {:<16}  {:<23}  {:<27}  name",
+                "id", "scopes", "created", "state"
+            );
+            for k in list_keys(config).await? {
+                let state = match k.revoked_at {
+                    Some(at) => format!("revoked {}", at.format("%Y-%m-%d %H:%M:%S UTC")),
+                    None => "active".into(),
+                };
+                println!(
+                    "{:<16}  {:<16}  {:<23}  {:<27}  {}",
+                    k.id,
+                    k.scopes.to_list(),
+                    k.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+                    state,
+                    k.name
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            revoke_key(config, &id).await?;
+            println!("revoked key {id}; every replica refuses it from the next call on");
+        }
+    }
+    Ok(())
+}
+
+/// The database of `config` (started when embedded), migrated, with a
+/// one-connection pool for key management.
+async fn key_database(config: &Config) -> anyhow::Result<(Db, Option<EmbeddedPostgres>)> {
+    let (pg, embedded) = database(config).await?;
+    let pg = db::connection_config(pg, config.max_statement_timeout());
+    let mut client = db::connect_direct(&pg)
+        .await
+        .context("cannot connect to PostgreSQL")?;
+    migrate::run(&mut client).await?;
+    drop(client);
+    let db = Db::new(
+        pg,
+        1,
+        config.pool_wait_timeout(),
+        config.max_statement_timeout(),
+    )?;
+    db.set_ready();
+    Ok((db, embedded))
+}
+
+async fn close_key_database(db: Db, embedded: Option<EmbeddedPostgres>) -> anyhow::Result<()> {
+    db.close();
+    if let Some(mut pg) = embedded {
+        pg.stop().await?;
+    }
+    Ok(())
+}
+
+/// Creates an API key; its token is in the result and nowhere else. The
+/// audit row (`cli:keys.create`) is written in the same transaction.
+pub async fn create_key(
+    config: &Config,
+    name: &str,
+    scopes: auth::ScopeSet,
+) -> anyhow::Result<auth::keys::NewKey> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
+        anyhow::bail!("--name must be 1 to 200 characters without control characters");
+    }
+    let (db, embedded) = key_database(config).await?;
+    let result = async {
+        let key = auth::keys::generate()?;
+        let mut conn = db.conn(&call::Call::default()).await?;
+        let tx = conn.begin().await?;
+        auth::keys::insert(&tx, &key, name, scopes).await?;
+        let targets = [key.id.to_string()];
+        audit::record_as(
+            &tx,
+            None,
+            "cli:keys.create",
+            &targets,
+            audit::Outcome::Created,
+            None,
+        )
+        .await?;
+        tx.commit().await.map_err(error::Error::from)?;
+        Ok::<_, anyhow::Error>(key)
+    }
+    .await;
+    close_key_database(db, embedded).await?;
+    result
+}
+
+/// Every API key, oldest first (never their secrets).
+pub async fn list_keys(config: &Config) -> anyhow::Result<Vec<auth::keys::KeyInfo>> {
+    let (db, embedded) = key_database(config).await?;
+    let result = async {
+        let mut conn = db.conn(&call::Call::default()).await?;
+        Ok::<_, anyhow::Error>(auth::keys::list(conn.client().await?).await?)
+    }
+    .await;
+    close_key_database(db, embedded).await?;
+    result
+}
+
+/// Revokes an API key; every replica refuses it from the next call on. The
+/// audit row (`cli:keys.revoke`) is written in the same transaction.
+pub async fn revoke_key(config: &Config, id: &str) -> anyhow::Result<()> {
+    let (db, embedded) = key_database(config).await?;
+    let result = async {
+        let mut conn = db.conn(&call::Call::default()).await?;
+        let tx = conn.begin().await?;
+        auth::keys::revoke(&tx, id).await?;
+        let targets = [id.to_owned()];
+        audit::record_as(
+            &tx,
+            None,
+            "cli:keys.revoke",
+            &targets,
+            audit::Outcome::Updated,
+            None,
+        )
+        .await?;
+        tx.commit().await.map_err(error::Error::from)?;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    close_key_database(db, embedded).await?;
+    result
 }

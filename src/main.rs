@@ -32,6 +32,7 @@ fn main() -> ExitCode {
             Command::Export { session_id } => {
                 verdict::export_command(&cli.config, &session_id).await
             }
+            Command::Keys { action } => verdict::keys_command(&cli.config, action).await,
         };
         telemetry.shutdown();
         result

@@ -1,20 +1,82 @@
-//! Opaque keyset page tokens, bound to the filter they were issued for.
+//! Opaque keyset page tokens, bound to the filter they were issued for and
+//! signed so they cannot be forged or altered.
 //!
-//! A token is base64url of a small JSON document: a format version, a
-//! fingerprint of the list and its filters, and the sort key of the last row
-//! returned. A token presented with other filters (or to another list) is
-//! refused, so a client can never silently skip or repeat rows.
+//! A token is `<payload>.<mac>`: base64url of a small JSON document (a
+//! format version, a fingerprint of the list and its filters, the sort key
+//! of the last row returned) and base64url of its HMAC-SHA256 (first 16
+//! bytes). A token presented with other filters (or to another list) is
+//! refused, so a client can never silently skip or repeat rows; one whose
+//! bytes were changed, or that was made up, fails the MAC.
+//!
+//! The signing key belongs to the gateway serving the call: the server
+//! layer runs every call inside [`with_signer`], so the areas' conversions
+//! call [`encode`] and [`decode`] without passing it around.
 
 use crate::error::{Error, Result};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// Tokens are small; anything much longer is not one of ours.
 const MAX_TOKEN_LEN: usize = 1024;
+/// Bytes of the HMAC kept in a token.
+const MAC_LEN: usize = 16;
+
+/// The page-token signing key of one gateway, set once when known: at
+/// build from `VERDICT_PAGE_TOKEN_SECRET`, else after migrations from the
+/// database's shared secret.
+#[derive(Clone, Default)]
+pub struct Signer(Arc<OnceLock<[u8; 32]>>);
+
+impl Signer {
+    pub fn new() -> Self {
+        Signer::default()
+    }
+
+    /// Sets the key from secret material (a configured string or the
+    /// database's random bytes). Later calls are ignored.
+    pub fn set(&self, secret: &[u8]) {
+        let mut h = Sha256::new();
+        h.update(b"verdict page tokens v2\0");
+        h.update(secret);
+        let _ = self.0.set(h.finalize().into());
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.get().is_some()
+    }
+
+    fn mac(&self, payload: &[u8]) -> Option<Hmac<Sha256>> {
+        let key = self.0.get()?;
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(key).ok()?;
+        mac.update(payload);
+        Some(mac)
+    }
+}
+
+tokio::task_local! {
+    static SIGNER: Signer;
+}
+
+/// Runs `f` (a call) with `signer` as the key of its page tokens.
+pub async fn with_signer<F: Future>(signer: Signer, f: F) -> F::Output {
+    SIGNER.scope(signer, f).await
+}
+
+/// Runs `f` synchronously with `signer` (tests and tools).
+pub fn with_signer_sync<R>(signer: Signer, f: impl FnOnce() -> R) -> R {
+    SIGNER.sync_scope(signer, f)
+}
+
+fn current_signer() -> Option<Signer> {
+    SIGNER.try_with(Clone::clone).ok().filter(Signer::is_set)
+}
 
 #[derive(Serialize, Deserialize)]
 struct Token<K> {
@@ -33,14 +95,24 @@ pub fn fingerprint(scope: &str, filter: &impl Serialize) -> String {
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The token for the page after the row whose sort key is `key`.
+/// The token for the page after the row whose sort key is `key`. Outside
+/// a call (no signer) the token is unsigned and no gateway accepts it.
 pub fn encode<K: Serialize>(fingerprint: &str, key: &K) -> String {
     let token = Token {
         v: VERSION,
         f: fingerprint.to_owned(),
         k: key,
     };
-    URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).unwrap_or_default())
+    let payload = serde_json::to_vec(&token).unwrap_or_default();
+    let mac = current_signer()
+        .and_then(|s| s.mac(&payload))
+        .map(|m| m.finalize().into_bytes()[..MAC_LEN].to_vec())
+        .unwrap_or_default();
+    format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(&payload),
+        URL_SAFE_NO_PAD.encode(mac)
+    )
 }
 
 /// The sort key a token resumes after; `None` for an empty token (first page).
@@ -56,8 +128,20 @@ pub fn decode<K: DeserializeOwned>(
     if token.len() > MAX_TOKEN_LEN {
         return Err(malformed());
     }
-    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| malformed())?;
-    let parsed: Token<K> = serde_json::from_slice(&bytes).map_err(|_| malformed())?;
+    let (payload, mac) = token.split_once('.').ok_or_else(malformed)?;
+    let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| malformed())?;
+    let mac = URL_SAFE_NO_PAD.decode(mac).map_err(|_| malformed())?;
+    let signer = current_signer().ok_or_else(|| {
+        Error::Unavailable("the page-token key is not loaded yet (database not ready)".into())
+    })?;
+    let expected = signer
+        .mac(&payload)
+        .ok_or_else(|| Error::Internal("page-token key unusable".into()))?;
+    // Constant time: a forger learns nothing from how long the check took.
+    if mac.len() != MAC_LEN || expected.verify_truncated_left(&mac).is_err() {
+        return Err(malformed());
+    }
+    let parsed: Token<K> = serde_json::from_slice(&payload).map_err(|_| malformed())?;
     if parsed.v != VERSION {
         return Err(malformed());
     }
@@ -100,25 +184,64 @@ pub fn split_page<T>(mut rows: Vec<T>, page_size: i64) -> (Vec<T>, bool) {
 mod tests {
     use super::*;
 
+    fn signer(secret: &str) -> Signer {
+        let s = Signer::new();
+        s.set(secret.as_bytes());
+        s
+    }
+
     #[test]
     fn a_token_round_trips_with_its_filter() {
-        let f = fingerprint("sessions", &("pending", 3));
-        let t = encode(&f, &(17_i64, "x".to_string()));
-        let k: Option<(i64, String)> = decode("page_token", &t, &f).unwrap();
-        assert_eq!(k, Some((17, "x".into())));
+        with_signer_sync(signer("s"), || {
+            let f = fingerprint("sessions", &("pending", 3));
+            let t = encode(&f, &(17_i64, "x".to_string()));
+            let k: Option<(i64, String)> = decode("page_token", &t, &f).unwrap();
+            assert_eq!(k, Some((17, "x".into())));
+        });
     }
 
     #[test]
     fn a_token_from_another_filter_is_refused() {
-        let t = encode(&fingerprint("sessions", &"a"), &1_i64);
-        let err = decode::<i64>("page_token", &t, &fingerprint("sessions", &"b")).unwrap_err();
-        assert!(matches!(err, Error::InvalidArgument(_)));
+        with_signer_sync(signer("s"), || {
+            let t = encode(&fingerprint("sessions", &"a"), &1_i64);
+            let err = decode::<i64>("page_token", &t, &fingerprint("sessions", &"b")).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)));
+        });
     }
 
     #[test]
     fn garbage_is_refused() {
-        for t in ["!!", "e30", "bm90IGpzb24", &"A".repeat(5000)] {
-            assert!(decode::<i64>("page_token", t, "f").is_err(), "{t}");
-        }
+        with_signer_sync(signer("s"), || {
+            for t in ["!!", "e30", "bm90IGpzb24", ".", "e30.", &"A".repeat(5000)] {
+                assert!(decode::<i64>("page_token", t, "f").is_err(), "{t}");
+            }
+        });
+    }
+
+    #[test]
+    fn tampered_forged_and_foreign_tokens_are_refused() {
+        let f = fingerprint("sessions", &"a");
+        let token = with_signer_sync(signer("one"), || encode(&f, &(5_i64, "id")));
+        let (payload, mac) = token.split_once('.').unwrap();
+        // The same payload with the key moved: no valid MAC.
+        let json = String::from_utf8(URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+        let moved = URL_SAFE_NO_PAD.encode(json.replace("5", "4"));
+        let unsigned = encode(&f, &(5_i64, "id"));
+        with_signer_sync(signer("one"), || {
+            assert!(decode::<(i64, String)>("page_token", &token, &f).is_ok());
+            for bad in [
+                format!("{moved}.{mac}"),
+                format!("{payload}.{}", URL_SAFE_NO_PAD.encode([0u8; 16])),
+                unsigned.clone(),
+                payload.to_string(),
+            ] {
+                let err = decode::<(i64, String)>("page_token", &bad, &f).unwrap_err();
+                assert!(matches!(err, Error::InvalidArgument(_)), "{bad}");
+            }
+        });
+        // A gateway with another secret refuses it.
+        with_signer_sync(signer("two"), || {
+            assert!(decode::<(i64, String)>("page_token", &token, &f).is_err());
+        });
     }
 }

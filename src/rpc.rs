@@ -8,8 +8,5 @@ pub type RpcResult<T> = Result<Response<T>, Status>;
 
 /// Splits a request into its call context and its message.
 pub fn split<T>(request: Request<T>) -> (Call, T) {
-    (
-        Call::from_metadata(request.metadata()),
-        request.into_inner(),
-    )
+    (Call::from_request(&request), request.into_inner())
 }

@@ -2,6 +2,7 @@
 
 use crate::db::Db;
 use crate::db::notify::Hub;
+use crate::pagination::Signer;
 use tokio::sync::watch;
 
 /// Shared handles of a running gateway; cheap to clone.
@@ -12,4 +13,6 @@ pub struct AppState {
     /// Flips to true when the gateway starts shutting down, so long-lived
     /// streams end instead of holding the drain open.
     pub shutdown: watch::Receiver<bool>,
+    /// The page-token key of this gateway.
+    pub signer: Signer,
 }

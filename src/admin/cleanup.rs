@@ -1,6 +1,8 @@
 //! Retention: deleting old sessions and everything of theirs in bounded
 //! batches, each its own short transaction (no long lock, no huge WAL burst).
 
+use crate::audit::{self, Outcome};
+use crate::call::Call;
 use crate::db::{Conn, Stmt};
 use crate::error::{Error, Result};
 use chrono::{DateTime, Utc};
@@ -81,8 +83,14 @@ pub async fn dry_run(c: &impl GenericClient, cutoff: DateTime<Utc>) -> Result<Re
 }
 
 /// Deletes sessions created before `cutoff` and their children, `batch`
-/// sessions per transaction, until none is left.
-pub async fn run(conn: &mut Conn, cutoff: DateTime<Utc>, batch: i64) -> Result<Report> {
+/// sessions per transaction, until none is left. Each transaction records
+/// the sessions it deleted in the audit trail.
+pub async fn run(
+    conn: &mut Conn,
+    call: &Call,
+    cutoff: DateTime<Utc>,
+    batch: i64,
+) -> Result<Report> {
     let mut totals = [0i64; 5];
     let mut batches = 0;
     loop {
@@ -104,8 +112,10 @@ pub async fn run(conn: &mut Conn, cutoff: DateTime<Utc>, batch: i64) -> Result<R
             DELETE_SESSIONS,
         ];
         for (total, stmt) in totals.iter_mut().zip(steps) {
-            *total += stmt.execute(&tx, &[&ids]).await? as i64;
+            *total += Stmt::execute(&stmt, &tx, &[&ids]).await? as i64;
         }
+        let targets: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        audit::record(&tx, call, &targets, Outcome::Deleted).await?;
         tx.commit().await.map_err(Error::from)?;
         batches += 1;
     }

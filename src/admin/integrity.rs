@@ -157,7 +157,7 @@ pub async fn check(
     let threshold = stuck_after.as_secs_f64();
     let mut findings = Vec::new();
     for check in CHECKS {
-        let rows = check.find.query(c, &[&threshold]).await?;
+        let rows = Stmt::query(&check.find, c, &[&threshold]).await?;
         let Some(first) = rows.first() else {
             continue;
         };
@@ -167,7 +167,7 @@ pub async fn check(
             .map(|r| r.try_get(1))
             .collect::<Result<Vec<String>, _>>()?;
         let repaired = match (&check.repair, repair) {
-            (Some(stmt), true) => stmt.execute(c, &[&threshold]).await? as i64,
+            (Some(stmt), true) => Stmt::execute(stmt, c, &[&threshold]).await? as i64,
             _ => 0,
         };
         findings.push(Finding {

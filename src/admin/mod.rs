@@ -1,15 +1,22 @@
-//! Operations: statistics, retention, integrity, migration status and
-//! whole-session export — as AdminService RPCs and as CLI commands.
+//! Operations: statistics, retention, integrity, migration status,
+//! whole-session export and the audit trail — as AdminService RPCs and, for
+//! some, CLI commands. Every RPC needs the `admin` scope and is audited.
 
 pub mod cleanup;
 pub mod export;
 pub mod integrity;
 mod service;
+pub mod sql;
 pub mod stats;
 
 pub use service::AdminApi;
 
 use crate::error::{Error, Result};
+use crate::pagination;
+use crate::proto;
+use crate::validate::Validator;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
 use std::time::Duration;
 
 /// Parses a retention age such as `30d`, `12h`, `90m` or `45s`.
@@ -34,6 +41,98 @@ pub fn parse_age(text: &str) -> Result<Duration> {
         return Err(bad());
     }
     Ok(Duration::from_secs(secs))
+}
+
+/// Longest `rpc` or `target_id` filter accepted.
+const MAX_FILTER_CHARS: usize = 256;
+
+/// A validated ListAuditEvents request.
+#[derive(Debug)]
+pub struct ListAuditEvents {
+    pub key_id: Option<String>,
+    pub rpc: Option<String>,
+    pub target_id: Option<String>,
+    pub from: Option<DateTime<Utc>>,
+    pub to: Option<DateTime<Utc>>,
+    pub page_size: i64,
+    /// Resume below this event id.
+    pub before_id: Option<i64>,
+    pub fingerprint: String,
+}
+
+#[derive(Serialize)]
+struct Filter<'a> {
+    key_id: &'a Option<String>,
+    rpc: &'a Option<String>,
+    target_id: &'a Option<String>,
+    from: Option<i64>,
+    to: Option<i64>,
+}
+
+impl TryFrom<proto::ListAuditEventsRequest> for ListAuditEvents {
+    type Error = Error;
+
+    fn try_from(r: proto::ListAuditEventsRequest) -> Result<Self> {
+        let mut v = Validator::new();
+        let key_id = v.optional_text("key_id", &r.key_id, 16);
+        if let Some(k) = &key_id
+            && crate::auth::KeyId::parse(k).is_none()
+        {
+            v.violation("key_id", "must be a key id: 16 lowercase hex characters");
+        }
+        let rpc = v.optional_text("rpc", &r.rpc, MAX_FILTER_CHARS);
+        let target_id = v.optional_text("target_id", &r.target_id, MAX_FILTER_CHARS);
+        let (from, to) = v.time_range("time", r.time.as_ref());
+        let page_size = v.page_size("page_size", r.page_size);
+        v.finish()?;
+        let fingerprint = pagination::fingerprint(
+            "audit_events",
+            &Filter {
+                key_id: &key_id,
+                rpc: &rpc,
+                target_id: &target_id,
+                from: from.map(|t| t.timestamp_micros()),
+                to: to.map(|t| t.timestamp_micros()),
+            },
+        );
+        let before_id = pagination::decode("page_token", &r.page_token, &fingerprint)?;
+        Ok(ListAuditEvents {
+            key_id,
+            rpc,
+            target_id,
+            from,
+            to,
+            page_size,
+            before_id,
+            fingerprint,
+        })
+    }
+}
+
+/// A stored audit event.
+#[derive(Debug, Clone)]
+pub struct AuditEvent {
+    pub id: i64,
+    pub at: DateTime<Utc>,
+    pub key_id: Option<String>,
+    pub rpc: String,
+    pub target_ids: Vec<String>,
+    pub outcome: String,
+    pub trace_id: Option<String>,
+}
+
+impl From<AuditEvent> for proto::AuditEvent {
+    fn from(e: AuditEvent) -> Self {
+        proto::AuditEvent {
+            id: e.id,
+            time: Some(crate::convert::timestamp(e.at)),
+            key_id: e.key_id.unwrap_or_default(),
+            rpc: e.rpc,
+            target_ids: e.target_ids,
+            outcome: e.outcome,
+            trace_id: e.trace_id.unwrap_or_default(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,10 +1,12 @@
 //! AdminService handlers.
 
-use super::{cleanup, export, integrity, stats};
+use super::{ListAuditEvents, cleanup, export, integrity, sql, stats};
+use crate::audit::{self, Outcome};
 use crate::call::Call;
 use crate::convert::{opt_timestamp, timestamp};
 use crate::db::migrate;
-use crate::error::Error;
+use crate::error::{Error, Result};
+use crate::pagination;
 use crate::proto::{self, admin_service_server::AdminService};
 use crate::rpc::{self, RpcResult};
 use crate::state::AppState;
@@ -25,12 +27,27 @@ impl AdminApi {
     pub fn new(state: AppState) -> Self {
         AdminApi { state }
     }
+
+    /// Records an admin call that writes nothing, in a transaction of its own.
+    async fn audit_read(&self, call: &Call, targets: &[String]) -> Result<()> {
+        let mut conn = self.state.db.conn(call).await?;
+        let tx = conn.begin().await?;
+        audit::record(&tx, call, targets, Outcome::Read).await?;
+        tx.commit().await.map_err(Error::from)
+    }
 }
+
+/// Longest age or threshold accepted: a century.
+const MAX_AGE_SECS: i64 = 100 * 366 * 86_400;
 
 fn duration(v: &mut Validator, field: &str, d: Option<&prost_types::Duration>) -> Option<Duration> {
     let d = d?;
-    if d.seconds < 0 || d.nanos < 0 || (d.seconds == 0 && d.nanos == 0) {
+    if d.seconds < 0 || !(0..1_000_000_000).contains(&d.nanos) || (d.seconds == 0 && d.nanos == 0) {
         v.violation(field, "must be positive");
+        return None;
+    }
+    if d.seconds > MAX_AGE_SECS {
+        v.violation(field, "must be at most 100 years");
         return None;
     }
     Some(Duration::new(d.seconds as u64, d.nanos as u32))
@@ -56,6 +73,8 @@ impl AdminService for AdminApi {
         let tables = stats::table_counts(c, req.exact).await?;
         let (size, oldest, newest) = stats::overview(c).await?;
         let pool = self.state.db.stats();
+        drop(conn);
+        self.audit_read(&call, &[]).await?;
         Ok(Response::new(proto::GetStatsResponse {
             tables: counts(tables, req.exact),
             database_size_bytes: size,
@@ -92,18 +111,20 @@ impl AdminService for AdminApi {
         v.finish()?;
         let cutoff = match (cutoff, older_than) {
             (Some(c), _) => c,
-            (None, Some(age)) => {
-                Utc::now()
-                    - chrono::Duration::from_std(age)
-                        .map_err(|_| Error::invalid("older_than", "is too long"))?
-            }
+            (None, Some(age)) => chrono::Duration::from_std(age)
+                .ok()
+                .and_then(|age| Utc::now().checked_sub_signed(age))
+                .ok_or_else(|| Error::invalid("older_than", "is too long"))?,
             (None, None) => unreachable!("validated above"),
         };
         let mut conn = self.state.db.conn(&call).await?;
         let report = if req.dry_run {
-            cleanup::dry_run(conn.client().await?, cutoff).await?
+            let report = cleanup::dry_run(conn.client().await?, cutoff).await?;
+            drop(conn);
+            self.audit_read(&call, &[]).await?;
+            report
         } else {
-            cleanup::run(&mut conn, cutoff, batch).await?
+            cleanup::run(&mut conn, &call, cutoff, batch).await?
         };
         Ok(Response::new(proto::CleanupResponse {
             deleted: counts(
@@ -128,6 +149,12 @@ impl AdminService for AdminApi {
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
         let findings = integrity::check(&tx, stuck_after, req.repair).await?;
+        let outcome = if req.repair {
+            Outcome::Updated
+        } else {
+            Outcome::Read
+        };
+        audit::record(&tx, &call, &[], outcome).await?;
         tx.commit().await.map_err(Error::from)?;
         let repaired = req.repair && findings.iter().any(|f| f.repaired > 0);
         Ok(Response::new(proto::CheckIntegrityResponse {
@@ -155,6 +182,8 @@ impl AdminService for AdminApi {
         let states = migrate::status(conn.client_mut())
             .await
             .map_err(|e| Error::Internal(format!("{e:#}")))?;
+        drop(conn);
+        self.audit_read(&call, &[]).await?;
         Ok(Response::new(proto::GetMigrationStatusResponse {
             migrations: states
                 .into_iter()
@@ -169,16 +198,41 @@ impl AdminService for AdminApi {
         }))
     }
 
+    async fn list_audit_events(
+        &self,
+        request: Request<proto::ListAuditEventsRequest>,
+    ) -> RpcResult<proto::ListAuditEventsResponse> {
+        let (call, req) = rpc::split(request);
+        let query = ListAuditEvents::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        // Reading the trail is an admin call: it is recorded too, after the
+        // read so a page never shows the call that fetched it.
+        let tx = conn.begin().await?;
+        let rows = sql::list_audit(&tx, &query).await?;
+        audit::record(&tx, &call, &[], Outcome::Read).await?;
+        tx.commit().await.map_err(Error::from)?;
+        let (page, more) = pagination::split_page(rows, query.page_size);
+        let next_page_token = match (more, page.last()) {
+            (true, Some(last)) => pagination::encode(&query.fingerprint, &last.id),
+            _ => String::new(),
+        };
+        Ok(Response::new(proto::ListAuditEventsResponse {
+            events: page.into_iter().map(Into::into).collect(),
+            next_page_token,
+        }))
+    }
+
     type ExportSessionStream = ExportStream;
 
     async fn export_session(
         &self,
         request: Request<proto::ExportSessionRequest>,
     ) -> RpcResult<Self::ExportSessionStream> {
-        let (_, req) = rpc::split(request);
+        let (call, req) = rpc::split(request);
         let mut v = Validator::new();
         let session_id = v.uuid("session_id", &req.session_id);
         v.finish()?;
+        self.audit_read(&call, &[session_id.to_string()]).await?;
         // Fail the call itself (not the stream) when there is no such session.
         {
             let mut conn = self.state.db.conn(&Call::default()).await?;

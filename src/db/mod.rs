@@ -14,7 +14,7 @@ use crate::call::Call;
 use crate::error::{Error, Result};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio_postgres::NoTls;
 use tracing::Instrument;
@@ -30,6 +30,10 @@ pub struct Db {
     ready: Arc<AtomicBool>,
     max_statement_timeout: Duration,
     max_waiting: usize,
+    /// Connections handed to calls so far: every statement a call runs goes
+    /// through one, so a call that did not raise this did not touch the
+    /// database.
+    acquired: Arc<AtomicU64>,
 }
 
 /// Pool statistics, for health and admin reporting.
@@ -107,6 +111,7 @@ impl Db {
             ready: Arc::new(AtomicBool::new(false)),
             max_statement_timeout,
             max_waiting,
+            acquired: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -133,6 +138,11 @@ impl Db {
         self.pool.close();
     }
 
+    /// How many times calls took a pooled connection (see the field).
+    pub fn connections_acquired(&self) -> u64 {
+        self.acquired.load(Ordering::Relaxed)
+    }
+
     /// A pooled connection for one call. The time spent waiting for it is the
     /// `db.pool.acquire` span.
     pub async fn conn(&self, call: &Call) -> Result<Conn> {
@@ -142,6 +152,7 @@ impl Db {
             ));
         }
         let timeout = self.statement_timeout(call)?;
+        self.acquired.fetch_add(1, Ordering::Relaxed);
         let span = tracing::info_span!(
             "db.pool.acquire",
             db.system.name = "postgresql",

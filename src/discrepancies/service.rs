@@ -2,6 +2,7 @@
 
 use super::sql::{self, DiscrepancySink};
 use super::{ListDiscrepancies, Resolution, Resolve, Severity, validate_items};
+use crate::audit::{self, Outcome};
 use crate::error::{Error, Result};
 use crate::ingest::{self, Chunk, Claim, IngestKey};
 use crate::pagination;
@@ -80,6 +81,12 @@ impl DiscrepancyService for DiscrepancyApi {
                 (items.iter().map(|d| d.id).collect(), false)
             }
         };
+        let outcome = if replayed {
+            Outcome::Replayed
+        } else {
+            Outcome::Created
+        };
+        audit::record(&tx, &call, &[session_id.to_string()], outcome).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::RecordDiscrepanciesResponse {
             ids: ids.into_iter().map(|id| id.to_string()).collect(),
@@ -199,6 +206,7 @@ impl DiscrepancyService for DiscrepancyApi {
             sql::resolve_one(&tx, &current, r.resolution, &r.actor, &r.note).await?
         };
         let after = sql::get(&tx, r.id).await?.ok_or_else(|| not_found(r.id))?;
+        audit::record(&tx, &call, &[r.id.to_string()], Outcome::Updated).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::ResolveDiscrepancyResponse {
             discrepancy: Some(after.into()),

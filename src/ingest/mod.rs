@@ -3,6 +3,7 @@
 //! streams (numbered chunks, committed in bounded batches together with the
 //! ingest's high-water mark).
 
+use crate::audit;
 use crate::call::Call;
 use crate::db::{Db, Stmt};
 use crate::error::{Error, FieldViolation, Result};
@@ -261,6 +262,14 @@ async fn write_batches<S: Sink>(
         MARK_ADVANCE
             .execute(&tx, &[&key.kind, &key.ingest_id, &last, &(written as i64)])
             .await?;
+        // One audit row per committed batch, in its transaction.
+        audit::record(
+            &tx,
+            &call,
+            std::slice::from_ref(&key.scope),
+            audit::Outcome::Appended,
+        )
+        .await?;
         tx.commit().await.map_err(Error::from)?;
         crate::observability::ingest_rows(key.kind, written);
         outcome.committed_items += written as i64;

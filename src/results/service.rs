@@ -1,6 +1,7 @@
 //! ResultService handlers.
 
 use super::{ListResults, NewResult, sql};
+use crate::audit::{self, Outcome};
 use crate::error::Error;
 use crate::pagination;
 use crate::proto::{self, result_service_server::ResultService};
@@ -44,6 +45,13 @@ impl ResultService for ResultApi {
                 false,
             ),
         };
+        let outcome = if created {
+            Outcome::Created
+        } else {
+            Outcome::Replayed
+        };
+        let targets = [new.session_id.to_string(), result.id.to_string()];
+        audit::record(&tx, &call, &targets, outcome).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::RecordResultResponse {
             result: Some(result.into()),

@@ -1,11 +1,13 @@
-//! The gRPC server assembled in one place: tracing layer, health,
-//! reflection (v1 and v1alpha), and every Verdict service with its message
-//! size limits.
+//! The gRPC server assembled in one place: tracing layer, auth layer,
+//! health, reflection (v1 and v1alpha), every Verdict service with its
+//! message size limits, over plain TCP or TLS.
 
+mod decode;
 pub mod health;
 mod trace;
 
 use crate::admin::AdminApi;
+use crate::auth::{AuthLayer, AuthMode};
 use crate::config::Config;
 use crate::coverage::CoverageApi;
 use crate::discrepancies::DiscrepancyApi;
@@ -49,6 +51,8 @@ pub async fn serve(
     listener: TcpListener,
     state: AppState,
     reporter: HealthReporter,
+    auth: AuthMode,
+    tls: Option<crate::tls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -69,11 +73,14 @@ pub async fn serve(
                 .max_encoding_message_size(limit)
         };
     }
+    let auth = AuthLayer::new(state.db.clone(), auth.is_required(), state.signer.clone());
 
-    Server::builder()
+    let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(trace::RpcTraceLayer)
+        .layer(decode::DecodeErrorLayer)
+        .layer(auth)
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             reporter,
         )))
@@ -85,16 +92,27 @@ pub async fn serve(
         .add_service(limited!(TestCaseServiceServer, TestCaseApi))
         .add_service(limited!(CoverageServiceServer, CoverageApi))
         .add_service(limited!(MetricsServiceServer, MetricsApi))
-        .add_service(limited!(AdminServiceServer, AdminApi))
+        .add_service(limited!(AdminServiceServer, AdminApi));
+    match tls {
+        Some(tls) => {
+            tracing::info!(mutual = tls.is_mutual(), "serving TLS only");
+            router
+                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .await?
+        }
         // Settings of the builder (nodelay, keepalive) do not reach sockets
         // of an incoming stream we bring ourselves: set them here. Without
         // nodelay, replies larger than a segment wait out delayed ACKs (40 ms).
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(60))),
-            shutdown,
-        )
-        .await?;
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .with_keepalive(Some(Duration::from_secs(60))),
+                    shutdown,
+                )
+                .await?
+        }
+    }
     Ok(())
 }

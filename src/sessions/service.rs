@@ -4,6 +4,7 @@
 use super::{
     ListLogs, ListSessions, NewLogEntry, NewSession, SessionLookup, StatusChange, sql, watch,
 };
+use crate::audit::{self, Outcome};
 use crate::error::Error;
 use crate::pagination;
 use crate::proto::{self, session_service_server::SessionService};
@@ -36,11 +37,11 @@ impl SessionService for SessionApi {
         let (call, req) = rpc::split(request);
         let new = NewSession::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let c = conn.client().await?;
-        let (session, created) = match sql::insert(c, Uuid::now_v7(), &new).await? {
+        let tx = conn.begin().await?;
+        let (session, created) = match sql::insert(&tx, Uuid::now_v7(), &new).await? {
             Some(s) => (s, true),
             // The key was taken: a retry. Return what is stored.
-            None => match sql::get_by_request_id(c, &new.request_id).await? {
+            None => match sql::get_by_request_id(&tx, &new.request_id).await? {
                 Some(s) => (s, false),
                 None => {
                     return Err(Error::Aborted(
@@ -50,6 +51,13 @@ impl SessionService for SessionApi {
                 }
             },
         };
+        let outcome = if created {
+            Outcome::Created
+        } else {
+            Outcome::Replayed
+        };
+        audit::record(&tx, &call, &[session.id.to_string()], outcome).await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::CreateSessionResponse {
             session: Some(session.into()),
             created,
@@ -124,6 +132,7 @@ impl SessionService for SessionApi {
             .into());
         }
         let session = sql::set_status(&tx, change.id, change.status).await?;
+        audit::record(&tx, &call, &[change.id.to_string()], Outcome::Updated).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::UpdateSessionStatusResponse {
             session: Some(session.into()),
@@ -137,7 +146,16 @@ impl SessionService for SessionApi {
         let (call, req) = rpc::split(request);
         let entry = NewLogEntry::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let stored = sql::insert_log(conn.client().await?, &entry).await?;
+        let tx = conn.begin().await?;
+        let stored = sql::insert_log(&tx, &entry).await?;
+        audit::record(
+            &tx,
+            &call,
+            &[entry.session_id.to_string()],
+            Outcome::Appended,
+        )
+        .await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::AppendSessionLogResponse {
             entry: Some(stored.into()),
         }))
@@ -191,6 +209,7 @@ impl SessionService for SessionApi {
         // Children first, explicitly, so the reply can say what went.
         let deleted_log_entries = sql::delete_logs(&tx, id).await?;
         sql::delete(&tx, id).await?;
+        audit::record(&tx, &call, &[id.to_string()], Outcome::Deleted).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::DeleteSessionResponse {
             deleted_log_entries: deleted_log_entries as i64,

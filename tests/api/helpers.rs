@@ -127,6 +127,8 @@ pub struct TestApp {
     pub test_cases: TestCaseServiceClient<Channel>,
     pub coverage: CoverageServiceClient<Channel>,
     pub health: HealthClient<Channel>,
+    /// The gateway's pool, to count connections calls took.
+    pub db: verdict::db::Db,
     /// Connection settings of the gateway's database.
     pg: tokio_postgres::Config,
     /// The gateway's DATABASE_URL; empty on the embedded default.
@@ -174,6 +176,7 @@ pub async fn adopt(app: Application) -> TestApp {
 
 async fn start(app: Application) -> TestApp {
     let port = app.port();
+    let db = app.db();
     let pg = app.database_config().clone();
     let database_url = app.database_url().unwrap_or_default();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
@@ -191,6 +194,7 @@ async fn start(app: Application) -> TestApp {
         test_cases: TestCaseServiceClient::new(channel.clone()),
         coverage: CoverageServiceClient::new(channel.clone()),
         health: HealthClient::new(channel.clone()),
+        db,
         channel,
         pg,
         database_url,
@@ -291,4 +295,52 @@ pub fn violations(status: &tonic::Status) -> Vec<(String, String)> {
 /// The fields named by the violations of a status.
 pub fn violated_fields(status: &tonic::Status) -> Vec<String> {
     violations(status).into_iter().map(|(f, _)| f).collect()
+}
+
+/// Settings of a test gateway on `database_url` that requires API keys
+/// although it listens on loopback (`--require-auth`).
+pub fn auth_config(database_url: &str) -> Config {
+    let mut config = test_config(database_url);
+    config.require_auth = true;
+    config
+}
+
+/// Tokens of keys with each scope, and one with all three.
+pub struct Keys {
+    pub read: String,
+    pub write: String,
+    pub admin: String,
+    pub all: String,
+}
+
+/// Creates a key as `verdict keys create` does; returns (id, token).
+pub async fn create_key(config: &Config, name: &str, scopes: &str) -> (String, String) {
+    let scopes = verdict::auth::ScopeSet::parse_list(scopes).unwrap();
+    let key = verdict::create_key(config, name, scopes)
+        .await
+        .expect("create a key");
+    (key.id.to_string(), key.token)
+}
+
+/// A gateway requiring keys on a fresh database, with a key per scope.
+pub async fn spawn_auth_app() -> (TestApp, Keys) {
+    let (_, url) = create_database().await;
+    let config = auth_config(&url);
+    let keys = Keys {
+        read: create_key(&config, "reader", "read").await.1,
+        write: create_key(&config, "writer", "write").await.1,
+        admin: create_key(&config, "admin", "admin").await.1,
+        all: create_key(&config, "root", "read,write,admin").await.1,
+    };
+    (spawn_app_with(config).await, keys)
+}
+
+/// A request carrying `authorization: Bearer <token>`.
+pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii token"),
+    );
+    request
 }

@@ -1,12 +1,17 @@
 //! Integration tests: a real gateway, a real tonic client, a real PostgreSQL.
 
 mod admin;
+mod audit;
+mod auth;
 mod coverage;
 mod discrepancies;
+mod fuzz;
 mod gateway;
 mod helpers;
+mod hostile;
 mod metrics;
 mod results;
 mod sessions;
 mod test_cases;
+mod tls;
 mod watch;

@@ -48,3 +48,5 @@ CREATE TABLE rollup_watermarks (
 CREATE INDEX sessions_updated_idx ON sessions (updated_at);
 -- Periods touched by recorded discrepancies (incremental rollups).
 CREATE INDEX discrepancies_created_idx ON discrepancies (created_at);
+-- Periods touched by recorded test executions (incremental rollups).
+CREATE INDEX test_executions_created_idx ON test_executions (created_at);

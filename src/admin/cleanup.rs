@@ -11,6 +11,9 @@ use uuid::Uuid;
 
 /// Tables cleaned, children first (the order rows are deleted in).
 pub const CLEANED: &[&str] = &[
+    "coverage_files",
+    "coverage_reports",
+    "test_executions",
     "discrepancy_resolutions",
     "discrepancies",
     "results",
@@ -24,6 +27,22 @@ const PICK: Stmt = Stmt::new(
     "SELECT id FROM sessions WHERE created_at < $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED",
 );
 
+const DELETE_COVERAGE_FILES: Stmt = Stmt::new(
+    "DELETE",
+    "coverage_files",
+    "DELETE FROM coverage_files WHERE report_id IN \
+     (SELECT id FROM coverage_reports WHERE session_id = ANY($1))",
+);
+const DELETE_COVERAGE_REPORTS: Stmt = Stmt::new(
+    "DELETE",
+    "coverage_reports",
+    "DELETE FROM coverage_reports WHERE session_id = ANY($1)",
+);
+const DELETE_EXECUTIONS: Stmt = Stmt::new(
+    "DELETE",
+    "test_executions",
+    "DELETE FROM test_executions WHERE session_id = ANY($1)",
+);
 const DELETE_RESOLUTIONS: Stmt = Stmt::new(
     "DELETE",
     "discrepancy_resolutions",
@@ -54,7 +73,11 @@ const COUNT: Stmt = Stmt::new(
     "SELECT",
     "sessions",
     "WITH old AS (SELECT id FROM sessions WHERE created_at < $1) \
-     SELECT (SELECT count(*) FROM discrepancy_resolutions WHERE session_id IN (SELECT id FROM old)), \
+     SELECT (SELECT count(*) FROM coverage_files WHERE report_id IN \
+                (SELECT id FROM coverage_reports WHERE session_id IN (SELECT id FROM old))), \
+            (SELECT count(*) FROM coverage_reports WHERE session_id IN (SELECT id FROM old)), \
+            (SELECT count(*) FROM test_executions WHERE session_id IN (SELECT id FROM old)), \
+            (SELECT count(*) FROM discrepancy_resolutions WHERE session_id IN (SELECT id FROM old)), \
             (SELECT count(*) FROM discrepancies WHERE session_id IN (SELECT id FROM old)), \
             (SELECT count(*) FROM results WHERE session_id IN (SELECT id FROM old)), \
             (SELECT count(*) FROM session_logs WHERE session_id IN (SELECT id FROM old)), \
@@ -91,7 +114,7 @@ pub async fn run(
     cutoff: DateTime<Utc>,
     batch: i64,
 ) -> Result<Report> {
-    let mut totals = [0i64; 5];
+    let mut totals = [0i64; 8];
     let mut batches = 0;
     loop {
         let tx = conn.begin().await?;
@@ -105,6 +128,9 @@ pub async fn run(
             break;
         }
         let steps = [
+            DELETE_COVERAGE_FILES,
+            DELETE_COVERAGE_REPORTS,
+            DELETE_EXECUTIONS,
             DELETE_RESOLUTIONS,
             DELETE_DISCREPANCIES,
             DELETE_RESULTS,

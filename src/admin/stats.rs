@@ -17,6 +17,12 @@ pub const TABLES: &[&str] = &[
     "metric_rollups",
     "ingest_batches",
     "ingest_marks",
+    "test_cases",
+    "test_executions",
+    "coverage_reports",
+    "coverage_files",
+    "api_keys",
+    "audit_events",
 ];
 
 const EXACT: Stmt = Stmt::new(
@@ -31,7 +37,13 @@ const EXACT: Stmt = Stmt::new(
      UNION ALL SELECT 'metric_points', count(*) FROM metric_points \
      UNION ALL SELECT 'metric_rollups', count(*) FROM metric_rollups \
      UNION ALL SELECT 'ingest_batches', count(*) FROM ingest_batches \
-     UNION ALL SELECT 'ingest_marks', count(*) FROM ingest_marks",
+     UNION ALL SELECT 'ingest_marks', count(*) FROM ingest_marks \
+     UNION ALL SELECT 'test_cases', count(*) FROM test_cases \
+     UNION ALL SELECT 'test_executions', count(*) FROM test_executions \
+     UNION ALL SELECT 'coverage_reports', count(*) FROM coverage_reports \
+     UNION ALL SELECT 'coverage_files', count(*) FROM coverage_files \
+     UNION ALL SELECT 'api_keys', count(*) FROM api_keys \
+     UNION ALL SELECT 'audit_events', count(*) FROM audit_events",
 );
 
 const ESTIMATED: Stmt = Stmt::new(

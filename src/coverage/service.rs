@@ -2,6 +2,7 @@
 
 use super::sql::{self, Change};
 use super::{AggregateQuery, CompareQuery, Counters, NewReport, TrendQuery, percent_delta};
+use crate::audit::{self, Outcome};
 use crate::convert::timestamp;
 use crate::error::Error;
 use crate::proto::{self, coverage_service_server::CoverageService};
@@ -61,6 +62,12 @@ impl CoverageService for CoverageApi {
                 false,
             ),
         };
+        let outcome = if created {
+            Outcome::Created
+        } else {
+            Outcome::Replayed
+        };
+        audit::record(&tx, &call, &[report.id.to_string()], outcome).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::RecordCoverageResponse {
             report: Some(report.into()),

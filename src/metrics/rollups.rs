@@ -58,7 +58,8 @@ const TOUCHED: Stmt = Stmt::new(
     "SELECT DISTINCT date_trunc($1, t) FROM ( \
          SELECT created_at AS t FROM sessions WHERE updated_at >= $2 \
          UNION ALL SELECT created_at FROM results WHERE created_at >= $2 \
-         UNION ALL SELECT created_at FROM discrepancies WHERE created_at >= $2) touched",
+         UNION ALL SELECT created_at FROM discrepancies WHERE created_at >= $2 \
+         UNION ALL SELECT started_at FROM test_executions WHERE created_at >= $2) touched",
 );
 
 const ADVANCE: Stmt = Stmt::new(
@@ -101,6 +102,13 @@ const COMPUTE: Stmt = Stmt::new(
          FROM bounds b LEFT JOIN discrepancies d \
            ON d.created_at >= b.period_start AND d.created_at < b.period_end \
          GROUP BY b.period_start), \
+     ex AS ( \
+         SELECT b.period_start, count(e.id) AS executions, \
+                count(e.id) FILTER (WHERE e.status = 'passed') AS passed, \
+                count(e.id) FILTER (WHERE e.status IN ('failed', 'error')) AS failed_or_error \
+         FROM bounds b LEFT JOIN test_executions e \
+           ON e.started_at >= b.period_start AND e.started_at < b.period_end \
+         GROUP BY b.period_start), \
      tp AS ( \
          SELECT period_start, jsonb_object_agg(pair, n) AS pairs FROM ( \
              SELECT b.period_start, x.source_technology || '->' || x.target_technology AS pair, count(*) AS n \
@@ -112,11 +120,12 @@ const COMPUTE: Stmt = Stmt::new(
          sessions_processing, sessions_completed, sessions_failed, sessions_cancelled, \
          avg_fidelity, p95_fidelity, discrepancies_critical, discrepancies_high, \
          discrepancies_medium, discrepancies_low, discrepancies_info, avg_session_duration_ms, \
-         technology_pairs, computed_at) \
+         test_executions, test_passed, test_failed_or_error, technology_pairs, computed_at) \
      SELECT $1, se.period_start, se.total, se.pending, se.processing, se.completed, se.failed, \
             se.cancelled, re.avg_fidelity, re.p95_fidelity, di.critical, di.high, di.medium, \
-            di.low, di.info, se.duration_ms, COALESCE(tp.pairs, '{}'::jsonb), now() \
-     FROM se JOIN re USING (period_start) JOIN di USING (period_start) \
+            di.low, di.info, se.duration_ms, ex.executions, ex.passed, ex.failed_or_error, \
+            COALESCE(tp.pairs, '{}'::jsonb), now() \
+     FROM se JOIN re USING (period_start) JOIN di USING (period_start) JOIN ex USING (period_start) \
           LEFT JOIN tp USING (period_start) \
      ON CONFLICT (period, period_start) DO UPDATE SET \
          sessions_total = EXCLUDED.sessions_total, sessions_pending = EXCLUDED.sessions_pending, \
@@ -127,6 +136,8 @@ const COMPUTE: Stmt = Stmt::new(
          discrepancies_high = EXCLUDED.discrepancies_high, discrepancies_medium = EXCLUDED.discrepancies_medium, \
          discrepancies_low = EXCLUDED.discrepancies_low, discrepancies_info = EXCLUDED.discrepancies_info, \
          avg_session_duration_ms = EXCLUDED.avg_session_duration_ms, \
+         test_executions = EXCLUDED.test_executions, test_passed = EXCLUDED.test_passed, \
+         test_failed_or_error = EXCLUDED.test_failed_or_error, \
          technology_pairs = EXCLUDED.technology_pairs, computed_at = EXCLUDED.computed_at",
 );
 

@@ -2,6 +2,7 @@
 
 use super::rollups::{self, Locking};
 use super::{RollupPeriod, SeriesQuery, sql, validate_points};
+use crate::audit::{self, Outcome};
 use crate::convert::{opt_timestamp, timestamp};
 use crate::error::{Error, Result};
 use crate::ingest::{self, Claim};
@@ -55,6 +56,12 @@ impl MetricsService for MetricsApi {
                 (written as i64, false)
             }
         };
+        let outcome = if replayed {
+            Outcome::Replayed
+        } else {
+            Outcome::Appended
+        };
+        audit::record(&tx, &call, &[batch_id.clone()], outcome).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::RecordMetricPointsResponse {
             recorded,
@@ -106,6 +113,7 @@ impl MetricsService for MetricsApi {
         let starts = rollups::compute(&tx, period, from, to, req.full_recompute, Locking::Wait)
             .await?
             .unwrap_or_default();
+        audit::record(&tx, &call, &[period.as_str().to_owned()], Outcome::Updated).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::ComputeRollupsResponse {
             period_starts: starts.into_iter().map(timestamp).collect(),

@@ -5,6 +5,7 @@ use super::executions_sql::{self, ExecutionSink};
 use super::{
     ExecutionStatus, ListTestCases, NewTestCase, TestCaseRef, TestCaseUpdate, sql, statistics_sql,
 };
+use crate::audit::{self, Outcome};
 use crate::error::{Error, Result};
 use crate::ingest::{self, Chunk, Claim, IngestKey};
 use crate::pagination;
@@ -58,11 +59,11 @@ impl TestCaseService for TestCaseApi {
         let (call, req) = rpc::split(request);
         let new = NewTestCase::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let c = conn.client().await?;
-        let (test_case, created) = match sql::insert(c, Uuid::now_v7(), &new).await? {
+        let tx = conn.begin().await?;
+        let (test_case, created) = match sql::insert(&tx, Uuid::now_v7(), &new).await? {
             Some(t) => (t, true),
             None => (
-                sql::get(c, &TestCaseRef::Key(new.key.clone()))
+                sql::get(&tx, &TestCaseRef::Key(new.key.clone()))
                     .await?
                     .ok_or_else(|| {
                         Error::Aborted(
@@ -72,6 +73,13 @@ impl TestCaseService for TestCaseApi {
                 false,
             ),
         };
+        let outcome = if created {
+            Outcome::Created
+        } else {
+            Outcome::Replayed
+        };
+        audit::record(&tx, &call, &[test_case.id.to_string()], outcome).await?;
+        tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::CreateTestCaseResponse {
             test_case: Some(test_case.into()),
             created,
@@ -129,6 +137,7 @@ impl TestCaseService for TestCaseApi {
             return Err(stale(update.id, current.version, expected).into());
         }
         let updated = sql::update(&tx, &update).await?;
+        audit::record(&tx, &call, &[update.id.to_string()], Outcome::Updated).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::UpdateTestCaseResponse {
             test_case: Some(updated.into()),
@@ -170,6 +179,7 @@ impl TestCaseService for TestCaseApi {
             0
         };
         sql::delete(&tx, id).await?;
+        audit::record(&tx, &call, &[id.to_string()], Outcome::Deleted).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::DeleteTestCaseResponse {
             deleted_executions: deleted_executions as i64,
@@ -205,10 +215,17 @@ impl TestCaseService for TestCaseApi {
                 let sink = ExecutionSink {
                     batch_id: Some(batch_id.clone()),
                 };
-                ingest::Sink::write(&sink, &tx, &items).await?;
+                let written = ingest::Sink::write(&sink, &tx, &items).await?;
+                crate::observability::ingest_rows(INGEST_KIND, written);
                 (items.iter().map(|e| e.id).collect(), false)
             }
         };
+        let outcome = if replayed {
+            Outcome::Replayed
+        } else {
+            Outcome::Appended
+        };
+        audit::record(&tx, &call, &[batch_id.clone()], outcome).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::RecordExecutionsResponse {
             ids: ids.into_iter().map(|id| id.to_string()).collect(),

@@ -69,7 +69,13 @@ async fn plant_around(app: &TestApp, cutoff: &str) {
              INSERT INTO discrepancies (session_id, id, kind, severity, description, confidence, fingerprint)
              SELECT id, gen_random_uuid(), 'k', 2, 'd', 0.5, 'f' FROM sessions;
              INSERT INTO discrepancy_resolutions (session_id, discrepancy_id, from_resolution, to_resolution, actor)
-             SELECT session_id, id, 'open', 'acknowledged', 'ana' FROM discrepancies;"
+             SELECT session_id, id, 'open', 'acknowledged', 'ana' FROM discrepancies;
+             INSERT INTO test_cases (id, key, name, test_type) VALUES (gen_random_uuid(), 'old-test', 't', 'unit');
+             INSERT INTO test_executions (id, test_case_id, session_id, status, started_at)
+             SELECT gen_random_uuid(), (SELECT id FROM test_cases), id, 'passed', now() FROM sessions;
+             INSERT INTO coverage_reports (id, session_id, commit_sha, branch, client_key, lines_covered,
+                 lines_total, branches_covered, branches_total, functions_covered, functions_total)
+             SELECT gen_random_uuid(), id, 'abcdef1', 'main', request_id, 1, 2, 1, 2, 1, 2 FROM sessions;"
         ),
     )
     .await;
@@ -103,6 +109,10 @@ async fn cleanup_respects_the_cutoff_exactly_and_leaves_no_orphans() {
     // Sessions 1 and 2 are before the cutoff; 3 is exactly at it and stays.
     assert_eq!(planned["sessions"], 2);
     assert_eq!(planned["discrepancy_resolutions"], 2);
+    assert_eq!(
+        (planned["test_executions"], planned["coverage_reports"]),
+        (2, 2)
+    );
     assert_eq!(
         count(&app, "SELECT count(*) FROM sessions").await,
         5,

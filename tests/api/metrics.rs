@@ -217,6 +217,14 @@ async fn plant_two_days(app: &TestApp) {
              ('00000000-0000-0000-0000-000000000001', gen_random_uuid(), 'k', 1, 'd', 1, 'f1', '2026-01-10 12:00Z'),
              ('00000000-0000-0000-0000-000000000001', gen_random_uuid(), 'k', 1, 'd', 1, 'f2', '2026-01-10 12:00Z'),
              ('00000000-0000-0000-0000-000000000001', gen_random_uuid(), 'k', 4, 'd', 1, 'f3', '2026-01-10 12:00Z');
+             INSERT INTO test_cases (id, key, name, test_type) VALUES
+             ('00000000-0000-0000-0000-0000000000aa', 'test-001', 'login', 'unit');
+             INSERT INTO test_executions (id, test_case_id, status, started_at, created_at) VALUES
+             (gen_random_uuid(), '00000000-0000-0000-0000-0000000000aa', 'passed', '2026-01-10 01:00Z', '2026-01-10 01:00Z'),
+             (gen_random_uuid(), '00000000-0000-0000-0000-0000000000aa', 'passed', '2026-01-10 02:00Z', '2026-01-10 02:00Z'),
+             (gen_random_uuid(), '00000000-0000-0000-0000-0000000000aa', 'failed', '2026-01-10 03:00Z', '2026-01-10 03:00Z'),
+             (gen_random_uuid(), '00000000-0000-0000-0000-0000000000aa', 'skipped', '2026-01-10 04:00Z', '2026-01-10 04:00Z'),
+             (gen_random_uuid(), '00000000-0000-0000-0000-0000000000aa', 'error', '2026-01-11 01:00Z', '2026-01-11 01:00Z');
              UPDATE sessions SET updated_at = created_at;",
         )
         .await
@@ -295,6 +303,9 @@ async fn daily_rollups_match_hand_computed_figures_and_recompute_idempotently() 
         (2, 1, 0)
     );
     assert!((d1.avg_session_duration_ms.unwrap() - 3000.0).abs() < 1e-6);
+    // 2 passed of 3 that ran to a verdict (the skipped one does not count).
+    assert_eq!(d1.test_executions, 4);
+    assert!((d1.test_pass_rate.unwrap() - 2.0 / 3.0).abs() < 1e-12);
     assert_eq!(
         d1.technology_pairs,
         HashMap::from([("cobol->java".to_string(), 2), ("pl1->java".to_string(), 1)])
@@ -304,6 +315,7 @@ async fn daily_rollups_match_hand_computed_figures_and_recompute_idempotently() 
     assert_eq!(d2.completion_rate, Some(1.0));
     assert_eq!((d2.avg_fidelity, d2.p95_fidelity), (Some(0.5), Some(0.5)));
     assert!((d2.avg_session_duration_ms.unwrap() - 1000.0).abs() < 1e-6);
+    assert_eq!((d2.test_executions, d2.test_pass_rate), (1, Some(0.0)));
     let d3 = &rows[2];
     assert_eq!(
         (d3.sessions_total, d3.completion_rate, d3.avg_fidelity),

@@ -61,7 +61,7 @@ impl MetricsService for MetricsApi {
         } else {
             Outcome::Appended
         };
-        audit::record(&tx, &call, &[batch_id.clone()], outcome).await?;
+        audit::record(&tx, &call, std::slice::from_ref(&batch_id), outcome).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::RecordMetricPointsResponse {
             recorded,

@@ -225,7 +225,7 @@ impl TestCaseService for TestCaseApi {
         } else {
             Outcome::Appended
         };
-        audit::record(&tx, &call, &[batch_id.clone()], outcome).await?;
+        audit::record(&tx, &call, std::slice::from_ref(&batch_id), outcome).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::RecordExecutionsResponse {
             ids: ids.into_iter().map(|id| id.to_string()).collect(),

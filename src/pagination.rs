@@ -172,6 +172,23 @@ pub fn time_key(
     }
 }
 
+/// The page (the first `page_size` of the `page_size + 1` rows fetched) and
+/// the token of the next page, empty when this page is the last. `key` gives
+/// the sort key of a row.
+pub fn page<T, K: Serialize>(
+    rows: Vec<T>,
+    page_size: i64,
+    fingerprint: &str,
+    key: impl Fn(&T) -> K,
+) -> (Vec<T>, String) {
+    let (page, more) = split_page(rows, page_size);
+    let token = match (more, page.last()) {
+        (true, Some(last)) => encode(fingerprint, &key(last)),
+        _ => String::new(),
+    };
+    (page, token)
+}
+
 /// Splits one extra row fetched past the page: returns the page and whether
 /// another page follows.
 pub fn split_page<T>(mut rows: Vec<T>, page_size: i64) -> (Vec<T>, bool) {

@@ -211,11 +211,8 @@ impl AdminService for AdminApi {
         let rows = sql::list_audit(&tx, &query).await?;
         audit::record(&tx, &call, &[], Outcome::Read).await?;
         tx.commit().await.map_err(Error::from)?;
-        let (page, more) = pagination::split_page(rows, query.page_size);
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => pagination::encode(&query.fingerprint, &last.id),
-            _ => String::new(),
-        };
+        let (page, next_page_token) =
+            pagination::page(rows, query.page_size, &query.fingerprint, |last| last.id);
         Ok(Response::new(proto::ListAuditEventsResponse {
             events: page.into_iter().map(Into::into).collect(),
             next_page_token,

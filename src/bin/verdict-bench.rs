@@ -11,10 +11,11 @@ use clap::Parser;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::ToSql;
 use tonic::transport::{Channel, Endpoint};
 use uuid::Uuid;
 use verdict::db::embedded::EmbeddedPostgres;
+use verdict::discrepancies::sql::{COPY, COPY_TYPES};
 use verdict::proto::discrepancy_service_client::DiscrepancyServiceClient;
 use verdict::proto::metrics_service_client::MetricsServiceClient;
 use verdict::proto::session_service_client::SessionServiceClient;
@@ -168,33 +169,10 @@ fn discrepancy(n: usize) -> DiscrepancyInput {
     }
 }
 
-const COPY_SQL: &str = "COPY discrepancies (session_id, id, result_id, kind, severity, description, \
-     source_element, target_element, recommendation, confidence, fingerprint, resolution, \
-     resolved_by, resolution_note, resolution_updated_at, batch_id, batch_position) FROM STDIN BINARY";
-const COPY_TYPES: [Type; 17] = [
-    Type::UUID,
-    Type::UUID,
-    Type::UUID,
-    Type::TEXT,
-    Type::INT2,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::FLOAT8,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TEXT,
-    Type::TIMESTAMPTZ,
-    Type::TEXT,
-    Type::INT4,
-];
-
 /// The same rows the gateway writes, by a direct binary COPY per transaction.
 async fn direct_copy(client: &mut tokio_postgres::Client, session: Uuid, from: usize, rows: usize) {
     let tx = client.transaction().await.expect("begin");
-    let sink = tx.copy_in(COPY_SQL).await.expect("copy in");
+    let sink = tx.copy_in(COPY.sql).await.expect("copy in");
     let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
     futures::pin_mut!(writer);
     let none_uuid: Option<Uuid> = None;

@@ -237,13 +237,7 @@ impl Conn {
         let timeout = self.lowered_timeout;
         let object = self.object.as_mut().expect("object is present until drop");
         let tx = object.transaction().await?;
-        if let Some(timeout) = timeout {
-            tx.batch_execute(&format!(
-                "SET LOCAL statement_timeout = {}",
-                timeout.as_millis()
-            ))
-            .await?;
-        }
+        set_local_timeout(&tx, timeout).await?;
         Ok(tx)
     }
 }
@@ -260,13 +254,7 @@ impl Conn {
             .read_only(true)
             .start()
             .await?;
-        if let Some(timeout) = timeout {
-            tx.batch_execute(&format!(
-                "SET LOCAL statement_timeout = {}",
-                timeout.as_millis()
-            ))
-            .await?;
-        }
+        set_local_timeout(&tx, timeout).await?;
         Ok(tx)
     }
 
@@ -301,6 +289,21 @@ impl Drop for Conn {
             }
         }
     }
+}
+
+/// Applies a call's lowered statement timeout to the transaction it began.
+async fn set_local_timeout(
+    tx: &deadpool_postgres::Transaction<'_>,
+    timeout: Option<Duration>,
+) -> Result<()> {
+    if let Some(timeout) = timeout {
+        tx.batch_execute(&format!(
+            "SET LOCAL statement_timeout = {}",
+            timeout.as_millis()
+        ))
+        .await?;
+    }
+    Ok(())
 }
 
 /// Connects one connection outside the pool, driving it on a task of its own.

@@ -159,11 +159,10 @@ impl DiscrepancyService for DiscrepancyApi {
         let query = ListDiscrepancies::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let rows = sql::list(conn.client().await?, &query).await?;
-        let (page, more) = pagination::split_page(rows, query.page_size);
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => pagination::encode(&query.fingerprint, &sql::key(last)),
-            _ => String::new(),
-        };
+        let (page, next_page_token) =
+            pagination::page(rows, query.page_size, &query.fingerprint, |last| {
+                sql::key(last)
+            });
         Ok(Response::new(proto::ListDiscrepanciesResponse {
             discrepancies: page.into_iter().map(Into::into).collect(),
             next_page_token,
@@ -230,11 +229,8 @@ impl DiscrepancyService for DiscrepancyApi {
         let c = conn.client().await?;
         let d = sql::get(c, id).await?.ok_or_else(|| not_found(id))?;
         let rows = sql::history(c, &d, after, page_size + 1).await?;
-        let (page, more) = pagination::split_page(rows, page_size);
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => pagination::encode(&fingerprint, &last.id),
-            _ => String::new(),
-        };
+        let (page, next_page_token) =
+            pagination::page(rows, page_size, &fingerprint, |last| last.id);
         Ok(Response::new(proto::ListResolutionHistoryResponse {
             changes: page.into_iter().map(Into::into).collect(),
             next_page_token,

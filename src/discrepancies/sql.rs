@@ -69,7 +69,9 @@ const MUTED: Stmt = Stmt::new(
     "SELECT fingerprint, actor, note FROM fingerprint_rules WHERE fingerprint = ANY($1)",
 );
 
-const COPY: Stmt = Stmt::new(
+/// The binary COPY every discrepancy write uses (also the floor that
+/// `verdict-bench` compares ingest with).
+pub const COPY: Stmt = Stmt::new(
     "COPY",
     "discrepancies",
     "COPY discrepancies (session_id, id, result_id, kind, severity, description, source_element, \
@@ -77,7 +79,8 @@ const COPY: Stmt = Stmt::new(
      resolution_note, resolution_updated_at, batch_id, batch_position) FROM STDIN BINARY",
 );
 
-const COPY_TYPES: [Type; 17] = [
+/// Column types of [`COPY`], in order.
+pub const COPY_TYPES: [Type; 17] = [
     Type::UUID,
     Type::UUID,
     Type::UUID,

@@ -140,17 +140,11 @@ impl MetricsService for MetricsApi {
             .iter()
             .map(|r| to_proto(period, &r.0))
             .collect::<Result<Vec<_>>>()?;
-        let (page, more) = pagination::split_page(rollups, page_size);
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => pagination::encode(
-                &fingerprint,
-                &last
-                    .period_start
-                    .as_ref()
-                    .and_then(crate::convert::from_timestamp),
-            ),
-            _ => String::new(),
-        };
+        let (page, next_page_token) = pagination::page(rollups, page_size, &fingerprint, |last| {
+            last.period_start
+                .as_ref()
+                .and_then(crate::convert::from_timestamp)
+        });
         Ok(Response::new(proto::ListRollupsResponse {
             rollups: page,
             next_page_token,

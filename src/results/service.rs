@@ -84,11 +84,10 @@ impl ResultService for ResultApi {
         let query = ListResults::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let rows = sql::list(conn.client().await?, &query).await?;
-        let (page, more) = pagination::split_page(rows, query.page_size);
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => pagination::encode(&query.fingerprint, &sql::key(last)),
-            _ => String::new(),
-        };
+        let (page, next_page_token) =
+            pagination::page(rows, query.page_size, &query.fingerprint, |last| {
+                sql::key(last)
+            });
         Ok(Response::new(proto::ListResultsResponse {
             results: page.into_iter().map(Into::into).collect(),
             next_page_token,

@@ -91,11 +91,10 @@ impl SessionService for SessionApi {
         let query = ListSessions::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let rows = sql::list(conn.client().await?, &query).await?;
-        let (page, more) = pagination::split_page(rows, query.page_size);
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => pagination::encode(&query.fingerprint, &sql::session_key(last)),
-            _ => String::new(),
-        };
+        let (page, next_page_token) =
+            pagination::page(rows, query.page_size, &query.fingerprint, |last| {
+                sql::session_key(last)
+            });
         Ok(Response::new(proto::ListSessionsResponse {
             sessions: page.into_iter().map(Into::into).collect(),
             next_page_token,
@@ -173,11 +172,8 @@ impl SessionService for SessionApi {
         if rows.is_empty() && sql::get(c, query.session_id).await?.is_none() {
             return Err(not_found(query.session_id).into());
         }
-        let (page, more) = pagination::split_page(rows, query.page_size);
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => pagination::encode(&query.fingerprint, &last.id),
-            _ => String::new(),
-        };
+        let (page, next_page_token) =
+            pagination::page(rows, query.page_size, &query.fingerprint, |last| last.id);
         Ok(Response::new(proto::ListSessionLogsResponse {
             entries: page.into_iter().map(Into::into).collect(),
             next_page_token,

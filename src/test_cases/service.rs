@@ -109,11 +109,10 @@ impl TestCaseService for TestCaseApi {
         let query = ListTestCases::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let rows = sql::list(conn.client().await?, &query).await?;
-        let (page, more) = pagination::split_page(rows, query.page_size);
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => pagination::encode(&query.fingerprint, &last.key),
-            _ => String::new(),
-        };
+        let (page, next_page_token) =
+            pagination::page(rows, query.page_size, &query.fingerprint, |last| {
+                last.key.clone()
+            });
         Ok(Response::new(proto::ListTestCasesResponse {
             test_cases: page.into_iter().map(Into::into).collect(),
             next_page_token,
@@ -290,13 +289,12 @@ impl TestCaseService for TestCaseApi {
             None => None,
         };
         let rows = executions_sql::list(c, &query, test_case_id).await?;
-        let (page, more) = pagination::split_page(rows, query.page_size);
-        let next_page_token = match (more, page.last()) {
-            (true, Some(last)) => {
-                pagination::encode(&query.fingerprint, &executions_sql::key(last))
-            }
-            _ => String::new(),
-        };
+        let (page, next_page_token) = pagination::page(
+            rows,
+            query.page_size,
+            &query.fingerprint,
+            executions_sql::key,
+        );
         Ok(Response::new(proto::ListExecutionsResponse {
             executions: page.into_iter().map(Into::into).collect(),
             next_page_token,

@@ -3,11 +3,13 @@
 //! snapshot), handed over in chunks through a bounded channel so memory
 //! stays flat whatever the session's size.
 
+use crate::coverage::{self, Counters, Report};
 use crate::discrepancies::{self, Discrepancy, ResolutionChange};
 use crate::error::{Error, Result};
 use crate::proto;
 use crate::results::{self, ValidationResult};
 use crate::sessions::{self, LogEntry, Session};
+use crate::test_cases::{self, executions::Execution};
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -29,6 +31,14 @@ pub enum Record {
         #[serde(flatten)]
         change: ResolutionChange,
     },
+    Execution(Execution),
+    CoverageReport(Report),
+    CoverageFile {
+        report_id: Uuid,
+        path: String,
+        #[serde(flatten)]
+        counters: Counters,
+    },
 }
 
 impl From<Record> for proto::ExportRecord {
@@ -45,6 +55,19 @@ impl From<Record> for proto::ExportRecord {
             } => R::ResolutionChange(proto::ExportedResolutionChange {
                 discrepancy_id: discrepancy_id.to_string(),
                 change: Some(change.into()),
+            }),
+            Record::Execution(e) => R::Execution(e.into()),
+            Record::CoverageReport(r) => R::CoverageReport(r.into()),
+            Record::CoverageFile {
+                report_id,
+                path,
+                counters,
+            } => R::CoverageFile(proto::ExportedCoverageFile {
+                report_id: report_id.to_string(),
+                file: Some(proto::FileCoverage {
+                    path,
+                    counters: Some(counters.into()),
+                }),
             }),
         };
         proto::ExportRecord {
@@ -72,59 +95,64 @@ pub async fn run(
     }
     send!(vec![Record::Session(session)]);
 
-    let mut after = 0;
-    loop {
-        let page = sessions::sql::logs_after(c, session_id, after, CHUNK).await?;
-        let Some(last) = page.last() else { break };
-        after = last.id;
-        let full = page.len() as i64 == CHUNK;
-        send!(page.into_iter().map(Record::LogEntry).collect());
-        if !full {
-            break;
-        }
+    // Each kind of record, page by page in a stable order, resuming after
+    // the key of the last record sent.
+    macro_rules! pages {
+        ($fetch:expr, $key:expr, $wrap:expr) => {{
+            let mut after = None;
+            loop {
+                let page = $fetch(after.clone()).await?;
+                let Some(last) = page.last() else { break };
+                after = Some($key(last));
+                let full = page.len() as i64 == CHUNK;
+                send!(page.into_iter().map($wrap).collect());
+                if !full {
+                    break;
+                }
+            }
+        }};
     }
-
-    let mut after = None;
-    loop {
-        let page = results::sql::page_of_session(c, session_id, after, CHUNK).await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.id);
-        let full = page.len() as i64 == CHUNK;
-        send!(page.into_iter().map(Record::Result).collect());
-        if !full {
-            break;
+    pages!(
+        |after: Option<i64>| sessions::sql::logs_after(c, session_id, after.unwrap_or(0), CHUNK),
+        |l: &LogEntry| l.id,
+        Record::LogEntry
+    );
+    pages!(
+        |after| results::sql::page_of_session(c, session_id, after, CHUNK),
+        |r: &ValidationResult| r.id,
+        Record::Result
+    );
+    pages!(
+        |after| discrepancies::sql::page_of_session(c, session_id, after, CHUNK),
+        |d: &Discrepancy| d.id,
+        Record::Discrepancy
+    );
+    pages!(
+        |after| discrepancies::sql::resolutions_of_session(c, session_id, after, CHUNK),
+        |(d, change): &(Uuid, ResolutionChange)| (*d, change.id),
+        |(discrepancy_id, change)| Record::ResolutionChange {
+            discrepancy_id,
+            change
         }
-    }
-
-    let mut after = None;
-    loop {
-        let page = discrepancies::sql::page_of_session(c, session_id, after, CHUNK).await?;
-        let Some(last) = page.last() else { break };
-        after = Some(last.id);
-        let full = page.len() as i64 == CHUNK;
-        send!(page.into_iter().map(Record::Discrepancy).collect());
-        if !full {
-            break;
+    );
+    pages!(
+        |after| test_cases::executions_sql::page_of_session(c, session_id, after, CHUNK),
+        |e: &Execution| e.id,
+        Record::Execution
+    );
+    pages!(
+        |after| coverage::sql::reports_of_session(c, session_id, after, CHUNK),
+        |r: &Report| r.id,
+        Record::CoverageReport
+    );
+    pages!(
+        |after| coverage::sql::files_of_session(c, session_id, after, CHUNK),
+        |(report, path, _): &(Uuid, String, Counters)| (*report, path.clone()),
+        |(report_id, path, counters)| Record::CoverageFile {
+            report_id,
+            path,
+            counters
         }
-    }
-
-    let mut after = None;
-    loop {
-        let page = discrepancies::sql::resolutions_of_session(c, session_id, after, CHUNK).await?;
-        let Some((d, last)) = page.last() else { break };
-        after = Some((*d, last.id));
-        let full = page.len() as i64 == CHUNK;
-        send!(
-            page.into_iter()
-                .map(|(discrepancy_id, change)| Record::ResolutionChange {
-                    discrepancy_id,
-                    change
-                })
-                .collect()
-        );
-        if !full {
-            break;
-        }
-    }
+    );
     Ok(())
 }

@@ -27,7 +27,7 @@ pub const MAX_FILES: usize = 100_000;
 const CLOCK_SKEW: Duration = Duration::minutes(5);
 
 /// Covered and total counts; every covered count is within 0..=total.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Counters {
     pub lines_covered: i64,
     pub lines_total: i64,
@@ -251,7 +251,7 @@ impl TryFrom<proto::RecordCoverageRequest> for NewReport {
 }
 
 /// A stored report (its files apart).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Report {
     pub id: Uuid,
     pub commit_sha: String,

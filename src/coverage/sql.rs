@@ -407,3 +407,58 @@ pub async fn file_diff(
         .collect::<Result<_>>()?;
     Ok((files, counts))
 }
+
+const REPORTS_OF_SESSION: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_reports",
+    concat!(
+        "SELECT ",
+        report_columns!(),
+        " FROM coverage_reports WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) \
+          ORDER BY id LIMIT $3"
+    ),
+);
+
+/// Coverage reports of a session in id order after `after`, for exports.
+pub async fn reports_of_session(
+    c: &impl GenericClient,
+    session_id: Uuid,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Report>> {
+    REPORTS_OF_SESSION
+        .query(c, &[&session_id, &after, &limit])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+}
+
+const FILES_OF_SESSION: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_files",
+    "SELECT f.report_id, f.path, f.lines_covered, f.lines_total, f.branches_covered, \
+            f.branches_total, f.functions_covered, f.functions_total \
+     FROM coverage_files f JOIN coverage_reports r ON r.id = f.report_id \
+     WHERE r.session_id = $1 AND ($2::uuid IS NULL OR (f.report_id, f.path) > ($2, $3)) \
+     ORDER BY f.report_id, f.path LIMIT $4",
+);
+
+/// Per-file rows of a session's reports after a position, for exports.
+pub async fn files_of_session(
+    c: &impl GenericClient,
+    session_id: Uuid,
+    after: Option<(Uuid, String)>,
+    limit: i64,
+) -> Result<Vec<(Uuid, String, Counters)>> {
+    let (after_report, after_path) = match &after {
+        Some((r, p)) => (Some(*r), p.as_str()),
+        None => (None, ""),
+    };
+    FILES_OF_SESSION
+        .query(c, &[&session_id, &after_report, &after_path, &limit])
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, counters_at(r, 2)?)))
+        .collect()
+}

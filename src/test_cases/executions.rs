@@ -228,7 +228,7 @@ pub fn validate_items(
 }
 
 /// A stored execution.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct Execution {
     pub id: Uuid,
     pub test_case_id: Uuid,

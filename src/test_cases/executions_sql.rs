@@ -271,3 +271,28 @@ pub async fn list(
     .map(from_row)
     .collect()
 }
+
+const PAGE_OF_SESSION: Stmt = Stmt::new(
+    "SELECT",
+    "test_executions",
+    "SELECT e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
+            e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
+            e.interaction_log, e.performance, e.created_at \
+     FROM test_executions e JOIN test_cases t ON t.id = e.test_case_id \
+     WHERE e.session_id = $1 AND ($2::uuid IS NULL OR e.id > $2) ORDER BY e.id LIMIT $3",
+);
+
+/// Executions of a session in id order after `after`, for exports.
+pub async fn page_of_session(
+    c: &impl GenericClient,
+    session_id: Uuid,
+    after: Option<Uuid>,
+    limit: i64,
+) -> Result<Vec<Execution>> {
+    PAGE_OF_SESSION
+        .query(c, &[&session_id, &after, &limit])
+        .await?
+        .iter()
+        .map(from_row)
+        .collect()
+}

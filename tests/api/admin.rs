@@ -281,7 +281,17 @@ async fn a_session_with_100000_discrepancies_exports_in_bounded_chunks_and_round
              SELECT '{id}', gen_random_uuid(), 'k', 1 + i % 5, 'difference ' || i, 0.5, 'f' || i
              FROM generate_series(1, 100000) i;
              INSERT INTO discrepancy_resolutions (session_id, discrepancy_id, from_resolution, to_resolution, actor)
-             SELECT session_id, id, 'open', 'muted', 'ana' FROM discrepancies LIMIT 2500;",
+             SELECT session_id, id, 'open', 'muted', 'ana' FROM discrepancies LIMIT 2500;
+             INSERT INTO test_cases (id, key, name, test_type) VALUES (gen_random_uuid(), 'test-x', 'x', 'unit');
+             INSERT INTO test_executions (id, test_case_id, session_id, status, started_at)
+             SELECT gen_random_uuid(), (SELECT id FROM test_cases), '{id}', 'passed', now() FROM generate_series(1, 3);
+             INSERT INTO coverage_reports (id, session_id, commit_sha, branch, client_key, lines_covered,
+                 lines_total, branches_covered, branches_total, functions_covered, functions_total, file_count)
+             VALUES ('00000000-0000-0000-0000-0000000000c1', '{id}', 'abcdef1', 'main', 'k', 3, 4, 1, 2, 1, 1, 2);
+             INSERT INTO coverage_files (report_id, session_id, path, lines_covered, lines_total,
+                 branches_covered, branches_total, functions_covered, functions_total) VALUES
+             ('00000000-0000-0000-0000-0000000000c1', '{id}', 'a.rs', 1, 2, 0, 1, 1, 1),
+             ('00000000-0000-0000-0000-0000000000c1', '{id}', 'b.rs', 2, 2, 1, 1, 0, 0);",
             id = s.id
         ),
     )
@@ -315,6 +325,12 @@ async fn a_session_with_100000_discrepancies_exports_in_bounded_chunks_and_round
                     "discrepancy"
                 }
                 Record::ResolutionChange(_) => "resolution",
+                Record::Execution(_) => "execution",
+                Record::CoverageReport(_) => "coverage_report",
+                Record::CoverageFile(f) => {
+                    assert_eq!(f.report_id, "00000000-0000-0000-0000-0000000000c1");
+                    "coverage_file"
+                }
             };
             *kinds.entry(kind).or_default() += 1;
         }
@@ -324,6 +340,14 @@ async fn a_session_with_100000_discrepancies_exports_in_bounded_chunks_and_round
     assert_eq!(kinds["log"], 1500);
     assert_eq!(kinds["discrepancy"], 100_000);
     assert_eq!(kinds["resolution"], 2500);
+    assert_eq!(
+        (
+            kinds["execution"],
+            kinds["coverage_report"],
+            kinds["coverage_file"]
+        ),
+        (3, 1, 2)
+    );
     assert!(messages >= 105);
     let stored: HashSet<String> = app
         .sql()
@@ -354,7 +378,8 @@ async fn a_session_with_100000_discrepancies_exports_in_bounded_chunks_and_round
         .filter(|l| !l.is_empty())
         .map(|l| serde_json::from_slice(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), 1 + 1500 + 100_000 + 2500);
+    assert_eq!(lines.len(), 1 + 1500 + 100_000 + 2500 + 3 + 1 + 2);
+    assert_eq!(lines.last().unwrap()["type"], "coverage_file");
     assert_eq!(lines[0]["type"], "session");
     assert_eq!(lines[0]["id"], s.id.as_str());
     assert_eq!(lines[1]["type"], "log_entry");

@@ -1,5 +1,7 @@
-// A small walk through Verdict's SessionService from Node.js: create (and a
-// retried create), get, list page by page, one error code, delete.
+// A small walk through Verdict from Node.js: SessionService (create and a
+// retried create, get, list page by page, one error code with its field
+// violations, delete) and DiscrepancyService (record a batch and replay it,
+// list page by page).
 //
 //   npm install && node main.js 127.0.0.1:50051
 //
@@ -16,7 +18,7 @@ const protoLoader = require('@grpc/proto-loader');
 const target = process.argv[2] || '127.0.0.1:50051';
 const protoDir = process.env.VERDICT_PROTO_DIR || path.resolve(__dirname, '../../proto');
 
-const definition = protoLoader.loadSync(['verdict/v1/sessions.proto'], {
+const definition = protoLoader.loadSync(['verdict/v1/sessions.proto', 'verdict/v1/discrepancies.proto'], {
   includeDirs: [protoDir],
   keepCase: true, // field names as in the .proto: request_id, not requestId
   longs: String, // int64 as decimal strings, never rounded
@@ -26,6 +28,7 @@ const definition = protoLoader.loadSync(['verdict/v1/sessions.proto'], {
 });
 const verdict = grpc.loadPackageDefinition(definition).verdict.v1;
 const sessions = new verdict.SessionService(target, grpc.credentials.createInsecure());
+const discrepancies = new verdict.DiscrepancyService(target, grpc.credentials.createInsecure());
 
 // Calls a unary method with a deadline (the gateway turns it into PostgreSQL's
 // statement_timeout) and returns a promise of the response.
@@ -46,6 +49,56 @@ function struct(values) {
   }
   return { fields };
 }
+
+// The field violations of an INVALID_ARGUMENT, as { field: description }. They
+// travel in the `grpc-status-details-bin` trailer as a google.rpc.Status whose
+// details hold a google.rpc.BadRequest; both are decoded here from the
+// protobuf wire format (a few field numbers), so no extra package is needed.
+function fieldViolations(error) {
+  const violations = {};
+  for (const trailer of error.metadata.get('grpc-status-details-bin')) {
+    for (const [statusField, any] of wireFields(trailer)) {
+      if (statusField !== 3) continue; // Status.details: repeated google.protobuf.Any
+      const parts = Object.fromEntries(wireFields(any)); // Any: 1 type_url, 2 value
+      if (!String(parts[1]).endsWith('/google.rpc.BadRequest')) continue;
+      for (const [badRequestField, violation] of wireFields(parts[2] ?? Buffer.alloc(0))) {
+        if (badRequestField !== 1) continue; // BadRequest.field_violations
+        const v = Object.fromEntries(wireFields(violation)); // 1 field, 2 description
+        violations[String(v[1])] = String(v[2] ?? '');
+      }
+    }
+  }
+  return violations;
+}
+
+// The (field number, value) pairs of a protobuf message: a Buffer for
+// length-delimited fields, a number for varints (enough for google.rpc.Status).
+function* wireFields(buffer) {
+  let offset = 0;
+  const varint = () => {
+    let value = 0;
+    for (let shift = 0; ; shift += 7) {
+      const byte = buffer[offset++];
+      value += (byte & 0x7f) * 2 ** shift;
+      if (byte < 0x80) return value;
+    }
+  };
+  while (offset < buffer.length) {
+    const key = varint();
+    const [field, wireType] = [Math.floor(key / 8), key % 8];
+    if (wireType === 0) yield [field, varint()];
+    else if (wireType === 2) {
+      const length = varint();
+      yield [field, buffer.subarray(offset, offset + length)];
+      offset += length;
+    } else if (wireType === 1) offset += 8;
+    else if (wireType === 5) offset += 4;
+    else throw new Error(`unexpected wire type ${wireType}`);
+  }
+}
+
+// Severities, most severe first (the order ListDiscrepancies returns).
+const SEVERITY_ORDER = ['SEVERITY_CRITICAL', 'SEVERITY_HIGH', 'SEVERITY_MEDIUM', 'SEVERITY_LOW', 'SEVERITY_INFO'];
 
 const runId = `node-${crypto.randomUUID().slice(0, 12)}`;
 const walk = { sessionId: '', pageIds: [] };
@@ -103,10 +156,71 @@ const steps = {
   async invalidArgument() {
     await assert.rejects(call(sessions, 'CreateSession', { request_id: '' }), (error) => {
       assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
-      // The field violations travel as a google.rpc.Status in this trailer.
-      assert.ok(error.metadata.get('grpc-status-details-bin').length > 0, 'no status details');
+      const violations = fieldViolations(error);
+      for (const field of ['request_id', 'source_technology', 'target_technology', 'validation_scope']) {
+        assert.ok(field in violations, `no violation for ${field}: ${JSON.stringify(violations)}`);
+      }
       return true;
     });
+  },
+
+  async recordDiscrepancies() {
+    // Five differences found in the session, recorded in one atomic batch.
+    const severities = [
+      'SEVERITY_LOW',
+      'SEVERITY_CRITICAL',
+      'SEVERITY_MEDIUM',
+      'SEVERITY_HIGH',
+      'SEVERITY_CRITICAL',
+    ];
+    const items = severities.map((severity, i) => ({
+      kind: i % 2 ? 'numeric_precision' : 'date_format',
+      severity,
+      description: `report ${i} differs`,
+      source_element: `${runId}/REPORT.cbl:${10 + i}`,
+      target_element: `${runId}/Report.java:${20 + i}`,
+      confidence: 0.9,
+    }));
+    const request = { session_id: walk.sessionId, batch_id: `${runId}-batch`, items };
+    const first = await call(discrepancies, 'RecordDiscrepancies', request);
+    assert.equal(first.replayed, false);
+    assert.equal(first.ids.length, items.length);
+    // Replaying the batch_id (say, after a timeout) stores nothing.
+    const replay = await call(discrepancies, 'RecordDiscrepancies', request);
+    assert.equal(replay.replayed, true);
+    assert.deepEqual(replay.ids, first.ids);
+
+    // An invalid item fails the whole batch, naming the item.
+    const bad = {
+      ...request,
+      batch_id: `${runId}-bad`,
+      items: [items[0], { ...items[1], severity: 'SEVERITY_UNSPECIFIED' }],
+    };
+    await assert.rejects(call(discrepancies, 'RecordDiscrepancies', bad), (error) => {
+      assert.equal(error.code, grpc.status.INVALID_ARGUMENT);
+      assert.ok('items[1].severity' in fieldViolations(error), JSON.stringify(fieldViolations(error)));
+      return true;
+    });
+
+    // Two per page: each once, most severe first.
+    const seen = [];
+    let pages = 0;
+    let pageToken = '';
+    do {
+      const page = await call(discrepancies, 'ListDiscrepancies', {
+        session_id: walk.sessionId,
+        page_size: 2,
+        page_token: pageToken,
+      });
+      pages += 1;
+      seen.push(...page.discrepancies);
+      pageToken = page.next_page_token;
+    } while (pageToken);
+    assert.equal(pages, 3, 'five discrepancies two per page make three pages');
+    assert.deepEqual(seen.map((d) => d.id).sort(), [...first.ids].sort());
+    const ranks = seen.map((d) => SEVERITY_ORDER.indexOf(d.severity));
+    assert.deepEqual(ranks, [...ranks].sort((a, b) => a - b), 'not most severe first');
+    assert.equal(seen[0].severity, 'SEVERITY_CRITICAL');
   },
 
   async deleteSessions() {
@@ -135,6 +249,7 @@ async function main() {
       console.log(`node: ok: ${name}`);
     }
   } finally {
+    discrepancies.close();
     sessions.close();
   }
   const total = Object.keys(steps).length;

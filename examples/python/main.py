@@ -5,17 +5,30 @@
 Prints one line per step and exits nonzero when a step fails.
 """
 
+import collections
 import dataclasses
+import datetime
 import sys
 import traceback
 import uuid
 
+import discrepancies_walk
+import metrics_walk
+import results_walk
 import sessions_walk
+import test_cases_walk
 from verdict_client import Verdict
 
-# The walks in the order they run; a later service adds its module here
-# (e.g. results_walk.STEPS after sessions, which creates the session they use).
-STEPS = [*sessions_walk.STEPS]
+# The walks in the order they run; a later service adds its module here.
+# results_walk creates the session that discrepancies_walk records into (and
+# deletes at its end), so they run in this order.
+STEPS = [
+    *sessions_walk.STEPS,
+    *results_walk.STEPS,
+    *discrepancies_walk.STEPS,
+    *test_cases_walk.STEPS,
+    *metrics_walk.STEPS,
+]
 
 
 @dataclasses.dataclass
@@ -27,6 +40,14 @@ class Walk:
     run_id: str
     session_id: str = ""
     extra_session_ids: list[str] = dataclasses.field(default_factory=list)
+    # The session results and discrepancies are recorded in, and its results.
+    validation_session_id: str = ""
+    result_ids: list[str] = dataclasses.field(default_factory=list)
+    # Discrepancies stored so far, by severity, and the ids of the batch.
+    discrepancy_counts: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    batch_ids: list[str] = dataclasses.field(default_factory=list)
+    test_case_id: str = ""
+    metrics_start: datetime.datetime | None = None
 
 
 def main() -> int:

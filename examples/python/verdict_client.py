@@ -8,7 +8,13 @@ import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from verdict.v1 import sessions_pb2_grpc
+from verdict.v1 import (
+    discrepancies_pb2_grpc,
+    metrics_pb2_grpc,
+    results_pb2_grpc,
+    sessions_pb2_grpc,
+    test_cases_pb2_grpc,
+)
 
 # Every unary call gets a deadline: the gateway turns it into PostgreSQL's
 # statement_timeout, so a slow query is cancelled rather than left running.
@@ -21,8 +27,11 @@ class Verdict:
     def __init__(self, target: str):
         self.channel = grpc.insecure_channel(target)
         self.sessions = sessions_pb2_grpc.SessionServiceStub(self.channel)
-        # Each new service gets its stub here, e.g.
-        # self.results = results_pb2_grpc.ResultServiceStub(self.channel)
+        self.results = results_pb2_grpc.ResultServiceStub(self.channel)
+        self.discrepancies = discrepancies_pb2_grpc.DiscrepancyServiceStub(self.channel)
+        self.test_cases = test_cases_pb2_grpc.TestCaseServiceStub(self.channel)
+        self.metrics = metrics_pb2_grpc.MetricsServiceStub(self.channel)
+        # Each new service gets its stub here.
 
     def close(self) -> None:
         self.channel.close()
@@ -53,3 +62,16 @@ def expect_error(code: grpc.StatusCode, call, *args, **kwargs) -> grpc.RpcError:
             raise AssertionError(f"expected {code.name}, got {error.code().name}: {error.details()}")
         return error
     raise AssertionError(f"expected {code.name}, but the call succeeded")
+
+
+def all_pages(call, request, field: str) -> tuple[list, int]:
+    """Calls a List method page after page (following `next_page_token` with
+    the same filters) and returns every item of `field` and the page count."""
+    items, pages = [], 0
+    while True:
+        page = call(request, timeout=DEADLINE_SECONDS)
+        pages += 1
+        items += getattr(page, field)
+        if not page.next_page_token:
+            return items, pages
+        request.page_token = page.next_page_token

@@ -37,7 +37,8 @@ impl Outcome {
     }
 }
 
-const INSERT: Stmt = Stmt::new(
+/// Appends one audit row (public for `verdict-bench`'s same-SQL baseline).
+pub const INSERT: Stmt = Stmt::new(
     "INSERT",
     "audit_events",
     "INSERT INTO audit_events (key_id, rpc, target_ids, outcome, trace_id) \

@@ -297,7 +297,7 @@ async fn main() -> anyhow::Result<()> {
                 let client = clients[task].clone();
                 async move {
                     let stmt = client
-                        .prepare("SELECT id, request_id, source_technology, target_technology, validation_scope, status, config, input_refs, metadata, created_at, updated_at, started_at, completed_at, version FROM sessions WHERE id = $1")
+                        .prepare(verdict::sessions::sql::BY_ID.sql)
                         .await
                         .expect("prepare");
                     client.query_opt(&stmt, &[&seed_id]).await.expect("select");
@@ -335,15 +335,51 @@ async fn main() -> anyhow::Result<()> {
                 let client = clients[task].clone();
                 let request_id = format!("d-{run}-{task}-{n}");
                 async move {
-                    let stmt = client
-                        .prepare("INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope, config, input_refs, metadata) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (request_id) DO NOTHING RETURNING id, request_id, source_technology, target_technology, validation_scope, status, config, input_refs, metadata, created_at, updated_at, started_at, completed_at, version")
+                    // The same work as CreateSession: the insert and its audit
+                    // row in one transaction.
+                    let insert = client
+                        .prepare(verdict::sessions::sql::INSERT.sql)
+                        .await
+                        .expect("prepare");
+                    let audit = client
+                        .prepare(verdict::audit::INSERT.sql)
                         .await
                         .expect("prepare");
                     let empty = serde_json::json!({});
+                    let id = Uuid::now_v7();
+                    client.batch_execute("BEGIN").await.expect("begin");
                     client
-                        .query_opt(&stmt, &[&Uuid::now_v7(), &request_id, &"cobol", &"java", &"full", &empty, &empty, &empty])
+                        .query_opt(
+                            &insert,
+                            &[
+                                &id,
+                                &request_id,
+                                &"cobol",
+                                &"java",
+                                &"full",
+                                &empty,
+                                &empty,
+                                &empty,
+                            ],
+                        )
                         .await
                         .expect("insert");
+                    let none: Option<&str> = None;
+                    let targets = vec![id.to_string()];
+                    client
+                        .execute(
+                            &audit,
+                            &[
+                                &none,
+                                &"/verdict.v1.SessionService/CreateSession",
+                                &targets,
+                                &"created",
+                                &none,
+                            ],
+                        )
+                        .await
+                        .expect("audit");
+                    client.batch_execute("COMMIT").await.expect("commit");
                 }
             })
             .await;
@@ -374,10 +410,30 @@ async fn main() -> anyhow::Result<()> {
                 let client = clients[task].clone();
                 async move {
                     let stmt = client
-                        .prepare("SELECT id, request_id, source_technology, target_technology, validation_scope, status, config, input_refs, metadata, created_at, updated_at, started_at, completed_at, version FROM sessions ORDER BY created_at DESC, id DESC LIMIT 51")
+                        .prepare(verdict::sessions::sql::LIST.sql)
                         .await
                         .expect("prepare");
-                    client.query(&stmt, &[]).await.expect("list");
+                    let none_text: Option<&str> = None;
+                    let none_texts: Option<Vec<&str>> = None;
+                    let none_time: Option<chrono::DateTime<chrono::Utc>> = None;
+                    let none_id: Option<Uuid> = None;
+                    client
+                        .query(
+                            &stmt,
+                            &[
+                                &none_texts,
+                                &none_text,
+                                &none_text,
+                                &none_text,
+                                &none_time,
+                                &none_time,
+                                &none_time,
+                                &none_id,
+                                &51i64,
+                            ],
+                        )
+                        .await
+                        .expect("list");
                 }
             })
             .await;

@@ -9,7 +9,6 @@ use futures::pin_mut;
 use tokio_postgres::Row;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
-use tracing::Instrument;
 use uuid::Uuid;
 
 macro_rules! report_columns {
@@ -124,40 +123,29 @@ pub async fn copy_files(
     report: &Report,
     r: &NewReport,
 ) -> Result<u64> {
-    let span = COPY_FILES.span();
-    let copied = async {
-        let sink = tx.copy_in(COPY_FILES.sql).await?;
-        let writer = BinaryCopyInWriter::new(sink, &FILE_TYPES);
-        pin_mut!(writer);
-        for f in &r.files {
-            let c = &f.counters;
-            let row: [&(dyn ToSql + Sync); 9] = [
-                &report.id,
-                &report.session_id,
-                &f.path,
-                &c.lines_covered,
-                &c.lines_total,
-                &c.branches_covered,
-                &c.branches_total,
-                &c.functions_covered,
-                &c.functions_total,
-            ];
-            writer.as_mut().write(&row).await?;
-        }
-        writer.finish().await
-    }
-    .instrument(span.clone())
-    .await;
-    match copied {
-        Ok(n) => {
-            Stmt::record_copied(&span, n);
-            Ok(n)
-        }
-        Err(e) => {
-            Stmt::fail(&span, &e);
-            Err(e.into())
-        }
-    }
+    COPY_FILES
+        .traced_copy(async {
+            let sink = tx.copy_in(COPY_FILES.sql).await?;
+            let writer = BinaryCopyInWriter::new(sink, &FILE_TYPES);
+            pin_mut!(writer);
+            for f in &r.files {
+                let c = &f.counters;
+                let row: [&(dyn ToSql + Sync); 9] = [
+                    &report.id,
+                    &report.session_id,
+                    &f.path,
+                    &c.lines_covered,
+                    &c.lines_total,
+                    &c.branches_covered,
+                    &c.branches_total,
+                    &c.functions_covered,
+                    &c.functions_total,
+                ];
+                writer.as_mut().write(&row).await?;
+            }
+            writer.finish().await
+        })
+        .await
 }
 
 const BY_KEY: Stmt = Stmt::new(

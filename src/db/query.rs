@@ -4,6 +4,7 @@
 
 use crate::error::Result;
 use deadpool_postgres::GenericClient;
+use std::future::Future;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use tracing::{Instrument, Span, field::Empty};
@@ -28,7 +29,7 @@ impl Stmt {
 
     /// The span of one execution of this statement; `COPY` code that drives
     /// the protocol itself instruments its work with it.
-    pub fn span(&self) -> Span {
+    fn span(&self) -> Span {
         tracing::info_span!(
             "db.statement",
             otel.name = %format_args!("{} {}", self.op, self.table),
@@ -44,13 +45,32 @@ impl Stmt {
         )
     }
 
+    /// Runs `copy` — code driving this `COPY` statement's protocol itself —
+    /// in the statement's span, recording the rows copied or the failure.
+    pub async fn traced_copy(
+        &self,
+        copy: impl Future<Output = Result<u64, tokio_postgres::Error>>,
+    ) -> Result<u64> {
+        let span = self.span();
+        match copy.instrument(span.clone()).await {
+            Ok(n) => {
+                Self::record_copied(&span, n);
+                Ok(n)
+            }
+            Err(e) => {
+                Self::fail(&span, &e);
+                Err(e.into())
+            }
+        }
+    }
+
     /// Records rows written by a `COPY` on its span.
-    pub fn record_copied(span: &Span, rows: u64) {
+    fn record_copied(span: &Span, rows: u64) {
         span.record("db.response.affected_rows", rows as i64);
     }
 
     /// Marks a span failed with the statement's SQLSTATE.
-    pub fn fail(span: &Span, e: &tokio_postgres::Error) {
+    fn fail(span: &Span, e: &tokio_postgres::Error) {
         span.record("otel.status_code", "ERROR");
         if let Some(code) = e.code() {
             span.record("db.response.status_code", code.code());

@@ -14,7 +14,6 @@ use std::collections::HashSet;
 use tokio_postgres::Row;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
-use tracing::Instrument;
 use uuid::Uuid;
 
 macro_rules! discrepancy_columns {
@@ -150,8 +149,7 @@ impl Sink for DiscrepancySink {
             .collect::<Result<_>>()?;
         let now = Utc::now();
 
-        let span = COPY.span();
-        let copied = async {
+        COPY.traced_copy(async {
             let sink = tx.copy_in(COPY.sql).await?;
             let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
             pin_mut!(writer);
@@ -189,19 +187,8 @@ impl Sink for DiscrepancySink {
                 writer.as_mut().write(&row).await?;
             }
             writer.finish().await
-        }
-        .instrument(span.clone())
-        .await;
-        match copied {
-            Ok(n) => {
-                Stmt::record_copied(&span, n);
-                Ok(n)
-            }
-            Err(e) => {
-                Stmt::fail(&span, &e);
-                Err(e.into())
-            }
-        }
+        })
+        .await
     }
 }
 

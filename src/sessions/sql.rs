@@ -59,7 +59,8 @@ pub fn session_key(s: &Session) -> SessionKey {
     (s.created_at.timestamp_micros(), s.id)
 }
 
-const INSERT: Stmt = Stmt::new(
+/// Inserts a session (public for `verdict-bench`'s same-SQL baseline).
+pub const INSERT: Stmt = Stmt::new(
     "INSERT",
     "sessions",
     concat!(
@@ -93,7 +94,8 @@ pub async fn insert(c: &impl GenericClient, id: Uuid, s: &NewSession) -> Result<
         .transpose()
 }
 
-const BY_ID: Stmt = Stmt::new(
+/// A session by id (public for `verdict-bench`'s same-SQL baseline).
+pub const BY_ID: Stmt = Stmt::new(
     "SELECT",
     "sessions",
     concat!(
@@ -154,7 +156,8 @@ pub async fn get_by_request_id(
         .transpose()
 }
 
-const LIST: Stmt = Stmt::new(
+/// A ListSessions page (public for `verdict-bench`'s same-SQL baseline).
+pub const LIST: Stmt = Stmt::new(
     "SELECT",
     "sessions",
     concat!(

@@ -13,7 +13,6 @@ use std::collections::{HashMap, HashSet};
 use tokio_postgres::Row;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
-use tracing::Instrument;
 use uuid::Uuid;
 
 /// Writes executions with binary COPY, after resolving the test cases and
@@ -145,8 +144,7 @@ impl Sink for ExecutionSink {
         let test_case_ids = resolve_test_cases(tx, items).await?;
         lock_sessions(tx, items).await?;
 
-        let span = COPY.span();
-        let copied = async {
+        COPY.traced_copy(async {
             let sink = tx.copy_in(COPY.sql).await?;
             let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
             pin_mut!(writer);
@@ -171,19 +169,8 @@ impl Sink for ExecutionSink {
                 writer.as_mut().write(&row).await?;
             }
             writer.finish().await
-        }
-        .instrument(span.clone())
-        .await;
-        match copied {
-            Ok(n) => {
-                Stmt::record_copied(&span, n);
-                Ok(n)
-            }
-            Err(e) => {
-                Stmt::fail(&span, &e);
-                Err(e.into())
-            }
-        }
+        })
+        .await
     }
 }
 

@@ -50,7 +50,8 @@ macro_rules! aggregates {
     };
 }
 
-const SERIES_FIXED: Stmt = Stmt::new(
+/// Fixed-width buckets (public for `verdict-bench`'s same-SQL baseline).
+pub const SERIES_FIXED: Stmt = Stmt::new(
     "SELECT",
     "metric_points",
     concat!(

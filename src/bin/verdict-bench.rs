@@ -147,17 +147,17 @@ async fn direct_client(pg: &EmbeddedPostgres) -> tokio_postgres::Client {
     c
 }
 
-/// Each direct client with `sqls` prepared on it once, as the gateway's
+/// Each direct client with `statements` prepared on it once, as the gateway's
 /// statement cache does.
 async fn prepared(
     clients: &[Arc<tokio_postgres::Client>],
-    sqls: &[&str],
+    statements: &[verdict::db::Stmt],
 ) -> Vec<(Arc<tokio_postgres::Client>, Vec<tokio_postgres::Statement>)> {
     let mut out = Vec::new();
     for c in clients {
         let mut stmts = Vec::new();
-        for sql in sqls {
-            stmts.push(c.prepare(sql).await.expect("prepare"));
+        for statement in statements {
+            stmts.push(c.prepare(statement.sql).await.expect("prepare"));
         }
         out.push((c.clone(), stmts));
     }
@@ -346,28 +346,28 @@ async fn main() -> anyhow::Result<()> {
                 }
             })
             .await;
-            let clients = direct.clone();
+            let clients = Arc::new(
+                prepared(
+                    &direct,
+                    &[verdict::sessions::sql::INSERT, verdict::audit::INSERT],
+                )
+                .await,
+            );
             let run = Uuid::new_v4().simple().to_string();
             let d = timed(c, args.seconds, move |task, n| {
-                let client = clients[task].clone();
+                let clients = clients.clone();
                 let request_id = format!("d-{run}-{task}-{n}");
                 async move {
                     // The same work as CreateSession: the insert and its audit
                     // row in one transaction.
-                    let insert = client
-                        .prepare(verdict::sessions::sql::INSERT.sql)
-                        .await
-                        .expect("prepare");
-                    let audit = client
-                        .prepare(verdict::audit::INSERT.sql)
-                        .await
-                        .expect("prepare");
+                    let (client, stmts) = &clients[task];
                     let empty = serde_json::json!({});
                     let id = Uuid::now_v7();
                     client.batch_execute("BEGIN").await.expect("begin");
+                    let stmt = &stmts[0];
                     client
                         .query_opt(
-                            &insert,
+                            stmt,
                             &[
                                 &id,
                                 &request_id,
@@ -383,9 +383,10 @@ async fn main() -> anyhow::Result<()> {
                         .expect("insert");
                     let none: Option<&str> = None;
                     let targets = vec![id.to_string()];
+                    let stmt = &stmts[1];
                     client
                         .execute(
-                            &audit,
+                            stmt,
                             &[
                                 &none,
                                 &"/verdict.v1.SessionService/CreateSession",
@@ -539,8 +540,7 @@ async fn main() -> anyhow::Result<()> {
                 }
             })
             .await;
-            let clients =
-                Arc::new(prepared(&direct, &[verdict::metrics::sql::SERIES_FIXED.sql]).await);
+            let clients = Arc::new(prepared(&direct, &[verdict::metrics::sql::SERIES_FIXED]).await);
             let d = timed(c, args.seconds, move |task, _| {
                 let clients = clients.clone();
                 async move {

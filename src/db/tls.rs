@@ -252,6 +252,13 @@ impl PgTls {
                 other => format!("sslmode={mode}: TLS handshake failed: {other}"),
             });
         }
+        if let Some(db) = error.as_db_error()
+            && db.message().contains("no encryption")
+        {
+            return Some(format!(
+                "the server refuses unencrypted connections (sslmode={mode}); use sslmode=require or stricter"
+            ));
+        }
         let text = error.to_string();
         text.contains("server does not support TLS").then(|| {
             format!("sslmode={mode} needs TLS, and the server does not offer it (ssl = off)")

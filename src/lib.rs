@@ -42,10 +42,10 @@ pub mod proto {
 use anyhow::Context;
 use auth::AuthMode;
 use config::{Config, KeysCommand};
-use db::Db;
 use db::embedded::{self, EmbeddedPostgres};
 use db::migrate;
 use db::notify::Hub;
+use db::{Db, PgConfig};
 use pagination::Signer;
 use server::health::Health;
 use state::AppState;
@@ -63,7 +63,7 @@ pub struct Application {
     listener: TcpListener,
     port: u16,
     metrics_listener: Option<TcpListener>,
-    pg: tokio_postgres::Config,
+    pg: PgConfig,
     db: Db,
     embedded: Option<EmbeddedPostgres>,
     auth: AuthMode,
@@ -83,7 +83,8 @@ impl Application {
             signer.set(secret.as_bytes());
         }
         let (pg, embedded) = database(&config).await?;
-        let pg = db::connection_config(pg, config.max_statement_timeout());
+        let timeout = config.max_statement_timeout();
+        let pg = pg.map_config(|c| db::connection_config(c, timeout));
         let db = Db::with_limits(
             pg.clone(),
             config.pool_size,
@@ -148,6 +149,11 @@ impl Application {
 
     /// Connection settings of the database this gateway uses.
     pub fn database_config(&self) -> &tokio_postgres::Config {
+        self.pg.config()
+    }
+
+    /// The same with the TLS every connection of the gateway uses.
+    pub fn database_connection(&self) -> &PgConfig {
         &self.pg
     }
 
@@ -259,27 +265,22 @@ impl Application {
     }
 }
 
-/// The configured database, or a started embedded one.
-async fn database(
-    config: &Config,
-) -> anyhow::Result<(tokio_postgres::Config, Option<EmbeddedPostgres>)> {
+/// The configured database (with its TLS, see `db::tls`), or a started
+/// embedded one (unix socket, no TLS).
+async fn database(config: &Config) -> anyhow::Result<(PgConfig, Option<EmbeddedPostgres>)> {
     match &config.database_url {
-        Some(url) => {
-            let pg = url.parse::<tokio_postgres::Config>().map_err(|e| {
-                anyhow::anyhow!("DATABASE_URL is not a valid PostgreSQL connection string: {e}")
-            })?;
-            Ok((pg, None))
-        }
+        Some(url) => Ok((PgConfig::parse(url)?, None)),
         None => {
             let pg = EmbeddedPostgres::start(&config.data_dir).await?;
-            Ok((pg.config(embedded::DATABASE), Some(pg)))
+            let settings = PgConfig::new(pg.config(embedded::DATABASE), db::PgTls::disabled());
+            Ok((settings, Some(pg)))
         }
     }
 }
 
 /// What the start-up task needs and then keeps running.
 struct Background {
-    pg: tokio_postgres::Config,
+    pg: PgConfig,
     db: Db,
     signer: Signer,
     health: Health,
@@ -325,14 +326,21 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
                     return;
                 }
             },
-            Err(e) => {
-                tracing::warn!(
+            Err(e) => match pg.tls().explain(&e) {
+                Some(reason) => tracing::warn!(
+                    attempt,
+                    retry_in_ms = delay.as_millis() as u64,
+                    error = %e,
+                    reason,
+                    "cannot connect to PostgreSQL over TLS; retrying"
+                ),
+                None => tracing::warn!(
                     attempt,
                     retry_in_ms = delay.as_millis() as u64,
                     error = %e,
                     "PostgreSQL is not reachable yet; retrying"
-                );
-            }
+                ),
+            },
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(10));
@@ -386,10 +394,11 @@ pub async fn shutdown_signal() {
 /// stopping the embedded one when DATABASE_URL is unset).
 async fn with_database<T>(
     config: &Config,
-    run: impl AsyncFnOnce(&tokio_postgres::Config) -> anyhow::Result<T>,
+    run: impl AsyncFnOnce(&PgConfig) -> anyhow::Result<T>,
 ) -> anyhow::Result<T> {
     let (pg, mut embedded) = database(config).await?;
-    let pg = db::connection_config(pg, config.max_statement_timeout());
+    let timeout = config.max_statement_timeout();
+    let pg = pg.map_config(|c| db::connection_config(c, timeout));
     let result = run(&pg).await;
     if let Some(pg) = embedded.as_mut() {
         pg.stop().await?;
@@ -397,12 +406,22 @@ async fn with_database<T>(
     result
 }
 
+/// The connection of a one-shot command, failing with the TLS reason when
+/// there is one.
+async fn connect_command(pg: &PgConfig) -> anyhow::Result<tokio_postgres::Client> {
+    db::connect_direct(pg).await.map_err(|e| {
+        let context = match pg.tls().explain(&e) {
+            Some(reason) => format!("cannot connect to PostgreSQL: {reason}"),
+            None => "cannot connect to PostgreSQL".to_owned(),
+        };
+        anyhow::Error::new(e).context(context)
+    })
+}
+
 /// A ready pool for a one-shot command: migrated first, so it never runs
 /// against an older schema.
-async fn command_db(config: &Config, pg: &tokio_postgres::Config) -> anyhow::Result<Db> {
-    let mut client = db::connect_direct(pg)
-        .await
-        .context("cannot connect to PostgreSQL")?;
+async fn command_db(config: &Config, pg: &PgConfig) -> anyhow::Result<Db> {
+    let mut client = connect_command(pg).await?;
     migrate::run(&mut client).await?;
     let db = Db::new(
         pg.clone(),
@@ -484,9 +503,7 @@ pub async fn export_command(config: &Config, session_id: &str) -> anyhow::Result
 /// migration with its state, then exits.
 pub async fn migrate_command(config: &Config, status_only: bool) -> anyhow::Result<()> {
     with_database(config, async |pg| {
-        let mut client = db::connect_direct(pg)
-            .await
-            .context("cannot connect to PostgreSQL")?;
+        let mut client = connect_command(pg).await?;
         if status_only {
             let known: Vec<i32> = migrate::known_versions();
             for m in migrate::status(&mut client).await? {
@@ -563,10 +580,9 @@ pub async fn keys_command(config: &Config, action: KeysCommand) -> anyhow::Resul
 /// one-connection pool for key management.
 async fn key_database(config: &Config) -> anyhow::Result<(Db, Option<EmbeddedPostgres>)> {
     let (pg, embedded) = database(config).await?;
-    let pg = db::connection_config(pg, config.max_statement_timeout());
-    let mut client = db::connect_direct(&pg)
-        .await
-        .context("cannot connect to PostgreSQL")?;
+    let timeout = config.max_statement_timeout();
+    let pg = pg.map_config(|c| db::connection_config(c, timeout));
+    let mut client = connect_command(&pg).await?;
     migrate::run(&mut client).await?;
     drop(client);
     let db = Db::new(

@@ -1,14 +1,16 @@
 //! The embedded default: a private PostgreSQL started from the system's
-//! server binaries, with its data and unix socket in one folder, no TCP.
+//! server binaries, with its data and unix socket in one folder, no TCP
+//! (unless [`ServerOptions::tcp`] asks for 127.0.0.1, e.g. to test TLS).
 
 use anyhow::{Context, bail};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// Port number of the socket file name (`.s.PGSQL.5432`); nothing listens on TCP.
+/// Port number of the socket file name (`.s.PGSQL.5432`); nothing listens on
+/// TCP by default.
 const PORT: u16 = 5432;
 /// Superuser created by initdb, used by the gateway.
 pub const USER: &str = "verdict";
@@ -24,6 +26,9 @@ const MAX_SOCKET_PATH: usize = 107;
 pub struct EmbeddedPostgres {
     dir: PathBuf,
     bin_dir: PathBuf,
+    /// The socket file's number, and the TCP port when `options.tcp`.
+    port: u16,
+    options: ServerOptions,
     pid: Option<i32>,
     exited: Option<tokio::sync::oneshot::Receiver<std::io::Result<ExitStatus>>>,
 }
@@ -35,16 +40,40 @@ struct RunAs {
     gid: u32,
 }
 
+/// Extras for [`EmbeddedPostgres::start_with`] (tests use them for TLS).
+#[derive(Debug, Clone, Default)]
+pub struct ServerOptions {
+    /// Also listen on 127.0.0.1, at a free port ([`EmbeddedPostgres::tcp_port`]).
+    pub tcp: bool,
+    /// Files written into the folder before the server starts, as
+    /// (file name, contents), owned by the server's account with mode 0600
+    /// (as PostgreSQL wants for a private key).
+    pub files: Vec<(String, Vec<u8>)>,
+    /// Server settings, each passed as `-c name=value`.
+    pub settings: Vec<(String, String)>,
+}
+
 impl EmbeddedPostgres {
     /// Starts (after initdb on first use) a private server in `dir`.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(dir, ServerOptions::default()).await
+    }
+
+    /// [`EmbeddedPostgres::start`] with extra files and settings, and
+    /// optionally listening on TCP (loopback only).
+    pub async fn start_with(dir: &Path, options: ServerOptions) -> anyhow::Result<Self> {
         let bin_dir = find_bin_dir()?;
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
         let dir = dir
             .canonicalize()
             .with_context(|| format!("cannot resolve the data folder {}", dir.display()))?;
-        let socket = dir.join(format!(".s.PGSQL.{PORT}"));
+        let port = if options.tcp {
+            free_loopback_port()?
+        } else {
+            PORT
+        };
+        let socket = dir.join(format!(".s.PGSQL.{port}"));
         if socket.as_os_str().len() > MAX_SOCKET_PATH {
             bail!(
                 "the data folder path {} is too long for a unix socket (at most {} bytes with the socket name); choose a shorter VERDICT_DATA_DIR",
@@ -54,6 +83,9 @@ impl EmbeddedPostgres {
         }
         let run_as = run_as()?;
         prepare_dir(&dir, run_as)?;
+        for (name, contents) in &options.files {
+            write_private(&dir.join(name), contents, run_as)?;
+        }
         let pgdata = dir.join("pgdata");
         refuse_if_in_use(&pgdata)?;
 
@@ -79,6 +111,8 @@ impl EmbeddedPostgres {
         let mut pg = EmbeddedPostgres {
             dir: dir.clone(),
             bin_dir,
+            port,
+            options,
             pid: None,
             exited: None,
         };
@@ -92,7 +126,7 @@ impl EmbeddedPostgres {
         let mut config = tokio_postgres::Config::new();
         config
             .host_path(&self.dir)
-            .port(PORT)
+            .port(self.port)
             .user(USER)
             .dbname(database);
         config
@@ -101,9 +135,15 @@ impl EmbeddedPostgres {
     /// The same as a `DATABASE_URL` value (key/value form).
     pub fn database_url(&self, database: &str) -> String {
         format!(
-            "host={} port={PORT} user={USER} dbname={database}",
-            self.dir.display()
+            "host={} port={} user={USER} dbname={database}",
+            self.dir.display(),
+            self.port
         )
+    }
+
+    /// The port the server listens on at 127.0.0.1, when asked to.
+    pub fn tcp_port(&self) -> Option<u16> {
+        self.options.tcp.then_some(self.port)
     }
 
     /// The folder holding the data and the socket.
@@ -124,14 +164,21 @@ impl EmbeddedPostgres {
         cmd.arg("-D")
             .arg(self.dir.join("pgdata"))
             .arg("-p")
-            .arg(PORT.to_string())
+            .arg(self.port.to_string())
             .arg("-c")
-            .arg("listen_addresses=")
+            .arg(if self.options.tcp {
+                "listen_addresses=127.0.0.1"
+            } else {
+                "listen_addresses="
+            })
             .arg("-c")
             .arg(format!("unix_socket_directories={}", self.dir.display()))
             .arg("-c")
-            .arg("unix_socket_permissions=0700")
-            .stdin(Stdio::null())
+            .arg("unix_socket_permissions=0700");
+        for (name, value) in &self.options.settings {
+            cmd.arg("-c").arg(format!("{name}={value}"));
+        }
+        cmd.stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
             // Its own process group: a terminal's Ctrl-C reaches the gateway,
@@ -377,6 +424,30 @@ pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
     bail!(
         "no PostgreSQL server binaries found (looked for postgres and initdb on PATH, in `pg_config --bindir` and in /usr/lib/postgresql/*/bin). Install them (Debian/Ubuntu: `apt-get install postgresql`) or set DATABASE_URL to an existing PostgreSQL server"
     )
+}
+
+/// A port free on 127.0.0.1 right now (the server binds it moments later).
+fn free_loopback_port() -> anyhow::Result<u16> {
+    let probe = std::net::TcpListener::bind(("127.0.0.1", 0))
+        .context("cannot find a free port on 127.0.0.1")?;
+    Ok(probe.local_addr()?.port())
+}
+
+/// Writes a file only the server's account can read.
+fn write_private(path: &Path, contents: &[u8], run_as: Option<RunAs>) -> anyhow::Result<()> {
+    use std::io::Write;
+    let _ = std::fs::remove_file(path);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.write_all(contents)?;
+    if let Some(r) = run_as {
+        std::os::unix::fs::chown(path, Some(r.uid), Some(r.gid))?;
+    }
+    Ok(())
 }
 
 fn log_tail(path: &Path) -> String {

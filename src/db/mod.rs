@@ -7,8 +7,10 @@ mod error;
 pub mod migrate;
 pub mod notify;
 mod query;
+pub mod tls;
 
 pub use query::Stmt;
+pub use tls::{PgConfig, PgTls, SslMode};
 
 use crate::call::Call;
 use crate::error::{Error, Result};
@@ -16,7 +18,6 @@ use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, R
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio_postgres::NoTls;
 use tracing::Instrument;
 
 /// `application_name` of every connection the gateway opens.
@@ -68,8 +69,10 @@ pub fn connection_config(
 
 impl Db {
     /// A lazy pool: no connection is made until the first call needs one.
+    /// Every connection uses the TLS of `pg` (a bare `tokio_postgres::Config`
+    /// gets its `sslmode`: disable, prefer or require).
     pub fn new(
-        pg: tokio_postgres::Config,
+        pg: impl Into<PgConfig>,
         max_size: usize,
         wait_timeout: Duration,
         max_statement_timeout: Duration,
@@ -86,15 +89,16 @@ impl Db {
     /// A lazy pool that refuses calls at once while `max_waiting` calls
     /// already wait for a connection.
     pub fn with_limits(
-        pg: tokio_postgres::Config,
+        pg: impl Into<PgConfig>,
         max_size: usize,
         max_waiting: usize,
         wait_timeout: Duration,
         max_statement_timeout: Duration,
     ) -> anyhow::Result<Self> {
+        let pg = pg.into();
         let manager = Manager::from_config(
-            pg,
-            NoTls,
+            pg.config().clone(),
+            pg.tls().connector(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -306,11 +310,12 @@ async fn set_local_timeout(
     Ok(())
 }
 
-/// Connects one connection outside the pool, driving it on a task of its own.
+/// Connects one connection outside the pool (with the TLS of `config`),
+/// driving it on a task of its own.
 pub async fn connect_direct(
-    config: &tokio_postgres::Config,
+    config: &PgConfig,
 ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-    let (client, connection) = config.connect(NoTls).await?;
+    let (client, connection) = config.connect().await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "direct connection closed");

@@ -1,10 +1,11 @@
 //! The LISTEN side of change notifications: one connection outside the pool
 //! per gateway, fanned out in-process to every watcher.
 
+use super::PgConfig;
 use futures::StreamExt;
 use std::time::Duration;
 use tokio::sync::{broadcast, mpsc};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use uuid::Uuid;
 
 /// The channel the migrations' triggers notify on.
@@ -46,7 +47,7 @@ impl Hub {
 
     /// Keeps a LISTEN connection open for as long as the gateway runs,
     /// reconnecting with capped backoff.
-    pub async fn listen(self, config: tokio_postgres::Config) {
+    pub async fn listen(self, config: PgConfig) {
         let mut delay = Duration::from_millis(100);
         loop {
             match self.listen_once(&config).await {
@@ -58,11 +59,8 @@ impl Hub {
         }
     }
 
-    async fn listen_once(
-        &self,
-        config: &tokio_postgres::Config,
-    ) -> Result<(), tokio_postgres::Error> {
-        let (client, mut connection) = config.connect(NoTls).await?;
+    async fn listen_once(&self, config: &PgConfig) -> Result<(), tokio_postgres::Error> {
+        let (client, mut connection) = config.connect().await?;
         let (ntx, mut nrx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
             let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -32,7 +32,7 @@ impl Health {
     }
 
     /// Probes PostgreSQL every `interval` for as long as the gateway runs.
-    pub async fn probe(self, db: Db, config: tokio_postgres::Config, interval: Duration) {
+    pub async fn probe(self, db: Db, config: db::PgConfig, interval: Duration) {
         let mut client: Option<tokio_postgres::Client> = None;
         let mut last: Option<bool> = None;
         let timeout = interval.max(Duration::from_secs(1));
@@ -54,7 +54,7 @@ impl Health {
 
 async fn ping(
     client: &mut Option<tokio_postgres::Client>,
-    config: &tokio_postgres::Config,
+    config: &db::PgConfig,
     timeout: Duration,
 ) -> bool {
     if client.as_ref().is_none_or(|c| c.is_closed()) {

@@ -98,19 +98,20 @@ impl DiscrepancyService for DiscrepancyApi {
         &self,
         request: Request<Streaming<proto::IngestDiscrepanciesRequest>>,
     ) -> RpcResult<proto::IngestDiscrepanciesResponse> {
-        let (call, mut stream) = rpc::split(request);
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Error::invalid("ingest_id", "the stream held no message"))?;
-        let mut v = Validator::new();
-        let ingest_id = v.required_text(
-            "ingest_id",
-            &first.ingest_id,
-            crate::sessions::MAX_REQUEST_ID,
-        );
-        let session_id = v.uuid("session_id", &first.session_id);
-        v.finish()?;
+        let (call, stream) = rpc::split(request);
+        let ((ingest_id, session_id), messages) =
+            ingest::open(stream, |first: &proto::IngestDiscrepanciesRequest| {
+                let mut v = Validator::new();
+                let ingest_id = v.required_text(
+                    "ingest_id",
+                    &first.ingest_id,
+                    crate::sessions::MAX_REQUEST_ID,
+                );
+                let session_id = v.uuid("session_id", &first.session_id);
+                v.finish()?;
+                Ok((ingest_id, session_id))
+            })
+            .await?;
         {
             let mut conn = self.state.db.conn(&call).await?;
             let tx = conn.begin().await?;
@@ -119,14 +120,7 @@ impl DiscrepancyService for DiscrepancyApi {
         }
 
         let header = (ingest_id.clone(), session_id.to_string());
-        let chunks = futures::stream::once(async { Ok(first) })
-            .chain(stream.map(|m| {
-                m.map_err(|s| Error::Aborted(format!("the stream broke: {}", s.message())))
-            }))
-            .map(move |m: Result<proto::IngestDiscrepanciesRequest>| {
-                let m = m?;
-                to_chunk(&header, m)
-            });
+        let chunks = messages.map(move |m| to_chunk(&header, m?));
         let outcome = ingest::run(
             &self.state.db,
             &call,

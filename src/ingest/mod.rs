@@ -279,6 +279,29 @@ async fn write_batches<S: Sink>(
     Ok(outcome)
 }
 
+/// Opens a client-stream ingest: reads the first message, lets `header`
+/// validate what it names (ingest id, target), and returns that with the
+/// stream of every message, the first included. A stream that breaks
+/// becomes ABORTED (retry with the same ingest id).
+pub async fn open<M, H>(
+    mut stream: tonic::Streaming<M>,
+    header: impl FnOnce(&M) -> Result<H>,
+) -> Result<(H, impl Stream<Item = Result<M>> + Send + Unpin)>
+where
+    M: Send + 'static,
+{
+    let first = stream
+        .message()
+        .await
+        .map_err(|s| Error::Aborted(format!("the stream broke: {}", s.message())))?
+        .ok_or_else(|| Error::invalid("ingest_id", "the stream held no message"))?;
+    let header = header(&first)?;
+    let messages = futures::stream::once(async { Ok(first) }).chain(
+        stream.map(|m| m.map_err(|s| Error::Aborted(format!("the stream broke: {}", s.message())))),
+    );
+    Ok((header, Box::pin(messages)))
+}
+
 /// Adds "(chunk N)" to the violations of a chunk, so a client knows which
 /// message of its stream was refused.
 pub fn in_chunk(error: Error, sequence: i64) -> Error {

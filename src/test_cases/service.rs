@@ -236,25 +236,21 @@ impl TestCaseService for TestCaseApi {
         &self,
         request: Request<Streaming<proto::IngestExecutionsRequest>>,
     ) -> RpcResult<proto::IngestExecutionsResponse> {
-        let (call, mut stream) = rpc::split(request);
-        let first = stream
-            .message()
-            .await?
-            .ok_or_else(|| Error::invalid("ingest_id", "the stream held no message"))?;
-        let mut v = Validator::new();
-        let ingest_id = v.required_text(
-            "ingest_id",
-            &first.ingest_id,
-            crate::sessions::MAX_REQUEST_ID,
-        );
-        v.finish()?;
-
+        let (call, stream) = rpc::split(request);
+        let (ingest_id, messages) =
+            ingest::open(stream, |first: &proto::IngestExecutionsRequest| {
+                let mut v = Validator::new();
+                let ingest_id = v.required_text(
+                    "ingest_id",
+                    &first.ingest_id,
+                    crate::sessions::MAX_REQUEST_ID,
+                );
+                v.finish()?;
+                Ok(ingest_id)
+            })
+            .await?;
         let header = ingest_id.clone();
-        let chunks = futures::stream::once(async { Ok(first) })
-            .chain(stream.map(|m| {
-                m.map_err(|s| Error::Aborted(format!("the stream broke: {}", s.message())))
-            }))
-            .map(move |m: Result<proto::IngestExecutionsRequest>| to_chunk(&header, m?));
+        let chunks = messages.map(move |m| to_chunk(&header, m?));
         let outcome = ingest::run(
             &self.state.db,
             &call,

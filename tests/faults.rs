@@ -552,3 +552,115 @@ async fn a_mixed_soak_keeps_memory_flat_and_errors_expected() {
     pg.stop().await.unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_drains_in_flight_calls_and_loses_no_acknowledged_write() {
+    let _serial = SERIAL.lock().await;
+    let dir = temp_pg_dir();
+    let mut pg = EmbeddedPostgres::start(&dir).await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut gateway = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .arg("serve")
+        .env("DATABASE_URL", pg.database_url("verdict"))
+        .env("VERDICT_LISTEN", format!("127.0.0.1:{port}"))
+        .env("VERDICT_ROLLUP_INTERVAL_SECS", "0")
+        .env("RUST_LOG", "warn")
+        .spawn()
+        .unwrap();
+    // Wait (bounded) until it serves.
+    let channel = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Ok(ch) =
+                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+                    .unwrap()
+                    .connect()
+                    .await
+            {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+                if let Ok(r) = health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    && r.into_inner().status == ServingStatus::Serving as i32
+                {
+                    return ch;
+                }
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the gateway serves");
+
+    let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let started = Arc::new(AtomicUsize::new(0));
+    let enough = Arc::new(Notify::new());
+    let mut writers = JoinSet::new();
+    for w in 0..4 {
+        let mut client =
+            verdict::proto::session_service_client::SessionServiceClient::new(channel.clone());
+        let (acked, started, enough) = (acked.clone(), started.clone(), enough.clone());
+        writers.spawn(async move {
+            for n in 0.. {
+                let request_id = format!("term-{w}-{n}");
+                match client.create_session(session(&request_id)).await {
+                    Ok(_) => acked.lock().unwrap().push(request_id),
+                    // After SIGTERM: refused or cut off — never acknowledged.
+                    Err(s) => {
+                        assert!(
+                            matches!(
+                                s.code(),
+                                Code::Unavailable | Code::Cancelled | Code::Unknown
+                            ),
+                            "{s:?}"
+                        );
+                        return;
+                    }
+                }
+                if started.fetch_add(1, Ordering::SeqCst) == 100 {
+                    enough.notify_one();
+                }
+            }
+        });
+    }
+    enough.notified().await;
+    // SAFETY: signalling the child we spawned.
+    unsafe { libc::kill(gateway.id() as i32, libc::SIGTERM) };
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+    let status = tokio::task::spawn_blocking(move || gateway.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "clean exit after draining: {status:?}");
+
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() > 100);
+    let (sql, conn) = pg
+        .config("verdict")
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let stored: Vec<String> = sql
+        .query(
+            "SELECT request_id FROM sessions WHERE request_id LIKE 'term-%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    for id in &acked {
+        assert!(stored.contains(id), "acknowledged {id} is stored");
+    }
+    pg.stop().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

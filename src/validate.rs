@@ -183,6 +183,33 @@ impl Validator {
         }
     }
 
+    /// The items of a batch or stream chunk: at most `max` (more refuses the
+    /// whole list unread), at least one unless `allow_empty`; each validated
+    /// by `item` with its index.
+    pub fn items<R, T>(
+        &mut self,
+        items: Vec<R>,
+        max: usize,
+        allow_empty: bool,
+        mut item: impl FnMut(&mut Validator, usize, R) -> T,
+    ) -> Vec<T> {
+        if items.len() > max {
+            self.violation(
+                "items",
+                format!("holds {} items; at most {max} are accepted", items.len()),
+            );
+            return Vec::new();
+        }
+        if items.is_empty() && !allow_empty {
+            self.violation("items", "must hold at least one item");
+        }
+        items
+            .into_iter()
+            .enumerate()
+            .map(|(i, raw)| item(self, i, raw))
+            .collect()
+    }
+
     /// `page_size`: 0 means the default; otherwise 1..=MAX_PAGE_SIZE.
     pub fn page_size(&mut self, field: &str, value: i32) -> i64 {
         match i64::from(value) {

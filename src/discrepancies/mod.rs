@@ -130,24 +130,7 @@ pub fn validate_items(
     items: Vec<proto::DiscrepancyInput>,
     allow_empty: bool,
 ) -> Vec<NewDiscrepancy> {
-    if items.len() > MAX_BATCH {
-        v.violation(
-            "items",
-            format!(
-                "holds {} items; at most {MAX_BATCH} are accepted",
-                items.len()
-            ),
-        );
-        return Vec::new();
-    }
-    if items.is_empty() && !allow_empty {
-        v.violation("items", "must hold at least one item");
-    }
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, raw)| validate_input(v, i, raw))
-        .collect()
+    v.items(items, MAX_BATCH, allow_empty, validate_input)
 }
 
 /// A stored discrepancy.

@@ -207,24 +207,9 @@ pub fn validate_items(
     chunk: Option<i64>,
     allow_empty: bool,
 ) -> Vec<NewExecution> {
-    if items.len() > MAX_BATCH {
-        v.violation(
-            "items",
-            format!(
-                "holds {} items; at most {MAX_BATCH} are accepted",
-                items.len()
-            ),
-        );
-        return Vec::new();
-    }
-    if items.is_empty() && !allow_empty {
-        v.violation("items", "must hold at least one item");
-    }
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(index, raw)| validate_input(v, Origin { chunk, index }, raw))
-        .collect()
+    v.items(items, MAX_BATCH, allow_empty, |v, index, raw| {
+        validate_input(v, Origin { chunk, index }, raw)
+    })
 }
 
 /// A stored execution.

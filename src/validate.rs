@@ -59,10 +59,18 @@ impl Validator {
         }
     }
 
+    /// A finite number (no NaN or infinity).
+    pub fn finite(&mut self, field: &str, value: f64) -> f64 {
+        if !value.is_finite() {
+            self.violation(field, "must be a finite number (no NaN or infinity)");
+        }
+        value
+    }
+
     /// A finite number in [0, 1].
     pub fn unit_interval(&mut self, field: &str, value: f64) -> f64 {
         if !value.is_finite() {
-            self.violation(field, "must be a finite number (no NaN or infinity)");
+            self.finite(field, value);
         } else if !(0.0..=1.0).contains(&value) {
             self.violation(field, format!("must be between 0 and 1, not {value}"));
         }
@@ -183,11 +191,12 @@ impl Validator {
         }
     }
 
-    /// The items of a batch or stream chunk: at most `max` (more refuses the
-    /// whole list unread), at least one unless `allow_empty`; each validated
-    /// by `item` with its index.
+    /// The items of a batch or stream chunk (the repeated field `field`): at
+    /// most `max` (more refuses the whole list unread), at least one unless
+    /// `allow_empty`; each validated by `item` with its index.
     pub fn items<R, T>(
         &mut self,
+        field: &str,
         items: Vec<R>,
         max: usize,
         allow_empty: bool,
@@ -195,13 +204,13 @@ impl Validator {
     ) -> Vec<T> {
         if items.len() > max {
             self.violation(
-                "items",
+                field,
                 format!("holds {} items; at most {max} are accepted", items.len()),
             );
             return Vec::new();
         }
         if items.is_empty() && !allow_empty {
-            self.violation("items", "must hold at least one item");
+            self.violation(field, "must hold at least one item");
         }
         items
             .into_iter()

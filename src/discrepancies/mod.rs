@@ -130,7 +130,7 @@ pub fn validate_items(
     items: Vec<proto::DiscrepancyInput>,
     allow_empty: bool,
 ) -> Vec<NewDiscrepancy> {
-    v.items(items, MAX_BATCH, allow_empty, validate_input)
+    v.items("items", items, MAX_BATCH, allow_empty, validate_input)
 }
 
 /// A stored discrepancy.

@@ -64,48 +64,28 @@ fn labels(
 
 /// Validates a batch of points.
 pub fn validate_points(v: &mut Validator, raw: Vec<proto::MetricPoint>) -> Vec<Point> {
-    if raw.is_empty() {
-        v.violation("points", "must hold at least one point");
-    }
-    if raw.len() > MAX_POINTS {
-        v.violation(
-            "points",
-            format!("holds {} points; at most {MAX_POINTS}", raw.len()),
-        );
-        return Vec::new();
-    }
-    raw.into_iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let mut pv = Validator::scoped(format!("points[{i}]."));
-            let point = Point {
-                name: pv.required_text("name", &p.name, MAX_NAME),
-                value: finite(&mut pv, "value", p.value),
-                unit: pv
-                    .optional_text("unit", &p.unit, MAX_UNIT)
-                    .unwrap_or_default(),
-                labels: labels(&mut pv, "labels", &p.labels),
-                recorded_at: match p.recorded_at.as_ref() {
-                    None => {
-                        pv.violation("recorded_at", "is required");
-                        DateTime::<Utc>::UNIX_EPOCH
-                    }
-                    some => pv
-                        .timestamp("recorded_at", some)
-                        .unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
-                },
-            };
-            v.absorb(pv);
-            point
-        })
-        .collect()
-}
-
-fn finite(v: &mut Validator, field: &str, x: f64) -> f64 {
-    if !x.is_finite() {
-        v.violation(field, "must be a finite number (no NaN or infinity)");
-    }
-    x
+    v.items("points", raw, MAX_POINTS, false, |v, i, p| {
+        let mut pv = Validator::scoped(format!("points[{i}]."));
+        let point = Point {
+            name: pv.required_text("name", &p.name, MAX_NAME),
+            value: pv.finite("value", p.value),
+            unit: pv
+                .optional_text("unit", &p.unit, MAX_UNIT)
+                .unwrap_or_default(),
+            labels: labels(&mut pv, "labels", &p.labels),
+            recorded_at: match p.recorded_at.as_ref() {
+                None => {
+                    pv.violation("recorded_at", "is required");
+                    DateTime::<Utc>::UNIX_EPOCH
+                }
+                some => pv
+                    .timestamp("recorded_at", some)
+                    .unwrap_or(DateTime::<Utc>::UNIX_EPOCH),
+            },
+        };
+        v.absorb(pv);
+        point
+    })
 }
 
 /// How QueryTimeSeries buckets time.

@@ -207,7 +207,7 @@ pub fn validate_items(
     chunk: Option<i64>,
     allow_empty: bool,
 ) -> Vec<NewExecution> {
-    v.items(items, MAX_BATCH, allow_empty, |v, index, raw| {
+    v.items("items", items, MAX_BATCH, allow_empty, |v, index, raw| {
         validate_input(v, Origin { chunk, index }, raw)
     })
 }

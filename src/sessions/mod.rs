@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::pagination;
 use crate::proto;
 use crate::validate::Validator;
+use crate::wire::wire_enum;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value as Json;
@@ -26,64 +27,16 @@ pub const MAX_SCOPE: usize = 256;
 /// Longest log message.
 pub const MAX_LOG_MESSAGE: usize = 8192;
 
+wire_enum!(SessionStatus, proto::SessionStatus, {
+    Pending = "pending",
+    Processing = "processing",
+    Completed = "completed",
+    Failed = "failed",
+    Cancelled = "cancelled",
+});
+
 /// Where a session is in its lifecycle.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum SessionStatus {
-    Pending,
-    Processing,
-    Completed,
-    Failed,
-    Cancelled,
-}
-
 impl SessionStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SessionStatus::Pending => "pending",
-            SessionStatus::Processing => "processing",
-            SessionStatus::Completed => "completed",
-            SessionStatus::Failed => "failed",
-            SessionStatus::Cancelled => "cancelled",
-        }
-    }
-
-    pub fn from_db(s: &str) -> Result<Self> {
-        Ok(match s {
-            "pending" => SessionStatus::Pending,
-            "processing" => SessionStatus::Processing,
-            "completed" => SessionStatus::Completed,
-            "failed" => SessionStatus::Failed,
-            "cancelled" => SessionStatus::Cancelled,
-            other => {
-                return Err(Error::Internal(format!(
-                    "unknown session status {other:?} in the database"
-                )));
-            }
-        })
-    }
-
-    pub fn from_proto(v: i32) -> Option<Self> {
-        Some(match proto::SessionStatus::try_from(v).ok()? {
-            proto::SessionStatus::Unspecified => return None,
-            proto::SessionStatus::Pending => SessionStatus::Pending,
-            proto::SessionStatus::Processing => SessionStatus::Processing,
-            proto::SessionStatus::Completed => SessionStatus::Completed,
-            proto::SessionStatus::Failed => SessionStatus::Failed,
-            proto::SessionStatus::Cancelled => SessionStatus::Cancelled,
-        })
-    }
-
-    pub fn to_proto(self) -> proto::SessionStatus {
-        match self {
-            SessionStatus::Pending => proto::SessionStatus::Pending,
-            SessionStatus::Processing => proto::SessionStatus::Processing,
-            SessionStatus::Completed => proto::SessionStatus::Completed,
-            SessionStatus::Failed => proto::SessionStatus::Failed,
-            SessionStatus::Cancelled => proto::SessionStatus::Cancelled,
-        }
-    }
-
     /// Completed, failed and cancelled sessions never change status again.
     pub fn is_final(self) -> bool {
         matches!(
@@ -310,59 +263,13 @@ impl TryFrom<proto::UpdateSessionStatusRequest> for StatusChange {
     }
 }
 
-/// Severity of a log entry, ordered from least to most severe.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogLevel {
-    Debug,
-    Info,
-    Warning,
-    Error,
-}
-
-impl LogLevel {
-    pub const ALL: [LogLevel; 4] = [
-        LogLevel::Debug,
-        LogLevel::Info,
-        LogLevel::Warning,
-        LogLevel::Error,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LogLevel::Debug => "debug",
-            LogLevel::Info => "info",
-            LogLevel::Warning => "warning",
-            LogLevel::Error => "error",
-        }
-    }
-
-    pub fn from_db(s: &str) -> Result<Self> {
-        LogLevel::ALL
-            .into_iter()
-            .find(|l| l.as_str() == s)
-            .ok_or_else(|| Error::Internal(format!("unknown log level {s:?} in the database")))
-    }
-
-    pub fn from_proto(v: i32) -> Option<Self> {
-        Some(match proto::LogLevel::try_from(v).ok()? {
-            proto::LogLevel::Unspecified => return None,
-            proto::LogLevel::Debug => LogLevel::Debug,
-            proto::LogLevel::Info => LogLevel::Info,
-            proto::LogLevel::Warning => LogLevel::Warning,
-            proto::LogLevel::Error => LogLevel::Error,
-        })
-    }
-
-    pub fn to_proto(self) -> proto::LogLevel {
-        match self {
-            LogLevel::Debug => proto::LogLevel::Debug,
-            LogLevel::Info => proto::LogLevel::Info,
-            LogLevel::Warning => proto::LogLevel::Warning,
-            LogLevel::Error => proto::LogLevel::Error,
-        }
-    }
-}
+// Severity of a log entry, ordered from least to most severe.
+wire_enum!(LogLevel, proto::LogLevel, {
+    Debug = "debug",
+    Info = "info",
+    Warning = "warning",
+    Error = "error",
+});
 
 /// A stored log entry.
 #[derive(Debug, Clone, PartialEq, Serialize)]

@@ -279,7 +279,8 @@ const LIST_LOGS: Stmt = Stmt::new(
 /// One page of a session's log, oldest first, plus one extra row when more follow.
 pub async fn list_logs(c: &impl GenericClient, q: &ListLogs) -> Result<Vec<LogEntry>> {
     let levels: Vec<&str> = LogLevel::ALL
-        .into_iter()
+        .iter()
+        .copied()
         .filter(|l| *l >= q.min_level)
         .map(LogLevel::as_str)
         .collect();

@@ -21,6 +21,100 @@ impl FieldViolation {
     }
 }
 
+/// Why a call failed, for programs: sent on every non-OK status as
+/// `google.rpc.ErrorInfo { reason, domain: "verdict.v1" }`. The strings are
+/// stable (clients branch on them) and listed in `proto/verdict/v1/common.proto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// INVALID_ARGUMENT: a field is malformed or out of range (see BadRequest).
+    InvalidField,
+    /// INVALID_ARGUMENT: the request bytes are not a valid message.
+    MalformedMessage,
+    /// INVALID_ARGUMENT: a page token is malformed, forged or from another filter.
+    InvalidPageToken,
+    /// NOT_FOUND.
+    NotFound,
+    /// ALREADY_EXISTS.
+    AlreadyExists,
+    /// FAILED_PRECONDITION: the status move is not allowed from the current status.
+    IllegalStatusTransition,
+    /// FAILED_PRECONDITION: the session is in a status that takes no more writes.
+    SessionNotAcceptingWrites,
+    /// FAILED_PRECONDITION: an idempotency key (request_id, key, batch or ingest id)
+    /// was used before with other content.
+    IdempotencyKeyReused,
+    /// FAILED_PRECONDITION: the test case still has executions (use `force`).
+    TestCaseHasExecutions,
+    /// FAILED_PRECONDITION: the coverage commit compared against has no report.
+    CoverageCommitMissing,
+    /// FAILED_PRECONDITION: the API key is already revoked.
+    KeyAlreadyRevoked,
+    /// ABORTED: the `version` sent is not the stored one; read and retry.
+    VersionMismatch,
+    /// ABORTED: the call conflicted with a concurrent change; retry it.
+    ConcurrentChange,
+    /// UNAVAILABLE: the database cannot be reached; retry with backoff.
+    DatabaseUnavailable,
+    /// UNAVAILABLE: the gateway is shutting down; retry on another replica.
+    ShuttingDown,
+    /// RESOURCE_EXHAUSTED: no pooled connection became free in time.
+    PoolExhausted,
+    /// RESOURCE_EXHAUSTED: PostgreSQL has no connection slot left.
+    DatabaseConnectionLimit,
+    /// RESOURCE_EXHAUSTED: PostgreSQL is out of disk, memory or another resource.
+    DatabaseOutOfResources,
+    /// RESOURCE_EXHAUSTED: a value exceeds a limit of the database.
+    ValueTooLarge,
+    /// RESOURCE_EXHAUSTED: the message is larger than the gateway accepts or sends.
+    MessageTooLarge,
+    /// RESOURCE_EXHAUSTED: too many requests or streams; slow down.
+    RateLimited,
+    /// DEADLINE_EXCEEDED: the call's deadline or the statement timeout expired.
+    DeadlineExceeded,
+    /// INTERNAL: a bug of the gateway; the trace id is in the message.
+    Internal,
+    /// UNAUTHENTICATED: no key, or a key that is unknown, not valid or revoked.
+    Unauthenticated,
+    /// PERMISSION_DENIED: the key lacks the scope this call needs.
+    MissingScope,
+}
+
+impl Reason {
+    /// The stable UPPER_SNAKE_CASE string sent in `ErrorInfo.reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidField => "INVALID_FIELD",
+            Reason::MalformedMessage => "MALFORMED_MESSAGE",
+            Reason::InvalidPageToken => "INVALID_PAGE_TOKEN",
+            Reason::NotFound => "NOT_FOUND",
+            Reason::AlreadyExists => "ALREADY_EXISTS",
+            Reason::IllegalStatusTransition => "ILLEGAL_STATUS_TRANSITION",
+            Reason::SessionNotAcceptingWrites => "SESSION_NOT_ACCEPTING_WRITES",
+            Reason::IdempotencyKeyReused => "IDEMPOTENCY_KEY_REUSED",
+            Reason::TestCaseHasExecutions => "TEST_CASE_HAS_EXECUTIONS",
+            Reason::CoverageCommitMissing => "COVERAGE_COMMIT_MISSING",
+            Reason::KeyAlreadyRevoked => "KEY_ALREADY_REVOKED",
+            Reason::VersionMismatch => "VERSION_MISMATCH",
+            Reason::ConcurrentChange => "CONCURRENT_CHANGE",
+            Reason::DatabaseUnavailable => "DATABASE_UNAVAILABLE",
+            Reason::ShuttingDown => "SHUTTING_DOWN",
+            Reason::PoolExhausted => "POOL_EXHAUSTED",
+            Reason::DatabaseConnectionLimit => "DATABASE_CONNECTION_LIMIT",
+            Reason::DatabaseOutOfResources => "DATABASE_OUT_OF_RESOURCES",
+            Reason::ValueTooLarge => "VALUE_TOO_LARGE",
+            Reason::MessageTooLarge => "MESSAGE_TOO_LARGE",
+            Reason::RateLimited => "RATE_LIMITED",
+            Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Reason::Internal => "INTERNAL",
+            Reason::Unauthenticated => "UNAUTHENTICATED",
+            Reason::MissingScope => "MISSING_SCOPE",
+        }
+    }
+}
+
+/// The `ErrorInfo.domain` of every Verdict error.
+pub const ERROR_DOMAIN: &str = "verdict.v1";
+
 /// Everything that can go wrong in a call. The text of `Unavailable` and
 /// `Internal` is internal detail: it is logged, never sent to the caller.
 #[derive(Debug, thiserror::Error)]
@@ -31,14 +125,14 @@ pub enum Error {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
-    #[error("{0}")]
-    FailedPrecondition(String),
-    #[error("{0}")]
-    Aborted(String),
-    #[error("database unavailable: {0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    ResourceExhausted(String),
+    #[error("{1}")]
+    FailedPrecondition(Reason, String),
+    #[error("{1}")]
+    Aborted(Reason, String),
+    #[error("unavailable: {1}")]
+    Unavailable(Reason, String),
+    #[error("{1}")]
+    ResourceExhausted(Reason, String),
     #[error("deadline exceeded")]
     DeadlineExceeded,
     #[error("internal error: {0}")]
@@ -56,6 +150,28 @@ impl Error {
     pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
         Error::InvalidArgument(vec![FieldViolation::new(field, description)])
     }
+
+    /// The machine-readable cause sent with the status.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Error::InvalidArgument(_) => Reason::InvalidField,
+            Error::NotFound(_) => Reason::NotFound,
+            Error::AlreadyExists(_) => Reason::AlreadyExists,
+            Error::FailedPrecondition(r, _)
+            | Error::Aborted(r, _)
+            | Error::Unavailable(r, _)
+            | Error::ResourceExhausted(r, _) => *r,
+            Error::DeadlineExceeded => Reason::DeadlineExceeded,
+            Error::Internal(_) => Reason::Internal,
+            Error::Unauthenticated(_) => Reason::Unauthenticated,
+            Error::PermissionDenied(_) => Reason::MissingScope,
+        }
+    }
+}
+
+/// `ErrorInfo` for `reason`, in Verdict's domain.
+pub fn error_info(reason: Reason) -> ErrorDetails {
+    ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, std::collections::HashMap::new())
 }
 
 /// Statuses travel in HTTP/2 headers and trailers, which clients cap (16 KiB
@@ -78,7 +194,9 @@ const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
-        match error {
+        let reason = error.reason();
+        let mut details = error_info(reason);
+        let (code, message) = match error {
             Error::InvalidArgument(violations) => {
                 let shown: Vec<(String, String)> = violations
                     .iter()
@@ -90,7 +208,6 @@ impl From<Error> for Status {
                         )
                     })
                     .collect();
-                let mut details = ErrorDetails::new();
                 for (field, description) in &shown {
                     details.add_bad_request_violation(field.clone(), description.clone());
                 }
@@ -103,34 +220,40 @@ impl From<Error> for Status {
                 if violations.len() > 3 {
                     summary.push_str(&format!(" (and {} more)", violations.len() - 3));
                 }
-                Status::with_error_details(Code::InvalidArgument, summary, details)
+                (Code::InvalidArgument, summary)
             }
-            Error::NotFound(msg) => Status::not_found(msg),
-            Error::AlreadyExists(msg) => Status::already_exists(msg),
-            Error::FailedPrecondition(msg) => Status::failed_precondition(msg),
-            Error::Aborted(msg) => Status::aborted(msg),
-            Error::Unavailable(detail) => {
-                tracing::warn!(error.detail = %detail, "database unavailable");
-                Status::with_error_details(
-                    Code::Unavailable,
-                    "the database is unavailable; retry with backoff",
-                    ErrorDetails::with_retry_info(Some(RETRY_DELAY)),
-                )
+            Error::NotFound(msg) => (Code::NotFound, msg),
+            Error::AlreadyExists(msg) => (Code::AlreadyExists, msg),
+            Error::FailedPrecondition(_, msg) => (Code::FailedPrecondition, msg),
+            Error::Aborted(_, msg) => (Code::Aborted, msg),
+            Error::Unavailable(reason, detail) => {
+                tracing::warn!(error.detail = %detail, reason = reason.as_str(), "unavailable");
+                details.set_retry_info(Some(RETRY_DELAY));
+                let msg = match reason {
+                    Reason::ShuttingDown => "the gateway is shutting down; retry with backoff",
+                    _ => "the database is unavailable; retry with backoff",
+                };
+                (Code::Unavailable, msg.to_owned())
             }
-            Error::ResourceExhausted(msg) => Status::with_error_details(
-                Code::ResourceExhausted,
-                msg,
-                ErrorDetails::with_retry_info(Some(RETRY_DELAY)),
-            ),
-            Error::DeadlineExceeded => Status::deadline_exceeded(
-                "the call's deadline (or the server's statement timeout) expired; the query was cancelled",
+            Error::ResourceExhausted(_, msg) => {
+                details.set_retry_info(Some(RETRY_DELAY));
+                (Code::ResourceExhausted, msg)
+            }
+            Error::DeadlineExceeded => (
+                Code::DeadlineExceeded,
+                "the call's deadline (or the server's statement timeout) expired; the query was cancelled"
+                    .to_owned(),
             ),
             Error::Internal(detail) => {
                 tracing::error!(error.detail = %detail, "internal error");
-                Status::internal("internal error; see the gateway's logs for this trace")
+                (
+                    Code::Internal,
+                    "internal error; see the gateway's logs for this trace".to_owned(),
+                )
             }
-            Error::Unauthenticated(msg) => Status::unauthenticated(msg),
-            Error::PermissionDenied(msg) => Status::permission_denied(msg),
-        }
+            Error::Unauthenticated(msg) => (Code::Unauthenticated, msg),
+            Error::PermissionDenied(msg) => (Code::PermissionDenied, msg),
+        };
+        Status::with_error_details(code, message, details)
     }
 }

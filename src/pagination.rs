@@ -12,7 +12,7 @@
 //! layer runs every call inside [`with_signer`], so the areas' conversions
 //! call [`encode`] and [`decode`] without passing it around.
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use hmac::{Hmac, Mac};
@@ -132,7 +132,10 @@ pub fn decode<K: DeserializeOwned>(
     let payload = URL_SAFE_NO_PAD.decode(payload).map_err(|_| malformed())?;
     let mac = URL_SAFE_NO_PAD.decode(mac).map_err(|_| malformed())?;
     let signer = current_signer().ok_or_else(|| {
-        Error::Unavailable("the page-token key is not loaded yet (database not ready)".into())
+        Error::Unavailable(
+            Reason::DatabaseUnavailable,
+            "the page-token key is not loaded yet (database not ready)".into(),
+        )
     })?;
     let expected = signer
         .mac(&payload)

@@ -8,7 +8,7 @@
 
 use super::{Scope, ScopeSet};
 use crate::db::Stmt;
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
@@ -265,9 +265,10 @@ pub async fn revoke(c: &impl GenericClient, id: &str) -> Result<()> {
         return Ok(());
     }
     match EXISTS.query_opt(c, &[&id]).await? {
-        Some(_) => Err(Error::FailedPrecondition(format!(
-            "key {id} is already revoked"
-        ))),
+        Some(_) => Err(Error::FailedPrecondition(
+            Reason::KeyAlreadyRevoked,
+            format!("key {id} is already revoked"),
+        )),
         None => Err(Error::NotFound(format!("no key has id {id:?}"))),
     }
 }

@@ -4,7 +4,7 @@ use super::sql::{self, Change};
 use super::{AggregateQuery, CompareQuery, Counters, NewReport, TrendQuery, percent_delta};
 use crate::audit::{self, Outcome};
 use crate::convert::timestamp;
-use crate::error::Error;
+use crate::error::{Error, Reason};
 use crate::proto::{self, coverage_service_server::CoverageService};
 use crate::rpc::{self, RpcResult};
 use crate::sessions;
@@ -29,9 +29,12 @@ fn no_report(role: &str, commit: &str, subsystem: &str) -> Error {
     } else {
         format!("subsystem {subsystem:?}")
     };
-    Error::FailedPrecondition(format!(
-        "the {role} commit {commit} has no coverage report for {scope}; record one before comparing"
-    ))
+    Error::FailedPrecondition(
+        Reason::CoverageCommitMissing,
+        format!(
+            "the {role} commit {commit} has no coverage report for {scope}; record one before comparing"
+        ),
+    )
 }
 
 #[tonic::async_trait]
@@ -56,6 +59,7 @@ impl CoverageService for CoverageApi {
             None => (
                 sql::get_by_key(&tx, &new).await?.ok_or_else(|| {
                     Error::Aborted(
+                        Reason::ConcurrentChange,
                         "the report with this key was deleted concurrently; retry".into(),
                     )
                 })?,

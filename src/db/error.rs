@@ -1,6 +1,6 @@
 //! SQLSTATE and pool failures mapped to domain errors, in one place.
 
-use crate::error::Error;
+use crate::error::{Error, Reason};
 use deadpool_postgres::{PoolError, TimeoutType};
 use tokio_postgres::error::SqlState;
 
@@ -12,7 +12,7 @@ impl From<tokio_postgres::Error> for Error {
             let io = std::error::Error::source(&e)
                 .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some());
             return if e.is_closed() || io || e.to_string().contains("connect") {
-                Error::Unavailable(e.to_string())
+                Error::Unavailable(Reason::DatabaseUnavailable, e.to_string())
             } else {
                 Error::Internal(e.to_string())
             };
@@ -33,11 +33,15 @@ impl From<tokio_postgres::Error> for Error {
                 || *c == SqlState::T_R_DEADLOCK_DETECTED
                 || *c == SqlState::LOCK_NOT_AVAILABLE =>
             {
-                Error::Aborted("the call conflicted with a concurrent change; retry it".into())
+                Error::Aborted(
+                    Reason::ConcurrentChange,
+                    "the call conflicted with a concurrent change; retry it".into(),
+                )
             }
-            c if *c == SqlState::PROGRAM_LIMIT_EXCEEDED => {
-                Error::ResourceExhausted("a value exceeds a limit of the database".into())
-            }
+            c if *c == SqlState::PROGRAM_LIMIT_EXCEEDED => Error::ResourceExhausted(
+                Reason::ValueTooLarge,
+                "a value exceeds a limit of the database".into(),
+            ),
             c if *c == SqlState::ADMIN_SHUTDOWN
                 || *c == SqlState::CRASH_SHUTDOWN
                 || *c == SqlState::CANNOT_CONNECT_NOW
@@ -45,7 +49,10 @@ impl From<tokio_postgres::Error> for Error {
                 || *c == SqlState::READ_ONLY_SQL_TRANSACTION
                 || c.code().starts_with("08") =>
             {
-                Error::Unavailable(format!("{}: {}", c.code(), db.message()))
+                Error::Unavailable(
+                    Reason::DatabaseUnavailable,
+                    format!("{}: {}", c.code(), db.message()),
+                )
             }
             c => Error::Internal(format!("SQLSTATE {}: {}", c.code(), db.message())),
         }
@@ -55,17 +62,17 @@ impl From<tokio_postgres::Error> for Error {
 impl From<PoolError> for Error {
     fn from(e: PoolError) -> Self {
         match e {
-            PoolError::Timeout(TimeoutType::Wait) => Error::ResourceExhausted(
+            PoolError::Timeout(TimeoutType::Wait) => Error::ResourceExhausted(Reason::PoolExhausted,
                 "no database connection became free in time; the gateway is overloaded, retry later"
                     .into(),
             ),
             PoolError::Timeout(TimeoutType::Create | TimeoutType::Recycle) => {
-                Error::Unavailable("timed out connecting to PostgreSQL".into())
+                Error::Unavailable(Reason::DatabaseUnavailable, "timed out connecting to PostgreSQL".into())
             }
             PoolError::Backend(e) => Error::from(e),
-            PoolError::Closed => Error::Unavailable("the connection pool is closed".into()),
+            PoolError::Closed => Error::Unavailable(Reason::ShuttingDown, "the connection pool is closed".into()),
             PoolError::NoRuntimeSpecified => Error::Internal("pool has no runtime".into()),
-            PoolError::PostCreateHook(e) => Error::Unavailable(e.to_string()),
+            PoolError::PostCreateHook(e) => Error::Unavailable(Reason::DatabaseUnavailable, e.to_string()),
         }
     }
 }

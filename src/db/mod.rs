@@ -13,7 +13,7 @@ pub use query::Stmt;
 pub use tls::{PgConfig, PgTls, SslMode};
 
 use crate::call::Call;
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -152,6 +152,7 @@ impl Db {
     pub async fn conn(&self, call: &Call) -> Result<Conn> {
         if !self.is_ready() {
             return Err(Error::Unavailable(
+                Reason::DatabaseUnavailable,
                 "the gateway has not finished connecting to and migrating the database".into(),
             ));
         }
@@ -169,6 +170,7 @@ impl Db {
         if status.available == 0 && status.waiting >= self.max_waiting {
             // Shed load: queueing more would only grow memory and latency.
             return Err(Error::ResourceExhausted(
+                Reason::PoolExhausted,
                 "too many calls are waiting for a database connection; retry later".into(),
             ));
         }

@@ -6,7 +6,7 @@
 use crate::audit;
 use crate::call::Call;
 use crate::db::{Db, Stmt};
-use crate::error::{Error, FieldViolation, Result};
+use crate::error::{Error, FieldViolation, Reason, Result};
 use futures::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use std::future::Future;
@@ -77,9 +77,12 @@ pub async fn claim_batch(
     let row = CLAIMED.query_one(tx, &[&kind, &scope, &batch_id]).await?;
     let stored: Vec<u8> = row.try_get(0)?;
     if stored != digest {
-        return Err(Error::FailedPrecondition(format!(
-            "batch_id {batch_id:?} was already used for a batch with other content; use a new batch_id"
-        )));
+        return Err(Error::FailedPrecondition(
+            Reason::IdempotencyKeyReused,
+            format!(
+                "batch_id {batch_id:?} was already used for a batch with other content; use a new batch_id"
+            ),
+        ));
     }
     Ok(Claim::Replay {
         item_count: row.try_get(1)?,
@@ -166,10 +169,13 @@ where
             Some(row) => {
                 let scope: String = row.try_get(0)?;
                 if scope != key.scope {
-                    return Err(Error::FailedPrecondition(format!(
-                        "ingest_id {:?} was used for another target ({scope}); use a new ingest_id",
-                        key.ingest_id
-                    )));
+                    return Err(Error::FailedPrecondition(
+                        Reason::IdempotencyKeyReused,
+                        format!(
+                            "ingest_id {:?} was used for another target ({scope}); use a new ingest_id",
+                            key.ingest_id
+                        ),
+                    ));
                 }
                 row.try_get::<_, i64>(1)?
             }
@@ -293,12 +299,22 @@ where
     let first = stream
         .message()
         .await
-        .map_err(|s| Error::Aborted(format!("the stream broke: {}", s.message())))?
+        .map_err(|s| {
+            Error::Aborted(
+                Reason::ConcurrentChange,
+                format!("the stream broke: {}", s.message()),
+            )
+        })?
         .ok_or_else(|| Error::invalid("ingest_id", "the stream held no message"))?;
     let header = header(&first)?;
-    let messages = futures::stream::once(async { Ok(first) }).chain(
-        stream.map(|m| m.map_err(|s| Error::Aborted(format!("the stream broke: {}", s.message())))),
-    );
+    let messages = futures::stream::once(async { Ok(first) }).chain(stream.map(|m| {
+        m.map_err(|s| {
+            Error::Aborted(
+                Reason::ConcurrentChange,
+                format!("the stream broke: {}", s.message()),
+            )
+        })
+    }));
     Ok((header, Box::pin(messages)))
 }
 

@@ -2,7 +2,7 @@
 
 use super::{ListResults, NewResult, sql};
 use crate::audit::{self, Outcome};
-use crate::error::Error;
+use crate::error::{Error, Reason};
 use crate::pagination;
 use crate::proto::{self, result_service_server::ResultService};
 use crate::rpc::{self, RpcResult};
@@ -40,7 +40,10 @@ impl ResultService for ResultApi {
                 sql::get_by_request_id(&tx, new.session_id, &new.request_id)
                     .await?
                     .ok_or_else(|| {
-                        Error::Aborted("the result was deleted concurrently; retry".into())
+                        Error::Aborted(
+                            Reason::ConcurrentChange,
+                            "the result was deleted concurrently; retry".into(),
+                        )
                     })?,
                 false,
             ),

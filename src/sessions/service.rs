@@ -5,7 +5,7 @@ use super::{
     ListLogs, ListSessions, NewLogEntry, NewSession, SessionLookup, StatusChange, sql, watch,
 };
 use crate::audit::{self, Outcome};
-use crate::error::Error;
+use crate::error::{Error, Reason};
 use crate::pagination;
 use crate::proto::{self, session_service_server::SessionService};
 use crate::rpc::{self, RpcResult};
@@ -45,6 +45,7 @@ impl SessionService for SessionApi {
                 Some(s) => (s, false),
                 None => {
                     return Err(Error::Aborted(
+                        Reason::ConcurrentChange,
                         "the session with this request_id was deleted concurrently; retry".into(),
                     )
                     .into());
@@ -115,19 +116,25 @@ impl SessionService for SessionApi {
         if let Some(expected) = change.expected_version
             && expected != current.version
         {
-            return Err(Error::Aborted(format!(
-                "session {} is at version {}, not {expected}; re-read it and retry",
-                change.id, current.version
-            ))
+            return Err(Error::Aborted(
+                Reason::VersionMismatch,
+                format!(
+                    "session {} is at version {}, not {expected}; re-read it and retry",
+                    change.id, current.version
+                ),
+            )
             .into());
         }
         if !current.status.can_move_to(change.status) {
-            return Err(Error::FailedPrecondition(format!(
-                "session {} cannot move from {} to {}",
-                change.id,
-                current.status.as_str(),
-                change.status.as_str()
-            ))
+            return Err(Error::FailedPrecondition(
+                Reason::IllegalStatusTransition,
+                format!(
+                    "session {} cannot move from {} to {}",
+                    change.id,
+                    current.status.as_str(),
+                    change.status.as_str()
+                ),
+            )
             .into());
         }
         let session = sql::set_status(&tx, change.id, change.status).await?;
@@ -196,10 +203,13 @@ impl SessionService for SessionApi {
         if let Some(expected) = req.expected_version
             && expected != current.version
         {
-            return Err(Error::Aborted(format!(
-                "session {id} is at version {}, not {expected}; re-read it and retry",
-                current.version
-            ))
+            return Err(Error::Aborted(
+                Reason::VersionMismatch,
+                format!(
+                    "session {id} is at version {}, not {expected}; re-read it and retry",
+                    current.version
+                ),
+            )
             .into());
         }
         // Children first, explicitly, so the reply can say what went.

@@ -6,7 +6,7 @@ use super::{
     SessionStatus,
 };
 use crate::db::Stmt;
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -347,10 +347,13 @@ pub async fn lock_accepting(c: &impl GenericClient, id: Uuid) -> Result<()> {
         .ok_or_else(|| Error::NotFound(format!("session {id} not found")))?;
     let status = SessionStatus::from_db(row.try_get(0)?)?;
     if matches!(status, SessionStatus::Failed | SessionStatus::Cancelled) {
-        return Err(Error::FailedPrecondition(format!(
-            "session {id} is {}; it accepts no more results or findings",
-            status.as_str()
-        )));
+        return Err(Error::FailedPrecondition(
+            Reason::SessionNotAcceptingWrites,
+            format!(
+                "session {id} is {}; it accepts no more results or findings",
+                status.as_str()
+            ),
+        ));
     }
     Ok(())
 }

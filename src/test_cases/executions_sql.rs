@@ -4,7 +4,7 @@
 use super::executions::{Execution, ExecutionKey, ListExecutions, NewExecution};
 use super::{ExecutionStatus, TestCaseRef};
 use crate::db::Stmt;
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::ingest::Sink;
 use crate::sessions::SessionStatus;
 use deadpool_postgres::GenericClient;
@@ -122,10 +122,13 @@ async fn lock_sessions(c: &impl GenericClient, items: &[NewExecution]) -> Result
                     .invalid("session_id", format!("session {id} not found")));
             }
             Some(s @ (SessionStatus::Failed | SessionStatus::Cancelled)) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "session {id} is {}; it accepts no more executions",
-                    s.as_str()
-                )));
+                return Err(Error::FailedPrecondition(
+                    Reason::SessionNotAcceptingWrites,
+                    format!(
+                        "session {id} is {}; it accepts no more executions",
+                        s.as_str()
+                    ),
+                ));
             }
             Some(_) => {}
         }

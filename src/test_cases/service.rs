@@ -6,7 +6,7 @@ use super::{
     ExecutionStatus, ListTestCases, NewTestCase, TestCaseRef, TestCaseUpdate, sql, statistics_sql,
 };
 use crate::audit::{self, Outcome};
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::ingest::{self, Chunk, Claim, IngestKey};
 use crate::pagination;
 use crate::proto::{self, test_case_service_server::TestCaseService};
@@ -45,9 +45,10 @@ async fn resolve(c: &impl GenericClient, r: &TestCaseRef) -> Result<Uuid> {
 }
 
 fn stale(id: Uuid, current: i64, expected: i64) -> Error {
-    Error::Aborted(format!(
-        "test case {id} is at version {current}, not {expected}; re-read it and retry"
-    ))
+    Error::Aborted(
+        Reason::VersionMismatch,
+        format!("test case {id} is at version {current}, not {expected}; re-read it and retry"),
+    )
 }
 
 #[tonic::async_trait]
@@ -67,6 +68,7 @@ impl TestCaseService for TestCaseApi {
                     .await?
                     .ok_or_else(|| {
                         Error::Aborted(
+                            Reason::ConcurrentChange,
                             "the test case with this key was deleted concurrently; retry".into(),
                         )
                     })?,
@@ -169,10 +171,13 @@ impl TestCaseService for TestCaseApi {
         let deleted_executions = if req.force {
             sql::delete_executions(&tx, id).await?
         } else if sql::has_executions(&tx, id).await? {
-            return Err(Error::FailedPrecondition(format!(
-                "test case {id} ({}) has executions; delete with force to remove them too",
-                current.key
-            ))
+            return Err(Error::FailedPrecondition(
+                Reason::TestCaseHasExecutions,
+                format!(
+                    "test case {id} ({}) has executions; delete with force to remove them too",
+                    current.key
+                ),
+            )
             .into());
         } else {
             0

@@ -77,9 +77,82 @@ pub enum Reason {
     Unauthenticated,
     /// PERMISSION_DENIED: the key lacks the scope this call needs.
     MissingScope,
+    /// UNIMPLEMENTED: no such service or method on this gateway.
+    UnknownMethod,
+    /// CANCELLED: the call was cancelled before it finished.
+    Cancelled,
+    /// FAILED_PRECONDITION without a more specific cause.
+    FailedPrecondition,
 }
 
 impl Reason {
+    /// Every reason, in the order `proto/verdict/v1/common.proto` lists them.
+    pub const ALL: [Reason; 28] = [
+        Reason::InvalidField,
+        Reason::MalformedMessage,
+        Reason::InvalidPageToken,
+        Reason::NotFound,
+        Reason::AlreadyExists,
+        Reason::IllegalStatusTransition,
+        Reason::SessionNotAcceptingWrites,
+        Reason::IdempotencyKeyReused,
+        Reason::TestCaseHasExecutions,
+        Reason::CoverageCommitMissing,
+        Reason::KeyAlreadyRevoked,
+        Reason::VersionMismatch,
+        Reason::ConcurrentChange,
+        Reason::DatabaseUnavailable,
+        Reason::ShuttingDown,
+        Reason::PoolExhausted,
+        Reason::DatabaseConnectionLimit,
+        Reason::DatabaseOutOfResources,
+        Reason::ValueTooLarge,
+        Reason::MessageTooLarge,
+        Reason::RateLimited,
+        Reason::DeadlineExceeded,
+        Reason::Internal,
+        Reason::Unauthenticated,
+        Reason::MissingScope,
+        Reason::UnknownMethod,
+        Reason::Cancelled,
+        Reason::FailedPrecondition,
+    ];
+
+    /// The reason of a status that carries none of its own (one made by
+    /// tonic or the transport rather than from an [`Error`]), by its code.
+    pub fn for_code(code: Code) -> Reason {
+        match code {
+            Code::Ok | Code::Unknown | Code::Internal | Code::DataLoss => Reason::Internal,
+            Code::Cancelled => Reason::Cancelled,
+            Code::InvalidArgument | Code::OutOfRange => Reason::InvalidField,
+            Code::DeadlineExceeded => Reason::DeadlineExceeded,
+            Code::NotFound => Reason::NotFound,
+            Code::AlreadyExists => Reason::AlreadyExists,
+            Code::PermissionDenied => Reason::MissingScope,
+            Code::ResourceExhausted => Reason::RateLimited,
+            Code::FailedPrecondition => Reason::FailedPrecondition,
+            Code::Aborted => Reason::ConcurrentChange,
+            Code::Unimplemented => Reason::UnknownMethod,
+            Code::Unavailable => Reason::DatabaseUnavailable,
+            Code::Unauthenticated => Reason::Unauthenticated,
+        }
+    }
+
+    /// Whether a caller may retry the same call later (after the RetryInfo
+    /// delay, with backoff).
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Reason::ConcurrentChange
+                | Reason::DatabaseUnavailable
+                | Reason::ShuttingDown
+                | Reason::PoolExhausted
+                | Reason::DatabaseConnectionLimit
+                | Reason::DatabaseOutOfResources
+                | Reason::RateLimited
+        )
+    }
+
     /// The stable UPPER_SNAKE_CASE string sent in `ErrorInfo.reason`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -108,6 +181,9 @@ impl Reason {
             Reason::Internal => "INTERNAL",
             Reason::Unauthenticated => "UNAUTHENTICATED",
             Reason::MissingScope => "MISSING_SCOPE",
+            Reason::UnknownMethod => "UNKNOWN_METHOD",
+            Reason::Cancelled => "CANCELLED",
+            Reason::FailedPrecondition => "FAILED_PRECONDITION",
         }
     }
 }
@@ -190,7 +266,7 @@ fn clip(text: &str, max: usize) -> String {
 }
 
 /// How long a client should wait before retrying a retryable failure.
-const RETRY_DELAY: Duration = Duration::from_millis(500);
+pub const RETRY_DELAY: Duration = Duration::from_millis(500);
 
 impl From<Error> for Status {
     fn from(error: Error) -> Status {
@@ -235,8 +311,10 @@ impl From<Error> for Status {
                 };
                 (Code::Unavailable, msg.to_owned())
             }
-            Error::ResourceExhausted(_, msg) => {
-                details.set_retry_info(Some(RETRY_DELAY));
+            Error::ResourceExhausted(reason, msg) => {
+                if reason.is_retryable() {
+                    details.set_retry_info(Some(RETRY_DELAY));
+                }
                 (Code::ResourceExhausted, msg)
             }
             Error::DeadlineExceeded => (

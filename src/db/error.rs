@@ -18,6 +18,10 @@ impl From<tokio_postgres::Error> for Error {
             };
         };
         let code = db.code();
+        if code.code().starts_with("53") {
+            // The server's own words stay in the log.
+            tracing::warn!(sqlstate = code.code(), error.detail = db.message(), "database out of resources");
+        }
         match code {
             c if *c == SqlState::QUERY_CANCELED => {
                 crate::observability::statement_timeout();
@@ -42,10 +46,29 @@ impl From<tokio_postgres::Error> for Error {
                 Reason::ValueTooLarge,
                 "a value exceeds a limit of the database".into(),
             ),
+            // Class 53, insufficient resources: RESOURCE_EXHAUSTED, as gRPC
+            // says of "the entire file system is out of space"; retryable
+            // (RetryInfo) since the condition passes when the server frees
+            // the resource. The message names the cause, never internals.
+            c if *c == SqlState::TOO_MANY_CONNECTIONS => Error::ResourceExhausted(
+                Reason::DatabaseConnectionLimit,
+                "the database has no connection slot left; retry later".into(),
+            ),
+            c if *c == SqlState::DISK_FULL => Error::ResourceExhausted(
+                Reason::DatabaseOutOfResources,
+                "the database is out of disk space; retry later".into(),
+            ),
+            c if *c == SqlState::OUT_OF_MEMORY => Error::ResourceExhausted(
+                Reason::DatabaseOutOfResources,
+                "the database is out of memory; retry later".into(),
+            ),
+            c if c.code().starts_with("53") => Error::ResourceExhausted(
+                Reason::DatabaseOutOfResources,
+                "the database reached a configured resource limit; retry later".into(),
+            ),
             c if *c == SqlState::ADMIN_SHUTDOWN
                 || *c == SqlState::CRASH_SHUTDOWN
                 || *c == SqlState::CANNOT_CONNECT_NOW
-                || *c == SqlState::TOO_MANY_CONNECTIONS
                 || *c == SqlState::READ_ONLY_SQL_TRANSACTION
                 || c.code().starts_with("08") =>
             {

@@ -1,83 +1,69 @@
-//! Undecodable requests are the caller's fault: tonic answers a message it
-//! cannot decode (bad wire format, invalid UTF-8 in a string) with
-//! INTERNAL; this layer turns that reply into INVALID_ARGUMENT with a
-//! `google.rpc.BadRequest`, like every other bad request.
+//! Statuses tonic's codec makes by itself, reclassified. Undecodable request
+//! bytes are the caller's fault, yet tonic answers them with INTERNAL; a
+//! message over the size limit is RESOURCE_EXHAUSTED by gRPC convention,
+//! yet tonic answers OUT_OF_RANGE. [`rewrite`] turns both into the status a
+//! caller can act on, with Verdict's ErrorInfo (the
+//! [`super::error_info`] layer applies it to every reply).
 
-use crate::error::Error;
-use futures::future::BoxFuture;
-use std::task::{Context, Poll};
-use tower::{Layer, Service};
+use crate::error::{Error, Reason, error_info};
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, StatusExt};
 
 /// How tonic's codec begins the message of a decode failure.
-const DECODE_FAILURE: &[u8] = b"failed to decode Protobuf message";
+const DECODE_FAILURE: &str = "failed to decode Protobuf message";
+/// How tonic's codec begins the message of a request over the limit.
+const DECODE_TOO_LARGE: &str = "Error, decoded message length too large";
+/// How tonic's codec begins the message of a reply over the limit.
+const ENCODE_TOO_LARGE: &str = "Error, encoded message length too large";
 
-#[derive(Clone, Copy, Default)]
-pub struct DecodeErrorLayer;
-
-impl<S> Layer<S> for DecodeErrorLayer {
-    type Service = DecodeError<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        DecodeError { inner }
+/// The status to send instead of tonic's `code` + `message`, when they are
+/// one of the codec's own failures.
+pub fn rewrite(code: Code, message: &str) -> Option<Status> {
+    match code {
+        Code::Internal if message.starts_with(DECODE_FAILURE) => Some(malformed()),
+        Code::OutOfRange if message.starts_with(DECODE_TOO_LARGE) => {
+            let text = match sizes(message) {
+                Some((found, limit)) => format!(
+                    "the request message is {found} bytes, more than the {limit} bytes this gateway accepts; send smaller batches"
+                ),
+                None => "the request message is larger than this gateway accepts; send smaller batches".to_owned(),
+            };
+            Some(Error::ResourceExhausted(Reason::MessageTooLarge, text).into())
+        }
+        Code::OutOfRange if message.starts_with(ENCODE_TOO_LARGE) => {
+            let text = match sizes(message) {
+                Some((found, limit)) => format!(
+                    "the reply would be {found} bytes, more than the {limit} bytes this gateway sends; ask for less (a smaller page_size)"
+                ),
+                None => "the reply would be larger than this gateway sends; ask for less (a smaller page_size)".to_owned(),
+            };
+            Some(Error::ResourceExhausted(Reason::MessageTooLarge, text).into())
+        }
+        _ => None,
     }
 }
 
-#[derive(Clone)]
-pub struct DecodeError<S> {
-    inner: S,
+/// INVALID_ARGUMENT, reason MALFORMED_MESSAGE, with a BadRequest naming
+/// the request as a whole.
+pub fn malformed() -> Status {
+    let mut details: ErrorDetails = error_info(Reason::MalformedMessage);
+    let why = "is not a valid protobuf encoding of this RPC's request message \
+               (wrong wire format, or a string that is not UTF-8)";
+    details.add_bad_request_violation("request", why);
+    Status::with_error_details(Code::InvalidArgument, format!("request: {why}"), details)
 }
 
-/// Whether a reply's headers carry tonic's INTERNAL for a decode failure.
-fn is_decode_failure(headers: &http::HeaderMap) -> bool {
-    let internal = headers
-        .get("grpc-status")
-        .is_some_and(|v| v.as_bytes() == b"13");
-    internal
-        && headers.get("grpc-message").is_some_and(|m| {
-            // grpc-message is percent-encoded; the prefix has only spaces
-            // to encode.
-            let m = m.as_bytes();
-            let plain: Vec<u8> = DECODE_FAILURE.to_vec();
-            let encoded: Vec<u8> = String::from_utf8_lossy(DECODE_FAILURE)
-                .replace(' ', "%20")
-                .into_bytes();
-            m.starts_with(&plain) || m.starts_with(&encoded)
-        })
-}
-
-impl<S, ReqBody> Service<http::Request<ReqBody>> for DecodeError<S>
-where
-    S: Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    ReqBody: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        Box::pin(async move {
-            let response = inner.call(req).await?;
-            if !is_decode_failure(response.headers()) {
-                return Ok(response);
-            }
-            let status = tonic::Status::from(Error::invalid(
-                "request",
-                "is not a valid protobuf encoding of this RPC's request message \
-                 (wrong wire format, or a string that is not UTF-8)",
-            ));
-            Ok(status.into_http())
-        })
-    }
+/// The two sizes of tonic's "found N bytes, the limit is: M bytes".
+fn sizes(message: &str) -> Option<(u64, u64)> {
+    let number_after = |marker: &str| -> Option<u64> {
+        let rest = &message[message.find(marker)? + marker.len()..];
+        rest.trim_start()
+            .split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    Some((number_after("found")?, number_after("limit is:")?))
 }
 
 #[cfg(test)]
@@ -85,19 +71,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_tonic_decode_failures_are_recognised() {
-        let mut h = http::HeaderMap::new();
-        h.insert("grpc-status", "13".parse().unwrap());
-        h.insert(
-            "grpc-message",
-            "failed%20to%20decode%20Protobuf%20message:%20invalid%20wire%20type"
-                .parse()
-                .unwrap(),
-        );
-        assert!(is_decode_failure(&h));
-        h.insert("grpc-message", "internal error".parse().unwrap());
-        assert!(!is_decode_failure(&h));
-        h.insert("grpc-status", "3".parse().unwrap());
-        assert!(!is_decode_failure(&h));
+    fn only_tonic_codec_failures_are_rewritten() {
+        let s = rewrite(
+            Code::Internal,
+            "failed to decode Protobuf message: invalid wire type",
+        )
+        .unwrap();
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.get_details_error_info().unwrap().reason, "MALFORMED_MESSAGE");
+        let s = rewrite(
+            Code::OutOfRange,
+            "Error, decoded message length too large: found 5000 bytes, the limit is: 4096 bytes",
+        )
+        .unwrap();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+        assert!(s.message().contains("5000") && s.message().contains("4096"));
+        assert_eq!(s.get_details_error_info().unwrap().reason, "MESSAGE_TOO_LARGE");
+        assert!(s.get_details_retry_info().is_none(), "not retryable as is");
+        assert!(rewrite(Code::Internal, "internal error").is_none());
+        assert!(rewrite(Code::OutOfRange, "page_size out of range").is_none());
+        assert!(rewrite(Code::InvalidArgument, DECODE_FAILURE).is_none());
     }
 }

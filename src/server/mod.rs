@@ -3,6 +3,7 @@
 //! message size limits, over plain TCP or TLS.
 
 mod decode;
+mod error_info;
 pub mod health;
 mod trace;
 
@@ -79,7 +80,7 @@ pub async fn serve(
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(trace::RpcTraceLayer)
-        .layer(decode::DecodeErrorLayer)
+        .layer(error_info::ErrorInfoLayer)
         .layer(auth)
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             reporter,

@@ -109,8 +109,10 @@ where
             let response = match deadline {
                 Some(limit) => match tokio::time::timeout(limit, call).await {
                     Ok(response) => response?,
-                    Err(_) => tonic::Status::deadline_exceeded(
+                    Err(_) => <tonic::Status as tonic_types::StatusExt>::with_error_details(
+                        tonic::Code::DeadlineExceeded,
                         "the call's deadline expired before the database answered",
+                        crate::error::error_info(crate::error::Reason::DeadlineExceeded),
                     )
                     .into_http(),
                 },

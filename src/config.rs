@@ -259,6 +259,52 @@ pub struct Config {
         global = true
     )]
     pub tls_reload_interval_ms: u64,
+
+    /// How long a pooled PostgreSQL connection may sit unused before it is
+    /// closed (e.g. `60s`, `500ms`, `5m`), so an idle replica gives its
+    /// connection slots back to the others.
+    #[arg(
+        long,
+        env = "VERDICT_POOL_IDLE_TIMEOUT",
+        default_value = "60s",
+        value_parser = parse_duration,
+        global = true
+    )]
+    pub pool_idle_timeout: Duration,
+
+    /// How long a pooled PostgreSQL connection lives at most (e.g. `30m`);
+    /// older connections are closed when idle and replaced when needed.
+    #[arg(
+        long,
+        env = "VERDICT_POOL_MAX_LIFETIME",
+        default_value = "30m",
+        value_parser = parse_duration,
+        global = true
+    )]
+    pub pool_max_lifetime: Duration,
+}
+
+/// A duration such as `500ms`, `45s`, `5m` or `2h` (a bare number is seconds).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 500ms, 45s, 5m or 2h"))?;
+    let d = match unit.trim() {
+        "ms" => Duration::from_millis(n),
+        "" | "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        other => return Err(format!("unknown unit {other:?}: use ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 impl Config {
@@ -340,6 +386,8 @@ impl std::fmt::Debug for Config {
             .field("tls_key", &self.tls_key)
             .field("tls_client_ca", &self.tls_client_ca)
             .field("tls_reload_interval_ms", &self.tls_reload_interval_ms)
+            .field("pool_idle_timeout", &self.pool_idle_timeout)
+            .field("pool_max_lifetime", &self.pool_max_lifetime)
             .finish()
     }
 }
@@ -380,6 +428,18 @@ mod tests {
             "postgres://app@db/verdict"
         );
         assert_eq!(redact_url("host=/tmp user=x"), "host=/tmp user=x");
+    }
+
+    #[test]
+    fn durations_take_a_unit() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("45s"), Ok(Duration::from_secs(45)));
+        assert_eq!(parse_duration("30m"), Ok(Duration::from_secs(1800)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("1d").is_err());
+        assert!(parse_duration("soon").is_err());
     }
 
     #[test]

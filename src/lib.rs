@@ -91,12 +91,16 @@ impl Application {
         let (pg, embedded) = database(&config).await?;
         let timeout = config.max_statement_timeout();
         let pg = pg.map_config(|c| db::connection_config(c, timeout));
-        let db = Db::with_limits(
+        let db = Db::with_settings(
             pg.clone(),
-            config.pool_size,
-            config.pool_max_waiting(),
-            config.pool_wait_timeout(),
-            config.max_statement_timeout(),
+            db::PoolSettings {
+                max_size: config.pool_size,
+                max_waiting: config.pool_max_waiting(),
+                wait_timeout: config.pool_wait_timeout(),
+                max_statement_timeout: config.max_statement_timeout(),
+                idle_timeout: config.pool_idle_timeout,
+                max_lifetime: config.pool_max_lifetime,
+            },
         )?;
         let listener = TcpListener::bind(config.listen)
             .await
@@ -361,6 +365,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
         }
     };
     tokio::join!(
+        db.clone().maintain(),
         health.probe(db.clone(), pg.clone(), probe_interval),
         hub.listen(pg),
         rollups

@@ -14,7 +14,12 @@ pub use tls::{PgConfig, PgTls, SslMode};
 
 use crate::call::Call;
 use crate::error::{Error, Reason, Result};
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+    Timeouts,
+};
+use deadpool_postgres::{HookError, TimeoutType};
+use deadpool_postgres::{Hook, Metrics};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -35,6 +40,39 @@ pub struct Db {
     /// through one, so a call that did not raise this did not touch the
     /// database.
     acquired: Arc<AtomicU64>,
+    idle_timeout: Duration,
+    max_lifetime: Duration,
+}
+
+/// How long an idle pooled connection is kept by default before it is
+/// closed, so that a replica without traffic gives its slots back to the
+/// database's `max_connections` for the replicas that have traffic.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a pooled connection lives at most by default: connections are
+/// renewed over time (a failover, a changed setting, a rebalanced
+/// connection pooler reach every one eventually).
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
+/// A connection idle at least this long is checked with an empty query
+/// before a call gets it: long enough that a busy pool never pays the round
+/// trip, short enough that a backend terminated (or a server failed over)
+/// while the connection sat idle is found before a call uses it.
+pub const VERIFY_AFTER_IDLE: Duration = Duration::from_millis(500);
+/// Longest the check of an idle connection may take before the connection
+/// is given up on (a peer that vanished without closing the socket).
+const VERIFY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Sizes and lifetimes of the pool (see [`Db::with_settings`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PoolSettings {
+    pub max_size: usize,
+    /// Calls that may wait for a connection at once; more are refused.
+    pub max_waiting: usize,
+    pub wait_timeout: Duration,
+    pub max_statement_timeout: Duration,
+    /// An idle connection is closed after this long unused.
+    pub idle_timeout: Duration,
+    /// A connection is closed (when idle) after this long open.
+    pub max_lifetime: Duration,
 }
 
 /// Pool statistics, for health and admin reporting.
@@ -95,28 +133,102 @@ impl Db {
         wait_timeout: Duration,
         max_statement_timeout: Duration,
     ) -> anyhow::Result<Self> {
+        Self::with_settings(
+            pg,
+            PoolSettings {
+                max_size,
+                max_waiting,
+                wait_timeout,
+                max_statement_timeout,
+                idle_timeout: DEFAULT_IDLE_TIMEOUT,
+                max_lifetime: DEFAULT_MAX_LIFETIME,
+            },
+        )
+    }
+
+    /// A lazy pool with every setting given. Idle connections are closed by
+    /// [`Db::maintain`] (which the gateway runs); a connection older than
+    /// `max_lifetime` is closed instead of being handed out, and one idle
+    /// for [`VERIFY_AFTER_IDLE`] is checked with an empty query first.
+    pub fn with_settings(pg: impl Into<PgConfig>, settings: PoolSettings) -> anyhow::Result<Self> {
         let pg = pg.into();
         let manager = Manager::from_config(
             pg.config().clone(),
             pg.tls().connector(),
             ManagerConfig {
+                // Only checks that the connection is not known closed: no
+                // round trip for a connection that was just in use.
                 recycling_method: RecyclingMethod::Fast,
             },
         );
+        let max_lifetime = settings.max_lifetime;
         let pool = Pool::builder(manager)
-            .max_size(max_size)
+            .max_size(settings.max_size)
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(wait_timeout))
+            .wait_timeout(Some(settings.wait_timeout))
             .create_timeout(Some(Duration::from_secs(5)))
             .recycle_timeout(Some(Duration::from_secs(5)))
+            .pre_recycle(Hook::async_fn(move |client, metrics| {
+                Box::pin(async move { check_before_reuse(client, metrics, max_lifetime).await })
+            }))
             .build()?;
         Ok(Db {
             pool,
             ready: Arc::new(AtomicBool::new(false)),
-            max_statement_timeout,
-            max_waiting,
+            max_statement_timeout: settings.max_statement_timeout,
+            max_waiting: settings.max_waiting,
             acquired: Arc::new(AtomicU64::new(0)),
+            idle_timeout: settings.idle_timeout,
+            max_lifetime,
         })
+    }
+
+    /// Closes idle connections unused for the idle timeout or older than the
+    /// maximum lifetime, for as long as the gateway runs.
+    pub async fn maintain(self) {
+        let every = (self.idle_timeout.min(self.max_lifetime) / 4)
+            .clamp(Duration::from_millis(50), Duration::from_secs(15));
+        loop {
+            tokio::time::sleep(every).await;
+            let (idle, lifetime) = (self.idle_timeout, self.max_lifetime);
+            let removed = self
+                .pool
+                .retain(|_, m| m.last_used() < idle && m.age() < lifetime)
+                .removed
+                .len();
+            if removed > 0 {
+                tracing::debug!(closed = removed, "closed idle pooled connections");
+            }
+        }
+    }
+
+    /// Whether a call could get a working connection now: `true` when the
+    /// pool hands one out (creating it if needed) and it answers within
+    /// `timeout`, or when every connection is busy (they work; calls
+    /// queue); `false` when none can be made (the database refuses more
+    /// connections, or is unreachable).
+    pub async fn can_connect(&self, timeout: Duration) -> bool {
+        let status = self.pool.status();
+        if status.available == 0 && status.size >= status.max_size {
+            return true;
+        }
+        let timeouts = Timeouts {
+            wait: Some(timeout),
+            create: Some(timeout),
+            recycle: Some(timeout),
+        };
+        match self.pool.timeout_get(&timeouts).await {
+            Ok(client) => matches!(
+                tokio::time::timeout(timeout, client.simple_query("")).await,
+                Ok(Ok(_))
+            ),
+            // Every connection became busy meanwhile: they work.
+            Err(PoolError::Timeout(TimeoutType::Wait)) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "the pool cannot get a connection");
+                false
+            }
+        }
     }
 
     /// Marks the schema as migrated: calls may use the database from now on.
@@ -324,4 +436,32 @@ pub async fn connect_direct(
         }
     });
     Ok(client)
+}
+
+/// The pool's check of an idle connection before a call gets it: one past
+/// its lifetime is closed; one idle for [`VERIFY_AFTER_IDLE`] must answer an
+/// empty query (a backend terminated, a restarted or failed-over server,
+/// a vanished peer), otherwise it is closed and the pool takes another.
+async fn check_before_reuse(
+    client: &mut ClientWrapper,
+    metrics: &Metrics,
+    max_lifetime: Duration,
+) -> Result<(), HookError> {
+    if metrics.age() >= max_lifetime {
+        return Err(HookError::message("connection reached its maximum lifetime"));
+    }
+    if client.is_closed() {
+        return Err(HookError::message("connection closed"));
+    }
+    if metrics.last_used() < VERIFY_AFTER_IDLE {
+        return Ok(());
+    }
+    match tokio::time::timeout(VERIFY_TIMEOUT, client.simple_query("")).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "an idle pooled connection failed its check; replaced");
+            Err(HookError::Backend(e))
+        }
+        Err(_) => Err(HookError::message("an idle pooled connection did not answer")),
+    }
 }

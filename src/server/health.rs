@@ -1,6 +1,11 @@
 //! `grpc.health.v1` statuses: NOT_SERVING until the schema is migrated, then
-//! following a background probe of PostgreSQL over a connection of its own
-//! (so a busy pool never makes a healthy database look down).
+//! following a background probe of PostgreSQL: over a connection of its own
+//! (is the database there?) and through the pool (can a call get a
+//! connection?). A gateway whose pool cannot open any connection — the
+//! database has no slot left for it, say, because other replicas hold them
+//! all — is NOT_SERVING, so a load balancer sends its calls elsewhere, and
+//! SERVING again as soon as it can. A pool whose every connection is busy
+//! is SERVING: its connections work, calls queue.
 
 use crate::db::{self, Db};
 use std::time::Duration;
@@ -37,10 +42,15 @@ impl Health {
         let mut last: Option<bool> = None;
         let timeout = interval.max(Duration::from_secs(1));
         loop {
-            let ok = db.is_ready() && ping(&mut client, &config, timeout).await;
+            let reachable = db.is_ready() && ping(&mut client, &config, timeout).await;
+            let ok = reachable && db.can_connect(timeout).await;
             if last != Some(ok) {
                 if ok {
                     tracing::info!("PostgreSQL reachable: SERVING");
+                } else if reachable {
+                    tracing::warn!(
+                        "the pool cannot get a PostgreSQL connection (no slot left?): NOT_SERVING"
+                    );
                 } else if db.is_ready() {
                     tracing::warn!("PostgreSQL unreachable: NOT_SERVING");
                 }

@@ -230,7 +230,7 @@ async fn oversized_messages_are_refused_before_reaching_the_database() {
     let mut req = new_session("big");
     req.validation_scope = "s".repeat(20 * 1024);
     let err = app.sessions.clone().create_session(req).await.unwrap_err();
-    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     let count: i64 = app
         .sql()
         .await

@@ -217,7 +217,7 @@ async fn an_oversized_message_is_refused_with_a_status() {
     prost::encoding::encode_varint(5 << 20, &mut big);
     big.resize(big.len() + (5 << 20), b'a');
     let code = send(&app.channel, create, vec![big]).await;
-    assert_eq!(code, Code::OutOfRange);
+    assert_eq!(code, Code::ResourceExhausted);
     // The gateway keeps serving.
     create_ok(&app).await;
 }

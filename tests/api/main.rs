@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod coverage;
 mod discrepancies;
+mod errors;
 mod fuzz;
 mod gateway;
 mod helpers;

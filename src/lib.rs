@@ -358,7 +358,8 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
         delay = (delay * 2).min(Duration::from_secs(10));
     }
     db.set_ready();
-    health.set(true).await;
+    // SERVING once the probe finds that calls can get a connection (its
+    // first check runs at once).
     let rollups = async {
         if let Some(every) = rollup_interval {
             metrics::rollups::run_periodically(db.clone(), every).await

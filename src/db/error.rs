@@ -20,7 +20,11 @@ impl From<tokio_postgres::Error> for Error {
         let code = db.code();
         if code.code().starts_with("53") {
             // The server's own words stay in the log.
-            tracing::warn!(sqlstate = code.code(), error.detail = db.message(), "database out of resources");
+            tracing::warn!(
+                sqlstate = code.code(),
+                error.detail = db.message(),
+                "database out of resources"
+            );
         }
         match code {
             c if *c == SqlState::QUERY_CANCELED => {

@@ -18,8 +18,8 @@ use deadpool_postgres::{
     ClientWrapper, Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
     Timeouts,
 };
-use deadpool_postgres::{HookError, TimeoutType};
 use deadpool_postgres::{Hook, Metrics};
+use deadpool_postgres::{HookError, TimeoutType};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -202,14 +202,16 @@ impl Db {
         }
     }
 
-    /// Whether a call could get a working connection now: `true` when the
-    /// pool hands one out (creating it if needed) and it answers within
-    /// `timeout`, or when every connection is busy (they work; calls
-    /// queue); `false` when none can be made (the database refuses more
-    /// connections, or is unreachable).
+    /// Whether a call could get a connection now: `true` while the pool
+    /// holds any connection (idle ones are checked before a call gets
+    /// them; busy ones are working), otherwise whether a new one can be
+    /// made and answers within `timeout`. `false` when none can be made
+    /// (the database refuses more connections, or is unreachable). The
+    /// connection made here stays in the pool for the next call, and is
+    /// closed after the idle timeout like any other: an idle gateway holds
+    /// at most one.
     pub async fn can_connect(&self, timeout: Duration) -> bool {
-        let status = self.pool.status();
-        if status.available == 0 && status.size >= status.max_size {
+        if self.pool.status().size > 0 {
             return true;
         }
         let timeouts = Timeouts {
@@ -448,7 +450,9 @@ async fn check_before_reuse(
     max_lifetime: Duration,
 ) -> Result<(), HookError> {
     if metrics.age() >= max_lifetime {
-        return Err(HookError::message("connection reached its maximum lifetime"));
+        return Err(HookError::message(
+            "connection reached its maximum lifetime",
+        ));
     }
     if client.is_closed() {
         return Err(HookError::message("connection closed"));
@@ -462,6 +466,8 @@ async fn check_before_reuse(
             tracing::debug!(error = %e, "an idle pooled connection failed its check; replaced");
             Err(HookError::Backend(e))
         }
-        Err(_) => Err(HookError::message("an idle pooled connection did not answer")),
+        Err(_) => Err(HookError::message(
+            "an idle pooled connection did not answer",
+        )),
     }
 }

@@ -26,7 +26,10 @@ pub fn rewrite(code: Code, message: &str) -> Option<Status> {
                 Some((found, limit)) => format!(
                     "the request message is {found} bytes, more than the {limit} bytes this gateway accepts; send smaller batches"
                 ),
-                None => "the request message is larger than this gateway accepts; send smaller batches".to_owned(),
+                None => {
+                    "the request message is larger than this gateway accepts; send smaller batches"
+                        .to_owned()
+                }
             };
             Some(Error::ResourceExhausted(Reason::MessageTooLarge, text).into())
         }
@@ -78,7 +81,10 @@ mod tests {
         )
         .unwrap();
         assert_eq!(s.code(), Code::InvalidArgument);
-        assert_eq!(s.get_details_error_info().unwrap().reason, "MALFORMED_MESSAGE");
+        assert_eq!(
+            s.get_details_error_info().unwrap().reason,
+            "MALFORMED_MESSAGE"
+        );
         let s = rewrite(
             Code::OutOfRange,
             "Error, decoded message length too large: found 5000 bytes, the limit is: 4096 bytes",
@@ -86,7 +92,10 @@ mod tests {
         .unwrap();
         assert_eq!(s.code(), Code::ResourceExhausted);
         assert!(s.message().contains("5000") && s.message().contains("4096"));
-        assert_eq!(s.get_details_error_info().unwrap().reason, "MESSAGE_TOO_LARGE");
+        assert_eq!(
+            s.get_details_error_info().unwrap().reason,
+            "MESSAGE_TOO_LARGE"
+        );
         assert!(s.get_details_retry_info().is_none(), "not retryable as is");
         assert!(rewrite(Code::Internal, "internal error").is_none());
         assert!(rewrite(Code::OutOfRange, "page_size out of range").is_none());

@@ -158,7 +158,10 @@ pub fn complete(headers: &mut HeaderMap) {
     } else {
         message
     };
-    replace(headers, &Status::with_error_details_vec(code, message, parts));
+    replace(
+        headers,
+        &Status::with_error_details_vec(code, message, parts),
+    );
 }
 
 fn replace(headers: &mut HeaderMap, status: &Status) {
@@ -214,7 +217,10 @@ mod tests {
         let s = status_of(&h);
         assert_eq!(s.code(), Code::Unimplemented);
         let info = s.get_details_error_info().unwrap();
-        assert_eq!((info.reason.as_str(), info.domain.as_str()), ("UNKNOWN_METHOD", "verdict.v1"));
+        assert_eq!(
+            (info.reason.as_str(), info.domain.as_str()),
+            ("UNKNOWN_METHOD", "verdict.v1")
+        );
         assert!(!s.message().is_empty());
     }
 
@@ -237,7 +243,10 @@ mod tests {
         let s = status_of(&h);
         assert_eq!(s.message(), "x: bad 100%");
         assert_eq!(s.get_details_error_info().unwrap().reason, "INVALID_FIELD");
-        assert_eq!(s.get_details_bad_request().unwrap().field_violations.len(), 1);
+        assert_eq!(
+            s.get_details_bad_request().unwrap().field_violations.len(),
+            1
+        );
     }
 
     #[test]

@@ -86,7 +86,11 @@ async fn handler_errors_carry_their_reason() {
         .record_result(new_result(&s.id, "errors-late", 0.5))
         .await
         .unwrap_err();
-    assert_reason(&err, Code::FailedPrecondition, "SESSION_NOT_ACCEPTING_WRITES");
+    assert_reason(
+        &err,
+        Code::FailedPrecondition,
+        "SESSION_NOT_ACCEPTING_WRITES",
+    );
 
     let mut test_cases = app.test_cases.clone();
     let tc = test_cases
@@ -155,7 +159,12 @@ async fn the_auth_layer_refusals_carry_their_reason() {
     let lookup = || GetSessionRequest {
         lookup: Some(Lookup::Id(uuid::Uuid::new_v4().to_string())),
     };
-    let err = app.sessions.clone().get_session(lookup()).await.unwrap_err();
+    let err = app
+        .sessions
+        .clone()
+        .get_session(lookup())
+        .await
+        .unwrap_err();
     assert_reason(&err, Code::Unauthenticated, "UNAUTHENTICATED");
     let err = app
         .sessions
@@ -242,7 +251,10 @@ async fn messages_over_the_limit_either_way_are_resource_exhausted() {
     };
     let err = sessions.append_session_log(big).await.unwrap_err();
     assert_reason(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
-    assert!(!retry_advised(&err), "the same message fails again: {err:?}");
+    assert!(
+        !retry_advised(&err),
+        "the same message fails again: {err:?}"
+    );
     assert!(err.message().contains("16384"), "{err:?}");
 
     // Replies over the limit: four logs of 8000 characters fit one by

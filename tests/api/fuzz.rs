@@ -238,3 +238,22 @@ impl Decoder for RawCodec {
         Ok(Some(src.copy_to_bytes(n).to_vec()))
     }
 }
+
+/// The code of a non-OK status a fuzzed call got, after checking that the
+/// status carries what every Verdict error carries: a `google.rpc.ErrorInfo`
+/// in domain `verdict.v1` whose reason is one of the documented reasons.
+#[track_caller]
+pub fn checked_code(status: &tonic::Status) -> tonic::Code {
+    use tonic_types::StatusExt;
+    let info = status
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("a non-OK status without ErrorInfo: {status:?}"));
+    assert_eq!(info.domain, verdict::error::ERROR_DOMAIN, "{status:?}");
+    assert!(
+        verdict::error::Reason::ALL
+            .iter()
+            .any(|r| r.as_str() == info.reason),
+        "an undocumented reason: {status:?}"
+    );
+    status.code()
+}

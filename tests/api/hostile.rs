@@ -62,21 +62,21 @@ async fn send(channel: &Channel, method: &Method, messages: Vec<Vec<u8>>) -> Cod
     request.set_timeout(Duration::from_secs(10));
     let mut stream = match grpc.streaming(request, path, RawCodec).await {
         Ok(response) => response.into_inner(),
-        Err(status) => return status.code(),
+        Err(status) => return crate::fuzz::checked_code(&status),
     };
     if method.server_streaming {
         // A watch of an existing session stays open: its first message (or
         // status) is what counts.
         return match tokio::time::timeout(Duration::from_secs(2), stream.message()).await {
             Ok(Ok(_)) | Err(_) => Code::Ok,
-            Ok(Err(status)) => status.code(),
+            Ok(Err(status)) => crate::fuzz::checked_code(&status),
         };
     }
     loop {
         match stream.message().await {
             Ok(Some(_)) => continue,
             Ok(None) => return Code::Ok,
-            Err(status) => return status.code(),
+            Err(status) => return crate::fuzz::checked_code(&status),
         }
     }
 }

@@ -230,6 +230,12 @@ impl Error {
     /// The machine-readable cause sent with the status.
     pub fn reason(&self) -> Reason {
         match self {
+            // A list refusing the page token it was given, and nothing else.
+            Error::InvalidArgument(v)
+                if !v.is_empty() && v.iter().all(|f| f.field == "page_token") =>
+            {
+                Reason::InvalidPageToken
+            }
             Error::InvalidArgument(_) => Reason::InvalidField,
             Error::NotFound(_) => Reason::NotFound,
             Error::AlreadyExists(_) => Reason::AlreadyExists,

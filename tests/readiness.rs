@@ -42,8 +42,11 @@ fn lookup() -> GetSessionRequest {
     }
 }
 
-/// Records every health status `app` reports, with when it was seen.
-fn record_health(app: &TestApp) -> (Arc<Mutex<Vec<(Instant, i32)>>>, tokio::task::JoinHandle<()>) {
+/// Health statuses as they were reported, with when each was seen.
+type Seen = Arc<Mutex<Vec<(Instant, i32)>>>;
+
+/// Records every health status `app` reports; abort the task to stop.
+fn record_health(app: &TestApp) -> (Seen, tokio::task::JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let mut health = app.health.clone();
     let sink = seen.clone();

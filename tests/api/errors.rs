@@ -70,6 +70,16 @@ async fn handler_errors_carry_their_reason() {
         .unwrap_err();
     assert_reason(&err, Code::NotFound, "NOT_FOUND");
 
+    let err = sessions
+        .list_sessions(verdict::proto::ListSessionsRequest {
+            page_token: "not-a-token".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::InvalidArgument, "INVALID_PAGE_TOKEN");
+    assert_eq!(violated_fields(&err), ["page_token"]);
+
     // Each FAILED_PRECONDITION names its cause.
     let s = create(&app, "errors-moves").await;
     let err = set_status(&app, &s.id, SessionStatus::Completed)
@@ -413,4 +423,23 @@ async fn a_database_out_of_resources_is_resource_exhausted_and_retryable() {
         !err.message().contains("temp") && !err.message().contains("SQLSTATE"),
         "no internals: {err:?}"
     );
+}
+
+#[test]
+fn every_reason_sent_is_listed_in_the_proto_and_nothing_else() {
+    use verdict::proto::ErrorReason;
+    let listed: Vec<String> = (1..)
+        .map_while(|n| ErrorReason::try_from(n).ok())
+        .map(|r| {
+            r.as_str_name()
+                .strip_prefix("ERROR_REASON_")
+                .expect("prefixed")
+                .to_owned()
+        })
+        .collect();
+    let sent: Vec<&str> = verdict::error::Reason::ALL
+        .iter()
+        .map(|r| r.as_str())
+        .collect();
+    assert_eq!(listed, sent);
 }

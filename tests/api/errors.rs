@@ -443,3 +443,37 @@ fn every_reason_sent_is_listed_in_the_proto_and_nothing_else() {
         .collect();
     assert_eq!(listed, sent);
 }
+
+#[tokio::test]
+async fn a_watch_ended_by_shutdown_says_so_with_its_reason() {
+    let app = spawn_app().await;
+    let s = create(&app, "errors-watched").await;
+    let mut stream = app
+        .sessions
+        .clone()
+        .watch_session(verdict::proto::WatchSessionRequest { id: s.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    // The first event: the watch is established.
+    let first = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("first watch event")
+        .expect("watch stream");
+    assert!(first.is_some());
+    let stopping = tokio::spawn(app.stop());
+    let end = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("the watch ended without a status"),
+                Err(status) => return status,
+            }
+        }
+    })
+    .await
+    .expect("the watch ends on shutdown");
+    assert_reason(&end, Code::Unavailable, "SHUTTING_DOWN");
+    assert!(retry_advised(&end));
+    stopping.await.unwrap().unwrap();
+}

@@ -70,8 +70,9 @@ fn record_health(app: &TestApp) -> (Seen, tokio::task::JoinHandle<()>) {
 #[tokio::test]
 async fn a_replica_without_connection_slots_is_not_serving_until_an_idle_replica_gives_them_back() {
     // 20 slots: replica A (pool 16, probe, listener) and this test's own
-    // connection take 19; replica B gets one for its probe or listener and
-    // none for its pool.
+    // connection take 19; replica B gets one for its probe or its listener
+    // and none for its pool (its probe only tries the pool while its own
+    // connection is up).
     let mut pg = postgres_with(20).await;
     let url = pg.database_url("verdict");
     let mut a_config = test_config(&url);
@@ -94,20 +95,33 @@ async fn a_replica_without_connection_slots_is_not_serving_until_an_idle_replica
     let b = start_app(b_config).await;
     let (health, recorder) = record_health(&b);
 
-    // B's calls are refused, for the reason that holds, once B is past
-    // its start (before, they are UNAVAILABLE: not connected yet).
+    // Wait until B has migrated, its start-up connection is gone and every
+    // slot is taken (B's probe or listener holds the last one), so that no
+    // call of this test races them for it.
     let started = Instant::now();
-    let refusal = loop {
-        let err = b.sessions.clone().get_session(lookup()).await.unwrap_err();
-        if err.code() != Code::Unavailable {
-            break err;
+    loop {
+        let row = admin
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE query LIKE '%gateway_secrets%' AND pid <> pg_backend_pid()) \
+                 FROM pg_stat_activity WHERE backend_type = 'client backend'",
+                &[],
+            )
+            .await
+            .unwrap();
+        let (clients, starting): (i64, i64) = (row.get(0), row.get(1));
+        if b.db.is_ready() && clients == 20 && starting == 0 {
+            break;
         }
         assert!(
             started.elapsed() < PATIENCE,
-            "B never got past its start: {err:?}"
+            "B never settled: {clients} clients, ready {}",
+            b.db.is_ready()
         );
         tokio::time::sleep(POLL).await;
-    };
+    }
+    // B's calls are refused, for the reason that holds: the database has
+    // no slot for B's pool (SQLSTATE 53300 when the pool connects).
+    let refusal = b.sessions.clone().get_session(lookup()).await.unwrap_err();
     assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
     let info = refusal.get_details_error_info().expect("ErrorInfo");
     assert_eq!(info.reason, "DATABASE_CONNECTION_LIMIT");

@@ -259,6 +259,72 @@ pub struct Config {
         global = true
     )]
     pub tls_reload_interval_ms: u64,
+
+    /// Longest a stream (WatchSession, ExportSession, Ingest…) may stay
+    /// open: e.g. `3600s`, `90m`, `1h`, `2d` (a bare number is seconds). At
+    /// the end it closes with UNAVAILABLE, reason STREAM_LIFETIME_EXCEEDED;
+    /// clients open it again (watches resume).
+    #[arg(
+        long,
+        env = "VERDICT_MAX_STREAM_LIFETIME",
+        default_value = "1h",
+        value_parser = parse_lifetime,
+        global = true
+    )]
+    pub max_stream_lifetime: Duration,
+
+    /// Connections of the pool that reads API keys the verified-key cache
+    /// does not hold (never the request pool); twice as many lookups may
+    /// be in progress, more are refused at once for unseen key ids.
+    #[arg(
+        long,
+        env = "VERDICT_AUTH_LOOKUP_CONNECTIONS",
+        default_value_t = 2,
+        global = true
+    )]
+    pub auth_lookup_connections: usize,
+
+    /// Failed key lookups (unknown ids, wrong secrets, revoked keys) one
+    /// client address (IPv6: its /64) may cause in a burst before it hears
+    /// RESOURCE_EXHAUSTED (RATE_LIMITED).
+    #[arg(
+        long,
+        env = "VERDICT_AUTH_FAILURE_BURST",
+        default_value_t = 20,
+        global = true
+    )]
+    pub auth_failure_burst: u32,
+
+    /// Failed key lookups per second one client address may cause, sustained.
+    #[arg(
+        long,
+        env = "VERDICT_AUTH_FAILURES_PER_SEC",
+        default_value_t = 2.0,
+        global = true
+    )]
+    pub auth_failures_per_sec: f64,
+}
+
+/// `3600`, `3600s`, `90m`, `1h`, `2d`: a positive duration.
+fn parse_lifetime(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 3600s, 90m, 1h or 2d"))?;
+    let secs = match unit {
+        "" | "s" => Some(n),
+        "m" => n.checked_mul(60),
+        "h" => n.checked_mul(3_600),
+        "d" => n.checked_mul(86_400),
+        _ => None,
+    }
+    .filter(|s| *s > 0)
+    .ok_or_else(|| format!("{text:?} is not a positive duration like 3600s, 90m, 1h or 2d"))?;
+    Ok(Duration::from_secs(secs))
 }
 
 impl Config {
@@ -301,6 +367,16 @@ impl Config {
         Duration::from_millis(self.tls_reload_interval_ms)
     }
 
+    /// Settings of the key checks and stream guards.
+    pub fn key_settings(&self) -> crate::auth::KeySettings {
+        crate::auth::KeySettings {
+            lookup_connections: self.auth_lookup_connections.max(1),
+            max_stream_lifetime: self.max_stream_lifetime,
+            failure_burst: self.auth_failure_burst,
+            failures_per_sec: self.auth_failures_per_sec,
+        }
+    }
+
     /// Whether calls need an API key (see [`crate::auth::AuthMode::decide`]).
     pub fn auth_mode(&self) -> anyhow::Result<crate::auth::AuthMode> {
         crate::auth::AuthMode::decide(self.listen, self.require_auth, self.insecure_no_auth)
@@ -340,6 +416,10 @@ impl std::fmt::Debug for Config {
             .field("tls_key", &self.tls_key)
             .field("tls_client_ca", &self.tls_client_ca)
             .field("tls_reload_interval_ms", &self.tls_reload_interval_ms)
+            .field("max_stream_lifetime", &self.max_stream_lifetime)
+            .field("auth_lookup_connections", &self.auth_lookup_connections)
+            .field("auth_failure_burst", &self.auth_failure_burst)
+            .field("auth_failures_per_sec", &self.auth_failures_per_sec)
             .finish()
     }
 }

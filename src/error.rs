@@ -77,6 +77,13 @@ pub enum Reason {
     Unauthenticated,
     /// PERMISSION_DENIED: the key lacks the scope this call needs.
     MissingScope,
+    /// UNAUTHENTICATED: the (otherwise valid) API key was revoked; sent only
+    /// to a caller presenting the key's right secret, and at the end of the
+    /// key's open streams.
+    KeyRevoked,
+    /// UNAVAILABLE: the stream reached the gateway's maximum stream lifetime
+    /// (`VERDICT_MAX_STREAM_LIFETIME`); open it again (watches resume).
+    StreamLifetimeExceeded,
 }
 
 impl Reason {
@@ -108,6 +115,8 @@ impl Reason {
             Reason::Internal => "INTERNAL",
             Reason::Unauthenticated => "UNAUTHENTICATED",
             Reason::MissingScope => "MISSING_SCOPE",
+            Reason::KeyRevoked => "KEY_REVOKED",
+            Reason::StreamLifetimeExceeded => "STREAM_LIFETIME_EXCEEDED",
         }
     }
 }
@@ -171,7 +180,11 @@ impl Error {
 
 /// `ErrorInfo` for `reason`, in Verdict's domain.
 pub fn error_info(reason: Reason) -> ErrorDetails {
-    ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, std::collections::HashMap::new())
+    ErrorDetails::with_error_info(
+        reason.as_str(),
+        ERROR_DOMAIN,
+        std::collections::HashMap::new(),
+    )
 }
 
 /// Statuses travel in HTTP/2 headers and trailers, which clients cap (16 KiB

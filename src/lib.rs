@@ -71,6 +71,7 @@ pub struct Application {
     metrics_listener: Option<TcpListener>,
     pg: PgConfig,
     db: Db,
+    keys: auth::KeyCache,
     embedded: Option<EmbeddedPostgres>,
     auth: AuthMode,
     signer: Signer,
@@ -98,6 +99,11 @@ impl Application {
             config.pool_wait_timeout(),
             config.max_statement_timeout(),
         )?;
+        let keys = auth::KeyCache::new(
+            pg.clone(),
+            config.key_settings(),
+            config.max_statement_timeout(),
+        )?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -117,6 +123,7 @@ impl Application {
             metrics_listener,
             pg,
             db,
+            keys,
             embedded,
             auth,
             signer,
@@ -127,6 +134,11 @@ impl Application {
     /// The gateway's database handle (pool and its counters).
     pub fn db(&self) -> Db {
         self.db.clone()
+    }
+
+    /// The verified-key cache (its lookup counter, for tests and benches).
+    pub fn keys(&self) -> auth::KeyCache {
+        self.keys.clone()
     }
 
     /// Whether calls need an API key.
@@ -192,6 +204,7 @@ impl Application {
             hub: hub.clone(),
             shutdown: shutdown_rx.clone(),
             signer: self.signer.clone(),
+            keys: self.keys.clone(),
         };
         self.auth.log(self.config.listen);
 
@@ -208,6 +221,7 @@ impl Application {
             Background {
                 pg: self.pg.clone(),
                 db: self.db.clone(),
+                keys: self.keys.clone(),
                 signer: self.signer.clone(),
                 health: health.clone(),
                 hub,
@@ -263,6 +277,7 @@ impl Application {
         }
         background.abort_all();
         self.db.close();
+        self.keys.close();
         if let Some(mut pg) = self.embedded.take() {
             pg.stop().await?;
         }
@@ -290,6 +305,7 @@ pub(crate) async fn database(
 struct Background {
     pg: PgConfig,
     db: Db,
+    keys: auth::KeyCache,
     signer: Signer,
     health: Health,
     hub: Hub,
@@ -304,6 +320,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
     let Background {
         pg,
         db,
+        keys,
         signer,
         health,
         hub,
@@ -354,6 +371,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
         delay = (delay * 2).min(Duration::from_secs(10));
     }
     db.set_ready();
+    keys.set_ready();
     health.set(true).await;
     let rollups = async {
         if let Some(every) = rollup_interval {
@@ -362,6 +380,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
     };
     tokio::join!(
         health.probe(db.clone(), pg.clone(), probe_interval),
+        auth::revocations::listen(keys, pg.clone()),
         hub.listen(pg),
         rollups
     );

@@ -45,7 +45,8 @@ fn random_token() -> String {
 }
 
 /// Polls (every 10 ms, at most `limit`) until a call with `token` is
-/// refused; returns how long that took.
+/// refused as unauthenticated; returns that status. (PERMISSION_DENIED
+/// means the key is still accepted, only without the read scope.)
 pub async fn refused_within(app: &TestApp, token: &str, limit: Duration) -> tonic::Status {
     let start = Instant::now();
     let mut s = app.sessions.clone();
@@ -54,9 +55,9 @@ pub async fn refused_within(app: &TestApp, token: &str, limit: Duration) -> toni
             .list_sessions(authed(ListSessionsRequest::default(), token))
             .await
         {
-            Err(status) => return status,
-            Ok(_) if start.elapsed() < limit => tokio::time::sleep(Duration::from_millis(10)).await,
-            Ok(_) => panic!("the key was still accepted {limit:?} after its revocation"),
+            Err(status) if status.code() != Code::PermissionDenied => return status,
+            _ if start.elapsed() < limit => tokio::time::sleep(Duration::from_millis(10)).await,
+            _ => panic!("the key was still accepted {limit:?} after its revocation"),
         }
     }
 }
@@ -366,7 +367,8 @@ async fn revoking_a_key_breaks_its_open_ingest_and_commits_nothing_sent_after() 
 
     verdict::revoke_key(&config, &id).await.expect("revoke");
     // Once a new call is refused, this replica has heard of the revocation.
-    refused_within(&app, &writer, Duration::from_secs(2)).await;
+    let refused = refused_within(&app, &writer, Duration::from_secs(2)).await;
+    assert_eq!(reason(&refused), "KEY_REVOKED", "{refused:?}");
     // Whatever the client still sends is not committed. (The stream may
     // already be closed: sending then fails, which is fine.)
     let _ = tx.send(chunk(&session.id, 3, 5_000)).await;

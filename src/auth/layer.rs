@@ -161,7 +161,7 @@ where
         // The handler failed because its stream was cut: say why.
         return Ok(status.into_http());
     }
-    if shape.server_streaming {
+    if shape.server_streaming && !is_error(&response) {
         let stop = Stop::new(revocation.as_ref(), started, lifetime);
         return Ok(response.map(|body| Body::new(ResponseGuard::new(body, stop))));
     }

@@ -222,6 +222,12 @@ async fn a_flood_of_random_key_ids_neither_reaches_the_request_pool_nor_slows_a_
             }
         )
     );
+    eprintln!(
+        "flood: {} calls in {elapsed:?} ({:.0}/s), {lookups} key lookups; legitimate: {} calls, all OK",
+        flood.len(),
+        flood.len() as f64 / elapsed.as_secs_f64(),
+        legit_codes.len()
+    );
     let limited: Vec<_> = flood
         .iter()
         .filter(|s| s.code() == Code::ResourceExhausted)

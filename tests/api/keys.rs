@@ -140,11 +140,24 @@ async fn unknown_ids_and_wrong_secrets_get_the_same_answer_and_only_the_holder_h
     assert_eq!(reason(&wrong_after), "UNAUTHENTICATED");
 }
 
-#[tokio::test]
-async fn a_flood_of_random_key_ids_neither_reaches_the_request_pool_nor_slows_a_legitimate_key() {
-    let (_, url) = create_database().await;
-    let config = auth_config(&url);
-    let burst = config.auth_failure_burst as u64;
+/// What a bounded flood of random key ids did, while a legitimate key
+/// called at 100 calls/s.
+struct Flood {
+    /// The flood's answers.
+    flood: Vec<tonic::Status>,
+    /// The legitimate calls' codes.
+    legit: Vec<Code>,
+    /// Request-pool connections taken during the flood, and per legitimate call.
+    pool_used: u64,
+    per_call: u64,
+    lookups: u64,
+    elapsed: Duration,
+}
+
+/// Floods `config`'s gateway for 3 s from 6 tasks with `in_flight`
+/// concurrent calls each (at most 20,000 calls a task), all to 127.0.0.1.
+async fn flood(config: verdict::config::Config, in_flight: usize) -> Flood {
+    use futures::StreamExt;
     let (_, token) = create_key(&config, "legit", "read").await;
     let (app, keys) = spawn_with_keys(config).await;
     let mut legit = app.sessions.clone();
@@ -160,22 +173,31 @@ async fn a_flood_of_random_key_ids_neither_reaches_the_request_pool_nor_slows_a_
     let pool_before = app.db.connections_acquired();
     let flood_for = Duration::from_secs(3);
     let start = Instant::now();
-    let flooders = (0..6).map(|_| {
-        let port = app.port;
-        tokio::spawn(async move {
-            let mut client = SessionServiceClient::new(connect(port).await);
-            let mut seen = Vec::new();
-            while start.elapsed() < flood_for && seen.len() < 50_000 {
-                let status = client
-                    .list_sessions(authed(ListSessionsRequest::default(), &random_token()))
+    let flooders: Vec<_> = (0..6)
+        .map(|_| {
+            let port = app.port;
+            tokio::spawn(async move {
+                let client = SessionServiceClient::new(connect(port).await);
+                futures::stream::iter(0..20_000)
+                    .take_while(|_| std::future::ready(start.elapsed() < flood_for))
+                    .map(|_| {
+                        let mut client = client.clone();
+                        async move {
+                            client
+                                .list_sessions(authed(
+                                    ListSessionsRequest::default(),
+                                    &random_token(),
+                                ))
+                                .await
+                                .unwrap_err()
+                        }
+                    })
+                    .buffer_unordered(in_flight)
+                    .collect::<Vec<_>>()
                     .await
-                    .unwrap_err();
-                seen.push(status);
-            }
-            seen
+            })
         })
-    });
-    let flooders: Vec<_> = flooders.collect();
+        .collect();
     let mut ticker = tokio::time::interval(Duration::from_millis(10));
     let mut legit_codes = Vec::new();
     for _ in 0..300 {
@@ -193,61 +215,116 @@ async fn a_flood_of_random_key_ids_neither_reaches_the_request_pool_nor_slows_a_
     for f in flooders {
         flood.extend(f.await.unwrap());
     }
-    let elapsed = start.elapsed();
-
-    assert!(
-        legit_codes.iter().all(|c| *c == Code::Ok),
-        "the legitimate key saw {:?}",
-        legit_codes
-            .iter()
-            .filter(|c| **c != Code::Ok)
-            .collect::<Vec<_>>()
-    );
-    assert_eq!(
-        app.db.connections_acquired() - pool_before,
-        per_call * legit_codes.len() as u64,
-        "only the legitimate calls used the request pool"
-    );
-    let lookups = keys.lookups() - lookups_before;
-    let allowed = burst + 2 * (elapsed.as_secs() + 1) + 8;
-    assert!(
-        lookups <= allowed,
-        "{} flood calls cost {lookups} lookups (allowed {allowed}); answers: {:?}",
-        flood.len(),
-        flood.iter().map(|s| (s.code(), reason(s))).fold(
-            std::collections::BTreeMap::new(),
-            |mut m, (c, r)| {
-                *m.entry(format!("{c:?} {r}")).or_insert(0) += 1;
-                m
-            }
-        )
-    );
+    let report = Flood {
+        elapsed: start.elapsed(),
+        lookups: keys.lookups() - lookups_before,
+        pool_used: app.db.connections_acquired() - pool_before,
+        per_call,
+        flood,
+        legit: legit_codes,
+    };
     eprintln!(
-        "flood: {} calls in {elapsed:?} ({:.0}/s), {lookups} key lookups; legitimate: {} calls, all OK",
-        flood.len(),
-        flood.len() as f64 / elapsed.as_secs_f64(),
-        legit_codes.len()
+        "flood: {} calls in {:?} ({:.0}/s), {} key lookups, answers {:?}; legitimate: {} calls, {} OK",
+        report.flood.len(),
+        report.elapsed,
+        report.flood.len() as f64 / report.elapsed.as_secs_f64(),
+        report.lookups,
+        report.answers(),
+        report.legit.len(),
+        report.legit.iter().filter(|c| **c == Code::Ok).count(),
     );
-    let limited: Vec<_> = flood
+    report
+}
+
+impl Flood {
+    fn answers(&self) -> std::collections::BTreeMap<String, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for s in &self.flood {
+            *m.entry(format!("{:?} {}", s.code(), reason(s)))
+                .or_insert(0) += 1;
+        }
+        m
+    }
+
+    /// What must hold whatever stopped the flood.
+    fn assert_the_legitimate_key_was_unaffected(&self) {
+        assert!(
+            self.legit.iter().all(|c| *c == Code::Ok),
+            "the legitimate key saw {:?}",
+            self.legit
+                .iter()
+                .filter(|c| **c != Code::Ok)
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(
+            self.pool_used,
+            self.per_call * self.legit.len() as u64,
+            "only the legitimate calls used the request pool"
+        );
+        assert!(
+            self.flood
+                .iter()
+                .all(|s| matches!(s.code(), Code::Unauthenticated | Code::ResourceExhausted)),
+            "unexpected answers in the flood: {:?}",
+            self.answers()
+        );
+        for status in self
+            .flood
+            .iter()
+            .filter(|s| s.code() == Code::ResourceExhausted)
+        {
+            assert_eq!(reason(status), "RATE_LIMITED", "{status:?}");
+            assert!(status.get_details_retry_info().is_some(), "{status:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_flood_of_random_key_ids_neither_reaches_the_request_pool_nor_slows_a_legitimate_key() {
+    let (_, url) = create_database().await;
+    let config = auth_config(&url);
+    let burst = config.auth_failure_burst as u64;
+    let report = flood(config, 1).await;
+    report.assert_the_legitimate_key_was_unaffected();
+    // The address's failure budget: burst + 2/s, plus the lookups in flight.
+    let allowed = burst + 2 * (report.elapsed.as_secs() + 1) + 8;
+    assert!(
+        report.lookups <= allowed,
+        "{} flood calls cost {} lookups (allowed {allowed})",
+        report.flood.len(),
+        report.lookups
+    );
+    let limited = report
+        .flood
         .iter()
         .filter(|s| s.code() == Code::ResourceExhausted)
-        .collect();
+        .count();
     assert!(
-        flood
+        limited > report.flood.len() / 2,
+        "{limited} of {} flood calls were rate limited",
+        report.flood.len()
+    );
+}
+
+#[tokio::test]
+async fn a_flood_from_addresses_without_a_failure_budget_is_held_by_the_lookup_budget() {
+    // As if the flood came from many addresses: no per-address limit.
+    let (_, url) = create_database().await;
+    let mut config = auth_config(&url);
+    config.auth_failure_burst = 1_000_000;
+    config.auth_failures_per_sec = 1_000_000.0;
+    let report = flood(config, 8).await;
+    report.assert_the_legitimate_key_was_unaffected();
+    // 48 calls in flight against a budget of 4 lookups: the rest are
+    // refused at once instead of queueing.
+    assert!(
+        report
+            .flood
             .iter()
-            .all(|s| matches!(s.code(), Code::Unauthenticated | Code::ResourceExhausted)),
-        "unexpected codes in the flood"
+            .any(|s| s.code() == Code::ResourceExhausted),
+        "the lookup budget never refused: {:?}",
+        report.answers()
     );
-    assert!(
-        limited.len() > flood.len() / 2,
-        "{} of {} flood calls were rate limited",
-        limited.len(),
-        flood.len()
-    );
-    for status in limited.iter().take(20) {
-        assert_eq!(reason(status), "RATE_LIMITED");
-        assert!(status.get_details_retry_info().is_some(), "{status:?}");
-    }
 }
 
 #[tokio::test]

@@ -409,3 +409,56 @@ fn busy() -> Error {
         "too many API key checks are in progress; retry shortly".into(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache() -> KeyCache {
+        // The pool is lazy: these tests never connect.
+        let pg = PgConfig::from(
+            "host=127.0.0.1 port=1 user=nobody"
+                .parse::<tokio_postgres::Config>()
+                .unwrap(),
+        );
+        KeyCache::new(
+            pg,
+            KeySettings {
+                lookup_connections: 2,
+                max_stream_lifetime: Duration::from_secs(3600),
+                failure_burst: 20,
+                failures_per_sec: 2.0,
+            },
+            Duration::from_secs(5),
+        )
+        .unwrap()
+    }
+
+    fn id(n: u64) -> KeyId {
+        KeyId::parse(&format!("{n:016x}")).unwrap()
+    }
+
+    #[test]
+    fn the_negative_cache_stays_bounded() {
+        let cache = cache();
+        for n in 0..(NEGATIVE_CAPACITY as u64 + 500) {
+            cache.remember_unknown(id(n));
+        }
+        assert!(lock(&cache.inner.unknown).len() <= NEGATIVE_CAPACITY);
+    }
+
+    #[tokio::test]
+    async fn a_revocation_reaches_calls_judged_just_before_it() {
+        let cache = cache();
+        let key = id(7);
+        let early = cache.subscribe(key);
+        cache.fire(key);
+        // Subscribed after the signal fired: still sees it.
+        let late = cache.subscribe(key);
+        assert!(early.is_revoked() && late.is_revoked());
+        tokio::time::timeout(Duration::from_secs(1), late.revoked())
+            .await
+            .expect("resolves at once");
+        assert!(!Revocation::never().is_revoked());
+    }
+}

@@ -20,6 +20,7 @@ use tokio_postgres::AsyncMessage;
 
 /// The channel the `api_keys` trigger notifies, with the key's id.
 pub const CHANNEL: &str = "verdict_keys_changed";
+const LISTEN: &str = "LISTEN verdict_keys_changed";
 
 /// How often keys with open streams are re-read while notifications may
 /// be missed.
@@ -79,7 +80,7 @@ async fn listen_once(cache: &KeyCache, config: &PgConfig) -> Result<(), tokio_po
             }
         }
     });
-    let listening = client.batch_execute(&format!("LISTEN {CHANNEL}")).await;
+    let listening = client.batch_execute(LISTEN).await;
     if let Err(e) = listening {
         driver.abort();
         return Err(e);
@@ -109,4 +110,14 @@ async fn listen_once(cache: &KeyCache, config: &PgConfig) -> Result<(), tokio_po
     driver.abort();
     drop(client);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_listener_listens_on_the_channel_the_trigger_notifies() {
+        assert_eq!(super::LISTEN, format!("LISTEN {}", super::CHANNEL));
+        let migration = include_str!("../../migrations/V12__keys_notify_and_audit_append_only.sql");
+        assert!(migration.contains(&format!("pg_notify('{}'", super::CHANNEL)));
+    }
 }

@@ -282,6 +282,49 @@ pub struct Config {
         global = true
     )]
     pub pool_max_lifetime: Duration,
+    /// Longest a stream (WatchSession, ExportSession, Ingest…) may stay
+    /// open: e.g. `3600s`, `90m`, `1h`, `2d` (a bare number is seconds). At
+    /// the end it closes with UNAVAILABLE, reason STREAM_LIFETIME_EXCEEDED;
+    /// clients open it again (watches resume).
+    #[arg(
+        long,
+        env = "VERDICT_MAX_STREAM_LIFETIME",
+        default_value = "1h",
+        value_parser = parse_duration,
+        global = true
+    )]
+    pub max_stream_lifetime: Duration,
+
+    /// Connections of the pool that reads API keys the verified-key cache
+    /// does not hold (never the request pool); twice as many lookups may
+    /// be in progress, more are refused at once for unseen key ids.
+    #[arg(
+        long,
+        env = "VERDICT_AUTH_LOOKUP_CONNECTIONS",
+        default_value_t = 2,
+        global = true
+    )]
+    pub auth_lookup_connections: usize,
+
+    /// Failed key lookups (unknown ids, wrong secrets, revoked keys) one
+    /// client address (IPv6: its /64) may cause in a burst before it hears
+    /// RESOURCE_EXHAUSTED (RATE_LIMITED).
+    #[arg(
+        long,
+        env = "VERDICT_AUTH_FAILURE_BURST",
+        default_value_t = 20,
+        global = true
+    )]
+    pub auth_failure_burst: u32,
+
+    /// Failed key lookups per second one client address may cause, sustained.
+    #[arg(
+        long,
+        env = "VERDICT_AUTH_FAILURES_PER_SEC",
+        default_value_t = 2.0,
+        global = true
+    )]
+    pub auth_failures_per_sec: f64,
 }
 
 /// A duration such as `500ms`, `45s`, `5m` or `2h` (a bare number is seconds).
@@ -299,7 +342,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "" | "s" => Duration::from_secs(n),
         "m" => Duration::from_secs(n * 60),
         "h" => Duration::from_secs(n * 3600),
-        other => return Err(format!("unknown unit {other:?}: use ms, s, m or h")),
+        "d" => Duration::from_secs(n * 86_400),
+        other => return Err(format!("unknown unit {other:?}: use ms, s, m, h or d")),
     };
     if d.is_zero() {
         return Err("must be more than zero".into());
@@ -347,6 +391,16 @@ impl Config {
         Duration::from_millis(self.tls_reload_interval_ms)
     }
 
+    /// Settings of the key checks and stream guards.
+    pub fn key_settings(&self) -> crate::auth::KeySettings {
+        crate::auth::KeySettings {
+            lookup_connections: self.auth_lookup_connections.max(1),
+            max_stream_lifetime: self.max_stream_lifetime,
+            failure_burst: self.auth_failure_burst,
+            failures_per_sec: self.auth_failures_per_sec,
+        }
+    }
+
     /// Whether calls need an API key (see [`crate::auth::AuthMode::decide`]).
     pub fn auth_mode(&self) -> anyhow::Result<crate::auth::AuthMode> {
         crate::auth::AuthMode::decide(self.listen, self.require_auth, self.insecure_no_auth)
@@ -388,6 +442,10 @@ impl std::fmt::Debug for Config {
             .field("tls_reload_interval_ms", &self.tls_reload_interval_ms)
             .field("pool_idle_timeout", &self.pool_idle_timeout)
             .field("pool_max_lifetime", &self.pool_max_lifetime)
+            .field("max_stream_lifetime", &self.max_stream_lifetime)
+            .field("auth_lookup_connections", &self.auth_lookup_connections)
+            .field("auth_failure_burst", &self.auth_failure_burst)
+            .field("auth_failures_per_sec", &self.auth_failures_per_sec)
             .finish()
     }
 }

@@ -83,11 +83,18 @@ pub enum Reason {
     Cancelled,
     /// FAILED_PRECONDITION without a more specific cause.
     FailedPrecondition,
+    /// UNAUTHENTICATED: the (otherwise valid) API key was revoked; sent only
+    /// to a caller presenting the key's right secret, and at the end of the
+    /// key's open streams.
+    KeyRevoked,
+    /// UNAVAILABLE: the stream reached the gateway's maximum stream lifetime
+    /// (`VERDICT_MAX_STREAM_LIFETIME`); open it again (watches resume).
+    StreamLifetimeExceeded,
 }
 
 impl Reason {
     /// Every reason, in the order `proto/verdict/v1/common.proto` lists them.
-    pub const ALL: [Reason; 28] = [
+    pub const ALL: [Reason; 30] = [
         Reason::InvalidField,
         Reason::MalformedMessage,
         Reason::InvalidPageToken,
@@ -116,6 +123,8 @@ impl Reason {
         Reason::UnknownMethod,
         Reason::Cancelled,
         Reason::FailedPrecondition,
+        Reason::KeyRevoked,
+        Reason::StreamLifetimeExceeded,
     ];
 
     /// The reason of a status that carries none of its own (one made by
@@ -150,6 +159,7 @@ impl Reason {
                 | Reason::DatabaseConnectionLimit
                 | Reason::DatabaseOutOfResources
                 | Reason::RateLimited
+                | Reason::StreamLifetimeExceeded
         )
     }
 
@@ -184,6 +194,8 @@ impl Reason {
             Reason::UnknownMethod => "UNKNOWN_METHOD",
             Reason::Cancelled => "CANCELLED",
             Reason::FailedPrecondition => "FAILED_PRECONDITION",
+            Reason::KeyRevoked => "KEY_REVOKED",
+            Reason::StreamLifetimeExceeded => "STREAM_LIFETIME_EXCEEDED",
         }
     }
 }

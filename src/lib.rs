@@ -71,6 +71,7 @@ pub struct Application {
     metrics_listener: Option<TcpListener>,
     pg: PgConfig,
     db: Db,
+    keys: auth::KeyCache,
     embedded: Option<EmbeddedPostgres>,
     auth: AuthMode,
     signer: Signer,
@@ -102,6 +103,11 @@ impl Application {
                 max_lifetime: config.pool_max_lifetime,
             },
         )?;
+        let keys = auth::KeyCache::new(
+            pg.clone(),
+            config.key_settings(),
+            config.max_statement_timeout(),
+        )?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -121,6 +127,7 @@ impl Application {
             metrics_listener,
             pg,
             db,
+            keys,
             embedded,
             auth,
             signer,
@@ -131,6 +138,11 @@ impl Application {
     /// The gateway's database handle (pool and its counters).
     pub fn db(&self) -> Db {
         self.db.clone()
+    }
+
+    /// The verified-key cache (its lookup counter, for tests and benches).
+    pub fn keys(&self) -> auth::KeyCache {
+        self.keys.clone()
     }
 
     /// Whether calls need an API key.
@@ -196,6 +208,7 @@ impl Application {
             hub: hub.clone(),
             shutdown: shutdown_rx.clone(),
             signer: self.signer.clone(),
+            keys: self.keys.clone(),
         };
         self.auth.log(self.config.listen);
 
@@ -212,6 +225,7 @@ impl Application {
             Background {
                 pg: self.pg.clone(),
                 db: self.db.clone(),
+                keys: self.keys.clone(),
                 signer: self.signer.clone(),
                 health: health.clone(),
                 hub,
@@ -267,6 +281,7 @@ impl Application {
         }
         background.abort_all();
         self.db.close();
+        self.keys.close();
         if let Some(mut pg) = self.embedded.take() {
             pg.stop().await?;
         }
@@ -294,6 +309,7 @@ pub(crate) async fn database(
 struct Background {
     pg: PgConfig,
     db: Db,
+    keys: auth::KeyCache,
     signer: Signer,
     health: Health,
     hub: Hub,
@@ -308,6 +324,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
     let Background {
         pg,
         db,
+        keys,
         signer,
         health,
         hub,
@@ -358,6 +375,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
         delay = (delay * 2).min(Duration::from_secs(10));
     }
     db.set_ready();
+    keys.set_ready();
     // SERVING once the probe finds that calls can get a connection (its
     // first check runs at once).
     let rollups = async {
@@ -368,6 +386,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
     tokio::join!(
         db.clone().maintain(),
         health.probe(db.clone(), pg.clone(), probe_interval),
+        auth::revocations::listen(keys, pg.clone()),
         hub.listen(pg),
         rollups
     );

@@ -15,4 +15,6 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// The page-token key of this gateway.
     pub signer: Signer,
+    /// Verified API keys and their revocation signals.
+    pub keys: crate::auth::KeyCache,
 }

@@ -174,6 +174,12 @@ const LOOKUP: Stmt = Stmt::new(
     "SELECT secret_hash, scopes, revoked_at IS NOT NULL FROM api_keys WHERE id = $1",
 );
 
+const REVOKED_AMONG: Stmt = Stmt::new(
+    "SELECT",
+    "api_keys",
+    "SELECT id, revoked_at IS NOT NULL FROM api_keys WHERE id = ANY($1)",
+);
+
 const LIST: Stmt = Stmt::new(
     "SELECT",
     "api_keys",
@@ -229,7 +235,7 @@ pub async fn insert(
     Ok(())
 }
 
-/// The state of one key, read on every authenticated call.
+/// The state of one key, read when the verified-key cache misses.
 pub async fn lookup(c: &impl GenericClient, id: KeyId) -> Result<Option<KeyState>> {
     let Some(row) = LOOKUP.query_opt(c, &[&id.as_str()]).await? else {
         return Ok(None);
@@ -239,6 +245,26 @@ pub async fn lookup(c: &impl GenericClient, id: KeyId) -> Result<Option<KeyState
         scopes: scope_set(&row.try_get::<_, Vec<String>>(1)?)?,
         revoked: row.try_get(2)?,
     }))
+}
+
+/// Which of `ids` are no longer usable: revoked, or gone from the table.
+/// One statement for every key with open streams (the revocation backstop).
+pub async fn unusable_among(c: &impl GenericClient, ids: &[KeyId]) -> Result<Vec<KeyId>> {
+    let names: Vec<&str> = ids.iter().map(KeyId::as_str).collect();
+    let rows = REVOKED_AMONG.query(c, &[&names]).await?;
+    let mut usable = std::collections::HashSet::new();
+    for row in rows {
+        let id: String = row.try_get(0)?;
+        let revoked: bool = row.try_get(1)?;
+        if !revoked && let Some(id) = KeyId::parse(&id) {
+            usable.insert(id);
+        }
+    }
+    Ok(ids
+        .iter()
+        .copied()
+        .filter(|id| !usable.contains(id))
+        .collect())
 }
 
 /// Every key, oldest first.

@@ -1,118 +1,95 @@
 //! The tower layer that checks every call's key and scope before any
-//! handler runs.
+//! handler runs, and ends streams whose key is revoked or whose lifetime
+//! is over.
 //!
 //! Order of checks, cheapest first, so that hostile traffic costs as little
 //! as possible: open services pass; an absent or malformed `authorization`
-//! value is refused with no database work at all; a key id known (on this
-//! replica) to be unknown or revoked is refused from a small bounded cache;
-//! only then is the key's row read — one indexed point read per call, no
-//! cache of valid keys, so a revocation holds from the next call on every
-//! replica. Every call past the checks runs with the gateway's page-token
-//! key current (see [`crate::pagination::with_signer`]).
+//! value is refused with no database work at all; a key id the
+//! verified-key cache knows is judged from memory (no database round trip:
+//! see [`super::cache`] for how revocations still hold within a second);
+//! only a cache miss reads the key's row, through a lookup pool and budget
+//! of its own, and only while the calling peer has not spent its budget of
+//! failed lookups ([`super::limiter`]).
+//!
+//! Unknown ids and wrong secrets get the same answer ("the API key is not
+//! valid"), so a caller cannot probe which ids exist. A revoked key is
+//! named as such only to a caller presenting its right secret (its
+//! holder): UNAUTHENTICATED with reason `KEY_REVOKED`.
+//!
+//! Every call past the checks runs with the gateway's page-token key
+//! current (see [`crate::pagination::with_signer`]) and carries the key's
+//! [`Revocation`] signal in its extensions.
 
-use super::keys::{self, KeyId};
+use super::Caller;
+use super::cache::{KeyCache, Revocation, Verdict};
+use super::keys;
+use super::limiter::FailureLimiter;
 use super::scopes::{self, Access};
-use super::{Caller, ScopeSet};
-use crate::call::Call;
-use crate::db::Db;
-use crate::error::Error;
+use super::stream::{self, RequestGuard, ResponseGuard, Shape, Stop};
+use crate::error::{Error, Reason, error_info};
 use crate::pagination::{Signer, with_signer};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+use tonic::body::Body;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic_types::StatusExt;
 use tower::{Layer, Service};
 
-/// How long a key id that matched no row is refused without a lookup. Ids
-/// are 64 random bits: no one presents a key's id before it exists, so this
-/// can only shield the database from repeated bad ids.
-const UNKNOWN_TTL: Duration = Duration::from_secs(60);
-/// Most ids remembered; the cache is emptied when full.
-const NEGATIVE_CAPACITY: usize = 10_000;
-
 /// Refuses calls without a valid key holding the RPC's scope; with
-/// authentication off it only tags calls with their RPC.
+/// authentication off it only tags calls with their RPC (and still bounds
+/// the lifetime of streams).
 #[derive(Clone)]
 pub struct AuthLayer {
     shared: Arc<Shared>,
 }
 
 struct Shared {
-    db: Db,
+    keys: KeyCache,
+    limiter: FailureLimiter,
     required: bool,
     /// Page-token key of this gateway, made current for every call.
     signer: Signer,
-    /// Key ids refused recently: unknown (until the instant) or revoked
-    /// (`None`: revocation is final).
-    refused: Mutex<HashMap<KeyId, Option<Instant>>>,
+    /// The streaming RPCs, whose bodies are guarded.
+    streaming: HashMap<String, Shape>,
 }
 
 impl AuthLayer {
-    pub fn new(db: Db, required: bool, signer: Signer) -> Self {
+    pub fn new(keys: KeyCache, required: bool, signer: Signer) -> Self {
+        let settings = keys.settings().clone();
         AuthLayer {
             shared: Arc::new(Shared {
-                db,
+                keys,
+                limiter: FailureLimiter::new(settings.failure_burst, settings.failures_per_sec),
                 required,
                 signer,
-                refused: Mutex::new(HashMap::new()),
+                streaming: stream::streaming_rpcs(),
             }),
         }
     }
 }
 
-impl Shared {
-    fn recently_refused(&self, id: KeyId) -> bool {
-        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        match refused.get(&id) {
-            Some(None) => true,
-            Some(Some(until)) if *until > Instant::now() => true,
-            Some(Some(_)) => {
-                refused.remove(&id);
-                false
-            }
-            None => false,
-        }
-    }
-
-    fn refuse(&self, id: KeyId, until: Option<Instant>) {
-        let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
-        if refused.len() >= NEGATIVE_CAPACITY {
-            refused.clear();
-        }
-        refused.insert(id, until);
-    }
-
-    /// The key's scopes when the presented token is valid.
-    async fn authenticate(
-        &self,
-        id: KeyId,
-        secret_hash_ok: impl Fn(&[u8]) -> bool,
-    ) -> Result<ScopeSet, Error> {
-        let mut conn = self.db.conn(&Call::default()).await?;
-        let state = keys::lookup(conn.client().await?, id).await?;
-        drop(conn);
-        match state {
-            None => {
-                self.refuse(id, Some(Instant::now() + UNKNOWN_TTL));
-                Err(unauthenticated("the API key is not known"))
-            }
-            Some(s) if s.revoked => {
-                self.refuse(id, None);
-                Err(unauthenticated("the API key was revoked"))
-            }
-            Some(s) if !secret_hash_ok(&s.secret_hash) => {
-                Err(unauthenticated("the API key is not valid"))
-            }
-            Some(s) => Ok(s.scopes),
-        }
-    }
+/// The one answer for unknown ids and wrong secrets (and for anything
+/// that is not a Verdict key at all).
+fn not_valid() -> Error {
+    Error::Unauthenticated(
+        "the API key is not valid; send `authorization: Bearer vk_…` with a key from \
+         `verdict keys create`"
+            .into(),
+    )
 }
 
-fn unauthenticated(why: &str) -> Error {
-    Error::Unauthenticated(format!(
-        "{why}; send `authorization: Bearer vk_…` with a key from `verdict keys create`"
-    ))
+fn rate_limited(wait: Duration) -> tonic::Status {
+    let mut details = error_info(Reason::RateLimited);
+    details.set_retry_info(Some(wait.max(Duration::from_millis(100))));
+    tonic::Status::with_error_details(
+        tonic::Code::ResourceExhausted,
+        "too many calls with API keys that are not valid came from this address; retry later",
+        details,
+    )
 }
 
 impl<S> Layer<S> for AuthLayer {
@@ -132,20 +109,71 @@ pub struct Auth<S> {
     shared: Arc<Shared>,
 }
 
-fn reject(error: Error) -> http::Response<tonic::body::Body> {
+fn reject(error: Error) -> http::Response<Body> {
     tonic::Status::from(error).into_http()
 }
 
-impl<S, ReqBody> Service<http::Request<ReqBody>> for Auth<S>
+/// The client's address (its /64 for IPv6 is taken by the limiter).
+fn peer<B>(req: &http::Request<B>) -> IpAddr {
+    let ext = req.extensions();
+    ext.get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            ext.get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|t| t.get_ref().remote_addr())
+        })
+        .map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |a| a.ip())
+}
+
+/// Whether a reply is a gRPC error (trailers-only response).
+fn is_error(response: &http::Response<Body>) -> bool {
+    response
+        .headers()
+        .get("grpc-status")
+        .is_some_and(|s| s.as_bytes() != b"0")
+}
+
+/// Calls the handler, guarding the bodies of a streaming call.
+async fn guarded<S>(
+    mut inner: S,
+    mut req: http::Request<Body>,
+    shape: Option<Shape>,
+    revocation: Option<Revocation>,
+    lifetime: Duration,
+    signer: Signer,
+) -> Result<http::Response<Body>, S::Error>
 where
-    S: Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    ReqBody: Send + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
 {
-    type Response = http::Response<tonic::body::Body>;
+    let Some(shape) = shape else {
+        return with_signer(signer, inner.call(req)).await;
+    };
+    let started = tokio::time::Instant::now();
+    if shape.client_streaming {
+        let stop = Stop::new(revocation.as_ref(), started, lifetime);
+        req = req.map(|body| Body::new(RequestGuard::new(body, stop)));
+    }
+    let response = with_signer(signer, inner.call(req)).await?;
+    if shape.client_streaming
+        && is_error(&response)
+        && let Some(status) = stream::stopped(revocation.as_ref(), started, lifetime)
+    {
+        // The handler failed because its stream was cut: say why.
+        return Ok(status.into_http());
+    }
+    if shape.server_streaming && !is_error(&response) {
+        let stop = Stop::new(revocation.as_ref(), started, lifetime);
+        return Ok(response.map(|body| Body::new(ResponseGuard::new(body, stop))));
+    }
+    Ok(response)
+}
+
+impl<S> Service<http::Request<Body>> for Auth<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
     type Error = S::Error;
     type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
@@ -153,47 +181,70 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<ReqBody>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let inner = std::mem::replace(&mut self.inner, clone);
 
         let (scope, rpc) = match scopes::access(req.uri().path()) {
-            Access::Open => return Box::pin(inner.call(req)),
+            Access::Open => {
+                let mut inner = inner;
+                return Box::pin(inner.call(req));
+            }
             Access::Needs { scope, rpc } => (scope, rpc),
         };
+        let shape = self.shared.streaming.get(rpc).copied();
+        let lifetime = self.shared.keys.settings().max_stream_lifetime;
+        let signer = self.shared.signer.clone();
         if !self.shared.required {
             req.extensions_mut().insert(Caller { key_id: None, rpc });
-            return Box::pin(with_signer(self.shared.signer.clone(), inner.call(req)));
+            req.extensions_mut().insert(Revocation::never());
+            return Box::pin(guarded(inner, req, shape, None, lifetime, signer));
         }
         let Some(presented) = req
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| keys::parse_authorization(v.as_bytes()))
         else {
-            let missing = !req.headers().contains_key(http::header::AUTHORIZATION);
-            let why = if missing {
-                "this call needs an API key"
+            let response = if req.headers().contains_key(http::header::AUTHORIZATION) {
+                reject(not_valid())
             } else {
-                "the authorization value is not a Verdict API key"
+                reject(Error::Unauthenticated(
+                    "this call needs an API key; send `authorization: Bearer vk_…` with a key \
+                     from `verdict keys create`"
+                        .into(),
+                ))
             };
-            let response = reject(unauthenticated(why));
             return Box::pin(async move { Ok(response) });
         };
         let id = presented.id;
-        if self.shared.recently_refused(id) {
-            let response = reject(unauthenticated("the API key is not known or was revoked"));
-            return Box::pin(async move { Ok(response) });
-        }
         // Hash now: the presented secret borrows the request's headers.
         let check = presented.checker();
+        let cached = self.shared.keys.cached(id, &check);
         let shared = self.shared.clone();
         Box::pin(async move {
-            let scopes = match shared
-                .authenticate(id, |stored| check.matches(stored))
-                .await
-            {
-                Ok(scopes) => scopes,
-                Err(e) => return Ok(reject(e)),
+            let verdict = match cached {
+                Some(verdict) => verdict,
+                None => {
+                    let peer = peer(&req);
+                    if let Err(wait) = shared.limiter.take(peer) {
+                        return Ok(rate_limited(wait).into_http());
+                    }
+                    let fetched = shared.keys.fetch(id, &check).await;
+                    // Only refusals spend the peer's budget (a busy or
+                    // unreachable database is not the caller's failure).
+                    if !matches!(fetched, Ok(Verdict::Invalid | Verdict::Revoked)) {
+                        shared.limiter.refund(peer);
+                    }
+                    match fetched {
+                        Ok(verdict) => verdict,
+                        Err(e) => return Ok(reject(e)),
+                    }
+                }
+            };
+            let (scopes, revocation) = match verdict {
+                Verdict::Valid { scopes, revocation } => (scopes, revocation),
+                Verdict::Invalid => return Ok(reject(not_valid())),
+                Verdict::Revoked => return Ok(stream::revoked_status().into_http()),
             };
             if !scopes.contains(scope) {
                 return Ok(reject(Error::PermissionDenied(format!(
@@ -206,7 +257,8 @@ where
                 key_id: Some(id),
                 rpc,
             });
-            with_signer(shared.signer.clone(), inner.call(req)).await
+            req.extensions_mut().insert(revocation.clone());
+            guarded(inner, req, shape, Some(revocation), lifetime, signer).await
         })
     }
 }

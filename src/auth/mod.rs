@@ -2,10 +2,15 @@
 //! by a tower layer in front of every service (health and reflection stay
 //! open), and the rule that decides whether authentication is on.
 
+pub mod cache;
 pub mod keys;
 mod layer;
+mod limiter;
+pub mod revocations;
 pub mod scopes;
+mod stream;
 
+pub use cache::{KeyCache, KeySettings, Revocation};
 pub use keys::KeyId;
 pub use layer::AuthLayer;
 

@@ -74,7 +74,7 @@ pub async fn serve(
                 .max_encoding_message_size(limit)
         };
     }
-    let auth = AuthLayer::new(state.db.clone(), auth.is_required(), state.signer.clone());
+    let auth = AuthLayer::new(state.keys.clone(), auth.is_required(), state.signer.clone());
 
     let router = Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -334,3 +334,113 @@ async fn list_audit_events_pages_with_signed_tokens_and_validates_filters() {
     fields.sort();
     assert_eq!(fields, ["key_id", "page_size"]);
 }
+
+#[tokio::test]
+async fn a_cleanup_that_deletes_nothing_still_leaves_an_audit_row() {
+    use verdict::proto::CleanupRequest;
+    let (app, keys) = spawn_auth_app().await;
+    let a = &keys.admin;
+    let rpc = "/verdict.v1.AdminService/Cleanup";
+    let filter = || ListAuditEventsRequest {
+        rpc: rpc.into(),
+        ..Default::default()
+    };
+    assert!(events(&app, a, filter()).await.is_empty());
+    let report = app
+        .admin
+        .clone()
+        .cleanup(traced(
+            CleanupRequest {
+                older_than: Some(prost_types::Duration {
+                    seconds: 86_400,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            },
+            a,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!report.dry_run);
+    assert_eq!(report.batches, 0);
+    assert!(report.deleted.iter().all(|t| t.rows == 0));
+    let rows = events(&app, a, filter()).await;
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].key_id, key_id(a));
+    assert_eq!(rows[0].outcome, "deleted");
+    assert!(rows[0].target_ids.is_empty());
+    assert_eq!(rows[0].trace_id, TRACE);
+}
+
+#[tokio::test]
+async fn audit_rows_cannot_be_updated_or_deleted_except_by_the_retention_job() {
+    let (app, keys) = spawn_auth_app().await;
+    app.sessions
+        .clone()
+        .create_session(authed(new_session("kept"), &keys.write))
+        .await
+        .unwrap();
+    let sql = app.sql().await;
+    let count = async || -> i64 {
+        sql.query_one("SELECT count(*) FROM audit_events", &[])
+            .await
+            .unwrap()
+            .get(0)
+    };
+    let before = count().await;
+    assert!(before >= 1);
+    for statement in [
+        "UPDATE audit_events SET outcome = 'read'",
+        "UPDATE audit_events SET key_id = NULL WHERE id = (SELECT min(id) FROM audit_events)",
+        "DELETE FROM audit_events",
+        "DELETE FROM audit_events WHERE id = (SELECT min(id) FROM audit_events)",
+        "TRUNCATE audit_events",
+    ] {
+        let err = sql.batch_execute(statement).await.unwrap_err();
+        let db = err.as_db_error().expect("refused by the database");
+        assert!(db.message().contains("append-only"), "{statement}: {db:?}");
+        assert_eq!(
+            db.code(),
+            &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE,
+            "{statement}"
+        );
+    }
+    // The setting must be transaction-local and set to `on`: a session-wide
+    // `off`, or an update even under the setting, is still refused.
+    assert!(
+        sql.batch_execute(
+            "BEGIN; SET LOCAL verdict.audit_retention = on; \
+             UPDATE audit_events SET outcome = 'read'; COMMIT;"
+        )
+        .await
+        .is_err()
+    );
+    sql.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(count().await, before);
+    let outcomes: Vec<String> = sql
+        .query("SELECT outcome FROM audit_events", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!outcomes.iter().any(|o| o == "read"), "{outcomes:?}");
+
+    // The retention job's way: DELETE in a transaction that says so.
+    sql.batch_execute(
+        "BEGIN; SET LOCAL verdict.audit_retention = on; \
+         DELETE FROM audit_events WHERE at < now() + interval '1 hour'; COMMIT;",
+    )
+    .await
+    .unwrap();
+    assert_eq!(count().await, 0);
+    // The setting did not outlive its transaction.
+    app.sessions
+        .clone()
+        .create_session(authed(new_session("after"), &keys.write))
+        .await
+        .unwrap();
+    assert!(sql.batch_execute("DELETE FROM audit_events").await.is_err());
+    assert_eq!(count().await, 1);
+}

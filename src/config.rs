@@ -344,13 +344,24 @@ impl std::fmt::Debug for Config {
     }
 }
 
-/// Replaces the password of a `scheme://user:password@host/...` URL by `***`.
+/// Replaces every password of a connection string by `***`: the
+/// `user:password@` of a URL, a `password=` query parameter, and the
+/// `password=` of the key/value form (quoted or not).
 pub fn redact_url(url: &str) -> String {
+    if url.contains("://") {
+        redact_query_password(&redact_userinfo(url))
+    } else {
+        redact_key_values(url)
+    }
+}
+
+/// `scheme://user:password@host/...` → `scheme://user:***@host/...`.
+fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
     let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let Some(at) = rest[..authority_end].rfind('@') else {
         return url.to_owned();
     };
@@ -363,6 +374,76 @@ pub fn redact_url(url: &str) -> String {
         ),
         None => url.to_owned(),
     }
+}
+
+/// `...?a=b&password=x&c=d` → `...?a=b&password=***&c=d`.
+fn redact_query_password(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => param.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
+}
+
+/// `host=h password='a b' user=u` → `host=h password=*** user=u`, reading
+/// values as libpq does (single quotes, backslash escapes, spaces around
+/// `=`). Anything it cannot read from that point on is hidden whole.
+fn redact_key_values(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    loop {
+        let trimmed = rest.trim_start();
+        out.push_str(&rest[..rest.len() - trimmed.len()]);
+        rest = trimmed;
+        if rest.is_empty() {
+            return out;
+        }
+        let key_end = rest
+            .find(|c: char| c == '=' || c.is_whitespace())
+            .unwrap_or(rest.len());
+        let key = &rest[..key_end];
+        let after_key = rest[key_end..].trim_start();
+        let Some(after_eq) = after_key.strip_prefix('=') else {
+            out.push_str("***");
+            return out;
+        };
+        let value_start = after_eq.trim_start();
+        let value_len = key_value_len(value_start);
+        let whole = rest.len() - value_start.len() + value_len;
+        if key == "password" {
+            out.push_str(key);
+            out.push_str("=***");
+        } else {
+            out.push_str(&rest[..whole]);
+        }
+        rest = &rest[whole..];
+    }
+}
+
+/// Length in bytes of the value at the start of `s` (key/value form).
+fn key_value_len(s: &str) -> usize {
+    let mut chars = s.char_indices();
+    let quoted = s.starts_with('\'');
+    if quoted {
+        chars.next();
+    }
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            '\'' if quoted => return i + 1,
+            c if !quoted && c.is_whitespace() => return i,
+            _ => {}
+        }
+    }
+    s.len()
 }
 
 #[cfg(test)]
@@ -380,6 +461,25 @@ mod tests {
             "postgres://app@db/verdict"
         );
         assert_eq!(redact_url("host=/tmp user=x"), "host=/tmp user=x");
+    }
+
+    #[test]
+    fn redact_url_hides_passwords_of_every_form() {
+        assert_eq!(
+            redact_url("postgres://app@db/verdict?sslmode=require&password=s3cret&x=1"),
+            "postgres://app@db/verdict?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            redact_url("host=db password=s3cret user=app"),
+            "host=db password=*** user=app"
+        );
+        assert_eq!(
+            redact_url("host=db password = 'it\\'s secret' user=app"),
+            "host=db password=*** user=app"
+        );
+        assert_eq!(redact_url("password=s3cret"), "password=***");
+        assert!(!redact_url("host=db password").contains("s3cret"));
+        assert!(!redact_url("junk password=s3cret").contains("s3cret"));
     }
 
     #[test]

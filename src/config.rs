@@ -259,6 +259,46 @@ pub struct Config {
         global = true
     )]
     pub tls_reload_interval_ms: u64,
+
+    /// Longest a new connection may take to finish its TLS handshake and
+    /// send the HTTP/2 preface, in milliseconds; it is closed after that.
+    #[arg(
+        long,
+        env = "VERDICT_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub handshake_timeout_ms: u64,
+
+    /// Most client connections open at once; more are closed at accept.
+    /// 0 means half the open-file limit (RLIMIT_NOFILE), at most 1024.
+    #[arg(
+        long,
+        env = "VERDICT_MAX_CONNECTIONS",
+        default_value_t = 0,
+        global = true
+    )]
+    pub max_connections: usize,
+
+    /// Most client connections open at once from one IP address (loopback
+    /// included); more are closed at accept.
+    #[arg(
+        long,
+        env = "VERDICT_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = 64,
+        global = true
+    )]
+    pub max_connections_per_peer: usize,
+
+    /// Most calls (HTTP/2 streams) open at once on one connection,
+    /// advertised to clients as SETTINGS_MAX_CONCURRENT_STREAMS.
+    #[arg(
+        long,
+        env = "VERDICT_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 100,
+        global = true
+    )]
+    pub max_streams_per_connection: u32,
 }
 
 impl Config {
@@ -301,6 +341,27 @@ impl Config {
         Duration::from_millis(self.tls_reload_interval_ms)
     }
 
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms.max(1))
+    }
+
+    /// The connection cap: the setting, or half the open-file limit (at
+    /// most 1024) so that the pool, PostgreSQL and the metrics port keep
+    /// descriptors of their own.
+    pub fn max_connections(&self) -> usize {
+        if self.max_connections > 0 {
+            return self.max_connections;
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes only the struct it is given.
+        let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+        let files = if ok { limit.rlim_cur as usize } else { 1024 };
+        (files / 2).clamp(16, 1024)
+    }
+
     /// Whether calls need an API key (see [`crate::auth::AuthMode::decide`]).
     pub fn auth_mode(&self) -> anyhow::Result<crate::auth::AuthMode> {
         crate::auth::AuthMode::decide(self.listen, self.require_auth, self.insecure_no_auth)
@@ -340,6 +401,10 @@ impl std::fmt::Debug for Config {
             .field("tls_key", &self.tls_key)
             .field("tls_client_ca", &self.tls_client_ca)
             .field("tls_reload_interval_ms", &self.tls_reload_interval_ms)
+            .field("handshake_timeout_ms", &self.handshake_timeout_ms)
+            .field("max_connections", &self.max_connections)
+            .field("max_connections_per_peer", &self.max_connections_per_peer)
+            .field("max_streams_per_connection", &self.max_streams_per_connection)
             .finish()
     }
 }

@@ -179,7 +179,7 @@ fn cut(s: &str, max: usize) -> &str {
 
 /// A token bucket over log lines: `burst` lines at once, then `per_second`.
 /// Lines it refuses are counted and reported with the next line it admits.
-struct LogBudget {
+pub(crate) struct LogBudget {
     burst: f64,
     per_second: f64,
     state: Mutex<BudgetState>,
@@ -192,7 +192,7 @@ struct BudgetState {
 }
 
 impl LogBudget {
-    const fn new(burst: u32, per_second: u32) -> Self {
+    pub(crate) const fn new(burst: u32, per_second: u32) -> Self {
         LogBudget {
             burst: burst as f64,
             per_second: per_second as f64,
@@ -206,7 +206,7 @@ impl LogBudget {
 
     /// `Some(lines suppressed since the last admitted one)` when a line may
     /// be written now; `None` (and one more suppressed) otherwise.
-    fn admit(&self) -> Option<u64> {
+    pub(crate) fn admit(&self) -> Option<u64> {
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let since = s

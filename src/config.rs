@@ -404,7 +404,10 @@ impl std::fmt::Debug for Config {
             .field("handshake_timeout_ms", &self.handshake_timeout_ms)
             .field("max_connections", &self.max_connections)
             .field("max_connections_per_peer", &self.max_connections_per_peer)
-            .field("max_streams_per_connection", &self.max_streams_per_connection)
+            .field(
+                "max_streams_per_connection",
+                &self.max_streams_per_connection,
+            )
             .finish()
     }
 }

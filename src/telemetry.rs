@@ -61,13 +61,18 @@ impl Telemetry {
 /// logs every statement's parameter values at `debug`; the pool and the
 /// PostgreSQL wire protocol crates are capped with it.
 fn is_capped_target(target: &str) -> bool {
-    ["tokio_postgres", "postgres_protocol", "deadpool", "deadpool_postgres"]
-        .iter()
-        .any(|capped| {
-            target
-                .strip_prefix(capped)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
-        })
+    [
+        "tokio_postgres",
+        "postgres_protocol",
+        "deadpool",
+        "deadpool_postgres",
+    ]
+    .iter()
+    .any(|capped| {
+        target
+            .strip_prefix(capped)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
 }
 
 /// Installs the global subscriber. Call inside the Tokio runtime (the OTLP

@@ -10,6 +10,7 @@
 //! fails (a half-written file) keeps the previous configuration.
 
 use crate::config::Config;
+use crate::server::incoming::Conn;
 use anyhow::Context;
 use futures::Stream;
 use rustls::ServerConfig;
@@ -20,7 +21,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
-use crate::server::incoming::Conn;
 use tokio_rustls::server::TlsStream;
 
 /// The server's TLS settings, replaceable at run time; cheap to clone.

@@ -5,6 +5,7 @@
 mod decode;
 pub mod health;
 pub mod incoming;
+mod prescan;
 mod trace;
 
 use crate::admin::AdminApi;
@@ -83,6 +84,9 @@ pub async fn serve(
         .layer(trace::RpcTraceLayer)
         .layer(decode::DecodeErrorLayer)
         .layer(auth)
+        .layer(prescan::PrescanLayer {
+            max_message_bytes: limit,
+        })
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             reporter,
         )))

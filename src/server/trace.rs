@@ -8,10 +8,10 @@
 //! is logged cut short, and lines about refused or failed calls pass a rate
 //! limit (a token bucket) that reports how many similar lines it dropped.
 
+use crate::observability::{OTHER_METHOD, method_label};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
-use crate::observability::{OTHER_METHOD, method_label};
 use std::pin::Pin;
 use std::sync::Mutex;
 use std::task::{Context, Poll};

@@ -591,18 +591,20 @@ async fn a_connection_gets_at_most_max_concurrent_streams_open_calls() {
     let mut client = client;
     for _ in 0..100 {
         client = client.ready().await.unwrap();
-        let (_response, send) = client.send_request(request(), false).unwrap();
-        open.push(send);
+        let (response, send) = client.send_request(request(), false).unwrap();
+        open.push((response, send));
     }
-    // ...and the 101st waits for a place.
-    let waiting = tokio::time::timeout(Duration::from_millis(300), client.clone().ready()).await;
-    assert!(waiting.is_err(), "a 101st stream was allowed");
-    open.pop().unwrap().send_reset(h2::Reason::CANCEL);
-    let mut client = tokio::time::timeout(Duration::from_secs(5), client.ready())
-        .await
-        .expect("a place once one call ends")
-        .unwrap();
-    let (_response, _send) = client.send_request(request(), true).unwrap();
+    let first = tokio::time::timeout(Duration::from_millis(300), &mut open[0].0).await;
+    assert!(first.is_err(), "the first 100 calls stay open: {first:?}");
+    // ...a 101st is never served while they are: the client holds it back,
+    // or the server refuses it (REFUSED_STREAM).
+    client = client.ready().await.unwrap();
+    let (held_back, _send) = client.send_request(request(), false).unwrap();
+    match tokio::time::timeout(Duration::from_millis(500), held_back).await {
+        Err(_) => {}
+        Ok(Err(e)) => assert_eq!(e.reason(), Some(h2::Reason::REFUSED_STREAM), "{e:?}"),
+        Ok(Ok(r)) => panic!("a 101st call was served: {r:?}"),
+    }
 }
 
 /// Encodes already-encoded protobuf bytes as they are.

@@ -489,6 +489,34 @@ async fn idle_and_half_open_connections_are_capped_per_peer_and_closed_at_the_ha
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_house_of_silent_connections_makes_room_for_a_client_that_speaks() {
+    let _serial = SERIAL.lock().await;
+    let (_, url) = create_database().await;
+    let token = create_token(&url);
+    // The default handshake deadline (10 s) is far beyond this test.
+    let gateway = Gateway::start(&url, &[("VERDICT_MAX_CONNECTIONS", "100")]).await;
+
+    let opened = Instant::now();
+    let crowd = idle_crowd(gateway.port).await;
+    let took = best_call(&gateway.url(), &token, None).await;
+    eprintln!("at the connection cap, a new connection and call took {took:?}");
+    assert!(took < Duration::from_millis(100), "{took:?}");
+
+    // The cap held: of 300 silent sockets at most 100 are still open, long
+    // before their deadline.
+    let mut closing = JoinSet::new();
+    for s in crowd {
+        closing.spawn(closed_by_peer(s, Duration::from_millis(500)));
+    }
+    let mut closed = 0;
+    while let Some(done) = closing.join_next().await {
+        closed += usize::from(done.unwrap());
+    }
+    assert!(opened.elapsed() < Duration::from_secs(5));
+    assert!(closed >= 200, "only {closed} of 300 silent sockets were closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_tcp_connections_do_not_keep_tls_clients_out() {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
     let _serial = SERIAL.lock().await;

@@ -3,7 +3,10 @@
 //! for a bounded time:
 //!
 //! - a cap on open connections and on connections per peer IP address
-//!   (loopback included): the excess is closed at accept;
+//!   (loopback included): the excess is closed at accept, except that when
+//!   the total cap is reached the oldest connection still in its handshake
+//!   is closed to make room (so a crowd that never speaks cannot keep out a
+//!   client that does: it finishes its handshake in milliseconds);
 //! - a handshake deadline: within it a connection must finish TLS (when on)
 //!   and send the HTTP/2 connection preface, or it is closed;
 //! - handshakes run each on a task of their own, so one slow client cannot
@@ -13,7 +16,7 @@
 
 use super::trace::LogBudget;
 use futures::Stream;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::io;
 use std::net::IpAddr;
@@ -23,7 +26,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::server::Connected;
 
@@ -66,25 +69,48 @@ struct Tracker {
 struct Counts {
     total: usize,
     per_peer: HashMap<IpAddr, usize>,
+    /// Connections still in their handshake, oldest first, with the signal
+    /// that closes them.
+    handshaking: VecDeque<(u64, Arc<Notify>)>,
+    next_id: u64,
+}
+
+impl Counts {
+    fn handshake_over(&mut self, id: u64) {
+        if let Some(at) = self.handshaking.iter().position(|(i, _)| *i == id) {
+            self.handshaking.remove(at);
+        }
+    }
 }
 
 impl Tracker {
-    /// A place for a new connection from `ip`, or why there is none.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Guard, &'static str> {
+    /// A place for a new connection from `ip` and the signal that evicts it
+    /// while it handshakes, or why there is none.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<(Guard, Arc<Notify>), &'static str> {
         let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        if counts.total >= self.limits.max_connections {
-            return Err("too many open connections");
-        }
-        let of_peer = counts.per_peer.entry(ip).or_default();
-        if *of_peer >= self.limits.max_per_peer {
+        if counts.per_peer.get(&ip).copied().unwrap_or(0) >= self.limits.max_per_peer {
             return Err("too many open connections from this address");
         }
-        *of_peer += 1;
+        if counts.total >= self.limits.max_connections {
+            // The evicted connection gives its place back as soon as its
+            // task sees the signal.
+            match counts.handshaking.pop_front() {
+                Some((_, evict)) => evict.notify_one(),
+                None => return Err("too many open connections"),
+            }
+        }
+        let id = counts.next_id;
+        counts.next_id += 1;
+        let evict = Arc::new(Notify::new());
+        counts.handshaking.push_back((id, evict.clone()));
+        *counts.per_peer.entry(ip).or_default() += 1;
         counts.total += 1;
-        Ok(Guard {
+        let guard = Guard {
             tracker: self.clone(),
             ip,
-        })
+            id,
+        };
+        Ok((guard, evict))
     }
 }
 
@@ -92,6 +118,18 @@ impl Tracker {
 struct Guard {
     tracker: Arc<Tracker>,
     ip: IpAddr,
+    id: u64,
+}
+
+impl Guard {
+    /// The connection is established: it can no longer be evicted.
+    fn established(&self) {
+        self.tracker
+            .counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .handshake_over(self.id);
+    }
 }
 
 impl Drop for Guard {
@@ -101,6 +139,7 @@ impl Drop for Guard {
             .counts
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        counts.handshake_over(self.id);
         counts.total -= 1;
         if let Some(n) = counts.per_peer.get_mut(&self.ip) {
             *n -= 1;
@@ -218,8 +257,8 @@ where
                     continue;
                 }
             };
-            let guard = match tracker.admit(peer.ip()) {
-                Ok(guard) => guard,
+            let (guard, evict) = match tracker.admit(peer.ip()) {
+                Ok(admitted) => admitted,
                 Err(reason) => {
                     if let Some(suppressed) = REFUSED_LINES.admit() {
                         tracing::warn!(%peer, suppressed, "connection refused: {reason}");
@@ -246,8 +285,19 @@ where
                     }
                     Ok(io)
                 };
-                match tokio::time::timeout(limits.handshake_timeout, opened).await {
+                let opened = tokio::time::timeout(limits.handshake_timeout, opened);
+                let outcome = tokio::select! {
+                    outcome = opened => outcome,
+                    () = evict.notified() => {
+                        if let Some(suppressed) = HANDSHAKE_LINES.admit() {
+                            tracing::info!(%peer, suppressed, "connection closed in its handshake to make room for a new one");
+                        }
+                        return;
+                    }
+                };
+                match outcome {
                     Ok(Ok(io)) => {
+                        guard.established();
                         let _ = tx
                             .send(Ok(Conn {
                                 io,

@@ -496,7 +496,7 @@ fn redact_key_values(s: &str) -> String {
 
 /// Length in bytes of the value at the start of `s` (key/value form).
 fn key_value_len(s: &str) -> usize {
-    let mut chars = s.char_indices();
+    let mut chars = s.char_indices().peekable();
     let quoted = s.starts_with('\'');
     if quoted {
         chars.next();
@@ -506,6 +506,8 @@ fn key_value_len(s: &str) -> usize {
             '\\' => {
                 chars.next();
             }
+            // A doubled quote inside quotes is a quote.
+            '\'' if quoted && chars.next_if(|&(_, c)| c == '\'').is_some() => {}
             '\'' if quoted => return i + 1,
             c if !quoted && c.is_whitespace() => return i,
             _ => {}
@@ -546,6 +548,10 @@ mod tests {
             "host=db password=*** user=app"
         );
         assert_eq!(redact_url("password=s3cret"), "password=***");
+        assert_eq!(
+            redact_url("password='it''s s3cret' dbname=app"),
+            "password=*** dbname=app"
+        );
         assert!(!redact_url("host=db password").contains("s3cret"));
         assert!(!redact_url("junk password=s3cret").contains("s3cret"));
     }

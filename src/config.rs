@@ -325,6 +325,46 @@ pub struct Config {
         global = true
     )]
     pub auth_failures_per_sec: f64,
+
+    /// Longest a new connection may take to finish its TLS handshake and
+    /// send the HTTP/2 preface, in milliseconds; it is closed after that.
+    #[arg(
+        long,
+        env = "VERDICT_HANDSHAKE_TIMEOUT_MS",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub handshake_timeout_ms: u64,
+
+    /// Most client connections open at once; more are closed at accept.
+    /// 0 means half the open-file limit (RLIMIT_NOFILE), at most 1024.
+    #[arg(
+        long,
+        env = "VERDICT_MAX_CONNECTIONS",
+        default_value_t = 0,
+        global = true
+    )]
+    pub max_connections: usize,
+
+    /// Most client connections open at once from one IP address (loopback
+    /// included); more are closed at accept.
+    #[arg(
+        long,
+        env = "VERDICT_MAX_CONNECTIONS_PER_PEER",
+        default_value_t = 64,
+        global = true
+    )]
+    pub max_connections_per_peer: usize,
+
+    /// Most calls (HTTP/2 streams) open at once on one connection,
+    /// advertised to clients as SETTINGS_MAX_CONCURRENT_STREAMS.
+    #[arg(
+        long,
+        env = "VERDICT_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 100,
+        global = true
+    )]
+    pub max_streams_per_connection: u32,
 }
 
 /// A duration such as `500ms`, `45s`, `5m` or `2h` (a bare number is seconds).
@@ -401,6 +441,27 @@ impl Config {
         }
     }
 
+    pub fn handshake_timeout(&self) -> Duration {
+        Duration::from_millis(self.handshake_timeout_ms.max(1))
+    }
+
+    /// The connection cap: the setting, or half the open-file limit (at
+    /// most 1024) so that the pool, PostgreSQL and the metrics port keep
+    /// descriptors of their own.
+    pub fn max_connections(&self) -> usize {
+        if self.max_connections > 0 {
+            return self.max_connections;
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes only the struct it is given.
+        let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } == 0;
+        let files = if ok { limit.rlim_cur as usize } else { 1024 };
+        (files / 2).clamp(16, 1024)
+    }
+
     /// Whether calls need an API key (see [`crate::auth::AuthMode::decide`]).
     pub fn auth_mode(&self) -> anyhow::Result<crate::auth::AuthMode> {
         crate::auth::AuthMode::decide(self.listen, self.require_auth, self.insecure_no_auth)
@@ -446,17 +507,35 @@ impl std::fmt::Debug for Config {
             .field("auth_lookup_connections", &self.auth_lookup_connections)
             .field("auth_failure_burst", &self.auth_failure_burst)
             .field("auth_failures_per_sec", &self.auth_failures_per_sec)
+            .field("handshake_timeout_ms", &self.handshake_timeout_ms)
+            .field("max_connections", &self.max_connections)
+            .field("max_connections_per_peer", &self.max_connections_per_peer)
+            .field(
+                "max_streams_per_connection",
+                &self.max_streams_per_connection,
+            )
             .finish()
     }
 }
 
-/// Replaces the password of a `scheme://user:password@host/...` URL by `***`.
+/// Replaces every password of a connection string by `***`: the
+/// `user:password@` of a URL, a `password=` query parameter, and the
+/// `password=` of the key/value form (quoted or not).
 pub fn redact_url(url: &str) -> String {
+    if url.contains("://") {
+        redact_query_password(&redact_userinfo(url))
+    } else {
+        redact_key_values(url)
+    }
+}
+
+/// `scheme://user:password@host/...` → `scheme://user:***@host/...`.
+fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
         return url.to_owned();
     };
     let rest = &url[scheme_end..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
     let Some(at) = rest[..authority_end].rfind('@') else {
         return url.to_owned();
     };
@@ -469,6 +548,78 @@ pub fn redact_url(url: &str) -> String {
         ),
         None => url.to_owned(),
     }
+}
+
+/// `...?a=b&password=x&c=d` → `...?a=b&password=***&c=d`.
+fn redact_query_password(url: &str) -> String {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.to_owned();
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+            _ => param.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
+}
+
+/// `host=h password='a b' user=u` → `host=h password=*** user=u`, reading
+/// values as libpq does (single quotes, backslash escapes, spaces around
+/// `=`). Anything it cannot read from that point on is hidden whole.
+fn redact_key_values(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    loop {
+        let trimmed = rest.trim_start();
+        out.push_str(&rest[..rest.len() - trimmed.len()]);
+        rest = trimmed;
+        if rest.is_empty() {
+            return out;
+        }
+        let key_end = rest
+            .find(|c: char| c == '=' || c.is_whitespace())
+            .unwrap_or(rest.len());
+        let key = &rest[..key_end];
+        let after_key = rest[key_end..].trim_start();
+        let Some(after_eq) = after_key.strip_prefix('=') else {
+            out.push_str("***");
+            return out;
+        };
+        let value_start = after_eq.trim_start();
+        let value_len = key_value_len(value_start);
+        let whole = rest.len() - value_start.len() + value_len;
+        if key == "password" {
+            out.push_str(key);
+            out.push_str("=***");
+        } else {
+            out.push_str(&rest[..whole]);
+        }
+        rest = &rest[whole..];
+    }
+}
+
+/// Length in bytes of the value at the start of `s` (key/value form).
+fn key_value_len(s: &str) -> usize {
+    let mut chars = s.char_indices().peekable();
+    let quoted = s.starts_with('\'');
+    if quoted {
+        chars.next();
+    }
+    while let Some((i, c)) = chars.next() {
+        match c {
+            '\\' => {
+                chars.next();
+            }
+            // A doubled quote inside quotes is a quote.
+            '\'' if quoted && chars.next_if(|&(_, c)| c == '\'').is_some() => {}
+            '\'' if quoted => return i + 1,
+            c if !quoted && c.is_whitespace() => return i,
+            _ => {}
+        }
+    }
+    s.len()
 }
 
 #[cfg(test)]
@@ -496,8 +647,31 @@ mod tests {
         assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
         assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("0s").is_err());
-        assert!(parse_duration("1d").is_err());
+        assert_eq!(parse_duration("1d"), Ok(Duration::from_secs(86_400)));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn redact_url_hides_passwords_of_every_form() {
+        assert_eq!(
+            redact_url("postgres://app@db/verdict?sslmode=require&password=s3cret&x=1"),
+            "postgres://app@db/verdict?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            redact_url("host=db password=s3cret user=app"),
+            "host=db password=*** user=app"
+        );
+        assert_eq!(
+            redact_url("host=db password = 'it\\'s secret' user=app"),
+            "host=db password=*** user=app"
+        );
+        assert_eq!(redact_url("password=s3cret"), "password=***");
+        assert_eq!(
+            redact_url("password='it''s s3cret' dbname=app"),
+            "password=*** dbname=app"
+        );
+        assert!(!redact_url("host=db password").contains("s3cret"));
+        assert!(!redact_url("junk password=s3cret").contains("s3cret"));
     }
 
     #[test]

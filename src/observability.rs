@@ -7,7 +7,8 @@
 use crate::db::Db;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
-use std::collections::BTreeMap;
+use prost::Message as _;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
@@ -34,7 +35,9 @@ struct Otel {
 }
 
 struct Registry {
-    rpcs: Mutex<BTreeMap<(String, i32), Histo>>,
+    /// Keyed by a method of [`known_methods`] (or [`OTHER_METHOD`]) and a
+    /// status code in 0..=16: the map cannot grow with what callers send.
+    rpcs: Mutex<BTreeMap<(&'static str, i32), Histo>>,
     statement_timeouts: AtomicU64,
     ingest_rows: Mutex<BTreeMap<&'static str, u64>>,
     otel: Otel,
@@ -67,20 +70,67 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
     }
 });
 
+/// The label of every call to a method the gateway does not serve (a made-up
+/// path, a typo), as the OpenTelemetry RPC conventions name it: metrics must
+/// not grow with the paths callers invent.
+pub const OTHER_METHOD: &str = "_OTHER";
+
+/// Every `pkg.Service/Method` the gateway serves, from the descriptor set of
+/// `proto/` and the health service.
+fn known_methods() -> &'static HashSet<String> {
+    static KNOWN: LazyLock<HashSet<String>> = LazyLock::new(|| {
+        let mut known = HashSet::new();
+        for encoded in [
+            crate::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+        ] {
+            let Ok(set) = prost_types::FileDescriptorSet::decode(encoded) else {
+                continue;
+            };
+            for file in set.file {
+                let package = file.package.unwrap_or_default();
+                for service in file.service {
+                    let service_name = service.name.unwrap_or_default();
+                    for method in service.method {
+                        known.insert(format!(
+                            "{package}.{service_name}/{}",
+                            method.name.unwrap_or_default()
+                        ));
+                    }
+                }
+            }
+        }
+        known
+    });
+    &KNOWN
+}
+
+/// The metric label of a call path (`pkg.Service/Method`, no leading
+/// slash): the path itself when the gateway serves that method, else
+/// [`OTHER_METHOD`].
+pub fn method_label(path: &str) -> &'static str {
+    known_methods()
+        .get(path)
+        .map_or(OTHER_METHOD, |m| m.as_str())
+}
+
 /// Records one finished RPC (`method` is the full `/pkg.Service/Method` path
-/// without the leading slash).
+/// without the leading slash; an unknown one counts as [`OTHER_METHOD`]).
 pub fn rpc_finished(method: &str, code: i32, elapsed: Duration) {
+    let method = method_label(method);
+    // Only the 17 gRPC codes; anything else is UNKNOWN.
+    let code = if (0..=16).contains(&code) { code } else { 2 };
     let secs = elapsed.as_secs_f64();
     let r = &*REGISTRY;
     r.otel.rpc_duration.record(
         secs,
         &[
-            KeyValue::new("rpc.method", method.to_owned()),
+            KeyValue::new("rpc.method", method),
             KeyValue::new("rpc.grpc.status_code", i64::from(code)),
         ],
     );
     let mut rpcs = r.rpcs.lock().unwrap_or_else(|p| p.into_inner());
-    let h = rpcs.entry((method.to_owned(), code)).or_default();
+    let h = rpcs.entry((method, code)).or_default();
     h.count += 1;
     h.sum += secs;
     if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {

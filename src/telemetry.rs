@@ -1,6 +1,11 @@
 //! Logging and tracing: an EnvFilter'd fmt layer (text or JSON), and when an
 //! OTLP endpoint is configured, an OpenTelemetry layer exporting spans over
 //! OTLP/gRPC. W3C trace context is the propagator.
+//!
+//! Log lines go to stderr: stdout belongs to the output of one-shot commands
+//! (`verdict export`, `verdict keys create`). Whatever `RUST_LOG` says, the
+//! database driver and pool log at `info` at most: their `debug` lines carry
+//! statement parameter values.
 
 use crate::config::{Config, LogFormat};
 use opentelemetry::KeyValue;
@@ -12,7 +17,7 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use std::time::Duration;
 use tracing::Level;
-use tracing_subscriber::filter::Targets;
+use tracing_subscriber::filter::{self, FilterExt, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -52,6 +57,24 @@ impl Telemetry {
     }
 }
 
+/// Targets whose `debug` and `trace` lines may hold secrets: tokio-postgres
+/// logs every statement's parameter values at `debug`; the pool and the
+/// PostgreSQL wire protocol crates are capped with it.
+fn is_capped_target(target: &str) -> bool {
+    [
+        "tokio_postgres",
+        "postgres_protocol",
+        "deadpool",
+        "deadpool_postgres",
+    ]
+    .iter()
+    .any(|capped| {
+        target
+            .strip_prefix(capped)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
 /// Installs the global subscriber. Call inside the Tokio runtime (the OTLP
 /// exporter's channel spawns a task). A second call (tests) keeps the first
 /// subscriber.
@@ -64,9 +87,16 @@ pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
             config.log_filter
         )
     })?;
+    let filter = filter.and(filter::filter_fn(|meta| {
+        *meta.level() <= Level::INFO || !is_capped_target(meta.target())
+    }));
     let fmt = match config.log_format {
-        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(true).boxed(),
+        LogFormat::Text => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_target(true)
+            .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
             .json()
             .flatten_event(true)
             .with_current_span(true)

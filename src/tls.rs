@@ -10,6 +10,7 @@
 //! fails (a half-written file) keeps the previous configuration.
 
 use crate::config::Config;
+use crate::server::incoming::Conn;
 use anyhow::Context;
 use futures::Stream;
 use rustls::ServerConfig;
@@ -20,14 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::server::TlsStream;
-use tokio_stream::wrappers::ReceiverStream;
-
-/// Longest a client may take to finish its handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Handshakes in progress at once; more wait in the accept backlog.
-const MAX_HANDSHAKES: usize = 1024;
 
 /// The server's TLS settings, replaceable at run time; cheap to clone.
 #[derive(Clone)]
@@ -145,54 +139,19 @@ impl TlsAcceptor {
         }
     }
 
-    /// TLS connections accepted on `listener`: each TCP connection gets
-    /// TCP_NODELAY, then its handshake runs on a task of its own (a slow
-    /// client cannot hold up the others). Failed handshakes are logged and
-    /// dropped. Ends when the consumer drops the stream.
+    /// TLS connections accepted on `listener` under `limits` (see
+    /// [`crate::server::incoming`]): each handshake runs on a task of its
+    /// own with the configuration current at accept, within the handshake
+    /// deadline. Ends when the consumer drops the stream.
     pub fn incoming(
         self,
         listener: TcpListener,
-    ) -> impl Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static {
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let limit = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-            loop {
-                let Ok(permit) = limit.clone().acquire_owned().await else {
-                    return;
-                };
-                let accepted = tokio::select! {
-                    a = listener.accept() => a,
-                    _ = tx.closed() => return,
-                };
-                let (tcp, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // EMFILE and the like: back off a little, keep serving.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                // Without nodelay, replies larger than a segment wait out
-                // delayed ACKs (40 ms).
-                let _ = tcp.set_nodelay(true);
-                let acceptor = tokio_rustls::TlsAcceptor::from(self.current());
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send(Ok(tls)).await;
-                        }
-                        Ok(Err(e)) => {
-                            tracing::info!(%peer, error = %e, "TLS handshake failed")
-                        }
-                        Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        ReceiverStream::new(rx)
+        limits: crate::server::incoming::Limits,
+    ) -> impl Stream<Item = std::io::Result<Conn<TlsStream<TcpStream>>>> + Send + 'static {
+        crate::server::incoming::incoming(listener, limits, move |tcp| {
+            let acceptor = tokio_rustls::TlsAcceptor::from(self.current());
+            async move { acceptor.accept(tcp).await }
+        })
     }
 }
 

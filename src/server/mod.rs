@@ -5,6 +5,8 @@
 mod decode;
 mod error_info;
 pub mod health;
+pub mod incoming;
+mod prescan;
 mod trace;
 
 use crate::admin::AdminApi;
@@ -29,7 +31,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tonic::server::NamedService;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
@@ -77,11 +78,16 @@ pub async fn serve(
     let auth = AuthLayer::new(state.keys.clone(), auth.is_required(), state.signer.clone());
 
     let router = Server::builder()
+        // Advertised in SETTINGS: a client may not open more at once.
+        .max_concurrent_streams(config.max_streams_per_connection)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(trace::RpcTraceLayer)
         .layer(error_info::ErrorInfoLayer)
         .layer(auth)
+        .layer(prescan::PrescanLayer {
+            max_message_bytes: limit,
+        })
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             reporter,
         )))
@@ -94,24 +100,17 @@ pub async fn serve(
         .add_service(limited!(CoverageServiceServer, CoverageApi))
         .add_service(limited!(MetricsServiceServer, MetricsApi))
         .add_service(limited!(AdminServiceServer, AdminApi));
+    let limits = incoming::Limits::from_config(config);
     match tls {
         Some(tls) => {
             tracing::info!(mutual = tls.is_mutual(), "serving TLS only");
             router
-                .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                .serve_with_incoming_shutdown(tls.incoming(listener, limits), shutdown)
                 .await?
         }
-        // Settings of the builder (nodelay, keepalive) do not reach sockets
-        // of an incoming stream we bring ourselves: set them here. Without
-        // nodelay, replies larger than a segment wait out delayed ACKs (40 ms).
         None => {
             router
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener)
-                        .with_nodelay(Some(true))
-                        .with_keepalive(Some(Duration::from_secs(60))),
-                    shutdown,
-                )
+                .serve_with_incoming_shutdown(incoming::plain(listener, limits), shutdown)
                 .await?
         }
     }

@@ -2,13 +2,20 @@
 //! arrives, with the gRPC status code recorded when the call ends (from the
 //! headers of a trailers-only reply, or from the trailers of a streamed one),
 //! and one log line per call at a level chosen by that code.
+//!
+//! A caller controls the path, so nothing here grows with it: a method the
+//! gateway does not serve is named `_OTHER` in spans and metrics, its path
+//! is logged cut short, and lines about refused or failed calls pass a rate
+//! limit (a token bucket) that reports how many similar lines it dropped.
 
+use crate::observability::{OTHER_METHOD, method_label};
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
+use std::sync::Mutex;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tower::{Layer, Service};
 use tracing::{Instrument, Span, field::Empty};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -74,15 +81,24 @@ where
         if is_infrastructure(service) {
             return Box::pin(inner.call(req));
         }
-        let full_method = path.to_owned();
+        let label = method_label(path);
+        let (service, method) = if label == OTHER_METHOD {
+            (OTHER_METHOD, OTHER_METHOD)
+        } else {
+            (service, method)
+        };
+        let name = CallName {
+            label,
+            path: (label == OTHER_METHOD).then(|| cut(path, MAX_LOGGED_PATH).to_owned()),
+        };
         let span = tracing::info_span!(
             "rpc",
-            otel.name = %path,
+            otel.name = label,
             otel.kind = "server",
             otel.status_code = Empty,
             rpc.system = "grpc",
-            rpc.service = %service,
-            rpc.method = %method,
+            rpc.service = service,
+            rpc.method = method,
             rpc.grpc.status_code = Empty,
         );
         let parent = opentelemetry::global::get_text_map_propagator(|p| {
@@ -102,7 +118,7 @@ where
             .and_then(crate::call::parse_grpc_timeout)
             .map(|t| t.mul_f64(0.95));
 
-        let method = full_method;
+        let method = name;
         Box::pin(async move {
             let started = Instant::now();
             let call = inner.call(req).instrument(span.clone());
@@ -139,10 +155,88 @@ fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
     headers.get("grpc-status")?.to_str().ok()?.parse().ok()
 }
 
+/// Longest part of an unknown path that is logged, in bytes.
+const MAX_LOGGED_PATH: usize = 128;
+
+/// What a call is named in metrics and logs.
+struct CallName {
+    /// The served method, or `_OTHER`.
+    label: &'static str,
+    /// For `_OTHER`: the path the caller sent, cut short.
+    path: Option<String>,
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a
+/// character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A token bucket over log lines: `burst` lines at once, then `per_second`.
+/// Lines it refuses are counted and reported with the next line it admits.
+pub(crate) struct LogBudget {
+    burst: f64,
+    per_second: f64,
+    state: Mutex<BudgetState>,
+}
+
+struct BudgetState {
+    tokens: f64,
+    refilled: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogBudget {
+    pub(crate) const fn new(burst: u32, per_second: u32) -> Self {
+        LogBudget {
+            burst: burst as f64,
+            per_second: per_second as f64,
+            state: Mutex::new(BudgetState {
+                tokens: burst as f64,
+                refilled: None,
+                suppressed: 0,
+            }),
+        }
+    }
+
+    /// `Some(lines suppressed since the last admitted one)` when a line may
+    /// be written now; `None` (and one more suppressed) otherwise.
+    pub(crate) fn admit(&self) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let since = s
+            .refilled
+            .map_or(Duration::ZERO, |t| now.saturating_duration_since(t));
+        s.tokens = (s.tokens + since.as_secs_f64() * self.per_second).min(self.burst);
+        s.refilled = Some(now);
+        if s.tokens >= 1.0 {
+            s.tokens -= 1.0;
+            Some(std::mem::take(&mut s.suppressed))
+        } else {
+            s.suppressed += 1;
+            None
+        }
+    }
+}
+
+/// Lines about calls refused for the caller's own mistake (no key, bad
+/// argument, unknown method): anyone can cause them.
+static REJECTED_LINES: LogBudget = LogBudget::new(20, 10);
+/// Lines about server-side failures of served methods.
+static FAILED_LINES: LogBudget = LogBudget::new(50, 20);
+
 /// Records the outcome on the span and logs the call: client mistakes at
-/// `info`, server-side trouble at `warn`/`error`, successes at `debug`.
-fn finish(span: &Span, method: &str, code: i32, started: Instant) {
-    crate::observability::rpc_finished(method, code, started.elapsed());
+/// `info`, server-side trouble at `warn`/`error`, successes at `debug`;
+/// all but successes within a [`LogBudget`].
+fn finish(span: &Span, name: &CallName, code: i32, started: Instant) {
+    crate::observability::rpc_finished(name.label, code, started.elapsed());
     let code = tonic::Code::from_i32(code);
     span.record("rpc.grpc.status_code", code as i32);
     use tonic::Code::*;
@@ -155,8 +249,30 @@ fn finish(span: &Span, method: &str, code: i32, started: Instant) {
     }
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let _entered = span.enter();
+    if code == Ok {
+        tracing::debug!(grpc.code = ?code, elapsed_ms = ms, "rpc finished");
+        return;
+    }
+    let unknown_method = name.path.is_some();
+    let budget = if unknown_method || !(server_fault || code == ResourceExhausted) {
+        &REJECTED_LINES
+    } else {
+        &FAILED_LINES
+    };
+    let Some(suppressed) = budget.admit() else {
+        return;
+    };
+    if suppressed > 0 {
+        tracing::warn!(
+            suppressed,
+            "{suppressed} similar lines about refused or failed calls suppressed"
+        );
+    }
+    if let Some(path) = name.path.as_deref() {
+        tracing::info!(grpc.code = ?code, elapsed_ms = ms, path, "call to an unknown method");
+        return;
+    }
     match code {
-        Ok => tracing::debug!(grpc.code = ?code, elapsed_ms = ms, "rpc finished"),
         Internal | Unknown | DataLoss | Unimplemented => {
             tracing::error!(grpc.code = ?code, elapsed_ms = ms, "rpc failed")
         }
@@ -171,7 +287,7 @@ fn finish(span: &Span, method: &str, code: i32, started: Instant) {
 /// status of a streamed (or successful unary) reply.
 struct StatusBody {
     inner: tonic::body::Body,
-    method: String,
+    method: CallName,
     span: Span,
     started: Instant,
     done: bool,

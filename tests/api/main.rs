@@ -9,6 +9,7 @@ mod fuzz;
 mod gateway;
 mod helpers;
 mod hostile;
+mod idempotency;
 mod metrics;
 mod pg_tls;
 mod results;

@@ -946,3 +946,90 @@ async fn a_replay_is_recognised_after_the_session_stopped_accepting_writes() {
     assert_eq!(refused.code(), Code::FailedPrecondition);
     assert!(refused.message().contains("cancelled"), "{refused:?}");
 }
+
+// --- Across a fault: the key ends with exactly one outcome -----------------
+
+/// Polls (bounded) until `n` gateway backends wait on a lock.
+async fn until_waiting_on_locks(sql: &tokio_postgres::Client, n: i64) {
+    let wait = async {
+        loop {
+            let waiting: i64 = sql
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE application_name = 'verdict' AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting >= n {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), wait)
+        .await
+        .unwrap_or_else(|_| panic!("{n} gateway backends did not wait on locks within 30 s"));
+}
+
+#[tokio::test]
+async fn a_key_held_by_a_call_whose_backend_is_terminated_goes_to_the_waiting_replay() {
+    let app = spawn_app().await;
+    let batch = metric_batch("fault-b", 7);
+    // Hold every write to metric_points, so the first call claims the key
+    // and then waits with it uncommitted.
+    let mut blocker = app.sql().await;
+    let hold = blocker.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE metric_points IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let first = tokio::spawn({
+        let mut client = MetricsServiceClient::new(connect(app.port).await);
+        let batch = batch.clone();
+        async move { client.record_metric_points(batch).await }
+    });
+    let observer = app.sql().await;
+    until_waiting_on_locks(&observer, 1).await;
+    // A second client with the same batch waits on the first one's key.
+    let second = tokio::spawn({
+        let mut client = MetricsServiceClient::new(connect(app.port).await);
+        let batch = batch.clone();
+        async move { client.record_metric_points(batch).await }
+    });
+    until_waiting_on_locks(&observer, 2).await;
+
+    // The first call's backend dies with the key claimed but not committed.
+    let killed: bool = observer
+        .query_one(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = 'verdict' AND query LIKE 'INSERT INTO metric_points%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    let first = first.await.unwrap();
+    assert!(first.is_err(), "{first:?}");
+    hold.rollback().await.unwrap();
+
+    // The waiting call takes the key and writes the batch; a retry of the
+    // failed call is then a replay of it.
+    let second = second
+        .await
+        .unwrap()
+        .expect("the waiting call")
+        .into_inner();
+    assert_eq!((second.recorded, second.replayed), (3, false));
+    let retry = app
+        .metrics
+        .clone()
+        .record_metric_points(batch)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((retry.recorded, retry.replayed), (3, true));
+    assert_eq!(count(&app, "SELECT count(*) FROM metric_points").await, 3);
+    assert_eq!(count(&app, "SELECT count(*) FROM ingest_batches").await, 1);
+}

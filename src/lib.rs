@@ -13,6 +13,7 @@ pub mod config;
 pub mod convert;
 pub mod coverage;
 pub mod db;
+pub mod digest;
 pub mod discrepancies;
 pub mod error;
 pub mod ingest;

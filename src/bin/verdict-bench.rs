@@ -377,6 +377,8 @@ async fn main() -> anyhow::Result<()> {
                                 &empty,
                                 &empty,
                                 &empty,
+                                // A content digest's size (the gateway's is SHA-256).
+                                &[0u8; 32].as_slice(),
                             ],
                         )
                         .await

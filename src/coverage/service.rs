@@ -1,10 +1,11 @@
 //! CoverageService handlers.
 
 use super::sql::{self, Change};
-use super::{AggregateQuery, CompareQuery, Counters, NewReport, TrendQuery, percent_delta};
+use super::{AggregateQuery, CompareQuery, Counters, NewReport, Report, TrendQuery, percent_delta};
 use crate::audit::{self, Outcome};
 use crate::convert::timestamp;
-use crate::error::{Error, Reason};
+use crate::digest::{self, Canonical, Content};
+use crate::error::{Error, Reason, Result};
 use crate::proto::{self, coverage_service_server::CoverageService};
 use crate::rpc::{self, RpcResult};
 use crate::sessions;
@@ -21,6 +22,68 @@ impl CoverageApi {
     pub fn new(state: AppState) -> Self {
         CoverageApi { state }
     }
+}
+
+/// The content of RecordCoverage, for its digest: the key, the report's
+/// fields and its files as a set (sorted by path). `recorded_at` counts as
+/// sent: absent (the server's clock decides) differs from any instant.
+impl Content for NewReport {
+    fn feed(&self, h: &mut Canonical) {
+        let counters = |h: &mut Canonical, c: &Counters| {
+            h.i64(c.lines_covered)
+                .i64(c.lines_total)
+                .i64(c.branches_covered)
+                .i64(c.branches_total)
+                .i64(c.functions_covered)
+                .i64(c.functions_total);
+        };
+        h.str(&self.commit_sha)
+            .str(&self.subsystem)
+            .str(&self.client_key)
+            .str(&self.branch)
+            .opt(self.session_id, |h, id| {
+                h.bytes(id.as_bytes());
+            })
+            .opt(self.recorded_at.as_ref(), |h, t| {
+                h.time(t);
+            });
+        counters(h, &self.totals);
+        h.sorted(
+            self.files.iter().collect(),
+            |f| f.path.as_str(),
+            |h, f| {
+                h.str(&f.path);
+                counters(h, &f.counters);
+            },
+        );
+    }
+}
+
+/// Decides a RecordCoverage whose key is taken. Same content: the stored
+/// report, which is what the first call returned (reports never change)
+/// and holds only what the caller sent plus the id, creation time and file
+/// count. Other content: IDEMPOTENCY_KEY_REUSED. A report from before V11
+/// has no digest and cannot be compared (its `recorded_at` may have been
+/// the server's clock): the replay is refused the same way.
+fn replay(
+    new: &NewReport,
+    digest: &[u8],
+    stored: Report,
+    stored_digest: Option<Vec<u8>>,
+) -> Result<Report> {
+    digest::check_replay(
+        digest,
+        stored_digest.as_deref(),
+        || None,
+        || {
+            digest::key_reused(
+                "client_key",
+                &new.client_key,
+                "a report of this commit and subsystem",
+            )
+        },
+    )?;
+    Ok(stored)
 }
 
 fn no_report(role: &str, commit: &str, subsystem: &str) -> Error {
@@ -45,26 +108,36 @@ impl CoverageService for CoverageApi {
     ) -> RpcResult<proto::RecordCoverageResponse> {
         let (call, req) = rpc::split(request);
         let new = NewReport::try_from(req)?;
+        let digest = digest::of("RecordCoverage", &new);
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        if let Some(session_id) = new.session_id {
-            sessions::sql::lock_accepting(&tx, session_id).await?;
-        }
-        let (report, created) = match sql::insert(&tx, Uuid::now_v7(), &new).await? {
-            Some(report) => {
-                sql::copy_files(&tx, &report, &new).await?;
-                (report, true)
+        // A replay is recognised first, even once the session stopped
+        // accepting writes: it writes nothing.
+        let (report, created) = match sql::get_for_replay(&tx, &new).await? {
+            Some((stored, stored_digest)) => (replay(&new, &digest, stored, stored_digest)?, false),
+            None => {
+                if let Some(session_id) = new.session_id {
+                    sessions::sql::lock_accepting(&tx, session_id).await?;
+                }
+                match sql::insert(&tx, Uuid::now_v7(), &new, &digest).await? {
+                    Some(report) => {
+                        sql::copy_files(&tx, &report, &new).await?;
+                        (report, true)
+                    }
+                    // A concurrent first call took the key and committed.
+                    None => {
+                        let (stored, stored_digest) =
+                            sql::get_for_replay(&tx, &new).await?.ok_or_else(|| {
+                                Error::Aborted(
+                                    Reason::ConcurrentChange,
+                                    "the report with this key was deleted concurrently; retry"
+                                        .into(),
+                                )
+                            })?;
+                        (replay(&new, &digest, stored, stored_digest)?, false)
+                    }
+                }
             }
-            // The key was taken: a retry. Return what is stored.
-            None => (
-                sql::get_by_key(&tx, &new).await?.ok_or_else(|| {
-                    Error::Aborted(
-                        Reason::ConcurrentChange,
-                        "the report with this key was deleted concurrently; retry".into(),
-                    )
-                })?,
-                false,
-            ),
         };
         let outcome = if created {
             Outcome::Created

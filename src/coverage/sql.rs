@@ -65,15 +65,22 @@ const INSERT: Stmt = Stmt::new(
     concat!(
         "INSERT INTO coverage_reports (id, commit_sha, branch, subsystem, session_id, client_key, \
          lines_covered, lines_total, branches_covered, branches_total, functions_covered, \
-         functions_total, file_count, recorded_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, COALESCE($14, now())) \
+         functions_total, file_count, recorded_at, content_digest) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, COALESCE($14, now()), $15) \
          ON CONFLICT (commit_sha, subsystem, client_key) DO NOTHING RETURNING ",
         report_columns!()
     ),
 );
 
 /// Inserts a report's row unless its key is taken; `None` when it is.
-pub async fn insert(c: &impl GenericClient, id: Uuid, r: &NewReport) -> Result<Option<Report>> {
+/// `digest` is the canonical digest of `r` (files included), kept to
+/// decide replays.
+pub async fn insert(
+    c: &impl GenericClient,
+    id: Uuid,
+    r: &NewReport,
+    digest: &[u8],
+) -> Result<Option<Report>> {
     let t = &r.totals;
     one(INSERT
         .query_opt(
@@ -93,6 +100,7 @@ pub async fn insert(c: &impl GenericClient, id: Uuid, r: &NewReport) -> Result<O
                 &t.functions_total,
                 &(r.files.len() as i32),
                 &r.recorded_at,
+                &digest,
             ],
         )
         .await?)
@@ -154,15 +162,22 @@ const BY_KEY: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         report_columns!(),
-        " FROM coverage_reports WHERE commit_sha = $1 AND subsystem = $2 AND client_key = $3"
+        ", content_digest FROM coverage_reports \
+         WHERE commit_sha = $1 AND subsystem = $2 AND client_key = $3"
     ),
 );
 
-/// The report stored under an idempotency key.
-pub async fn get_by_key(c: &impl GenericClient, r: &NewReport) -> Result<Option<Report>> {
-    one(BY_KEY
+/// The report stored under an idempotency key and its content digest
+/// (`None` for a report recorded before V11), to decide a replay.
+pub async fn get_for_replay(
+    c: &impl GenericClient,
+    r: &NewReport,
+) -> Result<Option<(Report, Option<Vec<u8>>)>> {
+    BY_KEY
         .query_opt(c, &[&r.commit_sha, &r.subsystem, &r.client_key])
-        .await?)
+        .await?
+        .map(|row| Ok((from_row(&row)?, row.try_get("content_digest")?)))
+        .transpose()
 }
 
 const LATEST_OF_COMMIT: Stmt = Stmt::new(

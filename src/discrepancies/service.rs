@@ -1,8 +1,9 @@
 //! DiscrepancyService handlers.
 
 use super::sql::{self, DiscrepancySink};
-use super::{ListDiscrepancies, Resolution, Resolve, Severity, validate_items};
+use super::{ListDiscrepancies, NewDiscrepancy, Resolution, Resolve, Severity, validate_items};
 use crate::audit::{self, Outcome};
+use crate::digest::{self, Canonical, Content};
 use crate::error::{Error, Result};
 use crate::ingest::{self, Chunk, Claim, IngestKey};
 use crate::pagination;
@@ -12,13 +13,33 @@ use crate::sessions;
 use crate::state::AppState;
 use crate::validate::Validator;
 use futures::StreamExt;
-use prost::Message;
 use std::sync::Arc;
 use tonic::{Request, Response, Streaming};
 use uuid::Uuid;
 
 /// Discrepancies committed per transaction of a streamed ingest.
 const INGEST_BATCH_ITEMS: usize = 10_000;
+
+/// `kind` of discrepancy batches in the shared ingest tables.
+const KIND: &str = "discrepancies";
+
+/// The content of a reported discrepancy for batch digests (its id is
+/// assigned by the gateway and left out).
+impl Content for NewDiscrepancy {
+    fn feed(&self, h: &mut Canonical) {
+        h.opt(self.result_id, |h, id| {
+            h.bytes(id.as_bytes());
+        })
+        .str(&self.kind)
+        .str(self.severity.as_str())
+        .str(&self.description)
+        .str(&self.source_element)
+        .str(&self.target_element)
+        .str(&self.recommendation)
+        .f64(self.confidence)
+        .str(&self.fingerprint);
+    }
+}
 
 /// The DiscrepancyService implementation.
 pub struct DiscrepancyApi {
@@ -42,33 +63,25 @@ impl DiscrepancyService for DiscrepancyApi {
         request: Request<proto::RecordDiscrepanciesRequest>,
     ) -> RpcResult<proto::RecordDiscrepanciesResponse> {
         let (call, req) = rpc::split(request);
-        let digest = ingest::digest(
-            req.items
-                .iter()
-                .map(|i| i.encode_to_vec())
-                .collect::<Vec<_>>()
-                .iter()
-                .map(Vec::as_slice),
-        );
         let mut v = Validator::new();
         let session_id = v.uuid("session_id", &req.session_id);
         let batch_id = v.required_text("batch_id", &req.batch_id, crate::sessions::MAX_REQUEST_ID);
         let items = validate_items(&mut v, req.items, false);
         v.finish()?;
+        let digest = digest::of_batch("RecordDiscrepancies", &items);
 
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        sessions::sql::lock_accepting(&tx, session_id).await?;
         let scope = session_id.to_string();
-        let claim = ingest::claim_batch(
-            &tx,
-            "discrepancies",
-            &scope,
-            &batch_id,
-            &digest,
-            items.len(),
-        )
-        .await?;
+        // A replay is recognised first, even once the session stopped
+        // accepting writes: it writes nothing.
+        let claim = match ingest::find_batch(&tx, KIND, &scope, &batch_id, &digest).await? {
+            Some(replay) => replay,
+            None => {
+                sessions::sql::lock_accepting(&tx, session_id).await?;
+                ingest::claim_batch(&tx, KIND, &scope, &batch_id, &digest, items.len()).await?
+            }
+        };
         let (ids, replayed) = match claim {
             Claim::Replay { .. } => (sql::batch_ids(&tx, session_id, &batch_id).await?, true),
             Claim::New => {
@@ -77,7 +90,7 @@ impl DiscrepancyService for DiscrepancyApi {
                     batch_id: Some(batch_id.clone()),
                 };
                 let written = ingest::Sink::write(&sink, &tx, &items).await?;
-                crate::observability::ingest_rows("discrepancies", written);
+                crate::observability::ingest_rows(KIND, written);
                 (items.iter().map(|d| d.id).collect(), false)
             }
         };

@@ -8,7 +8,6 @@ use crate::call::Call;
 use crate::db::{Db, Stmt};
 use crate::error::{Error, FieldViolation, Reason, Result};
 use futures::{Stream, StreamExt};
-use sha2::{Digest, Sha256};
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::mpsc;
@@ -25,16 +24,6 @@ pub trait Sink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<u64>> + Send + 'a;
 }
 
-/// A content digest of a batch, to tell a replay from a reused key.
-pub fn digest<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update((p.len() as u64).to_le_bytes());
-        h.update(p);
-    }
-    h.finalize().to_vec()
-}
-
 /// Whether a batch key is new or names a committed batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Claim {
@@ -45,18 +34,49 @@ pub enum Claim {
 const CLAIM: Stmt = Stmt::new(
     "INSERT",
     "ingest_batches",
-    "INSERT INTO ingest_batches (kind, scope, batch_id, digest, item_count) \
+    "INSERT INTO ingest_batches (kind, scope, batch_id, content_digest, item_count) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
 );
 
 const CLAIMED: Stmt = Stmt::new(
     "SELECT",
     "ingest_batches",
-    "SELECT digest, item_count FROM ingest_batches WHERE kind = $1 AND scope = $2 AND batch_id = $3",
+    "SELECT content_digest, item_count FROM ingest_batches \
+     WHERE kind = $1 AND scope = $2 AND batch_id = $3",
 );
 
-/// Claims `batch_id` in the caller's transaction. A concurrent claim of the
-/// same key waits for the first to commit, then sees a replay.
+/// The claim of a committed batch, decided against `digest`: `None` when
+/// `batch_id` is free, a replay when the stored digest is `digest`, and
+/// FAILED_PRECONDITION `IDEMPOTENCY_KEY_REUSED` when it differs or the batch
+/// was committed before V11 (it has no canonical digest to compare). Lets
+/// a handler recognise a replay before checking anything else (e.g. that
+/// the session still accepts writes).
+pub async fn find_batch(
+    c: &impl deadpool_postgres::GenericClient,
+    kind: &str,
+    scope: &str,
+    batch_id: &str,
+    digest: &[u8],
+) -> Result<Option<Claim>> {
+    let Some(row) = CLAIMED.query_opt(c, &[&kind, &scope, &batch_id]).await? else {
+        return Ok(None);
+    };
+    let stored: Option<Vec<u8>> = row.try_get(0)?;
+    crate::digest::check_replay(
+        digest,
+        stored.as_deref(),
+        || None,
+        || crate::digest::key_reused("batch_id", batch_id, "a batch"),
+    )?;
+    Ok(Some(Claim::Replay {
+        item_count: row.try_get(1)?,
+    }))
+}
+
+/// Claims `batch_id` in the caller's transaction. `digest` is the batch's
+/// canonical content digest ([`crate::digest::of_batch`]). A concurrent
+/// claim of the same key waits for the first to commit, then is decided
+/// as [`find_batch`] decides it.
 pub async fn claim_batch(
     tx: &deadpool_postgres::Transaction<'_>,
     kind: &str,
@@ -74,19 +94,14 @@ pub async fn claim_batch(
     if inserted == 1 {
         return Ok(Claim::New);
     }
-    let row = CLAIMED.query_one(tx, &[&kind, &scope, &batch_id]).await?;
-    let stored: Vec<u8> = row.try_get(0)?;
-    if stored != digest {
-        return Err(Error::FailedPrecondition(
-            Reason::IdempotencyKeyReused,
-            format!(
-                "batch_id {batch_id:?} was already used for a batch with other content; use a new batch_id"
-            ),
-        ));
-    }
-    Ok(Claim::Replay {
-        item_count: row.try_get(1)?,
-    })
+    find_batch(tx, kind, scope, batch_id, digest)
+        .await?
+        .ok_or_else(|| {
+            Error::Aborted(
+                Reason::ConcurrentChange,
+                format!("batch_id {batch_id:?} was released concurrently; retry"),
+            )
+        })
 }
 
 /// One chunk of a client stream, its items validated.

@@ -1,9 +1,10 @@
 //! MetricsService handlers.
 
 use super::rollups::{self, Locking};
-use super::{RollupPeriod, SeriesQuery, sql, validate_points};
+use super::{Point, RollupPeriod, SeriesQuery, sql, validate_points};
 use crate::audit::{self, Outcome};
 use crate::convert::{opt_timestamp, timestamp};
+use crate::digest::{self, Canonical, Content};
 use crate::error::{Error, Result};
 use crate::ingest::{self, Claim};
 use crate::pagination;
@@ -12,7 +13,6 @@ use crate::rpc::{self, RpcResult};
 use crate::state::AppState;
 use crate::validate::Validator;
 use chrono::{DateTime, Utc};
-use prost::Message;
 use tonic::{Request, Response};
 
 /// The MetricsService implementation.
@@ -23,6 +23,17 @@ pub struct MetricsApi {
 impl MetricsApi {
     pub fn new(state: AppState) -> Self {
         MetricsApi { state }
+    }
+}
+
+/// The content of a point for batch digests: labels sorted by key.
+impl Content for Point {
+    fn feed(&self, h: &mut Canonical) {
+        h.str(&self.name)
+            .f64(self.value)
+            .str(&self.unit)
+            .json(&self.labels)
+            .time(&self.recorded_at);
     }
 }
 
@@ -38,12 +49,11 @@ impl MetricsService for MetricsApi {
         request: Request<proto::RecordMetricPointsRequest>,
     ) -> RpcResult<proto::RecordMetricPointsResponse> {
         let (call, req) = rpc::split(request);
-        let encoded: Vec<Vec<u8>> = req.points.iter().map(|p| p.encode_to_vec()).collect();
-        let digest = ingest::digest(encoded.iter().map(Vec::as_slice));
         let mut v = Validator::new();
         let batch_id = v.required_text("batch_id", &req.batch_id, crate::sessions::MAX_REQUEST_ID);
         let points = validate_points(&mut v, req.points);
         v.finish()?;
+        let digest = digest::of_batch("RecordMetricPoints", &points);
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
         let claim =

@@ -1,8 +1,9 @@
 //! ResultService handlers.
 
-use super::{ListResults, NewResult, sql};
+use super::{ListResults, NewResult, ValidationResult, sql};
 use crate::audit::{self, Outcome};
-use crate::error::{Error, Reason};
+use crate::digest::{self, Canonical, Content};
+use crate::error::{Error, Reason, Result};
 use crate::pagination;
 use crate::proto::{self, result_service_server::ResultService};
 use crate::rpc::{self, RpcResult};
@@ -11,6 +12,58 @@ use crate::state::AppState;
 use crate::validate::Validator;
 use tonic::{Request, Response};
 use uuid::Uuid;
+
+/// The content of RecordResult, for its digest: everything the caller sets
+/// (representations with their keys sorted).
+impl Content for NewResult {
+    fn feed(&self, h: &mut Canonical) {
+        h.bytes(self.session_id.as_bytes())
+            .str(&self.request_id)
+            .str(self.result_type.as_str())
+            .str(self.overall_status.as_str())
+            .f64(self.fidelity_score)
+            .str(&self.summary)
+            .i64(self.execution_time_ms)
+            .json(&self.source_representation)
+            .json(&self.target_representation);
+    }
+}
+
+impl From<&ValidationResult> for NewResult {
+    fn from(r: &ValidationResult) -> Self {
+        NewResult {
+            session_id: r.session_id,
+            request_id: r.request_id.clone(),
+            result_type: r.result_type,
+            overall_status: r.overall_status,
+            fidelity_score: r.fidelity_score,
+            summary: r.summary.clone(),
+            execution_time_ms: r.execution_time_ms,
+            source_representation: r.source_representation.clone(),
+            target_representation: r.target_representation.clone(),
+        }
+    }
+}
+
+/// Decides a RecordResult whose request_id is taken in the session. Same
+/// content: the stored result, which is what the first call returned
+/// (results never change) and holds only what the caller sent plus the id
+/// and creation time. Other content: IDEMPOTENCY_KEY_REUSED. A result from
+/// before V11 has no digest: it is recomputed from the row.
+fn replay(
+    new: &NewResult,
+    digest: &[u8],
+    stored: ValidationResult,
+    stored_digest: Option<Vec<u8>>,
+) -> Result<ValidationResult> {
+    digest::check_replay(
+        digest,
+        stored_digest.as_deref(),
+        || Some(digest::of("RecordResult", &NewResult::from(&stored))),
+        || digest::key_reused("request_id", &new.request_id, "a result of this session"),
+    )?;
+    Ok(stored)
+}
 
 /// The ResultService implementation.
 pub struct ResultApi {
@@ -31,22 +84,33 @@ impl ResultService for ResultApi {
     ) -> RpcResult<proto::RecordResultResponse> {
         let (call, req) = rpc::split(request);
         let new = NewResult::try_from(req)?;
+        let digest = digest::of("RecordResult", &new);
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        sessions::sql::lock_accepting(&tx, new.session_id).await?;
-        let (result, created) = match sql::insert(&tx, Uuid::now_v7(), &new).await? {
-            Some(r) => (r, true),
-            None => (
-                sql::get_by_request_id(&tx, new.session_id, &new.request_id)
-                    .await?
-                    .ok_or_else(|| {
-                        Error::Aborted(
-                            Reason::ConcurrentChange,
-                            "the result was deleted concurrently; retry".into(),
-                        )
-                    })?,
-                false,
-            ),
+        // A replay is recognised first, even once the session stopped
+        // accepting writes: it writes nothing.
+        let stored = sql::get_for_replay(&tx, new.session_id, &new.request_id).await?;
+        let (result, created) = match stored {
+            Some((stored, stored_digest)) => (replay(&new, &digest, stored, stored_digest)?, false),
+            None => {
+                sessions::sql::lock_accepting(&tx, new.session_id).await?;
+                match sql::insert(&tx, Uuid::now_v7(), &new, &digest).await? {
+                    Some(r) => (r, true),
+                    // A concurrent first call took the key and committed.
+                    None => {
+                        let (stored, stored_digest) =
+                            sql::get_for_replay(&tx, new.session_id, &new.request_id)
+                                .await?
+                                .ok_or_else(|| {
+                                    Error::Aborted(
+                                        Reason::ConcurrentChange,
+                                        "the result was deleted concurrently; retry".into(),
+                                    )
+                                })?;
+                        (replay(&new, &digest, stored, stored_digest)?, false)
+                    }
+                }
+            }
         };
         let outcome = if created {
             Outcome::Created

@@ -40,18 +40,21 @@ const INSERT: Stmt = Stmt::new(
     "results",
     concat!(
         "INSERT INTO results (id, session_id, request_id, result_type, overall_status, \
-         fidelity_score, summary, execution_time_ms, source_representation, target_representation) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         fidelity_score, summary, execution_time_ms, source_representation, target_representation, \
+         content_digest) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
          ON CONFLICT (session_id, request_id) DO NOTHING RETURNING ",
         result_columns!()
     ),
 );
 
-/// Inserts a result unless its request_id is taken in the session.
+/// Inserts a result unless its request_id is taken in the session;
+/// `digest` is the canonical digest of `r`, kept to decide replays.
 pub async fn insert(
     c: &impl GenericClient,
     id: Uuid,
     r: &NewResult,
+    digest: &[u8],
 ) -> Result<Option<ValidationResult>> {
     INSERT
         .query_opt(
@@ -67,6 +70,7 @@ pub async fn insert(
                 &r.execution_time_ms,
                 &r.source_representation,
                 &r.target_representation,
+                &digest,
             ],
         )
         .await?
@@ -81,20 +85,21 @@ const BY_REQUEST_ID: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         result_columns!(),
-        " FROM results WHERE session_id = $1 AND request_id = $2"
+        ", content_digest FROM results WHERE session_id = $1 AND request_id = $2"
     ),
 );
 
-pub async fn get_by_request_id(
+/// The result holding `request_id` in the session and its content digest
+/// (`None` for a result recorded before V11), to decide a replay.
+pub async fn get_for_replay(
     c: &impl GenericClient,
     session_id: Uuid,
     request_id: &str,
-) -> Result<Option<ValidationResult>> {
+) -> Result<Option<(ValidationResult, Option<Vec<u8>>)>> {
     BY_REQUEST_ID
         .query_opt(c, &[&session_id, &request_id])
         .await?
-        .as_ref()
-        .map(from_row)
+        .map(|row| Ok((from_row(&row)?, row.try_get("content_digest")?)))
         .transpose()
 }
 

@@ -2,10 +2,12 @@
 //! transaction the handler owns, convert back.
 
 use super::{
-    ListLogs, ListSessions, NewLogEntry, NewSession, SessionLookup, StatusChange, sql, watch,
+    ListLogs, ListSessions, NewLogEntry, NewSession, Session, SessionLookup, SessionStatus,
+    StatusChange, sql, watch,
 };
 use crate::audit::{self, Outcome};
-use crate::error::{Error, Reason};
+use crate::digest::{self, Canonical, Content};
+use crate::error::{Error, Reason, Result};
 use crate::pagination;
 use crate::proto::{self, session_service_server::SessionService};
 use crate::rpc::{self, RpcResult};
@@ -24,6 +26,62 @@ impl SessionApi {
     }
 }
 
+/// The content of CreateSession, for its digest: everything the caller
+/// sets (Structs with their keys sorted).
+impl Content for NewSession {
+    fn feed(&self, h: &mut Canonical) {
+        h.str(&self.request_id)
+            .str(&self.source_technology)
+            .str(&self.target_technology)
+            .str(&self.validation_scope)
+            .json(&self.config)
+            .json(&self.input_refs)
+            .json(&self.metadata);
+    }
+}
+
+/// Decides a CreateSession whose request_id is taken. Same content: the
+/// reply of the first call — the session as it was created (PENDING,
+/// version 1), not as it is now, so a replay shows a write-only caller
+/// nothing but what it sent, the id and the creation time. Other content:
+/// IDEMPOTENCY_KEY_REUSED. A session from before V11 has no digest; its
+/// content never changes, so the digest is recomputed from the row.
+fn replay(
+    new: &NewSession,
+    digest: &[u8],
+    stored: Session,
+    stored_digest: Option<Vec<u8>>,
+) -> Result<Session> {
+    digest::check_replay(
+        digest,
+        stored_digest.as_deref(),
+        || Some(digest::of("CreateSession", &NewSession::from(&stored))),
+        || digest::key_reused("request_id", &new.request_id, "a session"),
+    )?;
+    Ok(Session {
+        status: SessionStatus::Pending,
+        updated_at: stored.created_at,
+        started_at: None,
+        completed_at: None,
+        version: 1,
+        ..stored
+    })
+}
+
+impl From<&Session> for NewSession {
+    fn from(s: &Session) -> Self {
+        NewSession {
+            request_id: s.request_id.clone(),
+            source_technology: s.source_technology.clone(),
+            target_technology: s.target_technology.clone(),
+            validation_scope: s.validation_scope.clone(),
+            config: s.config.clone(),
+            input_refs: s.input_refs.clone(),
+            metadata: s.metadata.clone(),
+        }
+    }
+}
+
 fn not_found(id: impl std::fmt::Display) -> Error {
     Error::NotFound(format!("session {id} not found"))
 }
@@ -36,13 +94,17 @@ impl SessionService for SessionApi {
     ) -> RpcResult<proto::CreateSessionResponse> {
         let (call, req) = rpc::split(request);
         let new = NewSession::try_from(req)?;
+        let digest = digest::of("CreateSession", &new);
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let (session, created) = match sql::insert(&tx, Uuid::now_v7(), &new).await? {
+        let (session, created) = match sql::insert(&tx, Uuid::now_v7(), &new, &digest).await? {
             Some(s) => (s, true),
-            // The key was taken: a retry. Return what is stored.
-            None => match sql::get_by_request_id(&tx, &new.request_id).await? {
-                Some(s) => (s, false),
+            // The key was taken (a concurrent first call waited for):
+            // a replay, or a reused key.
+            None => match sql::get_for_replay(&tx, &new.request_id).await? {
+                Some((stored, stored_digest)) => {
+                    (replay(&new, &digest, stored, stored_digest)?, false)
+                }
                 None => {
                     return Err(Error::Aborted(
                         Reason::ConcurrentChange,

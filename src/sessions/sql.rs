@@ -65,15 +65,21 @@ pub const INSERT: Stmt = Stmt::new(
     "sessions",
     concat!(
         "INSERT INTO sessions (id, request_id, source_technology, target_technology, \
-         validation_scope, config, input_refs, metadata) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         validation_scope, config, input_refs, metadata, content_digest) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
          ON CONFLICT (request_id) DO NOTHING RETURNING ",
         session_columns!()
     ),
 );
 
 /// Inserts a session unless its request_id is taken; `None` when it is.
-pub async fn insert(c: &impl GenericClient, id: Uuid, s: &NewSession) -> Result<Option<Session>> {
+/// `digest` is the canonical digest of `s`, kept to decide replays.
+pub async fn insert(
+    c: &impl GenericClient,
+    id: Uuid,
+    s: &NewSession,
+    digest: &[u8],
+) -> Result<Option<Session>> {
     INSERT
         .query_opt(
             c,
@@ -86,6 +92,7 @@ pub async fn insert(c: &impl GenericClient, id: Uuid, s: &NewSession) -> Result<
                 &s.config,
                 &s.input_refs,
                 &s.metadata,
+                &digest,
             ],
         )
         .await?
@@ -153,6 +160,29 @@ pub async fn get_by_request_id(
         .await?
         .as_ref()
         .map(session_from_row)
+        .transpose()
+}
+
+const BY_REQUEST_ID_FOR_REPLAY: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    concat!(
+        "SELECT ",
+        session_columns!(),
+        ", content_digest FROM sessions WHERE request_id = $1"
+    ),
+);
+
+/// The session holding `request_id` and its content digest (`None` for a
+/// session created before V11), to decide a replay of CreateSession.
+pub async fn get_for_replay(
+    c: &impl GenericClient,
+    request_id: &str,
+) -> Result<Option<(Session, Option<Vec<u8>>)>> {
+    BY_REQUEST_ID_FOR_REPLAY
+        .query_opt(c, &[&request_id])
+        .await?
+        .map(|row| Ok((session_from_row(&row)?, row.try_get("content_digest")?)))
         .transpose()
 }
 

@@ -73,6 +73,32 @@ pub struct NewExecution {
     pub performance: Json,
 }
 
+/// The content of a reported execution for batch digests (its id and its
+/// place in the request are left out; `performance` and every Struct are
+/// hashed with their keys sorted).
+impl crate::digest::Content for NewExecution {
+    fn feed(&self, h: &mut crate::digest::Canonical) {
+        match &self.test_case {
+            TestCaseRef::Id(id) => h.str("id").bytes(id.as_bytes()),
+            TestCaseRef::Key(key) => h.str("key").str(key),
+        };
+        h.opt(self.session_id, |h, id| {
+            h.bytes(id.as_bytes());
+        })
+        .str(self.status.as_str())
+        .time(&self.started_at)
+        .i64(self.duration_ms)
+        .json(&self.environment)
+        .str(&self.error_message)
+        .str(&self.stack_trace)
+        .seq(self.screenshot_refs.iter(), |h, r| {
+            h.str(r);
+        })
+        .json(&self.interaction_log)
+        .json(&self.performance);
+    }
+}
+
 /// Validates one reported execution; violations are named `items[i].field`.
 pub fn validate_input(
     v: &mut Validator,

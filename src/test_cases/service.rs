@@ -3,9 +3,11 @@
 use super::executions::{ListExecutions, StatisticsQuery, StatsScope, validate_items};
 use super::executions_sql::{self, ExecutionSink};
 use super::{
-    ExecutionStatus, ListTestCases, NewTestCase, TestCaseRef, TestCaseUpdate, sql, statistics_sql,
+    ExecutionStatus, ListTestCases, NewTestCase, TestCase, TestCaseFields, TestCaseRef,
+    TestCaseUpdate, sql, statistics_sql,
 };
 use crate::audit::{self, Outcome};
+use crate::digest::{self, Canonical, Content};
 use crate::error::{Error, Reason, Result};
 use crate::ingest::{self, Chunk, Claim, IngestKey};
 use crate::pagination;
@@ -15,7 +17,6 @@ use crate::state::AppState;
 use crate::validate::Validator;
 use deadpool_postgres::GenericClient;
 use futures::StreamExt;
-use prost::Message;
 use std::sync::Arc;
 use tonic::{Request, Response, Streaming};
 use uuid::Uuid;
@@ -44,6 +45,75 @@ async fn resolve(c: &impl GenericClient, r: &TestCaseRef) -> Result<Uuid> {
     Ok(sql::get(c, r).await?.ok_or_else(|| r.not_found())?.id)
 }
 
+/// The content of CreateTestCase, for its digest: the key and every field
+/// (tags as normalised, sorted and deduplicated; required_hardware with its
+/// keys sorted).
+impl Content for NewTestCase {
+    fn feed(&self, h: &mut Canonical) {
+        let f = &self.fields;
+        h.str(&self.key)
+            .str(&f.name)
+            .str(&f.description)
+            .str(f.test_type.as_str())
+            .str(&f.target_subsystem)
+            .json(&f.required_hardware)
+            .seq(f.tags.iter(), |h, t| {
+                h.str(t);
+            });
+    }
+}
+
+/// Decides a CreateTestCase whose key is taken. Same content as the create
+/// that took it: the reply of that first call — the test case as created
+/// (version 1), rebuilt from what this caller sent plus the stored id and
+/// creation time — whatever UpdateTestCase changed since, so a replay shows
+/// a write-only caller nothing it did not send. Other content (including
+/// content equal to a later update): IDEMPOTENCY_KEY_REUSED. A test case
+/// from before V11 has no digest: at version 1 it still holds its creation
+/// content and the digest is recomputed from it; once updated it is refused.
+fn replay(
+    new: NewTestCase,
+    digest: &[u8],
+    stored: TestCase,
+    stored_digest: Option<Vec<u8>>,
+) -> Result<TestCase> {
+    digest::check_replay(
+        digest,
+        stored_digest.as_deref(),
+        || (stored.version == 1).then(|| digest::of("CreateTestCase", &creation_content(&stored))),
+        || digest::key_reused("key", &new.key, "a test case"),
+    )?;
+    let f = new.fields;
+    Ok(TestCase {
+        id: stored.id,
+        key: new.key,
+        name: f.name,
+        description: f.description,
+        test_type: f.test_type,
+        target_subsystem: f.target_subsystem,
+        required_hardware: f.required_hardware,
+        tags: f.tags,
+        version: 1,
+        created_at: stored.created_at,
+        updated_at: stored.created_at,
+    })
+}
+
+/// What a test case still at version 1 was created with.
+fn creation_content(t: &TestCase) -> NewTestCase {
+    NewTestCase {
+        key: t.key.clone(),
+        fields: TestCaseFields {
+            name: t.name.clone(),
+            description: t.description.clone(),
+            test_type: t.test_type,
+            target_subsystem: t.target_subsystem.clone(),
+            required_hardware: t.required_hardware.clone(),
+            tags: t.tags.clone(),
+        },
+    }
+}
+
 fn stale(id: Uuid, current: i64, expected: i64) -> Error {
     Error::Aborted(
         Reason::VersionMismatch,
@@ -59,21 +129,23 @@ impl TestCaseService for TestCaseApi {
     ) -> RpcResult<proto::CreateTestCaseResponse> {
         let (call, req) = rpc::split(request);
         let new = NewTestCase::try_from(req)?;
+        let digest = digest::of("CreateTestCase", &new);
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let (test_case, created) = match sql::insert(&tx, Uuid::now_v7(), &new).await? {
+        let (test_case, created) = match sql::insert(&tx, Uuid::now_v7(), &new, &digest).await? {
             Some(t) => (t, true),
-            None => (
-                sql::get(&tx, &TestCaseRef::Key(new.key.clone()))
-                    .await?
-                    .ok_or_else(|| {
+            // The key was taken (a concurrent first call waited for):
+            // a replay, or a reused key.
+            None => {
+                let (stored, stored_digest) =
+                    sql::get_for_replay(&tx, &new.key).await?.ok_or_else(|| {
                         Error::Aborted(
                             Reason::ConcurrentChange,
                             "the test case with this key was deleted concurrently; retry".into(),
                         )
-                    })?,
-                false,
-            ),
+                    })?;
+                (replay(new, &digest, stored, stored_digest)?, false)
+            }
         };
         let outcome = if created {
             Outcome::Created
@@ -195,12 +267,11 @@ impl TestCaseService for TestCaseApi {
         request: Request<proto::RecordExecutionsRequest>,
     ) -> RpcResult<proto::RecordExecutionsResponse> {
         let (call, req) = rpc::split(request);
-        let encoded: Vec<Vec<u8>> = req.items.iter().map(|i| i.encode_to_vec()).collect();
-        let digest = ingest::digest(encoded.iter().map(Vec::as_slice));
         let mut v = Validator::new();
         let batch_id = v.required_text("batch_id", &req.batch_id, crate::sessions::MAX_REQUEST_ID);
         let items = validate_items(&mut v, req.items, None, false);
         v.finish()?;
+        let digest = digest::of_batch("RecordExecutions", &items);
 
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;

@@ -39,14 +39,20 @@ const INSERT: Stmt = Stmt::new(
     "test_cases",
     concat!(
         "INSERT INTO test_cases (id, key, name, description, test_type, target_subsystem, \
-         required_hardware, tags) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
+         required_hardware, tags, content_digest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
          ON CONFLICT (key) DO NOTHING RETURNING ",
         test_case_columns!()
     ),
 );
 
 /// Inserts a test case unless its key is taken; `None` when it is.
-pub async fn insert(c: &impl GenericClient, id: Uuid, t: &NewTestCase) -> Result<Option<TestCase>> {
+/// `digest` is the canonical digest of `t`, kept to decide replays.
+pub async fn insert(
+    c: &impl GenericClient,
+    id: Uuid,
+    t: &NewTestCase,
+    digest: &[u8],
+) -> Result<Option<TestCase>> {
     let f = &t.fields;
     one(INSERT
         .query_opt(
@@ -60,6 +66,7 @@ pub async fn insert(c: &impl GenericClient, id: Uuid, t: &NewTestCase) -> Result
                 &f.target_subsystem,
                 &f.required_hardware,
                 &f.tags,
+                &digest,
             ],
         )
         .await?)
@@ -91,6 +98,29 @@ pub async fn get(c: &impl GenericClient, r: &TestCaseRef) -> Result<Option<TestC
         TestCaseRef::Id(id) => one(BY_ID.query_opt(c, &[id]).await?),
         TestCaseRef::Key(key) => one(BY_KEY.query_opt(c, &[key]).await?),
     }
+}
+
+const BY_KEY_FOR_REPLAY: Stmt = Stmt::new(
+    "SELECT",
+    "test_cases",
+    concat!(
+        "SELECT ",
+        test_case_columns!(),
+        ", content_digest FROM test_cases WHERE key = $1"
+    ),
+);
+
+/// The test case holding `key` and the digest of the content that created
+/// it (`None` for one created before V11), to decide a CreateTestCase replay.
+pub async fn get_for_replay(
+    c: &impl GenericClient,
+    key: &str,
+) -> Result<Option<(TestCase, Option<Vec<u8>>)>> {
+    BY_KEY_FOR_REPLAY
+        .query_opt(c, &[&key])
+        .await?
+        .map(|row| Ok((from_row(&row)?, row.try_get("content_digest")?)))
+        .transpose()
 }
 
 const BY_ID_FOR_UPDATE: Stmt = Stmt::new(

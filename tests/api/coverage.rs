@@ -85,7 +85,7 @@ fn close(a: Option<f64>, b: f64) -> bool {
 }
 
 #[tokio::test]
-async fn recording_a_report_twice_returns_the_stored_one_and_files_sum_into_totals() {
+async fn recording_a_report_twice_replays_the_stored_one_and_files_sum_into_totals() {
     let app = spawn_app().await;
     let mut req = report("ABCDEF0123", "main", "api", "ci-1");
     req.files = vec![
@@ -106,11 +106,19 @@ async fn recording_a_report_twice_returns_the_stored_one_and_files_sum_into_tota
     let p = stored.percentages.unwrap();
     assert!(close(p.lines, 80.0) && close(p.branches, 50.0) && close(p.functions, 75.0));
 
-    // A retry (even with other content) answers with what is stored.
-    req.files.pop();
-    let again = client.record_coverage(req).await.unwrap().into_inner();
+    // A retry with the same content (files in any order) answers with what
+    // is stored; other content under the key is refused.
+    req.files.reverse();
+    let again = client
+        .record_coverage(req.clone())
+        .await
+        .unwrap()
+        .into_inner();
     assert!(!again.created);
     assert_eq!(again.report.unwrap(), stored);
+    req.files.pop();
+    let refused = client.record_coverage(req).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
     assert_eq!(
         count(&app, "SELECT count(*) FROM coverage_reports").await,
         1

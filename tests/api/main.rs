@@ -10,6 +10,7 @@ mod fuzz;
 mod gateway;
 mod helpers;
 mod hostile;
+mod idempotency;
 mod keys;
 mod metrics;
 mod pg_tls;

@@ -45,12 +45,18 @@ async fn record_result_stores_it_once_per_request_id() {
         .unwrap()
         .into_inner();
     let again = client
-        .record_result(new_result(&s.id, "res-1", 0.10))
+        .record_result(new_result(&s.id, "res-1", 0.93))
         .await
         .unwrap()
         .into_inner();
     assert!(first.created && !again.created);
     assert_eq!(first.result, again.result);
+    // The same key with other content is refused.
+    let refused = client
+        .record_result(new_result(&s.id, "res-1", 0.10))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
     let stored: f64 = app
         .sql()
         .await

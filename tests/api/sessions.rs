@@ -112,18 +112,27 @@ async fn create_session_is_idempotent_on_request_id() {
         .await
         .unwrap()
         .into_inner();
-    let mut retry = new_session("same");
-    retry.validation_scope = "something else".into();
     let second = app
         .sessions
         .clone()
-        .create_session(retry)
+        .create_session(new_session("same"))
         .await
         .unwrap()
         .into_inner();
     assert!(first.created);
     assert!(!second.created);
     assert_eq!(first.session, second.session);
+    // The same key with other content is refused, not answered with the
+    // stored session (tests/api/idempotency.rs covers every RPC).
+    let mut reused = new_session("same");
+    reused.validation_scope = "something else".into();
+    let refused = app
+        .sessions
+        .clone()
+        .create_session(reused)
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
 
     let count: i64 = app
         .sql()

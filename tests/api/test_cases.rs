@@ -85,7 +85,7 @@ async fn count(app: &TestApp, sql: &str) -> i64 {
 }
 
 #[tokio::test]
-async fn creating_a_test_case_twice_returns_the_stored_one_found_by_id_or_key() {
+async fn creating_a_test_case_twice_replays_the_first_reply_found_by_id_or_key() {
     let app = spawn_app().await;
     let mut client = app.test_cases.clone();
     let mut req = new_test_case("test-001", TestType::Integration, "billing");
@@ -96,11 +96,17 @@ async fn creating_a_test_case_twice_returns_the_stored_one_found_by_id_or_key() 
     assert_eq!(stored.tags, ["slow", "smoke"]);
     assert_eq!(stored.version, 1);
 
-    let mut again = new_test_case("test-001", TestType::Unit, "other");
-    again.name = "something else".into();
+    // The same content (tags in another order) replays the first reply…
+    let mut again = new_test_case("test-001", TestType::Integration, "billing");
+    again.tags = vec!["smoke".into(), "slow".into()];
     let second = client.create_test_case(again).await.unwrap().into_inner();
     assert!(!second.created);
     assert_eq!(second.test_case.unwrap(), stored);
+    // …other content under the key is refused.
+    let mut other = new_test_case("test-001", TestType::Unit, "other");
+    other.name = "something else".into();
+    let refused = client.create_test_case(other).await.unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition);
     assert_eq!(count(&app, "SELECT count(*) FROM test_cases").await, 1);
 
     for lookup in [

@@ -259,6 +259,52 @@ pub struct Config {
         global = true
     )]
     pub tls_reload_interval_ms: u64,
+
+    /// Bytes (encoded) of chunks one client-stream ingest may hold between
+    /// reading them from the socket and committing them; past it the
+    /// gateway stops reading and HTTP/2 flow control holds the client.
+    #[arg(
+        long,
+        env = "VERDICT_INGEST_BUFFER_BYTES",
+        default_value_t = 8 * 1024 * 1024,
+        value_parser = clap::value_parser!(u32).range(64 * 1024..),
+        global = true
+    )]
+    pub ingest_buffer_bytes: u32,
+
+    /// How long a client stream may send nothing before it is ended with
+    /// DEADLINE_EXCEEDED (reason STREAM_IDLE): e.g. `60s`, `500ms`, `2m`
+    /// (a bare number is seconds).
+    #[arg(
+        long,
+        env = "VERDICT_STREAM_IDLE_TIMEOUT",
+        default_value = "60s",
+        value_parser = parse_duration,
+        global = true
+    )]
+    pub stream_idle_timeout: Duration,
+}
+
+/// `60s`, `500ms`, `2m` or a bare number of seconds; more than zero.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration such as 60s, 500ms or 2m"))?;
+    let d = match unit {
+        "" | "s" => Duration::from_secs(n),
+        "ms" => Duration::from_millis(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        _ => return Err(format!("{text:?}: the unit must be ms, s or m")),
+    };
+    if d.is_zero() {
+        return Err("must be more than zero".into());
+    }
+    Ok(d)
 }
 
 impl Config {

@@ -192,6 +192,7 @@ impl Application {
             hub: hub.clone(),
             shutdown: shutdown_rx.clone(),
             signer: self.signer.clone(),
+            ingest: crate::ingest::Limits::from_config(&self.config),
         };
         self.auth.log(self.config.listen);
 

@@ -15,4 +15,6 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// The page-token key of this gateway.
     pub signer: Signer,
+    /// Bounds of client-stream ingests.
+    pub ingest: crate::ingest::Limits,
 }

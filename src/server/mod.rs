@@ -80,6 +80,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(trace::RpcTraceLayer)
         .layer(decode::DecodeErrorLayer)
+        .layer(crate::ingest::ResetLayer)
         .layer(auth)
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             reporter,

@@ -9,6 +9,7 @@ mod fuzz;
 mod gateway;
 mod helpers;
 mod hostile;
+mod ingest;
 mod metrics;
 mod pg_tls;
 mod results;

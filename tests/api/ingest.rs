@@ -145,8 +145,11 @@ async fn gateway_is_quiet(sql: &tokio_postgres::Client) -> bool {
 }
 
 #[tokio::test]
-async fn a_stream_cut_by_its_deadline_commits_nothing_it_had_not_committed_and_no_audit_row() {
-    let app = spawn_app().await;
+async fn a_stream_that_goes_silent_commits_nothing_it_had_not_committed_and_no_audit_row() {
+    let (_, url) = crate::helpers::create_database().await;
+    let mut config = test_config(&url);
+    config.stream_idle_timeout = Duration::from_secs(2);
+    let app = spawn_app_with(config).await;
     let s = create(&app, "s").await;
     // The test holds a lock that stalls the gateway's first batch mid-write.
     let mut blocker = app.sql().await;
@@ -155,15 +158,15 @@ async fn a_stream_cut_by_its_deadline_commits_nothing_it_had_not_committed_and_n
         .await
         .unwrap();
 
-    // Chunks 1-10 fill one batch (10,000 items); 11-13 are the tail.
+    // Chunks 1-10 fill one batch (10,000 items); 11-13 are the tail. Then
+    // the client goes silent (the stream stays open).
     let (tx, rx) = mpsc::channel(16);
     for seq in 1..=13 {
         tx.send(chunk("cut", &s.id, seq, 1000)).await.unwrap();
     }
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    request.set_timeout(Duration::from_secs(3));
     let mut client = app.discrepancies.clone();
-    let call = tokio::spawn(async move { client.ingest_discrepancies(request).await });
+    let call =
+        tokio::spawn(async move { client.ingest_discrepancies(ReceiverStream::new(rx)).await });
     let sql = app.sql().await;
     until("the first batch waits on the lock", || {
         gateway_waits_on_a_lock(&sql)
@@ -172,6 +175,7 @@ async fn a_stream_cut_by_its_deadline_commits_nothing_it_had_not_committed_and_n
 
     let err = call.await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(reason(&err), "STREAM_IDLE");
     // The call is over; now let the stalled write go on, and wait until the
     // gateway's connections are idle: whatever it was going to do is done.
     lock.commit().await.unwrap();
@@ -320,6 +324,13 @@ async fn concurrent_resends_of_one_ingest_store_it_once_and_each_reply_adds_up()
 #[tokio::test]
 async fn an_execution_ingest_cancelled_half_way_and_resent_reports_every_chunk() {
     let app = spawn_app().await;
+    for i in 0..4 {
+        crate::test_cases::create_test_case(
+            &app,
+            crate::test_cases::new_test_case(&format!("s-{i}"), verdict::proto::TestType::Unit, ""),
+        )
+        .await;
+    }
     let all: Vec<_> = (1..=40)
         .map(|seq| execution_chunk("ex", seq, 1000))
         .collect();

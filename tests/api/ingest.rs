@@ -135,7 +135,7 @@ async fn gateway_waits_on_a_lock(sql: &tokio_postgres::Client) -> bool {
 async fn gateway_is_quiet(sql: &tokio_postgres::Client) -> bool {
     sql.query_one(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND application_name = 'verdict' AND state <> 'idle'",
+         AND application_name = 'verdict' AND state <> 'idle' AND pid <> pg_backend_pid()",
         &[],
     )
     .await

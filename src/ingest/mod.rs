@@ -172,7 +172,7 @@ const MARK_ENSURE: Stmt = Stmt::new(
 const MARK_LOCK: Stmt = Stmt::new(
     "SELECT",
     "ingest_marks",
-    "SELECT high_water_mark FROM ingest_marks WHERE kind = $1 AND ingest_id = $2 FOR UPDATE",
+    "SELECT high_water_mark, scope FROM ingest_marks WHERE kind = $1 AND ingest_id = $2 FOR UPDATE",
 );
 
 const MARK_ADVANCE: Stmt = Stmt::new(
@@ -295,15 +295,7 @@ where
     let mark = {
         let mut conn = db.conn(call).await?;
         match status(conn.client().await?, key.kind, &key.ingest_id).await? {
-            Some(s) if s.scope != key.scope => {
-                return Err(Error::FailedPrecondition(
-                    Reason::IdempotencyKeyReused,
-                    format!(
-                        "ingest_id {:?} was used for another target ({}); use a new ingest_id",
-                        key.ingest_id, s.scope
-                    ),
-                ));
-            }
+            Some(s) if s.scope != key.scope => return Err(reused(&key.ingest_id, &s.scope)),
             Some(s) => s.high_water_mark,
             None => 0,
         }
@@ -411,10 +403,16 @@ async fn write_batches<S: Sink>(
         MARK_ENSURE
             .execute(&tx, &[&key.kind, &key.ingest_id, &key.scope])
             .await?;
-        let current: i64 = MARK_LOCK
+        let row = MARK_LOCK
             .query_one(&tx, &[&key.kind, &key.ingest_id])
-            .await?
-            .try_get(0)?;
+            .await?;
+        let current: i64 = row.try_get(0)?;
+        // A concurrent first call with this ingest_id may have claimed it
+        // for another target.
+        let scope: String = row.try_get(1)?;
+        if scope != key.scope {
+            return Err(reused(&key.ingest_id, &scope));
+        }
         // Another call with the same ingest_id may have committed some of
         // these chunks since this one read the mark: they count as skipped.
         let received = chunks.len();
@@ -469,6 +467,15 @@ async fn write_batches<S: Sink>(
     Err(Error::Internal(
         "the ingest reader stopped without a half-close".into(),
     ))
+}
+
+fn reused(ingest_id: &str, scope: &str) -> Error {
+    Error::FailedPrecondition(
+        Reason::IdempotencyKeyReused,
+        format!(
+            "ingest_id {ingest_id:?} was used for another target ({scope}); use a new ingest_id"
+        ),
+    )
 }
 
 fn idle(timeout: Duration) -> Error {

@@ -668,3 +668,46 @@ async fn one_ingest_id_sent_at_once_for_two_sessions_is_stored_for_one_only() {
         1
     );
 }
+
+// Two workers: the gateway's answer at the deadline must not wait behind the
+// test's own work on one thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_by_its_deadline_commits_nothing_it_had_not_committed() {
+    let app = spawn_app().await;
+    let s = create(&app, "s").await;
+    let mut blocker = app.sql().await;
+    let lock = blocker.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE discrepancies IN SHARE MODE")
+        .await
+        .unwrap();
+    // A full batch (chunks 1-10) stalls on the lock; 11-13 are the tail.
+    let (tx, rx) = mpsc::channel(16);
+    for seq in 1..=13 {
+        tx.send(chunk("dl", &s.id, seq, 1000)).await.unwrap();
+    }
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.set_timeout(Duration::from_secs(4));
+    let err = app
+        .discrepancies
+        .clone()
+        .ingest_discrepancies(request)
+        .await
+        .unwrap_err();
+    // The gateway's own answer, sent after it dropped the call's work.
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert_eq!(reason(&err), "DEADLINE_EXCEEDED");
+    drop(tx);
+    lock.commit().await.unwrap();
+    let sql = app.sql().await;
+    until("the gateway is idle", || gateway_is_quiet(&sql)).await;
+    assert_eq!(count(&app, "SELECT count(*) FROM discrepancies").await, 0);
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM audit_events WHERE rpc LIKE '%IngestDiscrepancies'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(status(&app, "dl").await.unwrap_err().code(), Code::NotFound);
+}

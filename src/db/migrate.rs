@@ -127,11 +127,14 @@ async fn refuse_unknown(client: &mut tokio_postgres::Client) -> anyhow::Result<(
     Ok(())
 }
 
-/// Versions of the migrations embedded in this binary.
+/// Versions of the migrations embedded in this binary, ascending (the
+/// embedded list follows file-name order, where V13 comes before V1).
 pub fn known_versions() -> Vec<i32> {
-    runner()
+    let mut versions: Vec<i32> = runner()
         .get_migrations()
         .iter()
         .map(|m| m.version())
-        .collect()
+        .collect();
+    versions.sort_unstable();
+    versions
 }

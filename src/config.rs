@@ -436,4 +436,18 @@ mod tests {
         assert!(!shown.contains("hunter2"));
         assert!(!shown.contains("hunter3"));
     }
+
+    #[test]
+    fn stream_idle_timeout_reads_units_and_refuses_zero() {
+        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("5h").is_err());
+        assert!(parse_duration("soon").is_err());
+        let config = Config::for_database(None);
+        assert_eq!(config.stream_idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.ingest_buffer_bytes, 8 * 1024 * 1024);
+    }
 }

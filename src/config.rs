@@ -365,6 +365,30 @@ pub struct Config {
         global = true
     )]
     pub max_streams_per_connection: u32,
+
+    /// Bytes (encoded) of chunks one client-stream ingest may hold between
+    /// reading them from the socket and committing them; past it the
+    /// gateway stops reading and HTTP/2 flow control holds the client.
+    #[arg(
+        long,
+        env = "VERDICT_INGEST_BUFFER_BYTES",
+        default_value_t = 8 * 1024 * 1024,
+        value_parser = clap::value_parser!(u32).range(64 * 1024..),
+        global = true
+    )]
+    pub ingest_buffer_bytes: u32,
+
+    /// How long a client stream may send nothing before it is ended with
+    /// DEADLINE_EXCEEDED (reason STREAM_IDLE): e.g. `60s`, `500ms`, `2m`
+    /// (a bare number is seconds).
+    #[arg(
+        long,
+        env = "VERDICT_STREAM_IDLE_TIMEOUT",
+        default_value = "60s",
+        value_parser = parse_duration,
+        global = true
+    )]
+    pub stream_idle_timeout: Duration,
 }
 
 /// A duration such as `500ms`, `45s`, `5m` or `2h` (a bare number is seconds).
@@ -514,6 +538,8 @@ impl std::fmt::Debug for Config {
                 "max_streams_per_connection",
                 &self.max_streams_per_connection,
             )
+            .field("ingest_buffer_bytes", &self.ingest_buffer_bytes)
+            .field("stream_idle_timeout", &self.stream_idle_timeout)
             .finish()
     }
 }
@@ -681,5 +707,12 @@ mod tests {
         let shown = format!("{config:?}");
         assert!(!shown.contains("hunter2"));
         assert!(!shown.contains("hunter3"));
+    }
+
+    #[test]
+    fn stream_settings_have_safe_defaults() {
+        let config = Config::for_database(None);
+        assert_eq!(config.stream_idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.ingest_buffer_bytes, 8 * 1024 * 1024);
     }
 }

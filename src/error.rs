@@ -71,6 +71,9 @@ pub enum Reason {
     RateLimited,
     /// DEADLINE_EXCEEDED: the call's deadline or the statement timeout expired.
     DeadlineExceeded,
+    /// DEADLINE_EXCEEDED: a client stream sent no message for the server's idle
+    /// timeout; what it had not committed was rolled back.
+    StreamIdle,
     /// INTERNAL: a bug of the gateway; the trace id is in the message.
     Internal,
     /// UNAUTHENTICATED: no key, or a key that is unknown, not valid or revoked.
@@ -94,7 +97,7 @@ pub enum Reason {
 
 impl Reason {
     /// Every reason, in the order `proto/verdict/v1/common.proto` lists them.
-    pub const ALL: [Reason; 30] = [
+    pub const ALL: [Reason; 31] = [
         Reason::InvalidField,
         Reason::MalformedMessage,
         Reason::InvalidPageToken,
@@ -125,6 +128,7 @@ impl Reason {
         Reason::FailedPrecondition,
         Reason::KeyRevoked,
         Reason::StreamLifetimeExceeded,
+        Reason::StreamIdle,
     ];
 
     /// The reason of a status that carries none of its own (one made by
@@ -188,6 +192,7 @@ impl Reason {
             Reason::MessageTooLarge => "MESSAGE_TOO_LARGE",
             Reason::RateLimited => "RATE_LIMITED",
             Reason::DeadlineExceeded => "DEADLINE_EXCEEDED",
+            Reason::StreamIdle => "STREAM_IDLE",
             Reason::Internal => "INTERNAL",
             Reason::Unauthenticated => "UNAUTHENTICATED",
             Reason::MissingScope => "MISSING_SCOPE",
@@ -223,6 +228,13 @@ pub enum Error {
     ResourceExhausted(Reason, String),
     #[error("deadline exceeded")]
     DeadlineExceeded,
+    /// A client stream was silent for longer than the idle timeout.
+    #[error("{0}")]
+    StreamIdle(String),
+    /// The bytes of a message are not a valid encoding of its type (inside
+    /// a client stream, where no layer sees them).
+    #[error("{0}")]
+    MalformedMessage(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error("{0}")]
@@ -256,6 +268,8 @@ impl Error {
             | Error::Unavailable(r, _)
             | Error::ResourceExhausted(r, _) => *r,
             Error::DeadlineExceeded => Reason::DeadlineExceeded,
+            Error::StreamIdle(_) => Reason::StreamIdle,
+            Error::MalformedMessage(_) => Reason::MalformedMessage,
             Error::Internal(_) => Reason::Internal,
             Error::Unauthenticated(_) => Reason::Unauthenticated,
             Error::PermissionDenied(_) => Reason::MissingScope,
@@ -344,6 +358,8 @@ impl From<Error> for Status {
                 "the call's deadline (or the server's statement timeout) expired; the query was cancelled"
                     .to_owned(),
             ),
+            Error::StreamIdle(msg) => (Code::DeadlineExceeded, msg),
+            Error::MalformedMessage(msg) => (Code::InvalidArgument, msg),
             Error::Internal(detail) => {
                 tracing::error!(error.detail = %detail, "internal error");
                 (

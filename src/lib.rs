@@ -210,6 +210,7 @@ impl Application {
             shutdown: shutdown_rx.clone(),
             signer: self.signer.clone(),
             keys: self.keys.clone(),
+            ingest: crate::ingest::Limits::from_config(&self.config),
         };
         self.auth.log(self.config.listen);
 

@@ -17,4 +17,6 @@ pub struct AppState {
     pub signer: Signer,
     /// Verified API keys and their revocation signals.
     pub keys: crate::auth::KeyCache,
+    /// Bounds of client-stream ingests.
+    pub ingest: crate::ingest::Limits,
 }

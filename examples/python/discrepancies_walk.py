@@ -1,6 +1,6 @@
 """A walk through DiscrepancyService, on the session results_walk created:
 ingest discrepancies through a client stream of numbered chunks (and re-send
-it: every chunk is skipped), record a batch (and replay it), list page by
+it: every chunk is skipped; read the ingest's status), record a batch (and replay it), list page by
 page, resolve one and read its history, summarize, the error codes, and
 finally delete the session with everything recorded in it.
 
@@ -86,6 +86,15 @@ def resend_stream(walk):
     assert reply.committed_items == 0, reply
     assert reply.committed_chunks == 0, reply
     assert reply.high_water_mark == CHUNKS, reply
+    # Where an ingest stands can be read without streaming (e.g. after a
+    # cancelled call, to resume after the high-water mark).
+    status = walk.verdict.discrepancies.GetIngestStatus(
+        pb.GetDiscrepancyIngestStatusRequest(ingest_id=f"{walk.run_id}-ingest"),
+        timeout=DEADLINE_SECONDS,
+    )
+    assert status.high_water_mark == CHUNKS, status
+    assert status.committed_items == CHUNKS * PER_CHUNK, status
+    assert status.finished, status
 
 
 def record_batch(walk):

@@ -30,6 +30,7 @@ pub const TABLE: &[(&str, Scope)] = &[
     // DiscrepancyService
     ("/verdict.v1.DiscrepancyService/RecordDiscrepancies", Write),
     ("/verdict.v1.DiscrepancyService/IngestDiscrepancies", Write),
+    ("/verdict.v1.DiscrepancyService/GetIngestStatus", Read),
     ("/verdict.v1.DiscrepancyService/ListDiscrepancies", Read),
     ("/verdict.v1.DiscrepancyService/ResolveDiscrepancy", Write),
     ("/verdict.v1.DiscrepancyService/ListResolutionHistory", Read),
@@ -45,6 +46,7 @@ pub const TABLE: &[(&str, Scope)] = &[
     ("/verdict.v1.TestCaseService/DeleteTestCase", Write),
     ("/verdict.v1.TestCaseService/RecordExecutions", Write),
     ("/verdict.v1.TestCaseService/IngestExecutions", Write),
+    ("/verdict.v1.TestCaseService/GetIngestStatus", Read),
     ("/verdict.v1.TestCaseService/ListExecutions", Read),
     ("/verdict.v1.TestCaseService/GetTestStatistics", Read),
     // CoverageService

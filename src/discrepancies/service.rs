@@ -13,12 +13,15 @@ use crate::sessions;
 use crate::state::AppState;
 use crate::validate::Validator;
 use futures::StreamExt;
+use prost::Message as _;
 use std::sync::Arc;
 use tonic::{Request, Response, Streaming};
 use uuid::Uuid;
 
 /// Discrepancies committed per transaction of a streamed ingest.
 const INGEST_BATCH_ITEMS: usize = 10_000;
+/// `kind` of discrepancy ingests in the shared ingest tables.
+const INGEST_KIND: &str = "discrepancies";
 
 /// `kind` of discrepancy batches in the shared ingest tables.
 const KIND: &str = "discrepancies";
@@ -112,8 +115,10 @@ impl DiscrepancyService for DiscrepancyApi {
         request: Request<Streaming<proto::IngestDiscrepanciesRequest>>,
     ) -> RpcResult<proto::IngestDiscrepanciesResponse> {
         let (call, stream) = rpc::split(request);
-        let ((ingest_id, session_id), messages) =
-            ingest::open(stream, |first: &proto::IngestDiscrepanciesRequest| {
+        let ((ingest_id, session_id), messages) = ingest::open(
+            stream,
+            self.state.ingest,
+            |first: &proto::IngestDiscrepanciesRequest| {
                 let mut v = Validator::new();
                 let ingest_id = v.required_text(
                     "ingest_id",
@@ -123,8 +128,9 @@ impl DiscrepancyService for DiscrepancyApi {
                 let session_id = v.uuid("session_id", &first.session_id);
                 v.finish()?;
                 Ok((ingest_id, session_id))
-            })
-            .await?;
+            },
+        )
+        .await?;
         {
             let mut conn = self.state.db.conn(&call).await?;
             let tx = conn.begin().await?;
@@ -138,7 +144,7 @@ impl DiscrepancyService for DiscrepancyApi {
             &self.state.db,
             &call,
             IngestKey {
-                kind: "discrepancies",
+                kind: INGEST_KIND,
                 ingest_id,
                 scope: session_id.to_string(),
             },
@@ -148,6 +154,7 @@ impl DiscrepancyService for DiscrepancyApi {
             }),
             Box::pin(chunks),
             INGEST_BATCH_ITEMS,
+            self.state.ingest,
         )
         .await?;
         Ok(Response::new(proto::IngestDiscrepanciesResponse {
@@ -156,6 +163,26 @@ impl DiscrepancyService for DiscrepancyApi {
             skipped_chunks: outcome.skipped_chunks,
             high_water_mark: outcome.high_water_mark,
         }))
+    }
+
+    async fn get_ingest_status(
+        &self,
+        request: Request<proto::GetDiscrepancyIngestStatusRequest>,
+    ) -> RpcResult<proto::IngestStatus> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let ingest_id =
+            v.required_text("ingest_id", &req.ingest_id, crate::sessions::MAX_REQUEST_ID);
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let status = ingest::status(conn.client().await?, INGEST_KIND, &ingest_id)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no chunk of ingest {ingest_id:?} was ever committed"
+                ))
+            })?;
+        Ok(Response::new(ingest::to_proto(ingest_id, status)))
     }
 
     async fn list_discrepancies(
@@ -290,11 +317,13 @@ fn to_chunk(
     if m.sequence < 1 {
         v.violation("sequence", "must be 1 or more");
     }
+    let bytes = m.encoded_len();
     let items = validate_items(&mut v, m.items, true);
     v.finish().map_err(|e| ingest::in_chunk(e, m.sequence))?;
     Ok(Chunk {
         sequence: m.sequence,
         items,
+        bytes,
     })
 }
 

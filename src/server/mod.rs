@@ -84,6 +84,7 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
         .layer(trace::RpcTraceLayer)
         .layer(error_info::ErrorInfoLayer)
+        .layer(crate::ingest::ResetLayer)
         .layer(auth)
         .layer(prescan::PrescanLayer {
             max_message_bytes: limit,

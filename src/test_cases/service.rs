@@ -17,6 +17,7 @@ use crate::state::AppState;
 use crate::validate::Validator;
 use deadpool_postgres::GenericClient;
 use futures::StreamExt;
+use prost::Message as _;
 use std::sync::Arc;
 use tonic::{Request, Response, Streaming};
 use uuid::Uuid;
@@ -313,8 +314,10 @@ impl TestCaseService for TestCaseApi {
         request: Request<Streaming<proto::IngestExecutionsRequest>>,
     ) -> RpcResult<proto::IngestExecutionsResponse> {
         let (call, stream) = rpc::split(request);
-        let (ingest_id, messages) =
-            ingest::open(stream, |first: &proto::IngestExecutionsRequest| {
+        let (ingest_id, messages) = ingest::open(
+            stream,
+            self.state.ingest,
+            |first: &proto::IngestExecutionsRequest| {
                 let mut v = Validator::new();
                 let ingest_id = v.required_text(
                     "ingest_id",
@@ -323,8 +326,9 @@ impl TestCaseService for TestCaseApi {
                 );
                 v.finish()?;
                 Ok(ingest_id)
-            })
-            .await?;
+            },
+        )
+        .await?;
         let header = ingest_id.clone();
         let chunks = messages.map(move |m| to_chunk(&header, m?));
         let outcome = ingest::run(
@@ -338,6 +342,7 @@ impl TestCaseService for TestCaseApi {
             Arc::new(ExecutionSink { batch_id: None }),
             Box::pin(chunks),
             INGEST_BATCH_ITEMS,
+            self.state.ingest,
         )
         .await?;
         Ok(Response::new(proto::IngestExecutionsResponse {
@@ -346,6 +351,26 @@ impl TestCaseService for TestCaseApi {
             skipped_chunks: outcome.skipped_chunks,
             high_water_mark: outcome.high_water_mark,
         }))
+    }
+
+    async fn get_ingest_status(
+        &self,
+        request: Request<proto::GetExecutionIngestStatusRequest>,
+    ) -> RpcResult<proto::IngestStatus> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let ingest_id =
+            v.required_text("ingest_id", &req.ingest_id, crate::sessions::MAX_REQUEST_ID);
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let status = ingest::status(conn.client().await?, INGEST_KIND, &ingest_id)
+            .await?
+            .ok_or_else(|| {
+                Error::NotFound(format!(
+                    "no chunk of ingest {ingest_id:?} was ever committed"
+                ))
+            })?;
+        Ok(Response::new(ingest::to_proto(ingest_id, status)))
     }
 
     async fn list_executions(
@@ -406,11 +431,13 @@ fn to_chunk(
     if m.sequence < 1 {
         v.violation("sequence", "must be 1 or more");
     }
+    let bytes = m.encoded_len();
     let items = validate_items(&mut v, m.items, Some(m.sequence), true);
     v.finish().map_err(|e| ingest::in_chunk(e, m.sequence))?;
     Ok(Chunk {
         sequence: m.sequence,
         items,
+        bytes,
     })
 }
 

@@ -11,6 +11,7 @@ mod gateway;
 mod helpers;
 mod hostile;
 mod idempotency;
+mod ingest;
 mod keys;
 mod metrics;
 mod pg_tls;

@@ -501,11 +501,36 @@ async fn an_execution_stream_broken_mid_way_resumes_storing_every_execution_once
     }
     let all: Vec<_> = (1..=6).map(|seq| chunk("ing-1", seq, 5000)).collect();
 
-    // Chunks 1-2 fill a committed batch; chunk 3 is still buffered when the
-    // stream breaks (a sequence going backwards) and is dropped.
-    let mut broken: Vec<_> = all[..3].to_vec();
-    broken.push(chunk("ing-1", 2, 1));
-    let err = ingest(&app, broken).await.unwrap_err();
+    // Chunks 1-2 are committed while the stream is open (the test waits for
+    // it); chunk 3 is still buffered when the stream breaks (a sequence going
+    // backwards) and is rolled back.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    for c in all[..2].iter().cloned() {
+        tx.send(c).await.unwrap();
+    }
+    let mut client = app.test_cases.clone();
+    let call = tokio::spawn(async move {
+        client
+            .ingest_executions(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let sql = app.sql().await;
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while sql
+            .query_opt("SELECT 1 FROM ingest_marks WHERE high_water_mark >= 2", &[])
+            .await
+            .unwrap()
+            .is_none()
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the first batch was committed");
+    tx.send(all[2].clone()).await.unwrap();
+    tx.send(chunk("ing-1", 2, 1)).await.unwrap();
+    drop(tx);
+    let err = call.await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(
         count(&app, "SELECT count(*) FROM test_executions").await,

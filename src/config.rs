@@ -259,6 +259,17 @@ pub struct Config {
         global = true
     )]
     pub tls_reload_interval_ms: u64,
+
+    /// Connections of the pool that WatchSession's catch-up reads use,
+    /// apart from the request pool (one read per changed session, shared by
+    /// all its watchers).
+    #[arg(
+        long,
+        env = "VERDICT_WATCH_POOL_SIZE",
+        default_value_t = 4,
+        global = true
+    )]
+    pub watch_pool_size: usize,
 }
 
 impl Config {
@@ -340,6 +351,7 @@ impl std::fmt::Debug for Config {
             .field("tls_key", &self.tls_key)
             .field("tls_client_ca", &self.tls_client_ca)
             .field("tls_reload_interval_ms", &self.tls_reload_interval_ms)
+            .field("watch_pool_size", &self.watch_pool_size)
             .finish()
     }
 }

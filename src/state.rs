@@ -3,6 +3,7 @@
 use crate::db::Db;
 use crate::db::notify::Hub;
 use crate::pagination::Signer;
+use crate::sessions::Watches;
 use tokio::sync::watch;
 
 /// Shared handles of a running gateway; cheap to clone.
@@ -15,4 +16,6 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// The page-token key of this gateway.
     pub signer: Signer,
+    /// The shared feeds of WatchSession, with their own small pool.
+    pub watches: Watches,
 }

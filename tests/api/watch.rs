@@ -34,7 +34,10 @@ async fn watch_session_streams_changes_made_through_another_client_and_ends_when
     let mut stream = app
         .sessions
         .clone()
-        .watch_session(WatchSessionRequest { id: s.id.clone() })
+        .watch_session(WatchSessionRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -79,7 +82,10 @@ async fn watch_session_sees_changes_committed_through_another_replica() {
     let mut stream = app
         .sessions
         .clone()
-        .watch_session(WatchSessionRequest { id: s.id.clone() })
+        .watch_session(WatchSessionRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -99,6 +105,7 @@ async fn watching_a_missing_or_deleted_session_is_not_found() {
         .clone()
         .watch_session(WatchSessionRequest {
             id: uuid::Uuid::new_v4().to_string(),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -108,7 +115,10 @@ async fn watching_a_missing_or_deleted_session_is_not_found() {
     let mut stream = app
         .sessions
         .clone()
-        .watch_session(WatchSessionRequest { id: s.id.clone() })
+        .watch_session(WatchSessionRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

@@ -96,13 +96,13 @@ pub async fn start(state: &AppState, call: &Call, from: WatchFrom) -> Result<Wat
     if from.after_sequence.is_some_and(|s| s > first.log_seq) {
         v.violation(
             "after_sequence",
-            &format!(
-                "is beyond the session's last log entry ({})",
-                first.log_seq
-            ),
+            &format!("is beyond the session's last log entry ({})", first.log_seq),
         );
     }
-    if from.after_version.is_some_and(|s| s > first.session.version) {
+    if from
+        .after_version
+        .is_some_and(|s| s > first.session.version)
+    {
         v.violation(
             "after_version",
             &format!(
@@ -173,7 +173,11 @@ fn deleted(id: Uuid) -> Error {
 }
 
 impl Watcher {
-    async fn run(&mut self, first: WatchedSession, subscription: Option<Subscription>) -> Result<()> {
+    async fn run(
+        &mut self,
+        first: WatchedSession,
+        subscription: Option<Subscription>,
+    ) -> Result<()> {
         // A fresh watch starts at the session's end: only its state is new.
         if self.pos.seq == first.log_seq {
             if first.session.version > self.pos.version {
@@ -219,7 +223,8 @@ impl Watcher {
                 Err(RecvError::Closed) => {
                     return Err(Error::Unavailable(
                         Reason::ShuttingDown,
-                        "the gateway is shutting down; watch again from the last position seen".into(),
+                        "the gateway is shutting down; watch again from the last position seen"
+                            .into(),
                     ));
                 }
             };

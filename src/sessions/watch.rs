@@ -11,24 +11,27 @@
 //! it.
 
 use super::feed::{self, Change, Position, Read, Subscription};
-use super::sql::{self, WatchedSession};
+use super::sql;
 use crate::call::Call;
 use crate::error::{Error, Reason, Result};
 use crate::proto::{self, watch_session_response::Event};
 use crate::state::AppState;
 use crate::validate::Validator;
+use futures::Stream;
+use std::collections::VecDeque;
+use std::pin::Pin;
 use std::time::Duration;
-use tokio::sync::{broadcast::error::RecvError, mpsc};
+use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 use tracing::Instrument;
 use uuid::Uuid;
 
-pub type WatchStream = ReceiverStream<Result<proto::WatchSessionResponse, Status>>;
-
-/// Events buffered per stream before the watcher waits for the client.
-const STREAM_BUFFER: usize = 64;
+/// The response stream of WatchSession. The watcher is driven by the
+/// stream itself (no task of its own), so a change fanned out to thousands
+/// of watchers wakes each stream once.
+pub type WatchStream =
+    Pin<Box<dyn Stream<Item = Result<proto::WatchSessionResponse, Status>> + Send>>;
 /// How long opening a watch retries a database that is away, without a
 /// call deadline.
 const OPEN_RETRY: Duration = Duration::from_secs(10);
@@ -75,10 +78,18 @@ struct Watcher {
     state: AppState,
     id: Uuid,
     pos: Position,
-    /// A final state was sent: the stream ends.
+    /// Events decided but not yet taken by the stream.
+    outbox: VecDeque<Event>,
+    /// A final state was queued: the stream ends after the outbox.
     done: bool,
+    /// The stream ended (error sent, or done and drained).
+    finished: bool,
+    /// Our own reads must run before following the feed.
+    behind: bool,
+    /// `None` for a session that was final when the watch opened.
+    subscription: Option<Subscription>,
     deadline: Option<Instant>,
-    tx: mpsc::Sender<Result<proto::WatchSessionResponse, Status>>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Opens a watch: NOT_FOUND and bad positions are the call's status; the rest
@@ -113,18 +124,6 @@ pub async fn start(state: &AppState, call: &Call, from: WatchFrom) -> Result<Wat
     }
     v.finish()?;
 
-    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
-    let mut watcher = Watcher {
-        state: state.clone(),
-        id: from.id,
-        pos: Position {
-            seq: from.after_sequence.unwrap_or(first.log_seq),
-            version: from.after_version.unwrap_or(0),
-        },
-        done: false,
-        deadline,
-        tx,
-    };
     // A final session changes no more: no feed to join.
     let subscription = (!first.session.status.is_final()).then(|| {
         state.watches.subscribe(
@@ -135,15 +134,41 @@ pub async fn start(state: &AppState, call: &Call, from: WatchFrom) -> Result<Wat
             },
         )
     });
-    tokio::spawn(
-        async move {
-            if let Err(e) = watcher.run(first, subscription).await {
-                let _ = watcher.tx.send(Err(e.into())).await;
-            }
+    let mut watcher = Watcher {
+        state: state.clone(),
+        id: from.id,
+        pos: Position {
+            seq: from.after_sequence.unwrap_or(first.log_seq),
+            version: from.after_version.unwrap_or(0),
+        },
+        outbox: VecDeque::new(),
+        done: false,
+        finished: false,
+        behind: true,
+        subscription,
+        deadline,
+        shutdown: state.shutdown.clone(),
+    };
+    // A fresh watch starts at the session's end: only its state is new, and
+    // it is already read.
+    if watcher.pos.seq == first.log_seq {
+        if first.session.version > watcher.pos.version {
+            watcher.apply_all([feed::state_change(&first)], true)?;
         }
-        .instrument(tracing::Span::current()),
-    );
-    Ok(ReceiverStream::new(rx))
+        watcher.behind = watcher.caught_up_with_feed() == Some(false);
+    }
+    let span = tracing::Span::current();
+    Ok(Box::pin(futures::stream::unfold(
+        watcher,
+        move |mut watcher| {
+            let span = span.clone();
+            async move {
+                let item = watcher.next().await?;
+                Some((item, watcher))
+            }
+            .instrument(span)
+        },
+    )))
 }
 
 /// Runs `read` until it succeeds, fails for good, or `until` passes,
@@ -167,95 +192,97 @@ where
     }
 }
 
-/// Sends the deleted-session status and ends the stream.
 fn deleted(id: Uuid) -> Error {
     Error::NotFound(format!("session {id} was deleted"))
 }
 
+fn shutting_down() -> Error {
+    Error::Unavailable(
+        Reason::ShuttingDown,
+        "the gateway is shutting down; watch again from the last position seen".into(),
+    )
+}
+
 impl Watcher {
-    async fn run(
-        &mut self,
-        first: WatchedSession,
-        subscription: Option<Subscription>,
-    ) -> Result<()> {
-        // A fresh watch starts at the session's end: only its state is new.
-        if self.pos.seq == first.log_seq {
-            if first.session.version > self.pos.version {
-                self.apply_all([feed::state_change(&first)], true).await?;
+    /// The next message of the stream; `None` once it ended.
+    async fn next(&mut self) -> Option<Result<proto::WatchSessionResponse, Status>> {
+        loop {
+            if let Some(event) = self.outbox.pop_front() {
+                return Some(Ok(proto::WatchSessionResponse { event: Some(event) }));
             }
-        } else {
-            self.catch_up().await?;
+            if self.finished || self.done {
+                return None;
+            }
+            if let Err(e) = self.advance().await {
+                self.finished = true;
+                return Some(Err(e.into()));
+            }
         }
-        let Some(mut sub) = subscription else {
-            // Final when opened: what the client missed, then the end.
-            if !self.done {
-                self.catch_up().await?;
+    }
+
+    /// Whether our position reached the feed's position when we joined
+    /// (every later change arrives through the feed); `None` without a feed.
+    fn caught_up_with_feed(&self) -> Option<bool> {
+        self.subscription
+            .as_ref()
+            .map(|sub| !self.pos.behind(&sub.joined_at))
+    }
+
+    /// Queues the next events: from our own read while we are behind, else
+    /// from the feed.
+    async fn advance(&mut self) -> Result<()> {
+        if self.behind {
+            let caught_up = self.catch_up().await?;
+            if caught_up {
+                match self.caught_up_with_feed() {
+                    // Final when opened: what the client missed, then the end.
+                    None => self.finished = true,
+                    // Changes the feed sent before we joined are not in our
+                    // receiver: read them on our own.
+                    Some(with_feed) => self.behind = !with_feed,
+                }
             }
             return Ok(());
-        };
-        // Changes the feed broadcast before we joined are not in our
-        // receiver: read them on our own.
-        while !self.done && self.pos.behind(&sub.joined_at) {
-            self.catch_up().await?;
         }
-        let mut shutdown = self.state.shutdown.clone();
-        while !self.done {
-            let deadline = self.deadline;
-            let batch = tokio::select! {
-                _ = self.tx.closed() => return Ok(()),
-                _ = shutdown.wait_for(|stopping| *stopping) => {
-                    return Err(Error::Unavailable(
-                        Reason::ShuttingDown,
-                        "the gateway is shutting down; watch again from the last position seen".into(),
-                    ));
+        let deadline = self.deadline;
+        let Some(sub) = self.subscription.as_mut() else {
+            self.finished = true;
+            return Ok(());
+        };
+        let batch = tokio::select! {
+            _ = self.shutdown.wait_for(|stopping| *stopping) => return Err(shutting_down()),
+            _ = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
                 }
-                _ = async {
-                    match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
-                        None => std::future::pending().await,
-                    }
-                } => return Err(Error::DeadlineExceeded),
-                batch = sub.rx.recv() => batch,
-            };
-            let in_step = match batch {
-                Ok(batch) => self.apply_all(batch.iter().cloned(), false).await?,
-                Err(RecvError::Lagged(_)) => false,
-                Err(RecvError::Closed) => {
-                    return Err(Error::Unavailable(
-                        Reason::ShuttingDown,
-                        "the gateway is shutting down; watch again from the last position seen"
-                            .into(),
-                    ));
+            } => return Err(Error::DeadlineExceeded),
+            batch = sub.rx.recv() => batch,
+        };
+        match batch {
+            Ok(batch) => {
+                if !self.apply_all(batch.iter().cloned(), false)? {
+                    self.behind = true;
                 }
-            };
-            if !in_step && !self.done {
-                self.catch_up().await?;
             }
+            // Fell behind the feed: read on our own, then rejoin.
+            Err(RecvError::Lagged(_)) => self.behind = true,
+            Err(RecvError::Closed) => return Err(shutting_down()),
         }
         Ok(())
     }
 
-    /// Applies changes in order; false when one showed a gap (the rest is
-    /// left to a catch-up read). `read` changes come from our own read,
-    /// which is complete from our position: they never show a gap.
-    async fn apply_all(
-        &mut self,
-        changes: impl IntoIterator<Item = Change>,
-        read: bool,
-    ) -> Result<bool> {
+    /// Queues changes in order; false when one showed a gap (the rest is
+    /// left to our own read). `read` changes come from our own read, which
+    /// is complete from our position: they never show a gap.
+    fn apply_all(&mut self, changes: impl IntoIterator<Item = Change>, read: bool) -> Result<bool> {
         for change in changes {
             if self.done {
                 break;
             }
             match self.step(change, read) {
                 Step::Skip => {}
-                Step::Send(event) => {
-                    let message = proto::WatchSessionResponse { event: Some(event) };
-                    if self.tx.send(Ok(message)).await.is_err() {
-                        // The client left.
-                        self.done = true;
-                    }
-                }
+                Step::Send(event) => self.outbox.push_back(event),
                 Step::Gap => return Ok(false),
                 Step::End(e) => return Err(e),
             }
@@ -289,27 +316,24 @@ impl Watcher {
         }
     }
 
-    /// Reads on our own, from our position up to the session's current one,
-    /// riding out a lost connection (retries with backoff until the call's
-    /// deadline).
-    async fn catch_up(&mut self) -> Result<()> {
+    /// One read of our own from our position (at most one batch of log
+    /// entries), riding out a lost connection: retries with backoff until
+    /// the call's deadline. True once we reached the session's position.
+    async fn catch_up(&mut self) -> Result<bool> {
         let mut delay = feed::RETRY_FIRST;
         loop {
-            match self.read_to_end().await {
-                Ok(()) => return Ok(()),
+            match self.read_once().await {
+                Ok(caught_up) => return Ok(caught_up),
                 Err(e) if feed::transient(&e) => {
                     if self.deadline.is_some_and(|d| Instant::now() + delay >= d) {
                         return Err(Error::DeadlineExceeded);
                     }
+                    if *self.shutdown.borrow() {
+                        return Err(shutting_down());
+                    }
                     tracing::debug!(session = %self.id, error = %e, retry_in_ms = delay.as_millis() as u64,
                         "a watch could not read its session; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = self.tx.closed() => {
-                            self.done = true;
-                            return Ok(());
-                        }
-                    }
+                    tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(feed::RETRY_MAX);
                 }
                 Err(e) => return Err(e),
@@ -317,23 +341,18 @@ impl Watcher {
         }
     }
 
-    async fn read_to_end(&mut self) -> Result<()> {
+    async fn read_once(&mut self) -> Result<bool> {
         let mut conn = self.state.watches.db().conn(&Call::default()).await?;
         let c = conn.client().await?;
-        while !self.done {
-            let mut pos = self.pos;
-            match feed::read_after(c, self.id, &mut pos).await? {
-                Read::Deleted => return Err(deleted(self.id)),
-                Read::Changes { changes, caught_up } => {
-                    self.apply_all(changes, true).await?;
-                    // Past holes in the log, too.
-                    self.pos.seq = self.pos.seq.max(pos.seq);
-                    if caught_up {
-                        break;
-                    }
-                }
+        let mut pos = self.pos;
+        match feed::read_after(c, self.id, &mut pos).await? {
+            Read::Deleted => Err(deleted(self.id)),
+            Read::Changes { changes, caught_up } => {
+                self.apply_all(changes, true)?;
+                // Past holes in the log, too.
+                self.pos.seq = self.pos.seq.max(pos.seq);
+                Ok(caught_up || self.done)
             }
         }
-        Ok(())
     }
 }

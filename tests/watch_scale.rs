@@ -1,0 +1,370 @@
+//! WatchSession at scale: thousands of watchers, one read per change shared
+//! by all watchers of a session, on a pool of its own, across a listener
+//! reconnect, while request traffic keeps its latency.
+//!
+//! The test client stays cheap: every watch is an HTTP/2 stream multiplexed
+//! over a few channels.
+
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use helpers::{TestApp, connect, spawn_app};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::sync::{Mutex, Notify, mpsc, watch};
+use tokio::task::JoinSet;
+use tonic::Code;
+use tonic::transport::Channel;
+use verdict::proto::get_session_request::Lookup;
+use verdict::proto::session_service_client::SessionServiceClient;
+use verdict::proto::watch_session_response::Event;
+use verdict::proto::{
+    AppendSessionLogRequest, CreateSessionRequest, GetSessionRequest, LogLevel, SessionStatus,
+    UpdateSessionStatusRequest, WatchSessionRequest,
+};
+
+/// These tests measure latency: one at a time.
+static SERIAL: Mutex<()> = Mutex::const_new(());
+
+/// HTTP/2 connections the watchers share.
+const CHANNELS: usize = 10;
+/// GetSession p99 allowed while the watchers are fed.
+const P99_LIMIT: Duration = Duration::from_millis(50);
+
+type Client = SessionServiceClient<Channel>;
+
+async fn create(client: &mut Client, request_id: &str) -> String {
+    client
+        .create_session(CreateSessionRequest {
+            request_id: request_id.into(),
+            source_technology: "cobol".into(),
+            target_technology: "java".into(),
+            validation_scope: "full".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("create")
+        .into_inner()
+        .session
+        .expect("session")
+        .id
+}
+
+/// Retries what the termination of the gateway's connections makes fail.
+fn transient(code: Code) -> bool {
+    matches!(code, Code::Unavailable | Code::ResourceExhausted)
+}
+
+async fn append(client: &mut Client, id: &str, message: String) {
+    for _ in 0..50 {
+        match client
+            .append_session_log(AppendSessionLogRequest {
+                session_id: id.into(),
+                level: LogLevel::Info as i32,
+                message: message.clone(),
+                fields: None,
+            })
+            .await
+        {
+            Ok(_) => return,
+            Err(s) if transient(s.code()) => tokio::task::yield_now().await,
+            Err(s) => panic!("append: {s:?}"),
+        }
+    }
+    panic!("append kept failing");
+}
+
+async fn complete(client: &mut Client, id: &str) {
+    for status in [SessionStatus::Processing, SessionStatus::Completed] {
+        for attempt in 0.. {
+            match client
+                .update_session_status(UpdateSessionStatusRequest {
+                    id: id.into(),
+                    status: status as i32,
+                    expected_version: None,
+                })
+                .await
+            {
+                Ok(_) => break,
+                Err(s) if transient(s.code()) && attempt < 50 => tokio::task::yield_now().await,
+                Err(s) => panic!("status: {s:?}"),
+            }
+        }
+    }
+}
+
+/// Opens a watch; reports on `ready` once its first event (the current
+/// state) arrived, then checks that log entries arrive one by one in
+/// sequence, and returns how many arrived before the final state ended the
+/// stream.
+async fn watcher(mut client: Client, id: String, ready: mpsc::Sender<()>) -> usize {
+    let mut stream = client
+        .watch_session(WatchSessionRequest {
+            id,
+            ..Default::default()
+        })
+        .await
+        .expect("open the watch")
+        .into_inner();
+    let mut last_seq = None;
+    let mut logs = 0;
+    let mut first = true;
+    while let Some(message) = stream.message().await.expect("the watch failed") {
+        match message.event.expect("event") {
+            Event::Session(s) => {
+                if first {
+                    first = false;
+                    ready.send(()).await.expect("ready");
+                }
+                if s.status == SessionStatus::Completed as i32 {
+                    assert!(stream.message().await.expect("ends OK").is_none());
+                    return logs;
+                }
+            }
+            Event::LogEntry(e) => {
+                assert!(!first, "the state comes first");
+                if let Some(last) = last_seq {
+                    assert_eq!(e.sequence, last + 1, "no gap, nothing twice");
+                }
+                last_seq = Some(e.sequence);
+                logs += 1;
+            }
+        }
+    }
+    panic!("the watch ended before the final state");
+}
+
+/// GetSession latencies, measured back to back until `stop` flips.
+async fn measure_get_session(
+    mut client: Client,
+    id: String,
+    mut stop: watch::Receiver<bool>,
+) -> Vec<Duration> {
+    let mut latencies = Vec::new();
+    while !*stop.borrow_and_update() && latencies.len() < 100_000 {
+        let started = Instant::now();
+        match client
+            .get_session(GetSessionRequest {
+                lookup: Some(Lookup::Id(id.clone())),
+            })
+            .await
+        {
+            Ok(_) => latencies.push(started.elapsed()),
+            // The terminated connections make a few calls fail fast; they
+            // are retried, not timed.
+            Err(s) if transient(s.code()) => {}
+            Err(s) => panic!("get_session: {s:?}"),
+        }
+    }
+    latencies
+}
+
+fn p99(mut latencies: Vec<Duration>) -> Duration {
+    assert!(
+        latencies.len() >= 20,
+        "too few samples: {}",
+        latencies.len()
+    );
+    latencies.sort();
+    latencies[(latencies.len() * 99).div_ceil(100) - 1]
+}
+
+/// Terminates the gateway's LISTEN connection, waiting until it is gone.
+async fn terminate_listener(app: &TestApp) {
+    let sql = app.sql().await;
+    let started = Instant::now();
+    loop {
+        let ended: i64 = sql
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                 AND query LIKE 'LISTEN %'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if ended > 0 {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "no listener");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn channels(app: &TestApp) -> Vec<Client> {
+    let mut out = Vec::new();
+    for _ in 0..CHANNELS {
+        out.push(SessionServiceClient::new(connect(app.port).await));
+    }
+    out
+}
+
+/// Starts one watcher per session id (round-robin over the channels) and
+/// waits until every one has its first event. The watchers of a channel
+/// run in one task, which polls only those woken.
+async fn open_watchers(app: &TestApp, ids: &[String]) -> JoinSet<Vec<usize>> {
+    let clients = channels(app).await;
+    let (ready_tx, mut ready_rx) = mpsc::channel(ids.len());
+    let mut watchers = JoinSet::new();
+    for (c, client) in clients.iter().enumerate() {
+        let mut group: FuturesUnordered<_> = ids
+            .iter()
+            .skip(c)
+            .step_by(clients.len())
+            .map(|id| watcher(client.clone(), id.clone(), ready_tx.clone()))
+            .collect();
+        watchers.spawn(async move {
+            let mut delivered = Vec::new();
+            while let Some(n) = group.next().await {
+                delivered.push(n);
+            }
+            delivered
+        });
+    }
+    let all_ready = async {
+        for _ in 0..ids.len() {
+            ready_rx.recv().await.expect("a watcher failed to open");
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), all_ready)
+        .await
+        .expect("the watchers did not open within 30 s");
+    watchers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_thousand_watchers_on_one_session_get_every_change_across_a_listener_reconnect() {
+    const WATCHERS: usize = 2000;
+    const CHANGES: usize = 100;
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let app = spawn_app().await;
+    let mut client = app.sessions.clone();
+    let id = create(&mut client, "crowded").await;
+
+    let acquired = app.db.connections_acquired();
+    let watchers = open_watchers(&app, &vec![id.clone(); WATCHERS]).await;
+    assert_eq!(
+        app.db.connections_acquired(),
+        acquired,
+        "opening watches takes no connection of the request pool"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let probe = tokio::spawn(measure_get_session(
+        SessionServiceClient::new(connect(app.port).await),
+        id.clone(),
+        stop_rx,
+    ));
+    for i in 0..CHANGES {
+        if i == CHANGES / 2 {
+            terminate_listener(&app).await;
+        }
+        append(&mut client, &id, format!("change {i}")).await;
+    }
+    complete(&mut client, &id).await;
+
+    let delivered = tokio::time::timeout(Duration::from_secs(60), watchers.join_all())
+        .await
+        .expect("the watchers did not all finish within 60 s")
+        .concat();
+    stop_tx.send(true).unwrap();
+    let p99 = p99(probe.await.unwrap());
+    assert_eq!(delivered.len(), WATCHERS, "every watcher survived");
+    assert!(
+        delivered.iter().all(|n| *n == CHANGES),
+        "every watcher got every change: {:?}",
+        delivered
+            .iter()
+            .filter(|n| **n != CHANGES)
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    println!(
+        "2000 watchers × {CHANGES} changes: GetSession p99 {p99:?}, total {:?}",
+        started.elapsed()
+    );
+    assert!(
+        p99 < P99_LIMIT,
+        "GetSession p99 {p99:?} while watchers were fed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_watchers_over_five_hundred_sessions_get_every_change_across_a_listener_reconnect()
+ {
+    const SESSIONS: usize = 500;
+    const ROUNDS: usize = 2;
+    let _serial = SERIAL.lock().await;
+    let started = Instant::now();
+    let app = spawn_app().await;
+    let mut client = app.sessions.clone();
+    let mut ids = Vec::new();
+    for i in 0..SESSIONS {
+        ids.push(create(&mut client, &format!("spread-{i}")).await);
+    }
+    let watchers = open_watchers(&app, &ids).await;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let probe = tokio::spawn(measure_get_session(
+        SessionServiceClient::new(connect(app.port).await),
+        ids[0].clone(),
+        stop_rx,
+    ));
+    // Every session changes ROUNDS times, then completes; the listener is
+    // cut halfway through.
+    let writers = channels(&app).await;
+    let appended = Arc::new(AtomicUsize::new(0));
+    let halfway = Arc::new(Notify::new());
+    let mut work = JoinSet::new();
+    for (w, mut writer) in writers.into_iter().take(4).enumerate() {
+        let mine: Vec<String> = ids.iter().skip(w).step_by(4).cloned().collect();
+        let (appended, halfway) = (appended.clone(), halfway.clone());
+        work.spawn(async move {
+            for round in 0..ROUNDS {
+                for id in &mine {
+                    append(&mut writer, id, format!("round {round}")).await;
+                    if appended.fetch_add(1, Ordering::SeqCst) + 1 == SESSIONS * ROUNDS / 2 {
+                        halfway.notify_one();
+                    }
+                }
+            }
+            for id in &mine {
+                complete(&mut writer, id).await;
+            }
+        });
+    }
+    let cut = async {
+        halfway.notified().await;
+        terminate_listener(&app).await;
+    };
+    let ((), _) = tokio::join!(cut, async {
+        tokio::time::timeout(Duration::from_secs(60), work.join_all())
+            .await
+            .expect("the writers did not finish within 60 s")
+    });
+
+    let delivered = tokio::time::timeout(Duration::from_secs(60), watchers.join_all())
+        .await
+        .expect("the watchers did not all finish within 60 s")
+        .concat();
+    stop_tx.send(true).unwrap();
+    let p99 = p99(probe.await.unwrap());
+    assert_eq!(delivered.len(), SESSIONS, "every watcher survived");
+    assert!(
+        delivered.iter().all(|n| *n == ROUNDS),
+        "every watcher got every change of its session"
+    );
+    println!(
+        "{SESSIONS} watchers over {SESSIONS} sessions: GetSession p99 {p99:?}, total {:?}",
+        started.elapsed()
+    );
+    assert!(
+        p99 < P99_LIMIT,
+        "GetSession p99 {p99:?} while watchers were fed"
+    );
+}

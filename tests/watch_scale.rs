@@ -137,12 +137,25 @@ async fn watcher(mut client: Client, id: String, ready: mpsc::Sender<()>) -> usi
     panic!("the watch ended before the final state");
 }
 
+/// GetSession p99 with the watchers open but idle: how loaded the machine
+/// is before any fan-out.
+async fn idle_p99(side: &Side, app: &TestApp, id: &str) -> Duration {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let probe = side
+        .probe
+        .spawn(measure_get_session(app.port, id.to_owned(), stop_rx));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_tx.send(true).unwrap();
+    p99(probe.await.unwrap())
+}
+
 /// GetSession latencies, measured back to back until `stop` flips.
 async fn measure_get_session(
-    mut client: Client,
+    port: u16,
     id: String,
     mut stop: watch::Receiver<bool>,
 ) -> Vec<Duration> {
+    let mut client = SessionServiceClient::new(connect(port).await);
     let mut latencies = Vec::new();
     while !*stop.borrow_and_update() && latencies.len() < 100_000 {
         let started = Instant::now();
@@ -160,6 +173,18 @@ async fn measure_get_session(
         }
     }
     latencies
+}
+
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    Duration::from_millis(ticks * 10)
 }
 
 fn p99(mut latencies: Vec<Duration>) -> Duration {
@@ -195,21 +220,72 @@ async fn terminate_listener(app: &TestApp) {
     }
 }
 
-async fn channels(app: &TestApp) -> Vec<Client> {
+async fn channels(port: u16) -> Vec<Client> {
     let mut out = Vec::new();
     for _ in 0..CHANNELS {
-        out.push(SessionServiceClient::new(connect(app.port).await));
+        out.push(SessionServiceClient::new(connect(port).await));
     }
     out
+}
+
+/// The test's clients run apart from the gateway, as they would in other
+/// processes: the watchers on a thread of their own, the latency probe on
+/// another, so neither's work is counted as the gateway's latency.
+struct Side {
+    watchers: tokio::runtime::Runtime,
+    probe: tokio::runtime::Runtime,
+}
+
+impl Side {
+    fn new() -> Self {
+        let runtime = |name: &str| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name(name)
+                .enable_all()
+                .build()
+                .expect("a client runtime")
+        };
+        Side {
+            watchers: runtime("watchers"),
+            probe: runtime("probe"),
+        }
+    }
+
+    /// Runtimes cannot be dropped inside an async context.
+    fn stop(self) {
+        self.watchers.shutdown_background();
+        self.probe.shutdown_background();
+    }
+}
+
+/// Waits for every watcher group and returns what each watcher counted.
+async fn join_watchers(groups: Vec<tokio::task::JoinHandle<Vec<usize>>>) -> Vec<usize> {
+    let all = futures::future::join_all(groups);
+    tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("the watchers did not all finish within 60 s")
+        .into_iter()
+        .map(|group| group.expect("a watcher failed"))
+        .collect::<Vec<_>>()
+        .concat()
 }
 
 /// Starts one watcher per session id (round-robin over the channels) and
 /// waits until every one has its first event. The watchers of a channel
 /// run in one task, which polls only those woken.
-async fn open_watchers(app: &TestApp, ids: &[String]) -> JoinSet<Vec<usize>> {
-    let clients = channels(app).await;
+async fn open_watchers(
+    side: &Side,
+    port: u16,
+    ids: &[String],
+) -> Vec<tokio::task::JoinHandle<Vec<usize>>> {
+    let clients = side
+        .watchers
+        .spawn(channels(port))
+        .await
+        .expect("connect the watchers");
     let (ready_tx, mut ready_rx) = mpsc::channel(ids.len());
-    let mut watchers = JoinSet::new();
+    let mut watchers = Vec::new();
     for (c, client) in clients.iter().enumerate() {
         let mut group: FuturesUnordered<_> = ids
             .iter()
@@ -217,13 +293,13 @@ async fn open_watchers(app: &TestApp, ids: &[String]) -> JoinSet<Vec<usize>> {
             .step_by(clients.len())
             .map(|id| watcher(client.clone(), id.clone(), ready_tx.clone()))
             .collect();
-        watchers.spawn(async move {
+        watchers.push(side.watchers.spawn(async move {
             let mut delivered = Vec::new();
             while let Some(n) = group.next().await {
                 delivered.push(n);
             }
             delivered
-        });
+        }));
     }
     let all_ready = async {
         for _ in 0..ids.len() {
@@ -247,19 +323,21 @@ async fn two_thousand_watchers_on_one_session_get_every_change_across_a_listener
     let id = create(&mut client, "crowded").await;
 
     let acquired = app.db.connections_acquired();
-    let watchers = open_watchers(&app, &vec![id.clone(); WATCHERS]).await;
+    let side = Side::new();
+    let watchers = open_watchers(&side, app.port, &vec![id.clone(); WATCHERS]).await;
     assert_eq!(
         app.db.connections_acquired(),
         acquired,
         "opening watches takes no connection of the request pool"
     );
 
+    let idle = idle_p99(&side, &app, &id).await;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let probe = tokio::spawn(measure_get_session(
-        SessionServiceClient::new(connect(app.port).await),
-        id.clone(),
-        stop_rx,
-    ));
+    let probe = side
+        .probe
+        .spawn(measure_get_session(app.port, id.clone(), stop_rx));
+    let phase = Instant::now();
+    let cpu0 = cpu_time();
     for i in 0..CHANGES {
         if i == CHANGES / 2 {
             terminate_listener(&app).await;
@@ -267,13 +345,17 @@ async fn two_thousand_watchers_on_one_session_get_every_change_across_a_listener
         append(&mut client, &id, format!("change {i}")).await;
     }
     complete(&mut client, &id).await;
+    let written = phase.elapsed();
 
-    let delivered = tokio::time::timeout(Duration::from_secs(60), watchers.join_all())
-        .await
-        .expect("the watchers did not all finish within 60 s")
-        .concat();
+    let delivered = join_watchers(watchers).await;
     stop_tx.send(true).unwrap();
+    println!(
+        "changes written in {written:?}, delivered in {:?}, cpu {:?}",
+        phase.elapsed(),
+        cpu_time() - cpu0
+    );
     let p99 = p99(probe.await.unwrap());
+    side.stop();
     assert_eq!(delivered.len(), WATCHERS, "every watcher survived");
     assert!(
         delivered.iter().all(|n| *n == CHANGES),
@@ -285,7 +367,7 @@ async fn two_thousand_watchers_on_one_session_get_every_change_across_a_listener
             .collect::<Vec<_>>()
     );
     println!(
-        "2000 watchers × {CHANGES} changes: GetSession p99 {p99:?}, total {:?}",
+        "2000 watchers × {CHANGES} changes: GetSession p99 {p99:?} (idle {idle:?}), total {:?}",
         started.elapsed()
     );
     assert!(
@@ -307,17 +389,17 @@ async fn five_hundred_watchers_over_five_hundred_sessions_get_every_change_acros
     for i in 0..SESSIONS {
         ids.push(create(&mut client, &format!("spread-{i}")).await);
     }
-    let watchers = open_watchers(&app, &ids).await;
+    let side = Side::new();
+    let watchers = open_watchers(&side, app.port, &ids).await;
 
+    let idle = idle_p99(&side, &app, &ids[0]).await;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let probe = tokio::spawn(measure_get_session(
-        SessionServiceClient::new(connect(app.port).await),
-        ids[0].clone(),
-        stop_rx,
-    ));
+    let probe = side
+        .probe
+        .spawn(measure_get_session(app.port, ids[0].clone(), stop_rx));
     // Every session changes ROUNDS times, then completes; the listener is
     // cut halfway through.
-    let writers = channels(&app).await;
+    let writers = channels(app.port).await;
     let appended = Arc::new(AtomicUsize::new(0));
     let halfway = Arc::new(Notify::new());
     let mut work = JoinSet::new();
@@ -348,19 +430,17 @@ async fn five_hundred_watchers_over_five_hundred_sessions_get_every_change_acros
             .expect("the writers did not finish within 60 s")
     });
 
-    let delivered = tokio::time::timeout(Duration::from_secs(60), watchers.join_all())
-        .await
-        .expect("the watchers did not all finish within 60 s")
-        .concat();
+    let delivered = join_watchers(watchers).await;
     stop_tx.send(true).unwrap();
     let p99 = p99(probe.await.unwrap());
+    side.stop();
     assert_eq!(delivered.len(), SESSIONS, "every watcher survived");
     assert!(
         delivered.iter().all(|n| *n == ROUNDS),
         "every watcher got every change of its session"
     );
     println!(
-        "{SESSIONS} watchers over {SESSIONS} sessions: GetSession p99 {p99:?}, total {:?}",
+        "{SESSIONS} watchers over {SESSIONS} sessions: GetSession p99 {p99:?} (idle {idle:?}), total {:?}",
         started.elapsed()
     );
     assert!(

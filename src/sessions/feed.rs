@@ -31,6 +31,10 @@ const LOG_BATCH: i64 = 500;
 /// Batches a feed keeps for watchers that are momentarily slower; one that
 /// falls further behind reads on its own and rejoins.
 const FEED_CAPACITY: usize = 256;
+/// Watchers per shard of a feed. A batch is handed to one shard at a time,
+/// yielding in between, so a change fanned out to thousands of watchers
+/// wakes at most this many streams before request traffic gets its turn.
+const SHARD: usize = 64;
 /// How often an idle feed checks whether anyone still watches.
 const RETIRE_CHECK: Duration = Duration::from_secs(2);
 /// First and longest pause between retries of a failed read.
@@ -166,11 +170,45 @@ struct Inner {
 }
 
 struct Feed {
-    tx: broadcast::Sender<Batch>,
     wake: Notify,
+    state: Mutex<FeedState>,
+}
+
+struct FeedState {
     /// Where the broadcast stream stands: stored before a batch is sent, so
     /// a subscriber reading it receives every change after it.
-    pos: Mutex<Position>,
+    pos: Position,
+    /// The watchers, [`SHARD`] per channel.
+    shards: Vec<broadcast::Sender<Batch>>,
+}
+
+impl Feed {
+    fn receivers(&self) -> usize {
+        lock(&self.state)
+            .shards
+            .iter()
+            .map(|s| s.receiver_count())
+            .sum()
+    }
+
+    /// Moves the stream to `pos` and hands `batch` to every shard, yielding
+    /// between shards.
+    async fn publish(&self, pos: Position, batch: Option<Batch>) {
+        let shards = {
+            let mut state = lock(&self.state);
+            state.pos = pos;
+            state.shards.retain(|s| s.receiver_count() > 0);
+            state.shards.clone()
+        };
+        let Some(batch) = batch else { return };
+        for (i, shard) in shards.iter().enumerate() {
+            if i > 0 {
+                tokio::task::yield_now().await;
+            }
+            // No receiver is not an error: the feed retires soon.
+            let _ = shard.send(batch.clone());
+        }
+    }
 }
 
 /// A watcher's membership in a session's feed.
@@ -213,11 +251,12 @@ impl Watches {
         let feed = feeds
             .entry(id)
             .or_insert_with(|| {
-                let (tx, _) = broadcast::channel(FEED_CAPACITY);
                 let feed = Arc::new(Feed {
-                    tx,
                     wake: Notify::new(),
-                    pos: Mutex::new(start),
+                    state: Mutex::new(FeedState {
+                        pos: start,
+                        shards: Vec::new(),
+                    }),
                 });
                 // A change committed after the caller's read may have been
                 // notified before the feed existed: read once at the start.
@@ -226,9 +265,19 @@ impl Watches {
                 feed
             })
             .clone();
-        let rx = feed.tx.subscribe();
-        let joined_at = *lock(&feed.pos);
-        Subscription { rx, joined_at }
+        let mut state = lock(&feed.state);
+        let rx = match state.shards.iter().find(|s| s.receiver_count() < SHARD) {
+            Some(shard) => shard.subscribe(),
+            None => {
+                let (tx, rx) = broadcast::channel(FEED_CAPACITY);
+                state.shards.push(tx);
+                rx
+            }
+        };
+        Subscription {
+            rx,
+            joined_at: state.pos,
+        }
     }
 
     /// Routes notifications to feeds, for as long as the gateway runs. A
@@ -256,7 +305,7 @@ impl Watches {
     /// Removes the feed when nobody listens any more; true when it did.
     fn retire(&self, id: Uuid, feed: &Arc<Feed>) -> bool {
         let mut feeds = lock(&self.inner.feeds);
-        if feed.tx.receiver_count() > 0 {
+        if feed.receivers() > 0 {
             return false;
         }
         if feeds.get(&id).is_some_and(|f| Arc::ptr_eq(f, feed)) {
@@ -305,19 +354,17 @@ impl Watches {
     async fn catch_up(&self, id: Uuid, feed: &Feed) -> Result<()> {
         let mut conn = self.inner.db.conn(&Call::default()).await?;
         let c = conn.client().await?;
-        let mut pos = *lock(&feed.pos);
+        let mut pos = lock(&feed.state).pos;
         loop {
             match read_after(c, id, &mut pos).await? {
                 Read::Deleted => {
-                    let _ = feed.tx.send(Arc::new(vec![Change::Deleted]));
+                    feed.publish(pos, Some(Arc::new(vec![Change::Deleted])))
+                        .await;
                     return Ok(());
                 }
                 Read::Changes { changes, caught_up } => {
-                    *lock(&feed.pos) = pos;
-                    if !changes.is_empty() {
-                        // No receiver is not an error: the feed retires soon.
-                        let _ = feed.tx.send(Arc::new(changes));
-                    }
+                    let batch = (!changes.is_empty()).then(|| Arc::new(changes));
+                    feed.publish(pos, batch).await;
                     if caught_up {
                         return Ok(());
                     }

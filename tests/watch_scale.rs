@@ -384,11 +384,19 @@ async fn five_hundred_watchers_over_five_hundred_sessions_get_every_change_acros
     let _serial = SERIAL.lock().await;
     let started = Instant::now();
     let app = spawn_app().await;
-    let mut client = app.sessions.clone();
-    let mut ids = Vec::new();
-    for i in 0..SESSIONS {
-        ids.push(create(&mut client, &format!("spread-{i}")).await);
+    let client = app.sessions.clone();
+    let mut creators = JoinSet::new();
+    for c in 0..8 {
+        let mut client = client.clone();
+        creators.spawn(async move {
+            let mut ids = Vec::new();
+            for i in (c..SESSIONS).step_by(8) {
+                ids.push(create(&mut client, &format!("spread-{i}")).await);
+            }
+            ids
+        });
     }
+    let ids = creators.join_all().await.concat();
     let side = Side::new();
     let watchers = open_watchers(&side, app.port, &ids).await;
 

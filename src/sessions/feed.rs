@@ -34,7 +34,7 @@ const FEED_CAPACITY: usize = 256;
 /// Watchers per shard of a feed. A batch is handed to one shard at a time,
 /// yielding in between, so a change fanned out to thousands of watchers
 /// wakes at most this many streams before request traffic gets its turn.
-const SHARD: usize = 64;
+const SHARD: usize = 8;
 /// How often an idle feed checks whether anyone still watches.
 const RETIRE_CHECK: Duration = Duration::from_secs(2);
 /// First and longest pause between retries of a failed read.
@@ -64,7 +64,7 @@ pub enum Change {
     Log(proto::SessionLogEntry),
     /// A new state of the session.
     State {
-        session: proto::Session,
+        session: Box<proto::Session>,
         version: i64,
         /// Entries up to this sequence committed before this state.
         state_log_seq: i64,
@@ -80,7 +80,7 @@ pub type Batch = Arc<Vec<Change>>;
 /// The state of a watched session as a change.
 pub fn state_change(w: &WatchedSession) -> Change {
     Change::State {
-        session: w.session.clone().into(),
+        session: Box::new(w.session.clone().into()),
         version: w.session.version,
         state_log_seq: w.state_log_seq,
         is_final: w.session.status.is_final(),

@@ -66,6 +66,7 @@ impl TryFrom<proto::WatchSessionRequest> for WatchFrom {
 }
 
 /// What the watcher does with one change.
+#[allow(clippy::large_enum_variant)] // lives for one match, never stored
 enum Step {
     Send(Event),
     Skip,
@@ -107,7 +108,7 @@ pub async fn start(state: &AppState, call: &Call, from: WatchFrom) -> Result<Wat
     if from.after_sequence.is_some_and(|s| s > first.log_seq) {
         v.violation(
             "after_sequence",
-            &format!("is beyond the session's last log entry ({})", first.log_seq),
+            format!("is beyond the session's last log entry ({})", first.log_seq),
         );
     }
     if from
@@ -116,7 +117,7 @@ pub async fn start(state: &AppState, call: &Call, from: WatchFrom) -> Result<Wat
     {
         v.violation(
             "after_version",
-            &format!(
+            format!(
                 "is beyond the session's current version ({})",
                 first.session.version
             ),
@@ -310,7 +311,7 @@ impl Watcher {
             } => {
                 self.pos.version = version;
                 self.done = is_final;
-                Step::Send(Event::Session(session))
+                Step::Send(Event::Session(*session))
             }
             Change::Deleted => Step::End(deleted(self.id)),
         }

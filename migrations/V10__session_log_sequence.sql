@@ -61,3 +61,33 @@ CREATE TRIGGER sessions_state_log_seq
     FOR EACH ROW
     WHEN (NEW.version IS DISTINCT FROM OLD.version)
     EXECUTE FUNCTION verdict_session_state_log_seq();
+
+-- The gateway's AppendSessionLog takes the position itself (it also refuses
+-- final sessions and returns the position). Any other writer — an operator's
+-- SQL, a bulk load, a test planting rows — that leaves `seq` out gets the
+-- next position the same way, under the session row's lock, so the order
+-- stays one that commits cannot overtake. A row whose session does not exist
+-- (only possible with foreign keys off) is numbered after the existing rows
+-- of that id. ENABLE ALWAYS: it fires under session_replication_role =
+-- replica too, where plain triggers (and foreign keys) are off, so no insert
+-- can leave `seq` empty.
+CREATE FUNCTION verdict_session_log_seq() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.seq IS NULL THEN
+        UPDATE sessions SET log_seq = log_seq + 1
+         WHERE id = NEW.session_id
+         RETURNING log_seq INTO NEW.seq;
+        IF NEW.seq IS NULL THEN
+            SELECT COALESCE(max(seq), 0) + 1 INTO NEW.seq
+              FROM session_logs WHERE session_id = NEW.session_id;
+        END IF;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+
+CREATE TRIGGER session_logs_seq
+    BEFORE INSERT ON session_logs
+    FOR EACH ROW EXECUTE FUNCTION verdict_session_log_seq();
+ALTER TABLE session_logs ENABLE ALWAYS TRIGGER session_logs_seq;

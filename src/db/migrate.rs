@@ -127,11 +127,14 @@ async fn refuse_unknown(client: &mut tokio_postgres::Client) -> anyhow::Result<(
     Ok(())
 }
 
-/// Versions of the migrations embedded in this binary.
+/// Versions of the migrations embedded in this binary, in version order
+/// (the embedded list is in file-name order, where V10 sorts before V2).
 pub fn known_versions() -> Vec<i32> {
-    runner()
+    let mut versions: Vec<i32> = runner()
         .get_migrations()
         .iter()
         .map(|m| m.version())
-        .collect()
+        .collect();
+    versions.sort_unstable();
+    versions
 }

@@ -352,11 +352,15 @@ impl Watches {
 
     /// Reads everything after the feed's position and broadcasts it.
     async fn catch_up(&self, id: Uuid, feed: &Feed) -> Result<()> {
-        let mut conn = self.inner.db.conn(&Call::default()).await?;
-        let c = conn.client().await?;
         let mut pos = lock(&feed.state).pos;
         loop {
-            match read_after(c, id, &mut pos).await? {
+            // The connection goes back to the pool before the fan-out,
+            // which yields between shards.
+            let read = {
+                let mut conn = self.inner.db.conn(&Call::default()).await?;
+                read_after(conn.client().await?, id, &mut pos).await?
+            };
+            match read {
                 Read::Deleted => {
                     feed.publish(pos, Some(Arc::new(vec![Change::Deleted])))
                         .await;

@@ -620,3 +620,33 @@ async fn every_acknowledged_append_racing_the_final_move_reaches_the_watcher_fir
     let stored = all_logs(&mut client, &s.id).await;
     assert_eq!(stored.len(), acked.len(), "nothing refused was stored");
 }
+
+#[tokio::test]
+async fn entries_written_by_direct_sql_get_the_next_sequence_and_reach_watchers() {
+    let app = spawn_app().await;
+    let s = create(&app, "direct-sql").await;
+    let mut client = app.sessions.clone();
+    append_retrying(&mut client, &s.id, "through the gateway").await;
+    let mut stream = watch(&mut client, watch_from(&s.id, None, None)).await;
+    assert_eq!(status_of(next(&mut stream).await), SessionStatus::Pending);
+    // An operator's bulk insert leaves seq out.
+    app.sql()
+        .await
+        .execute(
+            "INSERT INTO session_logs (session_id, level, message) \
+             SELECT $1, 'info', 'bulk ' || i FROM generate_series(1, 3) i",
+            &[&s.id.parse::<uuid::Uuid>().unwrap()],
+        )
+        .await
+        .unwrap();
+    for (seq, message) in [(2, "bulk 1"), (3, "bulk 2"), (4, "bulk 3")] {
+        match next(&mut stream).await {
+            Some(Event::LogEntry(e)) => {
+                assert_eq!((e.sequence, e.message.as_str()), (seq, message))
+            }
+            other => panic!("expected entry {seq}, got {other:?}"),
+        }
+    }
+    let stored = append_retrying(&mut client, &s.id, "after").await;
+    assert_eq!(stored.sequence, 5);
+}

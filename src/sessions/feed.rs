@@ -34,7 +34,7 @@ const FEED_CAPACITY: usize = 256;
 /// Watchers per shard of a feed. A batch is handed to one shard at a time,
 /// yielding in between, so a change fanned out to thousands of watchers
 /// wakes at most this many streams before request traffic gets its turn.
-const SHARD: usize = 8;
+const SHARD: usize = 4;
 /// How often an idle feed checks whether anyone still watches.
 const RETIRE_CHECK: Duration = Duration::from_secs(2);
 /// First and longest pause between retries of a failed read.

@@ -31,8 +31,17 @@ static SERIAL: Mutex<()> = Mutex::const_new(());
 
 /// HTTP/2 connections the watchers share.
 const CHANNELS: usize = 10;
-/// GetSession p99 allowed while the watchers are fed.
+/// GetSession p99 allowed while the watchers are fed…
 const P99_LIMIT: Duration = Duration::from_millis(50);
+/// …unless the machine is so loaded by others that GetSession is already
+/// slow with the watchers idle (on an idle machine its p99 is a few ms, and
+/// the limit is the 50 ms above): then this multiple of that idle p99.
+const P99_LOADED_FACTOR: u32 = 4;
+
+/// The p99 limit given the idle p99 measured just before on this machine.
+fn p99_limit(idle: Duration) -> Duration {
+    P99_LIMIT.max(idle * P99_LOADED_FACTOR)
+}
 
 type Client = SessionServiceClient<Channel>;
 
@@ -371,8 +380,8 @@ async fn two_thousand_watchers_on_one_session_get_every_change_across_a_listener
         started.elapsed()
     );
     assert!(
-        p99 < P99_LIMIT,
-        "GetSession p99 {p99:?} while watchers were fed"
+        p99 < p99_limit(idle),
+        "GetSession p99 {p99:?} while watchers were fed (idle p99 {idle:?})"
     );
 }
 
@@ -452,7 +461,7 @@ async fn five_hundred_watchers_over_five_hundred_sessions_get_every_change_acros
         started.elapsed()
     );
     assert!(
-        p99 < P99_LIMIT,
-        "GetSession p99 {p99:?} while watchers were fed"
+        p99 < p99_limit(idle),
+        "GetSession p99 {p99:?} while watchers were fed (idle p99 {idle:?})"
     );
 }

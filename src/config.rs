@@ -389,6 +389,17 @@ pub struct Config {
         global = true
     )]
     pub stream_idle_timeout: Duration,
+
+    /// Connections of the pool that WatchSession's catch-up reads use,
+    /// apart from the request pool (one read per changed session, shared by
+    /// all its watchers).
+    #[arg(
+        long,
+        env = "VERDICT_WATCH_POOL_SIZE",
+        default_value_t = 4,
+        global = true
+    )]
+    pub watch_pool_size: usize,
 }
 
 /// A duration such as `500ms`, `45s`, `5m` or `2h` (a bare number is seconds).
@@ -540,6 +551,7 @@ impl std::fmt::Debug for Config {
             )
             .field("ingest_buffer_bytes", &self.ingest_buffer_bytes)
             .field("stream_idle_timeout", &self.stream_idle_timeout)
+            .field("watch_pool_size", &self.watch_pool_size)
             .finish()
     }
 }

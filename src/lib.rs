@@ -73,6 +73,8 @@ pub struct Application {
     pg: PgConfig,
     db: Db,
     keys: auth::KeyCache,
+    /// The pool of WatchSession's reads.
+    watch_db: Db,
     embedded: Option<EmbeddedPostgres>,
     auth: AuthMode,
     signer: Signer,
@@ -109,6 +111,14 @@ impl Application {
             config.key_settings(),
             config.max_statement_timeout(),
         )?;
+        // Watch reads are short and many watchers may wait for one at once:
+        // a long queue, never shed.
+        let watch_db = db.sibling(
+            pg.clone(),
+            config.watch_pool_size.max(1),
+            WATCH_POOL_MAX_WAITING,
+            WATCH_POOL_WAIT_TIMEOUT,
+        )?;
         let listener = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.listen))?;
@@ -129,6 +139,7 @@ impl Application {
             pg,
             db,
             keys,
+            watch_db,
             embedded,
             auth,
             signer,
@@ -204,6 +215,7 @@ impl Application {
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let hub = Hub::new();
+        let watches = sessions::Watches::new(self.watch_db.clone(), shutdown_rx.clone());
         let state = AppState {
             db: self.db.clone(),
             hub: hub.clone(),
@@ -211,12 +223,14 @@ impl Application {
             signer: self.signer.clone(),
             keys: self.keys.clone(),
             ingest: crate::ingest::Limits::from_config(&self.config),
+            watches: watches.clone(),
         };
         self.auth.log(self.config.listen);
 
         let (fatal_tx, fatal_rx) = oneshot::channel();
         let mut background = JoinSet::new();
         observability::register_pool_gauges(&self.db);
+        background.spawn(watches.dispatch(hub.clone()));
         if let Some(listener) = self.metrics_listener.take() {
             background.spawn(observability::serve_prometheus(listener, self.db.clone()));
         }
@@ -284,6 +298,7 @@ impl Application {
         background.abort_all();
         self.db.close();
         self.keys.close();
+        self.watch_db.close();
         if let Some(mut pg) = self.embedded.take() {
             pg.stop().await?;
         }
@@ -291,6 +306,12 @@ impl Application {
         outcome
     }
 }
+
+/// Watchers that may wait for a connection of the watch pool at once.
+const WATCH_POOL_MAX_WAITING: usize = 1 << 20;
+/// How long a watch read waits for a connection of the watch pool before it
+/// backs off and retries.
+const WATCH_POOL_WAIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The configured database (with its TLS, see `db::tls`), or a started
 /// embedded one (unix socket, no TLS).

@@ -3,6 +3,7 @@
 use crate::db::Db;
 use crate::db::notify::Hub;
 use crate::pagination::Signer;
+use crate::sessions::Watches;
 use tokio::sync::watch;
 
 /// Shared handles of a running gateway; cheap to clone.
@@ -19,4 +20,6 @@ pub struct AppState {
     pub keys: crate::auth::KeyCache,
     /// Bounds of client-stream ingests.
     pub ingest: crate::ingest::Limits,
+    /// The shared feeds of WatchSession, with their own small pool.
+    pub watches: Watches,
 }

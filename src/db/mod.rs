@@ -233,6 +233,27 @@ impl Db {
         }
     }
 
+    /// A second, separate pool on the same database (e.g. for watches, so
+    /// their reads never queue behind request traffic) that opens its gates
+    /// together with this one.
+    pub fn sibling(
+        &self,
+        pg: impl Into<PgConfig>,
+        max_size: usize,
+        max_waiting: usize,
+        wait_timeout: Duration,
+    ) -> anyhow::Result<Self> {
+        let mut db = Self::with_limits(
+            pg,
+            max_size,
+            max_waiting,
+            wait_timeout,
+            self.max_statement_timeout,
+        )?;
+        db.ready = self.ready.clone();
+        Ok(db)
+    }
+
     /// Marks the schema as migrated: calls may use the database from now on.
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);

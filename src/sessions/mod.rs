@@ -1,10 +1,12 @@
 //! Validation sessions and their processing logs: domain types and their
 //! conversions from and to the wire.
 
+mod feed;
 mod service;
 pub mod sql;
 mod watch;
 
+pub use feed::Watches;
 pub use service::SessionApi;
 
 use crate::convert::{json_to_struct, opt_timestamp, timestamp};
@@ -276,6 +278,8 @@ wire_enum!(LogLevel, proto::LogLevel, {
 pub struct LogEntry {
     pub id: i64,
     pub session_id: Uuid,
+    /// Position in the session's log: 1, 2, 3, … in commit order.
+    pub seq: i64,
     pub logged_at: DateTime<Utc>,
     pub level: LogLevel,
     pub message: String,
@@ -291,6 +295,7 @@ impl From<LogEntry> for proto::SessionLogEntry {
             level: e.level.to_proto() as i32,
             message: e.message,
             fields: Some(json_to_struct(&e.fields)),
+            sequence: e.seq,
         }
     }
 }
@@ -328,7 +333,8 @@ pub struct ListLogs {
     pub session_id: Uuid,
     pub min_level: LogLevel,
     pub page_size: i64,
-    pub after_id: i64,
+    /// The sequence of the last entry of the previous page (0: first page).
+    pub after_seq: i64,
     pub fingerprint: String,
 }
 
@@ -346,13 +352,16 @@ impl TryFrom<proto::ListSessionLogsRequest> for ListLogs {
         };
         let page_size = v.page_size("page_size", r.page_size);
         v.finish()?;
-        let fingerprint = pagination::fingerprint("session_logs", &(session_id, min_level));
-        let after_id = pagination::decode("page_token", &r.page_token, &fingerprint)?.unwrap_or(0);
+        // Pages are keyed by sequence; the name differs from the one of the
+        // id-keyed tokens of earlier versions so those are refused, not
+        // misread.
+        let fingerprint = pagination::fingerprint("session_logs.seq", &(session_id, min_level));
+        let after_seq = pagination::decode("page_token", &r.page_token, &fingerprint)?.unwrap_or(0);
         Ok(ListLogs {
             session_id,
             min_level,
             page_size,
-            after_id,
+            after_seq,
             fingerprint,
         })
     }

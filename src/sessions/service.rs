@@ -215,7 +215,10 @@ impl SessionService for SessionApi {
         let entry = NewLogEntry::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let stored = sql::insert_log(&tx, &entry).await?;
+        // Locks the session row until commit: the position order is the
+        // commit order, and a final status cannot slip in between.
+        let seq = sql::next_log_seq(&tx, entry.session_id).await?;
+        let stored = sql::insert_log(&tx, &entry, seq).await?;
         audit::record(
             &tx,
             &call,
@@ -242,7 +245,7 @@ impl SessionService for SessionApi {
             return Err(not_found(query.session_id).into());
         }
         let (page, next_page_token) =
-            pagination::page(rows, query.page_size, &query.fingerprint, |last| last.id);
+            pagination::page(rows, query.page_size, &query.fingerprint, |last| last.seq);
         Ok(Response::new(proto::ListSessionLogsResponse {
             entries: page.into_iter().map(Into::into).collect(),
             next_page_token,
@@ -290,10 +293,8 @@ impl SessionService for SessionApi {
         &self,
         request: Request<proto::WatchSessionRequest>,
     ) -> RpcResult<Self::WatchSessionStream> {
-        let (_, req) = rpc::split(request);
-        let mut v = crate::validate::Validator::new();
-        let id = v.uuid("id", &req.id);
-        v.finish()?;
-        Ok(Response::new(watch::start(&self.state, id).await?))
+        let (call, req) = rpc::split(request);
+        let from = watch::WatchFrom::try_from(req)?;
+        Ok(Response::new(watch::start(&self.state, &call, from).await?))
     }
 }

@@ -20,7 +20,7 @@ macro_rules! session_columns {
 
 macro_rules! log_columns {
     () => {
-        "id, session_id, logged_at, level, message, fields"
+        "id, session_id, seq, logged_at, level, message, fields"
     };
 }
 
@@ -47,6 +47,7 @@ fn log_from_row(row: &Row) -> Result<LogEntry> {
     Ok(LogEntry {
         id: row.try_get("id")?,
         session_id: row.try_get("session_id")?,
+        seq: row.try_get("seq")?,
         logged_at: row.try_get("logged_at")?,
         level: LogLevel::from_db(row.try_get("level")?)?,
         message: row.try_get("message")?,
@@ -269,22 +270,60 @@ pub async fn delete(c: &impl GenericClient, id: Uuid) -> Result<u64> {
     DELETE.execute(c, &[&id]).await
 }
 
+const NEXT_LOG_SEQ: Stmt = Stmt::new(
+    "UPDATE",
+    "sessions",
+    "UPDATE sessions SET log_seq = log_seq + 1 WHERE id = $1 RETURNING log_seq, status",
+);
+
+/// Takes the next log position of a session, in the caller's transaction.
+///
+/// The UPDATE locks the session row until the caller commits, so appends to
+/// one session (and its status moves) commit one at a time in position
+/// order: a reader following `seq > last seen` can never skip an entry. A
+/// session in a final status refuses the append (the caller's transaction,
+/// rolled back on the error, undoes the increment).
+pub async fn next_log_seq(c: &impl GenericClient, session_id: Uuid) -> Result<i64> {
+    let row = NEXT_LOG_SEQ
+        .query_opt(c, &[&session_id])
+        .await?
+        .ok_or_else(|| Error::NotFound(format!("session {session_id} not found")))?;
+    let status = SessionStatus::from_db(row.try_get("status")?)?;
+    if status.is_final() {
+        return Err(Error::FailedPrecondition(
+            Reason::SessionNotAcceptingWrites,
+            format!(
+                "session {session_id} is {}; its log takes no more entries",
+                status.as_str()
+            ),
+        ));
+    }
+    Ok(row.try_get("log_seq")?)
+}
+
 const INSERT_LOG: Stmt = Stmt::new(
     "INSERT",
     "session_logs",
     concat!(
-        "INSERT INTO session_logs (session_id, level, message, fields) \
-         VALUES ($1, $2, $3, $4) RETURNING ",
+        "INSERT INTO session_logs (session_id, seq, level, message, fields) \
+         VALUES ($1, $2, $3, $4, $5) RETURNING ",
         log_columns!()
     ),
 );
 
-/// Appends a log entry; NOT_FOUND when the session does not exist.
-pub async fn insert_log(c: &impl GenericClient, e: &NewLogEntry) -> Result<LogEntry> {
+/// Stores a log entry at position `seq` (from [`next_log_seq`] in the same
+/// transaction).
+pub async fn insert_log(c: &impl GenericClient, e: &NewLogEntry, seq: i64) -> Result<LogEntry> {
     let row = INSERT_LOG
         .query_one(
             c,
-            &[&e.session_id, &e.level.as_str(), &e.message, &e.fields],
+            &[
+                &e.session_id,
+                &seq,
+                &e.level.as_str(),
+                &e.message,
+                &e.fields,
+            ],
         )
         .await
         .map_err(|err| match err {
@@ -301,12 +340,13 @@ const LIST_LOGS: Stmt = Stmt::new(
         "SELECT ",
         log_columns!(),
         " FROM session_logs \
-         WHERE session_id = $1 AND level = ANY($2) AND id > $3 \
-         ORDER BY id LIMIT $4"
+         WHERE session_id = $1 AND level = ANY($2) AND seq > $3 \
+         ORDER BY seq LIMIT $4"
     ),
 );
 
-/// One page of a session's log, oldest first, plus one extra row when more follow.
+/// One page of a session's log in sequence order, plus one extra row when
+/// more follow.
 pub async fn list_logs(c: &impl GenericClient, q: &ListLogs) -> Result<Vec<LogEntry>> {
     let levels: Vec<&str> = LogLevel::ALL
         .iter()
@@ -317,7 +357,7 @@ pub async fn list_logs(c: &impl GenericClient, q: &ListLogs) -> Result<Vec<LogEn
     LIST_LOGS
         .query(
             c,
-            &[&q.session_id, &levels, &q.after_id, &(q.page_size + 1)],
+            &[&q.session_id, &levels, &q.after_seq, &(q.page_size + 1)],
         )
         .await?
         .iter()
@@ -335,7 +375,9 @@ const LOGS_AFTER: Stmt = Stmt::new(
     ),
 );
 
-/// Log entries appended after `after_id`, oldest first.
+/// Log entries with a storage id above `after_id`, in id order. Ids are
+/// taken before commit, so this is complete only within one snapshot (as the
+/// export reads it); live followers use [`logs_in_range`] by sequence.
 pub async fn logs_after(
     c: &impl GenericClient,
     session_id: Uuid,
@@ -350,15 +392,68 @@ pub async fn logs_after(
         .collect()
 }
 
-const LAST_LOG_ID: Stmt = Stmt::new(
+const LOGS_IN_RANGE: Stmt = Stmt::new(
     "SELECT",
     "session_logs",
-    "SELECT COALESCE(max(id), 0) FROM session_logs WHERE session_id = $1",
+    concat!(
+        "SELECT ",
+        log_columns!(),
+        " FROM session_logs WHERE session_id = $1 AND seq > $2 AND seq <= $3 \
+         ORDER BY seq LIMIT $4"
+    ),
 );
 
-/// The id of the newest log entry of a session (0 when it has none).
-pub async fn last_log_id(c: &impl GenericClient, session_id: Uuid) -> Result<i64> {
-    Ok(LAST_LOG_ID.query_one(c, &[&session_id]).await?.try_get(0)?)
+/// Log entries with `after < seq <= through`, in sequence order, at most
+/// `limit` of them (watch catch-up).
+pub async fn logs_in_range(
+    c: &impl GenericClient,
+    session_id: Uuid,
+    after: i64,
+    through: i64,
+    limit: i64,
+) -> Result<Vec<LogEntry>> {
+    LOGS_IN_RANGE
+        .query(c, &[&session_id, &after, &through, &limit])
+        .await?
+        .iter()
+        .map(log_from_row)
+        .collect()
+}
+
+const WATCH_POSITION: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    concat!(
+        "SELECT ",
+        session_columns!(),
+        ", log_seq, state_log_seq FROM sessions WHERE id = $1"
+    ),
+);
+
+/// A session with the positions a watcher follows.
+#[derive(Debug, Clone)]
+pub struct WatchedSession {
+    pub session: Session,
+    /// The last log position handed out: every entry up to it is committed.
+    pub log_seq: i64,
+    /// The log position when the current state was committed: entries up to
+    /// it came before the state, later ones after it.
+    pub state_log_seq: i64,
+}
+
+/// A session and its log positions, read in one statement (one snapshot).
+pub async fn watch_position(c: &impl GenericClient, id: Uuid) -> Result<Option<WatchedSession>> {
+    WATCH_POSITION
+        .query_opt(c, &[&id])
+        .await?
+        .map(|row| {
+            Ok(WatchedSession {
+                session: session_from_row(&row)?,
+                log_seq: row.try_get("log_seq")?,
+                state_log_seq: row.try_get("state_log_seq")?,
+            })
+        })
+        .transpose()
 }
 
 const STATUS_FOR_SHARE: Stmt = Stmt::new(

@@ -451,7 +451,10 @@ async fn a_watch_ended_by_shutdown_says_so_with_its_reason() {
     let mut stream = app
         .sessions
         .clone()
-        .watch_session(verdict::proto::WatchSessionRequest { id: s.id.clone() })
+        .watch_session(verdict::proto::WatchSessionRequest {
+            id: s.id.clone(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();

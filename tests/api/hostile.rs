@@ -176,7 +176,18 @@ async fn fuzzed_requests_to_every_rpc_get_a_proper_status_and_never_a_server_fau
         .await
         .unwrap()
         .get(0);
-    assert!(n >= 1);
+    // A fuzzed Cleanup (a random cutoff) or DeleteSession may legitimately
+    // remove the target session; anything else removing it is a fault.
+    let deleted_by_a_call: bool = sql
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM audit_events \
+             WHERE outcome = 'deleted' AND $1 = ANY(target_ids))",
+            &[&session.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(n >= 1 || deleted_by_a_call, "the target session vanished");
 }
 
 #[tokio::test]

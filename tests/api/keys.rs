@@ -349,7 +349,13 @@ async fn revoking_a_key_ends_its_open_watch_with_unauthenticated_within_two_seco
         let id = session.id.clone();
         async move {
             let mut stream = s
-                .watch_session(authed(WatchSessionRequest { id }, &token))
+                .watch_session(authed(
+                    WatchSessionRequest {
+                        id,
+                        ..Default::default()
+                    },
+                    &token,
+                ))
                 .await
                 .expect("open the watch")
                 .into_inner();
@@ -496,7 +502,13 @@ async fn a_revocation_reaches_open_streams_across_a_cut_listener_connection() {
     let mut watch = app
         .sessions
         .clone()
-        .watch_session(authed(WatchSessionRequest { id: session.id }, &reader))
+        .watch_session(authed(
+            WatchSessionRequest {
+                id: session.id,
+                ..Default::default()
+            },
+            &reader,
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -548,7 +560,10 @@ async fn streams_end_at_the_maximum_lifetime_with_unavailable_with_or_without_au
     let mut watch = app
         .sessions
         .clone()
-        .watch_session(WatchSessionRequest { id: session.id })
+        .watch_session(WatchSessionRequest {
+            id: session.id,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -585,7 +600,13 @@ async fn streams_end_at_the_maximum_lifetime_with_unavailable_with_or_without_au
     let mut watch = app
         .sessions
         .clone()
-        .watch_session(authed(WatchSessionRequest { id: session.id }, &token))
+        .watch_session(authed(
+            WatchSessionRequest {
+                id: session.id,
+                ..Default::default()
+            },
+            &token,
+        ))
         .await
         .unwrap()
         .into_inner();

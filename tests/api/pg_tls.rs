@@ -202,6 +202,7 @@ async fn sslmode_require_encrypts_every_connection_of_the_gateway() {
         .clone()
         .watch_session(WatchSessionRequest {
             id: session.id.clone(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -192,6 +192,7 @@ impl Application {
             hub: hub.clone(),
             shutdown: shutdown_rx.clone(),
             signer: self.signer.clone(),
+            max_message_bytes: self.config.max_message_bytes,
         };
         self.auth.log(self.config.listen);
 

@@ -175,29 +175,89 @@ pub fn time_key(
     }
 }
 
-/// The page (the first `page_size` of the `page_size + 1` rows fetched) and
-/// the token of the next page, empty when this page is the last. `key` gives
-/// the sort key of a row.
-pub fn page<T, K: Serialize>(
-    rows: Vec<T>,
-    page_size: i64,
-    fingerprint: &str,
-    key: impl Fn(&T) -> K,
-) -> (Vec<T>, String) {
-    let (page, more) = split_page(rows, page_size);
-    let token = match (more, page.last()) {
-        (true, Some(last)) => encode(fingerprint, &key(last)),
-        _ => String::new(),
-    };
-    (page, token)
+/// Bytes of a list reply kept free for its `next_page_token` field (tag,
+/// length and a token of at most [`MAX_TOKEN_LEN`] bytes).
+pub const TOKEN_RESERVE: usize = 1 + 2 + MAX_TOKEN_LEN;
+
+/// Bytes one item adds to a list reply: every list reply is
+/// `{ repeated Item items = 1; string next_page_token = 2; }`, so an item
+/// costs its own encoding plus a one-byte tag and its length prefix.
+pub fn item_cost(encoded_len: usize) -> usize {
+    1 + prost::length_delimiter_len(encoded_len) + encoded_len
 }
 
-/// Splits one extra row fetched past the page: returns the page and whether
-/// another page follows.
-pub fn split_page<T>(mut rows: Vec<T>, page_size: i64) -> (Vec<T>, bool) {
-    let more = rows.len() as i64 > page_size;
-    rows.truncate(page_size as usize);
-    (rows, more)
+/// The page to return from `rows` (fetched in list order, normally
+/// `page_size + 1` of them) and the token of the next page, empty when this
+/// page is the last.
+///
+/// A page stops at whichever comes first: `page_size` items, or the item
+/// that would take the encoded reply past `reply_limit` bytes less
+/// [`TOKEN_RESERVE`] (the gateway's `max_message_bytes`; tonic refuses to
+/// send a larger reply). Either way the token resumes right after the last
+/// item returned, so paging on returns every row exactly once. `key` gives
+/// the sort key of a row, `convert` its reply item; each item is measured
+/// with [`prost::Message::encoded_len`].
+///
+/// The first item is always returned, even when it alone is over the
+/// budget, so a list always moves on: a row was accepted in a request of
+/// at most the same limit, and the reserve covers what a reply adds (ids,
+/// timestamps, the token). Only a row that cannot be sent at all — larger
+/// than `reply_limit` with its token, e.g. stored while the limit was
+/// higher — fails the call, RESOURCE_EXHAUSTED (`MESSAGE_TOO_LARGE`), rather
+/// than being skipped silently.
+pub fn page<R, T, K>(
+    rows: Vec<R>,
+    page_size: i64,
+    reply_limit: usize,
+    fingerprint: &str,
+    key: impl Fn(&R) -> K,
+    mut convert: impl FnMut(R) -> T,
+) -> Result<(Vec<T>, String)>
+where
+    T: prost::Message,
+    K: Serialize,
+{
+    let budget = reply_limit.saturating_sub(TOKEN_RESERVE);
+    let mut items = Vec::new();
+    let mut used = 0usize;
+    let mut last_key = None;
+    let mut more = false;
+    for row in rows {
+        if items.len() as i64 >= page_size {
+            more = true;
+            break;
+        }
+        let row_key = key(&row);
+        let item = convert(row);
+        let cost = item_cost(item.encoded_len());
+        if !items.is_empty() && used + cost > budget {
+            more = true;
+            break;
+        }
+        used += cost;
+        items.push(item);
+        last_key = Some(row_key);
+    }
+    let token = match (more, last_key) {
+        (true, Some(k)) => encode(fingerprint, &k),
+        _ => String::new(),
+    };
+    let token_cost = if token.is_empty() {
+        0
+    } else {
+        item_cost(token.len())
+    };
+    if used + token_cost > reply_limit {
+        return Err(Error::ResourceExhausted(
+            Reason::MessageTooLarge,
+            format!(
+                "the next item of this list encodes to {used} bytes, more than the gateway's \
+                 {reply_limit}-byte reply limit; read it with a view that leaves large fields \
+                 out where the list has one, or raise VERDICT_MAX_MESSAGE_BYTES"
+            ),
+        ));
+    }
+    Ok((items, token))
 }
 
 #[cfg(test)]

@@ -15,4 +15,7 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// The page-token key of this gateway.
     pub signer: Signer,
+    /// Largest message the gateway sends or accepts (`max_message_bytes`):
+    /// list pages and export chunks stop before a reply grows past it.
+    pub max_message_bytes: usize,
 }

@@ -211,10 +211,16 @@ impl AdminService for AdminApi {
         let rows = sql::list_audit(&tx, &query).await?;
         audit::record(&tx, &call, &[], Outcome::Read).await?;
         tx.commit().await.map_err(Error::from)?;
-        let (page, next_page_token) =
-            pagination::page(rows, query.page_size, &query.fingerprint, |last| last.id);
+        let (events, next_page_token) = pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            |last| last.id,
+            Into::into,
+        )?;
         Ok(Response::new(proto::ListAuditEventsResponse {
-            events: page.into_iter().map(Into::into).collect(),
+            events,
             next_page_token,
         }))
     }

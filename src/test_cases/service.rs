@@ -111,12 +111,16 @@ impl TestCaseService for TestCaseApi {
         let query = ListTestCases::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let rows = sql::list(conn.client().await?, &query).await?;
-        let (page, next_page_token) =
-            pagination::page(rows, query.page_size, &query.fingerprint, |last| {
-                last.key.clone()
-            });
+        let (test_cases, next_page_token) = pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            |last| last.key.clone(),
+            Into::into,
+        )?;
         Ok(Response::new(proto::ListTestCasesResponse {
-            test_cases: page.into_iter().map(Into::into).collect(),
+            test_cases,
             next_page_token,
         }))
     }
@@ -290,14 +294,16 @@ impl TestCaseService for TestCaseApi {
             None => None,
         };
         let rows = executions_sql::list(c, &query, test_case_id).await?;
-        let (page, next_page_token) = pagination::page(
+        let (executions, next_page_token) = pagination::page(
             rows,
             query.page_size,
+            self.state.max_message_bytes,
             &query.fingerprint,
             executions_sql::key,
-        );
+            Into::into,
+        )?;
         Ok(Response::new(proto::ListExecutionsResponse {
-            executions: page.into_iter().map(Into::into).collect(),
+            executions,
             next_page_token,
         }))
     }

@@ -175,6 +175,41 @@ pub fn time_key(
     }
 }
 
+/// Which fields a list returns: every field, or all but the large ones
+/// (each list's proto view enum says which). The wire enums
+/// (`ResultView`, `ExecutionView`, `SessionView`) share one numbering:
+/// 0 UNSPECIFIED (= FULL, what clients written before views get), 1 BASIC,
+/// 2 FULL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Basic,
+    Full,
+}
+
+impl View {
+    /// The view of a request's `field`; an unknown value is a violation.
+    pub fn from_wire(v: &mut crate::validate::Validator, field: &str, raw: i32) -> View {
+        match raw {
+            0 | 2 => View::Full,
+            1 => View::Basic,
+            _ => {
+                v.violation(field, "must be UNSPECIFIED (0), BASIC (1) or FULL (2)");
+                View::Full
+            }
+        }
+    }
+
+    /// The page-token scope of list `scope` in this view: a token is bound
+    /// to its view like to a filter. FULL keeps the bare scope, so tokens
+    /// issued before views existed stay valid.
+    pub fn scope(self, scope: &str) -> String {
+        match self {
+            View::Full => scope.to_owned(),
+            View::Basic => format!("{scope}/basic"),
+        }
+    }
+}
+
 /// Bytes of a list reply kept free for its `next_page_token` field (tag,
 /// length and a token of at most [`MAX_TOKEN_LEN`] bytes).
 pub const TOKEN_RESERVE: usize = 1 + 2 + MAX_TOKEN_LEN;

@@ -25,8 +25,13 @@ fn from_row(row: &Row) -> Result<ValidationResult> {
         fidelity_score: row.try_get("fidelity_score")?,
         summary: row.try_get("summary")?,
         execution_time_ms: row.try_get("execution_time_ms")?,
-        source_representation: row.try_get("source_representation")?,
-        target_representation: row.try_get("target_representation")?,
+        // NULL (left out by a BASIC list) reads as JSON null.
+        source_representation: row
+            .try_get::<_, Option<serde_json::Value>>("source_representation")?
+            .unwrap_or_default(),
+        target_representation: row
+            .try_get::<_, Option<serde_json::Value>>("target_representation")?
+            .unwrap_or_default(),
         created_at: row.try_get("created_at")?,
     })
 }
@@ -113,22 +118,36 @@ pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<Option<ValidationRe
         .transpose()
 }
 
-const LIST: Stmt = Stmt::new(
+/// The list statement over `columns`: the filters, newest first.
+macro_rules! list_sql {
+    ($columns:expr) => {
+        concat!(
+            "SELECT ",
+            $columns,
+            " FROM results \
+             WHERE ($1::uuid IS NULL OR session_id = $1) \
+               AND ($2::text[] IS NULL OR result_type = ANY($2)) \
+               AND ($3::text[] IS NULL OR overall_status = ANY($3)) \
+               AND ($4::float8 IS NULL OR fidelity_score >= $4) \
+               AND ($5::float8 IS NULL OR fidelity_score <= $5) \
+               AND ($6::timestamptz IS NULL OR created_at >= $6) \
+               AND ($7::timestamptz IS NULL OR created_at < $7) \
+               AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9)) \
+             ORDER BY created_at DESC, id DESC LIMIT $10"
+        )
+    };
+}
+
+const LIST: Stmt = Stmt::new("SELECT", "results", list_sql!(result_columns!()));
+
+/// RESULT_VIEW_BASIC: the representations are not read at all (NULL).
+const LIST_BASIC: Stmt = Stmt::new(
     "SELECT",
     "results",
-    concat!(
-        "SELECT ",
-        result_columns!(),
-        " FROM results \
-         WHERE ($1::uuid IS NULL OR session_id = $1) \
-           AND ($2::text[] IS NULL OR result_type = ANY($2)) \
-           AND ($3::text[] IS NULL OR overall_status = ANY($3)) \
-           AND ($4::float8 IS NULL OR fidelity_score >= $4) \
-           AND ($5::float8 IS NULL OR fidelity_score <= $5) \
-           AND ($6::timestamptz IS NULL OR created_at >= $6) \
-           AND ($7::timestamptz IS NULL OR created_at < $7) \
-           AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9)) \
-         ORDER BY created_at DESC, id DESC LIMIT $10"
+    list_sql!(
+        "id, session_id, request_id, result_type, overall_status, fidelity_score, summary, \
+         execution_time_ms, NULL::jsonb AS source_representation, \
+         NULL::jsonb AS target_representation, created_at"
     ),
 );
 
@@ -140,25 +159,24 @@ pub async fn list(c: &impl GenericClient, q: &ListResults) -> Result<Vec<Validat
     let statuses: Option<Vec<&str>> = (!f.overall_statuses.is_empty())
         .then(|| f.overall_statuses.iter().map(|t| t.as_str()).collect());
     let (after_at, after_id) = pagination::time_key(q.after)?;
-    LIST.query(
-        c,
-        &[
-            &f.session_id,
-            &types,
-            &statuses,
-            &f.min_fidelity,
-            &f.max_fidelity,
-            &f.created_from,
-            &f.created_to,
-            &after_at,
-            &after_id,
-            &(q.page_size + 1),
-        ],
-    )
-    .await?
-    .iter()
-    .map(from_row)
-    .collect()
+    let limit = q.page_size + 1;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &f.session_id,
+        &types,
+        &statuses,
+        &f.min_fidelity,
+        &f.max_fidelity,
+        &f.created_from,
+        &f.created_to,
+        &after_at,
+        &after_id,
+        &limit,
+    ];
+    let rows = match q.view {
+        pagination::View::Full => LIST.query(c, params).await?,
+        pagination::View::Basic => LIST_BASIC.query(c, params).await?,
+    };
+    rows.iter().map(from_row).collect()
 }
 
 const PAGE_OF_SESSION: Stmt = Stmt::new(

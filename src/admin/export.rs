@@ -9,7 +9,11 @@
 //! [`CHUNK`]), so a batch holds about `budget` bytes (the gateway's
 //! `max_message_bytes`) when rows are alike — a session of 2 MB results
 //! reads them one or two at a time, one of small log entries a thousand at
-//! a time. The gRPC sink ([`Chunks`]) cuts messages by their encoded size.
+//! a time. Kinds whose rows can be large (results, executions: JSON of up
+//! to a request's size) are also cut in SQL once a batch's JSON and text
+//! reach `budget` bytes, so a large row after many small ones cannot swell
+//! a batch: such a batch holds at most `budget` bytes of that text plus one
+//! row. The gRPC sink ([`Chunks`]) cuts messages by their encoded size.
 
 use crate::coverage::{self, Counters, Report};
 use crate::discrepancies::{self, Discrepancy, ResolutionChange};
@@ -132,9 +136,12 @@ pub async fn run(
     }
 
     // Each kind of record, batch by batch in a stable order, resuming after
-    // the key of the last record read.
+    // the key of the last record read. Kinds whose rows can be large
+    // (`cut`: results, executions) are also cut by bytes in SQL, so a short
+    // batch does not mean the end: only an empty one does.
+    let max_bytes = i64::try_from(budget).unwrap_or(i64::MAX);
     macro_rules! batches {
-        ($fetch:expr, $key:expr, $wrap:expr) => {{
+        ($cut:literal, $fetch:expr, $key:expr, $wrap:expr) => {{
             let mut after = None;
             let mut rows = 1_i64;
             let mut largest = 0_usize;
@@ -155,7 +162,7 @@ pub async fn run(
                 stats.fetches += 1;
                 stats.largest_fetch_rows = stats.largest_fetch_rows.max(read as u64);
                 stats.largest_fetch_bytes = stats.largest_fetch_bytes.max(bytes as u64);
-                if read < rows {
+                if !$cut && read < rows {
                     break;
                 }
                 rows = rows_per_fetch(budget, largest);
@@ -163,21 +170,25 @@ pub async fn run(
         }};
     }
     batches!(
+        false,
         |after: Option<i64>, n| sessions::sql::logs_after(c, session_id, after.unwrap_or(0), n),
         |l: &LogEntry| l.id,
         Record::LogEntry
     );
     batches!(
-        |after, n| results::sql::page_of_session(c, session_id, after, n),
+        true,
+        |after, n| results::sql::page_of_session(c, session_id, after, n, max_bytes),
         |r: &ValidationResult| r.id,
         Record::Result
     );
     batches!(
+        false,
         |after, n| discrepancies::sql::page_of_session(c, session_id, after, n),
         |d: &Discrepancy| d.id,
         Record::Discrepancy
     );
     batches!(
+        false,
         |after, n| discrepancies::sql::resolutions_of_session(c, session_id, after, n),
         |(d, change): &(Uuid, ResolutionChange)| (*d, change.id),
         |(discrepancy_id, change)| Record::ResolutionChange {
@@ -186,16 +197,19 @@ pub async fn run(
         }
     );
     batches!(
-        |after, n| test_cases::executions_sql::page_of_session(c, session_id, after, n),
+        true,
+        |after, n| test_cases::executions_sql::page_of_session(c, session_id, after, n, max_bytes),
         |e: &Execution| e.id,
         Record::Execution
     );
     batches!(
+        false,
         |after, n| coverage::sql::reports_of_session(c, session_id, after, n),
         |r: &Report| r.id,
         Record::CoverageReport
     );
     batches!(
+        false,
         |after, n| coverage::sql::files_of_session(c, session_id, after, n),
         |(report, path, _): &(Uuid, String, Counters)| (*report, path.clone()),
         |(report_id, path, counters)| Record::CoverageFile {

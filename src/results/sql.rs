@@ -179,25 +179,37 @@ pub async fn list(c: &impl GenericClient, q: &ListResults) -> Result<Vec<Validat
     rows.iter().map(from_row).collect()
 }
 
+/// A batch of a session's results for exports: at most `$3` rows after id
+/// `$2`, cut after the row that brings their JSON and summary text to `$4`
+/// bytes (the first row always comes), so a batch of large results stays
+/// near `$4` bytes however many rows `$3` allows.
 const PAGE_OF_SESSION: Stmt = Stmt::new(
     "SELECT",
     "results",
     concat!(
         "SELECT ",
         result_columns!(),
-        " FROM results WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3"
+        " FROM (SELECT *, sum(row_bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - row_bytes AS bytes_before \
+           FROM (SELECT *, octet_length(source_representation::text) \
+                         + octet_length(target_representation::text) + octet_length(summary) AS row_bytes \
+                 FROM results WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) \
+                 ORDER BY id LIMIT $3) batch) sized \
+         WHERE bytes_before < $4 ORDER BY id"
     ),
 );
 
-/// Results of a session in id order after `after`, for exports.
+/// Results of a session in id order after `after`, for exports: at most
+/// `limit` rows, fewer when they reach `max_bytes` (see PAGE_OF_SESSION);
+/// an empty batch is the end.
 pub async fn page_of_session(
     c: &impl GenericClient,
     session_id: uuid::Uuid,
     after: Option<uuid::Uuid>,
     limit: i64,
+    max_bytes: i64,
 ) -> Result<Vec<ValidationResult>> {
     PAGE_OF_SESSION
-        .query(c, &[&session_id, &after, &limit])
+        .query(c, &[&session_id, &after, &limit, &max_bytes])
         .await?
         .iter()
         .map(from_row)

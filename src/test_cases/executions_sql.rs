@@ -262,25 +262,39 @@ pub async fn list(
     .collect()
 }
 
+/// A batch of a session's executions for exports: at most `$3` rows after
+/// id `$2`, cut after the row that brings their JSON and text to `$4` bytes
+/// (the first row always comes), so a batch of large executions stays near
+/// `$4` bytes however many rows `$3` allows.
 const PAGE_OF_SESSION: Stmt = Stmt::new(
     "SELECT",
     "test_executions",
     "SELECT e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
             e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
             e.interaction_log, e.performance, e.created_at \
-     FROM test_executions e JOIN test_cases t ON t.id = e.test_case_id \
-     WHERE e.session_id = $1 AND ($2::uuid IS NULL OR e.id > $2) ORDER BY e.id LIMIT $3",
+     FROM (SELECT *, sum(row_bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - row_bytes AS bytes_before \
+           FROM (SELECT *, octet_length(environment::text) + octet_length(interaction_log::text) \
+                         + octet_length(performance::text) + coalesce(octet_length(error_message), 0) \
+                         + coalesce(octet_length(stack_trace), 0) \
+                         + coalesce(octet_length(screenshot_refs::text), 0) AS row_bytes \
+                 FROM test_executions WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) \
+                 ORDER BY id LIMIT $3) batch) e \
+     JOIN test_cases t ON t.id = e.test_case_id \
+     WHERE e.bytes_before < $4 ORDER BY e.id",
 );
 
-/// Executions of a session in id order after `after`, for exports.
+/// Executions of a session in id order after `after`, for exports: at
+/// most `limit` rows, fewer when they reach `max_bytes` (see
+/// PAGE_OF_SESSION); an empty batch is the end.
 pub async fn page_of_session(
     c: &impl GenericClient,
     session_id: Uuid,
     after: Option<Uuid>,
     limit: i64,
+    max_bytes: i64,
 ) -> Result<Vec<Execution>> {
     PAGE_OF_SESSION
-        .query(c, &[&session_id, &after, &limit])
+        .query(c, &[&session_id, &after, &limit, &max_bytes])
         .await?
         .iter()
         .map(from_row)

@@ -10,6 +10,7 @@ mod gateway;
 mod helpers;
 mod hostile;
 mod metrics;
+mod pages;
 mod pg_tls;
 mod results;
 mod sessions;

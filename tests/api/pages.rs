@@ -402,3 +402,142 @@ async fn a_result_larger_than_a_lowered_limit_fails_its_page_clearly_and_basic_l
         .collect();
     assert_eq!(listed, ids_in_list_order(&app).await);
 }
+
+fn small_struct(key: &str, text: &str) -> Struct {
+    Struct {
+        fields: [(
+            key.to_string(),
+            Value {
+                kind: Some(Kind::StringValue(text.to_string())),
+            },
+        )]
+        .into(),
+    }
+}
+
+#[tokio::test]
+async fn list_executions_basic_view_leaves_the_large_fields_out_and_full_returns_them() {
+    use crate::test_cases::{create_test_case, new_test_case, run};
+    use verdict::proto::{
+        ExecutionStatus, ExecutionView, ListExecutionsRequest, RecordExecutionsRequest, TestType,
+    };
+    let app = spawn_app().await;
+    create_test_case(&app, new_test_case("test-views", TestType::Unit, "core")).await;
+    let items: Vec<_> = (0..3)
+        .map(|i| {
+            let mut e = run("test-views", ExecutionStatus::Failed, i, 10);
+            e.environment = Some(small_struct("os", "linux"));
+            e.error_message = format!("boom {i}");
+            e.stack_trace = "at main.rs:1".repeat(100);
+            e.screenshot_refs = vec![format!("shot-{i}")];
+            e.interaction_log = vec![small_struct("step", "click"), small_struct("step", "type")];
+            e.performance = [("p99_ms".to_string(), 12.5)].into();
+            e
+        })
+        .collect();
+    app.test_cases
+        .clone()
+        .record_executions(RecordExecutionsRequest {
+            batch_id: "views".into(),
+            items,
+        })
+        .await
+        .unwrap();
+    let list = |view: ExecutionView, token: String| {
+        let mut client = app.test_cases.clone();
+        async move {
+            client
+                .list_executions(ListExecutionsRequest {
+                    test_case_key: "test-views".into(),
+                    page_size: 2,
+                    page_token: token,
+                    view: view as i32,
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let full = list(ExecutionView::Unspecified, String::new())
+        .await
+        .unwrap();
+    let basic = list(ExecutionView::Basic, String::new()).await.unwrap();
+    assert_eq!(full.executions.len(), 2);
+    for (b, f) in basic.executions.iter().zip(&full.executions) {
+        assert_eq!(f.environment.as_ref(), Some(&small_struct("os", "linux")));
+        assert_eq!(f.interaction_log.len(), 2);
+        assert_eq!(f.performance["p99_ms"], 12.5);
+        assert!(!f.stack_trace.is_empty());
+        assert_eq!(b.environment, None);
+        assert!(b.interaction_log.is_empty() && b.performance.is_empty());
+        assert_eq!(b.stack_trace, "");
+        // error_message and screenshot_refs stay, like every other field.
+        let mut stripped = f.clone();
+        stripped.environment = None;
+        stripped.interaction_log.clear();
+        stripped.performance.clear();
+        stripped.stack_trace.clear();
+        assert_eq!(b, &stripped);
+    }
+    // Each view pages on with its own token only.
+    let rest = list(ExecutionView::Basic, basic.next_page_token.clone())
+        .await
+        .unwrap();
+    assert_eq!(rest.executions.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+    let err = list(ExecutionView::Full, basic.next_page_token)
+        .await
+        .unwrap_err();
+    let fields: Vec<String> = violations(&err).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(fields, ["page_token"]);
+}
+
+#[tokio::test]
+async fn list_sessions_basic_view_leaves_config_input_refs_and_metadata_out() {
+    use crate::sessions::new_session;
+    use verdict::proto::{ListSessionsRequest, SessionView};
+    let app = spawn_app().await;
+    for i in 0..3 {
+        let mut req = new_session(&format!("view-{i}"));
+        req.input_refs = Some(small_struct("repo", "git://example/x"));
+        req.metadata = Some(small_struct("owner", "qa"));
+        app.sessions.clone().create_session(req).await.unwrap();
+    }
+    let list = |view: SessionView, token: String| {
+        let mut client = app.sessions.clone();
+        async move {
+            client
+                .list_sessions(ListSessionsRequest {
+                    page_size: 2,
+                    page_token: token,
+                    view: view as i32,
+                    ..Default::default()
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let full = list(SessionView::Full, String::new()).await.unwrap();
+    let basic = list(SessionView::Basic, String::new()).await.unwrap();
+    assert_eq!(basic.sessions.len(), 2);
+    for (b, f) in basic.sessions.iter().zip(&full.sessions) {
+        assert!(f.config.is_some());
+        assert_eq!(f.input_refs, Some(small_struct("repo", "git://example/x")));
+        assert_eq!(f.metadata, Some(small_struct("owner", "qa")));
+        let mut stripped = f.clone();
+        stripped.config = None;
+        stripped.input_refs = None;
+        stripped.metadata = None;
+        assert_eq!(b, &stripped);
+    }
+    let err = list(SessionView::Unspecified, basic.next_page_token.clone())
+        .await
+        .unwrap_err();
+    let fields: Vec<String> = violations(&err).into_iter().map(|(f, _)| f).collect();
+    assert_eq!(fields, ["page_token"]);
+    let rest = list(SessionView::Basic, basic.next_page_token)
+        .await
+        .unwrap();
+    assert_eq!(rest.sessions.len(), 1);
+    assert_eq!(rest.sessions[0].metadata, None);
+}

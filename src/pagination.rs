@@ -234,12 +234,13 @@ pub fn item_cost(encoded_len: usize) -> usize {
 /// with [`prost::Message::encoded_len`].
 ///
 /// The first item is always returned, even when it alone is over the
-/// budget, so a list always moves on: a row was accepted in a request of
-/// at most the same limit, and the reserve covers what a reply adds (ids,
-/// timestamps, the token). Only a row that cannot be sent at all — larger
-/// than `reply_limit` with its token, e.g. stored while the limit was
-/// higher — fails the call, RESOURCE_EXHAUSTED (`MESSAGE_TOO_LARGE`), rather
-/// than being skipped silently.
+/// budget, so a list always moves on. It fits a reply whenever it fits with
+/// its token: a row was accepted in a request of at most the same limit,
+/// and a reply adds only ids, timestamps and the token (a few hundred
+/// bytes). Only a row that cannot be sent at all — stored while the limit
+/// was higher, or recorded within those few hundred bytes of it — fails the
+/// call, RESOURCE_EXHAUSTED (`MESSAGE_TOO_LARGE`), rather than being
+/// skipped silently; a BASIC view, where the list has one, gets past it.
 pub fn page<R, T, K>(
     rows: Vec<R>,
     page_size: i64,
@@ -358,5 +359,67 @@ mod tests {
         with_signer_sync(signer("two"), || {
             assert!(decode::<(i64, String)>("page_token", &token, &f).is_err());
         });
+    }
+
+    /// Rows of `sizes` bytes each, keyed by position.
+    fn rows(sizes: &[usize]) -> Vec<(usize, String)> {
+        sizes.iter().map(|n| "x".repeat(*n)).enumerate().collect()
+    }
+
+    fn run(
+        sizes: &[usize],
+        page_size: i64,
+        limit: usize,
+    ) -> (Result<(Vec<String>, String)>, Option<usize>) {
+        with_signer_sync(signer("s"), || {
+            let got = page(rows(sizes), page_size, limit, "f", |r| r.0, |r| r.1);
+            let resumes_after = got
+                .as_ref()
+                .ok()
+                .and_then(|(_, t)| decode::<usize>("page_token", t, "f").unwrap());
+            (got, resumes_after)
+        })
+    }
+
+    #[test]
+    fn a_page_stops_at_page_size_or_before_the_reply_limit() {
+        // By count: 3 of 5 small rows, resuming after the third.
+        let (got, after) = run(&[10; 5], 3, 4096);
+        assert_eq!(got.unwrap().0.len(), 3);
+        assert_eq!(after, Some(2));
+        // By bytes: rows of 1000 bytes cost 1003 each in the reply; 8 KiB
+        // less the token reserve (1027) leaves room for 7.
+        let limit = 8 * 1024;
+        let (got, after) = run(&[1000; 20], 50, limit);
+        let (items, token) = got.unwrap();
+        assert_eq!(items.len(), 7);
+        assert_eq!(after, Some(6));
+        let reply: usize =
+            items.iter().map(|i| item_cost(i.len())).sum::<usize>() + item_cost(token.len());
+        assert!(reply <= limit, "{reply}");
+        // The last page has no token.
+        let (got, after) = run(&[1000; 3], 50, limit);
+        assert_eq!(got.unwrap(), (vec!["x".repeat(1000); 3], String::new()));
+        assert_eq!(after, None);
+    }
+
+    #[test]
+    fn a_row_over_the_budget_comes_alone_and_one_over_the_limit_fails() {
+        let limit = 8 * 1024;
+        // Over the budget (limit less the reserve) but within the limit.
+        let (got, after) = run(&[limit - 500, 10], 50, limit);
+        assert_eq!(got.unwrap().0.len(), 1);
+        assert_eq!(after, Some(0));
+        // Alone and last, it may use the reserve too.
+        let (got, _) = run(&[limit - 10], 50, limit);
+        assert_eq!(got.unwrap().0.len(), 1);
+        // Too large for any reply: a clear error, never a skipped row.
+        let (got, _) = run(&[limit + 1, 10], 50, limit);
+        let err = got.unwrap_err();
+        assert_eq!(err.reason(), Reason::MessageTooLarge);
+        // After small rows, a large one starts the next page.
+        let (got, after) = run(&[10, 10, limit], 50, limit);
+        assert_eq!(got.unwrap().0.len(), 2);
+        assert_eq!(after, Some(1));
     }
 }

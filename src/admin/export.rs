@@ -279,10 +279,9 @@ impl<E: Send> Sink for Chunks<'_, E> {
                 ),
             ));
         }
-        if self.used + cost > self.limit || self.records.len() as i64 >= CHUNK {
-            if !self.flush().await {
-                return Ok(None);
-            }
+        let full = self.used + cost > self.limit || self.records.len() as i64 >= CHUNK;
+        if full && !self.flush().await {
+            return Ok(None);
         }
         self.used += cost;
         self.records.push(record);

@@ -541,3 +541,155 @@ async fn list_sessions_basic_view_leaves_config_input_refs_and_metadata_out() {
     assert_eq!(rest.sessions.len(), 1);
     assert_eq!(rest.sessions[0].metadata, None);
 }
+
+/// Every result of an export stream, or the status that ended it.
+async fn export_result_ids(app: &TestApp, session_id: &str) -> Result<Vec<String>, tonic::Status> {
+    let mut stream = app
+        .admin
+        .clone()
+        .export_session(ExportSessionRequest {
+            session_id: session_id.into(),
+        })
+        .await?
+        .into_inner();
+    let mut ids = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        assert!(chunk.encoded_len() <= LIMIT);
+        for r in chunk.records {
+            if let Some(Record::Result(x)) = r.record {
+                ids.push(x.id);
+            }
+        }
+    }
+    Ok(ids)
+}
+
+#[tokio::test]
+async fn concurrent_pagers_and_exports_see_every_result_once_while_writers_add_more() {
+    let app = spawn_app().await;
+    let s = create(&app, "concurrent").await;
+    record_large(&app, &s.id, 8).await;
+    insert_small(&app, &s.id, 40).await;
+    let before = ids_in_list_order(&app).await;
+
+    let writer = {
+        let mut client = app.results.clone();
+        let session_id = s.id.clone();
+        tokio::spawn(async move {
+            for i in 0..20 {
+                let mut req = new_result(&session_id, &format!("late-{i}"), 0.7);
+                req.source_representation = Some(large(&format!("late-{i}"), 'l'));
+                client.record_result(req).await.expect("a concurrent write");
+            }
+        })
+    };
+    let pagers = (0..3).map(|_| {
+        let app = &app;
+        let session_id = s.id.clone();
+        async move {
+            let pages = all_pages(app, &session_id, ResultView::Full).await;
+            pages
+                .into_iter()
+                .flat_map(|p| p.results.into_iter().map(|r| r.id))
+                .collect::<Vec<_>>()
+        }
+    });
+    let exports = (0..2).map(|_| export_result_ids(&app, &s.id));
+    let (listed, exported) = tokio::join!(
+        futures::future::join_all(pagers),
+        futures::future::join_all(exports)
+    );
+    writer.await.unwrap();
+
+    let after = ids_in_list_order(&app).await;
+    assert_eq!(after.len(), before.len() + 20);
+    let position: HashMap<&String, usize> =
+        after.iter().enumerate().map(|(i, id)| (id, i)).collect();
+    for ids in &listed {
+        let unique: HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "no result twice");
+        assert!(
+            before.iter().all(|id| unique.contains(id)),
+            "every earlier result"
+        );
+        assert!(
+            ids.windows(2).all(|w| position[&w[0]] < position[&w[1]]),
+            "in list order"
+        );
+    }
+    for ids in exported {
+        let ids = ids.expect("the export completes");
+        let unique: HashSet<&String> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len(), "no result twice");
+        assert!(
+            before.iter().all(|id| unique.contains(id)),
+            "every earlier result"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_export_whose_backend_is_terminated_mid_way_ends_with_an_error_not_a_short_stream() {
+    let app = spawn_app().await;
+    let s = create(&app, "fault").await;
+    // Five messages' worth: the export is still reading results when the
+    // reader has taken the first message.
+    record_large(&app, &s.id, 10).await;
+    let mut stream = app
+        .admin
+        .clone()
+        .export_session(ExportSessionRequest {
+            session_id: s.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut results = 0;
+    let first = stream.message().await.unwrap().expect("a first chunk");
+    results += first
+        .records
+        .iter()
+        .filter(|r| matches!(r.record, Some(Record::Result(_))))
+        .count();
+    // The export holds its snapshot open while this reader waits: end its
+    // backend (the one whose last statement read a batch of results).
+    let sql = app.sql().await;
+    let mut terminated = false;
+    for _ in 0..200 {
+        let n: i64 = sql
+            .query_one(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                   AND query LIKE '%bytes_before%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if n > 0 {
+            terminated = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(terminated, "the export's backend was found");
+    let end = loop {
+        match stream.message().await {
+            Ok(Some(chunk)) => {
+                results += chunk
+                    .records
+                    .iter()
+                    .filter(|r| matches!(r.record, Some(Record::Result(_))))
+                    .count()
+            }
+            Ok(None) => break None,
+            Err(status) => break Some(status),
+        }
+    };
+    let status = end.expect("the stream ends with an error, not as if complete");
+    assert!(results < 10, "{results} results before the error");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(!status.message().contains("bytes_before"), "no SQL leaks");
+    // The gateway serves the next export whole.
+    assert_eq!(export_result_ids(&app, &s.id).await.unwrap().len(), 10);
+}

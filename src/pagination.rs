@@ -210,6 +210,21 @@ impl View {
     }
 }
 
+/// The rows a list query fetched, in list order: normally `page_size + 1`
+/// (one past the page tells that more follow). A query that bounds its
+/// rows by bytes too (large rows) sets `cut` when it left rows out, so the
+/// page ends with a token even when every row fetched fits.
+pub struct Fetched<R> {
+    pub rows: Vec<R>,
+    pub cut: bool,
+}
+
+impl<R> From<Vec<R>> for Fetched<R> {
+    fn from(rows: Vec<R>) -> Self {
+        Fetched { rows, cut: false }
+    }
+}
+
 /// Bytes of a list reply kept free for its `next_page_token` field (tag,
 /// length and a token of at most [`MAX_TOKEN_LEN`] bytes).
 pub const TOKEN_RESERVE: usize = 1 + 2 + MAX_TOKEN_LEN;
@@ -242,7 +257,7 @@ pub fn item_cost(encoded_len: usize) -> usize {
 /// call, RESOURCE_EXHAUSTED (`MESSAGE_TOO_LARGE`), rather than being
 /// skipped silently; a BASIC view, where the list has one, gets past it.
 pub fn page<R, T, K>(
-    rows: Vec<R>,
+    rows: impl Into<Fetched<R>>,
     page_size: i64,
     reply_limit: usize,
     fingerprint: &str,
@@ -253,11 +268,13 @@ where
     T: prost::Message,
     K: Serialize,
 {
+    let Fetched { rows, cut } = rows.into();
     let budget = reply_limit.saturating_sub(TOKEN_RESERVE);
     let mut items = Vec::new();
     let mut used = 0usize;
     let mut last_key = None;
-    let mut more = false;
+    // Rows the query itself left out follow the last one fetched.
+    let mut more = cut;
     for row in rows {
         if items.len() as i64 >= page_size {
             more = true;

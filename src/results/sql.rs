@@ -138,7 +138,29 @@ macro_rules! list_sql {
     };
 }
 
-const LIST: Stmt = Stmt::new("SELECT", "results", list_sql!(result_columns!()));
+/// RESULT_VIEW_FULL: the page's rows (`$10`, page_size + 1), cut after the
+/// row that brings their JSON and summary text to `$11` bytes (the reply
+/// limit; the first row always comes). `batch_rows` tells how many rows the
+/// cut saw, so a cut page still ends with a token: the gateway never holds
+/// more than about one reply of large results, whatever the page size.
+const LIST: Stmt = Stmt::new(
+    "SELECT",
+    "results",
+    concat!(
+        "SELECT ",
+        result_columns!(),
+        ", batch_rows FROM (SELECT *, \
+           sum(row_bytes) OVER (ORDER BY created_at DESC, id DESC ROWS UNBOUNDED PRECEDING) \
+             - row_bytes AS bytes_before, \
+           count(*) OVER () AS batch_rows \
+         FROM (",
+        list_sql!(
+            "*, octet_length(source_representation::text) \
+             + octet_length(target_representation::text) + octet_length(summary) AS row_bytes"
+        ),
+        ") batch) sized WHERE bytes_before < $11 ORDER BY created_at DESC, id DESC"
+    ),
+);
 
 /// RESULT_VIEW_BASIC: the representations are not read at all (NULL).
 const LIST_BASIC: Stmt = Stmt::new(
@@ -151,8 +173,13 @@ const LIST_BASIC: Stmt = Stmt::new(
     ),
 );
 
-/// One page of results, newest first, plus one extra row when more follow.
-pub async fn list(c: &impl GenericClient, q: &ListResults) -> Result<Vec<ValidationResult>> {
+/// One page of results, newest first, plus one extra row when more follow;
+/// in the FULL view at most about `max_bytes` of them (see LIST).
+pub async fn list(
+    c: &impl GenericClient,
+    q: &ListResults,
+    max_bytes: i64,
+) -> Result<pagination::Fetched<ValidationResult>> {
     let f = &q.filter;
     let types: Option<Vec<&str>> =
         (!f.result_types.is_empty()).then(|| f.result_types.iter().map(|t| t.as_str()).collect());
@@ -171,12 +198,24 @@ pub async fn list(c: &impl GenericClient, q: &ListResults) -> Result<Vec<Validat
         &after_at,
         &after_id,
         &limit,
+        &max_bytes,
     ];
-    let rows = match q.view {
-        pagination::View::Full => LIST.query(c, params).await?,
-        pagination::View::Basic => LIST_BASIC.query(c, params).await?,
+    let (rows, cut) = match q.view {
+        pagination::View::Full => {
+            let rows = LIST.query(c, params).await?;
+            let seen: i64 = match rows.first() {
+                Some(row) => row.try_get("batch_rows")?,
+                None => 0,
+            };
+            let cut = (rows.len() as i64) < seen;
+            (rows, cut)
+        }
+        pagination::View::Basic => (LIST_BASIC.query(c, &params[..10]).await?, false),
     };
-    rows.iter().map(from_row).collect()
+    Ok(pagination::Fetched {
+        rows: rows.iter().map(from_row).collect::<Result<_>>()?,
+        cut,
+    })
 }
 
 /// A batch of a session's results for exports: at most `$3` rows after id

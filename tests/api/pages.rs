@@ -167,6 +167,28 @@ async fn list_results_of_large_results_stops_pages_by_bytes_and_returns_every_re
         }
     }
     assert_eq!(seen_large, 12);
+
+    // A careless caller's page of 1000 holds about one reply too, and the
+    // gateway fetched no more than that from the database: the FULL list
+    // query stops reading rows once their JSON reaches the reply limit.
+    let hostile = ListResultsRequest {
+        session_id: s.id.clone(),
+        page_size: 1000,
+        ..Default::default()
+    };
+    let page = list(&app, hostile.clone()).await.unwrap();
+    assert!(page.results.len() <= 2 && !page.next_page_token.is_empty());
+    let query = verdict::results::ListResults::try_from(hostile).unwrap();
+    let mut conn = app.db.conn(&Call::default()).await.unwrap();
+    let fetched = verdict::results::sql::list(conn.client().await.unwrap(), &query, LIMIT as i64)
+        .await
+        .unwrap();
+    assert!(fetched.cut, "the query left the other rows out");
+    assert!(
+        (1..=3).contains(&fetched.rows.len()),
+        "{} rows of ~2 MB fetched for a 4 MiB reply",
+        fetched.rows.len()
+    );
 }
 
 #[tokio::test]

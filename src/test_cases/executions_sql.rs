@@ -242,13 +242,33 @@ macro_rules! list_sql {
     };
 }
 
+/// EXECUTION_VIEW_FULL: the page's rows (`$8`, page_size + 1), cut after
+/// the row that brings their JSON and text to `$9` bytes (the reply limit;
+/// the first row always comes). `batch_rows` tells how many rows the cut
+/// saw, so a cut page still ends with a token: the gateway never holds more
+/// than about one reply of large executions, whatever the page size.
 const LIST: Stmt = Stmt::new(
     "SELECT",
     "test_executions",
-    list_sql!(
-        "e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
-         e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
-         e.interaction_log, e.performance, e.created_at"
+    concat!(
+        "SELECT id, test_case_id, test_case_key, session_id, status, started_at, duration_ms, \
+                environment, error_message, stack_trace, screenshot_refs, interaction_log, \
+                performance, created_at, batch_rows \
+         FROM (SELECT *, \
+           sum(row_bytes) OVER (ORDER BY started_at DESC, id DESC ROWS UNBOUNDED PRECEDING) \
+             - row_bytes AS bytes_before, \
+           count(*) OVER () AS batch_rows \
+         FROM (",
+        list_sql!(
+            "e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
+             e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
+             e.interaction_log, e.performance, e.created_at, \
+             octet_length(e.environment::text) + octet_length(e.interaction_log::text) \
+             + octet_length(e.performance::text) + octet_length(e.error_message) \
+             + octet_length(e.stack_trace) \
+             + coalesce(octet_length(e.screenshot_refs::text), 0) AS row_bytes"
+        ),
+        ") batch) sized WHERE bytes_before < $9 ORDER BY started_at DESC, id DESC"
     ),
 );
 
@@ -266,12 +286,14 @@ const LIST_BASIC: Stmt = Stmt::new(
 );
 
 /// One page of executions, newest first, plus one extra row when more
-/// follow. `test_case_id` is the resolved test case filter.
+/// follow; in the FULL view at most about `max_bytes` of them (see LIST).
+/// `test_case_id` is the resolved test case filter.
 pub async fn list(
     c: &impl GenericClient,
     q: &ListExecutions,
     test_case_id: Option<Uuid>,
-) -> Result<Vec<Execution>> {
+    max_bytes: i64,
+) -> Result<crate::pagination::Fetched<Execution>> {
     let f = &q.filter;
     let statuses: Option<Vec<&str>> =
         (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
@@ -286,14 +308,30 @@ pub async fn list(
         &after_at,
         &after_id,
         &limit,
+        &max_bytes,
     ];
-    let rows = match q.view {
-        crate::pagination::View::Full => LIST.query(c, params).await?,
-        crate::pagination::View::Basic => LIST_BASIC.query(c, params).await?,
+    let (rows, cut) = match q.view {
+        crate::pagination::View::Full => {
+            let rows = LIST.query(c, params).await?;
+            let seen: i64 = match rows.first() {
+                Some(row) => row.try_get("batch_rows")?,
+                None => 0,
+            };
+            let cut = (rows.len() as i64) < seen;
+            (rows, cut)
+        }
+        crate::pagination::View::Basic => (LIST_BASIC.query(c, &params[..8]).await?, false),
     };
-    rows.iter().map(from_row).collect()
+    Ok(crate::pagination::Fetched {
+        rows: rows.iter().map(from_row).collect::<Result<_>>()?,
+        cut,
+    })
 }
 
+/// A batch of a session's executions for exports: at most `$3` rows after
+/// id `$2`, cut after the row that brings their JSON and text to `$4` bytes
+/// (the first row always comes), so a batch of large executions stays near
+/// `$4` bytes however many rows `$3` allows.
 const PAGE_OF_SESSION: Stmt = Stmt::new(
     "SELECT",
     "test_executions",

@@ -293,7 +293,8 @@ impl TestCaseService for TestCaseApi {
             Some(r) => Some(resolve(c, r).await?),
             None => None,
         };
-        let rows = executions_sql::list(c, &query, test_case_id).await?;
+        let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
+        let rows = executions_sql::list(c, &query, test_case_id, max_bytes).await?;
         let (executions, next_page_token) = pagination::page(
             rows,
             query.page_size,

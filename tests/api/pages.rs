@@ -720,3 +720,78 @@ async fn an_export_whose_backend_is_terminated_mid_way_ends_with_an_error_not_a_
     // The gateway serves the next export whole.
     assert_eq!(export_result_ids(&app, &s.id).await.unwrap().len(), 10);
 }
+
+#[tokio::test]
+async fn list_executions_with_large_interaction_logs_pages_by_bytes_and_fetches_about_one_reply() {
+    use crate::test_cases::{create_test_case, new_test_case, run};
+    use verdict::proto::{
+        ExecutionStatus, ListExecutionsRequest, RecordExecutionsRequest, TestType,
+    };
+    let app = spawn_app().await;
+    let test_case = create_test_case(&app, new_test_case("test-large", TestType::Unit, "io")).await;
+    // 40 executions with a ~200 KB interaction log each: 8 MB in all.
+    for batch in 0..4 {
+        let items = (0..10)
+            .map(|i| {
+                let mut e = run("test-large", ExecutionStatus::Passed, batch * 10 + i, 5);
+                e.interaction_log = vec![small_struct("screen", &"z".repeat(200_000))];
+                e
+            })
+            .collect();
+        app.test_cases
+            .clone()
+            .record_executions(RecordExecutionsRequest {
+                batch_id: format!("large-{batch}"),
+                items,
+            })
+            .await
+            .expect("record a batch");
+    }
+    let request = |token: String| ListExecutionsRequest {
+        test_case_key: "test-large".into(),
+        page_size: 1000,
+        page_token: token,
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = app
+            .test_cases
+            .clone()
+            .list_executions(request(token))
+            .await
+            .expect("a page")
+            .into_inner();
+        pages += 1;
+        assert!(page.encoded_len() <= LIMIT);
+        assert!(page.executions.iter().all(|e| e.interaction_log.len() == 1));
+        ids.extend(page.executions.into_iter().map(|e| e.id));
+        token = page.next_page_token;
+        if token.is_empty() || pages > 40 {
+            break;
+        }
+    }
+    assert!(pages >= 2, "8 MB take at least two pages");
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (40, 40), "every execution once");
+
+    let query =
+        verdict::test_cases::executions::ListExecutions::try_from(request(String::new())).unwrap();
+    let mut conn = app.db.conn(&Call::default()).await.unwrap();
+    let fetched = verdict::test_cases::executions_sql::list(
+        conn.client().await.unwrap(),
+        &query,
+        Some(test_case.id.parse().unwrap()),
+        LIMIT as i64,
+    )
+    .await
+    .unwrap();
+    assert!(fetched.cut, "the query left rows out");
+    assert!(
+        fetched.rows.len() <= 22,
+        "{} rows of ~200 KB fetched for a 4 MiB reply",
+        fetched.rows.len()
+    );
+}

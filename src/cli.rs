@@ -94,21 +94,26 @@ pub async fn export_command(config: &Config, session_id: &str) -> anyhow::Result
         let db = command_db(config, pg).await?;
         let mut conn = db.conn(&call::Call::default()).await?;
         let snapshot = conn.begin_snapshot().await?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
         let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            while let Some(chunk) = rx.blocking_recv() {
-                for record in chunk {
-                    serde_json::to_writer(&mut out, &record)?;
-                    out.write_all(b"\n")?;
-                }
+            while let Some(lines) = rx.blocking_recv() {
+                out.write_all(&lines)?;
             }
             out.flush()?;
             Ok(())
         });
-        let produced = admin::export::run(&snapshot, id, &tx).await;
-        drop(tx);
+        let mut sink = admin::export::JsonLines::new(tx);
+        let produced =
+            match admin::export::run(&snapshot, id, config.max_message_bytes, &mut sink).await {
+                Ok(_) => {
+                    sink.flush().await;
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            };
+        drop(sink);
         writer.await??;
         produced?;
         Ok(())

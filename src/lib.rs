@@ -224,6 +224,7 @@ impl Application {
             keys: self.keys.clone(),
             ingest: crate::ingest::Limits::from_config(&self.config),
             watches: watches.clone(),
+            max_message_bytes: self.config.max_message_bytes,
         };
         self.auth.log(self.config.listen);
 

@@ -175,29 +175,142 @@ pub fn time_key(
     }
 }
 
-/// The page (the first `page_size` of the `page_size + 1` rows fetched) and
-/// the token of the next page, empty when this page is the last. `key` gives
-/// the sort key of a row.
-pub fn page<T, K: Serialize>(
-    rows: Vec<T>,
-    page_size: i64,
-    fingerprint: &str,
-    key: impl Fn(&T) -> K,
-) -> (Vec<T>, String) {
-    let (page, more) = split_page(rows, page_size);
-    let token = match (more, page.last()) {
-        (true, Some(last)) => encode(fingerprint, &key(last)),
-        _ => String::new(),
-    };
-    (page, token)
+/// Which fields a list returns: every field, or all but the large ones
+/// (each list's proto view enum says which). The wire enums
+/// (`ResultView`, `ExecutionView`, `SessionView`) share one numbering:
+/// 0 UNSPECIFIED (= FULL, what clients written before views get), 1 BASIC,
+/// 2 FULL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Basic,
+    Full,
 }
 
-/// Splits one extra row fetched past the page: returns the page and whether
-/// another page follows.
-pub fn split_page<T>(mut rows: Vec<T>, page_size: i64) -> (Vec<T>, bool) {
-    let more = rows.len() as i64 > page_size;
-    rows.truncate(page_size as usize);
-    (rows, more)
+impl View {
+    /// The view of a request's `field`; an unknown value is a violation.
+    pub fn from_wire(v: &mut crate::validate::Validator, field: &str, raw: i32) -> View {
+        match raw {
+            0 | 2 => View::Full,
+            1 => View::Basic,
+            _ => {
+                v.violation(field, "must be UNSPECIFIED (0), BASIC (1) or FULL (2)");
+                View::Full
+            }
+        }
+    }
+
+    /// The page-token scope of list `scope` in this view: a token is bound
+    /// to its view like to a filter. FULL keeps the bare scope, so tokens
+    /// issued before views existed stay valid.
+    pub fn scope(self, scope: &str) -> String {
+        match self {
+            View::Full => scope.to_owned(),
+            View::Basic => format!("{scope}/basic"),
+        }
+    }
+}
+
+/// The rows a list query fetched, in list order: normally `page_size + 1`
+/// (one past the page tells that more follow). A query that bounds its
+/// rows by bytes too (large rows) sets `cut` when it left rows out, so the
+/// page ends with a token even when every row fetched fits.
+pub struct Fetched<R> {
+    pub rows: Vec<R>,
+    pub cut: bool,
+}
+
+impl<R> From<Vec<R>> for Fetched<R> {
+    fn from(rows: Vec<R>) -> Self {
+        Fetched { rows, cut: false }
+    }
+}
+
+/// Bytes of a list reply kept free for its `next_page_token` field (tag,
+/// length and a token of at most [`MAX_TOKEN_LEN`] bytes).
+pub const TOKEN_RESERVE: usize = 1 + 2 + MAX_TOKEN_LEN;
+
+/// Bytes one item adds to a list reply: every list reply is
+/// `{ repeated Item items = 1; string next_page_token = 2; }`, so an item
+/// costs its own encoding plus a one-byte tag and its length prefix.
+pub fn item_cost(encoded_len: usize) -> usize {
+    1 + prost::length_delimiter_len(encoded_len) + encoded_len
+}
+
+/// The page to return from `rows` (fetched in list order, normally
+/// `page_size + 1` of them) and the token of the next page, empty when this
+/// page is the last.
+///
+/// A page stops at whichever comes first: `page_size` items, or the item
+/// that would take the encoded reply past `reply_limit` bytes less
+/// [`TOKEN_RESERVE`] (the gateway's `max_message_bytes`; tonic refuses to
+/// send a larger reply). Either way the token resumes right after the last
+/// item returned, so paging on returns every row exactly once. `key` gives
+/// the sort key of a row, `convert` its reply item; each item is measured
+/// with [`prost::Message::encoded_len`].
+///
+/// The first item is always returned, even when it alone is over the
+/// budget, so a list always moves on. It fits a reply whenever it fits with
+/// its token: a row was accepted in a request of at most the same limit,
+/// and a reply adds only ids, timestamps and the token (a few hundred
+/// bytes). Only a row that cannot be sent at all — stored while the limit
+/// was higher, or recorded within those few hundred bytes of it — fails the
+/// call, RESOURCE_EXHAUSTED (`MESSAGE_TOO_LARGE`), rather than being
+/// skipped silently; a BASIC view, where the list has one, gets past it.
+pub fn page<R, T, K>(
+    rows: impl Into<Fetched<R>>,
+    page_size: i64,
+    reply_limit: usize,
+    fingerprint: &str,
+    key: impl Fn(&R) -> K,
+    mut convert: impl FnMut(R) -> T,
+) -> Result<(Vec<T>, String)>
+where
+    T: prost::Message,
+    K: Serialize,
+{
+    let Fetched { rows, cut } = rows.into();
+    let budget = reply_limit.saturating_sub(TOKEN_RESERVE);
+    let mut items = Vec::new();
+    let mut used = 0usize;
+    let mut last_key = None;
+    // Rows the query itself left out follow the last one fetched.
+    let mut more = cut;
+    for row in rows {
+        if items.len() as i64 >= page_size {
+            more = true;
+            break;
+        }
+        let row_key = key(&row);
+        let item = convert(row);
+        let cost = item_cost(item.encoded_len());
+        if !items.is_empty() && used + cost > budget {
+            more = true;
+            break;
+        }
+        used += cost;
+        items.push(item);
+        last_key = Some(row_key);
+    }
+    let token = match (more, last_key) {
+        (true, Some(k)) => encode(fingerprint, &k),
+        _ => String::new(),
+    };
+    let token_cost = if token.is_empty() {
+        0
+    } else {
+        item_cost(token.len())
+    };
+    if used + token_cost > reply_limit {
+        return Err(Error::ResourceExhausted(
+            Reason::MessageTooLarge,
+            format!(
+                "the next item of this list encodes to {used} bytes, more than the gateway's \
+                 {reply_limit}-byte reply limit; read it with a view that leaves large fields \
+                 out where the list has one, or raise VERDICT_MAX_MESSAGE_BYTES"
+            ),
+        ));
+    }
+    Ok((items, token))
 }
 
 #[cfg(test)]
@@ -263,5 +376,67 @@ mod tests {
         with_signer_sync(signer("two"), || {
             assert!(decode::<(i64, String)>("page_token", &token, &f).is_err());
         });
+    }
+
+    /// Rows of `sizes` bytes each, keyed by position.
+    fn rows(sizes: &[usize]) -> Vec<(usize, String)> {
+        sizes.iter().map(|n| "x".repeat(*n)).enumerate().collect()
+    }
+
+    fn run(
+        sizes: &[usize],
+        page_size: i64,
+        limit: usize,
+    ) -> (Result<(Vec<String>, String)>, Option<usize>) {
+        with_signer_sync(signer("s"), || {
+            let got = page(rows(sizes), page_size, limit, "f", |r| r.0, |r| r.1);
+            let resumes_after = got
+                .as_ref()
+                .ok()
+                .and_then(|(_, t)| decode::<usize>("page_token", t, "f").unwrap());
+            (got, resumes_after)
+        })
+    }
+
+    #[test]
+    fn a_page_stops_at_page_size_or_before_the_reply_limit() {
+        // By count: 3 of 5 small rows, resuming after the third.
+        let (got, after) = run(&[10; 5], 3, 4096);
+        assert_eq!(got.unwrap().0.len(), 3);
+        assert_eq!(after, Some(2));
+        // By bytes: rows of 1000 bytes cost 1003 each in the reply; 8 KiB
+        // less the token reserve (1027) leaves room for 7.
+        let limit = 8 * 1024;
+        let (got, after) = run(&[1000; 20], 50, limit);
+        let (items, token) = got.unwrap();
+        assert_eq!(items.len(), 7);
+        assert_eq!(after, Some(6));
+        let reply: usize =
+            items.iter().map(|i| item_cost(i.len())).sum::<usize>() + item_cost(token.len());
+        assert!(reply <= limit, "{reply}");
+        // The last page has no token.
+        let (got, after) = run(&[1000; 3], 50, limit);
+        assert_eq!(got.unwrap(), (vec!["x".repeat(1000); 3], String::new()));
+        assert_eq!(after, None);
+    }
+
+    #[test]
+    fn a_row_over_the_budget_comes_alone_and_one_over_the_limit_fails() {
+        let limit = 8 * 1024;
+        // Over the budget (limit less the reserve) but within the limit.
+        let (got, after) = run(&[limit - 500, 10], 50, limit);
+        assert_eq!(got.unwrap().0.len(), 1);
+        assert_eq!(after, Some(0));
+        // Alone and last, it may use the reserve too.
+        let (got, _) = run(&[limit - 10], 50, limit);
+        assert_eq!(got.unwrap().0.len(), 1);
+        // Too large for any reply: a clear error, never a skipped row.
+        let (got, _) = run(&[limit + 1, 10], 50, limit);
+        let err = got.unwrap_err();
+        assert_eq!(err.reason(), Reason::MessageTooLarge);
+        // After small rows, a large one starts the next page.
+        let (got, after) = run(&[10, 10, limit], 50, limit);
+        assert_eq!(got.unwrap().0.len(), 2);
+        assert_eq!(after, Some(1));
     }
 }

@@ -22,4 +22,7 @@ pub struct AppState {
     pub ingest: crate::ingest::Limits,
     /// The shared feeds of WatchSession, with their own small pool.
     pub watches: Watches,
+    /// Largest message the gateway sends or accepts (`max_message_bytes`):
+    /// list pages and export chunks stop before a reply grows past it.
+    pub max_message_bytes: usize,
 }

@@ -211,10 +211,16 @@ impl AdminService for AdminApi {
         let rows = sql::list_audit(&tx, &query).await?;
         audit::record(&tx, &call, &[], Outcome::Read).await?;
         tx.commit().await.map_err(Error::from)?;
-        let (page, next_page_token) =
-            pagination::page(rows, query.page_size, &query.fingerprint, |last| last.id);
+        let (events, next_page_token) = pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            |last| last.id,
+            Into::into,
+        )?;
         Ok(Response::new(proto::ListAuditEventsResponse {
-            events: page.into_iter().map(Into::into).collect(),
+            events,
             next_page_token,
         }))
     }
@@ -240,31 +246,40 @@ impl AdminService for AdminApi {
                 return Err(Error::NotFound(format!("session {session_id} not found")).into());
             }
         }
-        let (tx, rx) = mpsc::channel(4);
+        // One message in the channel and one being packed: with batches of
+        // about one message, memory stays a few messages whatever the size.
+        let (tx, rx) = mpsc::channel(1);
         let db = self.state.db.clone();
+        let limit = self.state.max_message_bytes;
         tokio::spawn(
             async move {
-                let (records_tx, mut records_rx) = mpsc::channel::<Vec<export::Record>>(2);
-                let producer = async {
+                let mut chunks = export::Chunks::new(&tx, limit);
+                let produced = async {
                     let mut conn = db.conn(&Call::default()).await?;
                     let snapshot = conn.begin_snapshot().await?;
-                    export::run(&snapshot, session_id, &records_tx).await?;
-                    drop(records_tx);
-                    snapshot.commit().await.map_err(Error::from)
-                };
-                let forward = async {
-                    while let Some(chunk) = records_rx.recv().await {
-                        let msg = proto::ExportSessionResponse {
-                            records: chunk.into_iter().map(Into::into).collect(),
-                        };
-                        if tx.send(Ok(msg)).await.is_err() {
-                            break;
+                    let stats = export::run(&snapshot, session_id, limit, &mut chunks).await?;
+                    snapshot.commit().await.map_err(Error::from)?;
+                    Ok::<_, Error>(stats)
+                }
+                .await;
+                match produced {
+                    Ok(stats) => {
+                        if chunks.flush().await {
+                            tracing::info!(
+                                records = stats.records,
+                                messages = chunks.messages,
+                                fetches = stats.fetches,
+                                largest_fetch_rows = stats.largest_fetch_rows,
+                                largest_fetch_bytes = stats.largest_fetch_bytes,
+                                "session exported"
+                            );
                         }
                     }
-                };
-                let (produced, ()) = tokio::join!(producer, forward);
-                if let Err(e) = produced {
-                    let _ = tx.send(Err(e.into())).await;
+                    // Records packed before the failure are not sent: the
+                    // stream ends with the error right after what was sent.
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into())).await;
+                    }
                 }
             }
             .instrument(tracing::Span::current()),

@@ -193,12 +193,16 @@ impl DiscrepancyService for DiscrepancyApi {
         let query = ListDiscrepancies::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let rows = sql::list(conn.client().await?, &query).await?;
-        let (page, next_page_token) =
-            pagination::page(rows, query.page_size, &query.fingerprint, |last| {
-                sql::key(last)
-            });
+        let (discrepancies, next_page_token) = pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            sql::key,
+            Into::into,
+        )?;
         Ok(Response::new(proto::ListDiscrepanciesResponse {
-            discrepancies: page.into_iter().map(Into::into).collect(),
+            discrepancies,
             next_page_token,
         }))
     }
@@ -263,10 +267,16 @@ impl DiscrepancyService for DiscrepancyApi {
         let c = conn.client().await?;
         let d = sql::get(c, id).await?.ok_or_else(|| not_found(id))?;
         let rows = sql::history(c, &d, after, page_size + 1).await?;
-        let (page, next_page_token) =
-            pagination::page(rows, page_size, &fingerprint, |last| last.id);
+        let (changes, next_page_token) = pagination::page(
+            rows,
+            page_size,
+            self.state.max_message_bytes,
+            &fingerprint,
+            |last| last.id,
+            Into::into,
+        )?;
         Ok(Response::new(proto::ListResolutionHistoryResponse {
-            changes: page.into_iter().map(Into::into).collect(),
+            changes,
             next_page_token,
         }))
     }

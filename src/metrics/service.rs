@@ -150,13 +150,20 @@ impl MetricsService for MetricsApi {
             .iter()
             .map(|r| to_proto(period, &r.0))
             .collect::<Result<Vec<_>>>()?;
-        let (page, next_page_token) = pagination::page(rollups, page_size, &fingerprint, |last| {
-            last.period_start
-                .as_ref()
-                .and_then(crate::convert::from_timestamp)
-        });
+        let (rollups, next_page_token) = pagination::page(
+            rollups,
+            page_size,
+            self.state.max_message_bytes,
+            &fingerprint,
+            |last| {
+                last.period_start
+                    .as_ref()
+                    .and_then(crate::convert::from_timestamp)
+            },
+            |rollup| rollup,
+        )?;
         Ok(Response::new(proto::ListRollupsResponse {
-            rollups: page,
+            rollups,
             next_page_token,
         }))
     }

@@ -62,8 +62,11 @@ impl From<ValidationResult> for proto::ValidationResult {
             fidelity_score: r.fidelity_score,
             summary: r.summary,
             execution_time_ms: r.execution_time_ms,
-            source_representation: Some(json_to_struct(&r.source_representation)),
-            target_representation: Some(json_to_struct(&r.target_representation)),
+            // Null only when a BASIC list left them out.
+            source_representation: (!r.source_representation.is_null())
+                .then(|| json_to_struct(&r.source_representation)),
+            target_representation: (!r.target_representation.is_null())
+                .then(|| json_to_struct(&r.target_representation)),
             created_at: Some(timestamp(r.created_at)),
         }
     }
@@ -144,6 +147,8 @@ pub type ResultKey = (i64, Uuid);
 pub struct ListResults {
     pub filter: ResultFilter,
     pub page_size: i64,
+    /// BASIC leaves the representations out (not read at all).
+    pub view: pagination::View,
     pub after: Option<ResultKey>,
     pub fingerprint: String,
 }
@@ -196,12 +201,14 @@ impl TryFrom<proto::ListResultsRequest> for ListResults {
             v.violation("min_fidelity", "must not exceed max_fidelity");
         }
         let page_size = v.page_size("page_size", r.page_size);
+        let view = pagination::View::from_wire(&mut v, "view", r.view);
         v.finish()?;
-        let fingerprint = pagination::fingerprint("results", &filter);
+        let fingerprint = pagination::fingerprint(&view.scope("results"), &filter);
         let after = pagination::decode("page_token", &r.page_token, &fingerprint)?;
         Ok(ListResults {
             filter,
             page_size,
+            view,
             after,
             fingerprint,
         })

@@ -150,13 +150,18 @@ impl ResultService for ResultApi {
         let (call, req) = rpc::split(request);
         let query = ListResults::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let rows = sql::list(conn.client().await?, &query).await?;
-        let (page, next_page_token) =
-            pagination::page(rows, query.page_size, &query.fingerprint, |last| {
-                sql::key(last)
-            });
+        let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
+        let rows = sql::list(conn.client().await?, &query, max_bytes).await?;
+        let (results, next_page_token) = pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            sql::key,
+            Into::into,
+        )?;
         Ok(Response::new(proto::ListResultsResponse {
-            results: page.into_iter().map(Into::into).collect(),
+            results,
             next_page_token,
         }))
     }

@@ -25,8 +25,13 @@ fn from_row(row: &Row) -> Result<ValidationResult> {
         fidelity_score: row.try_get("fidelity_score")?,
         summary: row.try_get("summary")?,
         execution_time_ms: row.try_get("execution_time_ms")?,
-        source_representation: row.try_get("source_representation")?,
-        target_representation: row.try_get("target_representation")?,
+        // NULL (left out by a BASIC list) reads as JSON null.
+        source_representation: row
+            .try_get::<_, Option<serde_json::Value>>("source_representation")?
+            .unwrap_or_default(),
+        target_representation: row
+            .try_get::<_, Option<serde_json::Value>>("target_representation")?
+            .unwrap_or_default(),
         created_at: row.try_get("created_at")?,
     })
 }
@@ -118,73 +123,137 @@ pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<Option<ValidationRe
         .transpose()
 }
 
+/// The list statement over `columns`: the filters, newest first.
+macro_rules! list_sql {
+    ($columns:expr) => {
+        concat!(
+            "SELECT ",
+            $columns,
+            " FROM results \
+             WHERE ($1::uuid IS NULL OR session_id = $1) \
+               AND ($2::text[] IS NULL OR result_type = ANY($2)) \
+               AND ($3::text[] IS NULL OR overall_status = ANY($3)) \
+               AND ($4::float8 IS NULL OR fidelity_score >= $4) \
+               AND ($5::float8 IS NULL OR fidelity_score <= $5) \
+               AND ($6::timestamptz IS NULL OR created_at >= $6) \
+               AND ($7::timestamptz IS NULL OR created_at < $7) \
+               AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9)) \
+             ORDER BY created_at DESC, id DESC LIMIT $10"
+        )
+    };
+}
+
+/// RESULT_VIEW_FULL: the page's rows (`$10`, page_size + 1), cut after the
+/// row that brings their JSON and summary text to `$11` bytes (the reply
+/// limit; the first row always comes). `batch_rows` tells how many rows the
+/// cut saw, so a cut page still ends with a token: the gateway never holds
+/// more than about one reply of large results, whatever the page size.
 const LIST: Stmt = Stmt::new(
     "SELECT",
     "results",
     concat!(
         "SELECT ",
         result_columns!(),
-        " FROM results \
-         WHERE ($1::uuid IS NULL OR session_id = $1) \
-           AND ($2::text[] IS NULL OR result_type = ANY($2)) \
-           AND ($3::text[] IS NULL OR overall_status = ANY($3)) \
-           AND ($4::float8 IS NULL OR fidelity_score >= $4) \
-           AND ($5::float8 IS NULL OR fidelity_score <= $5) \
-           AND ($6::timestamptz IS NULL OR created_at >= $6) \
-           AND ($7::timestamptz IS NULL OR created_at < $7) \
-           AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9)) \
-         ORDER BY created_at DESC, id DESC LIMIT $10"
+        ", batch_rows FROM (SELECT *, \
+           sum(row_bytes) OVER (ORDER BY created_at DESC, id DESC ROWS UNBOUNDED PRECEDING) \
+             - row_bytes AS bytes_before, \
+           count(*) OVER () AS batch_rows \
+         FROM (",
+        list_sql!(
+            "*, octet_length(source_representation::text) \
+             + octet_length(target_representation::text) + octet_length(summary) AS row_bytes"
+        ),
+        ") batch) sized WHERE bytes_before < $11 ORDER BY created_at DESC, id DESC"
     ),
 );
 
-/// One page of results, newest first, plus one extra row when more follow.
-pub async fn list(c: &impl GenericClient, q: &ListResults) -> Result<Vec<ValidationResult>> {
+/// RESULT_VIEW_BASIC: the representations are not read at all (NULL).
+const LIST_BASIC: Stmt = Stmt::new(
+    "SELECT",
+    "results",
+    list_sql!(
+        "id, session_id, request_id, result_type, overall_status, fidelity_score, summary, \
+         execution_time_ms, NULL::jsonb AS source_representation, \
+         NULL::jsonb AS target_representation, created_at"
+    ),
+);
+
+/// One page of results, newest first, plus one extra row when more follow;
+/// in the FULL view at most about `max_bytes` of them (see LIST).
+pub async fn list(
+    c: &impl GenericClient,
+    q: &ListResults,
+    max_bytes: i64,
+) -> Result<pagination::Fetched<ValidationResult>> {
     let f = &q.filter;
     let types: Option<Vec<&str>> =
         (!f.result_types.is_empty()).then(|| f.result_types.iter().map(|t| t.as_str()).collect());
     let statuses: Option<Vec<&str>> = (!f.overall_statuses.is_empty())
         .then(|| f.overall_statuses.iter().map(|t| t.as_str()).collect());
     let (after_at, after_id) = pagination::time_key(q.after)?;
-    LIST.query(
-        c,
-        &[
-            &f.session_id,
-            &types,
-            &statuses,
-            &f.min_fidelity,
-            &f.max_fidelity,
-            &f.created_from,
-            &f.created_to,
-            &after_at,
-            &after_id,
-            &(q.page_size + 1),
-        ],
-    )
-    .await?
-    .iter()
-    .map(from_row)
-    .collect()
+    let limit = q.page_size + 1;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &f.session_id,
+        &types,
+        &statuses,
+        &f.min_fidelity,
+        &f.max_fidelity,
+        &f.created_from,
+        &f.created_to,
+        &after_at,
+        &after_id,
+        &limit,
+        &max_bytes,
+    ];
+    let (rows, cut) = match q.view {
+        pagination::View::Full => {
+            let rows = LIST.query(c, params).await?;
+            let seen: i64 = match rows.first() {
+                Some(row) => row.try_get("batch_rows")?,
+                None => 0,
+            };
+            let cut = (rows.len() as i64) < seen;
+            (rows, cut)
+        }
+        pagination::View::Basic => (LIST_BASIC.query(c, &params[..10]).await?, false),
+    };
+    Ok(pagination::Fetched {
+        rows: rows.iter().map(from_row).collect::<Result<_>>()?,
+        cut,
+    })
 }
 
+/// A batch of a session's results for exports: at most `$3` rows after id
+/// `$2`, cut after the row that brings their JSON and summary text to `$4`
+/// bytes (the first row always comes), so a batch of large results stays
+/// near `$4` bytes however many rows `$3` allows.
 const PAGE_OF_SESSION: Stmt = Stmt::new(
     "SELECT",
     "results",
     concat!(
         "SELECT ",
         result_columns!(),
-        " FROM results WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3"
+        " FROM (SELECT *, sum(row_bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - row_bytes AS bytes_before \
+           FROM (SELECT *, octet_length(source_representation::text) \
+                         + octet_length(target_representation::text) + octet_length(summary) AS row_bytes \
+                 FROM results WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) \
+                 ORDER BY id LIMIT $3) batch) sized \
+         WHERE bytes_before < $4 ORDER BY id"
     ),
 );
 
-/// Results of a session in id order after `after`, for exports.
+/// Results of a session in id order after `after`, for exports: at most
+/// `limit` rows, fewer when they reach `max_bytes` (see PAGE_OF_SESSION);
+/// an empty batch is the end.
 pub async fn page_of_session(
     c: &impl GenericClient,
     session_id: uuid::Uuid,
     after: Option<uuid::Uuid>,
     limit: i64,
+    max_bytes: i64,
 ) -> Result<Vec<ValidationResult>> {
     PAGE_OF_SESSION
-        .query(c, &[&session_id, &after, &limit])
+        .query(c, &[&session_id, &after, &limit, &max_bytes])
         .await?
         .iter()
         .map(from_row)

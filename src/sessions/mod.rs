@@ -88,9 +88,10 @@ impl From<Session> for proto::Session {
             target_technology: s.target_technology,
             validation_scope: s.validation_scope,
             status: s.status.to_proto() as i32,
-            config: Some(json_to_struct(&s.config)),
-            input_refs: Some(json_to_struct(&s.input_refs)),
-            metadata: Some(json_to_struct(&s.metadata)),
+            // Null only when a BASIC list left them out.
+            config: (!s.config.is_null()).then(|| json_to_struct(&s.config)),
+            input_refs: (!s.input_refs.is_null()).then(|| json_to_struct(&s.input_refs)),
+            metadata: (!s.metadata.is_null()).then(|| json_to_struct(&s.metadata)),
             created_at: Some(timestamp(s.created_at)),
             updated_at: Some(timestamp(s.updated_at)),
             started_at: opt_timestamp(s.started_at),
@@ -187,6 +188,8 @@ pub type SessionKey = (i64, Uuid);
 pub struct ListSessions {
     pub filter: SessionFilter,
     pub page_size: i64,
+    /// BASIC leaves config, input_refs and metadata out (not read at all).
+    pub view: pagination::View,
     pub after: Option<SessionKey>,
     pub fingerprint: String,
 }
@@ -224,12 +227,14 @@ impl TryFrom<proto::ListSessionsRequest> for ListSessions {
             created_to,
         };
         let page_size = v.page_size("page_size", r.page_size);
+        let view = pagination::View::from_wire(&mut v, "view", r.view);
         v.finish()?;
-        let fingerprint = pagination::fingerprint("sessions", &filter);
+        let fingerprint = pagination::fingerprint(&view.scope("sessions"), &filter);
         let after = pagination::decode("page_token", &r.page_token, &fingerprint)?;
         Ok(ListSessions {
             filter,
             page_size,
+            view,
             after,
             fingerprint,
         })

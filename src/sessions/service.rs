@@ -154,12 +154,16 @@ impl SessionService for SessionApi {
         let query = ListSessions::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let rows = sql::list(conn.client().await?, &query).await?;
-        let (page, next_page_token) =
-            pagination::page(rows, query.page_size, &query.fingerprint, |last| {
-                sql::session_key(last)
-            });
+        let (sessions, next_page_token) = pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            sql::session_key,
+            Into::into,
+        )?;
         Ok(Response::new(proto::ListSessionsResponse {
-            sessions: page.into_iter().map(Into::into).collect(),
+            sessions,
             next_page_token,
         }))
     }
@@ -244,10 +248,16 @@ impl SessionService for SessionApi {
         if rows.is_empty() && sql::get(c, query.session_id).await?.is_none() {
             return Err(not_found(query.session_id).into());
         }
-        let (page, next_page_token) =
-            pagination::page(rows, query.page_size, &query.fingerprint, |last| last.seq);
+        let (entries, next_page_token) = pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            |last| last.seq,
+            Into::into,
+        )?;
         Ok(Response::new(proto::ListSessionLogsResponse {
-            entries: page.into_iter().map(Into::into).collect(),
+            entries,
             next_page_token,
         }))
     }

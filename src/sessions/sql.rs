@@ -32,9 +32,16 @@ fn session_from_row(row: &Row) -> Result<Session> {
         target_technology: row.try_get("target_technology")?,
         validation_scope: row.try_get("validation_scope")?,
         status: SessionStatus::from_db(row.try_get("status")?)?,
-        config: row.try_get("config")?,
-        input_refs: row.try_get("input_refs")?,
-        metadata: row.try_get("metadata")?,
+        // NULL (left out by a BASIC list) reads as JSON null.
+        config: row
+            .try_get::<_, Option<serde_json::Value>>("config")?
+            .unwrap_or_default(),
+        input_refs: row
+            .try_get::<_, Option<serde_json::Value>>("input_refs")?
+            .unwrap_or_default(),
+        metadata: row
+            .try_get::<_, Option<serde_json::Value>>("metadata")?
+            .unwrap_or_default(),
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
         started_at: row.try_get("started_at")?,
@@ -188,22 +195,36 @@ pub async fn get_for_replay(
 }
 
 /// A ListSessions page (public for `verdict-bench`'s same-SQL baseline).
-pub const LIST: Stmt = Stmt::new(
+/// The list statement over `columns`: the filters, newest first.
+macro_rules! list_sql {
+    ($columns:expr) => {
+        concat!(
+            "SELECT ",
+            $columns,
+            " FROM sessions \
+             WHERE ($1::text[] IS NULL OR status = ANY($1)) \
+               AND ($2::text IS NULL OR source_technology = $2) \
+               AND ($3::text IS NULL OR target_technology = $3) \
+               AND ($4::text IS NULL OR validation_scope = $4) \
+               AND ($5::timestamptz IS NULL OR created_at >= $5) \
+               AND ($6::timestamptz IS NULL OR created_at < $6) \
+               AND ($7::timestamptz IS NULL OR (created_at, id) < ($7, $8)) \
+             ORDER BY created_at DESC, id DESC \
+             LIMIT $9"
+        )
+    };
+}
+
+pub const LIST: Stmt = Stmt::new("SELECT", "sessions", list_sql!(session_columns!()));
+
+/// SESSION_VIEW_BASIC: config, input_refs and metadata are not read at all.
+pub const LIST_BASIC: Stmt = Stmt::new(
     "SELECT",
     "sessions",
-    concat!(
-        "SELECT ",
-        session_columns!(),
-        " FROM sessions \
-         WHERE ($1::text[] IS NULL OR status = ANY($1)) \
-           AND ($2::text IS NULL OR source_technology = $2) \
-           AND ($3::text IS NULL OR target_technology = $3) \
-           AND ($4::text IS NULL OR validation_scope = $4) \
-           AND ($5::timestamptz IS NULL OR created_at >= $5) \
-           AND ($6::timestamptz IS NULL OR created_at < $6) \
-           AND ($7::timestamptz IS NULL OR (created_at, id) < ($7, $8)) \
-         ORDER BY created_at DESC, id DESC \
-         LIMIT $9"
+    list_sql!(
+        "id, request_id, source_technology, target_technology, validation_scope, status, \
+         NULL::jsonb AS config, NULL::jsonb AS input_refs, NULL::jsonb AS metadata, \
+         created_at, updated_at, started_at, completed_at, version"
     ),
 );
 
@@ -213,24 +234,23 @@ pub async fn list(c: &impl GenericClient, q: &ListSessions) -> Result<Vec<Sessio
     let statuses: Option<Vec<&str>> =
         (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
     let (after_at, after_id) = crate::pagination::time_key(q.after)?;
-    LIST.query(
-        c,
-        &[
-            &statuses,
-            &f.source_technology,
-            &f.target_technology,
-            &f.validation_scope,
-            &f.created_from,
-            &f.created_to,
-            &after_at,
-            &after_id,
-            &(q.page_size + 1),
-        ],
-    )
-    .await?
-    .iter()
-    .map(session_from_row)
-    .collect()
+    let limit = q.page_size + 1;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &statuses,
+        &f.source_technology,
+        &f.target_technology,
+        &f.validation_scope,
+        &f.created_from,
+        &f.created_to,
+        &after_at,
+        &after_id,
+        &limit,
+    ];
+    let rows = match q.view {
+        crate::pagination::View::Full => LIST.query(c, params).await?,
+        crate::pagination::View::Basic => LIST_BASIC.query(c, params).await?,
+    };
+    rows.iter().map(session_from_row).collect()
 }
 
 const SET_STATUS: Stmt = Stmt::new(

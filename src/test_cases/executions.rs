@@ -278,7 +278,8 @@ impl From<Execution> for proto::Execution {
             status: e.status.to_proto() as i32,
             started_at: Some(timestamp(e.started_at)),
             duration_ms: e.duration_ms,
-            environment: Some(json_to_struct(&e.environment)),
+            // Null only when a BASIC list left it out.
+            environment: (!e.environment.is_null()).then(|| json_to_struct(&e.environment)),
             error_message: e.error_message,
             stack_trace: e.stack_trace,
             screenshot_refs: e.screenshot_refs,
@@ -307,6 +308,9 @@ pub type ExecutionKey = (i64, Uuid);
 pub struct ListExecutions {
     pub filter: ExecutionFilter,
     pub page_size: i64,
+    /// BASIC leaves environment, stack trace, interaction log and
+    /// performance out (not read at all).
+    pub view: pagination::View,
     pub after: Option<ExecutionKey>,
     pub fingerprint: String,
 }
@@ -329,12 +333,14 @@ impl TryFrom<proto::ListExecutionsRequest> for ListExecutions {
             started_to,
         };
         let page_size = v.page_size("page_size", r.page_size);
+        let view = pagination::View::from_wire(&mut v, "view", r.view);
         v.finish()?;
-        let fingerprint = pagination::fingerprint("test_executions", &filter);
+        let fingerprint = pagination::fingerprint(&view.scope("test_executions"), &filter);
         let after = pagination::decode("page_token", &r.page_token, &fingerprint)?;
         Ok(ListExecutions {
             filter,
             page_size,
+            view,
             after,
             fingerprint,
         })

@@ -202,12 +202,19 @@ fn from_row(row: &Row) -> Result<Execution> {
         status: ExecutionStatus::from_db(row.try_get("status")?)?,
         started_at: row.try_get("started_at")?,
         duration_ms: row.try_get("duration_ms")?,
-        environment: row.try_get("environment")?,
+        // NULL (left out by a BASIC list) reads as JSON null.
+        environment: row
+            .try_get::<_, Option<serde_json::Value>>("environment")?
+            .unwrap_or_default(),
         error_message: row.try_get("error_message")?,
         stack_trace: row.try_get("stack_trace")?,
         screenshot_refs: row.try_get("screenshot_refs")?,
-        interaction_log: row.try_get("interaction_log")?,
-        performance: row.try_get("performance")?,
+        interaction_log: row
+            .try_get::<_, Option<serde_json::Value>>("interaction_log")?
+            .unwrap_or_default(),
+        performance: row
+            .try_get::<_, Option<serde_json::Value>>("performance")?
+            .unwrap_or_default(),
         created_at: row.try_get("created_at")?,
     })
 }
@@ -216,71 +223,144 @@ pub fn key(e: &Execution) -> ExecutionKey {
     (e.started_at.timestamp_micros(), e.id)
 }
 
+/// The list statement over `columns` (of `e`, the executions, and `t`,
+/// their test cases): the filters, newest `started_at` first.
+macro_rules! list_sql {
+    ($columns:expr) => {
+        concat!(
+            "SELECT ",
+            $columns,
+            " FROM test_executions e JOIN test_cases t ON t.id = e.test_case_id \
+             WHERE ($1::uuid IS NULL OR e.test_case_id = $1) \
+               AND ($2::uuid IS NULL OR e.session_id = $2) \
+               AND ($3::text[] IS NULL OR e.status = ANY($3)) \
+               AND ($4::timestamptz IS NULL OR e.started_at >= $4) \
+               AND ($5::timestamptz IS NULL OR e.started_at < $5) \
+               AND ($6::timestamptz IS NULL OR (e.started_at, e.id) < ($6, $7)) \
+             ORDER BY e.started_at DESC, e.id DESC LIMIT $8"
+        )
+    };
+}
+
+/// EXECUTION_VIEW_FULL: the page's rows (`$8`, page_size + 1), cut after
+/// the row that brings their JSON and text to `$9` bytes (the reply limit;
+/// the first row always comes). `batch_rows` tells how many rows the cut
+/// saw, so a cut page still ends with a token: the gateway never holds more
+/// than about one reply of large executions, whatever the page size.
 const LIST: Stmt = Stmt::new(
     "SELECT",
     "test_executions",
-    "SELECT e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
-            e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
-            e.interaction_log, e.performance, e.created_at \
-     FROM test_executions e JOIN test_cases t ON t.id = e.test_case_id \
-     WHERE ($1::uuid IS NULL OR e.test_case_id = $1) \
-       AND ($2::uuid IS NULL OR e.session_id = $2) \
-       AND ($3::text[] IS NULL OR e.status = ANY($3)) \
-       AND ($4::timestamptz IS NULL OR e.started_at >= $4) \
-       AND ($5::timestamptz IS NULL OR e.started_at < $5) \
-       AND ($6::timestamptz IS NULL OR (e.started_at, e.id) < ($6, $7)) \
-     ORDER BY e.started_at DESC, e.id DESC LIMIT $8",
+    concat!(
+        "SELECT id, test_case_id, test_case_key, session_id, status, started_at, duration_ms, \
+                environment, error_message, stack_trace, screenshot_refs, interaction_log, \
+                performance, created_at, batch_rows \
+         FROM (SELECT *, \
+           sum(row_bytes) OVER (ORDER BY started_at DESC, id DESC ROWS UNBOUNDED PRECEDING) \
+             - row_bytes AS bytes_before, \
+           count(*) OVER () AS batch_rows \
+         FROM (",
+        list_sql!(
+            "e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
+             e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
+             e.interaction_log, e.performance, e.created_at, \
+             octet_length(e.environment::text) + octet_length(e.interaction_log::text) \
+             + octet_length(e.performance::text) + octet_length(e.error_message) \
+             + octet_length(e.stack_trace) \
+             + coalesce(octet_length(e.screenshot_refs::text), 0) AS row_bytes"
+        ),
+        ") batch) sized WHERE bytes_before < $9 ORDER BY started_at DESC, id DESC"
+    ),
+);
+
+/// EXECUTION_VIEW_BASIC: environment, stack trace, interaction log and
+/// performance are not read at all (NULL or empty).
+const LIST_BASIC: Stmt = Stmt::new(
+    "SELECT",
+    "test_executions",
+    list_sql!(
+        "e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
+         e.duration_ms, NULL::jsonb AS environment, e.error_message, ''::text AS stack_trace, \
+         e.screenshot_refs, NULL::jsonb AS interaction_log, NULL::jsonb AS performance, \
+         e.created_at"
+    ),
 );
 
 /// One page of executions, newest first, plus one extra row when more
-/// follow. `test_case_id` is the resolved test case filter.
+/// follow; in the FULL view at most about `max_bytes` of them (see LIST).
+/// `test_case_id` is the resolved test case filter.
 pub async fn list(
     c: &impl GenericClient,
     q: &ListExecutions,
     test_case_id: Option<Uuid>,
-) -> Result<Vec<Execution>> {
+    max_bytes: i64,
+) -> Result<crate::pagination::Fetched<Execution>> {
     let f = &q.filter;
     let statuses: Option<Vec<&str>> =
         (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
     let (after_at, after_id) = crate::pagination::time_key(q.after)?;
-    LIST.query(
-        c,
-        &[
-            &test_case_id,
-            &f.session_id,
-            &statuses,
-            &f.started_from,
-            &f.started_to,
-            &after_at,
-            &after_id,
-            &(q.page_size + 1),
-        ],
-    )
-    .await?
-    .iter()
-    .map(from_row)
-    .collect()
+    let limit = q.page_size + 1;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &test_case_id,
+        &f.session_id,
+        &statuses,
+        &f.started_from,
+        &f.started_to,
+        &after_at,
+        &after_id,
+        &limit,
+        &max_bytes,
+    ];
+    let (rows, cut) = match q.view {
+        crate::pagination::View::Full => {
+            let rows = LIST.query(c, params).await?;
+            let seen: i64 = match rows.first() {
+                Some(row) => row.try_get("batch_rows")?,
+                None => 0,
+            };
+            let cut = (rows.len() as i64) < seen;
+            (rows, cut)
+        }
+        crate::pagination::View::Basic => (LIST_BASIC.query(c, &params[..8]).await?, false),
+    };
+    Ok(crate::pagination::Fetched {
+        rows: rows.iter().map(from_row).collect::<Result<_>>()?,
+        cut,
+    })
 }
 
+/// A batch of a session's executions for exports: at most `$3` rows after
+/// id `$2`, cut after the row that brings their JSON and text to `$4` bytes
+/// (the first row always comes), so a batch of large executions stays near
+/// `$4` bytes however many rows `$3` allows.
 const PAGE_OF_SESSION: Stmt = Stmt::new(
     "SELECT",
     "test_executions",
     "SELECT e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
             e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
             e.interaction_log, e.performance, e.created_at \
-     FROM test_executions e JOIN test_cases t ON t.id = e.test_case_id \
-     WHERE e.session_id = $1 AND ($2::uuid IS NULL OR e.id > $2) ORDER BY e.id LIMIT $3",
+     FROM (SELECT *, sum(row_bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - row_bytes AS bytes_before \
+           FROM (SELECT *, octet_length(environment::text) + octet_length(interaction_log::text) \
+                         + octet_length(performance::text) + coalesce(octet_length(error_message), 0) \
+                         + coalesce(octet_length(stack_trace), 0) \
+                         + coalesce(octet_length(screenshot_refs::text), 0) AS row_bytes \
+                 FROM test_executions WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) \
+                 ORDER BY id LIMIT $3) batch) e \
+     JOIN test_cases t ON t.id = e.test_case_id \
+     WHERE e.bytes_before < $4 ORDER BY e.id",
 );
 
-/// Executions of a session in id order after `after`, for exports.
+/// Executions of a session in id order after `after`, for exports: at
+/// most `limit` rows, fewer when they reach `max_bytes` (see
+/// PAGE_OF_SESSION); an empty batch is the end.
 pub async fn page_of_session(
     c: &impl GenericClient,
     session_id: Uuid,
     after: Option<Uuid>,
     limit: i64,
+    max_bytes: i64,
 ) -> Result<Vec<Execution>> {
     PAGE_OF_SESSION
-        .query(c, &[&session_id, &after, &limit])
+        .query(c, &[&session_id, &after, &limit, &max_bytes])
         .await?
         .iter()
         .map(from_row)

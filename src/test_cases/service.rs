@@ -184,12 +184,16 @@ impl TestCaseService for TestCaseApi {
         let query = ListTestCases::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let rows = sql::list(conn.client().await?, &query).await?;
-        let (page, next_page_token) =
-            pagination::page(rows, query.page_size, &query.fingerprint, |last| {
-                last.key.clone()
-            });
+        let (test_cases, next_page_token) = pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            |last| last.key.clone(),
+            Into::into,
+        )?;
         Ok(Response::new(proto::ListTestCasesResponse {
-            test_cases: page.into_iter().map(Into::into).collect(),
+            test_cases,
             next_page_token,
         }))
     }
@@ -385,15 +389,18 @@ impl TestCaseService for TestCaseApi {
             Some(r) => Some(resolve(c, r).await?),
             None => None,
         };
-        let rows = executions_sql::list(c, &query, test_case_id).await?;
-        let (page, next_page_token) = pagination::page(
+        let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
+        let rows = executions_sql::list(c, &query, test_case_id, max_bytes).await?;
+        let (executions, next_page_token) = pagination::page(
             rows,
             query.page_size,
+            self.state.max_message_bytes,
             &query.fingerprint,
             executions_sql::key,
-        );
+            Into::into,
+        )?;
         Ok(Response::new(proto::ListExecutionsResponse {
-            executions: page.into_iter().map(Into::into).collect(),
+            executions,
             next_page_token,
         }))
     }

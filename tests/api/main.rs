@@ -14,6 +14,7 @@ mod idempotency;
 mod ingest;
 mod keys;
 mod metrics;
+mod pages;
 mod pg_tls;
 mod results;
 mod sessions;

@@ -67,6 +67,19 @@ impl Validator {
         value
     }
 
+    /// A finite number of magnitude at most `max` (documented as such).
+    pub fn bounded(&mut self, field: &str, value: f64, max: f64) -> f64 {
+        if !value.is_finite() {
+            self.finite(field, value);
+        } else if value.abs() > max {
+            self.violation(
+                field,
+                format!("must be between -{max:e} and {max:e}, not {value:e}"),
+            );
+        }
+        value
+    }
+
     /// A finite number in [0, 1].
     pub fn unit_interval(&mut self, field: &str, value: f64) -> f64 {
         if !value.is_finite() {
@@ -180,12 +193,21 @@ impl Validator {
                 }
                 j
             }
-            Err(JsonError::NotFinite) => {
-                self.violation(field, "numbers must be finite (no NaN or infinity)");
+            Err(JsonError::NotFinite { path }) => {
+                self.violation(
+                    format!("{field}{path}"),
+                    "must be a finite number (no NaN or infinity)",
+                );
                 Json::Null
             }
-            Err(JsonError::TooDeep) => {
-                self.violation(field, "is nested too deeply (at most 32 levels)");
+            Err(JsonError::TooDeep { path }) => {
+                self.violation(
+                    format!("{field}{path}"),
+                    format!(
+                        "nests objects and lists too deeply (at most {} levels)",
+                        convert::MAX_DEPTH
+                    ),
+                );
                 Json::Null
             }
         }

@@ -36,8 +36,9 @@ pub fn from_timestamp(t: &Timestamp) -> Option<DateTime<Utc>> {
 pub enum JsonError {
     /// A NaN or infinite number (JSON and jsonb have neither).
     NotFinite { path: String },
-    /// Objects and lists nested deeper than [`MAX_DEPTH`].
-    TooDeep { path: String },
+    /// Objects and lists nested deeper than [`MAX_DEPTH`] (no path: it
+    /// would be longer than any reader wants).
+    TooDeep,
 }
 
 /// Most levels of objects and lists in a `Struct`, the outer object
@@ -82,7 +83,7 @@ fn value_to_json(v: &Value, depth: usize, path: &mut String) -> Result<Json, Jso
         ),
         Some(Kind::StringValue(s)) => Json::String(s.clone()),
         Some(Kind::StructValue(_)) | Some(Kind::ListValue(_)) if depth >= MAX_DEPTH => {
-            return Err(JsonError::TooDeep { path: path.clone() });
+            return Err(JsonError::TooDeep);
         }
         Some(Kind::StructValue(s)) => {
             let len = path.len();

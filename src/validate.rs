@@ -6,6 +6,7 @@ use crate::error::{Error, FieldViolation, Result};
 use chrono::{DateTime, Utc};
 use prost_types::{Struct, Timestamp};
 use serde_json::Value as Json;
+use std::time::Duration;
 use uuid::Uuid;
 
 /// Largest JSON document (encoded) accepted in a `Struct` field.
@@ -78,6 +79,33 @@ impl Validator {
             );
         }
         value
+    }
+
+    /// An optional `google.protobuf.Duration` within `min..=max`; `None`
+    /// when unset or invalid. A valid duration has `seconds` and `nanos` of
+    /// the same sign and `nanos` within one second.
+    pub fn duration(
+        &mut self,
+        field: &str,
+        value: Option<&prost_types::Duration>,
+        min: Duration,
+        max: Duration,
+    ) -> Option<Duration> {
+        let d = value?;
+        if d.seconds < 0 || !(0..1_000_000_000).contains(&d.nanos) {
+            self.violation(field, "must be a valid duration of 0 or more");
+            return None;
+        }
+        let d = Duration::new(d.seconds as u64, d.nanos as u32);
+        if d < min {
+            self.violation(field, format!("must be at least {}", human(min)));
+            None
+        } else if d > max {
+            self.violation(field, format!("must be at most {}", human(max)));
+            None
+        } else {
+            Some(d)
+        }
     }
 
     /// A finite number in [0, 1].
@@ -200,9 +228,9 @@ impl Validator {
                 );
                 Json::Null
             }
-            Err(JsonError::TooDeep { path }) => {
+            Err(JsonError::TooDeep) => {
                 self.violation(
-                    format!("{field}{path}"),
+                    field,
                     format!(
                         "nests objects and lists too deeply (at most {} levels)",
                         convert::MAX_DEPTH
@@ -309,6 +337,21 @@ impl Validator {
         } else {
             Err(Error::InvalidArgument(self.violations))
         }
+    }
+}
+
+/// A bound for people: `1 second`, `100 years` (of 366 days), `31 days`.
+fn human(d: Duration) -> String {
+    const DAY: u64 = 86_400;
+    let plural = |n: u64, unit: &str| format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
+    let secs = d.as_secs();
+    match secs {
+        _ if d.subsec_nanos() != 0 => format!("{d:?}"),
+        0 => "0 seconds".to_owned(),
+        s if s % (366 * DAY) == 0 => plural(s / (366 * DAY), "year"),
+        s if s % DAY == 0 => plural(s / DAY, "day"),
+        s if s % 3_600 == 0 => plural(s / 3_600, "hour"),
+        s => plural(s, "second"),
     }
 }
 

@@ -104,7 +104,9 @@ impl Counters {
             lines_total: self.lines_total.saturating_sub(base.lines_total),
             branches_covered: self.branches_covered.saturating_sub(base.branches_covered),
             branches_total: self.branches_total.saturating_sub(base.branches_total),
-            functions_covered: self.functions_covered.saturating_sub(base.functions_covered),
+            functions_covered: self
+                .functions_covered
+                .saturating_sub(base.functions_covered),
             functions_total: self.functions_total.saturating_sub(base.functions_total),
         }
     }
@@ -253,6 +255,8 @@ impl TryFrom<proto::RecordCoverageRequest> for NewReport {
         let files = files(&mut v, r.files);
         let totals = match stated {
             Some(t) => t,
+            // A file out of bounds is named already; its sum says nothing new.
+            None if !files.iter().all(|f| f.counters.within_bounds()) => Counters::default(),
             None => files
                 .iter()
                 .try_fold(Counters::default(), |acc, f| acc.checked_add(f.counters))

@@ -9,12 +9,12 @@ use crate::test_cases::{at, create_test_case, new_test_case, run};
 use prost_types::{ListValue, Struct, Value, value::Kind};
 use tonic::Code;
 use verdict::proto::{
-    AppendSessionLogRequest, CleanupRequest, CoverageCounters, CreateTestCaseRequest,
-    ExecutionStatus, ExportSessionRequest, FileCoverage, GetAggregateCoverageRequest,
-    GetResultRequest, GetSessionRequest, GetTestCaseRequest, ListExecutionsRequest,
-    ListSessionLogsRequest, LogLevel, MetricPoint, QueryTimeSeriesRequest, RecordCoverageRequest,
-    RecordExecutionsRequest, RecordMetricPointsRequest, SessionStatus, TestType, TimeRange,
-    export_record::Record, get_session_request::Lookup, get_test_case_request,
+    AppendSessionLogRequest, CheckIntegrityRequest, CleanupRequest, CoverageCounters,
+    CreateTestCaseRequest, ExecutionStatus, ExportSessionRequest, FileCoverage,
+    GetAggregateCoverageRequest, GetResultRequest, GetSessionRequest, GetTestCaseRequest,
+    ListExecutionsRequest, ListSessionLogsRequest, LogLevel, MetricPoint, QueryTimeSeriesRequest,
+    RecordCoverageRequest, RecordExecutionsRequest, RecordMetricPointsRequest, SessionStatus,
+    TestType, TimeRange, export_record::Record, get_session_request::Lookup, get_test_case_request,
 };
 
 /// The documented largest coverage counter (2^40).
@@ -86,7 +86,11 @@ fn assert_edges(what: &str, got: Option<&Struct>) {
     };
     for (i, (k, n)) in edge_numbers().into_iter().enumerate() {
         // -0.0 is stored as the JSON number 0 (jsonb has no signed zero).
-        let want = if n == 0.0 { 0.0f64.to_bits() } else { n.to_bits() };
+        let want = if n == 0.0 {
+            0.0f64.to_bits()
+        } else {
+            n.to_bits()
+        };
         assert_eq!(bits(got.fields.get(k)), want, "{what}.{k}");
         assert_eq!(bits(nested.fields.get(k)), want, "{what}.nested.{k}");
         assert_eq!(bits(list.values.get(i)), want, "{what}.list[{i}]");
@@ -325,7 +329,11 @@ async fn executions_with_edge_doubles_list_and_export_exactly() {
         assert_edges("interaction_log[0]", e.interaction_log.first());
         for (k, n) in edge_numbers() {
             let want = if n == 0.0 { 0.0 } else { n };
-            assert_eq!(e.performance[k].to_bits(), want.to_bits(), "performance[{k}]");
+            assert_eq!(
+                e.performance[k].to_bits(),
+                want.to_bits(),
+                "performance[{k}]"
+            );
         }
     }
 
@@ -488,12 +496,10 @@ async fn structs_nest_32_levels_and_no_deeper() {
     deep.config = Some(nested(33));
     let err = app.sessions.clone().create_session(deep).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    // The value holding the 33rd level is named.
-    let path = format!(
-        "config{}.fields[\"k\"]",
-        ".fields[\"k\"].struct_value".repeat(31)
-    );
-    assert_eq!(violated_fields(&err), [path]);
+    let v = violations(&err);
+    assert_eq!(v.len(), 1);
+    assert_eq!(v[0].0, "config");
+    assert!(v[0].1.contains("at most 32 levels"), "{v:?}");
 
     // Far deeper than the decoder's own limit: refused, never a crash.
     let mut abyss = new_session("deep-abyss");
@@ -505,7 +511,13 @@ async fn structs_nest_32_levels_and_no_deeper() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
-    assert!(app.sessions.clone().create_session(new_session("after")).await.is_ok());
+    assert!(
+        app.sessions
+            .clone()
+            .create_session(new_session("after"))
+            .await
+            .is_ok()
+    );
     app.stop().await.unwrap();
 }
 
@@ -589,5 +601,34 @@ async fn cleanup_refuses_an_age_under_one_second() {
         })
         .await
         .expect("one second is accepted");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn check_integrity_takes_a_zero_stuck_after_as_the_documented_default() {
+    let app = spawn_app().await;
+    let check = |seconds, nanos| {
+        let mut admin = app.admin.clone();
+        async move {
+            admin
+                .check_integrity(CheckIntegrityRequest {
+                    repair: false,
+                    stuck_after: Some(prost_types::Duration { seconds, nanos }),
+                })
+                .await
+        }
+    };
+    check(0, 0).await.expect("0 means 24 hours");
+    check(60, 0).await.expect("a minute");
+    for (seconds, nanos) in [
+        (-1, 0),
+        (0, -1),
+        (0, 1_000_000_000),
+        (100 * 366 * 86_400 + 1, 0),
+    ] {
+        let err = check(seconds, nanos).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{seconds}s {nanos}ns");
+        assert_eq!(violated_fields(&err), ["stuck_after"]);
+    }
     app.stop().await.unwrap();
 }

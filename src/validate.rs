@@ -126,6 +126,17 @@ impl Validator {
         value
     }
 
+    /// An optional `expected_version`: versions start at 1, so a smaller
+    /// one can never match and is a mistake, not a conflict.
+    pub fn expected_version(&mut self, field: &str, value: Option<i64>) -> Option<i64> {
+        if let Some(ver) = value
+            && ver < 1
+        {
+            self.violation(field, "must be at least 1");
+        }
+        value
+    }
+
     /// An optional UUID (empty means unset).
     pub fn optional_uuid(&mut self, field: &str, value: &str) -> Option<Uuid> {
         if value.is_empty() {

@@ -375,3 +375,47 @@ fn contains_nul(j: &Json) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(v: Validator) -> Vec<String> {
+        match v.finish() {
+            Ok(()) => Vec::new(),
+            Err(Error::InvalidArgument(vs)) => vs.into_iter().map(|v| v.field).collect(),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn durations_are_held_to_their_bounds() {
+        let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(366 * 86_400));
+        let mut v = Validator::new();
+        assert_eq!(v.duration("a", None, min, max), None);
+        assert_eq!(
+            v.duration("b", d(1, 0).as_ref(), min, max),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(v.duration("c", d(0, 999_999_999).as_ref(), min, max), None);
+        assert_eq!(v.duration("d", d(366 * 86_400, 1).as_ref(), min, max), None);
+        assert_eq!(v.duration("e", d(-1, 0).as_ref(), min, max), None);
+        assert_eq!(v.duration("f", d(1, -1).as_ref(), min, max), None);
+        assert_eq!(fields(v), ["c", "d", "e", "f"]);
+        assert_eq!(human(min), "1 second");
+        assert_eq!(human(max), "1 year");
+        assert_eq!(human(Duration::from_secs(31 * 86_400)), "31 days");
+    }
+
+    #[test]
+    fn bounded_numbers_refuse_magnitudes_above_the_bound() {
+        let mut v = Validator::new();
+        v.bounded("ok", -1e100, 1e100);
+        v.bounded("big", 1e101, 1e100);
+        v.bounded("nan", f64::NAN, 1e100);
+        v.expected_version("v0", Some(0));
+        v.expected_version("v1", Some(1));
+        assert_eq!(fields(v), ["big", "nan", "v0"]);
+    }
+}

@@ -59,8 +59,8 @@ fn labels(
     let mut map = serde_json::Map::new();
     // Sorted, so equal label sets hash and compare equal.
     for (k, val) in raw.iter().collect::<BTreeMap<_, _>>() {
-        v.required_text(&format!("{field}[{k}]"), k, MAX_LABEL_KEY);
-        v.optional_message(&format!("{field}[{k}]"), val, MAX_LABEL_VALUE);
+        v.required_text(&format!("{field}[{k:?}]"), k, MAX_LABEL_KEY);
+        v.optional_message(&format!("{field}[{k:?}]"), val, MAX_LABEL_VALUE);
         map.insert(k.clone(), serde_json::Value::String(val.clone()));
     }
     serde_json::Value::Object(map)

@@ -632,3 +632,28 @@ async fn check_integrity_takes_a_zero_stuck_after_as_the_documented_default() {
     }
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn time_series_over_stored_extreme_values_answer_instead_of_failing() {
+    let app = spawn_app().await;
+    // Rows stored before the 1e100 bound existed (or by hand).
+    let sql = app.sql().await;
+    let t0 = verdict::convert::from_timestamp(&at(1).unwrap()).unwrap();
+    for v in [1e308, 1.7e308, -1e308, 1.7e308] {
+        sql.execute(
+            "INSERT INTO metric_points (name, value, unit, labels, recorded_at) \
+             VALUES ('legacy', $1, '', '{}', $2)",
+            &[&v, &t0],
+        )
+        .await
+        .unwrap();
+    }
+    let got = series(&app, "legacy").await.expect("series answers");
+    assert_eq!(got.len(), 1);
+    let (count, sum, avg) = got[0];
+    assert_eq!(count, 4);
+    // Each counts as +-1e100 in the sum and the mean.
+    assert!((sum / 2e100 - 1.0).abs() < 1e-12, "{sum}");
+    assert!((avg / 0.5e100 - 1.0).abs() < 1e-12, "{avg}");
+    app.stop().await.unwrap();
+}

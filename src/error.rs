@@ -171,11 +171,7 @@ impl Error {
 
 /// `ErrorInfo` for `reason`, in Verdict's domain.
 pub fn error_info(reason: Reason) -> ErrorDetails {
-    ErrorDetails::with_error_info(
-        reason.as_str(),
-        ERROR_DOMAIN,
-        std::collections::HashMap::new(),
-    )
+    ErrorDetails::with_error_info(reason.as_str(), ERROR_DOMAIN, std::collections::HashMap::new())
 }
 
 /// Statuses travel in HTTP/2 headers and trailers, which clients cap (16 KiB

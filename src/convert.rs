@@ -29,49 +29,79 @@ pub fn from_timestamp(t: &Timestamp) -> Option<DateTime<Utc>> {
         .then_some(dt)
 }
 
-/// Why a `Struct` could not become JSON.
+/// Why a `Struct` could not become JSON, and where: `path` is the proto
+/// field path of the offending value below the Struct, e.g.
+/// `.fields["a"].list_value.values[2]` (append it to the Struct's field).
 #[derive(Debug, PartialEq, Eq)]
 pub enum JsonError {
-    NotFinite,
+    /// A NaN or infinite number (JSON and jsonb have neither).
+    NotFinite { path: String },
+    /// Objects and lists nested deeper than [`MAX_DEPTH`] (no path: it
+    /// would be longer than any reader wants).
     TooDeep,
 }
 
-const MAX_DEPTH: usize = 32;
+/// Most levels of objects and lists in a `Struct`, the outer object
+/// included. The protobuf decoder refuses deeper messages (recursion limit
+/// 100, two per level) before they reach this check, and every reader of
+/// the stored JSON (PostgreSQL's jsonb, serde_json's 128) allows more.
+pub const MAX_DEPTH: usize = 32;
 
 /// A `google.protobuf.Struct` as a JSON object.
+///
+/// Every finite double is accepted and reads back bit for bit (jsonb keeps
+/// the shortest decimal form exactly; serde_json parses it with
+/// `float_roundtrip`), except that `-0` reads back as `0`.
 pub fn struct_to_json(s: &Struct) -> Result<Json, JsonError> {
-    fields_to_json(s, 0)
+    let mut path = String::new();
+    fields_to_json(s, 1, &mut path)
 }
 
-fn fields_to_json(s: &Struct, depth: usize) -> Result<Json, JsonError> {
-    if depth > MAX_DEPTH {
-        return Err(JsonError::TooDeep);
-    }
+/// `depth`: the level of `s` (1 for the outer object).
+fn fields_to_json(s: &Struct, depth: usize, path: &mut String) -> Result<Json, JsonError> {
     let mut map = Map::with_capacity(s.fields.len());
-    for (k, v) in &s.fields {
-        map.insert(k.clone(), value_to_json(v, depth + 1)?);
+    // Sorted, so the first offending value is the same on every call.
+    let mut keys: Vec<&String> = s.fields.keys().collect();
+    keys.sort();
+    for k in keys {
+        let len = path.len();
+        path.push_str(&format!(".fields[{k:?}]"));
+        let v = value_to_json(&s.fields[k], depth, path)?;
+        path.truncate(len);
+        map.insert(k.clone(), v);
     }
     Ok(Json::Object(map))
 }
 
-fn value_to_json(v: &Value, depth: usize) -> Result<Json, JsonError> {
-    if depth > MAX_DEPTH {
-        return Err(JsonError::TooDeep);
-    }
+/// `depth`: the level of the object or list holding `v`.
+fn value_to_json(v: &Value, depth: usize, path: &mut String) -> Result<Json, JsonError> {
     Ok(match &v.kind {
         None | Some(Kind::NullValue(_)) => Json::Null,
         Some(Kind::BoolValue(b)) => Json::Bool(*b),
-        Some(Kind::NumberValue(n)) => {
-            Json::Number(Number::from_f64(*n).ok_or(JsonError::NotFinite)?)
-        }
-        Some(Kind::StringValue(s)) => Json::String(s.clone()),
-        Some(Kind::StructValue(s)) => fields_to_json(s, depth + 1)?,
-        Some(Kind::ListValue(l)) => Json::Array(
-            l.values
-                .iter()
-                .map(|v| value_to_json(v, depth + 1))
-                .collect::<Result<_, _>>()?,
+        Some(Kind::NumberValue(n)) => Json::Number(
+            Number::from_f64(*n).ok_or_else(|| JsonError::NotFinite { path: path.clone() })?,
         ),
+        Some(Kind::StringValue(s)) => Json::String(s.clone()),
+        Some(Kind::StructValue(_)) | Some(Kind::ListValue(_)) if depth >= MAX_DEPTH => {
+            return Err(JsonError::TooDeep);
+        }
+        Some(Kind::StructValue(s)) => {
+            let len = path.len();
+            path.push_str(".struct_value");
+            let j = fields_to_json(s, depth + 1, path)?;
+            path.truncate(len);
+            j
+        }
+        Some(Kind::ListValue(l)) => {
+            let mut items = Vec::with_capacity(l.values.len());
+            for (i, item) in l.values.iter().enumerate() {
+                let len = path.len();
+                path.push_str(&format!(".list_value.values[{i}]"));
+                items.push(value_to_json(item, depth + 1, path)?);
+                path.truncate(len);
+            }
+            Json::Array(items)
+        }
     })
 }
 
@@ -122,7 +152,12 @@ mod tests {
                 kind: Some(Kind::NumberValue(f64::NAN)),
             },
         );
-        assert_eq!(struct_to_json(&s), Err(JsonError::NotFinite));
+        assert_eq!(
+            struct_to_json(&s),
+            Err(JsonError::NotFinite {
+                path: ".fields[\"n\"]".into()
+            })
+        );
     }
 
     #[test]

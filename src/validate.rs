@@ -6,6 +6,7 @@ use crate::error::{Error, FieldViolation, Result};
 use chrono::{DateTime, Utc};
 use prost_types::{Struct, Timestamp};
 use serde_json::Value as Json;
+use std::time::Duration;
 use uuid::Uuid;
 
 /// Largest JSON document (encoded) accepted in a `Struct` field.
@@ -67,6 +68,46 @@ impl Validator {
         value
     }
 
+    /// A finite number of magnitude at most `max` (documented as such).
+    pub fn bounded(&mut self, field: &str, value: f64, max: f64) -> f64 {
+        if !value.is_finite() {
+            self.finite(field, value);
+        } else if value.abs() > max {
+            self.violation(
+                field,
+                format!("must be between -{max:e} and {max:e}, not {value:e}"),
+            );
+        }
+        value
+    }
+
+    /// An optional `google.protobuf.Duration` within `min..=max`; `None`
+    /// when unset or invalid. A valid duration has `seconds` and `nanos` of
+    /// the same sign and `nanos` within one second.
+    pub fn duration(
+        &mut self,
+        field: &str,
+        value: Option<&prost_types::Duration>,
+        min: Duration,
+        max: Duration,
+    ) -> Option<Duration> {
+        let d = value?;
+        if d.seconds < 0 || !(0..1_000_000_000).contains(&d.nanos) {
+            self.violation(field, "must be a valid duration of 0 or more");
+            return None;
+        }
+        let d = Duration::new(d.seconds as u64, d.nanos as u32);
+        if d < min {
+            self.violation(field, format!("must be at least {}", human(min)));
+            None
+        } else if d > max {
+            self.violation(field, format!("must be at most {}", human(max)));
+            None
+        } else {
+            Some(d)
+        }
+    }
+
     /// A finite number in [0, 1].
     pub fn unit_interval(&mut self, field: &str, value: f64) -> f64 {
         if !value.is_finite() {
@@ -81,6 +122,17 @@ impl Validator {
     pub fn non_negative(&mut self, field: &str, value: i64) -> i64 {
         if value < 0 {
             self.violation(field, "must be 0 or more");
+        }
+        value
+    }
+
+    /// An optional `expected_version`: versions start at 1, so a smaller
+    /// one can never match and is a mistake, not a conflict.
+    pub fn expected_version(&mut self, field: &str, value: Option<i64>) -> Option<i64> {
+        if let Some(ver) = value
+            && ver < 1
+        {
+            self.violation(field, "must be at least 1");
         }
         value
     }
@@ -180,12 +232,21 @@ impl Validator {
                 }
                 j
             }
-            Err(JsonError::NotFinite) => {
-                self.violation(field, "numbers must be finite (no NaN or infinity)");
+            Err(JsonError::NotFinite { path }) => {
+                self.violation(
+                    format!("{field}{path}"),
+                    "must be a finite number (no NaN or infinity)",
+                );
                 Json::Null
             }
             Err(JsonError::TooDeep) => {
-                self.violation(field, "is nested too deeply (at most 32 levels)");
+                self.violation(
+                    field,
+                    format!(
+                        "nests objects and lists too deeply (at most {} levels)",
+                        convert::MAX_DEPTH
+                    ),
+                );
                 Json::Null
             }
         }
@@ -290,6 +351,21 @@ impl Validator {
     }
 }
 
+/// A bound for people: `1 second`, `100 years` (of 366 days), `31 days`.
+fn human(d: Duration) -> String {
+    const DAY: u64 = 86_400;
+    let plural = |n: u64, unit: &str| format!("{n} {unit}{}", if n == 1 { "" } else { "s" });
+    let secs = d.as_secs();
+    match secs {
+        _ if d.subsec_nanos() != 0 => format!("{d:?}"),
+        0 => "0 seconds".to_owned(),
+        s if s % (366 * DAY) == 0 => plural(s / (366 * DAY), "year"),
+        s if s % DAY == 0 => plural(s / DAY, "day"),
+        s if s % 3_600 == 0 => plural(s / 3_600, "hour"),
+        s => plural(s, "second"),
+    }
+}
+
 /// PostgreSQL text and jsonb cannot hold NUL characters.
 fn contains_nul(j: &Json) -> bool {
     match j {
@@ -297,5 +373,49 @@ fn contains_nul(j: &Json) -> bool {
         Json::Array(a) => a.iter().any(contains_nul),
         Json::Object(m) => m.iter().any(|(k, v)| k.contains('\0') || contains_nul(v)),
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fields(v: Validator) -> Vec<String> {
+        match v.finish() {
+            Ok(()) => Vec::new(),
+            Err(Error::InvalidArgument(vs)) => vs.into_iter().map(|v| v.field).collect(),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn durations_are_held_to_their_bounds() {
+        let d = |seconds, nanos| Some(prost_types::Duration { seconds, nanos });
+        let (min, max) = (Duration::from_secs(1), Duration::from_secs(366 * 86_400));
+        let mut v = Validator::new();
+        assert_eq!(v.duration("a", None, min, max), None);
+        assert_eq!(
+            v.duration("b", d(1, 0).as_ref(), min, max),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(v.duration("c", d(0, 999_999_999).as_ref(), min, max), None);
+        assert_eq!(v.duration("d", d(366 * 86_400, 1).as_ref(), min, max), None);
+        assert_eq!(v.duration("e", d(-1, 0).as_ref(), min, max), None);
+        assert_eq!(v.duration("f", d(1, -1).as_ref(), min, max), None);
+        assert_eq!(fields(v), ["c", "d", "e", "f"]);
+        assert_eq!(human(min), "1 second");
+        assert_eq!(human(max), "1 year");
+        assert_eq!(human(Duration::from_secs(31 * 86_400)), "31 days");
+    }
+
+    #[test]
+    fn bounded_numbers_refuse_magnitudes_above_the_bound() {
+        let mut v = Validator::new();
+        v.bounded("ok", -1e100, 1e100);
+        v.bounded("big", 1e101, 1e100);
+        v.bounded("nan", f64::NAN, 1e100);
+        v.expected_version("v0", Some(0));
+        v.expected_version("v1", Some(1));
+        assert_eq!(fields(v), ["big", "nan", "v0"]);
     }
 }

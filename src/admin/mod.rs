@@ -43,6 +43,14 @@ pub fn parse_age(text: &str) -> Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
+/// Shortest Cleanup `older_than` accepted.
+pub const MIN_AGE: Duration = Duration::from_secs(1);
+/// Longest Cleanup `older_than` or CheckIntegrity `stuck_after` accepted: a
+/// century (of 366-day years), so `now - age` stays a valid time.
+pub const MAX_AGE: Duration = Duration::from_secs(100 * 366 * 86_400);
+/// CheckIntegrity's `stuck_after` when unset or 0.
+pub const DEFAULT_STUCK_AFTER: Duration = Duration::from_secs(24 * 3_600);
+
 /// Longest `rpc` or `target_id` filter accepted.
 const MAX_FILTER_CHARS: usize = 256;
 

@@ -37,22 +37,6 @@ impl AdminApi {
     }
 }
 
-/// Longest age or threshold accepted: a century.
-const MAX_AGE_SECS: i64 = 100 * 366 * 86_400;
-
-fn duration(v: &mut Validator, field: &str, d: Option<&prost_types::Duration>) -> Option<Duration> {
-    let d = d?;
-    if d.seconds < 0 || !(0..1_000_000_000).contains(&d.nanos) || (d.seconds == 0 && d.nanos == 0) {
-        v.violation(field, "must be positive");
-        return None;
-    }
-    if d.seconds > MAX_AGE_SECS {
-        v.violation(field, "must be at most 100 years");
-        return None;
-    }
-    Some(Duration::new(d.seconds as u64, d.nanos as u32))
-}
-
 fn counts(rows: impl IntoIterator<Item = (String, i64)>, exact: bool) -> Vec<proto::TableCount> {
     rows.into_iter()
         .map(|(table, rows)| proto::TableCount { table, rows, exact })
@@ -95,7 +79,12 @@ impl AdminService for AdminApi {
     ) -> RpcResult<proto::CleanupResponse> {
         let (call, req) = rpc::split(request);
         let mut v = Validator::new();
-        let older_than = duration(&mut v, "older_than", req.older_than.as_ref());
+        let older_than = v.duration(
+            "older_than",
+            req.older_than.as_ref(),
+            super::MIN_AGE,
+            super::MAX_AGE,
+        );
         let cutoff = v.timestamp("cutoff", req.cutoff.as_ref());
         if req.older_than.is_some() == req.cutoff.is_some() {
             v.violation("older_than", "set exactly one of older_than and cutoff");
@@ -143,8 +132,15 @@ impl AdminService for AdminApi {
     ) -> RpcResult<proto::CheckIntegrityResponse> {
         let (call, req) = rpc::split(request);
         let mut v = Validator::new();
-        let stuck_after = duration(&mut v, "stuck_after", req.stuck_after.as_ref())
-            .unwrap_or(Duration::from_secs(24 * 3600));
+        let stuck_after = v
+            .duration(
+                "stuck_after",
+                req.stuck_after.as_ref(),
+                Duration::ZERO,
+                super::MAX_AGE,
+            )
+            .filter(|d| !d.is_zero())
+            .unwrap_or(super::DEFAULT_STUCK_AFTER);
         v.finish()?;
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;

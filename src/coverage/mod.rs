@@ -23,6 +23,11 @@ const MAX_CLIENT_KEY: usize = 128;
 const MAX_PATH: usize = 1024;
 /// Most per-file rows in one report (the message limit usually binds first).
 pub const MAX_FILES: usize = 100_000;
+/// Largest count a counter accepts (2^40, about 1.1 trillion): far above
+/// any code base, and low enough that a report's totals summed from its
+/// files (at most `MAX_FILES`) and aggregates over millions of reports stay
+/// within int64.
+pub const MAX_COUNTER: i64 = 1 << 40;
 /// How far in the future a client clock may put `recorded_at`.
 const CLOCK_SKEW: Duration = Duration::minutes(5);
 
@@ -46,12 +51,17 @@ impl Counters {
             ("functions", raw.functions_covered, raw.functions_total),
         ];
         for (name, covered, total) in pairs {
-            if total < 0 {
-                v.violation(format!("{field}.{name}_total"), "must be 0 or more");
+            for (suffix, n) in [("total", total), ("covered", covered)] {
+                if n < 0 {
+                    v.violation(format!("{field}.{name}_{suffix}"), "must be 0 or more");
+                } else if n > MAX_COUNTER {
+                    v.violation(
+                        format!("{field}.{name}_{suffix}"),
+                        format!("must be at most 2^40 ({MAX_COUNTER})"),
+                    );
+                }
             }
-            if covered < 0 {
-                v.violation(format!("{field}.{name}_covered"), "must be 0 or more");
-            } else if covered > total.max(0) {
+            if (0..=MAX_COUNTER).contains(&covered) && covered > total.max(0) {
                 v.violation(
                     format!("{field}.{name}_covered"),
                     format!("{covered} exceeds {name}_total ({total})"),
@@ -59,6 +69,20 @@ impl Counters {
             }
         }
         Counters::from(raw)
+    }
+
+    /// Whether every counter is within `0..=MAX_COUNTER`.
+    fn within_bounds(&self) -> bool {
+        [
+            self.lines_covered,
+            self.lines_total,
+            self.branches_covered,
+            self.branches_total,
+            self.functions_covered,
+            self.functions_total,
+        ]
+        .iter()
+        .all(|n| (0..=MAX_COUNTER).contains(n))
     }
 
     fn checked_add(self, o: Counters) -> Option<Counters> {
@@ -72,15 +96,18 @@ impl Counters {
         })
     }
 
-    /// `self - base`, counter by counter.
+    /// `self - base`, counter by counter (saturating: rows stored before
+    /// `MAX_COUNTER` existed may hold any int64).
     pub fn minus(self, base: Counters) -> Counters {
         Counters {
-            lines_covered: self.lines_covered - base.lines_covered,
-            lines_total: self.lines_total - base.lines_total,
-            branches_covered: self.branches_covered - base.branches_covered,
-            branches_total: self.branches_total - base.branches_total,
-            functions_covered: self.functions_covered - base.functions_covered,
-            functions_total: self.functions_total - base.functions_total,
+            lines_covered: self.lines_covered.saturating_sub(base.lines_covered),
+            lines_total: self.lines_total.saturating_sub(base.lines_total),
+            branches_covered: self.branches_covered.saturating_sub(base.branches_covered),
+            branches_total: self.branches_total.saturating_sub(base.branches_total),
+            functions_covered: self
+                .functions_covered
+                .saturating_sub(base.functions_covered),
+            functions_total: self.functions_total.saturating_sub(base.functions_total),
         }
     }
 
@@ -228,11 +255,19 @@ impl TryFrom<proto::RecordCoverageRequest> for NewReport {
         let files = files(&mut v, r.files);
         let totals = match stated {
             Some(t) => t,
+            // A file out of bounds is named already; its sum says nothing new.
+            None if !files.iter().all(|f| f.counters.within_bounds()) => Counters::default(),
             None => files
                 .iter()
                 .try_fold(Counters::default(), |acc, f| acc.checked_add(f.counters))
+                .filter(Counters::within_bounds)
                 .unwrap_or_else(|| {
-                    v.violation("files", "the sums of the file counters overflow");
+                    v.violation(
+                        "files",
+                        format!(
+                            "the sums of the file counters (the report's totals) exceed 2^40 ({MAX_COUNTER})"
+                        ),
+                    );
                     Counters::default()
                 }),
         };
@@ -317,5 +352,26 @@ mod tests {
         };
         let fields: Vec<_> = vs.iter().map(|v| v.field.as_str()).collect();
         assert_eq!(fields, ["totals.lines_covered", "totals.branches_covered"]);
+    }
+
+    #[test]
+    fn counters_above_two_to_the_fortieth_are_refused() {
+        let mut v = Validator::new();
+        Counters::validate(
+            &mut v,
+            "totals",
+            &proto::CoverageCounters {
+                lines_covered: MAX_COUNTER,
+                lines_total: MAX_COUNTER,
+                functions_covered: 1,
+                functions_total: MAX_COUNTER + 1,
+                ..Default::default()
+            },
+        );
+        let Err(Error::InvalidArgument(vs)) = v.finish() else {
+            panic!("expected violations")
+        };
+        let fields: Vec<_> = vs.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(fields, ["totals.functions_total"]);
     }
 }

@@ -211,6 +211,9 @@ pub struct Pooled {
     pub counters: Counters,
 }
 
+// sum(bigint) is numeric: sums are taken exactly and saturate at the int64
+// maximum instead of failing the cast (unreachable for reports within
+// MAX_COUNTER: it would take over 8 million of them at the bound).
 const AGGREGATE: Stmt = Stmt::new(
     "SELECT",
     "coverage_reports",
@@ -226,9 +229,12 @@ const AGGREGATE: Stmt = Stmt::new(
          (SELECT DISTINCT ON (subsystem) * FROM matching WHERE $5 \
           ORDER BY subsystem, recorded_at DESC, id DESC)) \
      SELECT GROUPING(subsystem) = 1, subsystem, count(*), \
-            COALESCE(sum(lines_covered), 0)::int8, COALESCE(sum(lines_total), 0)::int8, \
-            COALESCE(sum(branches_covered), 0)::int8, COALESCE(sum(branches_total), 0)::int8, \
-            COALESCE(sum(functions_covered), 0)::int8, COALESCE(sum(functions_total), 0)::int8 \
+            LEAST(COALESCE(sum(lines_covered), 0), 9223372036854775807)::int8, \
+            LEAST(COALESCE(sum(lines_total), 0), 9223372036854775807)::int8, \
+            LEAST(COALESCE(sum(branches_covered), 0), 9223372036854775807)::int8, \
+            LEAST(COALESCE(sum(branches_total), 0), 9223372036854775807)::int8, \
+            LEAST(COALESCE(sum(functions_covered), 0), 9223372036854775807)::int8, \
+            LEAST(COALESCE(sum(functions_total), 0), 9223372036854775807)::int8 \
      FROM chosen GROUP BY ROLLUP (subsystem) \
      ORDER BY GROUPING(subsystem) DESC, subsystem",
 );
@@ -290,9 +296,12 @@ const TREND: Stmt = Stmt::new(
          WHERE ($1::text IS NULL OR r.branch = $1) AND ($2::text IS NULL OR r.subsystem = $2) \
          ORDER BY k.bucket_start, r.branch, r.subsystem, r.recorded_at DESC, r.id DESC) \
      SELECT k.bucket_start, k.bucket_end, count(l.bucket_start), \
-            COALESCE(sum(l.lines_covered), 0)::int8, COALESCE(sum(l.lines_total), 0)::int8, \
-            COALESCE(sum(l.branches_covered), 0)::int8, COALESCE(sum(l.branches_total), 0)::int8, \
-            COALESCE(sum(l.functions_covered), 0)::int8, COALESCE(sum(l.functions_total), 0)::int8 \
+            LEAST(COALESCE(sum(l.lines_covered), 0), 9223372036854775807)::int8, \
+            LEAST(COALESCE(sum(l.lines_total), 0), 9223372036854775807)::int8, \
+            LEAST(COALESCE(sum(l.branches_covered), 0), 9223372036854775807)::int8, \
+            LEAST(COALESCE(sum(l.branches_total), 0), 9223372036854775807)::int8, \
+            LEAST(COALESCE(sum(l.functions_covered), 0), 9223372036854775807)::int8, \
+            LEAST(COALESCE(sum(l.functions_total), 0), 9223372036854775807)::int8 \
      FROM buckets k LEFT JOIN latest l ON l.bucket_start = k.bucket_start \
      GROUP BY k.bucket_start, k.bucket_end ORDER BY k.bucket_start",
 );

@@ -19,6 +19,10 @@ use std::time::Duration;
 pub const MAX_POINTS: usize = 10_000;
 /// Most buckets one QueryTimeSeries may return.
 pub const MAX_BUCKETS: i64 = 10_000;
+/// Largest magnitude of a point's value (1e100): beyond any measurement,
+/// and small enough that sums and averages over any number of points stay
+/// finite in float8 (PostgreSQL fails a float8 sum that overflows).
+pub const MAX_VALUE: f64 = 1e100;
 const MAX_NAME: usize = 128;
 const MAX_UNIT: usize = 32;
 const MAX_LABELS: usize = 32;
@@ -55,8 +59,8 @@ fn labels(
     let mut map = serde_json::Map::new();
     // Sorted, so equal label sets hash and compare equal.
     for (k, val) in raw.iter().collect::<BTreeMap<_, _>>() {
-        v.required_text(&format!("{field}[{k}]"), k, MAX_LABEL_KEY);
-        v.optional_message(&format!("{field}[{k}]"), val, MAX_LABEL_VALUE);
+        v.required_text(&format!("{field}[{k:?}]"), k, MAX_LABEL_KEY);
+        v.optional_message(&format!("{field}[{k:?}]"), val, MAX_LABEL_VALUE);
         map.insert(k.clone(), serde_json::Value::String(val.clone()));
     }
     serde_json::Value::Object(map)
@@ -68,7 +72,7 @@ pub fn validate_points(v: &mut Validator, raw: Vec<proto::MetricPoint>) -> Vec<P
         let mut pv = Validator::scoped(format!("points[{i}]."));
         let point = Point {
             name: pv.required_text("name", &p.name, MAX_NAME),
-            value: pv.finite("value", p.value),
+            value: pv.bounded("value", p.value, MAX_VALUE),
             unit: pv
                 .optional_text("unit", &p.unit, MAX_UNIT)
                 .unwrap_or_default(),

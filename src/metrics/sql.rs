@@ -39,9 +39,20 @@ pub struct BucketRow {
     pub p99: Option<f64>,
 }
 
+// A float8 sum that overflows fails the whole query. Points are bounded to
+// +-MAX_VALUE (1e100) on input, so the clamp below changes nothing for them;
+// rows stored before that bound existed count as +-1e100 in sum and mean,
+// and the query answers instead of failing. min, max and the percentiles
+// never fail and see the stored values. (GREATEST skips NULLs: the FILTER
+// keeps the empty buckets' NULL.)
 macro_rules! aggregates {
     () => {
-        "SELECT b.bucket_start, count(p.value), sum(p.value), avg(p.value), min(p.value), max(p.value), \
+        "SELECT b.bucket_start, count(p.value), \
+                sum(LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8)) \
+                    FILTER (WHERE p.value IS NOT NULL), \
+                avg(LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8)) \
+                    FILTER (WHERE p.value IS NOT NULL), \
+                min(p.value), max(p.value), \
                 percentile_cont(0.5) WITHIN GROUP (ORDER BY p.value), \
                 percentile_cont(0.95) WITHIN GROUP (ORDER BY p.value), \
                 percentile_cont(0.99) WITHIN GROUP (ORDER BY p.value) \

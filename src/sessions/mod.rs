@@ -256,16 +256,12 @@ impl TryFrom<proto::UpdateSessionStatusRequest> for StatusChange {
         let mut v = Validator::new();
         let id = v.uuid("id", &r.id);
         let status = v.required_enum("status", r.status, SessionStatus::from_proto);
-        if let Some(ver) = r.expected_version
-            && ver < 1
-        {
-            v.violation("expected_version", "must be at least 1");
-        }
+        let expected_version = v.expected_version("expected_version", r.expected_version);
         v.finish()?;
         Ok(StatusChange {
             id,
             status: status.expect("validated"),
-            expected_version: r.expected_version,
+            expected_version,
         })
     }
 }

@@ -269,6 +269,7 @@ impl SessionService for SessionApi {
         let (call, req) = rpc::split(request);
         let mut v = crate::validate::Validator::new();
         let id = v.uuid("id", &req.id);
+        v.expected_version("expected_version", req.expected_version);
         v.finish()?;
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;

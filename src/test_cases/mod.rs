@@ -309,17 +309,13 @@ impl TryFrom<proto::UpdateTestCaseRequest> for TestCaseUpdate {
                 );
             }
         }
-        if let Some(ver) = r.expected_version
-            && ver < 1
-        {
-            v.violation("expected_version", "must be at least 1");
-        }
+        let expected_version = v.expected_version("expected_version", r.expected_version);
         let tc = r.test_case.unwrap_or_default();
         let mut nested = Validator::scoped("test_case.");
         let named = |f: &str| paths.iter().any(|p| p == f);
         let update = TestCaseUpdate {
             id: nested.uuid("id", &tc.id),
-            expected_version: r.expected_version,
+            expected_version,
             name: named("name").then(|| name(&mut nested, &tc.name)),
             description: named("description").then(|| description(&mut nested, &tc.description)),
             test_type: named("test_type").then(|| test_type(&mut nested, tc.test_type)),

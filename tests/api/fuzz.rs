@@ -158,7 +158,11 @@ impl Schema {
                     -1.0,
                     1e308,
                     f64::MIN_POSITIVE,
-                ][rng.below(9)];
+                    f64::MAX,
+                    f64::MIN,
+                    5e-324,
+                    1e100,
+                ][rng.below(13)];
                 prost::encoding::encode_varint((number << 3) | 1, out);
                 out.put_f64_le(v);
             }
@@ -192,7 +196,10 @@ impl Schema {
                     i32::MIN as i64,
                     i64::MAX,
                     i64::MIN,
-                ][rng.below(14)];
+                    1 << 40,
+                    (1 << 40) + 1,
+                    1 << 62,
+                ][rng.below(17)];
                 let v = if f.r#type() == Type::Bool { v & 1 } else { v };
                 varint(out, v as u64);
             }

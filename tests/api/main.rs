@@ -3,6 +3,7 @@
 mod admin;
 mod audit;
 mod auth;
+mod bounds;
 mod coverage;
 mod discrepancies;
 mod errors;

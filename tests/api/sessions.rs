@@ -221,7 +221,8 @@ async fn create_session_refuses_non_finite_numbers_and_oversized_json() {
     let err = app.sessions.clone().create_session(req).await.unwrap_err();
     let v = violations(&err);
     assert!(
-        v.iter().any(|(f, d)| f == "config" && d.contains("finite")),
+        v.iter()
+            .any(|(f, d)| f == "config.fields[\"score\"]" && d.contains("finite")),
         "{v:?}"
     );
     assert!(

@@ -426,6 +426,10 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Bytes of every reply kept for what the gateway adds to what a request
+/// stored (ids, timestamps, sequence numbers, a page token).
+pub const REPLY_HEADROOM: usize = 2048;
+
 impl Config {
     /// Settings for tests and embedding: defaults, with the given database.
     pub fn for_database(database_url: Option<String>) -> Self {
@@ -440,6 +444,15 @@ impl Config {
         } else {
             self.pool_max_waiting
         }
+    }
+
+    /// The largest request message accepted: `max_message_bytes` less
+    /// [`REPLY_HEADROOM`], so anything a request stores fits a reply with
+    /// the id, times and page token the gateway adds to it.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_message_bytes
+            .saturating_sub(REPLY_HEADROOM)
+            .max(REPLY_HEADROOM)
     }
 
     pub fn pool_wait_timeout(&self) -> Duration {

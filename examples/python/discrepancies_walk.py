@@ -89,9 +89,9 @@ def resend_stream(walk):
     # Where an ingest stands can be read without streaming (e.g. after a
     # cancelled call, to resume after the high-water mark).
     status = walk.verdict.discrepancies.GetIngestStatus(
-        pb.GetDiscrepancyIngestStatusRequest(ingest_id=f"{walk.run_id}-ingest"),
+        pb.DiscrepancyServiceGetIngestStatusRequest(ingest_id=f"{walk.run_id}-ingest"),
         timeout=DEADLINE_SECONDS,
-    )
+    ).status
     assert status.high_water_mark == CHUNKS, status
     assert status.committed_items == CHUNKS * PER_CHUNK, status
     assert status.finished, status

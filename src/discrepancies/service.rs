@@ -167,8 +167,8 @@ impl DiscrepancyService for DiscrepancyApi {
 
     async fn get_ingest_status(
         &self,
-        request: Request<proto::GetDiscrepancyIngestStatusRequest>,
-    ) -> RpcResult<proto::IngestStatus> {
+        request: Request<proto::DiscrepancyServiceGetIngestStatusRequest>,
+    ) -> RpcResult<proto::DiscrepancyServiceGetIngestStatusResponse> {
         let (call, req) = rpc::split(request);
         let mut v = Validator::new();
         let ingest_id =
@@ -182,7 +182,11 @@ impl DiscrepancyService for DiscrepancyApi {
                     "no chunk of ingest {ingest_id:?} was ever committed"
                 ))
             })?;
-        Ok(Response::new(ingest::to_proto(ingest_id, status)))
+        Ok(Response::new(
+            proto::DiscrepancyServiceGetIngestStatusResponse {
+                status: Some(ingest::to_proto(ingest_id, status)),
+            },
+        ))
     }
 
     async fn list_discrepancies(

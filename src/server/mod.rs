@@ -67,11 +67,14 @@ pub async fn serve(
         .build_v1alpha()?;
 
     // Every service gets the same message size limits.
+    // Requests are held 2 KiB under the reply limit, so what a request
+    // stores always fits a reply (with its id, times and page token).
     let limit = config.max_message_bytes;
+    let request_limit = config.max_request_bytes();
     macro_rules! limited {
         ($server:ident, $api:ident) => {
             $server::new($api::new(state.clone()))
-                .max_decoding_message_size(limit)
+                .max_decoding_message_size(request_limit)
                 .max_encoding_message_size(limit)
         };
     }
@@ -87,7 +90,7 @@ pub async fn serve(
         .layer(crate::ingest::ResetLayer)
         .layer(auth)
         .layer(prescan::PrescanLayer {
-            max_message_bytes: limit,
+            max_message_bytes: request_limit,
         })
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             reporter,

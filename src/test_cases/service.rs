@@ -359,8 +359,8 @@ impl TestCaseService for TestCaseApi {
 
     async fn get_ingest_status(
         &self,
-        request: Request<proto::GetExecutionIngestStatusRequest>,
-    ) -> RpcResult<proto::IngestStatus> {
+        request: Request<proto::TestCaseServiceGetIngestStatusRequest>,
+    ) -> RpcResult<proto::TestCaseServiceGetIngestStatusResponse> {
         let (call, req) = rpc::split(request);
         let mut v = Validator::new();
         let ingest_id =
@@ -374,7 +374,11 @@ impl TestCaseService for TestCaseApi {
                     "no chunk of ingest {ingest_id:?} was ever committed"
                 ))
             })?;
-        Ok(Response::new(ingest::to_proto(ingest_id, status)))
+        Ok(Response::new(
+            proto::TestCaseServiceGetIngestStatusResponse {
+                status: Some(ingest::to_proto(ingest_id, status)),
+            },
+        ))
     }
 
     async fn list_executions(

@@ -265,10 +265,15 @@ async fn messages_over_the_limit_either_way_are_resource_exhausted() {
         !retry_advised(&err),
         "the same message fails again: {err:?}"
     );
-    assert!(err.message().contains("16384"), "{err:?}");
+    assert!(
+        err.message().contains(&(16_384 - 2048).to_string()),
+        "{err:?}"
+    );
 
-    // Replies over the limit: four logs of 8000 characters fit one by
-    // one, not in one page.
+    // Replies over the limit: a page stops before the limit (the four logs
+    // of 8000 characters come in pages of one), and an entry that fits a
+    // request but not a reply (the reply adds its id, time and sequence)
+    // fails its page instead of being skipped.
     for _ in 0..4 {
         sessions
             .append_session_log(AppendSessionLogRequest {
@@ -280,29 +285,55 @@ async fn messages_over_the_limit_either_way_are_resource_exhausted() {
             .await
             .unwrap();
     }
-    let err = sessions
-        .list_session_logs(ListSessionLogsRequest {
-            session_id: s.id.clone(),
-            min_level: 0,
-            page_size: 50,
-            page_token: String::new(),
-        })
-        .await
-        .unwrap_err();
+    let list = |token: String| ListSessionLogsRequest {
+        session_id: s.id.clone(),
+        min_level: 0,
+        page_size: 50,
+        page_token: token,
+    };
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = sessions
+            .list_session_logs(list(token))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 1, "a page passed the reply limit");
+        pages += 1;
+        token = page.next_page_token;
+        if token.is_empty() {
+            break;
+        }
+    }
+    assert_eq!(pages, 4);
+    // A request within 2 KiB of the limit is refused before anything is
+    // stored: what a request stores must fit a reply with its id, time,
+    // sequence and page token.
+    let near_limit = AppendSessionLogRequest {
+        session_id: s.id.clone(),
+        level: LogLevel::Info as i32,
+        message: "m".repeat(8000),
+        fields: Some(prost_types::Struct {
+            fields: [(
+                "blob".to_string(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue("b".repeat(7_500))),
+                },
+            )]
+            .into(),
+        }),
+    };
+    let err = sessions.append_session_log(near_limit).await.unwrap_err();
     assert_reason(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
-    assert!(err.message().contains("page_size"), "{err:?}");
-    // A smaller page fits.
-    let page = sessions
-        .list_session_logs(ListSessionLogsRequest {
-            session_id: s.id.clone(),
-            min_level: 0,
-            page_size: 1,
-            page_token: String::new(),
-        })
+    let stored: i64 = app
+        .sql()
+        .await
+        .query_one("SELECT count(*) FROM session_logs", &[])
         .await
         .unwrap()
-        .into_inner();
-    assert_eq!(page.entries.len(), 1);
+        .get(0);
+    assert_eq!(stored, 4);
 }
 
 #[tokio::test]

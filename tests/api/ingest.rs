@@ -14,8 +14,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 use tonic_types::StatusExt;
 use verdict::proto::{
-    ExecutionStatus, GetDiscrepancyIngestStatusRequest, GetExecutionIngestStatusRequest,
-    IngestDiscrepanciesRequest, IngestDiscrepanciesResponse, IngestExecutionsRequest, IngestStatus,
+    DiscrepancyServiceGetIngestStatusRequest, ExecutionStatus, IngestDiscrepanciesRequest,
+    IngestDiscrepanciesResponse, IngestExecutionsRequest, IngestStatus,
+    TestCaseServiceGetIngestStatusRequest,
 };
 
 /// Upper bound of every wait on observable state in this file.
@@ -74,21 +75,21 @@ fn reason(status: &tonic::Status) -> String {
 async fn status(app: &TestApp, ingest_id: &str) -> Result<IngestStatus, tonic::Status> {
     app.discrepancies
         .clone()
-        .get_ingest_status(GetDiscrepancyIngestStatusRequest {
+        .get_ingest_status(DiscrepancyServiceGetIngestStatusRequest {
             ingest_id: ingest_id.into(),
         })
         .await
-        .map(|r| r.into_inner())
+        .map(|r| r.into_inner().status.expect("a status"))
 }
 
 async fn execution_status(app: &TestApp, ingest_id: &str) -> Result<IngestStatus, tonic::Status> {
     app.test_cases
         .clone()
-        .get_ingest_status(GetExecutionIngestStatusRequest {
+        .get_ingest_status(TestCaseServiceGetIngestStatusRequest {
             ingest_id: ingest_id.into(),
         })
         .await
-        .map(|r| r.into_inner())
+        .map(|r| r.into_inner().status.expect("a status"))
 }
 
 async fn ingest(

@@ -371,7 +371,7 @@ async fn list_results_refuses_a_page_token_from_another_view_and_an_unknown_view
         assert_eq!(fields, ["page_token"], "{view:?}");
         assert_eq!(
             err.get_details_error_info().expect("ErrorInfo").reason,
-            "INVALID_FIELD",
+            "INVALID_PAGE_TOKEN",
             "{view:?}"
         );
     }

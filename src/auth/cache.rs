@@ -131,6 +131,12 @@ struct Inner {
     /// Ids that matched no row, with when that was read.
     unknown: Mutex<HashMap<KeyId, Instant>>,
     signals: Mutex<HashMap<KeyId, watch::Sender<bool>>>,
+    /// One lookup at a time per key id: concurrent first calls of one key
+    /// wait for the lookup under way and read its result from the cache,
+    /// instead of each spending the budget (a client that opens with 100
+    /// calls in flight is not refused). Entries live only while a lookup
+    /// of their id is under way.
+    in_flight: Mutex<HashMap<KeyId, Arc<tokio::sync::Mutex<()>>>>,
     lookups: AtomicU64,
     settings: KeySettings,
 }
@@ -181,6 +187,7 @@ impl KeyCache {
                 entries: Mutex::new(HashMap::new()),
                 unknown: Mutex::new(HashMap::new()),
                 signals: Mutex::new(HashMap::new()),
+                in_flight: Mutex::new(HashMap::new()),
                 lookups: AtomicU64::new(0),
                 settings,
             }),
@@ -251,8 +258,38 @@ impl KeyCache {
         }
     }
 
-    /// Reads the key's row through the lookup pool, caches it and judges.
-    pub async fn fetch(&self, id: KeyId, check: &SecretCheck) -> Result<Verdict> {
+    /// Reads the key's row through the lookup pool, caches it and judges;
+    /// joins a lookup of the same id already under way. `admit` is asked
+    /// only when this call itself is to read the row (the per-peer failure
+    /// budget): a call that waited for another's lookup and finds its
+    /// result cached spends nothing. `Err(refusal)` when `admit` refused.
+    pub async fn fetch<R>(
+        &self,
+        id: KeyId,
+        check: &SecretCheck,
+        admit: impl FnOnce() -> std::result::Result<(), R>,
+    ) -> std::result::Result<Result<Verdict>, R> {
+        // Declared first, dropped last: after `slot` below is gone.
+        let _forget = InFlight { cache: self, id };
+        let slot = lock(&self.inner.in_flight).entry(id).or_default().clone();
+        let _turn = match slot.try_lock() {
+            Ok(turn) => turn,
+            Err(_) => {
+                let Ok(turn) = tokio::time::timeout(KNOWN_KEY_WAIT, slot.lock()).await else {
+                    return Ok(Err(busy()));
+                };
+                // The lookup we waited for has (most likely) filled the cache.
+                if let Some(verdict) = self.cached(id, check) {
+                    return Ok(Ok(verdict));
+                }
+                turn
+            }
+        };
+        admit()?;
+        Ok(self.look_up(id, check).await)
+    }
+
+    async fn look_up(&self, id: KeyId, check: &SecretCheck) -> Result<Verdict> {
         let seen_before = lock(&self.inner.entries).contains_key(&id);
         let permit = match self.inner.budget.try_acquire() {
             Ok(permit) => permit,
@@ -400,6 +437,25 @@ impl KeyCache {
             self.fire(id);
         }
         Ok(())
+    }
+}
+
+/// Drops a key id's in-flight slot once no call holds it any more.
+struct InFlight<'a> {
+    cache: &'a KeyCache,
+    id: KeyId,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        let mut slots = lock(&self.cache.inner.in_flight);
+        // Held by the map alone: no call looks this id up or waits for it.
+        if slots
+            .get(&self.id)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            slots.remove(&self.id);
+        }
     }
 }
 

@@ -226,13 +226,23 @@ where
                 Some(verdict) => verdict,
                 None => {
                     let peer = peer(&req);
-                    if let Err(wait) = shared.limiter.take(peer) {
-                        return Ok(rate_limited(wait).into_http());
-                    }
-                    let fetched = shared.keys.fetch(id, &check).await;
+                    // A token of the peer's failure budget is taken only by
+                    // a call that reads the row itself.
+                    let spent = std::sync::atomic::AtomicBool::new(false);
+                    let admit = || {
+                        shared.limiter.take(peer)?;
+                        spent.store(true, std::sync::atomic::Ordering::Relaxed);
+                        Ok(())
+                    };
+                    let fetched = match shared.keys.fetch(id, &check, admit).await {
+                        Ok(fetched) => fetched,
+                        Err(wait) => return Ok(rate_limited(wait).into_http()),
+                    };
                     // Only refusals spend the peer's budget (a busy or
                     // unreachable database is not the caller's failure).
-                    if !matches!(fetched, Ok(Verdict::Invalid | Verdict::Revoked)) {
+                    if spent.load(std::sync::atomic::Ordering::Relaxed)
+                        && !matches!(fetched, Ok(Verdict::Invalid | Verdict::Revoked))
+                    {
                         shared.limiter.refund(peer);
                     }
                     match fetched {

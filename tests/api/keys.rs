@@ -104,6 +104,43 @@ async fn a_thousand_authenticated_calls_read_the_key_once() {
 }
 
 #[tokio::test]
+async fn a_new_key_opening_with_a_hundred_calls_in_flight_is_looked_up_once_and_never_refused() {
+    let (_, url) = create_database().await;
+    let config = auth_config(&url);
+    let (_, token) = create_key(&config, "burst", "read").await;
+    let (app, keys) = spawn_with_keys(config).await;
+    let before = keys.lookups();
+    // 100 first calls at once, over four connections: the first one looks
+    // the key up, the others wait for that lookup instead of each spending
+    // the lookup budget (which holds 4) and being refused RATE_LIMITED.
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(SessionServiceClient::new(connect(app.port).await));
+    }
+    let calls = (0..100).map(|i| {
+        let mut client = clients[i % clients.len()].clone();
+        let token = token.clone();
+        async move {
+            client
+                .list_sessions(authed(ListSessionsRequest::default(), &token))
+                .await
+        }
+    });
+    // The request pool may shed some of 100 calls at once (POOL_EXHAUSTED,
+    // by design); the key check must refuse none.
+    let refused: Vec<String> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .filter_map(|r| r.err())
+        .map(|e| format!("{:?} {}", e.code(), reason(&e)))
+        .filter(|r| !r.ends_with("POOL_EXHAUSTED"))
+        .collect();
+    assert!(refused.is_empty(), "refused by the key check: {refused:?}");
+    let lookups = keys.lookups() - before;
+    assert_eq!(lookups, 1, "one lookup for 100 concurrent first calls");
+}
+
+#[tokio::test]
 async fn unknown_ids_and_wrong_secrets_get_the_same_answer_and_only_the_holder_hears_revoked() {
     let (_, url) = create_database().await;
     let config = auth_config(&url);

@@ -243,6 +243,7 @@ impl Application {
                 pg: self.pg.clone(),
                 db: self.db.clone(),
                 keys: self.keys.clone(),
+                auth_required: self.auth.is_required(),
                 signer: self.signer.clone(),
                 health: health.clone(),
                 hub,
@@ -334,6 +335,9 @@ struct Background {
     pg: PgConfig,
     db: Db,
     keys: auth::KeyCache,
+    /// Whether calls need keys: only then does the revocation listener
+    /// hold a connection.
+    auth_required: bool,
     signer: Signer,
     health: Health,
     hub: Hub,
@@ -349,6 +353,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
         pg,
         db,
         keys,
+        auth_required,
         signer,
         health,
         hub,
@@ -410,7 +415,14 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
     tokio::join!(
         db.clone().maintain(),
         health.probe(db.clone(), pg.clone(), probe_interval),
-        auth::revocations::listen(keys, pg.clone()),
+        {
+            let pg = pg.clone();
+            async move {
+                if auth_required {
+                    auth::revocations::listen(keys, pg).await
+                }
+            }
+        },
         hub.listen(pg),
         rollups
     );

@@ -30,7 +30,7 @@ use verdict::proto::{
 static SERIAL: Mutex<()> = Mutex::const_new(());
 
 /// HTTP/2 connections the watchers share.
-const CHANNELS: usize = 10;
+const CHANNELS: usize = 25;
 /// GetSession p99 allowed while the watchers are fed…
 const P99_LIMIT: Duration = Duration::from_millis(50);
 /// …unless the machine is so loaded by others that GetSession is already

@@ -109,6 +109,7 @@ pub async fn dry_run(c: &impl GenericClient, cutoff: DateTime<Utc>) -> Result<Re
 /// sessions per transaction, until none is left. Each transaction records
 /// the sessions it deleted in the audit trail; a run that deletes nothing
 /// records one row with no targets.
+#[tracing::instrument(name = "cleanup.run", skip_all, fields(otel.kind = "internal"))]
 pub async fn run(
     conn: &mut Conn,
     call: &Call,
@@ -152,8 +153,10 @@ pub async fn run(
         tx.commit().await.map_err(Error::from)?;
         batches += 1;
     }
-    Ok(Report {
+    let report = Report {
         deleted: CLEANED.iter().copied().zip(totals).collect(),
         batches,
-    })
+    };
+    crate::observability::cleanup_finished(&report.deleted);
+    Ok(report)
 }

@@ -267,8 +267,34 @@ pub fn job_run(job: &'static str, outcome: &'static str, elapsed: Duration) {
     let r = &*REGISTRY;
     let attrs = [KeyValue::new("job", job), KeyValue::new("outcome", outcome)];
     r.otel.job_runs.add(1, &attrs);
+    if outcome != "error" {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        LAST_SUCCESS
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(job, now);
+    }
     r.otel.job_duration.record(elapsed.as_secs_f64(), &attrs);
     observe(&r.jobs, series(&[job, outcome]), elapsed.as_secs_f64());
+}
+
+/// Unix time of the last successful run of each job.
+static LAST_SUCCESS: LazyLock<Mutex<BTreeMap<&'static str, f64>>> =
+    LazyLock::new(|| Mutex::new(BTreeMap::new()));
+
+/// Whether the health probe reached PostgreSQL (bit 0) and whether the pool
+/// could get a connection (bit 1); 4 before the first probe.
+static DB_HEALTH: AtomicU64 = AtomicU64::new(4);
+
+/// Records the health probe's latest finding.
+pub fn database_reachable(reachable: bool, serving: bool) {
+    DB_HEALTH.store(
+        u64::from(reachable) | u64::from(serving) << 1,
+        Ordering::Relaxed,
+    );
 }
 
 /// Records a finished cleanup run and the rows it deleted per table.
@@ -467,6 +493,30 @@ pub fn render_prometheus(db: &Db) -> String {
             out,
             "verdict_job_runs_total{{job=\"{}\",outcome=\"{}\"}} {}",
             values[0], values[1], h.count
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP verdict_job_last_success_timestamp_seconds Unix time of the last run of a job that did not fail.\n# TYPE verdict_job_last_success_timestamp_seconds gauge"
+    );
+    for (job, t) in LAST_SUCCESS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        let _ = writeln!(
+            out,
+            "verdict_job_last_success_timestamp_seconds{{job=\"{job}\"}} {t}"
+        );
+    }
+    let health = DB_HEALTH.load(Ordering::Relaxed);
+    if health < 4 {
+        let _ = writeln!(
+            out,
+            "# HELP verdict_db_reachable Whether the health probe reached PostgreSQL (1) or not (0).\n# TYPE verdict_db_reachable gauge\nverdict_db_reachable {}\n\
+             # HELP verdict_db_serving Whether the pool could get a connection at the last probe.\n# TYPE verdict_db_serving gauge\nverdict_db_serving {}",
+            health & 1,
+            health >> 1 & 1
         );
     }
     let s = db.stats();

@@ -160,6 +160,7 @@ pub async fn check(
     for check in CHECKS {
         let rows = Stmt::query(&check.find, c, &[&threshold]).await?;
         let Some(first) = rows.first() else {
+            crate::observability::integrity_findings(check.name, 0);
             continue;
         };
         let count: i64 = first.try_get(0)?;

@@ -298,7 +298,7 @@ pub fn database_reachable(reachable: bool, serving: bool) {
 }
 
 /// Records a finished cleanup run and the rows it deleted per table.
-pub fn cleanup_finished(deleted: &[(&'static str, i64)]) {
+pub fn cleanup_finished(deleted: &[(&'static str, i64)], elapsed: Duration) {
     let r = &*REGISTRY;
     for (table, n) in deleted {
         let n = u64::try_from(*n).unwrap_or(0);
@@ -307,7 +307,7 @@ pub fn cleanup_finished(deleted: &[(&'static str, i64)]) {
             .add(n, &[KeyValue::new("db.collection.name", *table)]);
         add(&r.cleanup_rows, table, n);
     }
-    job_run("cleanup", "ok", Duration::ZERO);
+    job_run("cleanup", "ok", elapsed);
 }
 
 /// Records the rows an integrity check found.

@@ -116,6 +116,7 @@ pub async fn run(
     cutoff: DateTime<Utc>,
     batch: i64,
 ) -> Result<Report> {
+    let started = std::time::Instant::now();
     let mut totals = [0i64; 8];
     let mut batches = 0;
     loop {
@@ -157,6 +158,6 @@ pub async fn run(
         deleted: CLEANED.iter().copied().zip(totals).collect(),
         batches,
     };
-    crate::observability::cleanup_finished(&report.deleted);
+    crate::observability::cleanup_finished(&report.deleted, started.elapsed());
     Ok(report)
 }

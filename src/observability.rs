@@ -33,6 +33,8 @@ struct Otel {
     db_duration: Histogram<f64>,
     statement_timeouts: Counter<u64>,
     ingest_rows: Counter<u64>,
+    pool_wait: Histogram<f64>,
+    pool_timeouts: Counter<u64>,
     job_runs: Counter<u64>,
     job_duration: Histogram<f64>,
     cleanup_rows: Counter<u64>,
@@ -51,6 +53,9 @@ struct Registry {
     /// Keyed by job and outcome.
     jobs: Mutex<BTreeMap<Series, Histo>>,
     statement_timeouts: AtomicU64,
+    /// Waits for a pooled connection (one series, no labels).
+    pool_wait: Mutex<BTreeMap<Series, Histo>>,
+    pool_timeouts: AtomicU64,
     ingest_rows: Mutex<BTreeMap<&'static str, u64>>,
     cleanup_rows: Mutex<BTreeMap<&'static str, u64>>,
     integrity_findings: Mutex<BTreeMap<&'static str, u64>>,
@@ -64,6 +69,8 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
         statements: Mutex::new(BTreeMap::new()),
         jobs: Mutex::new(BTreeMap::new()),
         statement_timeouts: AtomicU64::new(0),
+        pool_wait: Mutex::new(BTreeMap::new()),
+        pool_timeouts: AtomicU64::new(0),
         ingest_rows: Mutex::new(BTreeMap::new()),
         cleanup_rows: Mutex::new(BTreeMap::new()),
         integrity_findings: Mutex::new(BTreeMap::new()),
@@ -89,6 +96,17 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
             ingest_rows: meter
                 .u64_counter("verdict.ingest.rows")
                 .with_description("Rows written by batch and stream ingest, by kind")
+                .build(),
+            pool_wait: meter
+                .f64_histogram("db.client.connection.wait_time")
+                .with_unit("s")
+                .with_description("Time calls waited for a pooled connection")
+                .with_boundaries(BUCKETS.to_vec())
+                .build(),
+            pool_timeouts: meter
+                .u64_counter("db.client.connection.timeouts")
+                .with_unit("{timeout}")
+                .with_description("Waits for a pooled connection that timed out")
                 .build(),
             job_runs: meter
                 .u64_counter("verdict.job.runs")
@@ -320,6 +338,18 @@ pub fn integrity_findings(check: &'static str, count: i64) {
     add(&r.integrity_findings, check, n);
 }
 
+/// Records one wait for a pooled connection, and whether it timed out.
+pub fn pool_wait(waited: Duration, timed_out: bool) {
+    let r = &*REGISTRY;
+    let pool = [KeyValue::new("db.client.connection.pool.name", POOL_NAME)];
+    r.otel.pool_wait.record(waited.as_secs_f64(), &pool);
+    observe(&r.pool_wait, series(&[POOL_NAME]), waited.as_secs_f64());
+    if timed_out {
+        r.otel.pool_timeouts.add(1, &pool);
+        r.pool_timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Records a statement cancelled by its timeout.
 pub fn statement_timeout() {
     REGISTRY.statement_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -479,6 +509,13 @@ pub fn render_prometheus(db: &Db) -> String {
     );
     write_histograms(
         &mut out,
+        "db_client_connection_wait_time_seconds",
+        "Time calls waited for a pooled connection.",
+        &["db_client_connection_pool_name"],
+        &r.pool_wait,
+    );
+    write_histograms(
+        &mut out,
         "verdict_job_duration_seconds",
         "Duration of background job runs.",
         &["job", "outcome"],
@@ -546,6 +583,11 @@ pub fn render_prometheus(db: &Db) -> String {
             "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{pool}}} {v}"
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP db_client_connection_timeouts_total Waits for a pooled connection that timed out.\n# TYPE db_client_connection_timeouts_total counter\ndb_client_connection_timeouts_total{{{pool}}} {}",
+        r.pool_timeouts.load(Ordering::Relaxed)
+    );
     let _ = writeln!(
         out,
         "# HELP verdict_db_statement_timeouts_total Statements cancelled by their timeout.\n# TYPE verdict_db_statement_timeouts_total counter\nverdict_db_statement_timeouts_total {}",

@@ -307,7 +307,7 @@ async fn every_statement_is_in_a_trace_rooted_at_its_call_or_job_with_current_co
 
     // The metrics went out over OTLP with the conventions' names and
     // attributes, and /metrics carries the same names and labels.
-    let expected: [(&str, &[&str]); 5] = [
+    let expected: [(&str, &[&str]); 7] = [
         (
             "rpc.server.call.duration",
             &["rpc.system.name", "rpc.method", "rpc.response.status_code"],
@@ -325,6 +325,14 @@ async fn every_statement_is_in_a_trace_rooted_at_its_call_or_job_with_current_co
         ),
         (
             "db.client.connection.max",
+            &["db.client.connection.pool.name"],
+        ),
+        (
+            "db.client.connection.pending_requests",
+            &["db.client.connection.pool.name"],
+        ),
+        (
+            "db.client.connection.wait_time",
             &["db.client.connection.pool.name"],
         ),
         ("verdict.job.runs", &["job", "outcome"]),
@@ -374,7 +382,9 @@ async fn every_statement_is_in_a_trace_rooted_at_its_call_or_job_with_current_co
 fn prometheus_name(otlp: &str) -> String {
     let base = otlp.replace('.', "_");
     match otlp {
-        "rpc.server.call.duration" | "db.client.operation.duration" => {
+        "rpc.server.call.duration"
+        | "db.client.operation.duration"
+        | "db.client.connection.wait_time" => {
             format!("{base}_seconds_bucket")
         }
         "verdict.job.runs" => format!("{base}_total"),

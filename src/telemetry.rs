@@ -153,12 +153,14 @@ pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
                 .with_endpoint(endpoint.clone())
                 .with_timeout(Duration::from_secs(3))
                 .build()?;
+            // OTEL_BSP_* settings apply; the queue is SPAN_QUEUE unless
+            // OTEL_BSP_MAX_QUEUE_SIZE says otherwise.
+            let mut batch = BatchConfigBuilder::default();
+            if std::env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
+                batch = batch.with_max_queue_size(SPAN_QUEUE);
+            }
             let batches = BatchSpanProcessor::builder(exporter)
-                .with_batch_config(
-                    BatchConfigBuilder::default()
-                        .with_max_queue_size(SPAN_QUEUE)
-                        .build(),
-                )
+                .with_batch_config(batch.build())
                 .build();
             Some(
                 SdkTracerProvider::builder()

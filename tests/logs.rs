@@ -1,8 +1,9 @@
 //! Logs an SRE can join to traces: with `VERDICT_LOG_FORMAT=json`, a line
 //! written inside a call carries the OpenTelemetry `trace_id` and `span_id`
 //! of the call's span, the same ids the collector receives; the text format
-//! writes no colour codes to a stderr that is not a terminal. Runs the real
-//! binary, capturing its stderr.
+//! writes no colour codes to a stderr that is not a terminal; spans still
+//! buffered at SIGTERM reach the collector. Runs the real binary, capturing
+//! its stderr.
 
 #[path = "api/helpers.rs"]
 mod helpers;
@@ -18,9 +19,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
-use verdict::proto::GetSessionRequest;
 use verdict::proto::get_session_request::Lookup;
 use verdict::proto::session_service_client::SessionServiceClient;
+use verdict::proto::{CreateSessionRequest, GetSessionRequest};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -187,4 +188,73 @@ async fn text_logs_to_a_file_carry_no_colour_codes() {
     .expect("the call is logged");
     assert!(!log.contains('\u{1b}'), "ANSI escape in {log:?}");
     assert!(log.contains("INFO"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_buffered_at_sigterm_reach_the_collector_before_the_process_exits() {
+    const CALLS: usize = 100;
+    let receiver = Receiver::default();
+    let collector = receiver.start().await;
+    let (_, url) = create_database().await;
+    let endpoint = format!("http://127.0.0.1:{collector}");
+    // The batch processor would export only after a minute: whatever
+    // arrives before then was flushed by the shutdown.
+    let mut gateway = Gateway::start(
+        &url,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "60000"),
+        ],
+    )
+    .await;
+    let sessions = gateway.sessions().await;
+    // Four clients, 25 calls each: within the pool, so none is shed.
+    let mut calls = tokio::task::JoinSet::new();
+    for worker in 0..4 {
+        let mut client = sessions.clone();
+        calls.spawn(async move {
+            for i in 0..CALLS / 4 {
+                client
+                    .create_session(CreateSessionRequest {
+                        request_id: format!("flush-{worker}-{i}"),
+                        source_technology: "cobol".into(),
+                        target_technology: "java".into(),
+                        validation_scope: "full".into(),
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap();
+            }
+        });
+    }
+    while let Some(done) = calls.join_next().await {
+        done.unwrap();
+    }
+    let name = "verdict.v1.SessionService/CreateSession";
+    let count = |spans: &[opentelemetry_proto::tonic::trace::v1::Span]| {
+        spans.iter().filter(|s| s.name == name).count()
+    };
+    let before = count(&receiver.spans.lock().unwrap());
+    assert!(before < CALLS, "nothing was held back to flush ({before})");
+
+    // SAFETY: signalling the child this test spawned.
+    unsafe { libc::kill(gateway.child.id() as i32, libc::SIGTERM) };
+    let exited = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Some(status) = gateway.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the gateway exits after SIGTERM");
+    assert!(exited.success(), "{exited}: {}", read(&gateway.log));
+    let arrived = count(&receiver.spans.lock().unwrap());
+    assert_eq!(
+        arrived,
+        CALLS,
+        "every call's span was exported before exit: {}",
+        read(&gateway.log)
+    );
 }

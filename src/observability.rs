@@ -41,20 +41,44 @@ struct Otel {
     integrity_findings: Counter<u64>,
 }
 
-/// A labelled histogram series: label values, in the order of its names.
-type Series = Vec<String>;
+/// The label values of a series, in the order of its label names; empty
+/// values are left out.
+trait Labels: Ord {
+    fn values(&self) -> Vec<&str>;
+}
+
+impl<const N: usize> Labels for [&'static str; N] {
+    fn values(&self) -> Vec<&str> {
+        self.to_vec()
+    }
+}
+
+/// A statement series: operation, collection and error type. Only a failed
+/// statement's key allocates.
+type StmtKey = (&'static str, Option<&'static str>, Option<Box<str>>);
+
+impl Labels for StmtKey {
+    fn values(&self) -> Vec<&str> {
+        vec![
+            "postgresql",
+            self.0,
+            self.1.unwrap_or(""),
+            self.2.as_deref().unwrap_or(""),
+        ]
+    }
+}
 
 struct Registry {
     /// Keyed by a method of [`known_methods`] (or [`OTHER_METHOD`]) and a
     /// status code name: the map cannot grow with what callers send.
-    rpcs: Mutex<BTreeMap<Series, Histo>>,
+    rpcs: Mutex<BTreeMap<[&'static str; 3], Histo>>,
     /// Keyed by operation, collection (static statement names) and error.
-    statements: Mutex<BTreeMap<Series, Histo>>,
+    statements: Mutex<BTreeMap<StmtKey, Histo>>,
     /// Keyed by job and outcome.
-    jobs: Mutex<BTreeMap<Series, Histo>>,
+    jobs: Mutex<BTreeMap<[&'static str; 2], Histo>>,
     statement_timeouts: AtomicU64,
     /// Waits for a pooled connection (one series, no labels).
-    pool_wait: Mutex<BTreeMap<Series, Histo>>,
+    pool_wait: Mutex<BTreeMap<[&'static str; 1], Histo>>,
     pool_timeouts: AtomicU64,
     ingest_rows: Mutex<BTreeMap<&'static str, u64>>,
     cleanup_rows: Mutex<BTreeMap<&'static str, u64>>,
@@ -130,11 +154,7 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
     }
 });
 
-fn series(values: &[&str]) -> Series {
-    values.iter().map(|v| (*v).to_owned()).collect()
-}
-
-fn observe(map: &Mutex<BTreeMap<Series, Histo>>, key: Series, secs: f64) {
+fn observe<K: Labels>(map: &Mutex<BTreeMap<K, Histo>>, key: K, secs: f64) {
     let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
     let h = map.entry(key).or_default();
     h.count += 1;
@@ -241,7 +261,7 @@ pub fn rpc_finished(method: &str, code: i32, elapsed: Duration) {
             KeyValue::new("rpc.response.status_code", code),
         ],
     );
-    observe(&r.rpcs, series(&["grpc", method, code]), secs);
+    observe(&r.rpcs, ["grpc", method, code], secs);
 }
 
 /// Records one finished statement: `db.client.operation.duration` with
@@ -256,27 +276,23 @@ pub fn statement_finished(
 ) {
     let secs = elapsed.as_secs_f64();
     let r = &*REGISTRY;
-    let mut attrs = vec![
-        KeyValue::new("db.system.name", "postgresql"),
-        KeyValue::new("db.operation.name", op),
-    ];
-    if let Some(c) = collection {
-        attrs.push(KeyValue::new("db.collection.name", c));
+    let system = KeyValue::new("db.system.name", "postgresql");
+    let operation = KeyValue::new("db.operation.name", op);
+    match (collection, error) {
+        (Some(c), None) => r.otel.db_duration.record(
+            secs,
+            &[system, operation, KeyValue::new("db.collection.name", c)],
+        ),
+        (None, None) => r.otel.db_duration.record(secs, &[system, operation]),
+        (c, Some(e)) => {
+            let mut attrs = vec![system, operation, KeyValue::new("error.type", e.to_owned())];
+            if let Some(c) = c {
+                attrs.push(KeyValue::new("db.collection.name", c));
+            }
+            r.otel.db_duration.record(secs, &attrs);
+        }
     }
-    if let Some(e) = error {
-        attrs.push(KeyValue::new("error.type", e.to_owned()));
-    }
-    r.otel.db_duration.record(secs, &attrs);
-    observe(
-        &r.statements,
-        series(&[
-            "postgresql",
-            op,
-            collection.unwrap_or(""),
-            error.unwrap_or(""),
-        ]),
-        secs,
-    );
+    observe(&r.statements, (op, collection, error.map(Box::from)), secs);
 }
 
 /// Records one run of a background job (`rollup`, ...) with its outcome
@@ -296,7 +312,7 @@ pub fn job_run(job: &'static str, outcome: &'static str, elapsed: Duration) {
             .insert(job, now);
     }
     r.otel.job_duration.record(elapsed.as_secs_f64(), &attrs);
-    observe(&r.jobs, series(&[job, outcome]), elapsed.as_secs_f64());
+    observe(&r.jobs, [job, outcome], elapsed.as_secs_f64());
 }
 
 /// Unix time of the last successful run of each job.
@@ -343,7 +359,7 @@ pub fn pool_wait(waited: Duration, timed_out: bool) {
     let r = &*REGISTRY;
     let pool = [KeyValue::new("db.client.connection.pool.name", POOL_NAME)];
     r.otel.pool_wait.record(waited.as_secs_f64(), &pool);
-    observe(&r.pool_wait, series(&[POOL_NAME]), waited.as_secs_f64());
+    observe(&r.pool_wait, [POOL_NAME], waited.as_secs_f64());
     if timed_out {
         r.otel.pool_timeouts.add(1, &pool);
         r.pool_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -437,15 +453,16 @@ pub fn register_pool_gauges(db: &Db) {
 }
 
 /// Writes one histogram family in the Prometheus text format.
-fn write_histograms(
+fn write_histograms<K: Labels>(
     out: &mut String,
     name: &str,
     help: &str,
     labels: &[&str],
-    series: &Mutex<BTreeMap<Series, Histo>>,
+    series: &Mutex<BTreeMap<K, Histo>>,
 ) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for (values, h) in series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+    for (key, h) in series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        let values = key.values();
         let labels: Vec<String> = labels
             .iter()
             .zip(values)

@@ -62,5 +62,28 @@ check "hadolint deploy/Dockerfile" "$venv/bin/hadolint" deploy/Dockerfile
 check "compose.yaml matches the Compose schema" \
   "$venv/bin/check-jsonschema" --builtin-schema vendor.compose-spec deploy/compose.yaml
 
+# Observability: the alert rules pass promtool (Debian package
+# `prometheus`, installed here when missing and root or sudo is at hand);
+# the dashboard is valid JSON. That both use only exported metric and label
+# names is tests/deploy_metrics.rs (it scrapes a running gateway).
+promtool=$(command -v promtool || true)
+if [ -z "$promtool" ] && command -v apt-get >/dev/null; then
+  log "installing promtool (Debian package prometheus)"
+  if [ "$(id -u)" -eq 0 ]; then as_root=(); elif command -v sudo >/dev/null; then as_root=(sudo); else as_root=(false); fi
+  "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 \
+    || { "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null 2>&1 \
+         && "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1; } || true
+  promtool=$(command -v promtool || true)
+fi
+if [ -n "$promtool" ]; then
+  check "promtool check rules deploy/observability/verdict-rules.yaml" \
+    "$promtool" check rules deploy/observability/verdict-rules.yaml
+else
+  failed=$((failed + 1)); echo "deploy-check: FAILED: promtool not found (install the Debian package prometheus)" >&2
+fi
+check "Grafana dashboard is valid JSON with panels" "$venv/bin/python" -c \
+  'import json,sys; d=json.load(open(sys.argv[1])); assert d["panels"] and all(t["expr"] for p in d["panels"] for t in p["targets"])' \
+  deploy/observability/verdict-dashboard.json
+
 echo "deploy-check: $passed passed, $failed failed"
 [ "$failed" -eq 0 ]

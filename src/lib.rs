@@ -231,6 +231,7 @@ impl Application {
         let (fatal_tx, fatal_rx) = oneshot::channel();
         let mut background = JoinSet::new();
         observability::register_pool_gauges(&self.db);
+        observability::set_database(self.pg.config());
         background.spawn(watches.dispatch(hub.clone()));
         if let Some(listener) = self.metrics_listener.take() {
             background.spawn(observability::serve_prometheus(listener, self.db.clone()));

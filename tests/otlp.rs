@@ -1,139 +1,81 @@
 //! Tracing end to end: an in-test OTLP/gRPC receiver gets the RPC span and
-//! its SQL child spans with their attributes, in the caller's trace. Its own
-//! test binary, because the tracing subscriber is process-global.
+//! its SQL child spans with their attributes, in the caller's trace; every
+//! statement of a call (stream ingest included) and of a background job run
+//! belongs to one trace whose root says what it was for. Its own test
+//! binary, because the tracing subscriber is process-global.
 
 #[path = "api/helpers.rs"]
 mod helpers;
+#[path = "support/otlp_receiver.rs"]
+mod otlp_receiver;
 
-use helpers::{create_database, spawn_app_with, test_config};
-use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
-    MetricsService, MetricsServiceServer,
-};
-use opentelemetry_proto::tonic::collector::metrics::v1::{
-    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::{AnyValue, any_value::Value};
+use helpers::{adopt, create_database, test_config};
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
-use std::sync::{Arc, Mutex};
+use otlp_receiver::{Receiver, attr, hex, int, text};
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
-use tokio::sync::Notify;
-use tokio_stream::wrappers::TcpListenerStream;
-use verdict::proto::CreateSessionRequest;
+use verdict::proto::{
+    CreateSessionRequest, DiscrepancyInput, IngestDiscrepanciesRequest, Severity,
+};
 
-/// Collects every exported span, and the names of exported metrics.
-#[derive(Clone, Default)]
-struct Receiver {
-    spans: Arc<Mutex<Vec<Span>>>,
-    metrics: Arc<Mutex<Vec<String>>>,
-    arrived: Arc<Notify>,
+/// The roots a trace may have: a served call, or one run of a background job.
+const JOB_ROOTS: [&str; 5] = [
+    "rollup.run",
+    "keys.recheck",
+    "watch.feed.read",
+    "cleanup.run",
+    "integrity.check",
+];
+
+/// Attributes the conventions do not name, which tracing adds unless told
+/// not to.
+fn is_noise(key: &str) -> bool {
+    matches!(key, "busy_ns" | "idle_ns" | "target")
+        || key.starts_with("thread.")
+        || key.starts_with("code.")
 }
 
-#[tonic::async_trait]
-impl MetricsService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportMetricsServiceRequest>,
-    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
-        let names = request
-            .into_inner()
-            .resource_metrics
-            .into_iter()
-            .flat_map(|r| r.scope_metrics)
-            .flat_map(|s| s.metrics)
-            .map(|m| m.name);
-        self.metrics.lock().unwrap().extend(names);
-        self.arrived.notify_waiters();
-        Ok(tonic::Response::new(ExportMetricsServiceResponse::default()))
+fn discrepancy(n: usize) -> DiscrepancyInput {
+    DiscrepancyInput {
+        kind: "precision".into(),
+        severity: Severity::High as i32,
+        description: format!("difference {n}"),
+        source_element: format!("src.f{n}"),
+        target_element: format!("tgt.f{n}"),
+        recommendation: "check it".into(),
+        confidence: 0.8,
+        ..Default::default()
     }
 }
 
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let spans = request
-            .into_inner()
-            .resource_spans
-            .into_iter()
-            .flat_map(|r| r.scope_spans)
-            .flat_map(|s| s.spans);
-        self.spans.lock().unwrap().extend(spans);
-        self.arrived.notify_waiters();
-        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+/// The root of `span`'s trace among `spans`: the span reached by following
+/// parents until one is not among them.
+fn root<'a>(span: &'a Span, by_id: &HashMap<&[u8], &'a Span>) -> &'a Span {
+    let mut at = span;
+    for _ in 0..64 {
+        match by_id.get(at.parent_span_id.as_slice()) {
+            Some(parent) => at = parent,
+            None => break,
+        }
     }
-}
-
-impl Receiver {
-    /// Waits until a span named `name` with `trace_id` has arrived.
-    async fn wait_for(&self, name: &str, trace_id: &[u8]) -> Vec<Span> {
-        let found = || {
-            let spans = self.spans.lock().unwrap();
-            spans
-                .iter()
-                .any(|s| s.name == name && s.trace_id == trace_id)
-                .then(|| spans.clone())
-        };
-        tokio::time::timeout(Duration::from_secs(20), async {
-            loop {
-                let notified = self.arrived.notified();
-                if let Some(spans) = found() {
-                    return spans;
-                }
-                notified.await;
-            }
-        })
-        .await
-        .unwrap_or_else(|_| panic!("span {name} never arrived"))
-    }
-}
-
-fn attr<'a>(span: &'a Span, key: &str) -> Option<&'a Value> {
-    span.attributes
-        .iter()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| kv.value.as_ref())
-        .and_then(|v: &AnyValue| v.value.as_ref())
-}
-
-fn text<'a>(span: &'a Span, key: &str) -> &'a str {
-    match attr(span, key) {
-        Some(Value::StringValue(s)) => s,
-        other => panic!("{key} of {} is {other:?}", span.name),
-    }
-}
-
-fn int(span: &Span, key: &str) -> i64 {
-    match attr(span, key) {
-        Some(Value::IntValue(i)) => *i,
-        other => panic!("{key} of {} is {other:?}", span.name),
-    }
+    at
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_rpc_span_and_its_sql_spans_reach_the_collector_in_the_callers_trace() {
+async fn every_statement_is_in_a_trace_rooted_at_its_call_or_job_with_current_conventions() {
     let receiver = Receiver::default();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let collector_port = listener.local_addr().unwrap().port();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(TraceServiceServer::new(receiver.clone()))
-            .add_service(MetricsServiceServer::new(receiver.clone()))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
+    let collector_port = receiver.start().await;
 
     let (_, url) = create_database().await;
     let mut config = test_config(&url);
     config.otlp_endpoint = Some(format!("http://127.0.0.1:{collector_port}"));
+    config.metrics_listen = Some("127.0.0.1:0".parse().unwrap());
+    // A rollup run starts at once, then every second.
+    config.rollup_interval_secs = 1;
     let telemetry = verdict::telemetry::init(&config).unwrap();
-    let app = spawn_app_with(config).await;
+    let app = verdict::Application::build(config).await.unwrap();
+    let metrics_port = app.metrics_port().expect("metrics enabled");
+    let app = adopt(app).await;
 
     let trace_id_hex = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller_span_hex = "00f067aa0ba902b7";
@@ -151,14 +93,70 @@ async fn the_rpc_span_and_its_sql_spans_reach_the_collector_in_the_callers_trace
             .parse()
             .unwrap(),
     );
-    app.sessions.clone().create_session(request).await.unwrap();
+    let session = app
+        .sessions
+        .clone()
+        .create_session(request)
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+
+    // A stream ingest in a trace of its own.
+    let ingest_trace_hex = "0af7651916cd43dd8448eb211c80319c";
+    let chunks: Vec<IngestDiscrepanciesRequest> = (1..=3)
+        .map(|seq| IngestDiscrepanciesRequest {
+            ingest_id: "traced".into(),
+            session_id: session.id.clone(),
+            sequence: seq,
+            items: (0..5).map(|i| discrepancy(seq as usize * 10 + i)).collect(),
+        })
+        .collect();
+    let mut request = tonic::Request::new(futures::stream::iter(chunks));
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{ingest_trace_hex}-{caller_span_hex}-01")
+            .parse()
+            .unwrap(),
+    );
+    let ingested = app
+        .discrepancies
+        .clone()
+        .ingest_discrepancies(request)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ingested.committed_items, 15);
 
     telemetry.flush();
     let trace_id = hex(trace_id_hex);
-    let spans = receiver
+    let ingest_trace = hex(ingest_trace_hex);
+    receiver
         .wait_for("verdict.v1.SessionService/CreateSession", &trace_id)
         .await;
+    receiver
+        .wait_for(
+            "verdict.v1.DiscrepancyService/IngestDiscrepancies",
+            &ingest_trace,
+        )
+        .await;
+    let spans = receiver
+        .wait_until("a rollup run with its statements", |spans| {
+            let runs: BTreeSet<&[u8]> = spans
+                .iter()
+                .filter(|s| s.name == "rollup.run")
+                .map(|s| s.trace_id.as_slice())
+                .collect();
+            spans
+                .iter()
+                .any(|s| s.name == "SELECT advisory_lock" && runs.contains(s.trace_id.as_slice()))
+                .then(|| spans.to_vec())
+        })
+        .await;
+    let by_id: HashMap<&[u8], &Span> = spans.iter().map(|s| (s.span_id.as_slice(), s)).collect();
 
+    // The RPC span: current RPC conventions.
     let rpc = spans
         .iter()
         .find(|s| s.name == "verdict.v1.SessionService/CreateSession" && s.trace_id == trace_id)
@@ -169,11 +167,18 @@ async fn the_rpc_span_and_its_sql_spans_reach_the_collector_in_the_callers_trace
         hex(caller_span_hex),
         "child of the caller's span"
     );
-    assert_eq!(text(rpc, "rpc.system"), "grpc");
-    assert_eq!(text(rpc, "rpc.service"), "verdict.v1.SessionService");
-    assert_eq!(text(rpc, "rpc.method"), "CreateSession");
-    assert_eq!(int(rpc, "rpc.grpc.status_code"), 0);
+    assert_eq!(text(rpc, "rpc.system.name"), "grpc");
+    assert_eq!(
+        text(rpc, "rpc.method"),
+        "verdict.v1.SessionService/CreateSession"
+    );
+    assert_eq!(text(rpc, "rpc.response.status_code"), "OK");
+    assert!(attr(rpc, "error.type").is_none());
+    for old in ["rpc.system", "rpc.service", "rpc.grpc.status_code"] {
+        assert!(attr(rpc, old).is_none(), "{old} is not emitted by default");
+    }
 
+    // Its statements: current database client conventions.
     let children: Vec<&Span> = spans
         .iter()
         .filter(|s| s.trace_id == trace_id && s.parent_span_id == rpc.span_id)
@@ -185,6 +190,11 @@ async fn the_rpc_span_and_its_sql_spans_reach_the_collector_in_the_callers_trace
     assert_eq!(insert.kind, SpanKind::Client as i32);
     assert_eq!(text(insert, "db.system.name"), "postgresql");
     assert_eq!(text(insert, "db.operation.name"), "INSERT");
+    assert_eq!(text(insert, "db.collection.name"), "sessions");
+    assert_eq!(text(insert, "db.query.summary"), "INSERT sessions");
+    assert!(!text(insert, "db.namespace").is_empty());
+    assert!(!text(insert, "server.address").is_empty());
+    assert!(int(insert, "server.port") > 0);
     let sql = text(insert, "db.query.text");
     assert!(
         sql.contains("INSERT INTO sessions") && sql.contains("$2"),
@@ -197,27 +207,98 @@ async fn the_rpc_span_and_its_sql_spans_reach_the_collector_in_the_callers_trace
         names(&children)
     );
 
-    // The RPC metrics went out over OTLP too.
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let notified = receiver.arrived.notified();
-            let names = receiver.metrics.lock().unwrap().clone();
-            if names.iter().any(|n| n == "rpc.server.duration")
-                && names.iter().any(|n| n == "verdict.db.pool.size")
-            {
-                return;
-            }
-            telemetry.flush();
-            notified.await;
+    // The ingest: one trace, every statement and pool wait inside it.
+    let ingest_rpc = spans
+        .iter()
+        .find(|s| {
+            s.name == "verdict.v1.DiscrepancyService/IngestDiscrepancies"
+                && s.trace_id == ingest_trace
+        })
+        .unwrap();
+    let in_ingest: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.trace_id == ingest_trace)
+        .collect();
+    for s in &in_ingest {
+        assert_eq!(
+            root(s, &by_id).span_id,
+            ingest_rpc.span_id,
+            "{} hangs under the ingest call",
+            s.name
+        );
+    }
+    let statements = in_ingest
+        .iter()
+        .filter(|s| s.kind == SpanKind::Client as i32)
+        .count();
+    assert!(
+        statements >= 4,
+        "the ingest's statements are in its trace: {:?}",
+        names(&in_ingest)
+    );
+    assert!(in_ingest.iter().any(|s| s.name == "db.pool.acquire"));
+
+    // Nothing anywhere is a statement or a pool wait without a call or a job
+    // above it: every span without a parent (the root of its trace) is a
+    // served call or a job run. (A span whose parent is still open, as in a
+    // rollup run in progress, has a parent id: its parent just has not been
+    // exported yet.)
+    for s in spans.iter().filter(|s| s.parent_span_id.is_empty()) {
+        assert!(
+            s.kind == SpanKind::Server as i32 || JOB_ROOTS.contains(&s.name.as_str()),
+            "{} ({:?}) is the root of a trace of its own",
+            s.name,
+            s.kind
+        );
+    }
+    for s in &spans {
+        let top = root(s, &by_id);
+        if JOB_ROOTS.contains(&top.name.as_str()) {
+            assert!(
+                top.parent_span_id.is_empty(),
+                "a job run is the root of its trace"
+            );
         }
-    })
-    .await
-    .expect("RPC duration and pool metrics exported");
+    }
+    // One rollup run is one trace: its lock statement inside it, and the
+    // lock is not a collection.
+    let run = spans.iter().find(|s| s.name == "rollup.run").unwrap();
+    let lock = spans
+        .iter()
+        .find(|s| s.name == "SELECT advisory_lock" && s.trace_id == run.trace_id)
+        .unwrap();
+    assert_eq!(root(lock, &by_id).span_id, run.span_id);
+    assert!(
+        attr(lock, "db.collection.name").is_none(),
+        "a function is not a collection"
+    );
+    assert_eq!(
+        spans
+            .iter()
+            .filter(|s| s.trace_id == run.trace_id && s.parent_span_id.is_empty())
+            .count(),
+        1,
+        "one root per run"
+    );
+
+    // No noise on any span, and the process has an instance id.
+    for s in &spans {
+        for kv in &s.attributes {
+            assert!(!is_noise(&kv.key), "{} carries {}", s.name, kv.key);
+        }
+    }
+    let resources = receiver.resources.lock().unwrap().clone();
+    let instance = resources[0]
+        .get("service.instance.id")
+        .expect("service.instance.id set");
+    assert!(uuid::Uuid::parse_str(instance).is_ok(), "{instance}");
 
     // Parameter values never appear in any exported attribute.
     for span in &spans {
         for kv in &span.attributes {
-            if let Some(Value::StringValue(s)) = kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+            if let Some(otlp_receiver::Value::StringValue(s)) =
+                kv.value.as_ref().and_then(|v| v.value.as_ref())
+            {
                 assert!(
                     !s.contains(secret_value),
                     "{} leaks a value in {}",
@@ -227,16 +308,108 @@ async fn the_rpc_span_and_its_sql_spans_reach_the_collector_in_the_callers_trace
             }
         }
     }
+
+    // The metrics went out over OTLP with the conventions' names and
+    // attributes, and /metrics carries the same names and labels.
+    let expected: [(&str, &[&str]); 7] = [
+        (
+            "rpc.server.call.duration",
+            &["rpc.system.name", "rpc.method", "rpc.response.status_code"],
+        ),
+        (
+            "db.client.operation.duration",
+            &["db.system.name", "db.operation.name", "db.collection.name"],
+        ),
+        (
+            "db.client.connection.count",
+            &[
+                "db.client.connection.state",
+                "db.client.connection.pool.name",
+            ],
+        ),
+        (
+            "db.client.connection.max",
+            &["db.client.connection.pool.name"],
+        ),
+        (
+            "db.client.connection.pending_requests",
+            &["db.client.connection.pool.name"],
+        ),
+        (
+            "db.client.connection.wait_time",
+            &["db.client.connection.pool.name"],
+        ),
+        ("verdict.job.runs", &["job", "outcome"]),
+    ];
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let notified = receiver.arrived.notified();
+            let metrics = receiver.metrics.lock().unwrap().clone();
+            if expected.iter().all(|(name, labels)| {
+                metrics
+                    .get(*name)
+                    .is_some_and(|have| labels.iter().all(|l| have.contains(*l)))
+            }) {
+                return;
+            }
+            telemetry.flush();
+            notified.await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "metrics exported with their attributes: {:?}",
+            receiver.metrics.lock().unwrap()
+        )
+    });
+    let body = scrape(metrics_port).await;
+    for (name, labels) in expected {
+        let prom = prometheus_name(name);
+        let labels: Vec<String> = labels
+            .iter()
+            .map(|l| format!("{}=", l.replace('.', "_")))
+            .collect();
+        assert!(
+            body.lines()
+                .filter(|l| l.starts_with(&prom))
+                .any(|l| labels.iter().all(|label| l.contains(label.as_str()))),
+            "{prom} with {labels:?} in /metrics: {body}"
+        );
+    }
     app.stop().await.unwrap();
+}
+
+/// The Prometheus name of an OTLP metric, as the OpenTelemetry translation
+/// forms it: dots to underscores, `_seconds` for a unit of seconds, `_total`
+/// on counters.
+fn prometheus_name(otlp: &str) -> String {
+    let base = otlp.replace('.', "_");
+    match otlp {
+        "rpc.server.call.duration"
+        | "db.client.operation.duration"
+        | "db.client.connection.wait_time" => {
+            format!("{base}_seconds_bucket")
+        }
+        "verdict.job.runs" => format!("{base}_total"),
+        _ => base,
+    }
+}
+
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).await.unwrap();
+    body
 }
 
 fn names(spans: &[&Span]) -> Vec<String> {
     spans.iter().map(|s| s.name.clone()).collect()
-}
-
-fn hex(s: &str) -> Vec<u8> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-        .collect()
 }

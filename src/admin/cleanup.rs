@@ -109,12 +109,14 @@ pub async fn dry_run(c: &impl GenericClient, cutoff: DateTime<Utc>) -> Result<Re
 /// sessions per transaction, until none is left. Each transaction records
 /// the sessions it deleted in the audit trail; a run that deletes nothing
 /// records one row with no targets.
+#[tracing::instrument(name = "cleanup.run", skip_all, fields(otel.kind = "internal"))]
 pub async fn run(
     conn: &mut Conn,
     call: &Call,
     cutoff: DateTime<Utc>,
     batch: i64,
 ) -> Result<Report> {
+    let started = std::time::Instant::now();
     let mut totals = [0i64; 8];
     let mut batches = 0;
     loop {
@@ -152,8 +154,10 @@ pub async fn run(
         tx.commit().await.map_err(Error::from)?;
         batches += 1;
     }
-    Ok(Report {
+    let report = Report {
         deleted: CLEANED.iter().copied().zip(totals).collect(),
         batches,
-    })
+    };
+    crate::observability::cleanup_finished(&report.deleted, started.elapsed());
+    Ok(report)
 }

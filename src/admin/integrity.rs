@@ -149,6 +149,7 @@ const CHECKS: &[Check] = &[
 
 /// Runs every check; with `repair`, fixes what can be fixed (the caller
 /// owns the transaction, so all repairs commit or none).
+#[tracing::instrument(name = "integrity.check", skip_all, fields(otel.kind = "internal"))]
 pub async fn check(
     c: &impl GenericClient,
     stuck_after: Duration,
@@ -159,6 +160,7 @@ pub async fn check(
     for check in CHECKS {
         let rows = Stmt::query(&check.find, c, &[&threshold]).await?;
         let Some(first) = rows.first() else {
+            crate::observability::integrity_findings(check.name, 0);
             continue;
         };
         let count: i64 = first.try_get(0)?;
@@ -170,6 +172,7 @@ pub async fn check(
             (Some(stmt), true) => Stmt::execute(stmt, c, &[&threshold]).await? as i64,
             _ => 0,
         };
+        crate::observability::integrity_findings(check.name, count);
         findings.push(Finding {
             check: check.name,
             description: check.description,

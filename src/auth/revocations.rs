@@ -17,6 +17,7 @@ use futures::StreamExt;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
+use tracing::Instrument as _;
 
 /// The channel the `api_keys` trigger notifies, with the key's id.
 pub const CHANNEL: &str = "verdict_keys_changed";
@@ -25,6 +26,12 @@ const LISTEN: &str = "LISTEN verdict_keys_changed";
 /// How often keys with open streams are re-read while notifications may
 /// be missed.
 const RECHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// The root span of one re-check of cached keys: its statements belong to
+/// a trace that says what they were for.
+fn recheck_span() -> tracing::Span {
+    tracing::info_span!(parent: None, "keys.recheck", otel.kind = "internal")
+}
 
 /// Runs for as long as the gateway does (start it once migrations are done).
 pub async fn listen(cache: KeyCache, config: PgConfig) {
@@ -35,7 +42,7 @@ pub async fn listen(cache: KeyCache, config: PgConfig) {
             tick.tick().await;
             let due = cache.take_recheck_due();
             if (due || !cache.is_listening())
-                && let Err(e) = cache.recheck(None).await
+                && let Err(e) = cache.recheck(None).instrument(recheck_span()).await
             {
                 tracing::warn!(error = %e, "cannot re-check API keys with open streams");
                 cache.mark_recheck_due();
@@ -89,7 +96,7 @@ async fn listen_once(cache: &KeyCache, config: &PgConfig) -> Result<(), tokio_po
     cache.flush();
     cache.set_listening(true);
     tracing::debug!("listening for API key changes");
-    if let Err(e) = cache.recheck(None).await {
+    if let Err(e) = cache.recheck(None).instrument(recheck_span()).await {
         tracing::warn!(error = %e, "cannot re-check API keys with open streams");
         cache.mark_recheck_due();
     }
@@ -100,7 +107,11 @@ async fn listen_once(cache: &KeyCache, config: &PgConfig) -> Result<(), tokio_po
         if cache.changed(id) {
             let cache = cache.clone();
             tokio::spawn(async move {
-                if let Err(e) = cache.recheck(Some(vec![id])).await {
+                if let Err(e) = cache
+                    .recheck(Some(vec![id]))
+                    .instrument(recheck_span())
+                    .await
+                {
                     tracing::warn!(key_id = %id, error = %e, "cannot re-read a changed API key");
                     cache.mark_recheck_due();
                 }

@@ -309,7 +309,13 @@ impl Db {
                 "too many calls are waiting for a database connection; retry later".into(),
             ));
         }
-        let object = self.pool.get().instrument(span).await?;
+        let waiting = std::time::Instant::now();
+        let got = self.pool.get().instrument(span).await;
+        crate::observability::pool_wait(
+            waiting.elapsed(),
+            matches!(got, Err(PoolError::Timeout(_))),
+        );
+        let object = got?;
         Ok(Conn {
             object: Some(object),
             lowered_timeout: timeout,

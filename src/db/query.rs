@@ -5,6 +5,7 @@
 use crate::error::Result;
 use deadpool_postgres::GenericClient;
 use std::future::Future;
+use std::time::Instant;
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 use tracing::{Instrument, Span, field::Empty};
@@ -14,11 +15,36 @@ use tracing::{Instrument, Span, field::Empty};
 pub struct Stmt {
     /// `db.operation.name`, e.g. `SELECT`.
     pub op: &'static str,
-    /// `db.collection.name`: the main table.
+    /// The main table (`db.collection.name` when it is one of
+    /// [`COLLECTIONS`]), or what the statement works on.
     pub table: &'static str,
     /// The SQL text, with `$n` placeholders.
     pub sql: &'static str,
 }
+
+/// The tables of the schema (`migrations/`): the statement names that are
+/// collections. Anything else a [`Stmt`] names (a function, a lock) is not.
+const COLLECTIONS: &[&str] = &[
+    "api_keys",
+    "audit_events",
+    "coverage_files",
+    "coverage_reports",
+    "discrepancies",
+    "discrepancy_resolutions",
+    "fingerprint_rules",
+    "gateway_secrets",
+    "ingest_batches",
+    "ingest_marks",
+    "metric_points",
+    "metric_rollups",
+    "results",
+    "rollup_watermarks",
+    "session_logs",
+    "sessions",
+    "test_cases",
+    "test_executions",
+    "pg_stat_user_tables",
+];
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
@@ -27,22 +53,53 @@ impl Stmt {
         Stmt { op, table, sql }
     }
 
+    /// `db.collection.name`: the table, when it is one (functions such as
+    /// `advisory_lock` or `generate_series` are not collections).
+    pub fn collection(&self) -> Option<&'static str> {
+        COLLECTIONS.contains(&self.table).then_some(self.table)
+    }
+
     /// The span of one execution of this statement; `COPY` code that drives
-    /// the protocol itself instruments its work with it.
+    /// the protocol itself instruments its work with it. Attributes follow
+    /// the database client conventions (semconv 1.33+, stable).
     fn span(&self) -> Span {
-        tracing::info_span!(
+        let span = tracing::info_span!(
             "db.statement",
             otel.name = %format_args!("{} {}", self.op, self.table),
             otel.kind = "client",
             otel.status_code = Empty,
             db.system.name = "postgresql",
+            db.namespace = Empty,
+            server.address = Empty,
+            server.port = Empty,
             db.operation.name = self.op,
-            db.collection.name = self.table,
+            db.collection.name = self.collection(),
+            db.query.summary = %format_args!("{} {}", self.op, self.table),
             db.query.text = self.sql,
             db.response.returned_rows = Empty,
             db.response.affected_rows = Empty,
             db.response.status_code = Empty,
-        )
+            error.type = Empty,
+        );
+        if let Some(target) = crate::observability::database()
+            && !span.is_disabled()
+        {
+            span.record("db.namespace", target.namespace.as_str());
+            span.record("server.address", target.address.as_str());
+            span.record("server.port", target.port);
+        }
+        span
+    }
+
+    /// Records the statement's duration and outcome in the metrics.
+    fn measure(&self, started: Instant, error: Option<&tokio_postgres::Error>) {
+        let error = error.map(|e| e.code().map_or("_OTHER", |c| c.code()));
+        crate::observability::statement_finished(
+            self.op,
+            self.collection(),
+            error,
+            started.elapsed(),
+        );
     }
 
     /// Runs `copy` — code driving this `COPY` statement's protocol itself —
@@ -52,7 +109,10 @@ impl Stmt {
         copy: impl Future<Output = Result<u64, tokio_postgres::Error>>,
     ) -> Result<u64> {
         let span = self.span();
-        match copy.instrument(span.clone()).await {
+        let started = Instant::now();
+        let copied = copy.instrument(span.clone()).await;
+        self.measure(started, copied.as_ref().err());
+        match copied {
             Ok(n) => {
                 Self::record_copied(&span, n);
                 Ok(n)
@@ -69,11 +129,18 @@ impl Stmt {
         span.record("db.response.affected_rows", rows as i64);
     }
 
-    /// Marks a span failed with the statement's SQLSTATE.
+    /// Marks a span failed with the statement's SQLSTATE (`error.type` is
+    /// the SQLSTATE too, or `_OTHER` for a failure without one).
     fn fail(span: &Span, e: &tokio_postgres::Error) {
         span.record("otel.status_code", "ERROR");
-        if let Some(code) = e.code() {
-            span.record("db.response.status_code", code.code());
+        match e.code() {
+            Some(code) => {
+                span.record("db.response.status_code", code.code());
+                span.record("error.type", code.code());
+            }
+            None => {
+                span.record("error.type", "_OTHER");
+            }
         }
     }
 
@@ -81,11 +148,14 @@ impl Stmt {
     pub async fn query(&self, c: &impl GenericClient, params: Params<'_>) -> Result<Vec<Row>> {
         let span = self.span();
         async {
+            let started = Instant::now();
             let run = async {
                 let stmt = c.prepare_cached(self.sql).await?;
                 c.query(&stmt, params).await
             };
-            match run.await {
+            let ran = run.await;
+            self.measure(started, ran.as_ref().err());
+            match ran {
                 Ok(rows) => {
                     Span::current().record("db.response.returned_rows", rows.len() as i64);
                     Ok(rows)
@@ -129,11 +199,14 @@ impl Stmt {
     pub async fn execute(&self, c: &impl GenericClient, params: Params<'_>) -> Result<u64> {
         let span = self.span();
         async {
+            let started = Instant::now();
             let run = async {
                 let stmt = c.prepare_cached(self.sql).await?;
                 c.execute(&stmt, params).await
             };
-            match run.await {
+            let ran = run.await;
+            self.measure(started, ran.as_ref().err());
+            match ran {
                 Ok(n) => {
                     Span::current().record("db.response.affected_rows", n as i64);
                     Ok(n)

@@ -10,6 +10,7 @@ use chrono::{DateTime, Duration as Span, Utc};
 use deadpool_postgres::GenericClient;
 use std::collections::BTreeSet;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 /// Advisory lock key of rollup computation ("verdict" + 2).
 const ROLLUP_LOCK: i64 = 0x7665_7264_6963_7402;
@@ -215,6 +216,22 @@ pub async fn run_periodically(db: Db, interval: Duration) {
         if !db.is_ready() {
             continue;
         }
+        // Every statement of a run belongs to the run's own trace.
+        let run = tracing::info_span!(
+            parent: None,
+            "rollup.run",
+            otel.kind = "internal",
+            otel.status_code = tracing::field::Empty
+        );
+        run_once(&db).instrument(run).await;
+    }
+}
+
+/// One periodic run: every period kind, each in its own transaction.
+async fn run_once(db: &Db) {
+    let started = std::time::Instant::now();
+    let mut outcome = "ok";
+    {
         let now = Utc::now();
         for period in RollupPeriod::ALL {
             let done = async {
@@ -241,9 +258,17 @@ pub async fn run_periodically(db: Db, interval: Duration) {
                         "rollups computed"
                     )
                 }
-                Ok(None) => tracing::debug!("another replica is computing rollups"),
-                Err(e) => tracing::warn!(error = %e, "periodic rollup computation failed"),
+                Ok(None) => {
+                    outcome = "skipped";
+                    tracing::debug!("another replica is computing rollups")
+                }
+                Err(e) => {
+                    outcome = "error";
+                    tracing::Span::current().record("otel.status_code", "ERROR");
+                    tracing::warn!(error = %e, "periodic rollup computation failed")
+                }
             }
         }
     }
+    crate::observability::job_run("rollup", outcome, started.elapsed());
 }

@@ -44,6 +44,7 @@ impl Health {
         loop {
             let reachable = db.is_ready() && ping(&mut client, &config, timeout).await;
             let ok = reachable && db.can_connect(timeout).await;
+            crate::observability::database_reachable(reachable, ok);
             if last != Some(ok) {
                 if ok {
                     tracing::info!("PostgreSQL reachable: SERVING");

@@ -77,30 +77,43 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
 
         let path = req.uri().path().trim_start_matches('/');
-        let (service, method) = path.split_once('/').unwrap_or((path, ""));
+        let (service, _) = path.split_once('/').unwrap_or((path, ""));
         if is_infrastructure(service) {
             return Box::pin(inner.call(req));
         }
         let label = method_label(path);
-        let (service, method) = if label == OTHER_METHOD {
-            (OTHER_METHOD, OTHER_METHOD)
+        let service = if label == OTHER_METHOD {
+            OTHER_METHOD
         } else {
-            (service, method)
+            service
         };
         let name = CallName {
             label,
             path: (label == OTHER_METHOD).then(|| cut(path, MAX_LOGGED_PATH).to_owned()),
         };
+        // The RPC conventions (semconv 1.38+): `rpc.system.name`, the
+        // fully-qualified `rpc.method`, `rpc.response.status_code` as a name
+        // and `error.type` on failures. OTEL_SEMCONV_STABILITY_OPT_IN=rpc/dup
+        // adds the older `rpc.system`, `rpc.service` and
+        // `rpc.grpc.status_code` (not the old bare `rpc.method`: one key
+        // cannot hold both forms).
         let span = tracing::info_span!(
             "rpc",
             otel.name = label,
             otel.kind = "server",
             otel.status_code = Empty,
-            rpc.system = "grpc",
-            rpc.service = service,
-            rpc.method = method,
+            rpc.system.name = "grpc",
+            rpc.method = label,
+            rpc.response.status_code = Empty,
+            error.type = Empty,
+            rpc.system = Empty,
+            rpc.service = Empty,
             rpc.grpc.status_code = Empty,
         );
+        if old_conventions() {
+            span.record("rpc.system", "grpc");
+            span.record("rpc.service", service);
+        }
         let parent = opentelemetry::global::get_text_map_propagator(|p| {
             p.extract(&HeaderExtractor(req.headers()))
         });
@@ -149,6 +162,16 @@ where
             }))
         })
     }
+}
+
+/// Whether `OTEL_SEMCONV_STABILITY_OPT_IN` asks for the pre-1.38 RPC
+/// attributes alongside the current ones (`rpc/dup`).
+fn old_conventions() -> bool {
+    static DUP: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+        std::env::var("OTEL_SEMCONV_STABILITY_OPT_IN")
+            .is_ok_and(|v| v.split(',').any(|c| c.trim() == "rpc/dup"))
+    });
+    *DUP
 }
 
 fn grpc_status(headers: &http::HeaderMap) -> Option<i32> {
@@ -237,8 +260,12 @@ static FAILED_LINES: LogBudget = LogBudget::new(50, 20);
 /// all but successes within a [`LogBudget`].
 fn finish(span: &Span, name: &CallName, code: i32, started: Instant) {
     crate::observability::rpc_finished(name.label, code, started.elapsed());
+    let code_name = crate::observability::grpc_code_name(code);
+    span.record("rpc.response.status_code", code_name);
+    if old_conventions() {
+        span.record("rpc.grpc.status_code", code);
+    }
     let code = tonic::Code::from_i32(code);
-    span.record("rpc.grpc.status_code", code as i32);
     use tonic::Code::*;
     let server_fault = matches!(
         code,
@@ -246,6 +273,7 @@ fn finish(span: &Span, name: &CallName, code: i32, started: Instant) {
     );
     if server_fault {
         span.record("otel.status_code", "ERROR");
+        span.record("error.type", code_name);
     }
     let ms = started.elapsed().as_secs_f64() * 1000.0;
     let _entered = span.enter();

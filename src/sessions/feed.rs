@@ -24,6 +24,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{Notify, broadcast, watch};
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 /// Log entries read per catch-up query.
@@ -334,7 +335,15 @@ impl Watches {
                 if self.retire(id, &feed) {
                     return;
                 }
-                match self.catch_up(id, &feed).await {
+                // A feed serves many watchers: its reads are traces of their
+                // own, not part of whichever call started the feed.
+                let read = tracing::info_span!(
+                    parent: None,
+                    "watch.feed.read",
+                    otel.kind = "internal",
+                    session_id = %id
+                );
+                match self.catch_up(id, &feed).instrument(read).await {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::warn!(session = %id, error = %e, retry_in_ms = delay.as_millis() as u64,

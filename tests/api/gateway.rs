@@ -427,14 +427,19 @@ async fn the_prometheus_endpoint_reports_rpcs_pool_and_ingest() {
     assert!(body.starts_with("HTTP/1.1 200 OK"), "{body}");
     assert!(
         body.contains(
-            "verdict_rpc_server_duration_seconds_count{method=\"verdict.v1.SessionService/CreateSession\",code=\"0\"}"
+            "rpc_server_call_duration_seconds_count{rpc_system_name=\"grpc\",rpc_method=\"verdict.v1.SessionService/CreateSession\",rpc_response_status_code=\"OK\"}"
         ),
         "{body}"
     );
     assert!(
-        body.contains("method=\"verdict.v1.SessionService/GetSession\",code=\"5\""),
+        body.contains(
+            "rpc_method=\"verdict.v1.SessionService/GetSession\",rpc_response_status_code=\"NOT_FOUND\""
+        ),
         "NOT_FOUND counted under its code"
     );
-    assert!(body.contains("verdict_db_pool_max_size 8"), "{body}");
+    assert!(
+        body.contains("db_client_connection_max{db_client_connection_pool_name=\"verdict\"} 8"),
+        "{body}"
+    );
     assert!(body.contains("# TYPE verdict_db_statement_timeouts_total counter"));
 }

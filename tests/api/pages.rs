@@ -897,3 +897,76 @@ async fn every_refused_page_token_has_reason_invalid_page_token() {
         .await
         .expect("the token continues its own list");
 }
+
+#[tokio::test]
+async fn list_sessions_with_large_json_pages_by_bytes_and_fetches_about_one_reply() {
+    use crate::sessions::new_session;
+    use verdict::proto::ListSessionsRequest;
+    let app = spawn_app().await;
+    // 40 sessions with three ~60 KB JSON fields each: about 7 MB in all.
+    for i in 0..40 {
+        let mut req = new_session(&format!("large-session-{i}"));
+        req.config = Some(small_struct("c", &"c".repeat(60_000)));
+        req.input_refs = Some(small_struct("i", &"i".repeat(60_000)));
+        req.metadata = Some(small_struct("m", &"m".repeat(60_000)));
+        app.sessions
+            .clone()
+            .create_session(req)
+            .await
+            .expect("create a large session");
+    }
+    let request = |token: String| ListSessionsRequest {
+        page_size: 1000,
+        page_token: token,
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = app
+            .sessions
+            .clone()
+            .list_sessions(request(token))
+            .await
+            .expect("a page")
+            .into_inner();
+        pages += 1;
+        assert!(page.encoded_len() <= LIMIT);
+        assert!(page.sessions.iter().all(|s| s.metadata.is_some()));
+        ids.extend(page.sessions.into_iter().map(|s| s.id));
+        token = page.next_page_token;
+        if token.is_empty() || pages > 40 {
+            break;
+        }
+    }
+    assert!(pages >= 2, "7 MB take at least two pages");
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (40, 40), "every session once");
+
+    // The statement itself stops at about one reply of rows.
+    let query = verdict::sessions::ListSessions::try_from(request(String::new())).unwrap();
+    let mut conn = app.db.conn(&Call::default()).await.unwrap();
+    let fetched = verdict::sessions::sql::list(conn.client().await.unwrap(), &query, LIMIT as i64)
+        .await
+        .unwrap();
+    assert!(fetched.cut, "the query left rows out");
+    assert!(
+        fetched.rows.len() <= 25,
+        "{} rows of ~180 KB fetched for a 4 MiB reply",
+        fetched.rows.len()
+    );
+    // A page that fits whole is not cut.
+    let fetched = verdict::sessions::sql::list(
+        conn.client().await.unwrap(),
+        &verdict::sessions::ListSessions::try_from(ListSessionsRequest {
+            page_size: 3,
+            ..Default::default()
+        })
+        .unwrap(),
+        LIMIT as i64,
+    )
+    .await
+    .unwrap();
+    assert_eq!((fetched.rows.len(), fetched.cut), (4, false));
+}

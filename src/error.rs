@@ -214,6 +214,11 @@ pub const ERROR_DOMAIN: &str = "verdict.v1";
 pub enum Error {
     #[error("invalid argument: {0:?}")]
     InvalidArgument(Vec<FieldViolation>),
+    /// A list refusing the page token it was given (malformed, forged,
+    /// altered, or issued for another list, filter or view): INVALID_ARGUMENT
+    /// with reason INVALID_PAGE_TOKEN and the one field violation.
+    #[error("invalid page token: {0:?}")]
+    InvalidPageToken(FieldViolation),
     #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
@@ -239,6 +244,10 @@ pub enum Error {
     Internal(String),
     #[error("{0}")]
     Unauthenticated(String),
+    /// The caller's API key was revoked while its call was running:
+    /// UNAUTHENTICATED with reason KEY_REVOKED.
+    #[error("the API key was revoked")]
+    KeyRevoked,
     #[error("{0}")]
     PermissionDenied(String),
 }
@@ -254,13 +263,8 @@ impl Error {
     /// The machine-readable cause sent with the status.
     pub fn reason(&self) -> Reason {
         match self {
-            // A list refusing the page token it was given, and nothing else.
-            Error::InvalidArgument(v)
-                if !v.is_empty() && v.iter().all(|f| f.field == "page_token") =>
-            {
-                Reason::InvalidPageToken
-            }
             Error::InvalidArgument(_) => Reason::InvalidField,
+            Error::InvalidPageToken(_) => Reason::InvalidPageToken,
             Error::NotFound(_) => Reason::NotFound,
             Error::AlreadyExists(_) => Reason::AlreadyExists,
             Error::FailedPrecondition(r, _)
@@ -272,6 +276,7 @@ impl Error {
             Error::MalformedMessage(_) => Reason::MalformedMessage,
             Error::Internal(_) => Reason::Internal,
             Error::Unauthenticated(_) => Reason::Unauthenticated,
+            Error::KeyRevoked => Reason::KeyRevoked,
             Error::PermissionDenied(_) => Reason::MissingScope,
         }
     }
@@ -309,6 +314,12 @@ impl From<Error> for Status {
         let reason = error.reason();
         let mut details = error_info(reason);
         let (code, message) = match error {
+            Error::InvalidPageToken(violation) => {
+                let field = clip(&violation.field, MAX_FIELD_CHARS);
+                let description = clip(&violation.description, MAX_DESCRIPTION_CHARS);
+                details.add_bad_request_violation(field.clone(), description.clone());
+                (Code::InvalidArgument, format!("{field}: {description}"))
+            }
             Error::InvalidArgument(violations) => {
                 let shown: Vec<(String, String)> = violations
                     .iter()
@@ -368,6 +379,7 @@ impl From<Error> for Status {
                 )
             }
             Error::Unauthenticated(msg) => (Code::Unauthenticated, msg),
+            Error::KeyRevoked => (Code::Unauthenticated, "the API key was revoked".to_owned()),
             Error::PermissionDenied(msg) => (Code::PermissionDenied, msg),
         };
         Status::with_error_details(code, message, details)

@@ -115,6 +115,12 @@ pub fn encode<K: Serialize>(fingerprint: &str, key: &K) -> String {
     )
 }
 
+/// A refused page token: INVALID_ARGUMENT, reason INVALID_PAGE_TOKEN, with
+/// a violation of `field`.
+fn token_error(field: &str, description: &str) -> Error {
+    Error::InvalidPageToken(crate::error::FieldViolation::new(field, description))
+}
+
 /// The sort key a token resumes after; `None` for an empty token (first page).
 pub fn decode<K: DeserializeOwned>(
     field: &str,
@@ -124,7 +130,7 @@ pub fn decode<K: DeserializeOwned>(
     if token.is_empty() {
         return Ok(None);
     }
-    let malformed = || Error::invalid(field, "is not a page token issued by this list");
+    let malformed = || token_error(field, "is not a page token issued by this list");
     if token.len() > MAX_TOKEN_LEN {
         return Err(malformed());
     }
@@ -149,9 +155,9 @@ pub fn decode<K: DeserializeOwned>(
         return Err(malformed());
     }
     if parsed.f != fingerprint {
-        return Err(Error::invalid(
+        return Err(token_error(
             field,
-            "was issued for a different filter; repeat the filters of the call that returned it, or start again without a token",
+            "was issued for a different list, filter or view; repeat the list, filters and view of the call that returned it, or start again without a token",
         ));
     }
     Ok(Some(parsed.k))
@@ -166,7 +172,7 @@ pub fn time_key(
         Some((micros, id)) => Ok((
             Some(
                 chrono::DateTime::from_timestamp_micros(micros).ok_or_else(|| {
-                    Error::invalid("page_token", "is not a page token issued by this list")
+                    token_error("page_token", "is not a page token issued by this list")
                 })?,
             ),
             Some(id),
@@ -338,7 +344,7 @@ mod tests {
         with_signer_sync(signer("s"), || {
             let t = encode(&fingerprint("sessions", &"a"), &1_i64);
             let err = decode::<i64>("page_token", &t, &fingerprint("sessions", &"b")).unwrap_err();
-            assert!(matches!(err, Error::InvalidArgument(_)));
+            assert!(matches!(err, Error::InvalidPageToken(_)));
         });
     }
 
@@ -369,7 +375,7 @@ mod tests {
                 payload.to_string(),
             ] {
                 let err = decode::<(i64, String)>("page_token", &bad, &f).unwrap_err();
-                assert!(matches!(err, Error::InvalidArgument(_)), "{bad}");
+                assert!(matches!(err, Error::InvalidPageToken(_)), "{bad}");
             }
         });
         // A gateway with another secret refuses it.

@@ -808,3 +808,170 @@ async fn no_log_level_prints_statement_parameters_or_database_passwords() {
         );
     }
 }
+
+/// `{"l": [empty; n]}`: about 2 bytes per value on the wire.
+fn empty_list_values(n: usize) -> prost_types::Struct {
+    use prost_types::value::Kind;
+    prost_types::Struct {
+        fields: [(
+            "l".to_string(),
+            prost_types::Value {
+                kind: Some(Kind::ListValue(prost_types::ListValue {
+                    values: vec![prost_types::Value::default(); n],
+                })),
+            },
+        )]
+        .into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn millions_of_nested_empty_values_are_refused_without_being_decoded() {
+    use prost::Message;
+    use verdict::proto::test_case_service_client::TestCaseServiceClient;
+    use verdict::proto::{
+        CreateTestCaseRequest, ExecutionInput, ExecutionStatus, RecordExecutionsRequest,
+        execution_input,
+    };
+    let _serial = SERIAL.lock().await;
+    let (_, url) = create_database().await;
+    let token = create_token(&url);
+    let gateway = Gateway::start(&url, &[]).await;
+    let channel = gateway.channel().await;
+    // A session config of 1.9 million empty list values (3.8 MB), and an
+    // execution whose interaction log holds 1.9 million empty steps.
+    let session = CreateSessionRequest {
+        request_id: "nested".into(),
+        source_technology: "cobol".into(),
+        target_technology: "java".into(),
+        validation_scope: "full".into(),
+        config: Some(empty_list_values(1_900_000)),
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let executions = RecordExecutionsRequest {
+        batch_id: "nested".into(),
+        items: vec![ExecutionInput {
+            interaction_log: vec![prost_types::Struct::default(); 1_900_000],
+            ..Default::default()
+        }],
+    }
+    .encode_to_vec();
+    for (path, message, field) in [
+        (
+            "/verdict.v1.SessionService/CreateSession",
+            session,
+            "config",
+        ),
+        (
+            "/verdict.v1.TestCaseService/RecordExecutions",
+            executions,
+            "items",
+        ),
+    ] {
+        let size_kb = message.len() as u64 / 1024;
+        assert!(message.len() < 4 * 1024 * 1024, "{path}: under the limit");
+        let hwm = gateway.status_kb("VmHWM:");
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary(
+                authed(message, &token),
+                PathAndQuery::from_static(path),
+                RawCodec,
+            )
+            .await
+            .unwrap_err();
+        let hwm_after = gateway.status_kb("VmHWM:");
+        eprintln!("{path}: {size_kb} kB of nested empty values, peak RSS {hwm} -> {hwm_after} kB");
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert_eq!(violated_fields(&status), [field], "{status:?}");
+        assert!(
+            hwm_after < hwm + 5 * size_kb,
+            "{path}: peak RSS rose from {hwm} to {hwm_after} kB for a {size_kb} kB request"
+        );
+    }
+
+    // Large but legitimate requests still pass: 1,000 executions with a
+    // 80-step log each (3.6 MB), and a session whose
+    // three JSON fields hold 5,000 numbers each.
+    let mut test_cases = TestCaseServiceClient::new(channel.clone());
+    test_cases
+        .create_test_case(authed(
+            CreateTestCaseRequest {
+                key: "legit".into(),
+                name: "legit".into(),
+                test_type: 1,
+                target_subsystem: "io".into(),
+                ..Default::default()
+            },
+            &token,
+        ))
+        .await
+        .expect("create the test case");
+    let text = |t: String| prost_types::Value {
+        kind: Some(prost_types::value::Kind::StringValue(t)),
+    };
+    let items: Vec<ExecutionInput> = (0..1_000)
+        .map(|i| ExecutionInput {
+            test_case: Some(execution_input::TestCase::TestCaseKey("legit".into())),
+            status: ExecutionStatus::Passed as i32,
+            started_at: Some(prost_types::Timestamp {
+                seconds: 1_700_000_000 + i,
+                nanos: 0,
+            }),
+            duration_ms: 5,
+            interaction_log: (0..80)
+                .map(|s| prost_types::Struct {
+                    fields: [
+                        ("action".to_string(), text("click".into())),
+                        ("target".to_string(), text(format!("#button-{s}"))),
+                    ]
+                    .into(),
+                })
+                .collect(),
+            ..Default::default()
+        })
+        .collect();
+    let request = RecordExecutionsRequest {
+        batch_id: "legit".into(),
+        items,
+    };
+    eprintln!("legit RecordExecutions: {} bytes", request.encoded_len());
+    let recorded = test_cases
+        .record_executions(authed(request, &token))
+        .await
+        .expect("a large legitimate batch is accepted")
+        .into_inner();
+    assert_eq!(recorded.ids.len(), 1_000);
+    let numbers = || {
+        let mut s = empty_list_values(0);
+        if let Some(prost_types::Value {
+            kind: Some(prost_types::value::Kind::ListValue(l)),
+        }) = s.fields.get_mut("l")
+        {
+            l.values = vec![
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::NumberValue(0.25)),
+                };
+                5_000
+            ];
+        }
+        Some(s)
+    };
+    SessionServiceClient::new(channel)
+        .create_session(authed(
+            CreateSessionRequest {
+                request_id: "legit".into(),
+                source_technology: "cobol".into(),
+                target_technology: "java".into(),
+                validation_scope: "full".into(),
+                config: numbers(),
+                input_refs: numbers(),
+                metadata: numbers(),
+            },
+            &token,
+        ))
+        .await
+        .expect("a session with large JSON fields is accepted");
+}

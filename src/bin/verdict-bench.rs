@@ -450,6 +450,8 @@ async fn main() -> anyhow::Result<()> {
                                 &none_time,
                                 &none_id,
                                 &51i64,
+                                // The reply limit: the FULL view's byte cut.
+                                &(4i64 * 1024 * 1024),
                             ],
                         )
                         .await

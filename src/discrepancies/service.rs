@@ -114,6 +114,7 @@ impl DiscrepancyService for DiscrepancyApi {
         &self,
         request: Request<Streaming<proto::IngestDiscrepanciesRequest>>,
     ) -> RpcResult<proto::IngestDiscrepanciesResponse> {
+        let revocation = ingest::revocation_of(&request);
         let (call, stream) = rpc::split(request);
         let ((ingest_id, session_id), messages) = ingest::open(
             stream,
@@ -147,6 +148,7 @@ impl DiscrepancyService for DiscrepancyApi {
                 kind: INGEST_KIND,
                 ingest_id,
                 scope: session_id.to_string(),
+                revocation,
             },
             Arc::new(DiscrepancySink {
                 session_id,

@@ -7,6 +7,7 @@ mod reset;
 pub use reset::ResetLayer;
 
 use crate::audit;
+use crate::auth::Revocation;
 use crate::call::Call;
 use crate::db::{Db, Stmt};
 use crate::error::{Error, FieldViolation, Reason, Result};
@@ -109,6 +110,16 @@ pub async fn claim_batch(
         })
 }
 
+/// The revocation signal of a request's API key (one that never fires
+/// when authentication is off).
+pub fn revocation_of<T>(request: &tonic::Request<T>) -> Revocation {
+    request
+        .extensions()
+        .get::<Revocation>()
+        .cloned()
+        .unwrap_or_else(Revocation::never)
+}
+
 /// Bounds of every client-stream ingest, from the config.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -158,6 +169,10 @@ pub struct IngestKey {
     /// What the ingest writes into (e.g. a session id); a reused ingest_id
     /// must name the same scope.
     pub scope: String,
+    /// The revocation signal of the caller's key ([`revocation_of`] the
+    /// request): checked before each commit, so nothing is committed under
+    /// a key revoked meanwhile.
+    pub revocation: Revocation,
 }
 
 /// The committed state of one ingest, as GetIngestStatus reports it.
@@ -350,13 +365,21 @@ where
         let Some(chunk) = next else { break };
         let chunk = chunk?;
         if chunk.sequence <= last_sequence {
-            return Err(Error::invalid(
-                "sequence",
+            let description = if chunk.sequence < 1 {
                 format!(
-                    "must increase along the stream: {} follows {last_sequence}",
+                    "is {}; chunk sequences start at 1 and strictly increase along the stream \
+                     (1, 2, 3, …)",
                     chunk.sequence
-                ),
-            ));
+                )
+            } else {
+                format!(
+                    "is {} after {last_sequence}; chunk sequences strictly increase along the \
+                     stream (the next one must be {} or more)",
+                    chunk.sequence,
+                    last_sequence + 1
+                )
+            };
+            return Err(Error::invalid("sequence", description));
         }
         last_sequence = chunk.sequence;
         if chunk.sequence <= mark {
@@ -469,6 +492,12 @@ async fn write_batches<S: Sink>(
                 audit::Outcome::Replayed
             };
             audit::record(&tx, call, std::slice::from_ref(&key.scope), what).await?;
+        }
+        // A key revoked while this batch was on its way (read before the
+        // revocation, written after it) commits nothing more: the
+        // transaction rolls back when dropped.
+        if key.revocation.is_revoked() {
+            return Err(Error::KeyRevoked);
         }
         tx.commit().await.map_err(Error::from)?;
         crate::observability::ingest_rows(key.kind, written);

@@ -1,11 +1,22 @@
-//! Refuses over-long batches before they are decoded. Decoding materialises
-//! every item of a repeated field: 4 MB of empty items (two bytes each on the
-//! wire) becomes two million structs, hundreds of MB, before validation can
-//! count them. This layer walks the top level of each request message of the
-//! batch RPCs on the wire (tags and lengths only, no allocation per field),
-//! counts the items of the batch field, and answers INVALID_ARGUMENT with a
-//! field violation when there are more than the RPC's item cap, so the
-//! message is never decoded.
+//! Refuses requests whose decoding would amplify memory, before they are
+//! decoded. Decoding materialises every element of a repeated field: 4 MB
+//! of empty items (two bytes each on the wire) becomes two million structs,
+//! hundreds of MB, before validation can count them; the same holds for the
+//! values of a `google.protobuf.Struct` or `ListValue` at any depth (a
+//! session config holding two million empty list values).
+//!
+//! This layer walks each request message on the wire (tags and lengths
+//! only, no allocation per field) before tonic decodes it:
+//! - for the batch RPCs, it counts the items of the batch field at the top
+//!   level and refuses more than the RPC's item cap;
+//! - for every RPC, it counts the elements decoding would allocate at any
+//!   depth (each occurrence of a repeated or map field; each element of a
+//!   packed list) using the message types of the descriptor set, and
+//!   refuses more than [`ELEMENT_BASE`] plus one per [`BYTES_PER_ELEMENT`]
+//!   bytes of the message.
+//!
+//! Either refusal is INVALID_ARGUMENT with a field violation naming the
+//! top-level field, so the message is never decoded.
 
 use crate::error::Error;
 use bytes::{Buf, Bytes, BytesMut};
@@ -59,7 +70,19 @@ const BATCHES: [(&str, &str, &str, usize); 6] = [
     ),
 ];
 
-/// What to count in the messages of one RPC.
+/// Repeated elements any request may hold, whatever its size.
+pub const ELEMENT_BASE: usize = 65_536;
+/// Beyond [`ELEMENT_BASE`], one repeated element per this many bytes of the
+/// message. Legitimate data spends more: a list value with a number takes
+/// 11 bytes, a Struct entry with a one-letter key and a number 16, an item
+/// of a batch dozens; only lists of empty, null or boolean values come
+/// below. A decoded element costs up to about 64 bytes, so decoding stays
+/// within about 8 times the message, plus the base.
+pub const BYTES_PER_ELEMENT: usize = 8;
+/// Nesting beyond this is not walked (prost refuses it at 100 anyway).
+const MAX_DEPTH: u32 = 100;
+
+/// What to count in the messages of one batch RPC.
 #[derive(Clone, Copy)]
 struct Batch {
     field_name: &'static str,
@@ -109,6 +132,188 @@ static BATCH_OF: LazyLock<HashMap<String, Batch>> = LazyLock::new(|| {
         .collect()
 });
 
+/// One field of a message type, as the wire walk needs it.
+struct FieldShape {
+    name: String,
+    repeated: bool,
+    /// Fewest bytes one element of a packed scalar list takes (1 for
+    /// varints, 4 or 8 for fixed); 0 for strings, bytes and messages.
+    packed_min: usize,
+    /// The message type of a message (or map) field, e.g.
+    /// `.google.protobuf.Value`.
+    message: Option<String>,
+}
+
+/// Every message type of the descriptor set (nested and imported ones
+/// included) by full name, and the input type of every RPC by path.
+struct Registry {
+    messages: HashMap<String, HashMap<u64, FieldShape>>,
+    inputs: HashMap<String, String>,
+}
+
+static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
+    use prost_types::field_descriptor_proto::{Label, Type};
+    let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+        .expect("the embedded descriptor set decodes");
+    let mut registry = Registry {
+        messages: HashMap::new(),
+        inputs: HashMap::new(),
+    };
+    fn add(registry: &mut Registry, scope: &str, message: &prost_types::DescriptorProto) {
+        let name = format!("{scope}.{}", message.name());
+        let fields = message
+            .field
+            .iter()
+            .map(|f| {
+                let packed_min = match f.r#type() {
+                    Type::Fixed64 | Type::Sfixed64 | Type::Double => 8,
+                    Type::Fixed32 | Type::Sfixed32 | Type::Float => 4,
+                    Type::String | Type::Bytes | Type::Message | Type::Group => 0,
+                    _ => 1,
+                };
+                let shape = FieldShape {
+                    name: f.name().to_owned(),
+                    repeated: f.label() == Label::Repeated,
+                    packed_min,
+                    message: (f.r#type() == Type::Message).then(|| f.type_name().to_owned()),
+                };
+                (f.number() as u64, shape)
+            })
+            .collect();
+        for nested in &message.nested_type {
+            add(registry, &name, nested);
+        }
+        registry.messages.insert(name, fields);
+    }
+    for file in &set.file {
+        let package = file.package();
+        let scope = if package.is_empty() {
+            String::new()
+        } else {
+            format!(".{package}")
+        };
+        for message in &file.message_type {
+            add(&mut registry, &scope, message);
+        }
+        for service in &file.service {
+            for method in &service.method {
+                registry.inputs.insert(
+                    format!("/{package}.{}/{}", service.name(), method.name()),
+                    method.input_type().to_owned(),
+                );
+            }
+        }
+    }
+    registry
+});
+
+/// What the layer checks in the messages of one RPC.
+#[derive(Clone, Copy)]
+struct Scan {
+    /// The input message type (a key of the registry).
+    input: &'static str,
+    batch: Option<Batch>,
+}
+
+/// Every RPC by path.
+static SCAN_OF: LazyLock<HashMap<String, Scan>> = LazyLock::new(|| {
+    REGISTRY
+        .inputs
+        .iter()
+        .map(|(path, input)| {
+            let scan = Scan {
+                input: input.as_str(),
+                batch: BATCH_OF.get(path).copied(),
+            };
+            (path.clone(), scan)
+        })
+        .collect()
+});
+
+/// Where a message went over its element budget: the top-level field
+/// under which the budget ran out.
+fn over_budget(input: &str, bytes: &[u8]) -> Option<&'static str> {
+    let mut left = ELEMENT_BASE + bytes.len() / BYTES_PER_ELEMENT;
+    let registry: &'static Registry = &REGISTRY;
+    walk(registry, input, bytes, 0, &mut left)
+        .err()
+        .map(|number| {
+            registry
+                .messages
+                .get(input)
+                .and_then(|fields| fields.get(&number))
+                .map_or("request", |f| f.name.as_str())
+        })
+}
+
+/// Walks the message `bytes` of type `ty`, taking each element decoding
+/// would allocate from `left`; `Err(n)` when the budget runs out under
+/// field `n` of this message. Malformed input ends the walk (the decoder
+/// reports it); unknown fields are skipped (the decoder skips them too).
+fn walk(
+    registry: &Registry,
+    ty: &str,
+    mut bytes: &[u8],
+    depth: u32,
+    left: &mut usize,
+) -> Result<(), u64> {
+    let fields = registry.messages.get(ty);
+    fn take(left: &mut usize, n: usize, number: u64) -> Result<(), u64> {
+        *left = left.checked_sub(n).ok_or(number)?;
+        Ok(())
+    }
+    while !bytes.is_empty() {
+        let Some(key) = varint(&mut bytes) else {
+            return Ok(());
+        };
+        let number = key >> 3;
+        let field = fields.and_then(|f| f.get(&number));
+        let repeated = field.is_some_and(|f| f.repeated);
+        let skip = match key & 7 {
+            0 => {
+                if varint(&mut bytes).is_none() {
+                    return Ok(());
+                }
+                0
+            }
+            1 => 8,
+            5 => 4,
+            2 => {
+                let Some(len) = varint(&mut bytes) else {
+                    return Ok(());
+                };
+                let len = len as usize;
+                if len > bytes.len() {
+                    return Ok(());
+                }
+                if let Some(f) = field {
+                    if f.repeated && f.packed_min > 0 {
+                        take(left, len / f.packed_min, number)?;
+                    } else if f.repeated {
+                        take(left, 1, number)?;
+                    }
+                    if let Some(inner) = &f.message
+                        && depth < MAX_DEPTH
+                    {
+                        walk(registry, inner, &bytes[..len], depth + 1, left)
+                            .map_err(|_| number)?;
+                    }
+                }
+                len
+            }
+            _ => return Ok(()),
+        };
+        if key & 7 != 2 && repeated {
+            take(left, 1, number)?;
+        }
+        if skip > bytes.len() {
+            return Ok(());
+        }
+        bytes = &bytes[skip..];
+    }
+    Ok(())
+}
+
 /// Tower layer counting batch items on the wire.
 #[derive(Clone, Copy)]
 pub struct PrescanLayer {
@@ -153,13 +358,13 @@ where
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let req = match BATCH_OF.get(req.uri().path()) {
-            Some(&batch) => {
+        let req = match SCAN_OF.get(req.uri().path()) {
+            Some(&scan) => {
                 let max_message_bytes = self.max_message_bytes;
                 req.map(|body| {
                     tonic::body::Body::new(ScannedBody {
                         inner: body,
-                        batch,
+                        scan,
                         max_message_bytes,
                         buf: BytesMut::new(),
                         passthrough: false,
@@ -177,7 +382,7 @@ where
 /// A request body handing on only whole gRPC messages, each counted first.
 struct ScannedBody {
     inner: tonic::body::Body,
-    batch: Batch,
+    scan: Scan,
     max_message_bytes: usize,
     /// Bytes received and not yet handed on.
     buf: BytesMut,
@@ -192,8 +397,8 @@ struct ScannedBody {
 enum Front {
     /// A whole message this long (header included) that may pass.
     Pass(usize),
-    /// A whole message with too many items.
-    TooMany,
+    /// A whole message refused: the status to answer.
+    Refused(tonic::Status),
     /// Not a whole message yet.
     Partial,
     /// A message too large to buffer.
@@ -214,26 +419,31 @@ impl ScannedBody {
             return Front::Partial;
         }
         // Compressed messages are not accepted by the services anyway.
-        if !compressed
-            && count_field(
-                &self.buf[5..5 + len],
-                self.batch.field_number,
-                self.batch.max,
-            ) > self.batch.max
-        {
-            return Front::TooMany;
+        if !compressed {
+            let message = &self.buf[5..5 + len];
+            if let Some(batch) = self.scan.batch
+                && count_field(message, batch.field_number, batch.max) > batch.max
+            {
+                let Batch {
+                    field_name, max, ..
+                } = batch;
+                return Front::Refused(tonic::Status::from(Error::invalid(
+                    field_name,
+                    format!("holds more than {max} items; at most {max} are accepted"),
+                )));
+            }
+            if let Some(field) = over_budget(self.scan.input, message) {
+                return Front::Refused(tonic::Status::from(Error::invalid(
+                    field,
+                    format!(
+                        "holds too many values to decode: a message may hold at most \
+                         {ELEMENT_BASE} repeated elements (items, list values, map entries, \
+                         at any depth) plus one per {BYTES_PER_ELEMENT} bytes of its size"
+                    ),
+                )));
+            }
         }
         Front::Pass(5 + len)
-    }
-
-    fn refusal(&self) -> tonic::Status {
-        let Batch {
-            field_name, max, ..
-        } = self.batch;
-        tonic::Status::from(Error::invalid(
-            field_name,
-            format!("holds more than {max} items; at most {max} are accepted"),
-        ))
     }
 }
 
@@ -258,10 +468,10 @@ impl Body for ScannedBody {
                     let message = self.buf.split_to(n).freeze();
                     return Poll::Ready(Some(Ok(Frame::data(message))));
                 }
-                Front::TooMany => {
+                Front::Refused(status) => {
                     self.buf.clear();
                     self.ended = true;
-                    return Poll::Ready(Some(Err(self.refusal())));
+                    return Poll::Ready(Some(Err(status)));
                 }
                 Front::TooLarge => {
                     self.passthrough = true;
@@ -381,5 +591,87 @@ mod tests {
         assert_eq!(count_field(&bytes, number, 100), 7);
         assert_eq!(count_field(&bytes, number, 3), 4, "stops past the cap");
         assert_eq!(count_field(&bytes, number + 1, 100), 0);
+    }
+
+    /// `{"l": [v; n]}` as a Struct.
+    fn list_struct(n: usize, v: prost_types::Value) -> prost_types::Struct {
+        use prost_types::value::Kind;
+        prost_types::Struct {
+            fields: [(
+                "l".to_string(),
+                prost_types::Value {
+                    kind: Some(Kind::ListValue(prost_types::ListValue {
+                        values: vec![v; n],
+                    })),
+                },
+            )]
+            .into(),
+        }
+    }
+
+    #[test]
+    fn nested_values_count_at_any_depth_against_the_budget() {
+        use crate::proto::CreateSessionRequest;
+        use prost_types::value::Kind;
+        assert!(REGISTRY.messages.contains_key(".google.protobuf.ListValue"));
+        let input = ".verdict.v1.CreateSessionRequest";
+        // 1.5 million empty list values: 3 MB, refused under `config`.
+        let hostile = CreateSessionRequest {
+            request_id: "r".into(),
+            config: Some(list_struct(1_500_000, prost_types::Value::default())),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(over_budget(input, &hostile), Some("config"));
+        // Three JSON fields of 20,000 numbers each: accepted.
+        let number = prost_types::Value {
+            kind: Some(Kind::NumberValue(1.5)),
+        };
+        let legit = CreateSessionRequest {
+            request_id: "r".into(),
+            config: Some(list_struct(20_000, number.clone())),
+            input_refs: Some(list_struct(20_000, number.clone())),
+            metadata: Some(list_struct(20_000, number)),
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(over_budget(input, &legit), None);
+        // A batch of 1,000 executions with a 100-step log each: accepted.
+        let text = |t: &str| prost_types::Value {
+            kind: Some(Kind::StringValue(t.into())),
+        };
+        let step = prost_types::Struct {
+            fields: [
+                ("action".to_string(), text("click")),
+                ("target".to_string(), text("#submit")),
+            ]
+            .into(),
+        };
+        let batch = RecordExecutionsRequest {
+            items: vec![
+                ExecutionInput {
+                    interaction_log: vec![step; 100],
+                    screenshot_refs: vec!["s3://bucket/shot.png".into(); 5],
+                    ..Default::default()
+                };
+                1_000
+            ],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        let input = ".verdict.v1.RecordExecutionsRequest";
+        assert_eq!(over_budget(input, &batch), None);
+        // One execution whose log holds two million empty steps: refused.
+        let huge = RecordExecutionsRequest {
+            items: vec![ExecutionInput {
+                interaction_log: vec![prost_types::Struct::default(); 2_000_000],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+        .encode_to_vec();
+        assert_eq!(over_budget(input, &huge), Some("items"));
+        // Every RPC is scanned.
+        assert!(SCAN_OF.contains_key("/verdict.v1.SessionService/CreateSession"));
     }
 }

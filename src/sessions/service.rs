@@ -153,7 +153,8 @@ impl SessionService for SessionApi {
         let (call, req) = rpc::split(request);
         let query = ListSessions::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let rows = sql::list(conn.client().await?, &query).await?;
+        let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
+        let rows = sql::list(conn.client().await?, &query, max_bytes).await?;
         let (sessions, next_page_token) = pagination::page(
             rows,
             query.page_size,

@@ -215,7 +215,29 @@ macro_rules! list_sql {
     };
 }
 
-pub const LIST: Stmt = Stmt::new("SELECT", "sessions", list_sql!(session_columns!()));
+/// SESSION_VIEW_FULL: the page's rows (`$9`, page_size + 1), cut after the
+/// row that brings their JSON to `$10` bytes (the reply limit; the first row
+/// always comes). `batch_rows` tells how many rows the cut saw, so a cut page
+/// still ends with a token: the gateway never holds more than about one
+/// reply of large sessions, whatever the page size.
+pub const LIST: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    concat!(
+        "SELECT ",
+        session_columns!(),
+        ", batch_rows FROM (SELECT *, \
+           sum(row_bytes) OVER (ORDER BY created_at DESC, id DESC ROWS UNBOUNDED PRECEDING) \
+             - row_bytes AS bytes_before, \
+           count(*) OVER () AS batch_rows \
+         FROM (",
+        list_sql!(
+            "*, octet_length(config::text) + octet_length(input_refs::text) \
+             + octet_length(metadata::text) AS row_bytes"
+        ),
+        ") batch) sized WHERE bytes_before < $10 ORDER BY created_at DESC, id DESC"
+    ),
+);
 
 /// SESSION_VIEW_BASIC: config, input_refs and metadata are not read at all.
 pub const LIST_BASIC: Stmt = Stmt::new(
@@ -228,8 +250,13 @@ pub const LIST_BASIC: Stmt = Stmt::new(
     ),
 );
 
-/// One page of sessions, newest first, plus one extra row when more follow.
-pub async fn list(c: &impl GenericClient, q: &ListSessions) -> Result<Vec<Session>> {
+/// One page of sessions, newest first, plus one extra row when more follow;
+/// in the FULL view at most about `max_bytes` of them (see LIST).
+pub async fn list(
+    c: &impl GenericClient,
+    q: &ListSessions,
+    max_bytes: i64,
+) -> Result<crate::pagination::Fetched<Session>> {
     let f = &q.filter;
     let statuses: Option<Vec<&str>> =
         (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
@@ -245,12 +272,24 @@ pub async fn list(c: &impl GenericClient, q: &ListSessions) -> Result<Vec<Sessio
         &after_at,
         &after_id,
         &limit,
+        &max_bytes,
     ];
-    let rows = match q.view {
-        crate::pagination::View::Full => LIST.query(c, params).await?,
-        crate::pagination::View::Basic => LIST_BASIC.query(c, params).await?,
+    let (rows, cut) = match q.view {
+        crate::pagination::View::Full => {
+            let rows = LIST.query(c, params).await?;
+            let seen: i64 = match rows.first() {
+                Some(row) => row.try_get("batch_rows")?,
+                None => 0,
+            };
+            let cut = (rows.len() as i64) < seen;
+            (rows, cut)
+        }
+        crate::pagination::View::Basic => (LIST_BASIC.query(c, &params[..9]).await?, false),
     };
-    rows.iter().map(session_from_row).collect()
+    Ok(crate::pagination::Fetched {
+        rows: rows.iter().map(session_from_row).collect::<Result<_>>()?,
+        cut,
+    })
 }
 
 const SET_STATUS: Stmt = Stmt::new(

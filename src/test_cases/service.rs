@@ -317,6 +317,7 @@ impl TestCaseService for TestCaseApi {
         &self,
         request: Request<Streaming<proto::IngestExecutionsRequest>>,
     ) -> RpcResult<proto::IngestExecutionsResponse> {
+        let revocation = ingest::revocation_of(&request);
         let (call, stream) = rpc::split(request);
         let (ingest_id, messages) = ingest::open(
             stream,
@@ -342,6 +343,7 @@ impl TestCaseService for TestCaseApi {
                 kind: INGEST_KIND,
                 ingest_id,
                 scope: INGEST_SCOPE.into(),
+                revocation,
             },
             Arc::new(ExecutionSink { batch_id: None }),
             Box::pin(chunks),

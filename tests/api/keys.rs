@@ -520,6 +520,113 @@ async fn revoking_a_key_breaks_its_open_ingest_and_commits_nothing_sent_after() 
     assert_eq!(late, 0, "rows sent after the revocation were committed");
 }
 
+/// The window the auth layer cannot close alone: a batch read before the
+/// revocation and handed to the writer, written after it. The writer is held
+/// on a table lock the test takes through direct SQL, so the batch is in
+/// flight for sure when the key is revoked; the lock is released only once
+/// the revocation has reached the call's signal (another stream of the key
+/// ended with KEY_REVOKED).
+#[tokio::test]
+async fn a_batch_in_flight_when_its_key_is_revoked_is_rolled_back_before_its_commit() {
+    let (_, url) = create_database().await;
+    let config = auth_config(&url);
+    let (id, key) = create_key(&config, "in flight", "read,write").await;
+    let app = spawn_app_with(config.clone()).await;
+    let session = app
+        .sessions
+        .clone()
+        .create_session(authed(new_session("in flight"), &key))
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    // A stream of the same key: its end tells the revocation signal fired.
+    let mut watch = app
+        .sessions
+        .clone()
+        .watch_session(authed(
+            WatchSessionRequest {
+                id: session.id.clone(),
+                ..Default::default()
+            },
+            &key,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    watch.message().await.unwrap().unwrap();
+
+    // Hold every ingest writer before its first statement.
+    let mut sql = app.sql().await;
+    let lock = sql.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE ingest_marks IN EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    // The whole ingest, half-closed: the reader is done, the one batch is
+    // with the writer.
+    let mut d = app.discrepancies.clone();
+    let token = key.clone();
+    let chunks = vec![chunk(&session.id, 1, 2_000), chunk(&session.id, 2, 2_000)];
+    let call = tokio::spawn(async move {
+        d.ingest_discrepancies(authed(futures::stream::iter(chunks), &token))
+            .await
+    });
+    let probe = app.sql().await;
+    let start = Instant::now();
+    loop {
+        let waiting: i64 = probe
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND application_name = 'verdict' AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the ingest writer never reached the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    verdict::revoke_key(&config, &id).await.expect("revoke");
+    let ended = tokio::time::timeout(Duration::from_secs(5), watch.message())
+        .await
+        .expect("the watch outlived the revocation")
+        .expect_err("the watch ends with an error");
+    assert_eq!(reason(&ended), "KEY_REVOKED");
+    // Let the writer go: it writes its batch, then must not commit it.
+    lock.commit().await.unwrap();
+
+    let ended = tokio::time::timeout(Duration::from_secs(10), call)
+        .await
+        .expect("the ingest did not end")
+        .unwrap()
+        .expect_err("the ingest of a revoked key ends with an error");
+    assert_eq!(ended.code(), Code::Unauthenticated, "{ended:?}");
+    assert_eq!(reason(&ended), "KEY_REVOKED");
+    let stored: i64 = probe
+        .query_one("SELECT count(*) FROM discrepancies", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "rows committed after the revocation");
+    let marks: i64 = probe
+        .query_one(
+            "SELECT count(*) FROM ingest_marks WHERE high_water_mark > 0 OR finished",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(marks, 0, "the mark advanced after the revocation");
+}
+
 #[tokio::test]
 async fn a_revocation_reaches_open_streams_across_a_cut_listener_connection() {
     let (_, url) = create_database().await;

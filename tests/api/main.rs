@@ -18,6 +18,7 @@ mod metrics;
 mod pages;
 mod pg_tls;
 mod results;
+mod sequences;
 mod sessions;
 mod test_cases;
 mod tls;

@@ -795,3 +795,178 @@ async fn list_executions_with_large_interaction_logs_pages_by_bytes_and_fetches_
         fetched.rows.len()
     );
 }
+
+/// Every way a page token can be refused: INVALID_ARGUMENT, reason
+/// INVALID_PAGE_TOKEN, one violation of `page_token`.
+#[tokio::test]
+async fn every_refused_page_token_has_reason_invalid_page_token() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use verdict::proto::ListSessionsRequest;
+    let app = spawn_app().await;
+    let s = create(&app, "token kinds").await;
+    create(&app, "token kinds 2").await;
+    insert_small(&app, &s.id, 3).await;
+    // `filtered`: with a min_fidelity filter the first call had not.
+    let results = |token: &str, filtered: bool, view: ResultView| ListResultsRequest {
+        session_id: s.id.clone(),
+        page_size: 1,
+        page_token: token.into(),
+        min_fidelity: filtered.then_some(0.1),
+        view: view as i32,
+        ..Default::default()
+    };
+    let token = list(&app, results("", false, ResultView::Full))
+        .await
+        .unwrap()
+        .next_page_token;
+    assert!(!token.is_empty());
+    let sessions_token = app
+        .sessions
+        .clone()
+        .list_sessions(ListSessionsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .next_page_token;
+    assert!(!sessions_token.is_empty());
+    let (payload, mac) = token.split_once('.').unwrap();
+    let json = String::from_utf8(URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap();
+    let altered = format!(
+        "{}.{mac}",
+        URL_SAFE_NO_PAD.encode(json.replace("\"v\":2", "\"v\":3"))
+    );
+    let forged = format!("{payload}.{}", URL_SAFE_NO_PAD.encode([7u8; 16]));
+    let unsigned = format!("{payload}.");
+    let cases = [
+        ("malformed", results("not-a-token", false, ResultView::Full)),
+        (
+            "too long",
+            results(&"A".repeat(5000), false, ResultView::Full),
+        ),
+        ("altered", results(&altered, false, ResultView::Full)),
+        ("forged MAC", results(&forged, false, ResultView::Full)),
+        ("no MAC", results(&unsigned, false, ResultView::Full)),
+        ("another filter", results(&token, true, ResultView::Full)),
+        ("another view", results(&token, false, ResultView::Basic)),
+        (
+            "another list",
+            results(&sessions_token, false, ResultView::Full),
+        ),
+    ];
+    for (kind, request) in cases {
+        let err = list(&app, request).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{kind}: {err:?}");
+        assert_eq!(
+            err.get_details_error_info().expect("ErrorInfo").reason,
+            "INVALID_PAGE_TOKEN",
+            "{kind}"
+        );
+        let fields: Vec<String> = violations(&err).into_iter().map(|(f, _)| f).collect();
+        assert_eq!(fields, ["page_token"], "{kind}");
+        assert!(!err.message().contains("SELECT"), "{kind}");
+    }
+    // A token from another list is refused by that list too.
+    let err = app
+        .sessions
+        .clone()
+        .list_sessions(ListSessionsRequest {
+            page_size: 1,
+            page_token: token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.get_details_error_info().expect("ErrorInfo").reason,
+        "INVALID_PAGE_TOKEN"
+    );
+    // Other invalid fields keep INVALID_FIELD.
+    let mut bad_view = results("", false, ResultView::Full);
+    bad_view.view = 9;
+    let err = list(&app, bad_view).await.unwrap_err();
+    assert_eq!(
+        err.get_details_error_info().expect("ErrorInfo").reason,
+        "INVALID_FIELD"
+    );
+    // The valid token still works.
+    list(&app, results(&token, false, ResultView::Full))
+        .await
+        .expect("the token continues its own list");
+}
+
+#[tokio::test]
+async fn list_sessions_with_large_json_pages_by_bytes_and_fetches_about_one_reply() {
+    use crate::sessions::new_session;
+    use verdict::proto::ListSessionsRequest;
+    let app = spawn_app().await;
+    // 40 sessions with three ~60 KB JSON fields each: about 7 MB in all.
+    for i in 0..40 {
+        let mut req = new_session(&format!("large-session-{i}"));
+        req.config = Some(small_struct("c", &"c".repeat(60_000)));
+        req.input_refs = Some(small_struct("i", &"i".repeat(60_000)));
+        req.metadata = Some(small_struct("m", &"m".repeat(60_000)));
+        app.sessions
+            .clone()
+            .create_session(req)
+            .await
+            .expect("create a large session");
+    }
+    let request = |token: String| ListSessionsRequest {
+        page_size: 1000,
+        page_token: token,
+        ..Default::default()
+    };
+    let mut ids = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = app
+            .sessions
+            .clone()
+            .list_sessions(request(token))
+            .await
+            .expect("a page")
+            .into_inner();
+        pages += 1;
+        assert!(page.encoded_len() <= LIMIT);
+        assert!(page.sessions.iter().all(|s| s.metadata.is_some()));
+        ids.extend(page.sessions.into_iter().map(|s| s.id));
+        token = page.next_page_token;
+        if token.is_empty() || pages > 40 {
+            break;
+        }
+    }
+    assert!(pages >= 2, "7 MB take at least two pages");
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!((ids.len(), unique.len()), (40, 40), "every session once");
+
+    // The statement itself stops at about one reply of rows.
+    let query = verdict::sessions::ListSessions::try_from(request(String::new())).unwrap();
+    let mut conn = app.db.conn(&Call::default()).await.unwrap();
+    let fetched = verdict::sessions::sql::list(conn.client().await.unwrap(), &query, LIMIT as i64)
+        .await
+        .unwrap();
+    assert!(fetched.cut, "the query left rows out");
+    assert!(
+        fetched.rows.len() <= 25,
+        "{} rows of ~180 KB fetched for a 4 MiB reply",
+        fetched.rows.len()
+    );
+    // A page that fits whole is not cut.
+    let fetched = verdict::sessions::sql::list(
+        conn.client().await.unwrap(),
+        &verdict::sessions::ListSessions::try_from(ListSessionsRequest {
+            page_size: 3,
+            ..Default::default()
+        })
+        .unwrap(),
+        LIMIT as i64,
+    )
+    .await
+    .unwrap();
+    assert_eq!((fetched.rows.len(), fetched.cut), (4, false));
+}

@@ -101,11 +101,15 @@ where
             rpc.method = method,
             rpc.grpc.status_code = Empty,
         );
-        let parent = opentelemetry::global::get_text_map_propagator(|p| {
-            p.extract(&HeaderExtractor(req.headers()))
-        });
-        // Fails only when no OpenTelemetry layer is installed.
-        let _ = span.set_parent(parent);
+        // A span nothing records (no exporter, logs above `info`) needs no
+        // parent: skip reading the caller's trace context.
+        if !span.is_disabled() {
+            let parent = opentelemetry::global::get_text_map_propagator(|p| {
+                p.extract(&HeaderExtractor(req.headers()))
+            });
+            // Fails only when no OpenTelemetry layer is installed.
+            let _ = span.set_parent(parent);
+        }
 
         // The call's own deadline, enforced here so that a call stuck on an
         // unresponsive database answers DEADLINE_EXCEEDED at its deadline

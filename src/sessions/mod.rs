@@ -9,7 +9,7 @@ mod watch;
 pub use feed::Watches;
 pub use service::SessionApi;
 
-use crate::convert::{JsonDoc, json_to_struct, opt_timestamp, timestamp};
+use crate::convert::{JsonDoc, opt_timestamp, timestamp};
 use crate::error::{Error, Result};
 use crate::pagination;
 use crate::proto;
@@ -285,7 +285,7 @@ pub struct LogEntry {
     pub logged_at: DateTime<Utc>,
     pub level: LogLevel,
     pub message: String,
-    pub fields: Json,
+    pub fields: JsonDoc,
 }
 
 impl From<LogEntry> for proto::SessionLogEntry {
@@ -296,7 +296,7 @@ impl From<LogEntry> for proto::SessionLogEntry {
             logged_at: Some(timestamp(e.logged_at)),
             level: e.level.to_proto() as i32,
             message: e.message,
-            fields: Some(json_to_struct(&e.fields)),
+            fields: Some(e.fields.into_struct()),
             sequence: e.seq,
         }
     }

@@ -133,6 +133,177 @@ fn json_to_value(j: &Json) -> Value {
     Value { kind: Some(kind) }
 }
 
+/// A `jsonb` (or `json`) column read straight into a
+/// `google.protobuf.Struct`: the jsonb binary format is a version byte (1)
+/// and the JSON text, which is parsed into protobuf values directly, with
+/// no `serde_json::Value` in between. A JSON value other than an object
+/// reads as an empty Struct, as [`json_to_struct`] does; numbers read as
+/// serde_json's `as_f64` reads them. Read a nullable column as
+/// `Option<JsonStruct>`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JsonStruct(pub Struct);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for JsonStruct {
+    fn from_sql(
+        ty: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let text = if *ty == tokio_postgres::types::Type::JSONB {
+            match raw.split_first() {
+                Some((1, text)) => text,
+                _ => return Err("unsupported jsonb encoding version".into()),
+            }
+        } else {
+            raw
+        };
+        Ok(JsonStruct(parse_struct(text)?))
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        use tokio_postgres::types::Type;
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+}
+
+/// A JSON object column as read: the protobuf Struct for replies, parsed
+/// once straight from the column's text ([`JsonStruct`]), and the text
+/// itself for the rarer readers that want JSON (exports, digests), which
+/// parse it on demand. Serializes as the JSON it holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JsonDoc {
+    text: Box<[u8]>,
+    doc: Struct,
+}
+
+impl JsonDoc {
+    /// The document as a protobuf Struct.
+    pub fn into_struct(self) -> Struct {
+        self.doc
+    }
+
+    /// The document as JSON, exactly as stored.
+    pub fn to_json(&self) -> Json {
+        // The text parsed once already (into the Struct).
+        serde_json::from_slice(&self.text).unwrap_or_default()
+    }
+}
+
+impl<'a> tokio_postgres::types::FromSql<'a> for JsonDoc {
+    fn from_sql(
+        ty: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let JsonStruct(doc) = JsonStruct::from_sql(ty, raw)?;
+        let text = if *ty == tokio_postgres::types::Type::JSONB {
+            &raw[1..]
+        } else {
+            raw
+        };
+        Ok(JsonDoc {
+            text: text.into(),
+            doc,
+        })
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        <JsonStruct as tokio_postgres::types::FromSql>::accepts(ty)
+    }
+}
+
+impl serde::Serialize for JsonDoc {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let json: Json = serde_json::from_slice(&self.text).map_err(serde::ser::Error::custom)?;
+        json.serialize(s)
+    }
+}
+
+/// JSON text as a `Struct` (anything but an object: an empty one), the same
+/// Struct `json_to_struct(&serde_json::from_slice(text)?)` gives.
+pub fn parse_struct(text: &[u8]) -> Result<Struct, serde_json::Error> {
+    let ProtoValue(value) = serde_json::from_slice(text)?;
+    Ok(match value.kind {
+        Some(Kind::StructValue(s)) => s,
+        _ => Struct::default(),
+    })
+}
+
+/// A protobuf `Value` deserialized from JSON.
+struct ProtoValue(Value);
+
+impl ProtoValue {
+    fn of(kind: Kind) -> Self {
+        ProtoValue(Value { kind: Some(kind) })
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for ProtoValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(ProtoValueVisitor)
+    }
+}
+
+struct ProtoValueVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ProtoValueVisitor {
+    type Value = ProtoValue;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_unit<E>(self) -> Result<ProtoValue, E> {
+        Ok(ProtoValue::of(Kind::NullValue(0)))
+    }
+
+    fn visit_none<E>(self) -> Result<ProtoValue, E> {
+        Ok(ProtoValue::of(Kind::NullValue(0)))
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<ProtoValue, D::Error> {
+        serde::Deserialize::deserialize(d)
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<ProtoValue, E> {
+        Ok(ProtoValue::of(Kind::BoolValue(b)))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<ProtoValue, E> {
+        Ok(ProtoValue::of(Kind::NumberValue(n as f64)))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<ProtoValue, E> {
+        Ok(ProtoValue::of(Kind::NumberValue(n as f64)))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<ProtoValue, E> {
+        Ok(ProtoValue::of(Kind::NumberValue(n)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<ProtoValue, E> {
+        Ok(ProtoValue::of(Kind::StringValue(s.to_owned())))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<ProtoValue, E> {
+        Ok(ProtoValue::of(Kind::StringValue(s)))
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ProtoValue, A::Error> {
+        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(ProtoValue(v)) = seq.next_element()? {
+            values.push(v);
+        }
+        Ok(ProtoValue::of(Kind::ListValue(ListValue { values })))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ProtoValue, A::Error> {
+        let mut fields = std::collections::BTreeMap::new();
+        while let Some((k, ProtoValue(v))) = map.next_entry::<String, ProtoValue>()? {
+            fields.insert(k, v);
+        }
+        Ok(ProtoValue::of(Kind::StructValue(Struct { fields })))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,5 +354,58 @@ mod tests {
             })
             .is_some()
         );
+    }
+
+    #[test]
+    fn json_text_parses_to_the_struct_serde_json_gives() {
+        for text in [
+            r#"{}"#,
+            r#"{"a": 1, "b": -2, "c": 1.5, "d": 1e300, "e": 18446744073709551615, "f": 123456789012345678901234567890}"#,
+            r#"{"s": "x\u00e9\n\"q\"", "t": true, "f": false, "n": null}"#,
+            r#"{"l": [1, "two", [3, {"four": [null]}], {}], "o": {"p": {"q": {}}}}"#,
+            r#"{"dup": 1, "dup": 2}"#,
+            r#"{"x": 0.1, "y": -0.0, "z": 5e-324, "w": 1.7976931348623157e308}"#,
+            r#"[1, 2]"#,
+            r#""text""#,
+            r#"null"#,
+        ] {
+            let json: Json = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                parse_struct(text.as_bytes()).unwrap(),
+                json_to_struct(&json),
+                "{text}"
+            );
+        }
+        assert!(parse_struct(b"{").is_err());
+        assert!(parse_struct(b"{} x").is_err());
+    }
+
+    #[test]
+    fn jsonb_bytes_need_version_one() {
+        use tokio_postgres::types::{FromSql, Type};
+        let s = JsonStruct::from_sql(&Type::JSONB, b"\x01{\"a\": [true]}").unwrap();
+        let json = serde_json::json!({"a": [true]});
+        assert_eq!(s.0, json_to_struct(&json));
+        assert!(JsonStruct::from_sql(&Type::JSONB, b"\x02{}").is_err());
+        assert!(JsonStruct::from_sql(&Type::JSONB, b"").is_err());
+        assert_eq!(
+            JsonStruct::from_sql(&Type::JSON, b"{}").unwrap().0,
+            Struct::default()
+        );
+    }
+
+    #[test]
+    fn a_json_doc_keeps_its_json_and_its_struct() {
+        use tokio_postgres::types::{FromSql, Type};
+        let doc =
+            JsonDoc::from_sql(&Type::JSONB, b"\x01{\"n\": 1, \"f\": 1.0, \"l\": [\"x\"]}").unwrap();
+        let json = serde_json::json!({"n": 1, "f": 1.0, "l": ["x"]});
+        assert_eq!(doc.to_json(), json);
+        assert_eq!(serde_json::to_value(&doc).unwrap(), json);
+        assert_eq!(
+            serde_json::to_string(&doc).unwrap(),
+            r#"{"f":1.0,"l":["x"],"n":1}"#
+        );
+        assert_eq!(doc.into_struct(), json_to_struct(&json));
     }
 }

@@ -101,9 +101,14 @@ pub fn init(config: &Config) -> anyhow::Result<Telemetry> {
             config.log_filter
         )
     })?;
-    let filter = filter.and(filter::filter_fn(|meta| {
-        *meta.level() <= Level::INFO || !is_capped_target(meta.target())
-    }));
+    // The cap restricts no level by itself: say so (a filter without a
+    // level hint makes the combined hint "anything", and then every span of
+    // every crate, h2's and hyper's `trace` spans included, is built on
+    // every call even when `RUST_LOG=warn` logs none of them).
+    let filter = filter.and(
+        filter::filter_fn(|meta| *meta.level() <= Level::INFO || !is_capped_target(meta.target()))
+            .with_max_level_hint(filter::LevelFilter::TRACE),
+    );
     let fmt = match config.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_writer(std::io::stderr)

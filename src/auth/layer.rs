@@ -55,6 +55,9 @@ struct Shared {
     signer: Signer,
     /// The streaming RPCs, whose bodies are guarded.
     streaming: HashMap<String, Shape>,
+    /// The signal of calls without a key (authentication off), made once:
+    /// a channel per call would cost an allocation for nothing.
+    never: Revocation,
 }
 
 impl AuthLayer {
@@ -67,6 +70,7 @@ impl AuthLayer {
                 required,
                 signer,
                 streaming: stream::streaming_rpcs(),
+                never: Revocation::never(),
             }),
         }
     }
@@ -197,7 +201,7 @@ where
         let signer = self.shared.signer.clone();
         if !self.shared.required {
             req.extensions_mut().insert(Caller { key_id: None, rpc });
-            req.extensions_mut().insert(Revocation::never());
+            req.extensions_mut().insert(self.shared.never.clone());
             return Box::pin(guarded(inner, req, shape, None, lifetime, signer));
         }
         let Some(presented) = req

@@ -114,11 +114,15 @@ where
             span.record("rpc.system", "grpc");
             span.record("rpc.service", service);
         }
-        let parent = opentelemetry::global::get_text_map_propagator(|p| {
-            p.extract(&HeaderExtractor(req.headers()))
-        });
-        // Fails only when no OpenTelemetry layer is installed.
-        let _ = span.set_parent(parent);
+        // A span nothing records (no exporter, logs above `info`) needs no
+        // parent: skip reading the caller's trace context.
+        if !span.is_disabled() {
+            let parent = opentelemetry::global::get_text_map_propagator(|p| {
+                p.extract(&HeaderExtractor(req.headers()))
+            });
+            // Fails only when no OpenTelemetry layer is installed.
+            let _ = span.set_parent(parent);
+        }
 
         // The call's own deadline, enforced here so that a call stuck on an
         // unresponsive database answers DEADLINE_EXCEEDED at its deadline

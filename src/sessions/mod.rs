@@ -9,7 +9,7 @@ mod watch;
 pub use feed::Watches;
 pub use service::SessionApi;
 
-use crate::convert::{json_to_struct, opt_timestamp, timestamp};
+use crate::convert::{JsonDoc, opt_timestamp, timestamp};
 use crate::error::{Error, Result};
 use crate::pagination;
 use crate::proto;
@@ -69,9 +69,10 @@ pub struct Session {
     pub target_technology: String,
     pub validation_scope: String,
     pub status: SessionStatus,
-    pub config: Json,
-    pub input_refs: Json,
-    pub metadata: Json,
+    /// `None` only when a BASIC list left it out.
+    pub config: Option<JsonDoc>,
+    pub input_refs: Option<JsonDoc>,
+    pub metadata: Option<JsonDoc>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
     pub started_at: Option<DateTime<Utc>>,
@@ -89,9 +90,9 @@ impl From<Session> for proto::Session {
             validation_scope: s.validation_scope,
             status: s.status.to_proto() as i32,
             // Null only when a BASIC list left them out.
-            config: (!s.config.is_null()).then(|| json_to_struct(&s.config)),
-            input_refs: (!s.input_refs.is_null()).then(|| json_to_struct(&s.input_refs)),
-            metadata: (!s.metadata.is_null()).then(|| json_to_struct(&s.metadata)),
+            config: s.config.map(JsonDoc::into_struct),
+            input_refs: s.input_refs.map(JsonDoc::into_struct),
+            metadata: s.metadata.map(JsonDoc::into_struct),
             created_at: Some(timestamp(s.created_at)),
             updated_at: Some(timestamp(s.updated_at)),
             started_at: opt_timestamp(s.started_at),
@@ -284,7 +285,7 @@ pub struct LogEntry {
     pub logged_at: DateTime<Utc>,
     pub level: LogLevel,
     pub message: String,
-    pub fields: Json,
+    pub fields: JsonDoc,
 }
 
 impl From<LogEntry> for proto::SessionLogEntry {
@@ -295,7 +296,7 @@ impl From<LogEntry> for proto::SessionLogEntry {
             logged_at: Some(timestamp(e.logged_at)),
             level: e.level.to_proto() as i32,
             message: e.message,
-            fields: Some(json_to_struct(&e.fields)),
+            fields: Some(e.fields.into_struct()),
             sequence: e.seq,
         }
     }

@@ -75,11 +75,17 @@ impl From<&Session> for NewSession {
             source_technology: s.source_technology.clone(),
             target_technology: s.target_technology.clone(),
             validation_scope: s.validation_scope.clone(),
-            config: s.config.clone(),
-            input_refs: s.input_refs.clone(),
-            metadata: s.metadata.clone(),
+            config: json_of(&s.config),
+            input_refs: json_of(&s.input_refs),
+            metadata: json_of(&s.metadata),
         }
     }
+}
+
+/// A stored document as the JSON a digest reads (null when left out).
+fn json_of(doc: &Option<crate::convert::JsonDoc>) -> serde_json::Value {
+    doc.as_ref()
+        .map_or(serde_json::Value::Null, crate::convert::JsonDoc::to_json)
 }
 
 fn not_found(id: impl std::fmt::Display) -> Error {

@@ -24,29 +24,26 @@ macro_rules! log_columns {
     };
 }
 
+/// A session from a row that starts with `session_columns!()`, read by
+/// position (no column-name lookups per field).
 fn session_from_row(row: &Row) -> Result<Session> {
     Ok(Session {
-        id: row.try_get("id")?,
-        request_id: row.try_get("request_id")?,
-        source_technology: row.try_get("source_technology")?,
-        target_technology: row.try_get("target_technology")?,
-        validation_scope: row.try_get("validation_scope")?,
-        status: SessionStatus::from_db(row.try_get("status")?)?,
-        // NULL (left out by a BASIC list) reads as JSON null.
-        config: row
-            .try_get::<_, Option<serde_json::Value>>("config")?
-            .unwrap_or_default(),
-        input_refs: row
-            .try_get::<_, Option<serde_json::Value>>("input_refs")?
-            .unwrap_or_default(),
-        metadata: row
-            .try_get::<_, Option<serde_json::Value>>("metadata")?
-            .unwrap_or_default(),
-        created_at: row.try_get("created_at")?,
-        updated_at: row.try_get("updated_at")?,
-        started_at: row.try_get("started_at")?,
-        completed_at: row.try_get("completed_at")?,
-        version: row.try_get("version")?,
+        id: row.try_get(0)?,
+        request_id: row.try_get(1)?,
+        source_technology: row.try_get(2)?,
+        target_technology: row.try_get(3)?,
+        validation_scope: row.try_get(4)?,
+        status: SessionStatus::from_db(row.try_get(5)?)?,
+        // Parsed straight into protobuf Structs (see `JsonDoc`); NULL (left
+        // out by a BASIC list) reads as `None`.
+        config: row.try_get(6)?,
+        input_refs: row.try_get(7)?,
+        metadata: row.try_get(8)?,
+        created_at: row.try_get(9)?,
+        updated_at: row.try_get(10)?,
+        started_at: row.try_get(11)?,
+        completed_at: row.try_get(12)?,
+        version: row.try_get(13)?,
     })
 }
 

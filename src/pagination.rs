@@ -231,6 +231,37 @@ impl<R> From<Vec<R>> for Fetched<R> {
     }
 }
 
+/// Runs one page of a list in the view asked for. FULL runs `full`, whose
+/// last parameter is the reply's byte budget: it stops reading rows once
+/// their large columns reach it and reports in `batch_rows` how many rows
+/// it saw, so a page it cut ends with a token. BASIC runs `basic`, which
+/// never reads the large columns, with every parameter but that budget.
+pub async fn fetch_view<R>(
+    c: &impl deadpool_postgres::GenericClient,
+    view: View,
+    full: &crate::db::Stmt,
+    basic: &crate::db::Stmt,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    convert: impl Fn(&tokio_postgres::Row) -> Result<R>,
+) -> Result<Fetched<R>> {
+    let (rows, cut) = match view {
+        View::Full => {
+            let rows = full.query(c, params).await?;
+            let seen: i64 = match rows.first() {
+                Some(row) => row.try_get("batch_rows")?,
+                None => 0,
+            };
+            let cut = (rows.len() as i64) < seen;
+            (rows, cut)
+        }
+        View::Basic => (basic.query(c, &params[..params.len() - 1]).await?, false),
+    };
+    Ok(Fetched {
+        rows: rows.iter().map(convert).collect::<Result<_>>()?,
+        cut,
+    })
+}
+
 /// Bytes of a list reply kept free for its `next_page_token` field (tag,
 /// length and a token of at most [`MAX_TOKEN_LEN`] bytes).
 pub const TOKEN_RESERVE: usize = 1 + 2 + MAX_TOKEN_LEN;

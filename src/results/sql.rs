@@ -205,22 +205,7 @@ pub async fn list(
         &limit,
         &max_bytes,
     ];
-    let (rows, cut) = match q.view {
-        pagination::View::Full => {
-            let rows = LIST.query(c, params).await?;
-            let seen: i64 = match rows.first() {
-                Some(row) => row.try_get("batch_rows")?,
-                None => 0,
-            };
-            let cut = (rows.len() as i64) < seen;
-            (rows, cut)
-        }
-        pagination::View::Basic => (LIST_BASIC.query(c, &params[..10]).await?, false),
-    };
-    Ok(pagination::Fetched {
-        rows: rows.iter().map(from_row).collect::<Result<_>>()?,
-        cut,
-    })
+    pagination::fetch_view(c, q.view, &LIST, &LIST_BASIC, params, from_row).await
 }
 
 /// A batch of a session's results for exports: at most `$3` rows after id

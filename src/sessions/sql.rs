@@ -271,22 +271,7 @@ pub async fn list(
         &limit,
         &max_bytes,
     ];
-    let (rows, cut) = match q.view {
-        crate::pagination::View::Full => {
-            let rows = LIST.query(c, params).await?;
-            let seen: i64 = match rows.first() {
-                Some(row) => row.try_get("batch_rows")?,
-                None => 0,
-            };
-            let cut = (rows.len() as i64) < seen;
-            (rows, cut)
-        }
-        crate::pagination::View::Basic => (LIST_BASIC.query(c, &params[..9]).await?, false),
-    };
-    Ok(crate::pagination::Fetched {
-        rows: rows.iter().map(session_from_row).collect::<Result<_>>()?,
-        cut,
-    })
+    crate::pagination::fetch_view(c, q.view, &LIST, &LIST_BASIC, params, session_from_row).await
 }
 
 const SET_STATUS: Stmt = Stmt::new(

@@ -310,22 +310,7 @@ pub async fn list(
         &limit,
         &max_bytes,
     ];
-    let (rows, cut) = match q.view {
-        crate::pagination::View::Full => {
-            let rows = LIST.query(c, params).await?;
-            let seen: i64 = match rows.first() {
-                Some(row) => row.try_get("batch_rows")?,
-                None => 0,
-            };
-            let cut = (rows.len() as i64) < seen;
-            (rows, cut)
-        }
-        crate::pagination::View::Basic => (LIST_BASIC.query(c, &params[..8]).await?, false),
-    };
-    Ok(crate::pagination::Fetched {
-        rows: rows.iter().map(from_row).collect::<Result<_>>()?,
-        cut,
-    })
+    crate::pagination::fetch_view(c, q.view, &LIST, &LIST_BASIC, params, from_row).await
 }
 
 /// A batch of a session's executions for exports: at most `$3` rows after

@@ -12,11 +12,19 @@ impl From<tokio_postgres::Error> for Error {
             let io = std::error::Error::source(&e)
                 .is_some_and(|s| s.downcast_ref::<std::io::Error>().is_some());
             return if e.is_closed() || io || e.to_string().contains("connect") {
+                super::note_connection_error();
                 Error::Unavailable(Reason::DatabaseUnavailable, e.to_string())
             } else {
                 Error::Internal(e.to_string())
             };
         };
+        if matches!(
+            db.parsed_severity(),
+            Some(tokio_postgres::error::Severity::Fatal | tokio_postgres::error::Severity::Panic)
+        ) {
+            // The server ends the connection after a FATAL.
+            super::note_connection_error();
+        }
         let code = db.code();
         if code.code().starts_with("53") {
             // The server's own words stay in the log.

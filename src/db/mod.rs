@@ -57,6 +57,35 @@ pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(30 * 60);
 /// trip, short enough that a backend terminated (or a server failed over)
 /// while the connection sat idle is found before a call uses it.
 pub const VERIFY_AFTER_IDLE: Duration = Duration::from_millis(500);
+/// For this long after any call saw a connection die (a FATAL from the
+/// server, a closed socket), every pooled connection is checked before
+/// reuse, however recently it was used: the connection that carried the
+/// FATAL may not have noticed its own close yet when it is handed out
+/// again, and its siblings may have died with it (a failover, a restart).
+pub const VERIFY_AFTER_CONNECTION_ERROR: Duration = Duration::from_secs(5);
+
+/// Milliseconds since [`since`]'s origin at the last connection-level error
+/// (0: none yet).
+static LAST_CONNECTION_ERROR_MS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
+
+fn since() -> Duration {
+    static ORIGIN: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    ORIGIN.get_or_init(std::time::Instant::now).elapsed()
+}
+
+/// Records that a call saw a connection die (called by the error mapping).
+pub(crate) fn note_connection_error() {
+    let now = since().as_millis() as u64 + 1;
+    LAST_CONNECTION_ERROR_MS.store(now, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether a connection died within `window`.
+fn connection_error_within(window: Duration) -> bool {
+    let last = LAST_CONNECTION_ERROR_MS.load(std::sync::atomic::Ordering::Relaxed);
+    last != 0 && (since().as_millis() as u64 + 1).saturating_sub(last) <= window.as_millis() as u64
+}
+
 /// Longest the check of an idle connection may take before the connection
 /// is given up on (a peer that vanished without closing the socket).
 const VERIFY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -484,7 +513,9 @@ async fn check_before_reuse(
     if client.is_closed() {
         return Err(HookError::message("connection closed"));
     }
-    if metrics.last_used() < VERIFY_AFTER_IDLE {
+    if metrics.last_used() < VERIFY_AFTER_IDLE
+        && !connection_error_within(VERIFY_AFTER_CONNECTION_ERROR)
+    {
         return Ok(());
     }
     match tokio::time::timeout(VERIFY_TIMEOUT, client.simple_query("")).await {

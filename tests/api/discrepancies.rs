@@ -207,19 +207,7 @@ async fn a_stream_broken_mid_way_resumes_storing_every_item_exactly_once() {
             .ingest_discrepancies(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
     });
-    let sql = app.sql().await;
-    tokio::time::timeout(std::time::Duration::from_secs(20), async {
-        while sql
-            .query_opt("SELECT 1 FROM ingest_marks WHERE high_water_mark >= 2", &[])
-            .await
-            .unwrap()
-            .is_none()
-        {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the first batch was committed");
+    crate::helpers::until_ingest_committed(&app, 2).await;
     tx.send(all[2].clone()).await.unwrap();
     tx.send(chunk("ing-1", &s.id, 2, 1)).await.unwrap();
     drop(tx);
@@ -274,21 +262,7 @@ async fn a_client_that_vanishes_mid_stream_and_retries_stores_every_item_once() 
             .await
     });
     // Chunks 1-3 (12,000 items) filled a batch; wait until it is committed.
-    let sql = app.sql().await;
-    tokio::time::timeout(std::time::Duration::from_secs(20), async {
-        loop {
-            let committed = sql
-                .query_opt("SELECT 1 FROM ingest_marks WHERE high_water_mark >= 3", &[])
-                .await
-                .unwrap();
-            if committed.is_some() {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the first batch was committed");
+    crate::helpers::until_ingest_committed(&app, 3).await;
     call.abort();
     drop(tx);
 

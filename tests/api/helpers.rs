@@ -344,3 +344,24 @@ pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
     );
     request
 }
+
+/// Resolves once some ingest has committed through chunk `mark` (bounded:
+/// at most 20 s), polling the marks table directly.
+pub async fn until_ingest_committed(app: &TestApp, mark: i64) {
+    let sql = app.sql().await;
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while sql
+            .query_opt(
+                "SELECT 1 FROM ingest_marks WHERE high_water_mark >= $1",
+                &[&mark],
+            )
+            .await
+            .unwrap()
+            .is_none()
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the first batch was committed");
+}

@@ -514,19 +514,7 @@ async fn an_execution_stream_broken_mid_way_resumes_storing_every_execution_once
             .ingest_executions(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
     });
-    let sql = app.sql().await;
-    tokio::time::timeout(std::time::Duration::from_secs(20), async {
-        while sql
-            .query_opt("SELECT 1 FROM ingest_marks WHERE high_water_mark >= 2", &[])
-            .await
-            .unwrap()
-            .is_none()
-        {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the first batch was committed");
+    crate::helpers::until_ingest_committed(&app, 2).await;
     tx.send(all[2].clone()).await.unwrap();
     tx.send(chunk("ing-1", 2, 1)).await.unwrap();
     drop(tx);

@@ -611,12 +611,19 @@ async fn sigterm_under_load_drains_in_flight_calls_and_loses_no_acknowledged_wri
                 match client.create_session(session(&request_id)).await {
                     Ok(_) => acked.lock().unwrap().push(request_id),
                     // After SIGTERM: refused or cut off — never acknowledged.
+                    // A call sent while the server's GOAWAY is on the wire is
+                    // failed by the client's own HTTP/2 layer, which tonic
+                    // reports as INTERNAL with the GOAWAY as its source: the
+                    // server never saw that stream.
                     Err(s) => {
+                        let raced_goaway =
+                            s.code() == Code::Internal && format!("{s:?}").contains("GoAway");
                         assert!(
-                            matches!(
-                                s.code(),
-                                Code::Unavailable | Code::Cancelled | Code::Unknown
-                            ),
+                            raced_goaway
+                                || matches!(
+                                    s.code(),
+                                    Code::Unavailable | Code::Cancelled | Code::Unknown
+                                ),
                             "{s:?}"
                         );
                         return;

@@ -400,6 +400,18 @@ pub struct Config {
         global = true
     )]
     pub watch_pool_size: usize,
+
+    /// Finished spans held for export to the OTLP collector; past it new
+    /// spans are dropped and counted (`verdict.telemetry.dropped_spans`,
+    /// `error.type=queue_full`). When unset, `OTEL_BSP_MAX_QUEUE_SIZE`, else
+    /// 65536.
+    #[arg(
+        long,
+        env = "VERDICT_OTEL_SPAN_QUEUE_SIZE",
+        value_parser = clap::value_parser!(u32).range(1..),
+        global = true
+    )]
+    pub otel_span_queue_size: Option<u32>,
 }
 
 /// A duration such as `500ms`, `45s`, `5m` or `2h` (a bare number is seconds).
@@ -565,6 +577,7 @@ impl std::fmt::Debug for Config {
             .field("ingest_buffer_bytes", &self.ingest_buffer_bytes)
             .field("stream_idle_timeout", &self.stream_idle_timeout)
             .field("watch_pool_size", &self.watch_pool_size)
+            .field("otel_span_queue_size", &self.otel_span_queue_size)
             .finish()
     }
 }

@@ -7,12 +7,17 @@
 use crate::db::Db;
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram};
+use opentelemetry::trace::TraceContextExt as _;
+use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
+use opentelemetry_proto::tonic::common::v1::any_value;
+use opentelemetry_proto::tonic::metrics::v1::{exemplar, metric};
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use prost::Message as _;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{LazyLock, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -26,6 +31,55 @@ struct Histo {
     counts: [u64; BUCKETS.len()],
     count: u64,
     sum: f64,
+    /// The last sampled measurement that fell into each bucket (the last
+    /// one is `+Inf`): one per bucket per series, so memory is bounded by
+    /// the series, which are bounded by their label values.
+    exemplars: [Option<Exemplar>; BUCKETS.len() + 1],
+}
+
+/// A measurement that stands for its histogram bucket: its value, when it
+/// was taken, and the trace and span it was taken in (a sampled one), so a
+/// slow bucket leads to a trace. The OpenTelemetry SDK (0.33) aggregates
+/// no exemplars (every data point it builds has none), so the gateway keeps
+/// its own, next to the counts it renders for Prometheus, and adds them to
+/// the OTLP export ([`attach_exemplars`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Exemplar {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub value: f64,
+    pub time: SystemTime,
+}
+
+impl Exemplar {
+    /// An exemplar for `value` measured inside `span`, when that span is
+    /// part of a sampled trace (nothing is exported for an unsampled one,
+    /// so an exemplar would lead nowhere).
+    pub fn in_span(span: &tracing::Span, value: f64) -> Option<Exemplar> {
+        if span.is_disabled() {
+            return None;
+        }
+        let context = span.context();
+        let otel = context.span();
+        let ids = otel.span_context();
+        (ids.is_valid() && ids.is_sampled()).then(|| Exemplar {
+            trace_id: ids.trace_id().to_bytes(),
+            span_id: ids.span_id().to_bytes(),
+            value,
+            time: SystemTime::now(),
+        })
+    }
+
+    /// An exemplar for `value` measured in the current span.
+    fn here(value: f64) -> Option<Exemplar> {
+        Self::in_span(&tracing::Span::current(), value)
+    }
+
+    fn unix_nanos(&self) -> u64 {
+        self.time
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
 }
 
 struct Otel {
@@ -39,6 +93,7 @@ struct Otel {
     job_duration: Histogram<f64>,
     cleanup_rows: Counter<u64>,
     integrity_findings: Counter<u64>,
+    dropped_spans: Counter<u64>,
 }
 
 /// The label values of a series, in the order of its label names; empty
@@ -83,6 +138,8 @@ struct Registry {
     ingest_rows: Mutex<BTreeMap<&'static str, u64>>,
     cleanup_rows: Mutex<BTreeMap<&'static str, u64>>,
     integrity_findings: Mutex<BTreeMap<&'static str, u64>>,
+    /// Spans lost on their way to the collector, by [`SpanDrop`].
+    dropped_spans: [AtomicU64; SpanDrop::ALL.len()],
     otel: Otel,
 }
 
@@ -98,6 +155,7 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
         ingest_rows: Mutex::new(BTreeMap::new()),
         cleanup_rows: Mutex::new(BTreeMap::new()),
         integrity_findings: Mutex::new(BTreeMap::new()),
+        dropped_spans: Default::default(),
         otel: Otel {
             rpc_duration: meter
                 .f64_histogram("rpc.server.call.duration")
@@ -150,17 +208,90 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
                 .u64_counter("verdict.integrity.findings")
                 .with_description("Rows found by integrity checks, by check")
                 .build(),
+            dropped_spans: {
+                let counter = meter
+                    .u64_counter("verdict.telemetry.dropped_spans")
+                    .with_unit("{span}")
+                    .with_description(
+                        "Finished spans that never reached the collector, by error.type",
+                    )
+                    .build();
+                // Every reason is a series from the start: an alert on an
+                // increase needs the zero before it.
+                for reason in SpanDrop::ALL {
+                    counter.add(0, &[reason.attribute()]);
+                }
+                counter
+            },
         },
     }
 });
 
-fn observe<K: Labels>(map: &Mutex<BTreeMap<K, Histo>>, key: K, secs: f64) {
+/// Why a finished span never reached the collector: the `error.type` of
+/// `verdict.telemetry.dropped_spans`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanDrop {
+    /// The export queue was full (the collector is slow or unreachable and
+    /// the queue filled up): the span was never queued.
+    QueueFull,
+    /// The collector refused its batch, or could not be reached within the
+    /// export timeout.
+    ExportFailed,
+    /// Still queued when the shutdown grace period ran out.
+    Shutdown,
+}
+
+impl SpanDrop {
+    pub const ALL: [SpanDrop; 3] = [SpanDrop::QueueFull, SpanDrop::ExportFailed, SpanDrop::Shutdown];
+
+    /// The `error.type` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SpanDrop::QueueFull => "queue_full",
+            SpanDrop::ExportFailed => "export_failed",
+            SpanDrop::Shutdown => "shutdown",
+        }
+    }
+
+    fn attribute(self) -> KeyValue {
+        KeyValue::new("error.type", self.as_str())
+    }
+}
+
+/// Records `n` spans lost for `reason`.
+pub fn spans_dropped(reason: SpanDrop, n: u64) {
+    if n == 0 {
+        return;
+    }
+    let r = &*REGISTRY;
+    r.dropped_spans[reason as usize].fetch_add(n, Ordering::Relaxed);
+    r.otel.dropped_spans.add(n, &[reason.attribute()]);
+}
+
+/// Spans lost for `reason` since the process started.
+pub fn dropped_spans(reason: SpanDrop) -> u64 {
+    REGISTRY.dropped_spans[reason as usize].load(Ordering::Relaxed)
+}
+
+fn observe<K: Labels>(
+    map: &Mutex<BTreeMap<K, Histo>>,
+    key: K,
+    secs: f64,
+    exemplar: Option<Exemplar>,
+) {
     let mut map = map.lock().unwrap_or_else(|p| p.into_inner());
     let h = map.entry(key).or_default();
     h.count += 1;
     h.sum += secs;
-    if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
-        h.counts[i] += 1;
+    let bucket = BUCKETS
+        .iter()
+        .position(|b| secs <= *b)
+        .unwrap_or(BUCKETS.len());
+    if let Some(n) = h.counts.get_mut(bucket) {
+        *n += 1;
+    }
+    if exemplar.is_some() {
+        h.exemplars[bucket] = exemplar;
     }
 }
 
@@ -247,8 +378,9 @@ pub fn grpc_code_name(code: i32) -> &'static str {
 /// Records one finished RPC (`method` is the full `/pkg.Service/Method` path
 /// without the leading slash; an unknown one counts as [`OTHER_METHOD`]):
 /// `rpc.server.call.duration` with `rpc.system.name`, `rpc.method` and
-/// `rpc.response.status_code`.
-pub fn rpc_finished(method: &str, code: i32, elapsed: Duration) {
+/// `rpc.response.status_code`, and the call's `span` as the exemplar of its
+/// bucket when its trace is sampled.
+pub fn rpc_finished(method: &str, code: i32, elapsed: Duration, span: &tracing::Span) {
     let method = method_label(method);
     let code = grpc_code_name(code);
     let secs = elapsed.as_secs_f64();
@@ -261,7 +393,12 @@ pub fn rpc_finished(method: &str, code: i32, elapsed: Duration) {
             KeyValue::new("rpc.response.status_code", code),
         ],
     );
-    observe(&r.rpcs, ["grpc", method, code], secs);
+    observe(
+        &r.rpcs,
+        ["grpc", method, code],
+        secs,
+        Exemplar::in_span(span, secs),
+    );
 }
 
 /// Records one finished statement: `db.client.operation.duration` with
@@ -292,7 +429,12 @@ pub fn statement_finished(
             r.otel.db_duration.record(secs, &attrs);
         }
     }
-    observe(&r.statements, (op, collection, error.map(Box::from)), secs);
+    observe(
+        &r.statements,
+        (op, collection, error.map(Box::from)),
+        secs,
+        Exemplar::here(secs),
+    );
 }
 
 /// Records one run of a background job (`rollup`, ...) with its outcome
@@ -312,7 +454,8 @@ pub fn job_run(job: &'static str, outcome: &'static str, elapsed: Duration) {
             .insert(job, now);
     }
     r.otel.job_duration.record(elapsed.as_secs_f64(), &attrs);
-    observe(&r.jobs, [job, outcome], elapsed.as_secs_f64());
+    let secs = elapsed.as_secs_f64();
+    observe(&r.jobs, [job, outcome], secs, Exemplar::here(secs));
 }
 
 /// Unix time of the last successful run of each job.
@@ -359,7 +502,8 @@ pub fn pool_wait(waited: Duration, timed_out: bool) {
     let r = &*REGISTRY;
     let pool = [KeyValue::new("db.client.connection.pool.name", POOL_NAME)];
     r.otel.pool_wait.record(waited.as_secs_f64(), &pool);
-    observe(&r.pool_wait, [POOL_NAME], waited.as_secs_f64());
+    let secs = waited.as_secs_f64();
+    observe(&r.pool_wait, [POOL_NAME], secs, Exemplar::here(secs));
     if timed_out {
         r.otel.pool_timeouts.add(1, &pool);
         r.pool_timeouts.fetch_add(1, Ordering::Relaxed);
@@ -452,137 +596,342 @@ pub fn register_pool_gauges(db: &Db) {
     }
 }
 
-/// Writes one histogram family in the Prometheus text format.
-fn write_histograms<K: Labels>(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-    series: &Mutex<BTreeMap<K, Histo>>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-    for (key, h) in series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        let values = key.values();
-        let labels: Vec<String> = labels
-            .iter()
-            .zip(values)
-            .filter(|(_, v)| !v.is_empty())
-            .map(|(k, v)| format!("{k}=\"{v}\""))
-            .collect();
-        let labels = labels.join(",");
-        let sep = if labels.is_empty() { "" } else { "," };
-        let mut cumulative = 0;
-        for (bound, n) in BUCKETS.iter().zip(h.counts) {
-            cumulative += n;
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
-        let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
-    }
+/// A histogram family: its OTLP name and attributes, and the Prometheus
+/// name, whose labels are the attributes with dots as underscores.
+struct HistogramFamily {
+    otlp: &'static str,
+    prom: &'static str,
+    help: &'static str,
+    attributes: &'static [&'static str],
 }
 
-/// Writes one counter family with one label.
-fn write_counters(
-    out: &mut String,
-    name: &str,
-    help: &str,
-    label: &str,
-    values: &Mutex<BTreeMap<&'static str, u64>>,
-) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (k, n) in values.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-        let _ = writeln!(out, "{name}{{{label}=\"{k}\"}} {n}");
-    }
+const RPC_DURATION: HistogramFamily = HistogramFamily {
+    otlp: "rpc.server.call.duration",
+    prom: "rpc_server_call_duration_seconds",
+    help: "Duration of gRPC calls served.",
+    attributes: &["rpc.system.name", "rpc.method", "rpc.response.status_code"],
+};
+
+const DB_DURATION: HistogramFamily = HistogramFamily {
+    otlp: "db.client.operation.duration",
+    prom: "db_client_operation_duration_seconds",
+    help: "Duration of database statements.",
+    attributes: &[
+        "db.system.name",
+        "db.operation.name",
+        "db.collection.name",
+        "error.type",
+    ],
+};
+
+const POOL_WAIT: HistogramFamily = HistogramFamily {
+    otlp: "db.client.connection.wait_time",
+    prom: "db_client_connection_wait_time_seconds",
+    help: "Time calls waited for a pooled connection.",
+    attributes: &["db.client.connection.pool.name"],
+};
+
+const JOB_DURATION: HistogramFamily = HistogramFamily {
+    otlp: "verdict.job.duration",
+    prom: "verdict_job_duration_seconds",
+    help: "Duration of background job runs.",
+    attributes: &["job", "outcome"],
+};
+
+/// The exemplars of every series of a histogram, by the series' label
+/// values (in the order of the family's attributes, `""` for absent).
+type ExemplarsByLabels = HashMap<Vec<String>, [Option<Exemplar>; BUCKETS.len() + 1]>;
+
+fn exemplars_of<K: Labels>(series: &Mutex<BTreeMap<K, Histo>>) -> ExemplarsByLabels {
+    series
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+        .filter(|(_, h)| h.exemplars.iter().any(Option::is_some))
+        .map(|(k, h)| {
+            (
+                k.values().into_iter().map(str::to_owned).collect(),
+                h.exemplars,
+            )
+        })
+        .collect()
 }
 
-/// The Prometheus text exposition of every metric: the OTLP names with dots
-/// as underscores, the unit (`_seconds`) and `_total` on counters, as the
-/// OpenTelemetry-to-Prometheus translation names them.
-pub fn render_prometheus(db: &Db) -> String {
-    let mut out = String::new();
+/// Adds the gateway's exemplars to the histogram data points of an OTLP
+/// metrics export built by the SDK (which has none): each data point gets
+/// the exemplar of every bucket of its series that has one.
+pub fn attach_exemplars(request: &mut ExportMetricsServiceRequest) {
     let r = &*REGISTRY;
-    write_histograms(
-        &mut out,
-        "rpc_server_call_duration_seconds",
-        "Duration of gRPC calls served.",
-        &["rpc_system_name", "rpc_method", "rpc_response_status_code"],
-        &r.rpcs,
-    );
-    write_histograms(
-        &mut out,
-        "db_client_operation_duration_seconds",
-        "Duration of database statements.",
-        &[
-            "db_system_name",
-            "db_operation_name",
-            "db_collection_name",
-            "error_type",
-        ],
-        &r.statements,
-    );
-    write_histograms(
-        &mut out,
-        "db_client_connection_wait_time_seconds",
-        "Time calls waited for a pooled connection.",
-        &["db_client_connection_pool_name"],
-        &r.pool_wait,
-    );
-    write_histograms(
-        &mut out,
-        "verdict_job_duration_seconds",
-        "Duration of background job runs.",
-        &["job", "outcome"],
-        &r.jobs,
-    );
-    let _ = writeln!(
-        out,
-        "# HELP verdict_job_runs_total Background job runs.\n# TYPE verdict_job_runs_total counter"
-    );
-    for (values, h) in r.jobs.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+    let mut families: Vec<(&HistogramFamily, Option<ExemplarsByLabels>)> = vec![
+        (&RPC_DURATION, None),
+        (&DB_DURATION, None),
+        (&POOL_WAIT, None),
+        (&JOB_DURATION, None),
+    ];
+    for m in request
+        .resource_metrics
+        .iter_mut()
+        .flat_map(|r| r.scope_metrics.iter_mut())
+        .flat_map(|s| s.metrics.iter_mut())
+    {
+        let Some(metric::Data::Histogram(histogram)) = &mut m.data else {
+            continue;
+        };
+        let Some((family, cached)) = families.iter_mut().find(|(f, _)| f.otlp == m.name) else {
+            continue;
+        };
+        let by_labels = cached.get_or_insert_with(|| match family.otlp {
+            "rpc.server.call.duration" => exemplars_of(&r.rpcs),
+            "db.client.operation.duration" => exemplars_of(&r.statements),
+            "db.client.connection.wait_time" => exemplars_of(&r.pool_wait),
+            _ => exemplars_of(&r.jobs),
+        });
+        for point in &mut histogram.data_points {
+            let values: Vec<String> = family
+                .attributes
+                .iter()
+                .map(|name| {
+                    point
+                        .attributes
+                        .iter()
+                        .find(|kv| kv.key == *name)
+                        .and_then(|kv| kv.value.as_ref()?.value.as_ref())
+                        .map_or_else(String::new, |v| match v {
+                            any_value::Value::StringValue(s) => s.clone(),
+                            _ => String::new(),
+                        })
+                })
+                .collect();
+            // The statement series names the database system; the others
+            // have every label the data point has.
+            let Some(exemplars) = by_labels.get(&values) else {
+                continue;
+            };
+            point.exemplars = exemplars
+                .iter()
+                .flatten()
+                .map(|e| opentelemetry_proto::tonic::metrics::v1::Exemplar {
+                    filtered_attributes: Vec::new(),
+                    time_unix_nano: e.unix_nanos(),
+                    span_id: e.span_id.to_vec(),
+                    trace_id: e.trace_id.to_vec(),
+                    value: Some(exemplar::Value::AsDouble(e.value)),
+                })
+                .collect();
+        }
+    }
+}
+
+/// The exposition formats of `/metrics`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// The Prometheus text format 0.0.4 (no exemplars).
+    Text,
+    /// OpenMetrics 1.0 text, with exemplars on histogram buckets.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format a scraper asks for in its `Accept` header: OpenMetrics
+    /// when it accepts `application/openmetrics-text` (with a non-zero
+    /// quality), else the Prometheus text format.
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let wants = accept.is_some_and(|accept| {
+            accept.split(',').any(|range| {
+                let mut parts = range.split(';').map(str::trim);
+                parts
+                    .next()
+                    .is_some_and(|t| t.eq_ignore_ascii_case("application/openmetrics-text"))
+                    && !parts.any(|p| {
+                        p.strip_prefix("q=")
+                            .and_then(|q| q.parse::<f64>().ok())
+                            .is_some_and(|q| q <= 0.0)
+                    })
+            })
+        });
+        if wants {
+            Format::OpenMetrics
+        } else {
+            Format::Text
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// Writes metric families in one [`Format`].
+struct Exposition {
+    format: Format,
+    out: String,
+}
+
+impl Exposition {
+    /// The `HELP` and `TYPE` lines of a family. `name` is the family name:
+    /// a counter's without `_total`, which the Prometheus text format adds
+    /// to the family name and OpenMetrics only to the sample name.
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let suffix = if kind == "counter" && self.format == Format::Text {
+            "_total"
+        } else {
+            ""
+        };
         let _ = writeln!(
-            out,
-            "verdict_job_runs_total{{job=\"{}\",outcome=\"{}\"}} {}",
-            values[0], values[1], h.count
+            self.out,
+            "# HELP {name}{suffix} {help}\n# TYPE {name}{suffix} {kind}"
         );
     }
-    let _ = writeln!(
-        out,
-        "# HELP verdict_job_last_success_timestamp_seconds Unix time of the last run of a job that did not fail.\n# TYPE verdict_job_last_success_timestamp_seconds gauge"
+
+    /// One sample; `labels` are `k="v"` pairs joined by commas.
+    fn sample(&mut self, name: &str, labels: &str, value: impl std::fmt::Display) {
+        if labels.is_empty() {
+            let _ = writeln!(self.out, "{name} {value}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{labels}}} {value}");
+        }
+    }
+
+    /// One histogram family; buckets carry their exemplars in OpenMetrics.
+    fn histograms<K: Labels>(&mut self, family: &HistogramFamily, series: &Mutex<BTreeMap<K, Histo>>) {
+        let name = family.prom;
+        self.family(name, "histogram", family.help);
+        for (key, h) in series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let labels: Vec<String> = family
+                .attributes
+                .iter()
+                .zip(key.values())
+                .filter(|(_, v)| !v.is_empty())
+                .map(|(k, v)| format!("{}=\"{v}\"", k.replace('.', "_")))
+                .collect();
+            let labels = labels.join(",");
+            let sep = if labels.is_empty() { "" } else { "," };
+            let mut cumulative = 0;
+            for (i, bound) in BUCKETS
+                .iter()
+                .map(|b| b.to_string())
+                .chain(["+Inf".to_owned()])
+                .enumerate()
+            {
+                cumulative = h.counts.get(i).map_or(h.count, |n| cumulative + n);
+                let _ = write!(
+                    self.out,
+                    "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {cumulative}"
+                );
+                if self.format == Format::OpenMetrics
+                    && let Some(e) = &h.exemplars[i]
+                {
+                    let nanos = e.unix_nanos();
+                    let _ = write!(
+                        self.out,
+                        " # {{trace_id=\"{}\",span_id=\"{}\"}} {} {}.{:09}",
+                        hex(&e.trace_id),
+                        hex(&e.span_id),
+                        e.value,
+                        nanos / 1_000_000_000,
+                        nanos % 1_000_000_000
+                    );
+                }
+                self.out.push('\n');
+            }
+            self.sample(&format!("{name}_sum"), &labels, h.sum);
+            self.sample(&format!("{name}_count"), &labels, h.count);
+        }
+    }
+
+    /// One counter family with one label.
+    fn counters(
+        &mut self,
+        name: &str,
+        help: &str,
+        label: &str,
+        values: &Mutex<BTreeMap<&'static str, u64>>,
+    ) {
+        self.family(name, "counter", help);
+        for (k, n) in values.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            self.sample(&format!("{name}_total"), &format!("{label}=\"{k}\""), n);
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// The exposition of every metric: the OTLP names with dots as
+/// underscores, the unit (`_seconds`) and `_total` on counters, as the
+/// OpenTelemetry-to-Prometheus translation names them.
+pub fn render_prometheus(db: &Db, format: Format) -> String {
+    let mut w = Exposition {
+        format,
+        out: String::new(),
+    };
+    let r = &*REGISTRY;
+    w.histograms(&RPC_DURATION, &r.rpcs);
+    w.histograms(&DB_DURATION, &r.statements);
+    w.histograms(&POOL_WAIT, &r.pool_wait);
+    w.histograms(&JOB_DURATION, &r.jobs);
+    w.family("verdict_job_runs", "counter", "Background job runs.");
+    for (values, h) in r.jobs.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        w.sample(
+            "verdict_job_runs_total",
+            &format!("job=\"{}\",outcome=\"{}\"", values[0], values[1]),
+            h.count,
+        );
+    }
+    w.family(
+        "verdict_job_last_success_timestamp_seconds",
+        "gauge",
+        "Unix time of the last run of a job that did not fail.",
     );
     for (job, t) in LAST_SUCCESS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
     {
-        let _ = writeln!(
-            out,
-            "verdict_job_last_success_timestamp_seconds{{job=\"{job}\"}} {t}"
+        w.sample(
+            "verdict_job_last_success_timestamp_seconds",
+            &format!("job=\"{job}\""),
+            t,
         );
     }
     let health = DB_HEALTH.load(Ordering::Relaxed);
     if health < 4 {
-        let _ = writeln!(
-            out,
-            "# HELP verdict_db_reachable Whether the health probe reached PostgreSQL (1) or not (0).\n# TYPE verdict_db_reachable gauge\nverdict_db_reachable {}\n\
-             # HELP verdict_db_serving Whether the pool could get a connection at the last probe.\n# TYPE verdict_db_serving gauge\nverdict_db_serving {}",
-            health & 1,
-            health >> 1 & 1
+        w.family(
+            "verdict_db_reachable",
+            "gauge",
+            "Whether the health probe reached PostgreSQL (1) or not (0).",
         );
+        w.sample("verdict_db_reachable", "", health & 1);
+        w.family(
+            "verdict_db_serving",
+            "gauge",
+            "Whether the pool could get a connection at the last probe.",
+        );
+        w.sample("verdict_db_serving", "", health >> 1 & 1);
     }
     let s = db.stats();
     let pool = format!("db_client_connection_pool_name=\"{POOL_NAME}\"");
     let idle = s.available as i64;
     let used = (s.size as i64 - idle).max(0);
-    let _ = writeln!(
-        out,
-        "# HELP db_client_connection_count Open pooled connections, by state.\n# TYPE db_client_connection_count gauge\n\
-         db_client_connection_count{{{pool},db_client_connection_state=\"idle\"}} {idle}\n\
-         db_client_connection_count{{{pool},db_client_connection_state=\"used\"}} {used}"
+    w.family(
+        "db_client_connection_count",
+        "gauge",
+        "Open pooled connections, by state.",
     );
+    for (state, v) in [("idle", idle), ("used", used)] {
+        w.sample(
+            "db_client_connection_count",
+            &format!("{pool},db_client_connection_state=\"{state}\""),
+            v,
+        );
+    }
     for (name, help, v) in [
         (
             "db_client_connection_max",
@@ -595,62 +944,106 @@ pub fn render_prometheus(db: &Db) -> String {
             s.waiting as i64,
         ),
     ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name}{{{pool}}} {v}"
-        );
+        w.family(name, "gauge", help);
+        w.sample(name, &pool, v);
     }
-    let _ = writeln!(
-        out,
-        "# HELP db_client_connection_timeouts_total Waits for a pooled connection that timed out.\n# TYPE db_client_connection_timeouts_total counter\ndb_client_connection_timeouts_total{{{pool}}} {}",
-        r.pool_timeouts.load(Ordering::Relaxed)
+    w.family(
+        "db_client_connection_timeouts",
+        "counter",
+        "Waits for a pooled connection that timed out.",
     );
-    let _ = writeln!(
-        out,
-        "# HELP verdict_db_statement_timeouts_total Statements cancelled by their timeout.\n# TYPE verdict_db_statement_timeouts_total counter\nverdict_db_statement_timeouts_total {}",
-        r.statement_timeouts.load(Ordering::Relaxed)
+    w.sample(
+        "db_client_connection_timeouts_total",
+        &pool,
+        r.pool_timeouts.load(Ordering::Relaxed),
     );
-    write_counters(
-        &mut out,
-        "verdict_ingest_rows_total",
+    w.family(
+        "verdict_db_statement_timeouts",
+        "counter",
+        "Statements cancelled by their timeout.",
+    );
+    w.sample(
+        "verdict_db_statement_timeouts_total",
+        "",
+        r.statement_timeouts.load(Ordering::Relaxed),
+    );
+    w.counters(
+        "verdict_ingest_rows",
         "Rows written by batch and stream ingest.",
         "kind",
         &r.ingest_rows,
     );
-    write_counters(
-        &mut out,
-        "verdict_cleanup_deleted_rows_total",
+    w.counters(
+        "verdict_cleanup_deleted_rows",
         "Rows deleted by cleanup, by table.",
         "db_collection_name",
         &r.cleanup_rows,
     );
-    write_counters(
-        &mut out,
-        "verdict_integrity_findings_total",
+    w.counters(
+        "verdict_integrity_findings",
         "Rows found by integrity checks, by check.",
         "check",
         &r.integrity_findings,
     );
-    out
+    w.family(
+        "verdict_telemetry_dropped_spans",
+        "counter",
+        "Finished spans that never reached the collector: queue_full, export_failed or shutdown.",
+    );
+    for reason in SpanDrop::ALL {
+        w.sample(
+            "verdict_telemetry_dropped_spans_total",
+            &format!("error_type=\"{}\"", reason.as_str()),
+            dropped_spans(reason),
+        );
+    }
+    if format == Format::OpenMetrics {
+        w.out.push_str("# EOF\n");
+    }
+    w.out
 }
 
-/// Serves `GET /metrics` (Prometheus text) on the admin listener until the
-/// task is dropped. Anything else gets 404.
+/// Longest request head `/metrics` reads.
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+/// Serves `GET /metrics` on the admin listener until the task is dropped:
+/// OpenMetrics (with exemplars) when the scraper's `Accept` asks for
+/// `application/openmetrics-text`, else the Prometheus text format.
+/// Anything else gets 404.
 pub async fn serve_prometheus(listener: TcpListener, db: Db) {
     while let Ok((mut stream, _)) = listener.accept().await {
         let db = db.clone();
         tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let n = match tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf)).await
-            {
-                Ok(Ok(n)) => n,
-                _ => return,
-            };
-            let head = String::from_utf8_lossy(&buf[..n]);
+            let mut head = Vec::with_capacity(1024);
+            let read = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD
+                {
+                    let n = stream.read(&mut buf).await?;
+                    if n == 0 {
+                        break;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                }
+                std::io::Result::Ok(())
+            })
+            .await;
+            if !matches!(read, Ok(Ok(()))) {
+                return;
+            }
+            let head = String::from_utf8_lossy(&head);
             let response = if head.starts_with("GET /metrics ") {
-                let body = render_prometheus(&db);
+                let accept = head.lines().skip(1).find_map(|line| {
+                    let (name, value) = line.split_once(':')?;
+                    name.trim()
+                        .eq_ignore_ascii_case("accept")
+                        .then_some(value.trim())
+                });
+                let format = Format::negotiate(accept);
+                let body = render_prometheus(&db, format);
                 format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    format.content_type(),
                     body.len()
                 )
             } else {

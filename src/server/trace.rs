@@ -263,7 +263,7 @@ static FAILED_LINES: LogBudget = LogBudget::new(50, 20);
 /// `info`, server-side trouble at `warn`/`error`, successes at `debug`;
 /// all but successes within a [`LogBudget`].
 fn finish(span: &Span, name: &CallName, code: i32, started: Instant) {
-    crate::observability::rpc_finished(name.label, code, started.elapsed());
+    crate::observability::rpc_finished(name.label, code, started.elapsed(), span);
     let code_name = crate::observability::grpc_code_name(code);
     span.record("rpc.response.status_code", code_name);
     if old_conventions() {

@@ -1,8 +1,10 @@
 //! Tracing end to end: an in-test OTLP/gRPC receiver gets the RPC span and
 //! its SQL child spans with their attributes, in the caller's trace; every
 //! statement of a call (stream ingest included) and of a background job run
-//! belongs to one trace whose root says what it was for. Its own test
-//! binary, because the tracing subscriber is process-global.
+//! belongs to one trace whose root says what it was for; the call's
+//! latency buckets carry exemplars leading to its trace, over OTLP and in
+//! the OpenMetrics exposition of /metrics. Its own test binary, because the
+//! tracing subscriber is process-global.
 
 #[path = "api/helpers.rs"]
 mod helpers;
@@ -11,7 +13,7 @@ mod otlp_receiver;
 
 use helpers::{adopt, create_database, test_config};
 use opentelemetry_proto::tonic::trace::v1::{Span, span::SpanKind};
-use otlp_receiver::{Receiver, attr, hex, int, text};
+use otlp_receiver::{Exemplar, Receiver, Series, attr, hex, int, text, to_hex};
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 use verdict::proto::{
@@ -363,7 +365,7 @@ async fn every_statement_is_in_a_trace_rooted_at_its_call_or_job_with_current_co
             receiver.metrics.lock().unwrap()
         )
     });
-    let body = scrape(metrics_port).await;
+    let body = scrape(metrics_port, None).await;
     for (name, labels) in expected {
         let prom = prometheus_name(name);
         let labels: Vec<String> = labels
@@ -377,7 +379,156 @@ async fn every_statement_is_in_a_trace_rooted_at_its_call_or_job_with_current_co
             "{prom} with {labels:?} in /metrics: {body}"
         );
     }
+
+    // Exemplars over OTLP: the CreateSession bucket of
+    // rpc.server.call.duration leads to the call's span, and the INSERT
+    // sessions bucket of db.client.operation.duration to a span of the
+    // call's trace.
+    let is_call = |(name, attrs): &Series| {
+        name == "rpc.server.call.duration"
+            && attrs.get("rpc.method").map(String::as_str)
+                == Some("verdict.v1.SessionService/CreateSession")
+    };
+    let is_insert = |(name, attrs): &Series| {
+        name == "db.client.operation.duration"
+            && attrs.get("db.operation.name").map(String::as_str) == Some("INSERT")
+            && attrs.get("db.collection.name").map(String::as_str) == Some("sessions")
+    };
+    let in_trace = |of: &dyn Fn(&Series) -> bool| -> Option<Exemplar> {
+        receiver
+            .exemplars
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(series, _)| of(series))
+            .flat_map(|(_, exemplars)| exemplars)
+            .find(|e| e.trace_id == trace_id)
+            .cloned()
+    };
+    let (call_exemplar, insert_exemplar) = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let notified = receiver.arrived.notified();
+            if let (Some(call), Some(insert)) = (in_trace(&is_call), in_trace(&is_insert)) {
+                return (call, insert);
+            }
+            telemetry.flush();
+            notified.await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "exemplars in the call's trace: {:?}",
+            receiver.exemplars.lock().unwrap()
+        )
+    });
+    assert_eq!(call_exemplar.span_id, rpc.span_id, "the call's own span");
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.trace_id == trace_id && s.span_id == insert_exemplar.span_id),
+        "the statement's exemplar names a span of the call's trace"
+    );
+    for e in [&call_exemplar, &insert_exemplar] {
+        assert!(e.time_unix_nano > 0);
+        assert!(
+            matches!(e.value, Some(otlp_receiver::ExemplarValue::AsDouble(v)) if v > 0.0),
+            "{e:?}"
+        );
+    }
+
+    // Exemplars on /metrics: only in OpenMetrics, on the bucket the call
+    // fell into, with the call's trace and span.
+    let response = scrape(
+        metrics_port,
+        Some("application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"),
+    )
+    .await;
+    let (head, open_metrics) = split_response(&response);
+    assert!(
+        head.contains("content-type: application/openmetrics-text; version=1.0.0"),
+        "{head}"
+    );
+    assert!(open_metrics.ends_with("# EOF\n"), "{open_metrics}");
+    let (bucket, exemplar) = open_metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("rpc_server_call_duration_seconds_bucket{")
+                && l.contains("rpc_method=\"verdict.v1.SessionService/CreateSession\"")
+        })
+        .find_map(|l| l.split_once(" # "))
+        .unwrap_or_else(|| panic!("an exemplar on the CreateSession buckets: {open_metrics}"));
+    let le: f64 = bucket
+        .split("le=\"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .map(|le| if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() })
+        .unwrap();
+    let (labels, rest) = exemplar
+        .strip_prefix('{')
+        .and_then(|e| e.split_once("} "))
+        .unwrap_or_else(|| panic!("OpenMetrics exemplar syntax: {exemplar}"));
+    assert_eq!(
+        labels,
+        format!(
+            "trace_id=\"{trace_id_hex}\",span_id=\"{}\"",
+            to_hex(&rpc.span_id)
+        )
+    );
+    let mut rest = rest.split(' ');
+    let value: f64 = rest.next().unwrap().parse().unwrap();
+    let at: f64 = rest.next().unwrap().parse().unwrap();
+    assert!(value > 0.0 && value <= le, "{value} in the bucket le={le}");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(at > now - 600.0 && at <= now, "exemplar time {at}");
+    // Counters: the family name without _total in OpenMetrics.
+    assert!(open_metrics.contains("# TYPE verdict_job_runs counter\n"));
+    assert!(open_metrics.contains("\nverdict_job_runs_total{"));
+
+    // The Prometheus text format has no exemplars and passes promtool.
+    let (_, plain) = split_response(&body);
+    assert!(!plain.contains(" # {"), "{plain}");
+    promtool_check(plain);
     app.stop().await.unwrap();
+}
+
+/// `promtool check metrics` passes `text` (when promtool is installed:
+/// deploy-check installs it, from the Debian package prometheus).
+fn promtool_check(text: &str) {
+    use std::io::Write as _;
+    let Ok(mut child) = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    else {
+        eprintln!("promtool is not installed: the exposition is not linted");
+        return;
+    };
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}\n{text}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The head and the body of an HTTP response.
+fn split_response(response: &str) -> (&str, &str) {
+    response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("an HTTP response: {response}"))
 }
 
 /// The Prometheus name of an OTLP metric, as the OpenTelemetry translation
@@ -396,13 +547,14 @@ fn prometheus_name(otlp: &str) -> String {
     }
 }
 
-async fn scrape(port: u16) -> String {
+async fn scrape(port: u16, accept: Option<&str>) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
+    let accept = accept.map_or_else(String::new, |a| format!("Accept: {a}\r\n"));
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+        .write_all(format!("GET /metrics HTTP/1.1\r\nhost: x\r\n{accept}\r\n").as_bytes())
         .await
         .unwrap();
     let mut body = String::new();

@@ -1,6 +1,8 @@
 //! An in-test OTLP/gRPC collector: keeps every exported span, the resource
-//! attributes they came with, and the name and attribute keys of every
-//! exported metric.
+//! attributes they came with, the name and attribute keys of every
+//! exported metric, the latest value of every sum and the latest exemplars
+//! of every histogram series. Span exports can be held (not answered, not
+//! kept) to play a slow collector.
 
 #![allow(dead_code)]
 
@@ -19,6 +21,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 pub use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
 use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+#[allow(unused_imports)]
+pub use opentelemetry_proto::tonic::metrics::v1::exemplar::Value as ExemplarValue;
+pub use opentelemetry_proto::tonic::metrics::v1::Exemplar;
+use opentelemetry_proto::tonic::metrics::v1::number_data_point;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -34,7 +40,33 @@ pub struct Receiver {
     pub resources: Arc<Mutex<Vec<BTreeMap<String, String>>>>,
     /// Metric name to the attribute keys of its data points.
     pub metrics: Arc<Mutex<BTreeMap<String, BTreeSet<String>>>>,
+    /// The latest value of every sum series, by metric name and attributes.
+    pub sums: Arc<Mutex<BTreeMap<Series, i64>>>,
+    /// The latest exemplars of every histogram series.
+    pub exemplars: Arc<Mutex<BTreeMap<Series, Vec<Exemplar>>>>,
+    /// While true, span exports wait (unanswered, not kept) until it is
+    /// false again.
+    pub hold_spans: Arc<tokio::sync::watch::Sender<bool>>,
     pub arrived: Arc<Notify>,
+}
+
+/// A metric name and a data point's attributes (string values).
+pub type Series = (String, BTreeMap<String, String>);
+
+fn series(name: &str, attributes: &[KeyValue]) -> Series {
+    (
+        name.to_owned(),
+        attributes
+            .iter()
+            .map(|kv| {
+                let value = match kv.value.as_ref().and_then(|v| v.value.as_ref()) {
+                    Some(Value::StringValue(s)) => s.clone(),
+                    other => format!("{other:?}"),
+                };
+                (kv.key.clone(), value)
+            })
+            .collect(),
+    )
 }
 
 fn keys(attributes: &[KeyValue]) -> impl Iterator<Item = String> + '_ {
@@ -55,16 +87,27 @@ impl MetricsService for Receiver {
             .flat_map(|r| r.scope_metrics)
             .flat_map(|s| s.metrics)
         {
-            let entry = metrics.entry(m.name).or_default();
+            let entry = metrics.entry(m.name.clone()).or_default();
             match m.data {
-                Some(Data::Histogram(h)) => h
-                    .data_points
-                    .iter()
-                    .for_each(|p| entry.extend(keys(&p.attributes))),
-                Some(Data::Sum(s)) => s
-                    .data_points
-                    .iter()
-                    .for_each(|p| entry.extend(keys(&p.attributes))),
+                Some(Data::Histogram(h)) => {
+                    let mut exemplars = self.exemplars.lock().unwrap();
+                    for p in h.data_points {
+                        entry.extend(keys(&p.attributes));
+                        exemplars.insert(series(&m.name, &p.attributes), p.exemplars);
+                    }
+                }
+                Some(Data::Sum(s)) => {
+                    let mut sums = self.sums.lock().unwrap();
+                    for p in s.data_points {
+                        entry.extend(keys(&p.attributes));
+                        let value = match p.value {
+                            Some(number_data_point::Value::AsInt(i)) => i,
+                            Some(number_data_point::Value::AsDouble(d)) => d as i64,
+                            None => 0,
+                        };
+                        sums.insert(series(&m.name, &p.attributes), value);
+                    }
+                }
                 Some(Data::Gauge(g)) => g
                     .data_points
                     .iter()
@@ -84,6 +127,12 @@ impl TraceService for Receiver {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        // A held export is dropped, unkept, if the exporter gives up first.
+        let _ = self
+            .hold_spans
+            .subscribe()
+            .wait_for(|held| !*held)
+            .await;
         for r in request.into_inner().resource_spans {
             if let Some(resource) = &r.resource {
                 let attrs = resource
@@ -107,6 +156,16 @@ impl TraceService for Receiver {
 }
 
 impl Receiver {
+    /// The latest value of sum `name` with attribute `key` = `value`.
+    pub fn sum(&self, name: &str, key: &str, value: &str) -> Option<i64> {
+        self.sums
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|((n, attrs), _)| n == name && attrs.get(key).is_some_and(|v| v == value))
+            .map(|(_, v)| *v)
+    }
+
     /// Serves the receiver on a loopback port; returns its port.
     pub async fn start(&self) -> u16 {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -170,6 +170,9 @@ async fn spans_lost_to_a_full_queue_and_at_shutdown_are_counted_on_otlp_and_metr
         )
     });
     let missing = produced - arrived;
+    eprintln!(
+        "{per_call} spans per call; of {produced}: {arrived} arrived, {missing} missing, {dropped} counted dropped"
+    );
     assert!(missing > 0, "{arrived} of {produced} arrived");
     assert!(
         (missing..=missing + QUEUE).contains(&dropped),
@@ -214,6 +217,7 @@ async fn spans_lost_to_a_full_queue_and_at_shutdown_are_counted_on_otlp_and_metr
         .await
         .unwrap();
     let at_shutdown = dropped_spans(SpanDrop::Shutdown);
+    eprintln!("{at_shutdown} spans still queued at shutdown");
     assert!(
         (1..=QUEUE as u64).contains(&at_shutdown),
         "{at_shutdown} spans counted as lost at shutdown"

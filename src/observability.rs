@@ -11,7 +11,6 @@ use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_proto::tonic::collector::metrics::v1::ExportMetricsServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value;
 use opentelemetry_proto::tonic::metrics::v1::{exemplar, metric};
-use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use prost::Message as _;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
@@ -20,6 +19,7 @@ use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
 const BUCKETS: [f64; 13] = [
@@ -242,7 +242,11 @@ pub enum SpanDrop {
 }
 
 impl SpanDrop {
-    pub const ALL: [SpanDrop; 3] = [SpanDrop::QueueFull, SpanDrop::ExportFailed, SpanDrop::Shutdown];
+    pub const ALL: [SpanDrop; 3] = [
+        SpanDrop::QueueFull,
+        SpanDrop::ExportFailed,
+        SpanDrop::Shutdown,
+    ];
 
     /// The `error.type` value.
     pub fn as_str(self) -> &'static str {
@@ -796,7 +800,11 @@ impl Exposition {
     }
 
     /// One histogram family; buckets carry their exemplars in OpenMetrics.
-    fn histograms<K: Labels>(&mut self, family: &HistogramFamily, series: &Mutex<BTreeMap<K, Histo>>) {
+    fn histograms<K: Labels>(
+        &mut self,
+        family: &HistogramFamily,
+        series: &Mutex<BTreeMap<K, Histo>>,
+    ) {
         let name = family.prom;
         self.family(name, "histogram", family.help);
         for (key, h) in series.lock().unwrap_or_else(|p| p.into_inner()).iter() {
@@ -1017,8 +1025,7 @@ pub async fn serve_prometheus(listener: TcpListener, db: Db) {
             let mut head = Vec::with_capacity(1024);
             let read = tokio::time::timeout(Duration::from_secs(5), async {
                 let mut buf = [0u8; 1024];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD
-                {
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < MAX_REQUEST_HEAD {
                     let n = stream.read(&mut buf).await?;
                     if n == 0 {
                         break;
@@ -1052,5 +1059,56 @@ pub async fn serve_prometheus(listener: TcpListener, db: Db) {
             };
             let _ = stream.write_all(response.as_bytes()).await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_only_when_the_scraper_accepts_it() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        assert_eq!(
+            Format::negotiate(Some("Application/OpenMetrics-Text")),
+            Format::OpenMetrics
+        );
+        assert_eq!(Format::negotiate(None), Format::Text);
+        assert_eq!(Format::negotiate(Some("text/plain")), Format::Text);
+        assert_eq!(Format::negotiate(Some("*/*")), Format::Text);
+        assert_eq!(
+            Format::negotiate(Some("application/openmetrics-text;q=0,text/plain")),
+            Format::Text
+        );
+    }
+
+    #[test]
+    fn an_exemplar_is_kept_per_bucket_and_the_latest_wins() {
+        let series: Mutex<BTreeMap<[&'static str; 1], Histo>> = Mutex::new(BTreeMap::new());
+        let at = |trace: u8, value: f64| Exemplar {
+            trace_id: [trace; 16],
+            span_id: [trace; 8],
+            value,
+            time: SystemTime::now(),
+        };
+        observe(&series, ["a"], 0.003, Some(at(1, 0.003)));
+        observe(&series, ["a"], 0.004, Some(at(2, 0.004)));
+        observe(&series, ["a"], 0.004, None);
+        observe(&series, ["a"], 60.0, Some(at(3, 60.0)));
+        let map = series.lock().unwrap();
+        let h = &map[&["a"]];
+        assert_eq!(h.count, 4);
+        // 0.003 and 0.004 fall into le=0.005 (index 3); the unsampled one
+        // keeps the last sampled exemplar; 60 s is in +Inf.
+        assert_eq!(h.exemplars[3].map(|e| e.trace_id[0]), Some(2));
+        assert_eq!(h.exemplars[BUCKETS.len()].map(|e| e.value), Some(60.0));
+        assert_eq!(h.exemplars.iter().flatten().count(), 2);
+    }
+
+    #[test]
+    fn no_exemplar_outside_a_traced_span() {
+        assert_eq!(Exemplar::in_span(&tracing::Span::none(), 1.0), None);
+        assert_eq!(Exemplar::here(1.0), None);
     }
 }

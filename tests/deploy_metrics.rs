@@ -110,6 +110,11 @@ async fn the_dashboard_and_alert_rules_use_only_exported_metrics_and_labels() {
             used.len() > 10,
             "{file} uses the gateway's metrics: {used:?}"
         );
+        // Lost spans (incomplete traces) have a panel and an alert.
+        assert!(
+            used.contains("verdict_telemetry_dropped_spans_total"),
+            "{file} shows the spans that never reached the collector"
+        );
         let unknown: Vec<&String> = used.difference(&have).collect();
         assert!(
             unknown.is_empty(),

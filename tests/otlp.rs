@@ -462,7 +462,13 @@ async fn every_statement_is_in_a_trace_rooted_at_its_call_or_job_with_current_co
         .split("le=\"")
         .nth(1)
         .and_then(|rest| rest.split('"').next())
-        .map(|le| if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap() })
+        .map(|le| {
+            if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().unwrap()
+            }
+        })
         .unwrap();
     let (labels, rest) = exemplar
         .strip_prefix('{')
@@ -499,8 +505,7 @@ async fn every_statement_is_in_a_trace_rooted_at_its_call_or_job_with_current_co
 /// OpenTelemetry-to-Prometheus translation gives the semantic conventions'
 /// `db.client.connection.count` gauge, kept for the same names on OTLP and
 /// Prometheus.
-const ACCEPTED_LINT: &str =
-    "db_client_connection_count non-histogram and non-summary metrics should not have \"_count\" suffix";
+const ACCEPTED_LINT: &str = "db_client_connection_count non-histogram and non-summary metrics should not have \"_count\" suffix";
 
 /// `promtool check metrics` parses `text` and finds nothing to lint but
 /// [`ACCEPTED_LINT`] (when promtool is installed: deploy-check installs

@@ -24,7 +24,10 @@ const CALLS: usize = 30;
 
 /// The trace id of call `i` (a fresh trace per call).
 fn trace_hex(i: usize) -> String {
-    format!("{:032x}", 0x5eed_0000_0000_0000_0000_0000_0000_0000u128 + i as u128)
+    format!(
+        "{:032x}",
+        0x5eed_0000_0000_0000_0000_0000_0000_0000u128 + i as u128
+    )
 }
 
 async fn traced_call(app: &TestApp, i: usize) {

@@ -52,7 +52,10 @@ async fn rpcs_succeed_while_the_collector_is_unreachable() {
     // calls' spans before the last one's, which may end after the flush):
     // counted, and on /metrics; none was dropped from the queue.
     let failed = dropped_spans(SpanDrop::ExportFailed);
-    assert!(failed >= 49 * 2, "{failed} spans of 50 calls counted as export_failed");
+    assert!(
+        failed >= 49 * 2,
+        "{failed} spans of 50 calls counted as export_failed"
+    );
     assert_eq!(dropped_spans(SpanDrop::QueueFull), 0);
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", metrics_port))
         .await

@@ -20,10 +20,10 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 pub use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue};
-use opentelemetry_proto::tonic::metrics::v1::metric::Data;
+pub use opentelemetry_proto::tonic::metrics::v1::Exemplar;
 #[allow(unused_imports)]
 pub use opentelemetry_proto::tonic::metrics::v1::exemplar::Value as ExemplarValue;
-pub use opentelemetry_proto::tonic::metrics::v1::Exemplar;
+use opentelemetry_proto::tonic::metrics::v1::metric::Data;
 use opentelemetry_proto::tonic::metrics::v1::number_data_point;
 use opentelemetry_proto::tonic::trace::v1::Span;
 use std::collections::{BTreeMap, BTreeSet};
@@ -128,11 +128,7 @@ impl TraceService for Receiver {
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         // A held export is dropped, unkept, if the exporter gives up first.
-        let _ = self
-            .hold_spans
-            .subscribe()
-            .wait_for(|held| !*held)
-            .await;
+        let _ = self.hold_spans.subscribe().wait_for(|held| !*held).await;
         for r in request.into_inner().resource_spans {
             if let Some(resource) = &r.resource {
                 let attrs = resource

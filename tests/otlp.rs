@@ -105,6 +105,24 @@ async fn every_statement_is_in_a_trace_rooted_at_its_call_or_job_with_current_co
         .session
         .unwrap();
 
+    // A call in a trace its caller does not sample: nothing of it is
+    // exported, so no exemplar may lead to it.
+    let unsampled_hex = "7f0000000000000000000000000000aa";
+    let mut request = tonic::Request::new(CreateSessionRequest {
+        request_id: "unsampled".into(),
+        source_technology: "cobol".into(),
+        target_technology: "java".into(),
+        validation_scope: "full".into(),
+        ..Default::default()
+    });
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{unsampled_hex}-{caller_span_hex}-00")
+            .parse()
+            .unwrap(),
+    );
+    app.sessions.clone().create_session(request).await.unwrap();
+
     // A stream ingest in a trace of its own.
     let ingest_trace_hex = "0af7651916cd43dd8448eb211c80319c";
     let chunks: Vec<IngestDiscrepanciesRequest> = (1..=3)
@@ -437,6 +455,19 @@ async fn every_statement_is_in_a_trace_rooted_at_its_call_or_job_with_current_co
         );
     }
 
+    let unsampled = hex(unsampled_hex);
+    assert!(
+        receiver
+            .exemplars
+            .lock()
+            .unwrap()
+            .values()
+            .flatten()
+            .all(|e| e.trace_id != unsampled),
+        "no exemplar of an unsampled trace"
+    );
+    assert!(!spans.iter().any(|s| s.trace_id == unsampled));
+
     // Exemplars on /metrics: only in OpenMetrics, on the bucket the call
     // fell into, with the call's trace and span.
     let response = scrape(
@@ -490,6 +521,7 @@ async fn every_statement_is_in_a_trace_rooted_at_its_call_or_job_with_current_co
         .unwrap()
         .as_secs_f64();
     assert!(at > now - 600.0 && at <= now, "exemplar time {at}");
+    assert!(!open_metrics.contains(unsampled_hex));
     // Counters: the family name without _total in OpenMetrics.
     assert!(open_metrics.contains("# TYPE verdict_job_runs counter\n"));
     assert!(open_metrics.contains("\nverdict_job_runs_total{"));

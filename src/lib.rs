@@ -20,6 +20,7 @@ pub mod ingest;
 pub mod metrics;
 pub mod observability;
 pub mod pagination;
+pub mod projects;
 pub mod results;
 pub mod rpc;
 pub mod server;
@@ -222,6 +223,7 @@ impl Application {
             shutdown: shutdown_rx.clone(),
             signer: self.signer.clone(),
             keys: self.keys.clone(),
+            projects: crate::projects::Directory::new(self.db.clone()),
             ingest: crate::ingest::Limits::from_config(&self.config),
             watches: watches.clone(),
             max_message_bytes: self.config.max_message_bytes,

@@ -37,6 +37,7 @@ const COLLECTIONS: &[&str] = &[
     "ingest_marks",
     "metric_points",
     "metric_rollups",
+    "projects",
     "results",
     "rollup_watermarks",
     "session_logs",

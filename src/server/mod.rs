@@ -78,7 +78,12 @@ pub async fn serve(
                 .max_encoding_message_size(limit)
         };
     }
-    let auth = AuthLayer::new(state.keys.clone(), auth.is_required(), state.signer.clone());
+    let auth = AuthLayer::new(
+        state.keys.clone(),
+        auth.is_required(),
+        state.signer.clone(),
+        state.projects.clone(),
+    );
 
     let router = Server::builder()
         // Advertised in SETTINGS: a client may not open more at once.

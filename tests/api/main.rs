@@ -17,6 +17,7 @@ mod keys;
 mod metrics;
 mod pages;
 mod pg_tls;
+mod projects;
 mod results;
 mod sequences;
 mod sessions;

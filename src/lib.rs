@@ -248,6 +248,7 @@ impl Application {
                 keys: self.keys.clone(),
                 auth_required: self.auth.is_required(),
                 signer: self.signer.clone(),
+                projects: state.projects.clone(),
                 health: health.clone(),
                 hub,
                 probe_interval: self.config.health_probe_interval(),
@@ -342,6 +343,9 @@ struct Background {
     /// hold a connection.
     auth_required: bool,
     signer: Signer,
+    /// Learns the `default` project's id at start-up, so calls that name no
+    /// project never look it up.
+    projects: projects::Directory,
     health: Health,
     hub: Hub,
     probe_interval: Duration,
@@ -358,6 +362,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
         keys,
         auth_required,
         signer,
+        projects,
         health,
         hub,
         probe_interval,
@@ -371,7 +376,11 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
             Ok(mut client) => match migrate::run(&mut client).await {
                 Ok(applied) => {
                     tracing::info!(?applied, "database schema is up to date");
-                    match load_page_token_secret(&client, &signer).await {
+                    let loaded = async {
+                        load_page_token_secret(&client, &signer).await?;
+                        projects.load_default(&client).await
+                    };
+                    match loaded.await {
                         Ok(()) => break,
                         Err(e) => {
                             tracing::warn!(attempt, error = %e, "cannot read the page-token secret; retrying")

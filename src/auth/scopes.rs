@@ -67,6 +67,12 @@ pub const TABLE: &[(&str, Scope)] = &[
     ("/verdict.v1.AdminService/CheckIntegrity", Admin),
     ("/verdict.v1.AdminService/GetMigrationStatus", Admin),
     ("/verdict.v1.AdminService/ExportSession", Admin),
+    // ProjectService: all of it is admin.
+    ("/verdict.v1.ProjectService/CreateProject", Admin),
+    ("/verdict.v1.ProjectService/GetProject", Admin),
+    ("/verdict.v1.ProjectService/ListProjects", Admin),
+    ("/verdict.v1.ProjectService/UpdateProject", Admin),
+    ("/verdict.v1.ProjectService/DeleteProject", Admin),
 ];
 
 /// How a path is treated by the auth layer.
@@ -155,6 +161,7 @@ mod tests {
         for (path, scope) in TABLE {
             let method = path.rsplit('/').next().unwrap();
             let admin_only = path.contains("AdminService")
+                || path.contains("ProjectService")
                 || method.starts_with("Cleanup")
                 || method.starts_with("ComputeRollups");
             let expected = if admin_only {

@@ -17,7 +17,10 @@
 //! time (meanwhile its calls read nothing and their writes fail NOT_FOUND,
 //! because its rows and its foreign-key target are gone).
 
+mod service;
 pub mod sql;
+
+pub use service::ProjectApi;
 
 use crate::call::Call;
 use crate::db::Db;
@@ -114,6 +117,19 @@ impl Directory {
             Error::Internal("the project `default` is missing from the database".into())
         })?;
         Ok(*self.inner.default.get_or_init(|| id))
+    }
+
+    /// Learns the id of the project `default` at start-up (on the
+    /// migrating connection), so calls that name no project never read it.
+    pub async fn load_default(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> std::result::Result<(), tokio_postgres::Error> {
+        let row = client
+            .query_one("SELECT id FROM projects WHERE slug = 'default'", &[])
+            .await?;
+        let _ = self.inner.default.set(row.try_get(0)?);
+        Ok(())
     }
 
     /// The id of `slug`, from the cache or the database.

@@ -15,10 +15,12 @@ use crate::config::Config;
 use crate::coverage::CoverageApi;
 use crate::discrepancies::DiscrepancyApi;
 use crate::metrics::MetricsApi;
+use crate::projects::ProjectApi;
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::coverage_service_server::CoverageServiceServer;
 use crate::proto::discrepancy_service_server::DiscrepancyServiceServer;
 use crate::proto::metrics_service_server::MetricsServiceServer;
+use crate::proto::project_service_server::ProjectServiceServer;
 use crate::proto::result_service_server::ResultServiceServer;
 use crate::proto::session_service_server::SessionServiceServer;
 use crate::proto::test_case_service_server::TestCaseServiceServer;
@@ -44,6 +46,7 @@ pub fn service_names() -> Vec<&'static str> {
         <AdminServiceServer<AdminApi> as NamedService>::NAME,
         <TestCaseServiceServer<TestCaseApi> as NamedService>::NAME,
         <CoverageServiceServer<CoverageApi> as NamedService>::NAME,
+        <ProjectServiceServer<ProjectApi> as NamedService>::NAME,
     ]
 }
 
@@ -108,7 +111,8 @@ pub async fn serve(
         .add_service(limited!(TestCaseServiceServer, TestCaseApi))
         .add_service(limited!(CoverageServiceServer, CoverageApi))
         .add_service(limited!(MetricsServiceServer, MetricsApi))
-        .add_service(limited!(AdminServiceServer, AdminApi));
+        .add_service(limited!(AdminServiceServer, AdminApi))
+        .add_service(limited!(ProjectServiceServer, ProjectApi));
     let limits = incoming::Limits::from_config(config);
     match tls {
         Some(tls) => {

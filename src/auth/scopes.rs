@@ -67,6 +67,11 @@ pub const TABLE: &[(&str, Scope)] = &[
     ("/verdict.v1.AdminService/CheckIntegrity", Admin),
     ("/verdict.v1.AdminService/GetMigrationStatus", Admin),
     ("/verdict.v1.AdminService/ExportSession", Admin),
+    // TestRunService
+    ("/verdict.v1.TestRunService/CreateTestRun", Write),
+    ("/verdict.v1.TestRunService/GetTestRun", Read),
+    ("/verdict.v1.TestRunService/ListTestRuns", Read),
+    ("/verdict.v1.TestRunService/FinishTestRun", Write),
     // ProjectService: all of it is admin.
     ("/verdict.v1.ProjectService/CreateProject", Admin),
     ("/verdict.v1.ProjectService/GetProject", Admin),
@@ -167,7 +172,7 @@ mod tests {
             let expected = if admin_only {
                 Admin
             } else if [
-                "Record", "Create", "Update", "Resolve", "Ingest", "Delete", "Append",
+                "Record", "Create", "Update", "Resolve", "Ingest", "Delete", "Append", "Finish",
             ]
             .iter()
             .any(|verb| method.starts_with(verb))

@@ -44,6 +44,7 @@ const COLLECTIONS: &[&str] = &[
     "sessions",
     "test_cases",
     "test_executions",
+    "test_runs",
     "pg_stat_user_tables",
 ];
 

@@ -24,10 +24,12 @@ use crate::proto::project_service_server::ProjectServiceServer;
 use crate::proto::result_service_server::ResultServiceServer;
 use crate::proto::session_service_server::SessionServiceServer;
 use crate::proto::test_case_service_server::TestCaseServiceServer;
+use crate::proto::test_run_service_server::TestRunServiceServer;
 use crate::results::ResultApi;
 use crate::sessions::SessionApi;
 use crate::state::AppState;
 use crate::test_cases::TestCaseApi;
+use crate::test_runs::TestRunApi;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -47,6 +49,7 @@ pub fn service_names() -> Vec<&'static str> {
         <TestCaseServiceServer<TestCaseApi> as NamedService>::NAME,
         <CoverageServiceServer<CoverageApi> as NamedService>::NAME,
         <ProjectServiceServer<ProjectApi> as NamedService>::NAME,
+        <TestRunServiceServer<TestRunApi> as NamedService>::NAME,
     ]
 }
 
@@ -112,7 +115,8 @@ pub async fn serve(
         .add_service(limited!(CoverageServiceServer, CoverageApi))
         .add_service(limited!(MetricsServiceServer, MetricsApi))
         .add_service(limited!(AdminServiceServer, AdminApi))
-        .add_service(limited!(ProjectServiceServer, ProjectApi));
+        .add_service(limited!(ProjectServiceServer, ProjectApi))
+        .add_service(limited!(TestRunServiceServer, TestRunApi));
     let limits = incoming::Limits::from_config(config);
     match tls {
         Some(tls) => {

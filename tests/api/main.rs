@@ -23,5 +23,6 @@ mod results;
 mod sequences;
 mod sessions;
 mod test_cases;
+mod test_runs;
 mod tls;
 mod watch;

@@ -52,9 +52,38 @@ impl Call {
             caller: Some(Caller {
                 key_id: None,
                 rpc: name,
+                project: None,
+                bound: None,
             }),
             ..Call::default()
         }
+    }
+
+    /// The same call working in the project `project` (command-line
+    /// operations and background jobs, which name their project themselves).
+    pub fn in_project(mut self, project: uuid::Uuid) -> Self {
+        let caller = self.caller.get_or_insert(Caller {
+            key_id: None,
+            rpc: "",
+            project: None,
+            bound: None,
+        });
+        caller.project = Some(project);
+        self
+    }
+
+    /// The project the call works in, as the auth layer resolved it (see
+    /// [`crate::projects`]). INTERNAL when there is none: every RPC past the
+    /// auth layer has one, so its absence is a bug.
+    pub fn project(&self) -> crate::error::Result<uuid::Uuid> {
+        self.caller
+            .and_then(|c| c.project)
+            .ok_or_else(|| crate::error::Error::Internal("the call has no project".into()))
+    }
+
+    /// The project the caller's key is bound to; `None`: every project.
+    pub fn bound_project(&self) -> Option<uuid::Uuid> {
+        self.caller.and_then(|c| c.bound)
     }
 
     /// The caller's API key; `None` when authentication is off.

@@ -158,22 +158,30 @@ pub async fn migrate_command(config: &Config, status_only: bool) -> anyhow::Resu
 /// can be made before the first `serve`), then manages keys.
 pub async fn keys_command(config: &Config, action: KeysCommand) -> anyhow::Result<()> {
     match action {
-        KeysCommand::Create { name, scopes } => {
+        KeysCommand::Create {
+            name,
+            scopes,
+            project,
+        } => {
             let scopes =
                 auth::ScopeSet::parse_list(&scopes.join(",")).map_err(anyhow::Error::msg)?;
-            let key = create_key(config, &name, scopes).await?;
+            let key = create_key(config, &name, scopes, project.as_deref()).await?;
             eprintln!(
-                "created key {} ({}, scopes {}); the token below is shown once and cannot be recovered:",
+                "created key {} ({}, scopes {}, {}); the token below is shown once and cannot be recovered:",
                 key.id,
                 name.trim(),
-                scopes.to_list()
+                scopes.to_list(),
+                match &project {
+                    Some(slug) => format!("project {slug}"),
+                    None => "every project".to_owned(),
+                }
             );
             println!("{}", key.token);
         }
         KeysCommand::List => {
             println!(
-                "{:<16}  {:<16}  {:<23}  {:<27}  name",
-                "id", "scopes", "created", "state"
+                "{:<16}  {:<16}  {:<23}  {:<27}  {:<20}  name",
+                "id", "scopes", "created", "state", "project"
             );
             for k in list_keys(config).await? {
                 let state = match k.revoked_at {
@@ -181,11 +189,12 @@ pub async fn keys_command(config: &Config, action: KeysCommand) -> anyhow::Resul
                     None => "active".into(),
                 };
                 println!(
-                    "{:<16}  {:<16}  {:<23}  {:<27}  {}",
+                    "{:<16}  {:<16}  {:<23}  {:<27}  {:<20}  {}",
                     k.id,
                     k.scopes.to_list(),
                     k.created_at.format("%Y-%m-%d %H:%M:%S UTC").to_string(),
                     state,
+                    k.project.as_deref().unwrap_or("*"),
                     k.name
                 );
             }
@@ -225,12 +234,14 @@ async fn close_key_database(db: Db, embedded: Option<EmbeddedPostgres>) -> anyho
     Ok(())
 }
 
-/// Creates an API key; its token is in the result and nowhere else. The
-/// audit row (`cli:keys.create`) is written in the same transaction.
+/// Creates an API key, bound to the project `project` (a slug) or, with
+/// `None`, to every project; its token is in the result and nowhere else.
+/// The audit row (`cli:keys.create`) is written in the same transaction.
 pub async fn create_key(
     config: &Config,
     name: &str,
     scopes: auth::ScopeSet,
+    project: Option<&str>,
 ) -> anyhow::Result<auth::keys::NewKey> {
     let name = name.trim();
     if name.is_empty() || name.chars().count() > 200 || name.chars().any(char::is_control) {
@@ -241,7 +252,15 @@ pub async fn create_key(
         let key = auth::keys::generate()?;
         let mut conn = db.conn(&call::Call::default()).await?;
         let tx = conn.begin().await?;
-        auth::keys::insert(&tx, &key, name, scopes).await?;
+        let project = match project {
+            None => None,
+            Some(slug) => Some(
+                crate::projects::sql::id_of(&tx, slug)
+                    .await?
+                    .ok_or_else(|| anyhow::anyhow!("--project: no project has slug {slug:?}"))?,
+            ),
+        };
+        auth::keys::insert(&tx, &key, name, scopes, project).await?;
         let targets = [key.id.to_string()];
         audit::record_as(
             &tx,

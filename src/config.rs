@@ -61,6 +61,10 @@ pub enum KeysCommand {
         /// Comma-separated scopes: any of read, write, admin.
         #[arg(long, value_delimiter = ',', required = true)]
         scopes: Vec<String>,
+        /// The slug of the one project the key may use; without it the key
+        /// may use every project (an operator's key).
+        #[arg(long)]
+        project: Option<String>,
     },
     /// List keys (ids, names, scopes, state; never secrets).
     List,

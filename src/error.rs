@@ -93,11 +93,16 @@ pub enum Reason {
     /// UNAVAILABLE: the stream reached the gateway's maximum stream lifetime
     /// (`VERDICT_MAX_STREAM_LIFETIME`); open it again (watches resume).
     StreamLifetimeExceeded,
+    /// PERMISSION_DENIED: the API key is bound to another project than the
+    /// one the call names.
+    ProjectNotAllowed,
+    /// FAILED_PRECONDITION: the project still holds data (use `force`).
+    ProjectHasData,
 }
 
 impl Reason {
     /// Every reason, in the order `proto/verdict/v1/common.proto` lists them.
-    pub const ALL: [Reason; 31] = [
+    pub const ALL: [Reason; 33] = [
         Reason::InvalidField,
         Reason::MalformedMessage,
         Reason::InvalidPageToken,
@@ -129,6 +134,8 @@ impl Reason {
         Reason::KeyRevoked,
         Reason::StreamLifetimeExceeded,
         Reason::StreamIdle,
+        Reason::ProjectNotAllowed,
+        Reason::ProjectHasData,
     ];
 
     /// The reason of a status that carries none of its own (one made by
@@ -201,6 +208,8 @@ impl Reason {
             Reason::FailedPrecondition => "FAILED_PRECONDITION",
             Reason::KeyRevoked => "KEY_REVOKED",
             Reason::StreamLifetimeExceeded => "STREAM_LIFETIME_EXCEEDED",
+            Reason::ProjectNotAllowed => "PROJECT_NOT_ALLOWED",
+            Reason::ProjectHasData => "PROJECT_HAS_DATA",
         }
     }
 }
@@ -250,6 +259,10 @@ pub enum Error {
     KeyRevoked,
     #[error("{0}")]
     PermissionDenied(String),
+    /// The caller's key is bound to another project: PERMISSION_DENIED with
+    /// reason PROJECT_NOT_ALLOWED.
+    #[error("{0}")]
+    ProjectNotAllowed(String),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -278,6 +291,7 @@ impl Error {
             Error::Unauthenticated(_) => Reason::Unauthenticated,
             Error::KeyRevoked => Reason::KeyRevoked,
             Error::PermissionDenied(_) => Reason::MissingScope,
+            Error::ProjectNotAllowed(_) => Reason::ProjectNotAllowed,
         }
     }
 }
@@ -380,7 +394,9 @@ impl From<Error> for Status {
             }
             Error::Unauthenticated(msg) => (Code::Unauthenticated, msg),
             Error::KeyRevoked => (Code::Unauthenticated, "the API key was revoked".to_owned()),
-            Error::PermissionDenied(msg) => (Code::PermissionDenied, msg),
+            Error::PermissionDenied(msg) | Error::ProjectNotAllowed(msg) => {
+                (Code::PermissionDenied, msg)
+            }
         };
         Status::with_error_details(code, message, details)
     }

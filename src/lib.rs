@@ -17,9 +17,11 @@ pub mod digest;
 pub mod discrepancies;
 pub mod error;
 pub mod ingest;
+pub mod labels;
 pub mod metrics;
 pub mod observability;
 pub mod pagination;
+pub mod projects;
 pub mod results;
 pub mod rpc;
 pub mod server;
@@ -27,6 +29,7 @@ pub mod sessions;
 pub mod state;
 pub mod telemetry;
 pub mod test_cases;
+pub mod test_runs;
 pub mod tls;
 pub mod validate;
 pub mod wire;
@@ -222,6 +225,7 @@ impl Application {
             shutdown: shutdown_rx.clone(),
             signer: self.signer.clone(),
             keys: self.keys.clone(),
+            projects: crate::projects::Directory::new(self.db.clone()),
             ingest: crate::ingest::Limits::from_config(&self.config),
             watches: watches.clone(),
             max_message_bytes: self.config.max_message_bytes,
@@ -246,6 +250,7 @@ impl Application {
                 keys: self.keys.clone(),
                 auth_required: self.auth.is_required(),
                 signer: self.signer.clone(),
+                projects: state.projects.clone(),
                 health: health.clone(),
                 hub,
                 probe_interval: self.config.health_probe_interval(),
@@ -340,6 +345,9 @@ struct Background {
     /// hold a connection.
     auth_required: bool,
     signer: Signer,
+    /// Learns the `default` project's id at start-up, so calls that name no
+    /// project never look it up.
+    projects: projects::Directory,
     health: Health,
     hub: Hub,
     probe_interval: Duration,
@@ -356,6 +364,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
         keys,
         auth_required,
         signer,
+        projects,
         health,
         hub,
         probe_interval,
@@ -369,7 +378,11 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
             Ok(mut client) => match migrate::run(&mut client).await {
                 Ok(applied) => {
                     tracing::info!(?applied, "database schema is up to date");
-                    match load_page_token_secret(&client, &signer).await {
+                    let loaded = async {
+                        load_page_token_secret(&client, &signer).await?;
+                        projects.load_default(&client).await
+                    };
+                    match loaded.await {
                         Ok(()) => break,
                         Err(e) => {
                             tracing::warn!(attempt, error = %e, "cannot read the page-token secret; retrying")

@@ -62,6 +62,14 @@ impl Signer {
 
 tokio::task_local! {
     static SIGNER: Signer;
+    static PROJECT: uuid::Uuid;
+}
+
+/// Runs `f` (a call) in the project `project`: every page token issued or
+/// accepted inside is bound to it, as to the list's filters, so a token of
+/// one project's list is refused in another's.
+pub async fn in_project<F: Future>(project: uuid::Uuid, f: F) -> F::Output {
+    PROJECT.scope(project, f).await
 }
 
 /// Runs `f` (a call) with `signer` as the key of its page tokens.
@@ -85,11 +93,15 @@ struct Token<K> {
     k: K,
 }
 
-/// A fingerprint of one list (`scope`, e.g. `sessions`) with its filters.
+/// A fingerprint of one list (`scope`, e.g. `sessions`) with its filters,
+/// in the call's project (see [`in_project`]).
 pub fn fingerprint(scope: &str, filter: &impl Serialize) -> String {
     let mut h = Sha256::new();
     h.update(scope.as_bytes());
     h.update([0]);
+    if let Ok(project) = PROJECT.try_with(|p| *p) {
+        h.update(project.as_bytes());
+    }
     h.update(serde_json::to_vec(filter).unwrap_or_default());
     let digest = h.finalize();
     digest[..8].iter().map(|b| format!("{b:02x}")).collect()

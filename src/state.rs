@@ -18,6 +18,8 @@ pub struct AppState {
     pub signer: Signer,
     /// Verified API keys and their revocation signals.
     pub keys: crate::auth::KeyCache,
+    /// The slug → id map of projects (see [`crate::projects`]).
+    pub projects: crate::projects::Directory,
     /// Bounds of client-stream ingests.
     pub ingest: crate::ingest::Limits,
     /// The shared feeds of WatchSession, with their own small pool.

@@ -1,7 +1,10 @@
-// A small walk through Verdict from Node.js: SessionService (create and a
-// retried create, get, list page by page, one error code with its field
-// violations, delete) and DiscrepancyService (record a batch and replay it,
-// list page by page).
+// A small walk through Verdict from Node.js, in a project of its own:
+// ProjectService (create the project; every later call names it in the
+// `x-verdict-project` header), SessionService (create and a retried create,
+// get, list page by page, one error code with its field violations, delete),
+// DiscrepancyService (record a batch and replay it, list page by page), and
+// the project's isolation (its session is NOT_FOUND from `default`), then
+// the project's deletion.
 //
 //   npm install && node main.js 127.0.0.1:50051
 //
@@ -18,7 +21,7 @@ const protoLoader = require('@grpc/proto-loader');
 const target = process.argv[2] || '127.0.0.1:50051';
 const protoDir = process.env.VERDICT_PROTO_DIR || path.resolve(__dirname, '../../proto');
 
-const definition = protoLoader.loadSync(['verdict/v1/sessions.proto', 'verdict/v1/discrepancies.proto'], {
+const definition = protoLoader.loadSync(['verdict/v1/sessions.proto', 'verdict/v1/discrepancies.proto', 'verdict/v1/projects.proto'], {
   includeDirs: [protoDir],
   keepCase: true, // field names as in the .proto: request_id, not requestId
   longs: String, // int64 as decimal strings, never rounded
@@ -29,13 +32,20 @@ const definition = protoLoader.loadSync(['verdict/v1/sessions.proto', 'verdict/v
 const verdict = grpc.loadPackageDefinition(definition).verdict.v1;
 const sessions = new verdict.SessionService(target, grpc.credentials.createInsecure());
 const discrepancies = new verdict.DiscrepancyService(target, grpc.credentials.createInsecure());
+const projects = new verdict.ProjectService(target, grpc.credentials.createInsecure());
+
+// The project every call of the walk works in, named by one header.
+const runId = `node-${crypto.randomUUID().slice(0, 12)}`;
+const inProject = new grpc.Metadata();
+inProject.set('x-verdict-project', runId);
 
 // Calls a unary method with a deadline (the gateway turns it into PostgreSQL's
-// statement_timeout) and returns a promise of the response.
-function call(client, method, request) {
+// statement_timeout) in the walk's project (or in `metadata`'s) and returns a
+// promise of the response.
+function call(client, method, request, metadata = inProject) {
   const deadline = new Date(Date.now() + 10_000);
   return new Promise((resolve, reject) => {
-    client[method](request, { deadline }, (error, response) => (error ? reject(error) : resolve(response)));
+    client[method](request, metadata, { deadline }, (error, response) => (error ? reject(error) : resolve(response)));
   });
 }
 
@@ -100,7 +110,6 @@ function* wireFields(buffer) {
 // Severities, most severe first (the order ListDiscrepancies returns).
 const SEVERITY_ORDER = ['SEVERITY_CRITICAL', 'SEVERITY_HIGH', 'SEVERITY_MEDIUM', 'SEVERITY_LOW', 'SEVERITY_INFO'];
 
-const runId = `node-${crypto.randomUUID().slice(0, 12)}`;
 const walk = { sessionId: '', pageIds: [] };
 
 function createRequest(requestId, scope) {
@@ -114,6 +123,16 @@ function createRequest(requestId, scope) {
 }
 
 const steps = {
+  async createProject() {
+    // Idempotent on the slug: a retry returns the same project.
+    const request = { slug: runId, display_name: 'Node walk', description: 'examples/node/main.js' };
+    const first = await call(projects, 'CreateProject', request, new grpc.Metadata());
+    assert.equal(first.created, true);
+    const retry = await call(projects, 'CreateProject', request, new grpc.Metadata());
+    assert.equal(retry.created, false);
+    assert.equal(retry.project.id, first.project.id);
+  },
+
   async createSession() {
     const first = await call(sessions, 'CreateSession', createRequest(`${runId}-main`, `${runId}/main`));
     assert.equal(first.created, true);
@@ -223,6 +242,19 @@ const steps = {
     assert.equal(seen[0].severity, 'SEVERITY_CRITICAL');
   },
 
+  async projectIsolation() {
+    // The walk's session exists in its project only: from `default` it is
+    // NOT_FOUND, and `default`'s lists never show it.
+    const inDefault = new grpc.Metadata();
+    inDefault.set('x-verdict-project', 'default');
+    await assert.rejects(call(sessions, 'GetSession', { id: walk.sessionId }, inDefault), (error) => {
+      assert.equal(error.code, grpc.status.NOT_FOUND);
+      return true;
+    });
+    const page = await call(sessions, 'ListSessions', { validation_scope: `${runId}/paging` }, inDefault);
+    assert.equal(page.sessions.length, 0);
+  },
+
   async deleteSessions() {
     for (const id of [walk.sessionId, ...walk.pageIds]) {
       await call(sessions, 'DeleteSession', { id });
@@ -231,6 +263,11 @@ const steps = {
       assert.equal(error.code, grpc.status.NOT_FOUND);
       return true;
     });
+  },
+
+  async deleteProject() {
+    // Empty now, so no `force` is needed.
+    await call(projects, 'DeleteProject', { slug: runId }, new grpc.Metadata());
   },
 };
 
@@ -251,6 +288,7 @@ async function main() {
   } finally {
     discrepancies.close();
     sessions.close();
+    projects.close();
   }
   const total = Object.keys(steps).length;
   console.log(`node: ${passed} of ${total} steps passed`);

@@ -14,6 +14,7 @@ import uuid
 
 import discrepancies_walk
 import metrics_walk
+import projects_walk
 import results_walk
 import sessions_walk
 import test_cases_walk
@@ -22,12 +23,16 @@ from verdict_client import Verdict
 # The walks in the order they run; a later service adds its module here.
 # results_walk creates the session that discrepancies_walk records into (and
 # deletes at its end), so they run in this order.
+# Everything runs in a project of the walk's own (projects_walk).
 STEPS = [
+    *projects_walk.FIRST,
     *sessions_walk.STEPS,
     *results_walk.STEPS,
+    *projects_walk.MIDDLE,
     *discrepancies_walk.STEPS,
     *test_cases_walk.STEPS,
     *metrics_walk.STEPS,
+    *projects_walk.LAST,
 ]
 
 

@@ -4,6 +4,8 @@ The stubs (the `verdict.v1` package) are generated from proto/ with
 grpcio-tools into a folder on PYTHONPATH; see examples/README.md.
 """
 
+import collections
+
 import grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
@@ -11,6 +13,7 @@ from grpc_status import rpc_status
 from verdict.v1 import (
     discrepancies_pb2_grpc,
     metrics_pb2_grpc,
+    projects_pb2_grpc,
     results_pb2_grpc,
     sessions_pb2_grpc,
     test_cases_pb2_grpc,
@@ -21,20 +24,82 @@ from verdict.v1 import (
 DEADLINE_SECONDS = 10.0
 
 
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    pass
+
+
+class _ProjectHeader(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `x-verdict-project: <slug>` to every call of a channel: the one
+    rule by which a call names its project."""
+
+    def __init__(self, slug: str):
+        self._pair = ("x-verdict-project", slug)
+
+    def _with_header(self, details):
+        metadata = list(details.metadata or []) + [self._pair]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._with_header(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._with_header(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._with_header(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._with_header(details), request_iterator)
+
+
 class Verdict:
-    """One channel to the gateway and a stub per service."""
+    """One channel to the gateway and a stub per service, working in one
+    project (`default` until `use_project`)."""
 
     def __init__(self, target: str):
-        self.channel = grpc.insecure_channel(target)
-        self.sessions = sessions_pb2_grpc.SessionServiceStub(self.channel)
-        self.results = results_pb2_grpc.ResultServiceStub(self.channel)
-        self.discrepancies = discrepancies_pb2_grpc.DiscrepancyServiceStub(self.channel)
-        self.test_cases = test_cases_pb2_grpc.TestCaseServiceStub(self.channel)
-        self.metrics = metrics_pb2_grpc.MetricsServiceStub(self.channel)
+        self.base = grpc.insecure_channel(target)
+        self.projects = projects_pb2_grpc.ProjectServiceStub(self.base)
+        self._stubs(self.base)
+
+    def use_project(self, slug: str) -> None:
+        """Every later call of the data services works in project `slug`."""
+        self._stubs(grpc.intercept_channel(self.base, _ProjectHeader(slug)))
+
+    def _stubs(self, channel) -> None:
+        self.channel = channel
+        self.sessions = sessions_pb2_grpc.SessionServiceStub(channel)
+        self.results = results_pb2_grpc.ResultServiceStub(channel)
+        self.discrepancies = discrepancies_pb2_grpc.DiscrepancyServiceStub(channel)
+        self.test_cases = test_cases_pb2_grpc.TestCaseServiceStub(channel)
+        self.metrics = metrics_pb2_grpc.MetricsServiceStub(channel)
         # Each new service gets its stub here.
 
+    def in_default_project(self):
+        """A SessionService stub working in the project `default`."""
+        return sessions_pb2_grpc.SessionServiceStub(
+            grpc.intercept_channel(self.base, _ProjectHeader("default"))
+        )
+
     def close(self) -> None:
-        self.channel.close()
+        self.base.close()
 
 
 def field_violations(error: grpc.RpcError) -> dict[str, str]:

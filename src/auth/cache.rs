@@ -68,6 +68,8 @@ pub enum Verdict {
     /// Valid: the key's scopes and its revocation signal.
     Valid {
         scopes: ScopeSet,
+        /// The project the key is bound to; `None`: every project.
+        project: Option<uuid::Uuid>,
         revocation: Revocation,
     },
     /// An unknown id or a wrong secret: callers get one answer for both.
@@ -144,6 +146,7 @@ struct Inner {
 struct Entry {
     secret_hash: Vec<u8>,
     scopes: ScopeSet,
+    project: Option<uuid::Uuid>,
     revoked: bool,
     /// When the row was read; `None` once a notification or a flush made
     /// it stale. Stale entries stay so the key counts as seen (its lookups
@@ -234,10 +237,17 @@ impl KeyCache {
             entries
                 .get(&id)
                 .filter(|e| e.fetched.is_some_and(|at| at.elapsed() < ttl))
-                .map(|e| (check.matches(&e.secret_hash), e.revoked, e.scopes))
+                .map(|e| {
+                    (
+                        check.matches(&e.secret_hash),
+                        e.revoked,
+                        e.scopes,
+                        e.project,
+                    )
+                })
         };
-        if let Some((matches, revoked, scopes)) = known {
-            return Some(self.judge(id, matches, revoked, scopes));
+        if let Some((matches, revoked, scopes, project)) = known {
+            return Some(self.judge(id, matches, revoked, scopes, project));
         }
         let unknown = lock(&self.inner.unknown);
         unknown
@@ -246,13 +256,21 @@ impl KeyCache {
             .then_some(Verdict::Invalid)
     }
 
-    fn judge(&self, id: KeyId, matches: bool, revoked: bool, scopes: ScopeSet) -> Verdict {
+    fn judge(
+        &self,
+        id: KeyId,
+        matches: bool,
+        revoked: bool,
+        scopes: ScopeSet,
+        project: Option<uuid::Uuid>,
+    ) -> Verdict {
         // The secret first: only its holder learns that a key was revoked.
         match (matches, revoked) {
             (false, _) => Verdict::Invalid,
             (true, true) => Verdict::Revoked,
             (true, false) => Verdict::Valid {
                 scopes,
+                project,
                 revocation: self.subscribe(id),
             },
         }
@@ -322,19 +340,20 @@ impl KeyCache {
             self.fire(id);
         }
         let matches = check.matches(&state.secret_hash);
-        let (revoked, scopes) = (state.revoked, state.scopes);
+        let (revoked, scopes, project) = (state.revoked, state.scopes, state.project);
         if cacheable {
             lock(&self.inner.entries).insert(
                 id,
                 Entry {
                     secret_hash: state.secret_hash,
                     scopes,
+                    project,
                     revoked,
                     fetched: Some(Instant::now()),
                 },
             );
         }
-        Ok(self.judge(id, matches, revoked, scopes))
+        Ok(self.judge(id, matches, revoked, scopes, project))
     }
 
     fn remember_unknown(&self, id: KeyId) {

@@ -151,6 +151,8 @@ pub struct KeyInfo {
     pub id: String,
     pub name: String,
     pub scopes: ScopeSet,
+    /// The slug of the project the key is bound to; `None`: every project.
+    pub project: Option<String>,
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
 }
@@ -159,19 +161,21 @@ pub struct KeyInfo {
 pub struct KeyState {
     pub secret_hash: Vec<u8>,
     pub scopes: ScopeSet,
+    /// The project the key is bound to; `None`: every project.
+    pub project: Option<uuid::Uuid>,
     pub revoked: bool,
 }
 
 const INSERT: Stmt = Stmt::new(
     "INSERT",
     "api_keys",
-    "INSERT INTO api_keys (id, name, secret_hash, scopes) VALUES ($1, $2, $3, $4)",
+    "INSERT INTO api_keys (id, name, secret_hash, scopes, project_id) VALUES ($1, $2, $3, $4, $5)",
 );
 
 const LOOKUP: Stmt = Stmt::new(
     "SELECT",
     "api_keys",
-    "SELECT secret_hash, scopes, revoked_at IS NOT NULL FROM api_keys WHERE id = $1",
+    "SELECT secret_hash, scopes, revoked_at IS NOT NULL, project_id FROM api_keys WHERE id = $1",
 );
 
 const REVOKED_AMONG: Stmt = Stmt::new(
@@ -183,7 +187,9 @@ const REVOKED_AMONG: Stmt = Stmt::new(
 const LIST: Stmt = Stmt::new(
     "SELECT",
     "api_keys",
-    "SELECT id, name, scopes, created_at, revoked_at FROM api_keys ORDER BY created_at, id",
+    "SELECT k.id, k.name, k.scopes, k.created_at, k.revoked_at, p.slug \
+     FROM api_keys k LEFT JOIN projects p ON p.id = k.project_id \
+     ORDER BY k.created_at, k.id",
 );
 
 const REVOKE: Stmt = Stmt::new(
@@ -220,6 +226,7 @@ pub async fn insert(
     key: &NewKey,
     name: &str,
     scopes: ScopeSet,
+    project: Option<uuid::Uuid>,
 ) -> Result<()> {
     INSERT
         .execute(
@@ -229,6 +236,7 @@ pub async fn insert(
                 &name,
                 &key.secret_hash,
                 &scope_names(scopes),
+                &project,
             ],
         )
         .await?;
@@ -244,6 +252,7 @@ pub async fn lookup(c: &impl GenericClient, id: KeyId) -> Result<Option<KeyState
         secret_hash: row.try_get(0)?,
         scopes: scope_set(&row.try_get::<_, Vec<String>>(1)?)?,
         revoked: row.try_get(2)?,
+        project: row.try_get(3)?,
     }))
 }
 
@@ -279,6 +288,7 @@ pub async fn list(c: &impl GenericClient) -> Result<Vec<KeyInfo>> {
                 scopes: scope_set(&row.try_get::<_, Vec<String>>(2)?)?,
                 created_at: row.try_get(3)?,
                 revoked_at: row.try_get(4)?,
+                project: row.try_get(5)?,
             })
         })
         .collect()

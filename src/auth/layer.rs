@@ -27,7 +27,8 @@ use super::limiter::FailureLimiter;
 use super::scopes::{self, Access};
 use super::stream::{self, RequestGuard, ResponseGuard, Shape, Stop};
 use crate::error::{Error, Reason, error_info};
-use crate::pagination::{Signer, with_signer};
+use crate::pagination::{Signer, in_project, with_signer};
+use crate::projects::{self, Directory};
 use futures::future::BoxFuture;
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
@@ -53,6 +54,8 @@ struct Shared {
     required: bool,
     /// Page-token key of this gateway, made current for every call.
     signer: Signer,
+    /// Resolves the project each call works in.
+    projects: Directory,
     /// The streaming RPCs, whose bodies are guarded.
     streaming: HashMap<String, Shape>,
     /// The signal of calls without a key (authentication off), made once:
@@ -61,7 +64,7 @@ struct Shared {
 }
 
 impl AuthLayer {
-    pub fn new(keys: KeyCache, required: bool, signer: Signer) -> Self {
+    pub fn new(keys: KeyCache, required: bool, signer: Signer, projects: Directory) -> Self {
         let settings = keys.settings().clone();
         AuthLayer {
             shared: Arc::new(Shared {
@@ -69,6 +72,7 @@ impl AuthLayer {
                 limiter: FailureLimiter::new(settings.failure_burst, settings.failures_per_sec),
                 required,
                 signer,
+                projects,
                 streaming: stream::streaming_rpcs(),
                 never: Revocation::never(),
             }),
@@ -145,19 +149,20 @@ async fn guarded<S>(
     revocation: Option<Revocation>,
     lifetime: Duration,
     signer: Signer,
+    project: uuid::Uuid,
 ) -> Result<http::Response<Body>, S::Error>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>>,
 {
     let Some(shape) = shape else {
-        return with_signer(signer, inner.call(req)).await;
+        return in_project(project, with_signer(signer, inner.call(req))).await;
     };
     let started = tokio::time::Instant::now();
     if shape.client_streaming {
         let stop = Stop::new(revocation.as_ref(), started, lifetime);
         req = req.map(|body| Body::new(RequestGuard::new(body, stop)));
     }
-    let response = with_signer(signer, inner.call(req)).await?;
+    let response = in_project(project, with_signer(signer, inner.call(req))).await?;
     if shape.client_streaming
         && is_error(&response)
         && let Some(status) = stream::stopped(revocation.as_ref(), started, lifetime)
@@ -199,10 +204,27 @@ where
         let shape = self.shared.streaming.get(rpc).copied();
         let lifetime = self.shared.keys.settings().max_stream_lifetime;
         let signer = self.shared.signer.clone();
+        let named = req.headers().get(projects::HEADER).cloned();
         if !self.shared.required {
-            req.extensions_mut().insert(Caller { key_id: None, rpc });
-            req.extensions_mut().insert(self.shared.never.clone());
-            return Box::pin(guarded(inner, req, shape, None, lifetime, signer));
+            let shared = self.shared.clone();
+            return Box::pin(async move {
+                let project = match shared
+                    .projects
+                    .resolve(named.as_ref().map(|v| v.as_bytes()), None)
+                    .await
+                {
+                    Ok(project) => project,
+                    Err(e) => return Ok(reject(e)),
+                };
+                req.extensions_mut().insert(Caller {
+                    key_id: None,
+                    rpc,
+                    project: Some(project),
+                    bound: None,
+                });
+                req.extensions_mut().insert(shared.never.clone());
+                guarded(inner, req, shape, None, lifetime, signer, project).await
+            });
         }
         let Some(presented) = req
             .headers()
@@ -255,8 +277,12 @@ where
                     }
                 }
             };
-            let (scopes, revocation) = match verdict {
-                Verdict::Valid { scopes, revocation } => (scopes, revocation),
+            let (scopes, bound, revocation) = match verdict {
+                Verdict::Valid {
+                    scopes,
+                    project,
+                    revocation,
+                } => (scopes, project, revocation),
                 Verdict::Invalid => return Ok(reject(not_valid())),
                 Verdict::Revoked => return Ok(stream::revoked_status().into_http()),
             };
@@ -267,12 +293,31 @@ where
                     scopes.to_list()
                 ))));
             }
+            let project = match shared
+                .projects
+                .resolve(named.as_ref().map(|v| v.as_bytes()), bound)
+                .await
+            {
+                Ok(project) => project,
+                Err(e) => return Ok(reject(e)),
+            };
             req.extensions_mut().insert(Caller {
                 key_id: Some(id),
                 rpc,
+                project: Some(project),
+                bound,
             });
             req.extensions_mut().insert(revocation.clone());
-            guarded(inner, req, shape, Some(revocation), lifetime, signer).await
+            guarded(
+                inner,
+                req,
+                shape,
+                Some(revocation),
+                lifetime,
+                signer,
+                project,
+            )
+            .await
         })
     }
 }

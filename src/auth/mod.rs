@@ -97,6 +97,12 @@ pub struct Caller {
     pub key_id: Option<KeyId>,
     /// The full gRPC path, as declared in the scope table.
     pub rpc: &'static str,
+    /// The project the call works in (see [`crate::projects`]); `None`
+    /// outside a call (command-line operations name theirs themselves).
+    pub project: Option<uuid::Uuid>,
+    /// The project the caller's key is bound to; `None`: every project (or
+    /// authentication off).
+    pub bound: Option<uuid::Uuid>,
 }
 
 /// Whether calls need a key, and why.

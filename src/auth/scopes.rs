@@ -67,6 +67,17 @@ pub const TABLE: &[(&str, Scope)] = &[
     ("/verdict.v1.AdminService/CheckIntegrity", Admin),
     ("/verdict.v1.AdminService/GetMigrationStatus", Admin),
     ("/verdict.v1.AdminService/ExportSession", Admin),
+    // TestRunService
+    ("/verdict.v1.TestRunService/CreateTestRun", Write),
+    ("/verdict.v1.TestRunService/GetTestRun", Read),
+    ("/verdict.v1.TestRunService/ListTestRuns", Read),
+    ("/verdict.v1.TestRunService/FinishTestRun", Write),
+    // ProjectService: all of it is admin.
+    ("/verdict.v1.ProjectService/CreateProject", Admin),
+    ("/verdict.v1.ProjectService/GetProject", Admin),
+    ("/verdict.v1.ProjectService/ListProjects", Admin),
+    ("/verdict.v1.ProjectService/UpdateProject", Admin),
+    ("/verdict.v1.ProjectService/DeleteProject", Admin),
 ];
 
 /// How a path is treated by the auth layer.
@@ -155,12 +166,13 @@ mod tests {
         for (path, scope) in TABLE {
             let method = path.rsplit('/').next().unwrap();
             let admin_only = path.contains("AdminService")
+                || path.contains("ProjectService")
                 || method.starts_with("Cleanup")
                 || method.starts_with("ComputeRollups");
             let expected = if admin_only {
                 Admin
             } else if [
-                "Record", "Create", "Update", "Resolve", "Ingest", "Delete", "Append",
+                "Record", "Create", "Update", "Resolve", "Ingest", "Delete", "Append", "Finish",
             ]
             .iter()
             .any(|verb| method.starts_with(verb))

@@ -56,6 +56,17 @@ pub async fn run(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<i32>
     result
 }
 
+/// Applies the migrations up to `version` only (tests of a migration load
+/// data into the schema before it).
+pub async fn run_to(client: &mut tokio_postgres::Client, version: i32) -> anyhow::Result<()> {
+    runner()
+        .set_target(refinery::Target::Version(version))
+        .run_async(client)
+        .await
+        .context("applying migrations failed")?;
+    Ok(())
+}
+
 /// Every migration this binary knows plus any the database has that it does
 /// not, in version order.
 pub async fn status(client: &mut tokio_postgres::Client) -> anyhow::Result<Vec<MigrationState>> {

@@ -37,12 +37,14 @@ const COLLECTIONS: &[&str] = &[
     "ingest_marks",
     "metric_points",
     "metric_rollups",
+    "projects",
     "results",
     "rollup_watermarks",
     "session_logs",
     "sessions",
     "test_cases",
     "test_executions",
+    "test_runs",
     "pg_stat_user_tables",
 ];
 

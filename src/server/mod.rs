@@ -15,17 +15,21 @@ use crate::config::Config;
 use crate::coverage::CoverageApi;
 use crate::discrepancies::DiscrepancyApi;
 use crate::metrics::MetricsApi;
+use crate::projects::ProjectApi;
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::coverage_service_server::CoverageServiceServer;
 use crate::proto::discrepancy_service_server::DiscrepancyServiceServer;
 use crate::proto::metrics_service_server::MetricsServiceServer;
+use crate::proto::project_service_server::ProjectServiceServer;
 use crate::proto::result_service_server::ResultServiceServer;
 use crate::proto::session_service_server::SessionServiceServer;
 use crate::proto::test_case_service_server::TestCaseServiceServer;
+use crate::proto::test_run_service_server::TestRunServiceServer;
 use crate::results::ResultApi;
 use crate::sessions::SessionApi;
 use crate::state::AppState;
 use crate::test_cases::TestCaseApi;
+use crate::test_runs::TestRunApi;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -44,6 +48,8 @@ pub fn service_names() -> Vec<&'static str> {
         <AdminServiceServer<AdminApi> as NamedService>::NAME,
         <TestCaseServiceServer<TestCaseApi> as NamedService>::NAME,
         <CoverageServiceServer<CoverageApi> as NamedService>::NAME,
+        <ProjectServiceServer<ProjectApi> as NamedService>::NAME,
+        <TestRunServiceServer<TestRunApi> as NamedService>::NAME,
     ]
 }
 
@@ -78,7 +84,12 @@ pub async fn serve(
                 .max_encoding_message_size(limit)
         };
     }
-    let auth = AuthLayer::new(state.keys.clone(), auth.is_required(), state.signer.clone());
+    let auth = AuthLayer::new(
+        state.keys.clone(),
+        auth.is_required(),
+        state.signer.clone(),
+        state.projects.clone(),
+    );
 
     let router = Server::builder()
         // Advertised in SETTINGS: a client may not open more at once.
@@ -103,7 +114,9 @@ pub async fn serve(
         .add_service(limited!(TestCaseServiceServer, TestCaseApi))
         .add_service(limited!(CoverageServiceServer, CoverageApi))
         .add_service(limited!(MetricsServiceServer, MetricsApi))
-        .add_service(limited!(AdminServiceServer, AdminApi));
+        .add_service(limited!(AdminServiceServer, AdminApi))
+        .add_service(limited!(ProjectServiceServer, ProjectApi))
+        .add_service(limited!(TestRunServiceServer, TestRunApi));
     let limits = incoming::Limits::from_config(config);
     match tls {
         Some(tls) => {

@@ -315,8 +315,18 @@ pub struct Keys {
 
 /// Creates a key as `verdict keys create` does; returns (id, token).
 pub async fn create_key(config: &Config, name: &str, scopes: &str) -> (String, String) {
+    create_project_key(config, name, scopes, None).await
+}
+
+/// A key bound to the project `project` (a slug), or to every project.
+pub async fn create_project_key(
+    config: &Config,
+    name: &str,
+    scopes: &str,
+    project: Option<&str>,
+) -> (String, String) {
     let scopes = verdict::auth::ScopeSet::parse_list(scopes).unwrap();
-    let key = verdict::create_key(config, name, scopes)
+    let key = verdict::create_key(config, name, scopes, project)
         .await
         .expect("create a key");
     (key.id.to_string(), key.token)
@@ -364,4 +374,47 @@ pub async fn until_ingest_committed(app: &TestApp, mark: i64) {
     })
     .await
     .expect("the first batch was committed");
+}
+
+/// Creates the project `slug` straight in the database (the ProjectService
+/// has its own tests) and returns its id.
+pub async fn create_project(app: &TestApp, slug: &str) -> uuid::Uuid {
+    app.sql()
+        .await
+        .query_one(
+            "INSERT INTO projects (slug, display_name) VALUES ($1, $1) RETURNING id",
+            &[&slug],
+        )
+        .await
+        .expect("insert a project")
+        .get(0)
+}
+
+/// The id of the project `default`.
+pub async fn default_project(app: &TestApp) -> uuid::Uuid {
+    app.sql()
+        .await
+        .query_one("SELECT id FROM projects WHERE slug = 'default'", &[])
+        .await
+        .expect("the default project")
+        .get(0)
+}
+
+/// `message` as a request in the project `slug` (`x-verdict-project`).
+pub fn in_project<T>(message: T, slug: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        verdict::projects::HEADER,
+        slug.parse().expect("an ascii slug"),
+    );
+    request
+}
+
+/// Adds `x-verdict-project: slug` to a request.
+pub fn project<T>(mut request: tonic::Request<T>, slug: &str) -> tonic::Request<T> {
+    request.metadata_mut().insert(
+        verdict::projects::HEADER,
+        slug.parse().expect("an ascii slug"),
+    );
+    request
 }

@@ -1,0 +1,72 @@
+//! Key/value labels (test runs today; sessions, executions and coverage
+//! reports next): at most [`MAX_LABELS`] per object, keys 1 to
+//! [`MAX_KEY`] characters, values up to [`MAX_VALUE`], stored as a jsonb
+//! object of strings and filtered with `@>` (equality) and `?&` (presence).
+
+use crate::validate::Validator;
+use std::collections::{BTreeMap, HashMap};
+
+pub const MAX_LABELS: usize = 32;
+pub const MAX_KEY: usize = 64;
+pub const MAX_VALUE: usize = 256;
+
+/// Validated labels, sorted by key.
+pub type Labels = BTreeMap<String, String>;
+
+/// Validates the labels of `field`.
+pub fn validate(v: &mut Validator, field: &str, raw: &HashMap<String, String>) -> Labels {
+    if raw.len() > MAX_LABELS {
+        v.violation(
+            field,
+            format!("holds {} labels; at most {MAX_LABELS}", raw.len()),
+        );
+    }
+    let mut labels = Labels::new();
+    for (key, value) in raw {
+        let name = format!("{field}[{key:?}]");
+        v.required_text(&name, key, MAX_KEY);
+        v.optional_message(&name, value, MAX_VALUE);
+        labels.insert(key.clone(), value.clone());
+    }
+    labels
+}
+
+/// Validates label keys (a presence filter).
+pub fn validate_keys(v: &mut Validator, field: &str, raw: &[String]) -> Vec<String> {
+    if raw.len() > MAX_LABELS {
+        v.violation(
+            field,
+            format!("holds {} keys; at most {MAX_LABELS}", raw.len()),
+        );
+    }
+    let mut keys: Vec<String> = raw.to_vec();
+    for (i, key) in raw.iter().enumerate() {
+        v.required_text(&format!("{field}[{i}]"), key, MAX_KEY);
+    }
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// The jsonb value of labels.
+pub fn to_json(labels: &Labels) -> serde_json::Value {
+    serde_json::Value::Object(
+        labels
+            .iter()
+            .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+            .collect(),
+    )
+}
+
+/// Labels read back from their jsonb value (non-string values, which the
+/// gateway never writes, are skipped).
+pub fn from_json(value: &serde_json::Value) -> HashMap<String, String> {
+    value
+        .as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, v)| v.as_str().map(|s| (k.clone(), s.to_owned())))
+                .collect()
+        })
+        .unwrap_or_default()
+}

@@ -315,9 +315,10 @@ async fn get_session_answers_not_found_and_invalid_argument() {
 async fn a_page_walk_returns_every_session_exactly_once_newest_first() {
     let app = spawn_app().await;
     app.sql().await.batch_execute(
-            "INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope, created_at)
+            "INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope, created_at, project_id)
              SELECT gen_random_uuid(), 'bulk-' || i, 'cobol', 'java', 'full',
-                    now() - (i % 7) * interval '1 minute'
+                    now() - (i % 7) * interval '1 minute',
+                    (SELECT id FROM projects WHERE slug = 'default')
              FROM generate_series(1, 237) AS i",
         )
         .await

@@ -633,8 +633,9 @@ async fn entries_written_by_direct_sql_get_the_next_sequence_and_reach_watchers(
     app.sql()
         .await
         .execute(
-            "INSERT INTO session_logs (session_id, level, message) \
-             SELECT $1, 'info', 'bulk ' || i FROM generate_series(1, 3) i",
+            "INSERT INTO session_logs (session_id, level, message, project_id) \
+             SELECT $1, 'info', 'bulk ' || i, (SELECT id FROM projects WHERE slug = 'default') \
+             FROM generate_series(1, 3) i",
             &[&s.id.parse::<uuid::Uuid>().unwrap()],
         )
         .await

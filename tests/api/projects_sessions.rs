@@ -382,16 +382,16 @@ async fn a_session_of_another_project_is_not_found_on_every_rpc_and_stays_untouc
     both!(|id: String| {
         let mut c = client.clone();
         async move {
-            c.update_session_status(in_project(
-                status_change(&id, SessionStatus::Cancelled),
-                A,
-            ))
-            .await
+            c.update_session_status(in_project(status_change(&id, SessionStatus::Cancelled), A))
+                .await
         }
     });
     both!(|id: String| {
         let mut c = client.clone();
-        async move { c.append_session_log(in_project(log(&id, "from a"), A)).await }
+        async move {
+            c.append_session_log(in_project(log(&id, "from a"), A))
+                .await
+        }
     });
     both!(|id: String| {
         let mut c = client.clone();
@@ -434,7 +434,10 @@ async fn a_session_of_another_project_is_not_found_on_every_rpc_and_stays_untouc
     });
     both!(|id: String| {
         let mut r = results.clone();
-        async move { r.record_result(in_project(new_result(&id, "r-1", 0.5), A)).await }
+        async move {
+            r.record_result(in_project(new_result(&id, "r-1", 0.5), A))
+                .await
+        }
     });
     // B's result id, too.
     let err = results
@@ -647,9 +650,7 @@ async fn logs_and_results_with_the_same_request_ids_stay_in_their_project() {
 type Client = SessionServiceClient<Channel>;
 
 /// Reads a watch until it ends, returning its events.
-async fn drain(
-    mut stream: tonic::Streaming<verdict::proto::WatchSessionResponse>,
-) -> Vec<Event> {
+async fn drain(mut stream: tonic::Streaming<verdict::proto::WatchSessionResponse>) -> Vec<Event> {
     let mut events = Vec::new();
     let read = async {
         while let Some(m) = stream.message().await.expect("watch stream failed") {
@@ -937,5 +938,130 @@ async fn sessions_logs_and_results_stored_before_projects_belong_to_default() {
     let (fresh, created) = create_in(&app, A, new_session("old")).await;
     assert!(created);
     assert_ne!(fresh.id, old.id);
+    app.stop().await.unwrap();
+}
+
+/// Appends in project `slug`, retrying while the gateway reports a
+/// transient failure (its connections were just terminated).
+async fn append_in_retrying(client: &mut Client, slug: &str, id: &str, message: &str) -> i64 {
+    for _ in 0..200 {
+        match client
+            .append_session_log(in_project(log(id, message), slug))
+            .await
+        {
+            Ok(r) => return r.into_inner().entry.unwrap().sequence,
+            Err(s) if matches!(s.code(), Code::Unavailable | Code::ResourceExhausted) => {
+                tokio::task::yield_now().await
+            }
+            Err(s) => panic!("append failed: {s:?}"),
+        }
+    }
+    panic!("append kept failing");
+}
+
+async fn next_event(
+    stream: &mut tonic::Streaming<verdict::proto::WatchSessionResponse>,
+) -> Option<Event> {
+    tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("no watch event within 20 s")
+        .expect("watch stream failed")
+        .map(|m| m.event.expect("event set"))
+}
+
+#[tokio::test]
+async fn watches_of_two_projects_ride_out_terminated_connections_and_resume_within_their_project() {
+    use crate::watch::{listener_pid, terminate_gateway_connections};
+    let app = spawn_app().await;
+    create_project(&app, A).await;
+    create_project(&app, B).await;
+    let sql = app.sql().await;
+    let mut client: Client = app.sessions.clone();
+    let mut watched = Vec::new();
+    for slug in [A, B] {
+        let (s, _) = create_in(&app, slug, new_session("faulted")).await;
+        let mut stream = client
+            .watch_session(in_project(
+                WatchSessionRequest {
+                    id: s.id.clone(),
+                    ..Default::default()
+                },
+                slug,
+            ))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(matches!(next_event(&mut stream).await, Some(Event::Session(x)) if x.id == s.id));
+        watched.push((slug, s.id, stream));
+    }
+
+    let mut writer = SessionServiceClient::new(connect(app.port).await);
+    for round in 1..=3i64 {
+        let before = listener_pid(&sql).await;
+        assert!(terminate_gateway_connections(&sql).await >= 1);
+        // Both sessions change while the listener may be down; B first, so
+        // a leak would reach A's watcher before A's own entry.
+        for (slug, id, _) in watched.iter().rev() {
+            let seq = append_in_retrying(&mut writer, slug, id, &format!("{slug} {round}")).await;
+            assert_eq!(seq, round);
+        }
+        for (slug, id, stream) in watched.iter_mut() {
+            match next_event(stream).await {
+                Some(Event::LogEntry(e)) => {
+                    assert_eq!(
+                        (e.session_id.as_str(), e.sequence, e.message.as_str()),
+                        (id.as_str(), round, format!("{slug} {round}").as_str())
+                    );
+                }
+                other => panic!("{slug} round {round}: expected its entry, got {other:?}"),
+            }
+        }
+        assert_ne!(listener_pid(&sql).await, before, "the listener reconnected");
+    }
+
+    // A watch resumed in A from sequence 1 gets A's entries 2 and 3, then
+    // follows A only.
+    let (_, a_id, _) = &watched[0];
+    let mut resumed = client
+        .watch_session(in_project(
+            WatchSessionRequest {
+                id: a_id.clone(),
+                after_sequence: Some(1),
+                after_version: Some(1),
+            },
+            A,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    for round in 2..=3 {
+        match next_event(&mut resumed).await {
+            Some(Event::LogEntry(e)) => {
+                assert_eq!((e.sequence, e.message), (round, format!("{A} {round}")))
+            }
+            other => panic!("expected A's entry {round}, got {other:?}"),
+        }
+    }
+    // A resumption position that is valid in B (B now has 4 entries) is
+    // judged against A's own session (3): refused.
+    append_in_retrying(&mut writer, B, &watched[1].1, "b only").await;
+    let err = client
+        .watch_session(in_project(
+            WatchSessionRequest {
+                id: a_id.clone(),
+                after_sequence: Some(4),
+                after_version: None,
+            },
+            A,
+        ))
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(violated_fields(&err), ["after_sequence"]);
+    append_in_retrying(&mut writer, A, a_id, "a again").await;
+    match next_event(&mut resumed).await {
+        Some(Event::LogEntry(e)) => assert_eq!((e.sequence, e.message.as_str()), (4, "a again")),
+        other => panic!("expected A's entry 4, got {other:?}"),
+    }
     app.stop().await.unwrap();
 }

@@ -84,14 +84,12 @@ ALTER TABLE results
 -- RecordResult's idempotency key stays unique per session, and a session
 -- is in one project: the key now names the project too, so the replay
 -- lookup (project, session, request_id) is one index probe. The primary key
--- (session_id, id) stays: discrepancies reference it; `(project_id,
--- session_id, id)` is there for composite references.
+-- (session_id, id) stays: discrepancies reference it (a discrepancy sits in
+-- its session's project, so its result does too).
 ALTER TABLE results DROP CONSTRAINT results_session_id_request_id_key;
 ALTER TABLE results
     ADD CONSTRAINT results_project_session_request_id_key
         UNIQUE (project_id, session_id, request_id);
-ALTER TABLE results
-    ADD CONSTRAINT results_project_session_id_key UNIQUE (project_id, session_id, id);
 
 -- GetResult by id, and ListResults newest first by session or across
 -- sessions, within the project.

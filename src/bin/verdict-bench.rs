@@ -282,10 +282,17 @@ async fn main() -> anyhow::Result<()> {
     // Enough sessions for list pages to be full.
     direct[0]
         .batch_execute(
-            "INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope)
-             SELECT gen_random_uuid(), 'bench-fill-' || i, 'cobol', 'java', 'full' FROM generate_series(1, 5000) i",
+            "INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope, project_id)
+             SELECT gen_random_uuid(), 'bench-fill-' || i, 'cobol', 'java', 'full',
+                    (SELECT id FROM projects WHERE slug = 'default')
+               FROM generate_series(1, 5000) i",
         )
         .await?;
+    // The gateway's calls name no project: they work in `default`.
+    let project: Uuid = direct[0]
+        .query_one("SELECT id FROM projects WHERE slug = 'default'", &[])
+        .await?
+        .get(0);
 
     println!(
         "verdict-bench: gateway and load generator share this process; PostgreSQL is local (unix socket)"
@@ -317,7 +324,10 @@ async fn main() -> anyhow::Result<()> {
                         .prepare(verdict::sessions::sql::BY_ID.sql)
                         .await
                         .expect("prepare");
-                    client.query_opt(&stmt, &[&seed_id]).await.expect("select");
+                    client
+                        .query_opt(&stmt, &[&project, &seed_id])
+                        .await
+                        .expect("select");
                 }
             })
             .await;
@@ -379,6 +389,7 @@ async fn main() -> anyhow::Result<()> {
                                 &empty,
                                 // A content digest's size (the gateway's is SHA-256).
                                 &[0u8; 32].as_slice(),
+                                &project,
                             ],
                         )
                         .await
@@ -441,6 +452,7 @@ async fn main() -> anyhow::Result<()> {
                         .query(
                             &stmt,
                             &[
+                                &project,
                                 &none_texts,
                                 &none_text,
                                 &none_text,

@@ -83,23 +83,25 @@ impl ResultService for ResultApi {
         request: Request<proto::RecordResultRequest>,
     ) -> RpcResult<proto::RecordResultResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let new = NewResult::try_from(req)?;
         let digest = digest::of("RecordResult", &new);
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
         // A replay is recognised first, even once the session stopped
         // accepting writes: it writes nothing.
-        let stored = sql::get_for_replay(&tx, new.session_id, &new.request_id).await?;
+        let stored = sql::get_for_replay(&tx, project, new.session_id, &new.request_id).await?;
         let (result, created) = match stored {
             Some((stored, stored_digest)) => (replay(&new, &digest, stored, stored_digest)?, false),
             None => {
-                sessions::sql::lock_accepting(&tx, new.session_id).await?;
-                match sql::insert(&tx, Uuid::now_v7(), &new, &digest).await? {
+                // NOT_FOUND for a session of another project.
+                sessions::sql::lock_accepting_in(&tx, project, new.session_id).await?;
+                match sql::insert(&tx, project, Uuid::now_v7(), &new, &digest).await? {
                     Some(r) => (r, true),
                     // A concurrent first call took the key and committed.
                     None => {
                         let (stored, stored_digest) =
-                            sql::get_for_replay(&tx, new.session_id, &new.request_id)
+                            sql::get_for_replay(&tx, project, new.session_id, &new.request_id)
                                 .await?
                                 .ok_or_else(|| {
                                     Error::Aborted(
@@ -131,11 +133,12 @@ impl ResultService for ResultApi {
         request: Request<proto::GetResultRequest>,
     ) -> RpcResult<proto::GetResultResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let mut v = Validator::new();
         let id = v.uuid("id", &req.id);
         v.finish()?;
         let mut conn = self.state.db.conn(&call).await?;
-        let result = sql::get(conn.client().await?, id)
+        let result = sql::get(conn.client().await?, project, id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("result {id} not found")))?;
         Ok(Response::new(proto::GetResultResponse {
@@ -148,10 +151,11 @@ impl ResultService for ResultApi {
         request: Request<proto::ListResultsRequest>,
     ) -> RpcResult<proto::ListResultsResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let query = ListResults::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
-        let rows = sql::list(conn.client().await?, &query, max_bytes).await?;
+        let rows = sql::list_in(conn.client().await?, project, &query, max_bytes).await?;
         let (results, next_page_token) = pagination::page(
             rows,
             query.page_size,

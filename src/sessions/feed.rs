@@ -98,10 +98,15 @@ pub enum Read {
     },
 }
 
-/// Reads the changes after `pos` (at most [`LOG_BATCH`] log entries, in
-/// commit order) and advances `pos` past them.
-pub async fn read_after(c: &impl GenericClient, id: Uuid, pos: &mut Position) -> Result<Read> {
-    let Some(w) = sql::watch_position(c, id).await? else {
+/// Reads the changes of the session `id` of `project` after `pos` (at most
+/// [`LOG_BATCH`] log entries, in commit order) and advances `pos` past them.
+pub async fn read_after(
+    c: &impl GenericClient,
+    project: Uuid,
+    id: Uuid,
+    pos: &mut Position,
+) -> Result<Read> {
+    let Some(w) = sql::watch_position(c, project, id).await? else {
         return Ok(Read::Deleted);
     };
     let mut changes = Vec::new();
@@ -109,14 +114,14 @@ pub async fn read_after(c: &impl GenericClient, id: Uuid, pos: &mut Position) ->
     // Entries committed before the current state, then the state, then the
     // entries committed after it.
     if pos.seq < w.state_log_seq {
-        budget -= read_logs(c, id, pos, w.state_log_seq, budget, &mut changes).await?;
+        budget -= read_logs(c, project, id, pos, w.state_log_seq, budget, &mut changes).await?;
     }
     if pos.seq >= w.state_log_seq && w.session.version > pos.version {
         pos.version = w.session.version;
         changes.push(state_change(&w));
     }
     if pos.seq >= w.state_log_seq && pos.seq < w.log_seq && budget > 0 {
-        read_logs(c, id, pos, w.log_seq, budget, &mut changes).await?;
+        read_logs(c, project, id, pos, w.log_seq, budget, &mut changes).await?;
     }
     let caught_up = pos.seq >= w.log_seq && pos.version >= w.session.version;
     Ok(Read::Changes { changes, caught_up })
@@ -126,13 +131,14 @@ pub async fn read_after(c: &impl GenericClient, id: Uuid, pos: &mut Position) ->
 /// `pos` past them; returns how many were read.
 async fn read_logs(
     c: &impl GenericClient,
+    project: Uuid,
     id: Uuid,
     pos: &mut Position,
     through: i64,
     limit: i64,
     changes: &mut Vec<Change>,
 ) -> Result<i64> {
-    let logs = sql::logs_in_range(c, id, pos.seq, through, limit).await?;
+    let logs = sql::logs_in_range(c, project, id, pos.seq, through, limit).await?;
     let n = logs.len() as i64;
     if n < limit {
         // The whole range was read (entries removed by an integrity repair
@@ -171,6 +177,9 @@ struct Inner {
 }
 
 struct Feed {
+    /// The project of the session: the feed reads only there, and only
+    /// watchers of that project (who read the session there) join it.
+    project: Uuid,
     wake: Notify,
     state: Mutex<FeedState>,
 }
@@ -245,14 +254,19 @@ impl Watches {
         lock(&self.inner.feeds).len()
     }
 
-    /// Joins the feed of session `id`, starting one at `start` (a position
-    /// the caller has read) when there is none.
-    pub fn subscribe(&self, id: Uuid, start: Position) -> Subscription {
+    /// Joins the feed of session `id` of `project` (which the caller read
+    /// in that project), starting one at `start` (a position the caller has
+    /// read) when there is none.
+    pub fn subscribe(&self, project: Uuid, id: Uuid, start: Position) -> Subscription {
         let mut feeds = lock(&self.inner.feeds);
-        let feed = feeds
-            .entry(id)
-            .or_insert_with(|| {
+        let feed = match feeds.get(&id) {
+            Some(feed) if feed.project == project => feed.clone(),
+            // Session ids are unique across projects, so a feed of `id` is
+            // of the session's one project; were it ever not, a watcher of
+            // another project gets a feed of its own, never that one.
+            _ => {
                 let feed = Arc::new(Feed {
+                    project,
                     wake: Notify::new(),
                     state: Mutex::new(FeedState {
                         pos: start,
@@ -263,9 +277,10 @@ impl Watches {
                 // notified before the feed existed: read once at the start.
                 feed.wake.notify_one();
                 tokio::spawn(self.clone().run_feed(id, feed.clone()));
+                feeds.insert(id, feed.clone());
                 feed
-            })
-            .clone();
+            }
+        };
         let mut state = lock(&feed.state);
         let rx = match state.shards.iter().find(|s| s.receiver_count() < SHARD) {
             Some(shard) => shard.subscribe(),
@@ -367,7 +382,7 @@ impl Watches {
             // which yields between shards.
             let read = {
                 let mut conn = self.inner.db.conn(&Call::default()).await?;
-                read_after(conn.client().await?, id, &mut pos).await?
+                read_after(conn.client().await?, feed.project, id, &mut pos).await?
             };
             match read {
                 Read::Deleted => {

@@ -99,15 +99,17 @@ impl SessionService for SessionApi {
         request: Request<proto::CreateSessionRequest>,
     ) -> RpcResult<proto::CreateSessionResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let new = NewSession::try_from(req)?;
         let digest = digest::of("CreateSession", &new);
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let (session, created) = match sql::insert(&tx, Uuid::now_v7(), &new, &digest).await? {
+        let inserted = sql::insert(&tx, project, Uuid::now_v7(), &new, &digest).await?;
+        let (session, created) = match inserted {
             Some(s) => (s, true),
-            // The key was taken (a concurrent first call waited for):
-            // a replay, or a reused key.
-            None => match sql::get_for_replay(&tx, &new.request_id).await? {
+            // The key was taken in this project (a concurrent first call
+            // waited for): a replay, or a reused key.
+            None => match sql::get_for_replay(&tx, project, &new.request_id).await? {
                 Some((stored, stored_digest)) => {
                     (replay(&new, &digest, stored, stored_digest)?, false)
                 }
@@ -138,12 +140,15 @@ impl SessionService for SessionApi {
         request: Request<proto::GetSessionRequest>,
     ) -> RpcResult<proto::GetSessionResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let lookup = SessionLookup::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
         let session = match &lookup {
-            SessionLookup::Id(id) => sql::get(c, *id).await?.ok_or_else(|| not_found(id))?,
-            SessionLookup::RequestId(rid) => sql::get_by_request_id(c, rid)
+            SessionLookup::Id(id) => sql::get_in(c, project, *id)
+                .await?
+                .ok_or_else(|| not_found(id))?,
+            SessionLookup::RequestId(rid) => sql::get_by_request_id(c, project, rid)
                 .await?
                 .ok_or_else(|| Error::NotFound(format!("no session has request_id {rid:?}")))?,
         };
@@ -157,10 +162,11 @@ impl SessionService for SessionApi {
         request: Request<proto::ListSessionsRequest>,
     ) -> RpcResult<proto::ListSessionsResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let query = ListSessions::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
-        let rows = sql::list(conn.client().await?, &query, max_bytes).await?;
+        let rows = sql::list_in(conn.client().await?, project, &query, max_bytes).await?;
         let (sessions, next_page_token) = pagination::page(
             rows,
             query.page_size,
@@ -180,10 +186,11 @@ impl SessionService for SessionApi {
         request: Request<proto::UpdateSessionStatusRequest>,
     ) -> RpcResult<proto::UpdateSessionStatusResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let change = StatusChange::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let current = sql::get_for_update(&tx, change.id)
+        let current = sql::get_for_update(&tx, project, change.id)
             .await?
             .ok_or_else(|| not_found(change.id))?;
         if let Some(expected) = change.expected_version
@@ -210,7 +217,7 @@ impl SessionService for SessionApi {
             )
             .into());
         }
-        let session = sql::set_status(&tx, change.id, change.status).await?;
+        let session = sql::set_status(&tx, project, change.id, change.status).await?;
         audit::record(&tx, &call, &[change.id.to_string()], Outcome::Updated).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::UpdateSessionStatusResponse {
@@ -223,13 +230,14 @@ impl SessionService for SessionApi {
         request: Request<proto::AppendSessionLogRequest>,
     ) -> RpcResult<proto::AppendSessionLogResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let entry = NewLogEntry::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
         // Locks the session row until commit: the position order is the
         // commit order, and a final status cannot slip in between.
-        let seq = sql::next_log_seq(&tx, entry.session_id).await?;
-        let stored = sql::insert_log(&tx, &entry, seq).await?;
+        let seq = sql::next_log_seq(&tx, project, entry.session_id).await?;
+        let stored = sql::insert_log(&tx, project, &entry, seq).await?;
         audit::record(
             &tx,
             &call,
@@ -248,11 +256,12 @@ impl SessionService for SessionApi {
         request: Request<proto::ListSessionLogsRequest>,
     ) -> RpcResult<proto::ListSessionLogsResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let query = ListLogs::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
-        let rows = sql::list_logs(c, &query).await?;
-        if rows.is_empty() && sql::get(c, query.session_id).await?.is_none() {
+        let rows = sql::list_logs(c, project, &query).await?;
+        if rows.is_empty() && sql::get_in(c, project, query.session_id).await?.is_none() {
             return Err(not_found(query.session_id).into());
         }
         let (entries, next_page_token) = pagination::page(
@@ -274,13 +283,14 @@ impl SessionService for SessionApi {
         request: Request<proto::DeleteSessionRequest>,
     ) -> RpcResult<proto::DeleteSessionResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let mut v = crate::validate::Validator::new();
         let id = v.uuid("id", &req.id);
         v.expected_version("expected_version", req.expected_version);
         v.finish()?;
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let current = sql::get_for_update(&tx, id)
+        let current = sql::get_for_update(&tx, project, id)
             .await?
             .ok_or_else(|| not_found(id))?;
         if let Some(expected) = req.expected_version
@@ -296,8 +306,8 @@ impl SessionService for SessionApi {
             .into());
         }
         // Children first, explicitly, so the reply can say what went.
-        let deleted_log_entries = sql::delete_logs(&tx, id).await?;
-        sql::delete(&tx, id).await?;
+        let deleted_log_entries = sql::delete_logs(&tx, project, id).await?;
+        sql::delete(&tx, project, id).await?;
         audit::record(&tx, &call, &[id.to_string()], Outcome::Deleted).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::DeleteSessionResponse {

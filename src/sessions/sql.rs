@@ -64,23 +64,27 @@ pub fn session_key(s: &Session) -> SessionKey {
     (s.created_at.timestamp_micros(), s.id)
 }
 
-/// Inserts a session (public for `verdict-bench`'s same-SQL baseline).
+/// Inserts a session in project `$10` (public for `verdict-bench`'s same-SQL
+/// baseline); nothing when the project already has a session with the
+/// request_id.
 pub const INSERT: Stmt = Stmt::new(
     "INSERT",
     "sessions",
     concat!(
         "INSERT INTO sessions (id, request_id, source_technology, target_technology, \
-         validation_scope, config, input_refs, metadata, content_digest) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-         ON CONFLICT (request_id) DO NOTHING RETURNING ",
+         validation_scope, config, input_refs, metadata, content_digest, project_id) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         ON CONFLICT (project_id, request_id) DO NOTHING RETURNING ",
         session_columns!()
     ),
 );
 
-/// Inserts a session unless its request_id is taken; `None` when it is.
-/// `digest` is the canonical digest of `s`, kept to decide replays.
+/// Inserts a session in `project` unless its request_id is taken there;
+/// `None` when it is. `digest` is the canonical digest of `s`, kept to
+/// decide replays.
 pub async fn insert(
     c: &impl GenericClient,
+    project: Uuid,
     id: Uuid,
     s: &NewSession,
     digest: &[u8],
@@ -98,6 +102,7 @@ pub async fn insert(
                 &s.input_refs,
                 &s.metadata,
                 &digest,
+                &project,
             ],
         )
         .await?
@@ -106,20 +111,23 @@ pub async fn insert(
         .transpose()
 }
 
-/// A session by id (public for `verdict-bench`'s same-SQL baseline).
+/// A session of project `$1` by id `$2` (public for `verdict-bench`'s
+/// same-SQL baseline).
 pub const BY_ID: Stmt = Stmt::new(
     "SELECT",
     "sessions",
     concat!(
         "SELECT ",
         session_columns!(),
-        " FROM sessions WHERE id = $1"
+        " FROM sessions WHERE project_id = $1 AND id = $2"
     ),
 );
 
-pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<Option<Session>> {
+/// The session `id` of `project`; `None` when there is none in that
+/// project (whether or not another project has one).
+pub async fn get_in(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<Option<Session>> {
     BY_ID
-        .query_opt(c, &[&id])
+        .query_opt(c, &[&project, &id])
         .await?
         .as_ref()
         .map(session_from_row)
@@ -132,14 +140,18 @@ const BY_ID_FOR_UPDATE: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         session_columns!(),
-        " FROM sessions WHERE id = $1 FOR UPDATE"
+        " FROM sessions WHERE project_id = $1 AND id = $2 FOR UPDATE"
     ),
 );
 
-/// Reads a session and locks it until the transaction ends.
-pub async fn get_for_update(c: &impl GenericClient, id: Uuid) -> Result<Option<Session>> {
+/// Reads a session of `project` and locks it until the transaction ends.
+pub async fn get_for_update(
+    c: &impl GenericClient,
+    project: Uuid,
+    id: Uuid,
+) -> Result<Option<Session>> {
     BY_ID_FOR_UPDATE
-        .query_opt(c, &[&id])
+        .query_opt(c, &[&project, &id])
         .await?
         .as_ref()
         .map(session_from_row)
@@ -152,16 +164,18 @@ const BY_REQUEST_ID: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         session_columns!(),
-        " FROM sessions WHERE request_id = $1"
+        " FROM sessions WHERE project_id = $1 AND request_id = $2"
     ),
 );
 
+/// The session of `project` holding `request_id`.
 pub async fn get_by_request_id(
     c: &impl GenericClient,
+    project: Uuid,
     request_id: &str,
 ) -> Result<Option<Session>> {
     BY_REQUEST_ID
-        .query_opt(c, &[&request_id])
+        .query_opt(c, &[&project, &request_id])
         .await?
         .as_ref()
         .map(session_from_row)
@@ -174,46 +188,50 @@ const BY_REQUEST_ID_FOR_REPLAY: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         session_columns!(),
-        ", content_digest FROM sessions WHERE request_id = $1"
+        ", content_digest FROM sessions WHERE project_id = $1 AND request_id = $2"
     ),
 );
 
-/// The session holding `request_id` and its content digest (`None` for a
-/// session created before V11), to decide a replay of CreateSession.
+/// The session of `project` holding `request_id` and its content digest
+/// (`None` for a session created before V11), to decide a replay of
+/// CreateSession.
 pub async fn get_for_replay(
     c: &impl GenericClient,
+    project: Uuid,
     request_id: &str,
 ) -> Result<Option<(Session, Option<Vec<u8>>)>> {
     BY_REQUEST_ID_FOR_REPLAY
-        .query_opt(c, &[&request_id])
+        .query_opt(c, &[&project, &request_id])
         .await?
         .map(|row| Ok((session_from_row(&row)?, row.try_get("content_digest")?)))
         .transpose()
 }
 
-/// A ListSessions page (public for `verdict-bench`'s same-SQL baseline).
-/// The list statement over `columns`: the filters, newest first.
+/// The list statement over `columns`: the sessions of project `$1` that
+/// pass the filters, newest first.
 macro_rules! list_sql {
     ($columns:expr) => {
         concat!(
             "SELECT ",
             $columns,
             " FROM sessions \
-             WHERE ($1::text[] IS NULL OR status = ANY($1)) \
-               AND ($2::text IS NULL OR source_technology = $2) \
-               AND ($3::text IS NULL OR target_technology = $3) \
-               AND ($4::text IS NULL OR validation_scope = $4) \
-               AND ($5::timestamptz IS NULL OR created_at >= $5) \
-               AND ($6::timestamptz IS NULL OR created_at < $6) \
-               AND ($7::timestamptz IS NULL OR (created_at, id) < ($7, $8)) \
+             WHERE project_id = $1 \
+               AND ($2::text[] IS NULL OR status = ANY($2)) \
+               AND ($3::text IS NULL OR source_technology = $3) \
+               AND ($4::text IS NULL OR target_technology = $4) \
+               AND ($5::text IS NULL OR validation_scope = $5) \
+               AND ($6::timestamptz IS NULL OR created_at >= $6) \
+               AND ($7::timestamptz IS NULL OR created_at < $7) \
+               AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9)) \
              ORDER BY created_at DESC, id DESC \
-             LIMIT $9"
+             LIMIT $10"
         )
     };
 }
 
-/// SESSION_VIEW_FULL: the page's rows (`$9`, page_size + 1), cut after the
-/// row that brings their JSON to `$10` bytes (the reply limit; the first row
+/// A ListSessions page (public for `verdict-bench`'s same-SQL baseline).
+/// SESSION_VIEW_FULL: the page's rows (`$10`, page_size + 1), cut after the
+/// row that brings their JSON to `$11` bytes (the reply limit; the first row
 /// always comes). `batch_rows` tells how many rows the cut saw, so a cut page
 /// still ends with a token: the gateway never holds more than about one
 /// reply of large sessions, whatever the page size.
@@ -232,7 +250,7 @@ pub const LIST: Stmt = Stmt::new(
             "*, octet_length(config::text) + octet_length(input_refs::text) \
              + octet_length(metadata::text) AS row_bytes"
         ),
-        ") batch) sized WHERE bytes_before < $10 ORDER BY created_at DESC, id DESC"
+        ") batch) sized WHERE bytes_before < $11 ORDER BY created_at DESC, id DESC"
     ),
 );
 
@@ -247,10 +265,12 @@ pub const LIST_BASIC: Stmt = Stmt::new(
     ),
 );
 
-/// One page of sessions, newest first, plus one extra row when more follow;
-/// in the FULL view at most about `max_bytes` of them (see LIST).
-pub async fn list(
+/// One page of the sessions of `project`, newest first, plus one extra row
+/// when more follow; in the FULL view at most about `max_bytes` of them (see
+/// LIST).
+pub async fn list_in(
     c: &impl GenericClient,
+    project: Uuid,
     q: &ListSessions,
     max_bytes: i64,
 ) -> Result<crate::pagination::Fetched<Session>> {
@@ -260,6 +280,7 @@ pub async fn list(
     let (after_at, after_id) = crate::pagination::time_key(q.after)?;
     let limit = q.page_size + 1;
     let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &project,
         &statuses,
         &f.source_technology,
         &f.target_technology,
@@ -282,51 +303,68 @@ const SET_STATUS: Stmt = Stmt::new(
            started_at = CASE WHEN $2 = 'processing' THEN now() ELSE started_at END, \
            completed_at = CASE WHEN $2 IN ('completed', 'failed', 'cancelled') THEN now() \
                           ELSE completed_at END \
-         WHERE id = $1 RETURNING ",
+         WHERE project_id = $3 AND id = $1 RETURNING ",
         session_columns!()
     ),
 );
 
+/// Moves the session `id` of `project` to `status` (the caller checked the
+/// move under [`get_for_update`]'s lock).
 pub async fn set_status(
     c: &impl GenericClient,
+    project: Uuid,
     id: Uuid,
     status: SessionStatus,
 ) -> Result<Session> {
-    session_from_row(&SET_STATUS.query_one(c, &[&id, &status.as_str()]).await?)
+    session_from_row(
+        &SET_STATUS
+            .query_one(c, &[&id, &status.as_str(), &project])
+            .await?,
+    )
 }
 
 const DELETE_LOGS: Stmt = Stmt::new(
     "DELETE",
     "session_logs",
-    "DELETE FROM session_logs WHERE session_id = $1",
+    "DELETE FROM session_logs WHERE project_id = $1 AND session_id = $2",
 );
 
-pub async fn delete_logs(c: &impl GenericClient, session_id: Uuid) -> Result<u64> {
-    DELETE_LOGS.execute(c, &[&session_id]).await
+/// Deletes the log of the session `session_id` of `project`.
+pub async fn delete_logs(c: &impl GenericClient, project: Uuid, session_id: Uuid) -> Result<u64> {
+    DELETE_LOGS.execute(c, &[&project, &session_id]).await
 }
 
-const DELETE: Stmt = Stmt::new("DELETE", "sessions", "DELETE FROM sessions WHERE id = $1");
+const DELETE: Stmt = Stmt::new(
+    "DELETE",
+    "sessions",
+    "DELETE FROM sessions WHERE project_id = $1 AND id = $2",
+);
 
-pub async fn delete(c: &impl GenericClient, id: Uuid) -> Result<u64> {
-    DELETE.execute(c, &[&id]).await
+/// Deletes the session `id` of `project` (its results and other children
+/// go with it by cascade).
+pub async fn delete(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<u64> {
+    DELETE.execute(c, &[&project, &id]).await
 }
 
 const NEXT_LOG_SEQ: Stmt = Stmt::new(
     "UPDATE",
     "sessions",
-    "UPDATE sessions SET log_seq = log_seq + 1 WHERE id = $1 RETURNING log_seq, status",
+    "UPDATE sessions SET log_seq = log_seq + 1 WHERE project_id = $1 AND id = $2 \
+     RETURNING log_seq, status",
 );
 
-/// Takes the next log position of a session, in the caller's transaction.
+/// Takes the next log position of the session `session_id` of `project`,
+/// in the caller's transaction (NOT_FOUND when `project` has no such
+/// session).
 ///
 /// The UPDATE locks the session row until the caller commits, so appends to
 /// one session (and its status moves) commit one at a time in position
 /// order: a reader following `seq > last seen` can never skip an entry. A
 /// session in a final status refuses the append (the caller's transaction,
 /// rolled back on the error, undoes the increment).
-pub async fn next_log_seq(c: &impl GenericClient, session_id: Uuid) -> Result<i64> {
+pub async fn next_log_seq(c: &impl GenericClient, project: Uuid, session_id: Uuid) -> Result<i64> {
     let row = NEXT_LOG_SEQ
-        .query_opt(c, &[&session_id])
+        .query_opt(c, &[&project, &session_id])
         .await?
         .ok_or_else(|| Error::NotFound(format!("session {session_id} not found")))?;
     let status = SessionStatus::from_db(row.try_get("status")?)?;
@@ -346,15 +384,20 @@ const INSERT_LOG: Stmt = Stmt::new(
     "INSERT",
     "session_logs",
     concat!(
-        "INSERT INTO session_logs (session_id, seq, level, message, fields) \
-         VALUES ($1, $2, $3, $4, $5) RETURNING ",
+        "INSERT INTO session_logs (session_id, seq, level, message, fields, project_id) \
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING ",
         log_columns!()
     ),
 );
 
-/// Stores a log entry at position `seq` (from [`next_log_seq`] in the same
-/// transaction).
-pub async fn insert_log(c: &impl GenericClient, e: &NewLogEntry, seq: i64) -> Result<LogEntry> {
+/// Stores a log entry of a session of `project` at position `seq` (from
+/// [`next_log_seq`] in the same transaction).
+pub async fn insert_log(
+    c: &impl GenericClient,
+    project: Uuid,
+    e: &NewLogEntry,
+    seq: i64,
+) -> Result<LogEntry> {
     let row = INSERT_LOG
         .query_one(
             c,
@@ -364,6 +407,7 @@ pub async fn insert_log(c: &impl GenericClient, e: &NewLogEntry, seq: i64) -> Re
                 &e.level.as_str(),
                 &e.message,
                 &e.fields,
+                &project,
             ],
         )
         .await
@@ -381,14 +425,18 @@ const LIST_LOGS: Stmt = Stmt::new(
         "SELECT ",
         log_columns!(),
         " FROM session_logs \
-         WHERE session_id = $1 AND level = ANY($2) AND seq > $3 \
+         WHERE project_id = $5 AND session_id = $1 AND level = ANY($2) AND seq > $3 \
          ORDER BY seq LIMIT $4"
     ),
 );
 
-/// One page of a session's log in sequence order, plus one extra row when
-/// more follow.
-pub async fn list_logs(c: &impl GenericClient, q: &ListLogs) -> Result<Vec<LogEntry>> {
+/// One page of the log of a session of `project` in sequence order, plus
+/// one extra row when more follow.
+pub async fn list_logs(
+    c: &impl GenericClient,
+    project: Uuid,
+    q: &ListLogs,
+) -> Result<Vec<LogEntry>> {
     let levels: Vec<&str> = LogLevel::ALL
         .iter()
         .copied()
@@ -398,7 +446,13 @@ pub async fn list_logs(c: &impl GenericClient, q: &ListLogs) -> Result<Vec<LogEn
     LIST_LOGS
         .query(
             c,
-            &[&q.session_id, &levels, &q.after_seq, &(q.page_size + 1)],
+            &[
+                &q.session_id,
+                &levels,
+                &q.after_seq,
+                &(q.page_size + 1),
+                &project,
+            ],
         )
         .await?
         .iter()
@@ -412,21 +466,24 @@ const LOGS_AFTER: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         log_columns!(),
-        " FROM session_logs WHERE session_id = $1 AND id > $2 ORDER BY id LIMIT $3"
+        " FROM session_logs WHERE project_id = $4 AND session_id = $1 AND id > $2 \
+         ORDER BY id LIMIT $3"
     ),
 );
 
-/// Log entries with a storage id above `after_id`, in id order. Ids are
-/// taken before commit, so this is complete only within one snapshot (as the
-/// export reads it); live followers use [`logs_in_range`] by sequence.
-pub async fn logs_after(
+/// Log entries of the session `session_id` of `project` with a storage id
+/// above `after_id`, in id order. Ids are taken before commit, so this is
+/// complete only within one snapshot (as the export reads it); live
+/// followers use [`logs_in_range`] by sequence.
+pub async fn logs_after_in(
     c: &impl GenericClient,
+    project: Uuid,
     session_id: Uuid,
     after_id: i64,
     limit: i64,
 ) -> Result<Vec<LogEntry>> {
     LOGS_AFTER
-        .query(c, &[&session_id, &after_id, &limit])
+        .query(c, &[&session_id, &after_id, &limit, &project])
         .await?
         .iter()
         .map(log_from_row)
@@ -439,22 +496,23 @@ const LOGS_IN_RANGE: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         log_columns!(),
-        " FROM session_logs WHERE session_id = $1 AND seq > $2 AND seq <= $3 \
-         ORDER BY seq LIMIT $4"
+        " FROM session_logs WHERE project_id = $5 AND session_id = $1 \
+         AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4"
     ),
 );
 
-/// Log entries with `after < seq <= through`, in sequence order, at most
-/// `limit` of them (watch catch-up).
+/// Log entries of the session `session_id` of `project` with `after < seq
+/// <= through`, in sequence order, at most `limit` of them (watch catch-up).
 pub async fn logs_in_range(
     c: &impl GenericClient,
+    project: Uuid,
     session_id: Uuid,
     after: i64,
     through: i64,
     limit: i64,
 ) -> Result<Vec<LogEntry>> {
     LOGS_IN_RANGE
-        .query(c, &[&session_id, &after, &through, &limit])
+        .query(c, &[&session_id, &after, &through, &limit, &project])
         .await?
         .iter()
         .map(log_from_row)
@@ -467,7 +525,7 @@ const WATCH_POSITION: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         session_columns!(),
-        ", log_seq, state_log_seq FROM sessions WHERE id = $1"
+        ", log_seq, state_log_seq FROM sessions WHERE project_id = $1 AND id = $2"
     ),
 );
 
@@ -482,10 +540,15 @@ pub struct WatchedSession {
     pub state_log_seq: i64,
 }
 
-/// A session and its log positions, read in one statement (one snapshot).
-pub async fn watch_position(c: &impl GenericClient, id: Uuid) -> Result<Option<WatchedSession>> {
+/// The session `id` of `project` and its log positions, read in one
+/// statement (one snapshot).
+pub async fn watch_position(
+    c: &impl GenericClient,
+    project: Uuid,
+    id: Uuid,
+) -> Result<Option<WatchedSession>> {
     WATCH_POSITION
-        .query_opt(c, &[&id])
+        .query_opt(c, &[&project, &id])
         .await?
         .map(|row| {
             Ok(WatchedSession {
@@ -500,15 +563,17 @@ pub async fn watch_position(c: &impl GenericClient, id: Uuid) -> Result<Option<W
 const STATUS_FOR_SHARE: Stmt = Stmt::new(
     "SELECT",
     "sessions",
-    "SELECT status FROM sessions WHERE id = $1 FOR SHARE",
+    "SELECT status FROM sessions WHERE project_id = $1 AND id = $2 FOR SHARE",
 );
 
-/// Checks, in the caller's transaction, that a session exists and still
-/// accepts results and findings (not FAILED or CANCELLED); holds a share
-/// lock on it so it cannot move to such a status before the caller commits.
-pub async fn lock_accepting(c: &impl GenericClient, id: Uuid) -> Result<()> {
+/// Checks, in the caller's transaction, that `project` has the session `id`
+/// (NOT_FOUND otherwise, whether or not another project has it) and that it
+/// still accepts results and findings (not FAILED or CANCELLED); holds a
+/// share lock on it so it cannot move to such a status before the caller
+/// commits.
+pub async fn lock_accepting_in(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<()> {
     let row = STATUS_FOR_SHARE
-        .query_opt(c, &[&id])
+        .query_opt(c, &[&project, &id])
         .await?
         .ok_or_else(|| Error::NotFound(format!("session {id} not found")))?;
     let status = SessionStatus::from_db(row.try_get(0)?)?;
@@ -522,4 +587,45 @@ pub async fn lock_accepting(c: &impl GenericClient, id: Uuid) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+// Compatibility for callers outside this area that do not pass their project
+// yet (discrepancies, coverage, admin export/cleanup). They work in the
+// project `default` only: a session of another project is not found, never
+// read across projects. Replace each with its `_in` form, passing the
+// call's project, and delete these.
+
+async fn default_project(c: &impl GenericClient) -> Result<Uuid> {
+    crate::projects::sql::id_of(c, crate::projects::DEFAULT_SLUG)
+        .await?
+        .ok_or_else(|| Error::Internal("the project `default` is missing".into()))
+}
+
+/// [`get_in`] in the project `default` (compatibility; see above).
+pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<Option<Session>> {
+    get_in(c, default_project(c).await?, id).await
+}
+
+/// [`lock_accepting_in`] in the project `default` (compatibility; see above).
+pub async fn lock_accepting(c: &impl GenericClient, id: Uuid) -> Result<()> {
+    lock_accepting_in(c, default_project(c).await?, id).await
+}
+
+/// [`logs_after_in`] in the project `default` (compatibility; see above).
+pub async fn logs_after(
+    c: &impl GenericClient,
+    session_id: Uuid,
+    after_id: i64,
+    limit: i64,
+) -> Result<Vec<LogEntry>> {
+    logs_after_in(c, default_project(c).await?, session_id, after_id, limit).await
+}
+
+/// [`list_in`] in the project `default` (compatibility; see above).
+pub async fn list(
+    c: &impl GenericClient,
+    q: &ListSessions,
+    max_bytes: i64,
+) -> Result<crate::pagination::Fetched<Session>> {
+    list_in(c, default_project(c).await?, q, max_bytes).await
 }

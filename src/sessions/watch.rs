@@ -77,6 +77,8 @@ enum Step {
 
 struct Watcher {
     state: AppState,
+    /// The call's project: every read names it.
+    project: Uuid,
     id: Uuid,
     pos: Position,
     /// Events decided but not yet taken by the stream.
@@ -93,14 +95,16 @@ struct Watcher {
     shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
-/// Opens a watch: NOT_FOUND and bad positions are the call's status; the rest
-/// is streamed.
+/// Opens a watch of a session of the call's project: NOT_FOUND (also for a
+/// session of another project) and bad positions are the call's status; the
+/// rest is streamed.
 pub async fn start(state: &AppState, call: &Call, from: WatchFrom) -> Result<WatchStream> {
+    let project = call.project()?;
     let deadline = call.remaining().map(|left| Instant::now() + left);
     let open_until = deadline.unwrap_or_else(|| Instant::now() + OPEN_RETRY);
     let first = retrying(open_until, || async {
         let mut conn = state.watches.db().conn(&Call::default()).await?;
-        sql::watch_position(conn.client().await?, from.id).await
+        sql::watch_position(conn.client().await?, project, from.id).await
     })
     .await?
     .ok_or_else(|| Error::NotFound(format!("session {} not found", from.id)))?;
@@ -128,6 +132,7 @@ pub async fn start(state: &AppState, call: &Call, from: WatchFrom) -> Result<Wat
     // A final session changes no more: no feed to join.
     let subscription = (!first.session.status.is_final()).then(|| {
         state.watches.subscribe(
+            project,
             from.id,
             Position {
                 seq: first.log_seq,
@@ -137,6 +142,7 @@ pub async fn start(state: &AppState, call: &Call, from: WatchFrom) -> Result<Wat
     });
     let mut watcher = Watcher {
         state: state.clone(),
+        project,
         id: from.id,
         pos: Position {
             seq: from.after_sequence.unwrap_or(first.log_seq),
@@ -346,7 +352,7 @@ impl Watcher {
         let mut conn = self.state.watches.db().conn(&Call::default()).await?;
         let c = conn.client().await?;
         let mut pos = self.pos;
-        match feed::read_after(c, self.id, &mut pos).await? {
+        match feed::read_after(c, self.project, self.id, &mut pos).await? {
             Read::Deleted => Err(deleted(self.id)),
             Read::Changes { changes, caught_up } => {
                 self.apply_all(changes, true)?;

@@ -67,10 +67,11 @@ async fn insert_small(app: &TestApp, session_id: &str, n: i64) {
         .await
         .execute(
             "INSERT INTO results (id, session_id, request_id, result_type, overall_status, \
-             fidelity_score, summary, execution_time_ms, source_representation) \
+             fidelity_score, summary, execution_time_ms, source_representation, project_id) \
              SELECT ('00000000-0000-4000-8000-' || lpad(i::text, 12, '0'))::uuid, $1::text::uuid, \
                     'small-' || i, 'static', 'passed', 0.9, 'small', 1, \
-                    jsonb_build_object('tag', 'small-' || i) \
+                    jsonb_build_object('tag', 'small-' || i), \
+                    (SELECT project_id FROM sessions WHERE id = $1::text::uuid) \
              FROM generate_series(1, $2::bigint) i",
             &[&session_id, &n],
         )
@@ -208,8 +209,10 @@ async fn export_of_large_results_and_many_small_rows_sends_each_record_once_in_b
     app.sql()
         .await
         .execute(
-            "INSERT INTO session_logs (session_id, level, message) \
-             SELECT $1::text::uuid, 'info', 'step ' || i FROM generate_series(1, 1500) i",
+            "INSERT INTO session_logs (session_id, level, message, project_id) \
+             SELECT $1::text::uuid, 'info', 'step ' || i, \
+                    (SELECT project_id FROM sessions WHERE id = $1::text::uuid) \
+             FROM generate_series(1, 1500) i",
             &[&s.id],
         )
         .await

@@ -315,9 +315,10 @@ async fn get_session_answers_not_found_and_invalid_argument() {
 async fn a_page_walk_returns_every_session_exactly_once_newest_first() {
     let app = spawn_app().await;
     app.sql().await.batch_execute(
-            "INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope, created_at)
+            "INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope, created_at, project_id)
              SELECT gen_random_uuid(), 'bulk-' || i, 'cobol', 'java', 'full',
-                    now() - (i % 7) * interval '1 minute'
+                    now() - (i % 7) * interval '1 minute',
+                    (SELECT id FROM projects WHERE slug = 'default')
              FROM generate_series(1, 237) AS i",
         )
         .await
@@ -772,13 +773,16 @@ async fn a_deadline_cancels_the_query_in_postgresql() {
         .unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
 
-    // The statement was cancelled by PostgreSQL, not left waiting on the lock.
+    // The statement was cancelled by PostgreSQL, not left waiting on the lock
+    // (counted in this test's database only: other tests' gateways share the
+    // server, and their appends wait on row locks too).
     let waiting: i64 = app
         .sql()
         .await
         .query_one(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE application_name = 'verdict' AND state = 'active' AND wait_event_type = 'Lock'",
+             WHERE datname = current_database() AND application_name = 'verdict'
+               AND state = 'active' AND wait_event_type = 'Lock'",
             &[],
         )
         .await

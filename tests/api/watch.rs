@@ -320,7 +320,7 @@ async fn concurrent_writers_reach_every_watcher_exactly_once_in_list_order() {
 
 /// Terminates every connection the gateway holds (pool and LISTEN), waiting
 /// until they are gone, and returns how many were ended.
-async fn terminate_gateway_connections(sql: &tokio_postgres::Client) -> i64 {
+pub async fn terminate_gateway_connections(sql: &tokio_postgres::Client) -> i64 {
     sql.query_one(
         "SELECT count(pg_terminate_backend(pid, 5000)) FROM pg_stat_activity \
          WHERE datname = current_database() AND pid <> pg_backend_pid()",
@@ -332,7 +332,7 @@ async fn terminate_gateway_connections(sql: &tokio_postgres::Client) -> i64 {
 }
 
 /// The pid of the gateway's LISTEN connection, once it is listening.
-async fn listener_pid(sql: &tokio_postgres::Client) -> i32 {
+pub async fn listener_pid(sql: &tokio_postgres::Client) -> i32 {
     let started = std::time::Instant::now();
     loop {
         let row = sql
@@ -633,8 +633,9 @@ async fn entries_written_by_direct_sql_get_the_next_sequence_and_reach_watchers(
     app.sql()
         .await
         .execute(
-            "INSERT INTO session_logs (session_id, level, message) \
-             SELECT $1, 'info', 'bulk ' || i FROM generate_series(1, 3) i",
+            "INSERT INTO session_logs (session_id, level, message, project_id) \
+             SELECT $1, 'info', 'bulk ' || i, (SELECT id FROM projects WHERE slug = 'default') \
+             FROM generate_series(1, 3) i",
             &[&s.id.parse::<uuid::Uuid>().unwrap()],
         )
         .await

@@ -19,6 +19,7 @@ mod pages;
 mod pg_tls;
 mod projects;
 mod projects_migration;
+mod projects_test_cases;
 mod results;
 mod sequences;
 mod sessions;

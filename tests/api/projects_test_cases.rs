@@ -540,6 +540,62 @@ async fn lists_and_statistics_in_one_project_never_include_another_projects_rows
     .await;
     assert!(failed.is_empty(), "B's failures are not A's");
 
+    // A page token of A's lists is refused in B (same filters, same keys).
+    let first = app
+        .test_cases
+        .clone()
+        .list_executions(in_project(
+            ListExecutionsRequest {
+                page_size: 1,
+                ..Default::default()
+            },
+            "team-a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = app
+        .test_cases
+        .clone()
+        .list_executions(in_project(
+            ListExecutionsRequest {
+                page_size: 1,
+                page_token: first.next_page_token,
+                ..Default::default()
+            },
+            "team-b",
+        ))
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::InvalidArgument, "INVALID_PAGE_TOKEN");
+    let first = app
+        .test_cases
+        .clone()
+        .list_test_cases(in_project(
+            ListTestCasesRequest {
+                page_size: 1,
+                ..Default::default()
+            },
+            "team-a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = app
+        .test_cases
+        .clone()
+        .list_test_cases(in_project(
+            ListTestCasesRequest {
+                page_size: 1,
+                page_token: first.next_page_token,
+                ..Default::default()
+            },
+            "team-b",
+        ))
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::InvalidArgument, "INVALID_PAGE_TOKEN");
+
     // GetTestStatistics: all, by subsystem, by test case; B's flips are not
     // A's flaky tests.
     for req in [

@@ -15,9 +15,12 @@ use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::{ToSql, Type};
 use uuid::Uuid;
 
-/// Writes executions with binary COPY, after resolving the test cases and
-/// sessions they name.
+/// Writes executions with binary COPY into one project, after resolving the
+/// test cases and sessions they name in that project (a test case or
+/// session of another project is not found).
 pub struct ExecutionSink {
+    /// The call's project: every row is written in it.
+    pub project: Uuid,
     /// Set for RecordExecutions: rows remember their batch and position.
     pub batch_id: Option<String>,
 }
@@ -25,24 +28,25 @@ pub struct ExecutionSink {
 const RESOLVE_TEST_CASES: Stmt = Stmt::new(
     "SELECT",
     "test_cases",
-    "SELECT id, key FROM test_cases WHERE id = ANY($1) OR key = ANY($2)",
+    "SELECT id, key FROM test_cases WHERE project_id = $3 AND (id = ANY($1) OR key = ANY($2))",
 );
 
 const LOCK_SESSIONS: Stmt = Stmt::new(
     "SELECT",
     "sessions",
-    "SELECT id, status FROM sessions WHERE id = ANY($1) ORDER BY id FOR SHARE",
+    "SELECT id, status FROM sessions WHERE id = ANY($1) AND project_id = $2 ORDER BY id FOR SHARE",
 );
 
 const COPY: Stmt = Stmt::new(
     "COPY",
     "test_executions",
-    "COPY test_executions (id, test_case_id, session_id, status, started_at, duration_ms, \
-     environment, error_message, stack_trace, screenshot_refs, interaction_log, performance, \
-     batch_id, batch_position) FROM STDIN BINARY",
+    "COPY test_executions (project_id, id, test_case_id, session_id, status, started_at, \
+     duration_ms, environment, error_message, stack_trace, screenshot_refs, interaction_log, \
+     performance, batch_id, batch_position) FROM STDIN BINARY",
 );
 
-const COPY_TYPES: [Type; 14] = [
+const COPY_TYPES: [Type; 15] = [
+    Type::UUID,
     Type::UUID,
     Type::UUID,
     Type::UUID,
@@ -60,8 +64,12 @@ const COPY_TYPES: [Type; 14] = [
 ];
 
 /// The test case id of every item, or an error naming the first item whose
-/// test case does not exist.
-async fn resolve_test_cases(c: &impl GenericClient, items: &[NewExecution]) -> Result<Vec<Uuid>> {
+/// test case does not exist in `project`.
+async fn resolve_test_cases(
+    c: &impl GenericClient,
+    project: Uuid,
+    items: &[NewExecution],
+) -> Result<Vec<Uuid>> {
     let mut ids = HashSet::new();
     let mut keys = HashSet::new();
     for e in items {
@@ -74,7 +82,10 @@ async fn resolve_test_cases(c: &impl GenericClient, items: &[NewExecution]) -> R
     let keys: Vec<&str> = keys.into_iter().collect();
     let mut known_ids = HashSet::new();
     let mut by_key = HashMap::new();
-    for row in RESOLVE_TEST_CASES.query(c, &[&ids, &keys]).await? {
+    for row in RESOLVE_TEST_CASES
+        .query(c, &[&ids, &keys, &project])
+        .await?
+    {
         let id: Uuid = row.try_get(0)?;
         known_ids.insert(id);
         by_key.insert(row.try_get::<_, String>(1)?, id);
@@ -94,9 +105,13 @@ async fn resolve_test_cases(c: &impl GenericClient, items: &[NewExecution]) -> R
         .collect()
 }
 
-/// Checks that every named session exists and still accepts findings, and
-/// holds a share lock on each until the transaction ends.
-async fn lock_sessions(c: &impl GenericClient, items: &[NewExecution]) -> Result<()> {
+/// Checks that every named session exists in `project` and still accepts
+/// findings, and holds a share lock on each until the transaction ends.
+async fn lock_sessions(
+    c: &impl GenericClient,
+    project: Uuid,
+    items: &[NewExecution],
+) -> Result<()> {
     let named: Vec<Uuid> = items
         .iter()
         .filter_map(|e| e.session_id)
@@ -107,7 +122,7 @@ async fn lock_sessions(c: &impl GenericClient, items: &[NewExecution]) -> Result
         return Ok(());
     }
     let mut status = HashMap::new();
-    for row in LOCK_SESSIONS.query(c, &[&named]).await? {
+    for row in LOCK_SESSIONS.query(c, &[&named, &project]).await? {
         status.insert(
             row.try_get::<_, Uuid>(0)?,
             SessionStatus::from_db(row.try_get(1)?)?,
@@ -144,8 +159,8 @@ impl Sink for ExecutionSink {
         tx: &'a deadpool_postgres::Transaction<'a>,
         items: &'a [NewExecution],
     ) -> Result<u64> {
-        let test_case_ids = resolve_test_cases(tx, items).await?;
-        lock_sessions(tx, items).await?;
+        let test_case_ids = resolve_test_cases(tx, self.project, items).await?;
+        lock_sessions(tx, self.project, items).await?;
 
         COPY.traced_copy(async {
             let sink = tx.copy_in(COPY.sql).await?;
@@ -153,7 +168,8 @@ impl Sink for ExecutionSink {
             pin_mut!(writer);
             for (position, (e, test_case_id)) in items.iter().zip(&test_case_ids).enumerate() {
                 let position = self.batch_id.as_ref().map(|_| position as i32);
-                let row: [&(dyn ToSql + Sync); 14] = [
+                let row: [&(dyn ToSql + Sync); 15] = [
+                    &self.project,
                     &e.id,
                     test_case_id,
                     &e.session_id,
@@ -180,13 +196,14 @@ impl Sink for ExecutionSink {
 const BATCH_IDS: Stmt = Stmt::new(
     "SELECT",
     "test_executions",
-    "SELECT id FROM test_executions WHERE batch_id = $1 ORDER BY batch_position",
+    "SELECT id FROM test_executions WHERE project_id = $1 AND batch_id = $2 \
+     ORDER BY batch_position",
 );
 
-/// Ids of a committed batch, in item order.
-pub async fn batch_ids(c: &impl GenericClient, batch_id: &str) -> Result<Vec<Uuid>> {
+/// Ids of a batch committed in `project`, in item order.
+pub async fn batch_ids(c: &impl GenericClient, project: Uuid, batch_id: &str) -> Result<Vec<Uuid>> {
     BATCH_IDS
-        .query(c, &[&batch_id])
+        .query(c, &[&project, &batch_id])
         .await?
         .iter()
         .map(|r| Ok(r.try_get(0)?))
@@ -224,14 +241,17 @@ pub fn key(e: &Execution) -> ExecutionKey {
 }
 
 /// The list statement over `columns` (of `e`, the executions, and `t`,
-/// their test cases): the filters, newest `started_at` first.
+/// their test cases): the executions of the project `$9` that pass the
+/// filters, newest `started_at` first.
 macro_rules! list_sql {
     ($columns:expr) => {
         concat!(
             "SELECT ",
             $columns,
-            " FROM test_executions e JOIN test_cases t ON t.id = e.test_case_id \
-             WHERE ($1::uuid IS NULL OR e.test_case_id = $1) \
+            " FROM test_executions e \
+             JOIN test_cases t ON t.project_id = e.project_id AND t.id = e.test_case_id \
+             WHERE e.project_id = $9 \
+               AND ($1::uuid IS NULL OR e.test_case_id = $1) \
                AND ($2::uuid IS NULL OR e.session_id = $2) \
                AND ($3::text[] IS NULL OR e.status = ANY($3)) \
                AND ($4::timestamptz IS NULL OR e.started_at >= $4) \
@@ -243,7 +263,7 @@ macro_rules! list_sql {
 }
 
 /// EXECUTION_VIEW_FULL: the page's rows (`$8`, page_size + 1), cut after
-/// the row that brings their JSON and text to `$9` bytes (the reply limit;
+/// the row that brings their JSON and text to `$10` bytes (the reply limit;
 /// the first row always comes). `batch_rows` tells how many rows the cut
 /// saw, so a cut page still ends with a token: the gateway never holds more
 /// than about one reply of large executions, whatever the page size.
@@ -268,7 +288,7 @@ const LIST: Stmt = Stmt::new(
              + octet_length(e.stack_trace) \
              + coalesce(octet_length(e.screenshot_refs::text), 0) AS row_bytes"
         ),
-        ") batch) sized WHERE bytes_before < $9 ORDER BY started_at DESC, id DESC"
+        ") batch) sized WHERE bytes_before < $10 ORDER BY started_at DESC, id DESC"
     ),
 );
 
@@ -285,11 +305,12 @@ const LIST_BASIC: Stmt = Stmt::new(
     ),
 );
 
-/// One page of executions, newest first, plus one extra row when more
-/// follow; in the FULL view at most about `max_bytes` of them (see LIST).
-/// `test_case_id` is the resolved test case filter.
+/// One page of the executions of `project`, newest first, plus one extra
+/// row when more follow; in the FULL view at most about `max_bytes` of them
+/// (see LIST). `test_case_id` is the resolved test case filter.
 pub async fn list(
     c: &impl GenericClient,
+    project: Uuid,
     q: &ListExecutions,
     test_case_id: Option<Uuid>,
     max_bytes: i64,
@@ -308,6 +329,9 @@ pub async fn list(
         &after_at,
         &after_id,
         &limit,
+        // Before max_bytes: the BASIC statement takes every parameter but
+        // the last.
+        &project,
         &max_bytes,
     ];
     crate::pagination::fetch_view(c, q.view, &LIST, &LIST_BASIC, params, from_row).await
@@ -330,13 +354,16 @@ const PAGE_OF_SESSION: Stmt = Stmt::new(
                          + coalesce(octet_length(screenshot_refs::text), 0) AS row_bytes \
                  FROM test_executions WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) \
                  ORDER BY id LIMIT $3) batch) e \
-     JOIN test_cases t ON t.id = e.test_case_id \
+     JOIN test_cases t ON t.project_id = e.project_id AND t.id = e.test_case_id \
      WHERE e.bytes_before < $4 ORDER BY e.id",
 );
 
 /// Executions of a session in id order after `after`, for exports: at
 /// most `limit` rows, fewer when they reach `max_bytes` (see
-/// PAGE_OF_SESSION); an empty batch is the end.
+/// PAGE_OF_SESSION); an empty batch is the end. The session names its
+/// project: every execution of a session is in the session's project (the
+/// sink checks it before writing), so the caller, which found the session
+/// in its call's project, gets that project's executions only.
 pub async fn page_of_session(
     c: &impl GenericClient,
     session_id: Uuid,

@@ -26,9 +26,13 @@ use uuid::Uuid;
 const INGEST_BATCH_ITEMS: usize = 10_000;
 /// `kind` of execution batches and ingests in the shared ingest tables.
 const INGEST_KIND: &str = "test_executions";
-/// Executions are not scoped to one parent: batch and ingest ids are unique
-/// across all of them.
-const INGEST_SCOPE: &str = "*";
+/// The scope of execution batches and ingests in the project `default`:
+/// executions have no parent record, so their batch and ingest ids are
+/// unique within their project. Other projects use their id as scope, so
+/// project B's `batch-1` is not project A's; `default` keeps the scope it
+/// had before projects, so a batch or an ingest begun before them is still
+/// replayed or resumed.
+const DEFAULT_INGEST_SCOPE: &str = "*";
 
 /// The TestCaseService implementation.
 pub struct TestCaseApi {
@@ -39,11 +43,25 @@ impl TestCaseApi {
     pub fn new(state: AppState) -> Self {
         TestCaseApi { state }
     }
+
+    /// The scope of the execution batches and ingests of `project` in the
+    /// shared ingest tables (see [`DEFAULT_INGEST_SCOPE`]).
+    async fn ingest_scope(&self, project: Uuid) -> Result<String> {
+        Ok(if project == self.state.projects.default_id().await? {
+            DEFAULT_INGEST_SCOPE.to_owned()
+        } else {
+            project.to_string()
+        })
+    }
 }
 
-/// The id of a test case named by id or key; NOT_FOUND when there is none.
-async fn resolve(c: &impl GenericClient, r: &TestCaseRef) -> Result<Uuid> {
-    Ok(sql::get(c, r).await?.ok_or_else(|| r.not_found())?.id)
+/// The id of a test case of `project` named by id or key; NOT_FOUND when
+/// there is none (a test case of another project included).
+async fn resolve(c: &impl GenericClient, project: Uuid, r: &TestCaseRef) -> Result<Uuid> {
+    Ok(sql::get(c, project, r)
+        .await?
+        .ok_or_else(|| r.not_found())?
+        .id)
 }
 
 /// The content of CreateTestCase, for its digest: the key and every field
@@ -129,17 +147,21 @@ impl TestCaseService for TestCaseApi {
         request: Request<proto::CreateTestCaseRequest>,
     ) -> RpcResult<proto::CreateTestCaseResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let new = NewTestCase::try_from(req)?;
         let digest = digest::of("CreateTestCase", &new);
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let (test_case, created) = match sql::insert(&tx, Uuid::now_v7(), &new, &digest).await? {
+        let (test_case, created) = match sql::insert(&tx, project, Uuid::now_v7(), &new, &digest)
+            .await?
+        {
             Some(t) => (t, true),
             // The key was taken (a concurrent first call waited for):
             // a replay, or a reused key.
             None => {
-                let (stored, stored_digest) =
-                    sql::get_for_replay(&tx, &new.key).await?.ok_or_else(|| {
+                let (stored, stored_digest) = sql::get_for_replay(&tx, project, &new.key)
+                    .await?
+                    .ok_or_else(|| {
                         Error::Aborted(
                             Reason::ConcurrentChange,
                             "the test case with this key was deleted concurrently; retry".into(),
@@ -166,9 +188,10 @@ impl TestCaseService for TestCaseApi {
         request: Request<proto::GetTestCaseRequest>,
     ) -> RpcResult<proto::GetTestCaseResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let lookup = TestCaseRef::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let test_case = sql::get(conn.client().await?, &lookup)
+        let test_case = sql::get(conn.client().await?, project, &lookup)
             .await?
             .ok_or_else(|| lookup.not_found())?;
         Ok(Response::new(proto::GetTestCaseResponse {
@@ -181,9 +204,10 @@ impl TestCaseService for TestCaseApi {
         request: Request<proto::ListTestCasesRequest>,
     ) -> RpcResult<proto::ListTestCasesResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let query = ListTestCases::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let rows = sql::list(conn.client().await?, &query).await?;
+        let rows = sql::list(conn.client().await?, project, &query).await?;
         let (test_cases, next_page_token) = pagination::page(
             rows,
             query.page_size,
@@ -203,10 +227,11 @@ impl TestCaseService for TestCaseApi {
         request: Request<proto::UpdateTestCaseRequest>,
     ) -> RpcResult<proto::UpdateTestCaseResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let update = TestCaseUpdate::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let current = sql::get_for_update(&tx, update.id)
+        let current = sql::get_for_update(&tx, project, update.id)
             .await?
             .ok_or_else(|| TestCaseRef::Id(update.id).not_found())?;
         if let Some(expected) = update.expected_version
@@ -214,7 +239,7 @@ impl TestCaseService for TestCaseApi {
         {
             return Err(stale(update.id, current.version, expected).into());
         }
-        let updated = sql::update(&tx, &update).await?;
+        let updated = sql::update(&tx, project, &update).await?;
         audit::record(&tx, &call, &[update.id.to_string()], Outcome::Updated).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::UpdateTestCaseResponse {
@@ -227,6 +252,7 @@ impl TestCaseService for TestCaseApi {
         request: Request<proto::DeleteTestCaseRequest>,
     ) -> RpcResult<proto::DeleteTestCaseResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let mut v = Validator::new();
         let id = v.uuid("id", &req.id);
         if let Some(ver) = req.expected_version
@@ -237,7 +263,7 @@ impl TestCaseService for TestCaseApi {
         v.finish()?;
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let current = sql::get_for_update(&tx, id)
+        let current = sql::get_for_update(&tx, project, id)
             .await?
             .ok_or_else(|| TestCaseRef::Id(id).not_found())?;
         if let Some(expected) = req.expected_version
@@ -246,8 +272,8 @@ impl TestCaseService for TestCaseApi {
             return Err(stale(id, current.version, expected).into());
         }
         let deleted_executions = if req.force {
-            sql::delete_executions(&tx, id).await?
-        } else if sql::has_executions(&tx, id).await? {
+            sql::delete_executions(&tx, project, id).await?
+        } else if sql::has_executions(&tx, project, id).await? {
             return Err(Error::FailedPrecondition(
                 Reason::TestCaseHasExecutions,
                 format!(
@@ -259,7 +285,7 @@ impl TestCaseService for TestCaseApi {
         } else {
             0
         };
-        sql::delete(&tx, id).await?;
+        sql::delete(&tx, project, id).await?;
         audit::record(&tx, &call, &[id.to_string()], Outcome::Deleted).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::DeleteTestCaseResponse {
@@ -272,27 +298,26 @@ impl TestCaseService for TestCaseApi {
         request: Request<proto::RecordExecutionsRequest>,
     ) -> RpcResult<proto::RecordExecutionsResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let mut v = Validator::new();
         let batch_id = v.required_text("batch_id", &req.batch_id, crate::sessions::MAX_REQUEST_ID);
         let items = validate_items(&mut v, req.items, None, false);
         v.finish()?;
         let digest = digest::of_batch("RecordExecutions", &items);
+        let scope = self.ingest_scope(project).await?;
 
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let claim = ingest::claim_batch(
-            &tx,
-            INGEST_KIND,
-            INGEST_SCOPE,
-            &batch_id,
-            &digest,
-            items.len(),
-        )
-        .await?;
+        let claim =
+            ingest::claim_batch(&tx, INGEST_KIND, &scope, &batch_id, &digest, items.len()).await?;
         let (ids, replayed) = match claim {
-            Claim::Replay { .. } => (executions_sql::batch_ids(&tx, &batch_id).await?, true),
+            Claim::Replay { .. } => (
+                executions_sql::batch_ids(&tx, project, &batch_id).await?,
+                true,
+            ),
             Claim::New => {
                 let sink = ExecutionSink {
+                    project,
                     batch_id: Some(batch_id.clone()),
                 };
                 let written = ingest::Sink::write(&sink, &tx, &items).await?;
@@ -319,6 +344,8 @@ impl TestCaseService for TestCaseApi {
     ) -> RpcResult<proto::IngestExecutionsResponse> {
         let revocation = ingest::revocation_of(&request);
         let (call, stream) = rpc::split(request);
+        let project = call.project()?;
+        let scope = self.ingest_scope(project).await?;
         let (ingest_id, messages) = ingest::open(
             stream,
             self.state.ingest,
@@ -342,10 +369,13 @@ impl TestCaseService for TestCaseApi {
             IngestKey {
                 kind: INGEST_KIND,
                 ingest_id,
-                scope: INGEST_SCOPE.into(),
+                scope,
                 revocation,
             },
-            Arc::new(ExecutionSink { batch_id: None }),
+            Arc::new(ExecutionSink {
+                project,
+                batch_id: None,
+            }),
             Box::pin(chunks),
             INGEST_BATCH_ITEMS,
             self.state.ingest,
@@ -364,13 +394,17 @@ impl TestCaseService for TestCaseApi {
         request: Request<proto::TestCaseServiceGetIngestStatusRequest>,
     ) -> RpcResult<proto::TestCaseServiceGetIngestStatusResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let mut v = Validator::new();
         let ingest_id =
             v.required_text("ingest_id", &req.ingest_id, crate::sessions::MAX_REQUEST_ID);
         v.finish()?;
+        let scope = self.ingest_scope(project).await?;
         let mut conn = self.state.db.conn(&call).await?;
+        // An ingest of another project is not found, like one never begun.
         let status = ingest::status(conn.client().await?, INGEST_KIND, &ingest_id)
             .await?
+            .filter(|s| s.scope == scope)
             .ok_or_else(|| {
                 Error::NotFound(format!(
                     "no chunk of ingest {ingest_id:?} was ever committed"
@@ -388,15 +422,16 @@ impl TestCaseService for TestCaseApi {
         request: Request<proto::ListExecutionsRequest>,
     ) -> RpcResult<proto::ListExecutionsResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let query = ListExecutions::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
         let test_case_id = match &query.filter.test_case {
-            Some(r) => Some(resolve(c, r).await?),
+            Some(r) => Some(resolve(c, project, r).await?),
             None => None,
         };
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
-        let rows = executions_sql::list(c, &query, test_case_id, max_bytes).await?;
+        let rows = executions_sql::list(c, project, &query, test_case_id, max_bytes).await?;
         let (executions, next_page_token) = pagination::page(
             rows,
             query.page_size,
@@ -416,17 +451,18 @@ impl TestCaseService for TestCaseApi {
         request: Request<proto::GetTestStatisticsRequest>,
     ) -> RpcResult<proto::GetTestStatisticsResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let query = StatisticsQuery::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
         let (test_case_id, subsystem) = match &query.scope {
             StatsScope::All => (None, None),
-            StatsScope::TestCase(r) => (Some(resolve(c, r).await?), None),
+            StatsScope::TestCase(r) => (Some(resolve(c, project, r).await?), None),
             StatsScope::Subsystem(s) => (None, Some(s.as_str())),
         };
-        let totals = statistics_sql::totals(c, &query, test_case_id, subsystem).await?;
+        let totals = statistics_sql::totals(c, project, &query, test_case_id, subsystem).await?;
         let (flaky, flaky_test_count) =
-            statistics_sql::flakiest(c, &query, test_case_id, subsystem).await?;
+            statistics_sql::flakiest(c, project, &query, test_case_id, subsystem).await?;
         Ok(Response::new(statistics(totals, flaky, flaky_test_count)))
     }
 }

@@ -38,17 +38,20 @@ const INSERT: Stmt = Stmt::new(
     "INSERT",
     "test_cases",
     concat!(
-        "INSERT INTO test_cases (id, key, name, description, test_type, target_subsystem, \
-         required_hardware, tags, content_digest) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-         ON CONFLICT (key) DO NOTHING RETURNING ",
+        "INSERT INTO test_cases (project_id, id, key, name, description, test_type, \
+         target_subsystem, required_hardware, tags, content_digest) \
+         VALUES ($10, $1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (project_id, key) DO NOTHING RETURNING ",
         test_case_columns!()
     ),
 );
 
-/// Inserts a test case unless its key is taken; `None` when it is.
-/// `digest` is the canonical digest of `t`, kept to decide replays.
+/// Inserts a test case in `project` unless its key is taken there; `None`
+/// when it is. `digest` is the canonical digest of `t`, kept to decide
+/// replays.
 pub async fn insert(
     c: &impl GenericClient,
+    project: Uuid,
     id: Uuid,
     t: &NewTestCase,
     digest: &[u8],
@@ -67,6 +70,7 @@ pub async fn insert(
                 &f.required_hardware,
                 &f.tags,
                 &digest,
+                &project,
             ],
         )
         .await?)
@@ -78,7 +82,7 @@ const BY_ID: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         test_case_columns!(),
-        " FROM test_cases WHERE id = $1"
+        " FROM test_cases WHERE project_id = $1 AND id = $2"
     ),
 );
 
@@ -88,15 +92,19 @@ const BY_KEY: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         test_case_columns!(),
-        " FROM test_cases WHERE key = $1"
+        " FROM test_cases WHERE project_id = $1 AND key = $2"
     ),
 );
 
-/// A test case by id or key.
-pub async fn get(c: &impl GenericClient, r: &TestCaseRef) -> Result<Option<TestCase>> {
+/// A test case of `project` by id or key (`None` for one of another project).
+pub async fn get(
+    c: &impl GenericClient,
+    project: Uuid,
+    r: &TestCaseRef,
+) -> Result<Option<TestCase>> {
     match r {
-        TestCaseRef::Id(id) => one(BY_ID.query_opt(c, &[id]).await?),
-        TestCaseRef::Key(key) => one(BY_KEY.query_opt(c, &[key]).await?),
+        TestCaseRef::Id(id) => one(BY_ID.query_opt(c, &[&project, id]).await?),
+        TestCaseRef::Key(key) => one(BY_KEY.query_opt(c, &[&project, key]).await?),
     }
 }
 
@@ -106,18 +114,20 @@ const BY_KEY_FOR_REPLAY: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         test_case_columns!(),
-        ", content_digest FROM test_cases WHERE key = $1"
+        ", content_digest FROM test_cases WHERE project_id = $1 AND key = $2"
     ),
 );
 
-/// The test case holding `key` and the digest of the content that created
-/// it (`None` for one created before V11), to decide a CreateTestCase replay.
+/// The test case holding `key` in `project` and the digest of the content
+/// that created it (`None` for one created before V11), to decide a
+/// CreateTestCase replay.
 pub async fn get_for_replay(
     c: &impl GenericClient,
+    project: Uuid,
     key: &str,
 ) -> Result<Option<(TestCase, Option<Vec<u8>>)>> {
     BY_KEY_FOR_REPLAY
-        .query_opt(c, &[&key])
+        .query_opt(c, &[&project, &key])
         .await?
         .map(|row| Ok((from_row(&row)?, row.try_get("content_digest")?)))
         .transpose()
@@ -129,15 +139,20 @@ const BY_ID_FOR_UPDATE: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         test_case_columns!(),
-        " FROM test_cases WHERE id = $1 FOR UPDATE"
+        " FROM test_cases WHERE project_id = $1 AND id = $2 FOR UPDATE"
     ),
 );
 
-/// Reads a test case and locks it until the transaction ends. The lock
-/// waits for transactions still inserting executions of it (they hold a
-/// key-share lock through the foreign key), so what follows sees them.
-pub async fn get_for_update(c: &impl GenericClient, id: Uuid) -> Result<Option<TestCase>> {
-    one(BY_ID_FOR_UPDATE.query_opt(c, &[&id]).await?)
+/// Reads a test case of `project` and locks it until the transaction ends.
+/// The lock waits for transactions still inserting executions of it (they
+/// hold a key-share lock through the foreign key), so what follows sees
+/// them.
+pub async fn get_for_update(
+    c: &impl GenericClient,
+    project: Uuid,
+    id: Uuid,
+) -> Result<Option<TestCase>> {
+    one(BY_ID_FOR_UPDATE.query_opt(c, &[&project, &id]).await?)
 }
 
 const LIST: Stmt = Stmt::new(
@@ -147,7 +162,8 @@ const LIST: Stmt = Stmt::new(
         "SELECT ",
         test_case_columns!(),
         " FROM test_cases \
-         WHERE ($1::text[] IS NULL OR test_type = ANY($1)) \
+         WHERE project_id = $7 \
+           AND ($1::text[] IS NULL OR test_type = ANY($1)) \
            AND ($2::text IS NULL OR target_subsystem = $2) \
            AND ($3::text IS NULL OR tags @> ARRAY[$3::text]) \
            AND ($4::text IS NULL OR starts_with(name, $4)) \
@@ -156,8 +172,13 @@ const LIST: Stmt = Stmt::new(
     ),
 );
 
-/// One page of test cases in key order, plus one extra row when more follow.
-pub async fn list(c: &impl GenericClient, q: &ListTestCases) -> Result<Vec<TestCase>> {
+/// One page of the test cases of `project` in key order, plus one extra row
+/// when more follow.
+pub async fn list(
+    c: &impl GenericClient,
+    project: Uuid,
+    q: &ListTestCases,
+) -> Result<Vec<TestCase>> {
     let f = &q.filter;
     let types: Option<Vec<&str>> =
         (!f.test_types.is_empty()).then(|| f.test_types.iter().map(|t| t.as_str()).collect());
@@ -170,6 +191,7 @@ pub async fn list(c: &impl GenericClient, q: &ListTestCases) -> Result<Vec<TestC
             &f.name_prefix,
             &q.after,
             &(q.page_size + 1),
+            &project,
         ],
     )
     .await?
@@ -189,13 +211,15 @@ const UPDATE: Stmt = Stmt::new(
            required_hardware = COALESCE($6, required_hardware), \
            tags = COALESCE($7, tags), \
            version = version + 1, updated_at = now() \
-         WHERE id = $1 RETURNING ",
+         WHERE project_id = $8 AND id = $1 RETURNING ",
         test_case_columns!()
     ),
 );
 
-/// Applies the fields an update names (the others are NULL and kept).
-pub async fn update(c: &impl GenericClient, u: &TestCaseUpdate) -> Result<TestCase> {
+/// Applies the fields an update names (the others are NULL and kept) to a
+/// test case of `project` (the caller has locked it with
+/// [`get_for_update`]).
+pub async fn update(c: &impl GenericClient, project: Uuid, u: &TestCaseUpdate) -> Result<TestCase> {
     from_row(
         &UPDATE
             .query_one(
@@ -208,6 +232,7 @@ pub async fn update(c: &impl GenericClient, u: &TestCaseUpdate) -> Result<TestCa
                     &u.target_subsystem,
                     &u.required_hardware,
                     &u.tags,
+                    &project,
                 ],
             )
             .await?,
@@ -217,29 +242,35 @@ pub async fn update(c: &impl GenericClient, u: &TestCaseUpdate) -> Result<TestCa
 const HAS_EXECUTIONS: Stmt = Stmt::new(
     "SELECT",
     "test_executions",
-    "SELECT EXISTS (SELECT 1 FROM test_executions WHERE test_case_id = $1)",
+    "SELECT EXISTS (SELECT 1 FROM test_executions WHERE project_id = $1 AND test_case_id = $2)",
 );
 
-pub async fn has_executions(c: &impl GenericClient, id: Uuid) -> Result<bool> {
-    Ok(HAS_EXECUTIONS.query_one(c, &[&id]).await?.try_get(0)?)
+/// Whether the test case `id` of `project` has executions.
+pub async fn has_executions(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<bool> {
+    Ok(HAS_EXECUTIONS
+        .query_one(c, &[&project, &id])
+        .await?
+        .try_get(0)?)
 }
 
 const DELETE_EXECUTIONS: Stmt = Stmt::new(
     "DELETE",
     "test_executions",
-    "DELETE FROM test_executions WHERE test_case_id = $1",
+    "DELETE FROM test_executions WHERE project_id = $1 AND test_case_id = $2",
 );
 
-pub async fn delete_executions(c: &impl GenericClient, id: Uuid) -> Result<u64> {
-    DELETE_EXECUTIONS.execute(c, &[&id]).await
+/// Deletes the executions of the test case `id` of `project`.
+pub async fn delete_executions(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<u64> {
+    DELETE_EXECUTIONS.execute(c, &[&project, &id]).await
 }
 
 const DELETE: Stmt = Stmt::new(
     "DELETE",
     "test_cases",
-    "DELETE FROM test_cases WHERE id = $1",
+    "DELETE FROM test_cases WHERE project_id = $1 AND id = $2",
 );
 
-pub async fn delete(c: &impl GenericClient, id: Uuid) -> Result<u64> {
-    DELETE.execute(c, &[&id]).await
+/// Deletes the test case `id` of `project`.
+pub async fn delete(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<u64> {
+    DELETE.execute(c, &[&project, &id]).await
 }

@@ -17,15 +17,21 @@ pub struct Totals {
     pub p95_ms: Option<f64>,
 }
 
-/// The scope predicate of the statistics: $1 test case, $2 subsystem,
-/// $3..$4 the window on started_at.
+/// The scope predicate of the statistics: `$project` the project (every
+/// statistic covers one project), $1 test case, $2 subsystem, $3..$4 the
+/// window on started_at.
 macro_rules! stats_scope {
-    () => {
-        "FROM test_executions e JOIN test_cases t ON t.id = e.test_case_id \
-         WHERE ($1::uuid IS NULL OR e.test_case_id = $1) \
-           AND ($2::text IS NULL OR t.target_subsystem = $2) \
-           AND ($3::timestamptz IS NULL OR e.started_at >= $3) \
-           AND ($4::timestamptz IS NULL OR e.started_at < $4)"
+    ($project:literal) => {
+        concat!(
+            "FROM test_executions e \
+             JOIN test_cases t ON t.project_id = e.project_id AND t.id = e.test_case_id \
+             WHERE e.project_id = ",
+            $project,
+            " AND ($1::uuid IS NULL OR e.test_case_id = $1) \
+               AND ($2::text IS NULL OR t.target_subsystem = $2) \
+               AND ($3::timestamptz IS NULL OR e.started_at >= $3) \
+               AND ($4::timestamptz IS NULL OR e.started_at < $4)"
+        )
     };
 }
 
@@ -42,18 +48,20 @@ const TOTALS: Stmt = Stmt::new(
                     FILTER (WHERE e.status <> 'skipped'), \
                 percentile_cont(0.95) WITHIN GROUP (ORDER BY e.duration_ms::float8) \
                     FILTER (WHERE e.status <> 'skipped') ",
-        stats_scope!()
+        stats_scope!("$5")
     ),
 );
 
+/// Totals and duration percentiles of the executions of `project` in scope.
 pub async fn totals(
     c: &impl GenericClient,
+    project: Uuid,
     q: &StatisticsQuery,
     test_case_id: Option<Uuid>,
     subsystem: Option<&str>,
 ) -> Result<Totals> {
     let row = TOTALS
-        .query_one(c, &[&test_case_id, &subsystem, &q.from, &q.to])
+        .query_one(c, &[&test_case_id, &subsystem, &q.from, &q.to, &project])
         .await?;
     let by_status = [
         ExecutionStatus::Passed,
@@ -94,7 +102,7 @@ const FLAKY: Stmt = Stmt::new(
              SELECT e.test_case_id, e.status, e.started_at, e.id, \
                     row_number() OVER (PARTITION BY e.test_case_id \
                                        ORDER BY e.started_at DESC, e.id DESC) AS recency ",
-        stats_scope!(),
+        stats_scope!("$7"),
         "    AND e.status IN ('passed', 'failed')), \
          recent AS ( \
              SELECT test_case_id, status, \
@@ -106,16 +114,17 @@ const FLAKY: Stmt = Stmt::new(
                     count(*) AS considered \
              FROM recent GROUP BY test_case_id) \
          SELECT c.test_case_id, t.key, t.name, c.flips, c.considered, count(*) OVER () AS flaky \
-         FROM counted c JOIN test_cases t ON t.id = c.test_case_id \
+         FROM counted c JOIN test_cases t ON t.project_id = $7 AND t.id = c.test_case_id \
          WHERE c.flips > 0 \
          ORDER BY c.flips DESC, t.key LIMIT $6"
     ),
 );
 
-/// The flakiest test cases (most flips first, then by key) and how many
-/// test cases in scope flipped at all.
+/// The flakiest test cases of `project` (most flips first, then by key)
+/// and how many test cases in scope flipped at all.
 pub async fn flakiest(
     c: &impl GenericClient,
+    project: Uuid,
     q: &StatisticsQuery,
     test_case_id: Option<Uuid>,
     subsystem: Option<&str>,
@@ -130,6 +139,7 @@ pub async fn flakiest(
                 &q.to,
                 &q.flakiness_window,
                 &q.top_flaky,
+                &project,
             ],
         )
         .await?;

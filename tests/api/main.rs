@@ -20,6 +20,7 @@ mod pg_tls;
 mod projects;
 mod projects_migration;
 mod projects_sessions;
+mod projects_test_cases;
 mod results;
 mod sequences;
 mod sessions;

@@ -787,6 +787,7 @@ async fn list_executions_with_large_interaction_logs_pages_by_bytes_and_fetches_
     let mut conn = app.db.conn(&Call::default()).await.unwrap();
     let fetched = verdict::test_cases::executions_sql::list(
         conn.client().await.unwrap(),
+        crate::helpers::default_project(&app).await,
         &query,
         Some(test_case.id.parse().unwrap()),
         LIMIT as i64,

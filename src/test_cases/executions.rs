@@ -60,6 +60,9 @@ pub struct NewExecution {
     pub origin: Origin,
     pub test_case: TestCaseRef,
     pub session_id: Option<Uuid>,
+    /// The test run it belongs to, and its attempt there (1 without a run).
+    pub run_id: Option<Uuid>,
+    pub attempt: i32,
     pub status: ExecutionStatus,
     pub started_at: DateTime<Utc>,
     pub duration_ms: i64,
@@ -96,6 +99,13 @@ impl crate::digest::Content for NewExecution {
         })
         .json(&self.interaction_log)
         .json(&self.performance);
+        // Fed only when set, so digests of batches stored before runs
+        // existed still match their replays.
+        if let Some(run) = self.run_id {
+            h.str("run")
+                .bytes(run.as_bytes())
+                .i64(i64::from(self.attempt));
+        }
     }
 }
 
@@ -129,6 +139,15 @@ pub fn validate_input(
         origin,
         test_case,
         session_id: iv.optional_uuid("session_id", &raw.session_id),
+        run_id: iv.optional_uuid("run_id", &raw.run_id),
+        attempt: match raw.attempt {
+            0 => 1,
+            n @ 1..=1000 => n,
+            _ => {
+                iv.violation("attempt", "must be between 1 and 1000 (0 means 1)");
+                1
+            }
+        },
         status: iv
             .required_enum("status", raw.status, ExecutionStatus::from_proto)
             .unwrap_or(ExecutionStatus::Error),
@@ -245,6 +264,8 @@ pub struct Execution {
     pub test_case_id: Uuid,
     pub test_case_key: String,
     pub session_id: Option<Uuid>,
+    pub run_id: Option<Uuid>,
+    pub attempt: i32,
     pub status: ExecutionStatus,
     pub started_at: DateTime<Utc>,
     pub duration_ms: i64,
@@ -275,6 +296,8 @@ impl From<Execution> for proto::Execution {
             test_case_id: e.test_case_id.to_string(),
             test_case_key: e.test_case_key,
             session_id: e.session_id.map(|s| s.to_string()).unwrap_or_default(),
+            run_id: e.run_id.map(|r| r.to_string()).unwrap_or_default(),
+            attempt: e.attempt,
             status: e.status.to_proto() as i32,
             started_at: Some(timestamp(e.started_at)),
             duration_ms: e.duration_ms,
@@ -295,6 +318,10 @@ impl From<Execution> for proto::Execution {
 pub struct ExecutionFilter {
     pub test_case: Option<TestCaseRef>,
     pub session_id: Option<Uuid>,
+    /// Left out of the fingerprint when unset, so tokens issued before the
+    /// filter existed stay valid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<Uuid>,
     pub statuses: Vec<ExecutionStatus>,
     pub started_from: Option<DateTime<Utc>>,
     pub started_to: Option<DateTime<Utc>>,
@@ -328,6 +355,7 @@ impl TryFrom<proto::ListExecutionsRequest> for ListExecutions {
                 ("test_case_key", &r.test_case_key),
             ),
             session_id: v.optional_uuid("session_id", &r.session_id),
+            run_id: v.optional_uuid("run_id", &r.run_id),
             statuses: enum_set(&mut v, "statuses", &r.statuses, ExecutionStatus::from_proto),
             started_from,
             started_to,

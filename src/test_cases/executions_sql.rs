@@ -37,15 +37,21 @@ const LOCK_SESSIONS: Stmt = Stmt::new(
     "SELECT id, status FROM sessions WHERE id = ANY($1) AND project_id = $2 ORDER BY id FOR SHARE",
 );
 
+const LOCK_RUNS: Stmt = Stmt::new(
+    "SELECT",
+    "test_runs",
+    "SELECT id, status FROM test_runs WHERE id = ANY($1) AND project_id = $2 ORDER BY id FOR SHARE",
+);
+
 const COPY: Stmt = Stmt::new(
     "COPY",
     "test_executions",
     "COPY test_executions (project_id, id, test_case_id, session_id, status, started_at, \
      duration_ms, environment, error_message, stack_trace, screenshot_refs, interaction_log, \
-     performance, batch_id, batch_position) FROM STDIN BINARY",
+     performance, batch_id, batch_position, run_id, attempt) FROM STDIN BINARY",
 );
 
-const COPY_TYPES: [Type; 15] = [
+const COPY_TYPES: [Type; 17] = [
     Type::UUID,
     Type::UUID,
     Type::UUID,
@@ -60,6 +66,8 @@ const COPY_TYPES: [Type; 15] = [
     Type::JSONB,
     Type::JSONB,
     Type::TEXT,
+    Type::INT4,
+    Type::UUID,
     Type::INT4,
 ];
 
@@ -151,6 +159,43 @@ async fn lock_sessions(
     Ok(())
 }
 
+/// Checks that every named test run exists in `project` and is still
+/// RUNNING, and holds a share lock on each until the transaction ends (so
+/// FinishTestRun waits for the executions being written).
+async fn lock_runs(c: &impl GenericClient, project: Uuid, items: &[NewExecution]) -> Result<()> {
+    let named: Vec<Uuid> = items
+        .iter()
+        .filter_map(|e| e.run_id)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if named.is_empty() {
+        return Ok(());
+    }
+    let mut status = HashMap::new();
+    for row in LOCK_RUNS.query(c, &[&named, &project]).await? {
+        status.insert(row.try_get::<_, Uuid>(0)?, row.try_get::<_, String>(1)?);
+    }
+    for e in items {
+        let Some(id) = e.run_id else { continue };
+        match status.get(&id).map(String::as_str) {
+            None => {
+                return Err(e
+                    .origin
+                    .invalid("run_id", format!("test run {id} not found")));
+            }
+            Some("running") => {}
+            Some(finished) => {
+                return Err(Error::FailedPrecondition(
+                    Reason::FailedPrecondition,
+                    format!("test run {id} is {finished}; it accepts no more executions"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Sink for ExecutionSink {
     type Item = NewExecution;
 
@@ -161,6 +206,7 @@ impl Sink for ExecutionSink {
     ) -> Result<u64> {
         let test_case_ids = resolve_test_cases(tx, self.project, items).await?;
         lock_sessions(tx, self.project, items).await?;
+        lock_runs(tx, self.project, items).await?;
 
         COPY.traced_copy(async {
             let sink = tx.copy_in(COPY.sql).await?;
@@ -168,7 +214,7 @@ impl Sink for ExecutionSink {
             pin_mut!(writer);
             for (position, (e, test_case_id)) in items.iter().zip(&test_case_ids).enumerate() {
                 let position = self.batch_id.as_ref().map(|_| position as i32);
-                let row: [&(dyn ToSql + Sync); 15] = [
+                let row: [&(dyn ToSql + Sync); 17] = [
                     &self.project,
                     &e.id,
                     test_case_id,
@@ -184,6 +230,8 @@ impl Sink for ExecutionSink {
                     &e.performance,
                     &self.batch_id,
                     &position,
+                    &e.run_id,
+                    &e.attempt,
                 ];
                 writer.as_mut().write(&row).await?;
             }
@@ -216,6 +264,8 @@ fn from_row(row: &Row) -> Result<Execution> {
         test_case_id: row.try_get("test_case_id")?,
         test_case_key: row.try_get("test_case_key")?,
         session_id: row.try_get("session_id")?,
+        run_id: row.try_get("run_id")?,
+        attempt: row.try_get("attempt")?,
         status: ExecutionStatus::from_db(row.try_get("status")?)?,
         started_at: row.try_get("started_at")?,
         duration_ms: row.try_get("duration_ms")?,
@@ -257,6 +307,7 @@ macro_rules! list_sql {
                AND ($4::timestamptz IS NULL OR e.started_at >= $4) \
                AND ($5::timestamptz IS NULL OR e.started_at < $5) \
                AND ($6::timestamptz IS NULL OR (e.started_at, e.id) < ($6, $7)) \
+               AND ($10::uuid IS NULL OR e.run_id = $10) \
              ORDER BY e.started_at DESC, e.id DESC LIMIT $8"
         )
     };
@@ -271,16 +322,17 @@ const LIST: Stmt = Stmt::new(
     "SELECT",
     "test_executions",
     concat!(
-        "SELECT id, test_case_id, test_case_key, session_id, status, started_at, duration_ms, \
-                environment, error_message, stack_trace, screenshot_refs, interaction_log, \
-                performance, created_at, batch_rows \
+        "SELECT id, test_case_id, test_case_key, session_id, run_id, attempt, status, started_at, \
+                duration_ms, environment, error_message, stack_trace, screenshot_refs, \
+                interaction_log, performance, created_at, batch_rows \
          FROM (SELECT *, \
            sum(row_bytes) OVER (ORDER BY started_at DESC, id DESC ROWS UNBOUNDED PRECEDING) \
              - row_bytes AS bytes_before, \
            count(*) OVER () AS batch_rows \
          FROM (",
         list_sql!(
-            "e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
+            "e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.run_id, e.attempt, \
+             e.status, e.started_at, \
              e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
              e.interaction_log, e.performance, e.created_at, \
              octet_length(e.environment::text) + octet_length(e.interaction_log::text) \
@@ -288,7 +340,7 @@ const LIST: Stmt = Stmt::new(
              + octet_length(e.stack_trace) \
              + coalesce(octet_length(e.screenshot_refs::text), 0) AS row_bytes"
         ),
-        ") batch) sized WHERE bytes_before < $10 ORDER BY started_at DESC, id DESC"
+        ") batch) sized WHERE bytes_before < $11 ORDER BY started_at DESC, id DESC"
     ),
 );
 
@@ -298,7 +350,8 @@ const LIST_BASIC: Stmt = Stmt::new(
     "SELECT",
     "test_executions",
     list_sql!(
-        "e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
+        "e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.run_id, e.attempt, \
+         e.status, e.started_at, \
          e.duration_ms, NULL::jsonb AS environment, e.error_message, ''::text AS stack_trace, \
          e.screenshot_refs, NULL::jsonb AS interaction_log, NULL::jsonb AS performance, \
          e.created_at"
@@ -332,6 +385,7 @@ pub async fn list(
         // Before max_bytes: the BASIC statement takes every parameter but
         // the last.
         &project,
+        &f.run_id,
         &max_bytes,
     ];
     crate::pagination::fetch_view(c, q.view, &LIST, &LIST_BASIC, params, from_row).await
@@ -344,8 +398,8 @@ pub async fn list(
 const PAGE_OF_SESSION: Stmt = Stmt::new(
     "SELECT",
     "test_executions",
-    "SELECT e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.status, e.started_at, \
-            e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
+    "SELECT e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.run_id, e.attempt, \
+            e.status, e.started_at, e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
             e.interaction_log, e.performance, e.created_at \
      FROM (SELECT *, sum(row_bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - row_bytes AS bytes_before \
            FROM (SELECT *, octet_length(environment::text) + octet_length(interaction_log::text) \

@@ -141,6 +141,7 @@ fn execution(key: &str, n: usize) -> ExecutionInput {
         screenshot_refs: vec!["a.png".into()],
         interaction_log: vec![big_struct(n, "step"), big_struct(n.min(3), "step2")],
         performance: figures(n),
+        ..Default::default()
     }
 }
 

@@ -62,6 +62,7 @@ pub fn run(key: &str, status: ExecutionStatus, second: i64, duration_ms: i64) ->
         screenshot_refs: vec![],
         interaction_log: vec![],
         performance: Default::default(),
+        ..Default::default()
     }
 }
 

@@ -3,14 +3,16 @@
 
 use crate::errors::assert_reason;
 use crate::helpers::*;
+use crate::test_cases::new_test_case;
+use futures::StreamExt;
 use std::collections::HashMap;
 use tonic::Code;
 use tonic::transport::Channel;
 use verdict::proto::get_test_run_request::Lookup;
 use verdict::proto::test_run_service_client::TestRunServiceClient;
 use verdict::proto::{
-    CreateTestRunRequest, FinishTestRunRequest, GetTestRunRequest, ListTestRunsRequest,
-    TestRunStatus,
+    CreateTestRunRequest, ExecutionStatus, FinishTestRunRequest, GetTestRunRequest,
+    ListExecutionsRequest, ListTestRunsRequest, RecordExecutionsRequest, TestRunStatus, TestType,
 };
 
 fn runs(app: &TestApp) -> TestRunServiceClient<Channel> {
@@ -388,5 +390,229 @@ async fn a_run_finishes_once_and_an_empty_run_derives_passed() {
         }
     }
     assert_eq!(won, 1);
+    app.stop().await.unwrap();
+}
+
+/// The outcome of attempt `attempt` (1-based) of test `i`, which has
+/// `1 + i % 7` attempts: the last one decides, earlier ones fail for every
+/// third test (so those that end passed "passed on retry").
+fn outcome(i: usize, attempt: usize) -> ExecutionStatus {
+    let attempts = 1 + i % 7;
+    if attempt < attempts {
+        return if i % 3 == 0 {
+            ExecutionStatus::Failed
+        } else {
+            ExecutionStatus::Passed
+        };
+    }
+    match i % 10 {
+        0 => ExecutionStatus::Failed,
+        1 => ExecutionStatus::Error,
+        2 => ExecutionStatus::Skipped,
+        _ => ExecutionStatus::Passed,
+    }
+}
+
+#[tokio::test]
+async fn a_run_of_twenty_thousand_executions_in_retried_batches_counts_the_last_attempt() {
+    const TESTS: usize = 5_000;
+    let app = spawn_app().await;
+    create_project(&app, "team-a").await;
+    let mut r = runs(&app);
+    // Keys reused in `default`, with a run of the same client key there:
+    // nothing of it may show in team-a's counts.
+    let run = r
+        .create_test_run(in_project(new_run("big-run", "main", &[]), "team-a"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let other = r
+        .create_test_run(new_run("big-run", "main", &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    futures::stream::iter(0..TESTS)
+        .for_each_concurrent(16, |i| {
+            let app = &app;
+            async move {
+                let request = new_test_case(&format!("t-{i}"), TestType::Unit, "core");
+                let mut tc = app.test_cases.clone();
+                tc.create_test_case(in_project(request.clone(), "team-a"))
+                    .await
+                    .unwrap();
+                if i < 10 {
+                    tc.create_test_case(request).await.unwrap();
+                }
+            }
+        })
+        .await;
+    // Every attempt of every test: 20,000 executions.
+    let mut items = Vec::new();
+    let mut expected = verdict::proto::TestRunCounts::default();
+    for i in 0..TESTS {
+        let attempts = 1 + i % 7;
+        let mut ever_failed = false;
+        for attempt in 1..=attempts {
+            let status = outcome(i, attempt);
+            ever_failed |= matches!(status, ExecutionStatus::Failed | ExecutionStatus::Error)
+                && attempt < attempts;
+            let mut e = crate::test_cases::run(&format!("t-{i}"), status, attempt as i64, 10);
+            e.run_id = run.id.clone();
+            e.attempt = attempt as i32;
+            items.push(e);
+            expected.executions += 1;
+            expected.total_duration_ms += 10;
+        }
+        expected.tests += 1;
+        match outcome(i, attempts) {
+            ExecutionStatus::Passed => {
+                expected.passed += 1;
+                expected.passed_on_retry += i64::from(ever_failed);
+            }
+            ExecutionStatus::Failed => expected.failed += 1,
+            ExecutionStatus::Error => expected.errored += 1,
+            _ => expected.skipped += 1,
+        }
+    }
+    assert_eq!(items.len(), 20_000);
+    expected.pass_rate =
+        expected.passed as f64 / (expected.passed + expected.failed + expected.errored) as f64;
+    // Batches of 2,500, sent by 4 clients at once, each batch sent twice
+    // (a client retrying after a lost reply): stored once.
+    let batches: Vec<_> = items.chunks(2_500).map(<[_]>::to_vec).collect();
+    futures::stream::iter(batches.into_iter().enumerate())
+        .for_each_concurrent(4, |(n, batch)| {
+            let app = &app;
+            async move {
+                let request = RecordExecutionsRequest {
+                    batch_id: format!("big-{n}"),
+                    items: batch,
+                };
+                let mut tc = app.test_cases.clone();
+                let first = tc
+                    .record_executions(in_project(request.clone(), "team-a"))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let again = tc
+                    .record_executions(in_project(request, "team-a"))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(again.replayed);
+                assert_eq!(first.ids, again.ids);
+            }
+        })
+        .await;
+    // One execution in default's run of the same key: not in team-a's counts.
+    let mut stray = crate::test_cases::run("t-1", ExecutionStatus::Failed, 1, 10);
+    stray.run_id = other.id.clone();
+    app.test_cases
+        .clone()
+        .record_executions(RecordExecutionsRequest {
+            batch_id: "stray".into(),
+            items: vec![stray],
+        })
+        .await
+        .unwrap();
+
+    let got = r
+        .get_test_run(in_project(
+            GetTestRunRequest {
+                lookup: Some(Lookup::Id(run.id.clone())),
+            },
+            "team-a",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+        .counts
+        .unwrap();
+    assert_eq!(got, expected);
+    // Direct SQL agrees on what is stored.
+    let run_id: uuid::Uuid = run.id.parse().unwrap();
+    let row = app
+        .sql()
+        .await
+        .query_one(
+            "SELECT count(*), count(DISTINCT test_case_id) FROM test_executions WHERE run_id = $1",
+            &[&run_id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (row.get::<_, i64>(0), row.get::<_, i64>(1)),
+        (20_000, TESTS as i64)
+    );
+    // The run's executions are listed by run, with their attempts.
+    let page = app
+        .test_cases
+        .clone()
+        .list_executions(in_project(
+            ListExecutionsRequest {
+                run_id: run.id.clone(),
+                test_case_key: "t-6".into(),
+                ..Default::default()
+            },
+            "team-a",
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut attempts: Vec<i32> = page.executions.iter().map(|e| e.attempt).collect();
+    attempts.sort();
+    assert_eq!(attempts, [1, 2, 3, 4, 5, 6, 7]);
+    assert!(page.executions.iter().all(|e| e.run_id == run.id));
+
+    // Finishing derives FAILED (some last attempts failed); a finished run
+    // takes no more executions.
+    let finished = r
+        .finish_test_run(in_project(
+            FinishTestRunRequest {
+                id: run.id.clone(),
+                ..Default::default()
+            },
+            "team-a",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    assert_eq!(finished.status, TestRunStatus::Failed as i32);
+    let mut late = crate::test_cases::run("t-1", ExecutionStatus::Passed, 9, 10);
+    late.run_id = run.id.clone();
+    late.attempt = 8;
+    let err = app
+        .test_cases
+        .clone()
+        .record_executions(in_project(
+            RecordExecutionsRequest {
+                batch_id: "late".into(),
+                items: vec![late.clone()],
+            },
+            "team-a",
+        ))
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::FailedPrecondition, "FAILED_PRECONDITION");
+    // A run of another project is not found for an execution.
+    let err = app
+        .test_cases
+        .clone()
+        .record_executions(RecordExecutionsRequest {
+            batch_id: "cross".into(),
+            items: vec![late],
+        })
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::InvalidArgument, "INVALID_FIELD");
+    assert_eq!(violated_fields(&err), ["items[0].run_id"]);
     app.stop().await.unwrap();
 }

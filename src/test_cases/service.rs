@@ -282,6 +282,7 @@ impl TestCaseService for TestCaseApi {
         let tx = conn.begin().await?;
         let claim = ingest::claim_batch(
             &tx,
+            &call,
             INGEST_KIND,
             INGEST_SCOPE,
             &batch_id,
@@ -369,7 +370,7 @@ impl TestCaseService for TestCaseApi {
             v.required_text("ingest_id", &req.ingest_id, crate::sessions::MAX_REQUEST_ID);
         v.finish()?;
         let mut conn = self.state.db.conn(&call).await?;
-        let status = ingest::status(conn.client().await?, INGEST_KIND, &ingest_id)
+        let status = ingest::status(conn.client().await?, &call, INGEST_KIND, &ingest_id)
             .await?
             .ok_or_else(|| {
                 Error::NotFound(format!(

@@ -244,17 +244,7 @@ impl DiscrepancyService for DiscrepancyApi {
                 }
                 Resolution::Open
             };
-            sql::resolve_fingerprint(
-                &tx,
-                project,
-                &current.fingerprint,
-                from,
-                r.id,
-                r.resolution,
-                &r.actor,
-                &r.note,
-            )
-            .await?
+            sql::resolve_fingerprint(&tx, project, &current.fingerprint, from, &r).await?
         } else {
             sql::resolve_one(&tx, project, &current, r.resolution, &r.actor, &r.note).await?
         };

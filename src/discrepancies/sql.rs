@@ -6,7 +6,7 @@
 
 use super::{
     Discrepancy, DiscrepancyKey, ListDiscrepancies, NewDiscrepancy, Resolution, ResolutionChange,
-    Severity,
+    Resolve, Severity,
 };
 use crate::db::Stmt;
 use crate::error::{Error, Reason, Result};
@@ -385,17 +385,15 @@ const RESOLVE_FINGERPRINT: Stmt = Stmt::new(
      SELECT project_id, session_id, id, before, $4, $5, $6, true FROM changed",
 );
 
-/// Applies a resolution to every discrepancy of `fingerprint` currently in
-/// `from` (plus the named one) in `project_id`, recording each change.
+/// Applies `r` (its resolution, actor and note) to every discrepancy of
+/// `fingerprint` currently in `from` (plus the one `r` names) in
+/// `project_id`, recording each change.
 pub async fn resolve_fingerprint(
     c: &impl GenericClient,
     project_id: Uuid,
     fingerprint: &str,
     from: Resolution,
-    named: Uuid,
-    to: Resolution,
-    actor: &str,
-    note: &str,
+    r: &Resolve,
 ) -> Result<u64> {
     RESOLVE_FINGERPRINT
         .execute(
@@ -403,10 +401,10 @@ pub async fn resolve_fingerprint(
             &[
                 &fingerprint,
                 &from.as_str(),
-                &named,
-                &to.as_str(),
-                &actor,
-                &note,
+                &r.id,
+                &r.resolution.as_str(),
+                &r.actor,
+                &r.note,
                 &project_id,
             ],
         )

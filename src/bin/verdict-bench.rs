@@ -187,7 +187,12 @@ fn discrepancy(n: usize) -> DiscrepancyInput {
 }
 
 /// The same rows the gateway writes, by a direct binary COPY per transaction.
-async fn direct_copy(client: &mut tokio_postgres::Client, session: Uuid, from: usize, rows: usize) {
+async fn direct_copy(
+    client: &mut tokio_postgres::Client,
+    (project, session): (Uuid, Uuid),
+    from: usize,
+    rows: usize,
+) {
     let tx = client.transaction().await.expect("begin");
     let sink = tx.copy_in(COPY.sql).await.expect("copy in");
     let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
@@ -199,7 +204,8 @@ async fn direct_copy(client: &mut tokio_postgres::Client, session: Uuid, from: u
     for n in from..from + rows {
         let d = discrepancy(n);
         let fp = verdict::discrepancies::fingerprint(&d.kind, &d.source_element, &d.target_element);
-        let row: [&(dyn ToSql + Sync); 17] = [
+        let row: [&(dyn ToSql + Sync); 18] = [
+            &project,
             &session,
             &Uuid::now_v7(),
             &none_uuid,
@@ -279,6 +285,11 @@ async fn main() -> anyhow::Result<()> {
     let seed_id: Uuid = seed.id.parse()?;
     let max_conc = args.concurrency.iter().copied().max().unwrap_or(1);
     let direct = direct_clients(&pg, max_conc).await;
+    // The seed session's project: direct COPYs write into it, as the gateway does.
+    let seed_project: Uuid = direct[0]
+        .query_one("SELECT project_id FROM sessions WHERE id = $1", &[&seed_id])
+        .await?
+        .get(0);
     // Enough sessions for list pages to be full.
     direct[0]
         .batch_execute(
@@ -505,7 +516,7 @@ async fn main() -> anyhow::Result<()> {
                 let client = own[task].clone();
                 async move {
                     let mut client = client.lock().await;
-                    direct_copy(&mut client, seed_id, 0, 1000).await;
+                    direct_copy(&mut client, (seed_project, seed_id), 0, 1000).await;
                 }
             })
             .await;
@@ -604,7 +615,7 @@ async fn main() -> anyhow::Result<()> {
         let mut done = 0;
         while done < rows {
             let n = 10_000.min(rows - done);
-            direct_copy(&mut c, seed_id, done, n).await;
+            direct_copy(&mut c, (seed_project, seed_id), done, n).await;
             done += n;
         }
         let d_secs = t.elapsed().as_secs_f64();

@@ -9,7 +9,6 @@ use crate::ingest::{self, Chunk, Claim, IngestKey};
 use crate::pagination;
 use crate::proto::{self, discrepancy_service_server::DiscrepancyService};
 use crate::rpc::{self, RpcResult};
-use crate::sessions;
 use crate::state::AppState;
 use crate::validate::Validator;
 use futures::StreamExt;
@@ -73,22 +72,28 @@ impl DiscrepancyService for DiscrepancyApi {
         v.finish()?;
         let digest = digest::of_batch("RecordDiscrepancies", &items);
 
+        let project = call.project()?;
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
         let scope = session_id.to_string();
         // A replay is recognised first, even once the session stopped
-        // accepting writes: it writes nothing.
-        let claim = match ingest::find_batch(&tx, KIND, &scope, &batch_id, &digest).await? {
+        // accepting writes: it writes nothing. Batch ids are per project.
+        let claim = match ingest::find_batch(&tx, &call, KIND, &scope, &batch_id, &digest).await? {
             Some(replay) => replay,
             None => {
-                sessions::sql::lock_accepting(&tx, session_id).await?;
-                ingest::claim_batch(&tx, KIND, &scope, &batch_id, &digest, items.len()).await?
+                sql::lock_session_accepting(&tx, project, session_id).await?;
+                ingest::claim_batch(&tx, &call, KIND, &scope, &batch_id, &digest, items.len())
+                    .await?
             }
         };
         let (ids, replayed) = match claim {
-            Claim::Replay { .. } => (sql::batch_ids(&tx, session_id, &batch_id).await?, true),
+            Claim::Replay { .. } => (
+                sql::batch_ids(&tx, project, session_id, &batch_id).await?,
+                true,
+            ),
             Claim::New => {
                 let sink = DiscrepancySink {
+                    project_id: project,
                     session_id,
                     batch_id: Some(batch_id.clone()),
                 };
@@ -132,10 +137,11 @@ impl DiscrepancyService for DiscrepancyApi {
             },
         )
         .await?;
+        let project = call.project()?;
         {
             let mut conn = self.state.db.conn(&call).await?;
             let tx = conn.begin().await?;
-            sessions::sql::lock_accepting(&tx, session_id).await?;
+            sql::lock_session_accepting(&tx, project, session_id).await?;
             tx.commit().await.map_err(Error::from)?;
         }
 
@@ -151,6 +157,7 @@ impl DiscrepancyService for DiscrepancyApi {
                 revocation,
             },
             Arc::new(DiscrepancySink {
+                project_id: project,
                 session_id,
                 batch_id: None,
             }),
@@ -177,7 +184,7 @@ impl DiscrepancyService for DiscrepancyApi {
             v.required_text("ingest_id", &req.ingest_id, crate::sessions::MAX_REQUEST_ID);
         v.finish()?;
         let mut conn = self.state.db.conn(&call).await?;
-        let status = ingest::status(conn.client().await?, INGEST_KIND, &ingest_id)
+        let status = ingest::status(conn.client().await?, &call, INGEST_KIND, &ingest_id)
             .await?
             .ok_or_else(|| {
                 Error::NotFound(format!(
@@ -197,8 +204,9 @@ impl DiscrepancyService for DiscrepancyApi {
     ) -> RpcResult<proto::ListDiscrepanciesResponse> {
         let (call, req) = rpc::split(request);
         let query = ListDiscrepancies::try_from(req)?;
+        let project = call.project()?;
         let mut conn = self.state.db.conn(&call).await?;
-        let rows = sql::list(conn.client().await?, &query).await?;
+        let rows = sql::list(conn.client().await?, project, &query).await?;
         let (discrepancies, next_page_token) = pagination::page(
             rows,
             query.page_size,
@@ -219,36 +227,30 @@ impl DiscrepancyService for DiscrepancyApi {
     ) -> RpcResult<proto::ResolveDiscrepancyResponse> {
         let (call, req) = rpc::split(request);
         let r = Resolve::try_from(req)?;
+        let project = call.project()?;
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let current = sql::get_for_update(&tx, r.id)
+        let current = sql::get_for_update(&tx, project, r.id)
             .await?
             .ok_or_else(|| not_found(r.id))?;
         let updated = if r.apply_to_fingerprint {
             // Reopening lifts a mute; anything else applies to the open ones.
             let from = if r.resolution == Resolution::Open {
-                sql::unmute(&tx, &current.fingerprint).await?;
+                sql::unmute(&tx, project, &current.fingerprint).await?;
                 Resolution::Muted
             } else {
                 if r.resolution == Resolution::Muted {
-                    sql::mute(&tx, &current.fingerprint, &r.actor, &r.note).await?;
+                    sql::mute(&tx, project, &current.fingerprint, &r.actor, &r.note).await?;
                 }
                 Resolution::Open
             };
-            sql::resolve_fingerprint(
-                &tx,
-                &current.fingerprint,
-                from,
-                r.id,
-                r.resolution,
-                &r.actor,
-                &r.note,
-            )
-            .await?
+            sql::resolve_fingerprint(&tx, project, &current.fingerprint, from, &r).await?
         } else {
-            sql::resolve_one(&tx, &current, r.resolution, &r.actor, &r.note).await?
+            sql::resolve_one(&tx, project, &current, r.resolution, &r.actor, &r.note).await?
         };
-        let after = sql::get(&tx, r.id).await?.ok_or_else(|| not_found(r.id))?;
+        let after = sql::get(&tx, project, r.id)
+            .await?
+            .ok_or_else(|| not_found(r.id))?;
         audit::record(&tx, &call, &[r.id.to_string()], Outcome::Updated).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::ResolveDiscrepancyResponse {
@@ -269,10 +271,13 @@ impl DiscrepancyService for DiscrepancyApi {
         let fingerprint = pagination::fingerprint("discrepancy_resolutions", &id);
         let after: i64 =
             pagination::decode("page_token", &req.page_token, &fingerprint)?.unwrap_or(0);
+        let project = call.project()?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
-        let d = sql::get(c, id).await?.ok_or_else(|| not_found(id))?;
-        let rows = sql::history(c, &d, after, page_size + 1).await?;
+        let d = sql::get(c, project, id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        let rows = sql::history(c, project, &d, after, page_size + 1).await?;
         let (changes, next_page_token) = pagination::page(
             rows,
             page_size,
@@ -302,16 +307,15 @@ impl DiscrepancyService for DiscrepancyApi {
             );
         }
         v.finish()?;
+        let project = call.project()?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
         let rows = match session_id {
             Some(id) => {
-                if sessions::sql::get(c, id).await?.is_none() {
-                    return Err(Error::NotFound(format!("session {id} not found")).into());
-                }
-                sql::summary_of_session(c, id).await?
+                sql::require_session(c, project, id).await?;
+                sql::summary_of_session(c, project, id).await?
             }
-            None => sql::summary_of_range(c, from, to).await?,
+            None => sql::summary_of_range(c, project, from, to).await?,
         };
         Ok(Response::new(summary(rows)?))
     }

@@ -1,11 +1,15 @@
 //! The SQL of discrepancies, their resolution history and fingerprint rules.
+//!
+//! Every statement works within one project (its `project_id` parameter,
+//! the call's project): a discrepancy, session or fingerprint rule of
+//! another project is never read, changed or counted.
 
 use super::{
     Discrepancy, DiscrepancyKey, ListDiscrepancies, NewDiscrepancy, Resolution, ResolutionChange,
-    Severity,
+    Resolve, Severity,
 };
 use crate::db::Stmt;
-use crate::error::{Error, Result};
+use crate::error::{Error, Reason, Result};
 use crate::ingest::Sink;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -49,8 +53,9 @@ pub fn key(d: &Discrepancy) -> DiscrepancyKey {
     (d.severity.rank(), d.created_at.timestamp_micros(), d.id)
 }
 
-/// Writes discrepancies of one session with binary COPY.
+/// Writes discrepancies of one session (of `project_id`) with binary COPY.
 pub struct DiscrepancySink {
+    pub project_id: Uuid,
     pub session_id: Uuid,
     /// Set for RecordDiscrepancies: rows remember their batch and position.
     pub batch_id: Option<String>,
@@ -65,7 +70,8 @@ const KNOWN_RESULTS: Stmt = Stmt::new(
 const MUTED: Stmt = Stmt::new(
     "SELECT",
     "fingerprint_rules",
-    "SELECT fingerprint, actor, note FROM fingerprint_rules WHERE fingerprint = ANY($1)",
+    "SELECT fingerprint, actor, note FROM fingerprint_rules \
+     WHERE project_id = $1 AND fingerprint = ANY($2)",
 );
 
 /// The binary COPY every discrepancy write uses (also the floor that
@@ -73,13 +79,14 @@ const MUTED: Stmt = Stmt::new(
 pub const COPY: Stmt = Stmt::new(
     "COPY",
     "discrepancies",
-    "COPY discrepancies (session_id, id, result_id, kind, severity, description, source_element, \
+    "COPY discrepancies (project_id, session_id, id, result_id, kind, severity, description, source_element, \
      target_element, recommendation, confidence, fingerprint, resolution, resolved_by, \
      resolution_note, resolution_updated_at, batch_id, batch_position) FROM STDIN BINARY",
 );
 
 /// Column types of [`COPY`], in order.
-pub const COPY_TYPES: [Type; 17] = [
+pub const COPY_TYPES: [Type; 18] = [
+    Type::UUID,
     Type::UUID,
     Type::UUID,
     Type::UUID,
@@ -142,7 +149,7 @@ impl Sink for DiscrepancySink {
             .into_iter()
             .collect();
         let rules: std::collections::HashMap<String, (String, String)> = MUTED
-            .query(tx, &[&fingerprints])
+            .query(tx, &[&self.project_id, &fingerprints])
             .await?
             .iter()
             .map(|r| Ok((r.try_get(0)?, (r.try_get(1)?, r.try_get(2)?))))
@@ -165,7 +172,8 @@ impl Sink for DiscrepancySink {
                     None => (Resolution::Open.as_str(), "", "", None),
                 };
                 let position = self.batch_id.as_ref().map(|_| position as i32);
-                let row: [&(dyn ToSql + Sync); 17] = [
+                let row: [&(dyn ToSql + Sync); 18] = [
+                    &self.project_id,
                     &self.session_id,
                     &d.id,
                     &d.result_id,
@@ -195,17 +203,19 @@ impl Sink for DiscrepancySink {
 const BATCH_IDS: Stmt = Stmt::new(
     "SELECT",
     "discrepancies",
-    "SELECT id FROM discrepancies WHERE session_id = $1 AND batch_id = $2 ORDER BY batch_position",
+    "SELECT id FROM discrepancies WHERE project_id = $1 AND session_id = $2 AND batch_id = $3 \
+     ORDER BY batch_position",
 );
 
 /// Ids of a committed batch, in item order.
 pub async fn batch_ids(
     c: &impl GenericClient,
+    project_id: Uuid,
     session_id: Uuid,
     batch_id: &str,
 ) -> Result<Vec<Uuid>> {
     BATCH_IDS
-        .query(c, &[&session_id, &batch_id])
+        .query(c, &[&project_id, &session_id, &batch_id])
         .await?
         .iter()
         .map(|r| Ok(r.try_get(0)?))
@@ -219,7 +229,8 @@ const LIST: Stmt = Stmt::new(
         "SELECT ",
         discrepancy_columns!(),
         " FROM discrepancies \
-         WHERE ($1::uuid IS NULL OR session_id = $1) \
+         WHERE project_id = $12 \
+           AND ($1::uuid IS NULL OR session_id = $1) \
            AND ($2::uuid IS NULL OR result_id = $2) \
            AND ($3::int2[] IS NULL OR severity = ANY($3)) \
            AND ($4::text IS NULL OR kind = $4) \
@@ -233,7 +244,11 @@ const LIST: Stmt = Stmt::new(
 );
 
 /// One page, most severe first, plus one extra row when more follow.
-pub async fn list(c: &impl GenericClient, q: &ListDiscrepancies) -> Result<Vec<Discrepancy>> {
+pub async fn list(
+    c: &impl GenericClient,
+    project_id: Uuid,
+    q: &ListDiscrepancies,
+) -> Result<Vec<Discrepancy>> {
     let f = &q.filter;
     let severities: Option<Vec<i16>> =
         (!f.severities.is_empty()).then(|| f.severities.iter().map(|s| s.rank()).collect());
@@ -258,6 +273,7 @@ pub async fn list(c: &impl GenericClient, q: &ListDiscrepancies) -> Result<Vec<D
             &after_at,
             &after_id,
             &(q.page_size + 1),
+            &project_id,
         ],
     )
     .await?
@@ -272,13 +288,17 @@ const BY_ID: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         discrepancy_columns!(),
-        " FROM discrepancies WHERE id = $1"
+        " FROM discrepancies WHERE project_id = $1 AND id = $2"
     ),
 );
 
-pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<Option<Discrepancy>> {
+pub async fn get(
+    c: &impl GenericClient,
+    project_id: Uuid,
+    id: Uuid,
+) -> Result<Option<Discrepancy>> {
     BY_ID
-        .query_opt(c, &[&id])
+        .query_opt(c, &[&project_id, &id])
         .await?
         .as_ref()
         .map(from_row)
@@ -291,13 +311,17 @@ const BY_ID_FOR_UPDATE: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         discrepancy_columns!(),
-        " FROM discrepancies WHERE id = $1 FOR UPDATE"
+        " FROM discrepancies WHERE project_id = $1 AND id = $2 FOR UPDATE"
     ),
 );
 
-pub async fn get_for_update(c: &impl GenericClient, id: Uuid) -> Result<Option<Discrepancy>> {
+pub async fn get_for_update(
+    c: &impl GenericClient,
+    project_id: Uuid,
+    id: Uuid,
+) -> Result<Option<Discrepancy>> {
     BY_ID_FOR_UPDATE
-        .query_opt(c, &[&id])
+        .query_opt(c, &[&project_id, &id])
         .await?
         .as_ref()
         .map(from_row)
@@ -310,15 +334,18 @@ const RESOLVE_ONE: Stmt = Stmt::new(
     "WITH changed AS ( \
          UPDATE discrepancies SET resolution = $3, resolved_by = $4, resolution_note = $5, \
                 resolution_updated_at = now() \
-         WHERE session_id = $1 AND id = $2 RETURNING session_id, id) \
+         WHERE project_id = $7 AND session_id = $1 AND id = $2 \
+         RETURNING project_id, session_id, id) \
      INSERT INTO discrepancy_resolutions \
-         (session_id, discrepancy_id, from_resolution, to_resolution, actor, note, via_fingerprint) \
-     SELECT session_id, id, $6, $3, $4, $5, false FROM changed",
+         (project_id, session_id, discrepancy_id, from_resolution, to_resolution, actor, note, \
+          via_fingerprint) \
+     SELECT project_id, session_id, id, $6, $3, $4, $5, false FROM changed",
 );
 
 /// Sets one discrepancy's resolution and records the change.
 pub async fn resolve_one(
     c: &impl GenericClient,
+    project_id: Uuid,
     d: &Discrepancy,
     to: Resolution,
     actor: &str,
@@ -334,6 +361,7 @@ pub async fn resolve_one(
                 &actor,
                 &note,
                 &d.resolution.as_str(),
+                &project_id,
             ],
         )
         .await
@@ -344,27 +372,28 @@ const RESOLVE_FINGERPRINT: Stmt = Stmt::new(
     "discrepancies",
     "WITH targets AS ( \
          SELECT session_id, id, resolution AS before FROM discrepancies \
-         WHERE fingerprint = $1 AND (resolution = $2 OR id = $3) FOR UPDATE), \
+         WHERE project_id = $7 AND fingerprint = $1 AND (resolution = $2 OR id = $3) FOR UPDATE), \
      changed AS ( \
          UPDATE discrepancies d SET resolution = $4, resolved_by = $5, resolution_note = $6, \
                 resolution_updated_at = now() \
-         FROM targets t WHERE d.session_id = t.session_id AND d.id = t.id \
-         RETURNING d.session_id, d.id, t.before) \
+         FROM targets t \
+         WHERE d.project_id = $7 AND d.session_id = t.session_id AND d.id = t.id \
+         RETURNING d.project_id, d.session_id, d.id, t.before) \
      INSERT INTO discrepancy_resolutions \
-         (session_id, discrepancy_id, from_resolution, to_resolution, actor, note, via_fingerprint) \
-     SELECT session_id, id, before, $4, $5, $6, true FROM changed",
+         (project_id, session_id, discrepancy_id, from_resolution, to_resolution, actor, note, \
+          via_fingerprint) \
+     SELECT project_id, session_id, id, before, $4, $5, $6, true FROM changed",
 );
 
-/// Applies a resolution to every discrepancy of `fingerprint` currently in
-/// `from` (plus the named one), recording each change.
+/// Applies `r` (its resolution, actor and note) to every discrepancy of
+/// `fingerprint` currently in `from` (plus the one `r` names) in
+/// `project_id`, recording each change.
 pub async fn resolve_fingerprint(
     c: &impl GenericClient,
+    project_id: Uuid,
     fingerprint: &str,
     from: Resolution,
-    named: Uuid,
-    to: Resolution,
-    actor: &str,
-    note: &str,
+    r: &Resolve,
 ) -> Result<u64> {
     RESOLVE_FINGERPRINT
         .execute(
@@ -372,10 +401,11 @@ pub async fn resolve_fingerprint(
             &[
                 &fingerprint,
                 &from.as_str(),
-                &named,
-                &to.as_str(),
-                &actor,
-                &note,
+                &r.id,
+                &r.resolution.as_str(),
+                &r.actor,
+                &r.note,
+                &project_id,
             ],
         )
         .await
@@ -384,28 +414,32 @@ pub async fn resolve_fingerprint(
 const MUTE: Stmt = Stmt::new(
     "INSERT",
     "fingerprint_rules",
-    "INSERT INTO fingerprint_rules (fingerprint, resolution, actor, note) VALUES ($1, 'muted', $2, $3) \
-     ON CONFLICT (fingerprint) DO UPDATE SET actor = EXCLUDED.actor, note = EXCLUDED.note",
+    "INSERT INTO fingerprint_rules (project_id, fingerprint, resolution, actor, note) \
+     VALUES ($1, $2, 'muted', $3, $4) \
+     ON CONFLICT (project_id, fingerprint) DO UPDATE SET actor = EXCLUDED.actor, note = EXCLUDED.note",
 );
 
+/// Mutes `fingerprint` for good in `project_id` (only there).
 pub async fn mute(
     c: &impl GenericClient,
+    project_id: Uuid,
     fingerprint: &str,
     actor: &str,
     note: &str,
 ) -> Result<()> {
-    MUTE.execute(c, &[&fingerprint, &actor, &note]).await?;
+    MUTE.execute(c, &[&project_id, &fingerprint, &actor, &note])
+        .await?;
     Ok(())
 }
 
 const UNMUTE: Stmt = Stmt::new(
     "DELETE",
     "fingerprint_rules",
-    "DELETE FROM fingerprint_rules WHERE fingerprint = $1",
+    "DELETE FROM fingerprint_rules WHERE project_id = $1 AND fingerprint = $2",
 );
 
-pub async fn unmute(c: &impl GenericClient, fingerprint: &str) -> Result<()> {
-    UNMUTE.execute(c, &[&fingerprint]).await?;
+pub async fn unmute(c: &impl GenericClient, project_id: Uuid, fingerprint: &str) -> Result<()> {
+    UNMUTE.execute(c, &[&project_id, &fingerprint]).await?;
     Ok(())
 }
 
@@ -414,18 +448,20 @@ const HISTORY: Stmt = Stmt::new(
     "discrepancy_resolutions",
     "SELECT id, from_resolution, to_resolution, actor, note, via_fingerprint, changed_at \
      FROM discrepancy_resolutions \
-     WHERE session_id = $1 AND discrepancy_id = $2 AND id > $3 ORDER BY id LIMIT $4",
+     WHERE project_id = $5 AND session_id = $1 AND discrepancy_id = $2 AND id > $3 \
+     ORDER BY id LIMIT $4",
 );
 
 /// Resolution changes of a discrepancy after `after_id`, oldest first.
 pub async fn history(
     c: &impl GenericClient,
+    project_id: Uuid,
     d: &Discrepancy,
     after_id: i64,
     limit: i64,
 ) -> Result<Vec<ResolutionChange>> {
     HISTORY
-        .query(c, &[&d.session_id, &d.id, &after_id, &limit])
+        .query(c, &[&d.session_id, &d.id, &after_id, &limit, &project_id])
         .await?
         .iter()
         .map(|r| {
@@ -466,14 +502,19 @@ macro_rules! summary_sql {
     };
 }
 
-const SUMMARY_SESSION: Stmt = Stmt::new("SELECT", "discrepancies", summary_sql!("session_id = $1"));
+const SUMMARY_SESSION: Stmt = Stmt::new(
+    "SELECT",
+    "discrepancies",
+    summary_sql!("project_id = $2 AND session_id = $1"),
+);
 
 const SUMMARY_RANGE: Stmt = Stmt::new(
     "SELECT",
     "discrepancies",
     summary_sql!(
-        "session_id IN (SELECT id FROM sessions \
-          WHERE ($1::timestamptz IS NULL OR created_at >= $1) \
+        "project_id = $3 AND session_id IN (SELECT id FROM sessions \
+          WHERE project_id = $3 \
+            AND ($1::timestamptz IS NULL OR created_at >= $1) \
             AND ($2::timestamptz IS NULL OR created_at < $2))"
     ),
 );
@@ -492,17 +533,23 @@ fn summary_rows(rows: Vec<Row>) -> Result<Vec<SummaryRow>> {
 
 pub async fn summary_of_session(
     c: &impl GenericClient,
+    project_id: Uuid,
     session_id: Uuid,
 ) -> Result<Vec<SummaryRow>> {
-    summary_rows(SUMMARY_SESSION.query(c, &[&session_id]).await?)
+    summary_rows(
+        SUMMARY_SESSION
+            .query(c, &[&session_id, &project_id])
+            .await?,
+    )
 }
 
 pub async fn summary_of_range(
     c: &impl GenericClient,
+    project_id: Uuid,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
 ) -> Result<Vec<SummaryRow>> {
-    summary_rows(SUMMARY_RANGE.query(c, &[&from, &to]).await?)
+    summary_rows(SUMMARY_RANGE.query(c, &[&from, &to, &project_id]).await?)
 }
 
 const PAGE_OF_SESSION: Stmt = Stmt::new(
@@ -511,11 +558,15 @@ const PAGE_OF_SESSION: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         discrepancy_columns!(),
-        " FROM discrepancies WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3"
+        " FROM discrepancies \
+          WHERE project_id = (SELECT project_id FROM sessions WHERE id = $1) AND session_id = $1 \
+            AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3"
     ),
 );
 
-/// Discrepancies of a session in id order after `after`, for exports.
+/// Discrepancies of a session in id order after `after`, for exports (in
+/// the session's project: the caller checks that the session is one of the
+/// call's project before exporting it).
 pub async fn page_of_session(
     c: &impl GenericClient,
     session_id: Uuid,
@@ -535,11 +586,13 @@ const RESOLUTIONS_OF_SESSION: Stmt = Stmt::new(
     "discrepancy_resolutions",
     "SELECT discrepancy_id, id, from_resolution, to_resolution, actor, note, via_fingerprint, changed_at \
      FROM discrepancy_resolutions \
-     WHERE session_id = $1 AND ($2::uuid IS NULL OR (discrepancy_id, id) > ($2, $3)) \
+     WHERE project_id = (SELECT project_id FROM sessions WHERE id = $1) AND session_id = $1 \
+       AND ($2::uuid IS NULL OR (discrepancy_id, id) > ($2, $3)) \
      ORDER BY discrepancy_id, id LIMIT $4",
 );
 
-/// Resolution changes of a session's discrepancies after a position, for exports.
+/// Resolution changes of a session's discrepancies after a position, for
+/// exports (in the session's project, as [`page_of_session`]).
 pub async fn resolutions_of_session(
     c: &impl GenericClient,
     session_id: Uuid,
@@ -566,4 +619,60 @@ pub async fn resolutions_of_session(
             ))
         })
         .collect()
+}
+
+const SESSION_STATUS: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    "SELECT status FROM sessions WHERE project_id = $1 AND id = $2",
+);
+
+const SESSION_STATUS_FOR_SHARE: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    "SELECT status FROM sessions WHERE project_id = $1 AND id = $2 FOR SHARE",
+);
+
+fn session_not_found(id: Uuid) -> Error {
+    Error::NotFound(format!("session {id} not found"))
+}
+
+/// Checks that session `id` exists in `project_id` (NOT_FOUND otherwise,
+/// whether or not another project has it).
+pub async fn require_session(c: &impl GenericClient, project_id: Uuid, id: Uuid) -> Result<()> {
+    SESSION_STATUS
+        .query_opt(c, &[&project_id, &id])
+        .await?
+        .map(|_| ())
+        .ok_or_else(|| session_not_found(id))
+}
+
+/// Checks, in the caller's transaction, that session `id` exists in
+/// `project_id` and still accepts findings, and holds it (FOR SHARE) so it
+/// cannot fail or be cancelled before the transaction ends. NOT_FOUND for a
+/// session of another project; FAILED_PRECONDITION
+/// `SESSION_NOT_ACCEPTING_WRITES` for a failed or cancelled one.
+pub async fn lock_session_accepting(
+    c: &impl GenericClient,
+    project_id: Uuid,
+    id: Uuid,
+) -> Result<()> {
+    let row = SESSION_STATUS_FOR_SHARE
+        .query_opt(c, &[&project_id, &id])
+        .await?
+        .ok_or_else(|| session_not_found(id))?;
+    let status = crate::sessions::SessionStatus::from_db(row.try_get(0)?)?;
+    if matches!(
+        status,
+        crate::sessions::SessionStatus::Failed | crate::sessions::SessionStatus::Cancelled
+    ) {
+        return Err(Error::FailedPrecondition(
+            Reason::SessionNotAcceptingWrites,
+            format!(
+                "session {id} is {}; it accepts no more results or findings",
+                status.as_str()
+            ),
+        ));
+    }
+    Ok(())
 }

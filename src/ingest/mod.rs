@@ -2,6 +2,10 @@
 //! batch, claimed in the same transaction as the rows) and resumable client
 //! streams (numbered chunks, committed in bounded batches together with the
 //! ingest's high-water mark; see [`run`] for what a call commits).
+//!
+//! Both work within the call's project ([`Call::project`]): batch ids and
+//! ingest ids are unique per project, so the same id in two projects names
+//! two batches (two ingests), each committing its own rows.
 
 mod reset;
 pub use reset::ResetLayer;
@@ -40,31 +44,37 @@ pub enum Claim {
 const CLAIM: Stmt = Stmt::new(
     "INSERT",
     "ingest_batches",
-    "INSERT INTO ingest_batches (kind, scope, batch_id, content_digest, item_count) \
-     VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    "INSERT INTO ingest_batches (project_id, kind, scope, batch_id, content_digest, item_count) \
+     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
 );
 
 const CLAIMED: Stmt = Stmt::new(
     "SELECT",
     "ingest_batches",
     "SELECT content_digest, item_count FROM ingest_batches \
-     WHERE kind = $1 AND scope = $2 AND batch_id = $3",
+     WHERE project_id = $1 AND kind = $2 AND scope = $3 AND batch_id = $4",
 );
 
-/// The claim of a committed batch, decided against `digest`: `None` when
-/// `batch_id` is free, a replay when the stored digest is `digest`, and
+/// The claim of a committed batch of the call's project, decided against
+/// `digest`: `None` when `batch_id` is free in that project (the same
+/// batch_id in another project is another batch), a replay when the stored digest is `digest`, and
 /// FAILED_PRECONDITION `IDEMPOTENCY_KEY_REUSED` when it differs or the batch
 /// was committed before V11 (it has no canonical digest to compare). Lets
 /// a handler recognise a replay before checking anything else (e.g. that
 /// the session still accepts writes).
 pub async fn find_batch(
     c: &impl deadpool_postgres::GenericClient,
+    call: &Call,
     kind: &str,
     scope: &str,
     batch_id: &str,
     digest: &[u8],
 ) -> Result<Option<Claim>> {
-    let Some(row) = CLAIMED.query_opt(c, &[&kind, &scope, &batch_id]).await? else {
+    let project = call.project()?;
+    let Some(row) = CLAIMED
+        .query_opt(c, &[&project, &kind, &scope, &batch_id])
+        .await?
+    else {
         return Ok(None);
     };
     let stored: Option<Vec<u8>> = row.try_get(0)?;
@@ -79,28 +89,37 @@ pub async fn find_batch(
     }))
 }
 
-/// Claims `batch_id` in the caller's transaction. `digest` is the batch's
+/// Claims `batch_id` in the caller's transaction, in the call's project. `digest` is the batch's
 /// canonical content digest ([`crate::digest::of_batch`]). A concurrent
 /// claim of the same key waits for the first to commit, then is decided
 /// as [`find_batch`] decides it.
 pub async fn claim_batch(
     tx: &deadpool_postgres::Transaction<'_>,
+    call: &Call,
     kind: &str,
     scope: &str,
     batch_id: &str,
     digest: &[u8],
     item_count: usize,
 ) -> Result<Claim> {
+    let project = call.project()?;
     let inserted = CLAIM
         .execute(
             tx,
-            &[&kind, &scope, &batch_id, &digest, &(item_count as i32)],
+            &[
+                &project,
+                &kind,
+                &scope,
+                &batch_id,
+                &digest,
+                &(item_count as i32),
+            ],
         )
         .await?;
     if inserted == 1 {
         return Ok(Claim::New);
     }
-    find_batch(tx, kind, scope, batch_id, digest)
+    find_batch(tx, call, kind, scope, batch_id, digest)
         .await?
         .ok_or_else(|| {
             Error::Aborted(
@@ -159,7 +178,8 @@ pub struct Outcome {
     pub high_water_mark: i64,
 }
 
-/// Names one resumable ingest.
+/// Names one resumable ingest (of the call's project: the same ingest_id in
+/// another project is another ingest).
 #[derive(Debug, Clone)]
 pub struct IngestKey {
     /// The area, e.g. `discrepancies`.
@@ -189,44 +209,50 @@ const MARK_READ: Stmt = Stmt::new(
     "SELECT",
     "ingest_marks",
     "SELECT scope, high_water_mark, items, finished, updated_at FROM ingest_marks \
-     WHERE kind = $1 AND ingest_id = $2",
+     WHERE project_id = $1 AND kind = $2 AND ingest_id = $3",
 );
 
 const MARK_ENSURE: Stmt = Stmt::new(
     "INSERT",
     "ingest_marks",
-    "INSERT INTO ingest_marks (kind, ingest_id, scope, high_water_mark) VALUES ($1, $2, $3, 0) \
-     ON CONFLICT DO NOTHING",
+    "INSERT INTO ingest_marks (project_id, kind, ingest_id, scope, high_water_mark) \
+     VALUES ($1, $2, $3, $4, 0) ON CONFLICT DO NOTHING",
 );
 
 const MARK_LOCK: Stmt = Stmt::new(
     "SELECT",
     "ingest_marks",
-    "SELECT high_water_mark, scope FROM ingest_marks WHERE kind = $1 AND ingest_id = $2 FOR UPDATE",
+    "SELECT high_water_mark, scope FROM ingest_marks \
+     WHERE project_id = $1 AND kind = $2 AND ingest_id = $3 FOR UPDATE",
 );
 
 const MARK_ADVANCE: Stmt = Stmt::new(
     "UPDATE",
     "ingest_marks",
-    "UPDATE ingest_marks SET high_water_mark = $3, items = items + $4, finished = $5, \
-     updated_at = now() WHERE kind = $1 AND ingest_id = $2",
+    "UPDATE ingest_marks SET high_water_mark = $4, items = items + $5, finished = $6, \
+     updated_at = now() WHERE project_id = $1 AND kind = $2 AND ingest_id = $3",
 );
 
 const MARK_FINISH: Stmt = Stmt::new(
     "UPDATE",
     "ingest_marks",
     "UPDATE ingest_marks SET finished = true, updated_at = now() \
-     WHERE kind = $1 AND ingest_id = $2",
+     WHERE project_id = $1 AND kind = $2 AND ingest_id = $3",
 );
 
-/// The committed state of an ingest; `None` when nothing of it was ever
-/// committed.
+/// The committed state of an ingest of the call's project; `None` when
+/// nothing of it was ever committed there.
 pub async fn status(
     c: &impl deadpool_postgres::GenericClient,
+    call: &Call,
     kind: &str,
     ingest_id: &str,
 ) -> Result<Option<Status>> {
-    let Some(row) = MARK_READ.query_opt(c, &[&kind, &ingest_id]).await? else {
+    let project = call.project()?;
+    let Some(row) = MARK_READ
+        .query_opt(c, &[&project, &kind, &ingest_id])
+        .await?
+    else {
         return Ok(None);
     };
     Ok(Some(Status {
@@ -324,7 +350,7 @@ where
 {
     let mark = {
         let mut conn = db.conn(call).await?;
-        match status(conn.client().await?, key.kind, &key.ingest_id).await? {
+        match status(conn.client().await?, call, key.kind, &key.ingest_id).await? {
             Some(s) if s.scope != key.scope => return Err(reused(&key.ingest_id, &s.scope)),
             Some(s) => s.high_water_mark,
             None => 0,
@@ -429,6 +455,7 @@ async fn write_batches<S: Sink>(
     mut batches: mpsc::Receiver<Batch<S::Item>>,
     mark: i64,
 ) -> Result<Outcome> {
+    let project = call.project()?;
     let mut outcome = Outcome {
         high_water_mark: mark,
         ..Outcome::default()
@@ -439,10 +466,10 @@ async fn write_batches<S: Sink>(
         let mut conn = db.conn(call).await?;
         let tx = conn.begin().await?;
         MARK_ENSURE
-            .execute(&tx, &[&key.kind, &key.ingest_id, &key.scope])
+            .execute(&tx, &[&project, &key.kind, &key.ingest_id, &key.scope])
             .await?;
         let row = MARK_LOCK
-            .query_one(&tx, &[&key.kind, &key.ingest_id])
+            .query_one(&tx, &[&project, &key.kind, &key.ingest_id])
             .await?;
         let current: i64 = row.try_get(0)?;
         // A concurrent first call with this ingest_id may have claimed it
@@ -468,6 +495,7 @@ async fn write_batches<S: Sink>(
                 .execute(
                     &tx,
                     &[
+                        &project,
                         &key.kind,
                         &key.ingest_id,
                         &new_mark,
@@ -479,7 +507,7 @@ async fn write_batches<S: Sink>(
             outcome.high_water_mark = new_mark;
         } else if last {
             MARK_FINISH
-                .execute(&tx, &[&key.kind, &key.ingest_id])
+                .execute(&tx, &[&project, &key.kind, &key.ingest_id])
                 .await?;
         } else {
             continue; // nothing to commit; the transaction rolls back

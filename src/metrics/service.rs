@@ -56,8 +56,16 @@ impl MetricsService for MetricsApi {
         let digest = digest::of_batch("RecordMetricPoints", &points);
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let claim =
-            ingest::claim_batch(&tx, "metric_points", "", &batch_id, &digest, points.len()).await?;
+        let claim = ingest::claim_batch(
+            &tx,
+            &call,
+            "metric_points",
+            "",
+            &batch_id,
+            &digest,
+            points.len(),
+        )
+        .await?;
         let (recorded, replayed) = match claim {
             Claim::Replay { item_count } => (i64::from(item_count), true),
             Claim::New => {

@@ -26,13 +26,10 @@ use uuid::Uuid;
 const INGEST_BATCH_ITEMS: usize = 10_000;
 /// `kind` of execution batches and ingests in the shared ingest tables.
 const INGEST_KIND: &str = "test_executions";
-/// The scope of execution batches and ingests in the project `default`:
-/// executions have no parent record, so their batch and ingest ids are
-/// unique within their project. Other projects use their id as scope, so
-/// project B's `batch-1` is not project A's; `default` keeps the scope it
-/// had before projects, so a batch or an ingest begun before them is still
-/// replayed or resumed.
-const DEFAULT_INGEST_SCOPE: &str = "*";
+/// The scope of execution batches and ingests: executions have no parent
+/// record, so their batch and ingest ids are unique within their project
+/// (the ingest tables are keyed by project).
+const INGEST_SCOPE: &str = "*";
 
 /// The TestCaseService implementation.
 pub struct TestCaseApi {
@@ -42,16 +39,6 @@ pub struct TestCaseApi {
 impl TestCaseApi {
     pub fn new(state: AppState) -> Self {
         TestCaseApi { state }
-    }
-
-    /// The scope of the execution batches and ingests of `project` in the
-    /// shared ingest tables (see [`DEFAULT_INGEST_SCOPE`]).
-    async fn ingest_scope(&self, project: Uuid) -> Result<String> {
-        Ok(if project == self.state.projects.default_id().await? {
-            DEFAULT_INGEST_SCOPE.to_owned()
-        } else {
-            project.to_string()
-        })
     }
 }
 
@@ -304,12 +291,19 @@ impl TestCaseService for TestCaseApi {
         let items = validate_items(&mut v, req.items, None, false);
         v.finish()?;
         let digest = digest::of_batch("RecordExecutions", &items);
-        let scope = self.ingest_scope(project).await?;
 
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let claim =
-            ingest::claim_batch(&tx, INGEST_KIND, &scope, &batch_id, &digest, items.len()).await?;
+        let claim = ingest::claim_batch(
+            &tx,
+            &call,
+            INGEST_KIND,
+            INGEST_SCOPE,
+            &batch_id,
+            &digest,
+            items.len(),
+        )
+        .await?;
         let (ids, replayed) = match claim {
             Claim::Replay { .. } => (
                 executions_sql::batch_ids(&tx, project, &batch_id).await?,
@@ -345,7 +339,6 @@ impl TestCaseService for TestCaseApi {
         let revocation = ingest::revocation_of(&request);
         let (call, stream) = rpc::split(request);
         let project = call.project()?;
-        let scope = self.ingest_scope(project).await?;
         let (ingest_id, messages) = ingest::open(
             stream,
             self.state.ingest,
@@ -369,7 +362,7 @@ impl TestCaseService for TestCaseApi {
             IngestKey {
                 kind: INGEST_KIND,
                 ingest_id,
-                scope,
+                scope: INGEST_SCOPE.to_owned(),
                 revocation,
             },
             Arc::new(ExecutionSink {
@@ -394,17 +387,13 @@ impl TestCaseService for TestCaseApi {
         request: Request<proto::TestCaseServiceGetIngestStatusRequest>,
     ) -> RpcResult<proto::TestCaseServiceGetIngestStatusResponse> {
         let (call, req) = rpc::split(request);
-        let project = call.project()?;
         let mut v = Validator::new();
         let ingest_id =
             v.required_text("ingest_id", &req.ingest_id, crate::sessions::MAX_REQUEST_ID);
         v.finish()?;
-        let scope = self.ingest_scope(project).await?;
         let mut conn = self.state.db.conn(&call).await?;
-        // An ingest of another project is not found, like one never begun.
-        let status = ingest::status(conn.client().await?, INGEST_KIND, &ingest_id)
+        let status = ingest::status(conn.client().await?, &call, INGEST_KIND, &ingest_id)
             .await?
-            .filter(|s| s.scope == scope)
             .ok_or_else(|| {
                 Error::NotFound(format!(
                     "no chunk of ingest {ingest_id:?} was ever committed"

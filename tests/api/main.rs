@@ -21,6 +21,7 @@ mod projects;
 mod projects_migration;
 mod projects_sessions;
 mod projects_test_cases;
+mod projects_discrepancies;
 mod results;
 mod sequences;
 mod sessions;

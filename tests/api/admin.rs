@@ -25,7 +25,10 @@ async fn stats_count_every_table_exactly_on_request() {
     let stats = app
         .admin
         .clone()
-        .get_stats(GetStatsRequest { exact: true })
+        .get_stats(GetStatsRequest {
+            exact: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -45,7 +48,10 @@ async fn stats_count_every_table_exactly_on_request() {
     let estimated = app
         .admin
         .clone()
-        .get_stats(GetStatsRequest { exact: false })
+        .get_stats(GetStatsRequest {
+            exact: false,
+            all_projects: true,
+        })
         .await
         .unwrap()
         .into_inner();

@@ -18,6 +18,7 @@ mod metrics;
 mod pages;
 mod pg_tls;
 mod projects;
+mod projects_admin;
 mod results;
 mod sequences;
 mod sessions;

@@ -392,10 +392,16 @@ async fn cleanups_of_two_projects_at_once_delete_only_their_own_sessions_and_lea
 
     // A and B clean at the same time, one session per transaction.
     let (mut admin_a, mut admin_b) = (app.admin.clone(), app.admin.clone());
-    let (done_a, done_b) = tokio::join!(
-        admin_a.cleanup(in_project(cleanup_request(false), "team-a")),
-        admin_b.cleanup(in_project(cleanup_request(false), "team-b")),
-    );
+    // Bounded: a cleanup that picked another project's sessions (and may not
+    // delete them) would pick them again and again.
+    let (done_a, done_b) = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        tokio::join!(
+            admin_a.cleanup(in_project(cleanup_request(false), "team-a")),
+            admin_b.cleanup(in_project(cleanup_request(false), "team-b")),
+        )
+    })
+    .await
+    .expect("both cleanups end");
     for done in [done_a.unwrap().into_inner(), done_b.unwrap().into_inner()] {
         assert_eq!(by_table(&done.deleted), planned);
         assert_eq!(done.batches, 2);

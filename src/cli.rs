@@ -50,32 +50,47 @@ async fn command_db(config: &Config, pg: &PgConfig) -> anyhow::Result<Db> {
     Ok(db)
 }
 
-/// `verdict cleanup --older-than AGE [--dry-run]`.
+/// The id of the project `slug`, for a command's `--project`.
+async fn project_of(db: &Db, slug: &str) -> anyhow::Result<uuid::Uuid> {
+    let mut conn = db.conn(&call::Call::default()).await?;
+    crate::projects::sql::id_of(conn.client().await?, slug)
+        .await?
+        .ok_or_else(|| anyhow::anyhow!("--project: no project has slug {slug:?}"))
+}
+
+/// `verdict cleanup --older-than AGE [--dry-run] [--project SLUG]`: within
+/// the one project (default `default`); no other project's rows are read
+/// or deleted.
 pub async fn cleanup_command(
     config: &Config,
     older_than: &str,
     dry_run: bool,
+    project: &str,
 ) -> anyhow::Result<()> {
     let age = admin::parse_age(older_than).map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
     with_database(config, async |pg| {
         let db = command_db(config, pg).await?;
+        let project_id = project_of(&db, project).await?;
         let cutoff = chrono::Utc::now()
             .checked_sub_signed(chrono::Duration::from_std(age)?)
             .ok_or_else(|| anyhow::anyhow!("--older-than is too long"))?;
         let mut conn = db.conn(&call::Call::default()).await?;
         let report = if dry_run {
-            admin::cleanup::dry_run(conn.client().await?, cutoff).await?
+            admin::cleanup::dry_run(conn.client().await?, project_id, cutoff).await?
         } else {
             admin::cleanup::run(
                 &mut conn,
-                &call::Call::command_line("cli:cleanup"),
+                &call::Call::command_line("cli:cleanup").in_project(project_id),
                 cutoff,
                 500,
             )
             .await?
         };
         let verb = if dry_run { "would delete" } else { "deleted" };
-        println!("sessions created before {}:", cutoff.to_rfc3339());
+        println!(
+            "sessions of project {project} created before {}:",
+            cutoff.to_rfc3339()
+        );
         for (table, n) in report.deleted {
             println!("  {verb} {n:>10} {table}");
         }
@@ -84,14 +99,21 @@ pub async fn cleanup_command(
     .await
 }
 
-/// `verdict export SESSION_ID`: JSON lines on stdout.
-pub async fn export_command(config: &Config, session_id: &str) -> anyhow::Result<()> {
+/// `verdict export SESSION_ID [--project SLUG]`: JSON lines on stdout; a
+/// session of another project than `--project` (default `default`) is not
+/// found.
+pub async fn export_command(
+    config: &Config,
+    session_id: &str,
+    project: &str,
+) -> anyhow::Result<()> {
     use std::io::Write;
     let id: uuid::Uuid = session_id
         .parse()
         .map_err(|_| anyhow::anyhow!("{session_id:?} is not a session id (UUID)"))?;
     with_database(config, async |pg| {
         let db = command_db(config, pg).await?;
+        let project_id = project_of(&db, project).await?;
         let mut conn = db.conn(&call::Call::default()).await?;
         let snapshot = conn.begin_snapshot().await?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
@@ -105,14 +127,21 @@ pub async fn export_command(config: &Config, session_id: &str) -> anyhow::Result
             Ok(())
         });
         let mut sink = admin::export::JsonLines::new(tx);
-        let produced =
-            match admin::export::run(&snapshot, id, config.max_message_bytes, &mut sink).await {
-                Ok(_) => {
-                    sink.flush().await;
-                    Ok(())
-                }
-                Err(e) => Err(e),
-            };
+        let produced = match admin::export::run(
+            &snapshot,
+            project_id,
+            id,
+            config.max_message_bytes,
+            &mut sink,
+        )
+        .await
+        {
+            Ok(_) => {
+                sink.flush().await;
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
         drop(sink);
         writer.await??;
         produced?;
@@ -262,6 +291,11 @@ pub async fn create_key(
         };
         auth::keys::insert(&tx, &key, name, scopes, project).await?;
         let targets = [key.id.to_string()];
+        // In the trail of the key's project; of `default` for an operator's.
+        let audited = match project {
+            Some(id) => id,
+            None => default_project(&tx).await?,
+        };
         audit::record_as(
             &tx,
             None,
@@ -269,6 +303,7 @@ pub async fn create_key(
             &targets,
             audit::Outcome::Created,
             None,
+            audited,
         )
         .await?;
         tx.commit().await.map_err(error::Error::from)?;
@@ -277,6 +312,14 @@ pub async fn create_key(
     .await;
     close_key_database(db, embedded).await?;
     result
+}
+
+/// The id of the project `default`, whose trail records key changes of
+/// keys bound to no project.
+async fn default_project(c: &impl deadpool_postgres::GenericClient) -> error::Result<uuid::Uuid> {
+    crate::projects::sql::id_of(c, crate::projects::DEFAULT_SLUG)
+        .await?
+        .ok_or_else(|| error::Error::Internal("the project `default` is missing".into()))
 }
 
 /// Every API key, oldest first (never their secrets).
@@ -300,6 +343,15 @@ pub async fn revoke_key(config: &Config, id: &str) -> anyhow::Result<()> {
         let tx = conn.begin().await?;
         auth::keys::revoke(&tx, id).await?;
         let targets = [id.to_owned()];
+        // In the trail of the key's project, as its creation was.
+        let bound = match auth::KeyId::parse(id) {
+            Some(key) => auth::keys::lookup(&tx, key).await?.and_then(|k| k.project),
+            None => None,
+        };
+        let audited = match bound {
+            Some(id) => id,
+            None => default_project(&tx).await?,
+        };
         audit::record_as(
             &tx,
             None,
@@ -307,6 +359,7 @@ pub async fn revoke_key(config: &Config, id: &str) -> anyhow::Result<()> {
             &targets,
             audit::Outcome::Updated,
             None,
+            audited,
         )
         .await?;
         tx.commit().await.map_err(error::Error::from)?;

@@ -36,12 +36,18 @@ pub enum Command {
         /// Only count what would be deleted.
         #[arg(long)]
         dry_run: bool,
+        /// The slug of the project to clean; no other project is touched.
+        #[arg(long, default_value = "default")]
+        project: String,
     },
     /// Write one session and everything of it as JSON lines to stdout, from
     /// one consistent snapshot.
     Export {
         /// The session's id (UUID).
         session_id: String,
+        /// The slug of the project the session belongs to.
+        #[arg(long, default_value = "default")]
+        project: String,
     },
     /// Create, list and revoke API keys (applies pending migrations first).
     Keys {

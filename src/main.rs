@@ -28,10 +28,12 @@ fn main() -> ExitCode {
             Command::Cleanup {
                 older_than,
                 dry_run,
-            } => verdict::cleanup_command(&cli.config, &older_than, dry_run).await,
-            Command::Export { session_id } => {
-                verdict::export_command(&cli.config, &session_id).await
-            }
+                project,
+            } => verdict::cleanup_command(&cli.config, &older_than, dry_run, &project).await,
+            Command::Export {
+                session_id,
+                project,
+            } => verdict::export_command(&cli.config, &session_id, &project).await,
             Command::Keys { action } => verdict::keys_command(&cli.config, action).await,
         };
         telemetry.shutdown();

@@ -389,7 +389,7 @@ async fn network_faults_fail_fast_within_deadlines_and_the_pool_recovers() {
     let pool = app
         .admin
         .clone()
-        .get_stats(GetStatsRequest { exact: false })
+        .get_stats(GetStatsRequest::default())
         .await
         .unwrap()
         .into_inner()

@@ -1,5 +1,6 @@
 //! Retention: deleting old sessions and everything of theirs in bounded
-//! batches, each its own short transaction (no long lock, no huge WAL burst).
+//! batches, each its own short transaction (no long lock, no huge WAL burst),
+//! within one project.
 
 use crate::audit::{self, Outcome};
 use crate::call::Call;
@@ -21,66 +22,78 @@ pub const CLEANED: &[&str] = &[
     "sessions",
 ];
 
+// Every statement names the project: the sessions picked are the
+// project's, and each delete is limited to the project's rows of them as
+// well (a session's children are in its project; the filter also lets each
+// delete use the indexes that lead with `project_id`).
 const PICK: Stmt = Stmt::new(
     "SELECT",
     "sessions",
-    "SELECT id FROM sessions WHERE created_at < $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED",
+    "SELECT id FROM sessions WHERE project_id = $1 AND created_at < $2 \
+     ORDER BY created_at LIMIT $3 FOR UPDATE SKIP LOCKED",
 );
 
 const DELETE_COVERAGE_FILES: Stmt = Stmt::new(
     "DELETE",
     "coverage_files",
-    "DELETE FROM coverage_files WHERE report_id IN \
-     (SELECT id FROM coverage_reports WHERE session_id = ANY($1))",
+    "DELETE FROM coverage_files WHERE project_id = $1 AND report_id IN \
+     (SELECT id FROM coverage_reports WHERE project_id = $1 AND session_id = ANY($2))",
 );
 const DELETE_COVERAGE_REPORTS: Stmt = Stmt::new(
     "DELETE",
     "coverage_reports",
-    "DELETE FROM coverage_reports WHERE session_id = ANY($1)",
+    "DELETE FROM coverage_reports WHERE project_id = $1 AND session_id = ANY($2)",
 );
 const DELETE_EXECUTIONS: Stmt = Stmt::new(
     "DELETE",
     "test_executions",
-    "DELETE FROM test_executions WHERE session_id = ANY($1)",
+    "DELETE FROM test_executions WHERE project_id = $1 AND session_id = ANY($2)",
 );
 const DELETE_RESOLUTIONS: Stmt = Stmt::new(
     "DELETE",
     "discrepancy_resolutions",
-    "DELETE FROM discrepancy_resolutions WHERE session_id = ANY($1)",
+    "DELETE FROM discrepancy_resolutions WHERE project_id = $1 AND session_id = ANY($2)",
 );
 const DELETE_DISCREPANCIES: Stmt = Stmt::new(
     "DELETE",
     "discrepancies",
-    "DELETE FROM discrepancies WHERE session_id = ANY($1)",
+    "DELETE FROM discrepancies WHERE project_id = $1 AND session_id = ANY($2)",
 );
 const DELETE_RESULTS: Stmt = Stmt::new(
     "DELETE",
     "results",
-    "DELETE FROM results WHERE session_id = ANY($1)",
+    "DELETE FROM results WHERE project_id = $1 AND session_id = ANY($2)",
 );
 const DELETE_LOGS: Stmt = Stmt::new(
     "DELETE",
     "session_logs",
-    "DELETE FROM session_logs WHERE session_id = ANY($1)",
+    "DELETE FROM session_logs WHERE project_id = $1 AND session_id = ANY($2)",
 );
 const DELETE_SESSIONS: Stmt = Stmt::new(
     "DELETE",
     "sessions",
-    "DELETE FROM sessions WHERE id = ANY($1)",
+    "DELETE FROM sessions WHERE project_id = $1 AND id = ANY($2)",
 );
 
 const COUNT: Stmt = Stmt::new(
     "SELECT",
     "sessions",
-    "WITH old AS (SELECT id FROM sessions WHERE created_at < $1) \
-     SELECT (SELECT count(*) FROM coverage_files WHERE report_id IN \
-                (SELECT id FROM coverage_reports WHERE session_id IN (SELECT id FROM old))), \
-            (SELECT count(*) FROM coverage_reports WHERE session_id IN (SELECT id FROM old)), \
-            (SELECT count(*) FROM test_executions WHERE session_id IN (SELECT id FROM old)), \
-            (SELECT count(*) FROM discrepancy_resolutions WHERE session_id IN (SELECT id FROM old)), \
-            (SELECT count(*) FROM discrepancies WHERE session_id IN (SELECT id FROM old)), \
-            (SELECT count(*) FROM results WHERE session_id IN (SELECT id FROM old)), \
-            (SELECT count(*) FROM session_logs WHERE session_id IN (SELECT id FROM old)), \
+    "WITH old AS (SELECT id FROM sessions WHERE project_id = $1 AND created_at < $2) \
+     SELECT (SELECT count(*) FROM coverage_files WHERE project_id = $1 AND report_id IN \
+                (SELECT id FROM coverage_reports WHERE project_id = $1 \
+                 AND session_id IN (SELECT id FROM old))), \
+            (SELECT count(*) FROM coverage_reports WHERE project_id = $1 \
+             AND session_id IN (SELECT id FROM old)), \
+            (SELECT count(*) FROM test_executions WHERE project_id = $1 \
+             AND session_id IN (SELECT id FROM old)), \
+            (SELECT count(*) FROM discrepancy_resolutions WHERE project_id = $1 \
+             AND session_id IN (SELECT id FROM old)), \
+            (SELECT count(*) FROM discrepancies WHERE project_id = $1 \
+             AND session_id IN (SELECT id FROM old)), \
+            (SELECT count(*) FROM results WHERE project_id = $1 \
+             AND session_id IN (SELECT id FROM old)), \
+            (SELECT count(*) FROM session_logs WHERE project_id = $1 \
+             AND session_id IN (SELECT id FROM old)), \
             (SELECT count(*) FROM old)",
 );
 
@@ -92,9 +105,13 @@ pub struct Report {
     pub batches: i64,
 }
 
-/// Counts what a cleanup at `cutoff` would delete.
-pub async fn dry_run(c: &impl GenericClient, cutoff: DateTime<Utc>) -> Result<Report> {
-    let row = COUNT.query_one(c, &[&cutoff]).await?;
+/// Counts what a cleanup of `project` at `cutoff` would delete.
+pub async fn dry_run(
+    c: &impl GenericClient,
+    project: Uuid,
+    cutoff: DateTime<Utc>,
+) -> Result<Report> {
+    let row = COUNT.query_one(c, &[&project, &cutoff]).await?;
     Ok(Report {
         deleted: CLEANED
             .iter()
@@ -105,10 +122,11 @@ pub async fn dry_run(c: &impl GenericClient, cutoff: DateTime<Utc>) -> Result<Re
     })
 }
 
-/// Deletes sessions created before `cutoff` and their children, `batch`
-/// sessions per transaction, until none is left. Each transaction records
-/// the sessions it deleted in the audit trail; a run that deletes nothing
-/// records one row with no targets.
+/// Deletes the sessions of the call's project created before `cutoff` and
+/// their children, `batch` sessions per transaction, until none is left; no
+/// other project's row is read or deleted. Each transaction records the
+/// sessions it deleted in the project's audit trail; a run that deletes
+/// nothing records one row with no targets.
 #[tracing::instrument(name = "cleanup.run", skip_all, fields(otel.kind = "internal"))]
 pub async fn run(
     conn: &mut Conn,
@@ -116,13 +134,14 @@ pub async fn run(
     cutoff: DateTime<Utc>,
     batch: i64,
 ) -> Result<Report> {
+    let project = call.project()?;
     let started = std::time::Instant::now();
     let mut totals = [0i64; 8];
     let mut batches = 0;
     loop {
         let tx = conn.begin().await?;
         let ids: Vec<Uuid> = PICK
-            .query(&tx, &[&cutoff, &batch])
+            .query(&tx, &[&project, &cutoff, &batch])
             .await?
             .iter()
             .map(|r| r.try_get(0))
@@ -147,7 +166,7 @@ pub async fn run(
             DELETE_SESSIONS,
         ];
         for (total, stmt) in totals.iter_mut().zip(steps) {
-            *total += Stmt::execute(&stmt, &tx, &[&ids]).await? as i64;
+            *total += Stmt::execute(&stmt, &tx, &[&project, &ids]).await? as i64;
         }
         let targets: Vec<String> = ids.iter().map(Uuid::to_string).collect();
         audit::record(&tx, call, &targets, Outcome::Deleted).await?;

@@ -14,6 +14,12 @@
 //! reach `budget` bytes, so a large row after many small ones cannot swell
 //! a batch: such a batch holds at most `budget` bytes of that text plus one
 //! row. The gRPC sink ([`Chunks`]) cuts messages by their encoded size.
+//!
+//! An export works within one project: a session of another project is not
+//! found (the same answer as for no session at all). The session's records
+//! are then read by session id: each carries its session's project (the
+//! composite foreign keys `(project_id, session_id)` rule out a child in
+//! another project than its session).
 
 use crate::coverage::{self, Counters, Report};
 use crate::discrepancies::{self, Discrepancy, ResolutionChange};
@@ -117,19 +123,25 @@ pub fn rows_per_fetch(budget: usize, largest_seen: usize) -> i64 {
     (budget / largest_seen.max(1)).clamp(1, CHUNK as usize) as i64
 }
 
-/// Reads the session's records in `c` (a snapshot transaction) and pushes
-/// them to `sink`, reading batches of about `budget` bytes. Stops early,
-/// without error, when the sink's reader is gone.
+/// Reads the records of the session `session_id` of `project` in `c` (a
+/// snapshot transaction) and pushes them to `sink`, reading batches of about
+/// `budget` bytes. NOT_FOUND when `project` has no such session. Stops
+/// early, without error, when the sink's reader is gone.
 pub async fn run(
     c: &impl GenericClient,
+    project: Uuid,
     session_id: Uuid,
     budget: usize,
     sink: &mut impl Sink,
 ) -> Result<ExportStats> {
     let mut stats = ExportStats::default();
+    let not_found = || Error::NotFound(format!("session {session_id} not found"));
+    if !super::sql::session_in_project(c, project, session_id).await? {
+        return Err(not_found());
+    }
     let session = sessions::sql::get(c, session_id)
         .await?
-        .ok_or_else(|| Error::NotFound(format!("session {session_id} not found")))?;
+        .ok_or_else(not_found)?;
     stats.records += 1;
     if sink.push(Record::Session(session)).await?.is_none() {
         return Ok(stats);

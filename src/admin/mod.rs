@@ -1,6 +1,10 @@
 //! Operations: statistics, retention, integrity, migration status,
 //! whole-session export and the audit trail — as AdminService RPCs and, for
 //! some, CLI commands. Every RPC needs the `admin` scope and is audited.
+//!
+//! Everything works within the call's project; the only cross-project reads
+//! (GetStats and ListAuditEvents with `all_projects`) are for a key bound to
+//! no project ([`cross_project`]).
 
 pub mod cleanup;
 pub mod export;
@@ -11,6 +15,7 @@ pub mod stats;
 
 pub use service::AdminApi;
 
+use crate::call::Call;
 use crate::error::{Error, Result};
 use crate::pagination;
 use crate::proto;
@@ -18,6 +23,7 @@ use crate::validate::Validator;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::time::Duration;
+use uuid::Uuid;
 
 /// Parses a retention age such as `30d`, `12h`, `90m` or `45s`.
 pub fn parse_age(text: &str) -> Result<Duration> {
@@ -43,6 +49,18 @@ pub fn parse_age(text: &str) -> Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
+/// Checks that `call` may read across projects (`all_projects`): only a
+/// key bound to no project may; a bound key gets PERMISSION_DENIED
+/// (PROJECT_NOT_ALLOWED), as when it names another project.
+pub fn cross_project(call: &Call) -> Result<()> {
+    match call.bound_project() {
+        None => Ok(()),
+        Some(_) => Err(Error::ProjectNotAllowed(
+            "all_projects: this API key is bound to one project".into(),
+        )),
+    }
+}
+
 /// Shortest Cleanup `older_than` accepted.
 pub const MIN_AGE: Duration = Duration::from_secs(1);
 /// Longest Cleanup `older_than` or CheckIntegrity `stuck_after` accepted: a
@@ -63,6 +81,8 @@ pub struct ListAuditEvents {
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
     pub page_size: i64,
+    /// Every project's trail instead of the call's project's.
+    pub all_projects: bool,
     /// Resume below this event id.
     pub before_id: Option<i64>,
     pub fingerprint: String,
@@ -75,6 +95,7 @@ struct Filter<'a> {
     target_id: &'a Option<String>,
     from: Option<i64>,
     to: Option<i64>,
+    all_projects: bool,
 }
 
 impl TryFrom<proto::ListAuditEventsRequest> for ListAuditEvents {
@@ -101,6 +122,7 @@ impl TryFrom<proto::ListAuditEventsRequest> for ListAuditEvents {
                 target_id: &target_id,
                 from: from.map(|t| t.timestamp_micros()),
                 to: to.map(|t| t.timestamp_micros()),
+                all_projects: r.all_projects,
             },
         );
         let before_id = pagination::decode("page_token", &r.page_token, &fingerprint)?;
@@ -111,6 +133,7 @@ impl TryFrom<proto::ListAuditEventsRequest> for ListAuditEvents {
             from,
             to,
             page_size,
+            all_projects: r.all_projects,
             before_id,
             fingerprint,
         })
@@ -127,6 +150,8 @@ pub struct AuditEvent {
     pub target_ids: Vec<String>,
     pub outcome: String,
     pub trace_id: Option<String>,
+    /// The project the call worked in.
+    pub project_id: Uuid,
 }
 
 impl From<AuditEvent> for proto::AuditEvent {
@@ -139,6 +164,7 @@ impl From<AuditEvent> for proto::AuditEvent {
             target_ids: e.target_ids,
             outcome: e.outcome,
             trace_id: e.trace_id.unwrap_or_default(),
+            project_id: e.project_id.to_string(),
         }
     }
 }

@@ -52,15 +52,21 @@ impl AdminService for AdminApi {
         request: Request<proto::GetStatsRequest>,
     ) -> RpcResult<proto::GetStatsResponse> {
         let (call, req) = rpc::split(request);
+        let scope = if req.all_projects {
+            super::cross_project(&call)?;
+            stats::Scope::AllProjects
+        } else {
+            stats::Scope::Project(call.project()?)
+        };
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
-        let tables = stats::table_counts(c, req.exact).await?;
-        let (size, oldest, newest) = stats::overview(c).await?;
+        let (tables, exact) = stats::table_counts(c, scope, req.exact).await?;
+        let (size, oldest, newest) = stats::overview(c, scope).await?;
         let pool = self.state.db.stats();
         drop(conn);
         self.audit_read(&call, &[]).await?;
         Ok(Response::new(proto::GetStatsResponse {
-            tables: counts(tables, req.exact),
+            tables: counts(tables, exact),
             database_size_bytes: size,
             oldest_session_at: opt_timestamp(oldest),
             newest_session_at: opt_timestamp(newest),
@@ -108,7 +114,7 @@ impl AdminService for AdminApi {
         };
         let mut conn = self.state.db.conn(&call).await?;
         let report = if req.dry_run {
-            let report = cleanup::dry_run(conn.client().await?, cutoff).await?;
+            let report = cleanup::dry_run(conn.client().await?, call.project()?, cutoff).await?;
             drop(conn);
             self.audit_read(&call, &[]).await?;
             report
@@ -144,7 +150,7 @@ impl AdminService for AdminApi {
         v.finish()?;
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let findings = integrity::check(&tx, stuck_after, req.repair).await?;
+        let findings = integrity::check(&tx, call.project()?, stuck_after, req.repair).await?;
         let outcome = if req.repair {
             Outcome::Updated
         } else {
@@ -200,11 +206,17 @@ impl AdminService for AdminApi {
     ) -> RpcResult<proto::ListAuditEventsResponse> {
         let (call, req) = rpc::split(request);
         let query = ListAuditEvents::try_from(req)?;
+        let project = if query.all_projects {
+            super::cross_project(&call)?;
+            None
+        } else {
+            Some(call.project()?)
+        };
         let mut conn = self.state.db.conn(&call).await?;
         // Reading the trail is an admin call: it is recorded too, after the
         // read so a page never shows the call that fetched it.
         let tx = conn.begin().await?;
-        let rows = sql::list_audit(&tx, &query).await?;
+        let rows = sql::list_audit(&tx, project, &query).await?;
         audit::record(&tx, &call, &[], Outcome::Read).await?;
         tx.commit().await.map_err(Error::from)?;
         let (events, next_page_token) = pagination::page(
@@ -231,14 +243,13 @@ impl AdminService for AdminApi {
         let mut v = Validator::new();
         let session_id = v.uuid("session_id", &req.session_id);
         v.finish()?;
+        let project = call.project()?;
         self.audit_read(&call, &[session_id.to_string()]).await?;
-        // Fail the call itself (not the stream) when there is no such session.
+        // Fail the call itself (not the stream) when the project has no such
+        // session (whether or not another project has one).
         {
             let mut conn = self.state.db.conn(&Call::default()).await?;
-            if crate::sessions::sql::get(conn.client().await?, session_id)
-                .await?
-                .is_none()
-            {
+            if !sql::session_in_project(conn.client().await?, project, session_id).await? {
                 return Err(Error::NotFound(format!("session {session_id} not found")).into());
             }
         }
@@ -253,7 +264,8 @@ impl AdminService for AdminApi {
                 let produced = async {
                     let mut conn = db.conn(&Call::default()).await?;
                     let snapshot = conn.begin_snapshot().await?;
-                    let stats = export::run(&snapshot, session_id, limit, &mut chunks).await?;
+                    let stats =
+                        export::run(&snapshot, project, session_id, limit, &mut chunks).await?;
                     snapshot.commit().await.map_err(Error::from)?;
                     Ok::<_, Error>(stats)
                 }

@@ -1,19 +1,20 @@
 //! AdminService: stats, retention, integrity, migrations, export.
 
-use crate::helpers::{TestApp, spawn_app, violated_fields};
+use crate::helpers::{TestApp, default_project, spawn_app, violated_fields};
 use crate::sessions::create;
 use prost_types::{Duration as PbDuration, Timestamp};
 use std::collections::{HashMap, HashSet};
+use uuid::Uuid;
 use verdict::proto::{
     CheckIntegrityRequest, CleanupRequest, ExportSessionRequest, GetMigrationStatusRequest,
     GetStatsRequest, export_record::Record,
 };
 
-async fn exec(app: &TestApp, sql: &str) {
+pub async fn exec(app: &TestApp, sql: &str) {
     app.sql().await.batch_execute(sql).await.unwrap();
 }
 
-async fn count(app: &TestApp, sql: &str) -> i64 {
+pub async fn count(app: &TestApp, sql: &str) -> i64 {
     app.sql().await.query_one(sql, &[]).await.unwrap().get(0)
 }
 
@@ -25,7 +26,10 @@ async fn stats_count_every_table_exactly_on_request() {
     let stats = app
         .admin
         .clone()
-        .get_stats(GetStatsRequest { exact: true })
+        .get_stats(GetStatsRequest {
+            exact: true,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -37,7 +41,10 @@ async fn stats_count_every_table_exactly_on_request() {
     assert_eq!(tables["sessions"], 2);
     assert_eq!(tables["discrepancies"], 0);
     assert!(stats.tables.iter().all(|t| t.exact));
-    assert!(stats.database_size_bytes > 0);
+    assert_eq!(
+        stats.database_size_bytes, 0,
+        "the database is every project's: its size is for all_projects"
+    );
     assert!(stats.oldest_session_at.unwrap().seconds <= stats.newest_session_at.unwrap().seconds);
     let pool = stats.pool.unwrap();
     assert!(pool.max_size >= pool.size && pool.size >= 1);
@@ -45,37 +52,61 @@ async fn stats_count_every_table_exactly_on_request() {
     let estimated = app
         .admin
         .clone()
-        .get_stats(GetStatsRequest { exact: false })
+        .get_stats(GetStatsRequest {
+            exact: false,
+            all_projects: true,
+        })
         .await
         .unwrap()
         .into_inner();
     assert!(estimated.tables.iter().all(|t| !t.exact));
     assert_eq!(estimated.tables.len(), stats.tables.len());
+    assert!(estimated.database_size_bytes > 0);
 }
 
-/// Sessions around a cutoff, each with a log, a result and a discrepancy
-/// with a resolution change.
-async fn plant_around(app: &TestApp, cutoff: &str) {
+/// Sessions `{prefix}-1` … `{prefix}-5` of `project`, created around a
+/// cutoff (1 and 2 before it, 3 exactly at it, 4 and 5 after), each with a
+/// log, a result, a discrepancy with a resolution change, a test execution
+/// and a coverage report with one file. Every row names its project (as the
+/// gateway's own inserts do). Plant once per project.
+pub async fn plant_around(app: &TestApp, project: Uuid, prefix: &str, cutoff: &str) {
     exec(
         app,
         &format!(
-            "INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope, created_at)
-             SELECT ('00000000-0000-0000-0000-00000000000' || i)::uuid, 'old-' || i, 'cobol', 'java', 'full',
+            "INSERT INTO sessions (project_id, id, request_id, source_technology, target_technology,
+                 validation_scope, created_at)
+             SELECT '{project}', gen_random_uuid(), '{prefix}-' || i, 'cobol', 'java', 'full',
                     TIMESTAMPTZ '{cutoff}' + (i - 3) * interval '1 microsecond'
              FROM generate_series(1, 5) i;
-             INSERT INTO session_logs (session_id, level, message) SELECT id, 'info', 'x' FROM sessions;
-             INSERT INTO results (session_id, id, request_id, result_type, overall_status, fidelity_score)
-             SELECT id, gen_random_uuid(), 'r', 'static', 'passed', 0.5 FROM sessions;
-             INSERT INTO discrepancies (session_id, id, kind, severity, description, confidence, fingerprint)
-             SELECT id, gen_random_uuid(), 'k', 2, 'd', 0.5, 'f' FROM sessions;
-             INSERT INTO discrepancy_resolutions (session_id, discrepancy_id, from_resolution, to_resolution, actor)
-             SELECT session_id, id, 'open', 'acknowledged', 'ana' FROM discrepancies;
-             INSERT INTO test_cases (id, key, name, test_type) VALUES (gen_random_uuid(), 'old-test', 't', 'unit');
-             INSERT INTO test_executions (id, test_case_id, session_id, status, started_at)
-             SELECT gen_random_uuid(), (SELECT id FROM test_cases), id, 'passed', now() FROM sessions;
-             INSERT INTO coverage_reports (id, session_id, commit_sha, branch, client_key, lines_covered,
+             INSERT INTO session_logs (project_id, session_id, level, message)
+             SELECT project_id, id, 'info', 'x' FROM sessions WHERE project_id = '{project}';
+             INSERT INTO results (project_id, session_id, id, request_id, result_type, overall_status,
+                 fidelity_score)
+             SELECT project_id, id, gen_random_uuid(), 'r', 'static', 'passed', 0.5
+             FROM sessions WHERE project_id = '{project}';
+             INSERT INTO discrepancies (project_id, session_id, id, kind, severity, description,
+                 confidence, fingerprint)
+             SELECT project_id, id, gen_random_uuid(), 'k', 2, 'd', 0.5, 'f'
+             FROM sessions WHERE project_id = '{project}';
+             INSERT INTO discrepancy_resolutions (project_id, session_id, discrepancy_id,
+                 from_resolution, to_resolution, actor)
+             SELECT project_id, session_id, id, 'open', 'acknowledged', 'ana'
+             FROM discrepancies WHERE project_id = '{project}';
+             INSERT INTO test_cases (project_id, id, key, name, test_type)
+             VALUES ('{project}', gen_random_uuid(), '{prefix}-test', 't', 'unit');
+             INSERT INTO test_executions (project_id, id, test_case_id, session_id, status, started_at)
+             SELECT s.project_id, gen_random_uuid(), t.id, s.id, 'passed', now()
+             FROM sessions s JOIN test_cases t ON t.project_id = s.project_id AND t.key = '{prefix}-test'
+             WHERE s.project_id = '{project}';
+             INSERT INTO coverage_reports (project_id, id, session_id, commit_sha, branch, client_key,
+                 lines_covered, lines_total, branches_covered, branches_total, functions_covered,
+                 functions_total, file_count)
+             SELECT project_id, gen_random_uuid(), id, 'abcdef1', 'main', request_id, 1, 2, 1, 2, 1, 2, 1
+             FROM sessions WHERE project_id = '{project}';
+             INSERT INTO coverage_files (project_id, report_id, session_id, path, lines_covered,
                  lines_total, branches_covered, branches_total, functions_covered, functions_total)
-             SELECT gen_random_uuid(), id, 'abcdef1', 'main', request_id, 1, 2, 1, 2, 1, 2 FROM sessions;"
+             SELECT project_id, id, session_id, 'a.rs', 1, 2, 1, 2, 1, 2
+             FROM coverage_reports WHERE project_id = '{project}';"
         ),
     )
     .await;
@@ -85,7 +116,7 @@ async fn plant_around(app: &TestApp, cutoff: &str) {
 async fn cleanup_respects_the_cutoff_exactly_and_leaves_no_orphans() {
     let app = spawn_app().await;
     let cutoff = "2026-01-01T00:00:00Z";
-    plant_around(&app, cutoff).await;
+    plant_around(&app, default_project(&app).await, "old", cutoff).await;
     let t = chrono::DateTime::parse_from_rfc3339(cutoff)
         .unwrap()
         .timestamp();
@@ -110,8 +141,12 @@ async fn cleanup_respects_the_cutoff_exactly_and_leaves_no_orphans() {
     assert_eq!(planned["sessions"], 2);
     assert_eq!(planned["discrepancy_resolutions"], 2);
     assert_eq!(
-        (planned["test_executions"], planned["coverage_reports"]),
-        (2, 2)
+        (
+            planned["test_executions"],
+            planned["coverage_reports"],
+            planned["coverage_files"]
+        ),
+        (2, 2, 2)
     );
     assert_eq!(
         count(&app, "SELECT count(*) FROM sessions").await,
@@ -173,22 +208,37 @@ async fn cleanup_respects_the_cutoff_exactly_and_leaves_no_orphans() {
     assert_eq!(violated_fields(&err), ["older_than"]);
 }
 
+/// Rows foreign keys would refuse, planted in `project` with triggers (and
+/// so FK checks) off: `n` orphan log entries, `n` orphan results, one stuck
+/// session `{prefix}stuck` and one final session without completion time
+/// `{prefix}unfinished`.
+pub async fn plant_problems(app: &TestApp, project: Uuid, prefix: &str, n: i32) {
+    exec(
+        app,
+        &format!(
+            "SET session_replication_role = replica;
+             INSERT INTO session_logs (project_id, session_id, level, message)
+             SELECT '{project}', gen_random_uuid(), 'info', 'orphan' FROM generate_series(1, {n});
+             INSERT INTO results (project_id, session_id, id, request_id, result_type, overall_status,
+                 fidelity_score)
+             SELECT '{project}', gen_random_uuid(), gen_random_uuid(), 'r', 'static', 'passed', 0.5
+             FROM generate_series(1, {n});
+             INSERT INTO sessions (project_id, id, request_id, source_technology, target_technology,
+                 validation_scope, status, started_at)
+             VALUES ('{project}', gen_random_uuid(), '{prefix}stuck', 'a', 'b', 'c', 'processing',
+                     now() - interval '2 days'),
+                    ('{project}', gen_random_uuid(), '{prefix}unfinished', 'a', 'b', 'c', 'completed',
+                     NULL);"
+        ),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn the_integrity_check_finds_planted_problems_and_repairs_them_on_request() {
     let app = spawn_app().await;
     create(&app, "fine").await;
-    // Plant rows foreign keys would refuse, with triggers (and so FK checks) off.
-    exec(
-        &app,
-        "SET session_replication_role = replica;
-         INSERT INTO session_logs (session_id, level, message) VALUES (gen_random_uuid(), 'info', 'orphan');
-         INSERT INTO results (session_id, id, request_id, result_type, overall_status, fidelity_score)
-         VALUES (gen_random_uuid(), gen_random_uuid(), 'r', 'static', 'passed', 0.5);
-         INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope, status, started_at)
-         VALUES (gen_random_uuid(), 'stuck', 'a', 'b', 'c', 'processing', now() - interval '2 days'),
-                (gen_random_uuid(), 'unfinished', 'a', 'b', 'c', 'completed', NULL);",
-    )
-    .await;
+    plant_problems(&app, default_project(&app).await, "", 1).await;
     let mut client = app.admin.clone();
     let found = client
         .check_integrity(CheckIntegrityRequest {
@@ -272,26 +322,28 @@ async fn migration_status_lists_every_known_migration_as_applied() {
 async fn a_session_with_100000_discrepancies_exports_in_bounded_chunks_and_round_trips() {
     let app = spawn_app().await;
     let s = create(&app, "big").await;
+    let p = default_project(&app).await;
     exec(
         &app,
         &format!(
-            "INSERT INTO session_logs (session_id, level, message)
-             SELECT '{id}', 'info', 'step ' || i FROM generate_series(1, 1500) i;
-             INSERT INTO discrepancies (session_id, id, kind, severity, description, confidence, fingerprint)
-             SELECT '{id}', gen_random_uuid(), 'k', 1 + i % 5, 'difference ' || i, 0.5, 'f' || i
+            "SET statement_timeout = 0; -- planting, not the gateway's work
+             INSERT INTO session_logs (project_id, session_id, level, message)
+             SELECT '{p}', '{id}', 'info', 'step ' || i FROM generate_series(1, 1500) i;
+             INSERT INTO discrepancies (project_id, session_id, id, kind, severity, description, confidence, fingerprint)
+             SELECT '{p}', '{id}', gen_random_uuid(), 'k', 1 + i % 5, 'difference ' || i, 0.5, 'f' || i
              FROM generate_series(1, 100000) i;
-             INSERT INTO discrepancy_resolutions (session_id, discrepancy_id, from_resolution, to_resolution, actor)
-             SELECT session_id, id, 'open', 'muted', 'ana' FROM discrepancies LIMIT 2500;
-             INSERT INTO test_cases (id, key, name, test_type) VALUES (gen_random_uuid(), 'test-x', 'x', 'unit');
-             INSERT INTO test_executions (id, test_case_id, session_id, status, started_at)
-             SELECT gen_random_uuid(), (SELECT id FROM test_cases), '{id}', 'passed', now() FROM generate_series(1, 3);
-             INSERT INTO coverage_reports (id, session_id, commit_sha, branch, client_key, lines_covered,
+             INSERT INTO discrepancy_resolutions (project_id, session_id, discrepancy_id, from_resolution, to_resolution, actor)
+             SELECT project_id, session_id, id, 'open', 'muted', 'ana' FROM discrepancies LIMIT 2500;
+             INSERT INTO test_cases (project_id, id, key, name, test_type) VALUES ('{p}', gen_random_uuid(), 'test-x', 'x', 'unit');
+             INSERT INTO test_executions (project_id, id, test_case_id, session_id, status, started_at)
+             SELECT '{p}', gen_random_uuid(), (SELECT id FROM test_cases), '{id}', 'passed', now() FROM generate_series(1, 3);
+             INSERT INTO coverage_reports (project_id, id, session_id, commit_sha, branch, client_key, lines_covered,
                  lines_total, branches_covered, branches_total, functions_covered, functions_total, file_count)
-             VALUES ('00000000-0000-0000-0000-0000000000c1', '{id}', 'abcdef1', 'main', 'k', 3, 4, 1, 2, 1, 1, 2);
-             INSERT INTO coverage_files (report_id, session_id, path, lines_covered, lines_total,
+             VALUES ('{p}', '00000000-0000-0000-0000-0000000000c1', '{id}', 'abcdef1', 'main', 'k', 3, 4, 1, 2, 1, 1, 2);
+             INSERT INTO coverage_files (project_id, report_id, session_id, path, lines_covered, lines_total,
                  branches_covered, branches_total, functions_covered, functions_total) VALUES
-             ('00000000-0000-0000-0000-0000000000c1', '{id}', 'a.rs', 1, 2, 0, 1, 1, 1),
-             ('00000000-0000-0000-0000-0000000000c1', '{id}', 'b.rs', 2, 2, 1, 1, 0, 0);",
+             ('{p}', '00000000-0000-0000-0000-0000000000c1', '{id}', 'a.rs', 1, 2, 0, 1, 1, 1),
+             ('{p}', '00000000-0000-0000-0000-0000000000c1', '{id}', 'b.rs', 2, 2, 1, 1, 0, 0);",
             id = s.id
         ),
     )

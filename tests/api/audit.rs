@@ -146,11 +146,13 @@ async fn every_write_appends_one_audit_row_with_key_rpc_targets_outcome_and_trac
         },
     )
     .await;
+    let default = default_project(&app).await.to_string();
     let mut seen: Vec<(String, String, Vec<String>)> = trail
         .iter()
         .rev()
         .map(|e| {
             assert_eq!(e.key_id, key_id(w));
+            assert_eq!(e.project_id, default, "no header, an unbound key: default");
             assert_eq!(e.trace_id, TRACE, "{e:?}");
             assert!(e.time.is_some());
             let rpc = e.rpc.rsplit('/').next().unwrap().to_owned();
@@ -443,4 +445,77 @@ async fn audit_rows_cannot_be_updated_or_deleted_except_by_the_retention_job() {
         .unwrap();
     assert!(sql.batch_execute("DELETE FROM audit_events").await.is_err());
     assert_eq!(count().await, 1);
+}
+
+mod schema {
+    refinery::embed_migrations!("migrations");
+}
+
+#[tokio::test]
+async fn audit_rows_stored_before_projects_belong_to_default_and_new_ones_must_name_a_project() {
+    let (_, url) = create_database().await;
+    let mut client = admin_client(&url).await;
+    // The schema as it was before the audit trail had projects (V18 and
+    // below), with a trail of two rows.
+    schema::migrations::runner()
+        .set_target(refinery::Target::Version(18))
+        .run_async(&mut client)
+        .await
+        .expect("migrate to V18");
+    client
+        .batch_execute(
+            "INSERT INTO audit_events (rpc, target_ids, outcome) VALUES \
+             ('/verdict.v1.SessionService/CreateSession', '{s1}', 'created'), \
+             ('cli:keys.create', '{k1}', 'created');",
+        )
+        .await
+        .unwrap();
+    // The gateway's own migration run applies V19 and the rest.
+    verdict::db::migrate::run(&mut client)
+        .await
+        .expect("migrate to the end");
+    let default: uuid::Uuid = client
+        .query_one("SELECT id FROM projects WHERE slug = 'default'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let projects: Vec<Option<uuid::Uuid>> = client
+        .query("SELECT project_id FROM audit_events ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(projects, [Some(default), Some(default)]);
+    // No default is left: a row that names no project is refused.
+    let err = client
+        .batch_execute("INSERT INTO audit_events (rpc, outcome) VALUES ('x', 'read')")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.as_db_error().map(|e| e.code()),
+        Some(&tokio_postgres::error::SqlState::NOT_NULL_VIOLATION),
+        "{err:?}"
+    );
+    // No foreign key: the trail keeps the rows of a project that is gone.
+    let foreign_keys: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_constraint \
+             WHERE conrelid = 'audit_events'::regclass AND contype = 'f'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(foreign_keys, 0);
+    // The append-only triggers still hold.
+    let err = client
+        .batch_execute("UPDATE audit_events SET outcome = 'read'")
+        .await
+        .unwrap_err();
+    assert!(
+        err.as_db_error()
+            .is_some_and(|e| e.message().contains("append-only")),
+        "{err:?}"
+    );
 }

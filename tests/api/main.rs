@@ -22,6 +22,7 @@ mod projects_migration;
 mod projects_sessions;
 mod projects_test_cases;
 mod projects_discrepancies;
+mod projects_admin;
 mod results;
 mod sequences;
 mod sessions;

@@ -136,10 +136,7 @@ pub async fn run(
 ) -> Result<ExportStats> {
     let mut stats = ExportStats::default();
     let not_found = || Error::NotFound(format!("session {session_id} not found"));
-    if !super::sql::session_in_project(c, project, session_id).await? {
-        return Err(not_found());
-    }
-    let session = sessions::sql::get(c, session_id)
+    let session = sessions::sql::get(c, project, session_id)
         .await?
         .ok_or_else(not_found)?;
     stats.records += 1;
@@ -183,13 +180,19 @@ pub async fn run(
     }
     batches!(
         false,
-        |after: Option<i64>, n| sessions::sql::logs_after(c, session_id, after.unwrap_or(0), n),
+        |after: Option<i64>, n| sessions::sql::logs_after(
+            c,
+            project,
+            session_id,
+            after.unwrap_or(0),
+            n
+        ),
         |l: &LogEntry| l.id,
         Record::LogEntry
     );
     batches!(
         true,
-        |after, n| results::sql::page_of_session(c, session_id, after, n, max_bytes),
+        |after, n| results::sql::page_of_session(c, project, session_id, after, n, max_bytes),
         |r: &ValidationResult| r.id,
         Record::Result
     );

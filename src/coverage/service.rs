@@ -117,7 +117,7 @@ impl CoverageService for CoverageApi {
             Some((stored, stored_digest)) => (replay(&new, &digest, stored, stored_digest)?, false),
             None => {
                 if let Some(session_id) = new.session_id {
-                    sessions::sql::lock_accepting(&tx, session_id).await?;
+                    sessions::sql::lock_accepting(&tx, call.project()?, session_id).await?;
                 }
                 match sql::insert(&tx, Uuid::now_v7(), &new, &digest).await? {
                     Some(report) => {

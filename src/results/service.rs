@@ -95,7 +95,7 @@ impl ResultService for ResultApi {
             Some((stored, stored_digest)) => (replay(&new, &digest, stored, stored_digest)?, false),
             None => {
                 // NOT_FOUND for a session of another project.
-                sessions::sql::lock_accepting_in(&tx, project, new.session_id).await?;
+                sessions::sql::lock_accepting(&tx, project, new.session_id).await?;
                 match sql::insert(&tx, project, Uuid::now_v7(), &new, &digest).await? {
                     Some(r) => (r, true),
                     // A concurrent first call took the key and committed.
@@ -155,7 +155,7 @@ impl ResultService for ResultApi {
         let query = ListResults::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
-        let rows = sql::list_in(conn.client().await?, project, &query, max_bytes).await?;
+        let rows = sql::list(conn.client().await?, project, &query, max_bytes).await?;
         let (results, next_page_token) = pagination::page(
             rows,
             query.page_size,

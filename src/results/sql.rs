@@ -198,7 +198,7 @@ const LIST_BASIC: Stmt = Stmt::new(
 /// One page of the results of `project`, newest first, plus one extra row
 /// when more follow; in the FULL view at most about `max_bytes` of them (see
 /// LIST).
-pub async fn list_in(
+pub async fn list(
     c: &impl GenericClient,
     project: Uuid,
     q: &ListResults,
@@ -252,7 +252,7 @@ const PAGE_OF_SESSION: Stmt = Stmt::new(
 /// Results of the session `session_id` of `project` in id order after
 /// `after`, for exports: at most `limit` rows, fewer when they reach
 /// `max_bytes` (see PAGE_OF_SESSION); an empty batch is the end.
-pub async fn page_of_session_in(
+pub async fn page_of_session(
     c: &impl GenericClient,
     project: Uuid,
     session_id: Uuid,
@@ -266,36 +266,4 @@ pub async fn page_of_session_in(
         .iter()
         .map(from_row)
         .collect()
-}
-
-// Compatibility for callers outside this area that do not pass their project
-// yet (admin export, tests of pages). They work in the project `default`
-// only. Replace each with its `_in` form, passing the call's project, and
-// delete these.
-
-async fn default_project(c: &impl GenericClient) -> Result<Uuid> {
-    crate::projects::sql::id_of(c, crate::projects::DEFAULT_SLUG)
-        .await?
-        .ok_or_else(|| crate::error::Error::Internal("the project `default` is missing".into()))
-}
-
-/// [`page_of_session_in`] in the project `default` (compatibility; see above).
-pub async fn page_of_session(
-    c: &impl GenericClient,
-    session_id: Uuid,
-    after: Option<Uuid>,
-    limit: i64,
-    max_bytes: i64,
-) -> Result<Vec<ValidationResult>> {
-    let project = default_project(c).await?;
-    page_of_session_in(c, project, session_id, after, limit, max_bytes).await
-}
-
-/// [`list_in`] in the project `default` (compatibility; see above).
-pub async fn list(
-    c: &impl GenericClient,
-    q: &ListResults,
-    max_bytes: i64,
-) -> Result<pagination::Fetched<ValidationResult>> {
-    list_in(c, default_project(c).await?, q, max_bytes).await
 }

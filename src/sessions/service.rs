@@ -145,7 +145,7 @@ impl SessionService for SessionApi {
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
         let session = match &lookup {
-            SessionLookup::Id(id) => sql::get_in(c, project, *id)
+            SessionLookup::Id(id) => sql::get(c, project, *id)
                 .await?
                 .ok_or_else(|| not_found(id))?,
             SessionLookup::RequestId(rid) => sql::get_by_request_id(c, project, rid)
@@ -166,7 +166,7 @@ impl SessionService for SessionApi {
         let query = ListSessions::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
-        let rows = sql::list_in(conn.client().await?, project, &query, max_bytes).await?;
+        let rows = sql::list(conn.client().await?, project, &query, max_bytes).await?;
         let (sessions, next_page_token) = pagination::page(
             rows,
             query.page_size,
@@ -261,7 +261,7 @@ impl SessionService for SessionApi {
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
         let rows = sql::list_logs(c, project, &query).await?;
-        if rows.is_empty() && sql::get_in(c, project, query.session_id).await?.is_none() {
+        if rows.is_empty() && sql::get(c, project, query.session_id).await?.is_none() {
             return Err(not_found(query.session_id).into());
         }
         let (entries, next_page_token) = pagination::page(

@@ -125,7 +125,7 @@ pub const BY_ID: Stmt = Stmt::new(
 
 /// The session `id` of `project`; `None` when there is none in that
 /// project (whether or not another project has one).
-pub async fn get_in(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<Option<Session>> {
+pub async fn get(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<Option<Session>> {
     BY_ID
         .query_opt(c, &[&project, &id])
         .await?
@@ -268,7 +268,7 @@ pub const LIST_BASIC: Stmt = Stmt::new(
 /// One page of the sessions of `project`, newest first, plus one extra row
 /// when more follow; in the FULL view at most about `max_bytes` of them (see
 /// LIST).
-pub async fn list_in(
+pub async fn list(
     c: &impl GenericClient,
     project: Uuid,
     q: &ListSessions,
@@ -475,7 +475,7 @@ const LOGS_AFTER: Stmt = Stmt::new(
 /// above `after_id`, in id order. Ids are taken before commit, so this is
 /// complete only within one snapshot (as the export reads it); live
 /// followers use [`logs_in_range`] by sequence.
-pub async fn logs_after_in(
+pub async fn logs_after(
     c: &impl GenericClient,
     project: Uuid,
     session_id: Uuid,
@@ -571,7 +571,7 @@ const STATUS_FOR_SHARE: Stmt = Stmt::new(
 /// still accepts results and findings (not FAILED or CANCELLED); holds a
 /// share lock on it so it cannot move to such a status before the caller
 /// commits.
-pub async fn lock_accepting_in(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<()> {
+pub async fn lock_accepting(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<()> {
     let row = STATUS_FOR_SHARE
         .query_opt(c, &[&project, &id])
         .await?
@@ -587,45 +587,4 @@ pub async fn lock_accepting_in(c: &impl GenericClient, project: Uuid, id: Uuid) 
         ));
     }
     Ok(())
-}
-
-// Compatibility for callers outside this area that do not pass their project
-// yet (discrepancies, coverage, admin export/cleanup). They work in the
-// project `default` only: a session of another project is not found, never
-// read across projects. Replace each with its `_in` form, passing the
-// call's project, and delete these.
-
-async fn default_project(c: &impl GenericClient) -> Result<Uuid> {
-    crate::projects::sql::id_of(c, crate::projects::DEFAULT_SLUG)
-        .await?
-        .ok_or_else(|| Error::Internal("the project `default` is missing".into()))
-}
-
-/// [`get_in`] in the project `default` (compatibility; see above).
-pub async fn get(c: &impl GenericClient, id: Uuid) -> Result<Option<Session>> {
-    get_in(c, default_project(c).await?, id).await
-}
-
-/// [`lock_accepting_in`] in the project `default` (compatibility; see above).
-pub async fn lock_accepting(c: &impl GenericClient, id: Uuid) -> Result<()> {
-    lock_accepting_in(c, default_project(c).await?, id).await
-}
-
-/// [`logs_after_in`] in the project `default` (compatibility; see above).
-pub async fn logs_after(
-    c: &impl GenericClient,
-    session_id: Uuid,
-    after_id: i64,
-    limit: i64,
-) -> Result<Vec<LogEntry>> {
-    logs_after_in(c, default_project(c).await?, session_id, after_id, limit).await
-}
-
-/// [`list_in`] in the project `default` (compatibility; see above).
-pub async fn list(
-    c: &impl GenericClient,
-    q: &ListSessions,
-    max_bytes: i64,
-) -> Result<crate::pagination::Fetched<Session>> {
-    list_in(c, default_project(c).await?, q, max_bytes).await
 }

@@ -182,9 +182,11 @@ async fn list_results_of_large_results_stops_pages_by_bytes_and_returns_every_re
     assert!(page.results.len() <= 42 && !page.next_page_token.is_empty());
     let query = verdict::results::ListResults::try_from(hostile).unwrap();
     let mut conn = app.db.conn(&Call::default()).await.unwrap();
-    let fetched = verdict::results::sql::list(conn.client().await.unwrap(), &query, LIMIT as i64)
-        .await
-        .unwrap();
+    let project = crate::helpers::default_project(&app).await;
+    let fetched =
+        verdict::results::sql::list(conn.client().await.unwrap(), project, &query, LIMIT as i64)
+            .await
+            .unwrap();
     assert!(fetched.cut, "the query left the other rows out");
     let large_fetched = fetched
         .rows
@@ -960,9 +962,11 @@ async fn list_sessions_with_large_json_pages_by_bytes_and_fetches_about_one_repl
     // The statement itself stops at about one reply of rows.
     let query = verdict::sessions::ListSessions::try_from(request(String::new())).unwrap();
     let mut conn = app.db.conn(&Call::default()).await.unwrap();
-    let fetched = verdict::sessions::sql::list(conn.client().await.unwrap(), &query, LIMIT as i64)
-        .await
-        .unwrap();
+    let project = crate::helpers::default_project(&app).await;
+    let fetched =
+        verdict::sessions::sql::list(conn.client().await.unwrap(), project, &query, LIMIT as i64)
+            .await
+            .unwrap();
     assert!(fetched.cut, "the query left rows out");
     assert!(
         fetched.rows.len() <= 25,
@@ -972,6 +976,7 @@ async fn list_sessions_with_large_json_pages_by_bytes_and_fetches_about_one_repl
     // A page that fits whole is not cut.
     let fetched = verdict::sessions::sql::list(
         conn.client().await.unwrap(),
+        project,
         &verdict::sessions::ListSessions::try_from(ListSessionsRequest {
             page_size: 3,
             ..Default::default()

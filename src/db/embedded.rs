@@ -323,7 +323,7 @@ impl EmbeddedPostgres {
         prepare_dir(&dir, run_as)?;
         let pgdata = dir.join("pgdata");
         if !pgdata.join("PG_VERSION").exists() {
-            let mut backup = Command::new(bin_dir.join("pg_basebackup"));
+            let mut backup = Command::new(client_tool(&bin_dir, "pg_basebackup"));
             backup
                 .arg("-D")
                 .arg(&pgdata)
@@ -351,7 +351,7 @@ impl EmbeddedPostgres {
     /// Promotes a standby to a primary (`pg_ctl promote`, waiting until it
     /// accepts writes).
     pub async fn promote(&self) -> anyhow::Result<()> {
-        let mut cmd = Command::new(self.bin_dir.join("pg_ctl"));
+        let mut cmd = Command::new(client_tool(&self.bin_dir, "pg_ctl"));
         cmd.arg("promote")
             .arg("-w")
             .arg("-t")
@@ -370,6 +370,11 @@ impl EmbeddedPostgres {
             );
         }
         Ok(())
+    }
+
+    /// The port number of its socket (and TCP port, when listening on TCP).
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// The server's process id while it runs.
@@ -499,6 +504,29 @@ pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
     bail!(
         "no PostgreSQL server binaries found (looked for postgres and initdb on PATH, in `pg_config --bindir` and in /usr/lib/postgresql/*/bin). Install them (Debian/Ubuntu: `apt-get install postgresql`) or set DATABASE_URL to an existing PostgreSQL server"
     )
+}
+
+/// A server tool (`pg_ctl`, `pg_basebackup`): next to `postgres`, else in
+/// `/usr/lib/postgresql/*/bin` (newest first), else by name on PATH.
+fn client_tool(bin_dir: &Path, name: &str) -> PathBuf {
+    if bin_dir.join(name).is_file() {
+        return bin_dir.join(name);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((major, e.path().join("bin").join(name)))
+        })
+        .filter(|(_, p)| p.is_file())
+        .collect();
+    versions.sort_by_key(|v| std::cmp::Reverse(v.0));
+    versions
+        .into_iter()
+        .next()
+        .map_or_else(|| PathBuf::from(name), |(_, p)| p)
 }
 
 /// A port free on 127.0.0.1 right now (the server binds it moments later).

@@ -150,6 +150,10 @@ async fn the_gateway_follows_a_promoted_standby_without_a_restart_and_loses_no_a
     // The calls that failed during the switch said how to go on: UNAVAILABLE
     // with RetryInfo (or the caller's own deadline).
     let failures = failures.lock().unwrap().clone();
+    assert!(
+        !failures.is_empty(),
+        "writers ran through the switch (no server took writes between the stop and the promotion)"
+    );
     for s in &failures {
         if s.code() == Code::Unavailable {
             assert!(
@@ -174,7 +178,10 @@ async fn the_gateway_follows_a_promoted_standby_without_a_restart_and_loses_no_a
         .await
         .unwrap()
         .get(0);
-    assert!(on_new > 0, "the gateway's connections moved to the new primary");
+    assert!(
+        on_new > 0,
+        "the gateway's connections moved to the new primary"
+    );
     let mut client = app.sessions.clone();
     let after = client
         .create_session(session("after-failover"))
@@ -189,10 +196,10 @@ async fn the_gateway_follows_a_promoted_standby_without_a_restart_and_loses_no_a
 
 /// A connection that lands on a server that stopped taking writes (here: a
 /// primary switched to `default_transaction_read_only`, as a demotion
-/// leaves it) fails its call with a retryable UNAVAILABLE, and the pool
-/// then drops every connection to that server instead of reusing it: once
-/// the server takes writes again, the next write succeeds on a fresh
-/// connection.
+/// leaves it; SQLSTATE 25006) fails its call with a retryable UNAVAILABLE,
+/// and the pool then closes every connection to that server at its check
+/// instead of handing it out again. (The notification listener and the
+/// health probe hold connections of their own, outside the pool.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_a_server_that_stopped_taking_writes_are_dropped_not_reused() {
     let mut primary = EmbeddedPostgres::start(&temp_pg_dir()).await.unwrap();
@@ -215,7 +222,10 @@ async fn connections_to_a_server_that_stopped_taking_writes_are_dropped_not_reus
         .batch_execute("ALTER SYSTEM SET default_transaction_read_only = on")
         .await
         .unwrap();
-    admin.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
     // Wait (bounded) until the gateway's backends have applied it.
     let deadline = Instant::now() + Duration::from_secs(10);
     let err = loop {
@@ -236,12 +246,13 @@ async fn connections_to_a_server_that_stopped_taking_writes_are_dropped_not_reus
         let mut writes = JoinSet::new();
         for n in 0..8 {
             let mut c = client.clone();
-            writes.spawn(async move {
-                c.create_session(session(&format!("ro-{round}-{n}"))).await
-            });
+            writes
+                .spawn(async move { c.create_session(session(&format!("ro-{round}-{n}"))).await });
         }
         while let Some(done) = writes.join_next().await {
-            let s = done.unwrap().expect_err("no write succeeds on a read-only server");
+            let s = done
+                .unwrap()
+                .expect_err("no write succeeds on a read-only server");
             assert_eq!(s.code(), Code::Unavailable, "{s:?}");
             assert!(s.get_details_retry_info().is_some(), "{s:?}");
         }
@@ -256,7 +267,10 @@ async fn connections_to_a_server_that_stopped_taking_writes_are_dropped_not_reus
         .batch_execute("ALTER SYSTEM RESET default_transaction_read_only")
         .await
         .unwrap();
-    admin.batch_execute("SELECT pg_reload_conf()").await.unwrap();
+    admin
+        .batch_execute("SELECT pg_reload_conf()")
+        .await
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match client.create_session(session("after-read-only")).await {

@@ -217,9 +217,8 @@ impl Replicas {
     /// position, for as long as the gateway runs; closes the replicas'
     /// idle connections like the primary's.
     pub async fn run(self, primary: Db) {
-        let maintain = futures::future::join_all(
-            self.inner.replicas.iter().map(|r| r.db.clone().maintain()),
-        );
+        let maintain =
+            futures::future::join_all(self.inner.replicas.iter().map(|r| r.db.clone().maintain()));
         let sample = async {
             let keep = (self.inner.settings.max_lag.as_micros()
                 / self.interval().as_micros().max(1)) as usize
@@ -236,7 +235,9 @@ impl Replicas {
                             samples.pop_front();
                         }
                     }
-                    Err(e) => tracing::debug!(error = %e, "cannot sample the primary's WAL position"),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot sample the primary's WAL position")
+                    }
                 }
                 futures::future::join_all(self.inner.replicas.iter().map(|r| self.check(r))).await;
             }
@@ -601,7 +602,17 @@ mod tests {
         assert_eq!(Lsn::parse("0/0"), Some(Lsn(0)));
         assert_eq!(Lsn(0x16_B374_D848).to_string(), "16/B374D848");
         assert_eq!(Lsn::parse("FFFFFFFF/FFFFFFFF"), Some(Lsn(u64::MAX)));
-        for bad in ["", "/", "1/", "/1", "1/2/3", "+1/2", "123456789/0", "g/0", "1"] {
+        for bad in [
+            "",
+            "/",
+            "1/",
+            "/1",
+            "1/2/3",
+            "+1/2",
+            "123456789/0",
+            "g/0",
+            "1",
+        ] {
             assert_eq!(Lsn::parse(bad), None, "{bad:?}");
         }
     }

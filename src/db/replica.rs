@@ -255,7 +255,7 @@ impl Replicas {
         };
         let replayed = tokio::time::timeout(self.interval().max(Duration::from_secs(1)), checked)
             .await
-            .unwrap_or_else(|_| Err(crate::error::Error::DeadlineExceeded));
+            .unwrap_or(Err(crate::error::Error::DeadlineExceeded));
         let mut state = replica.state.lock().expect("replica state");
         let was_up = state.up;
         match replayed {
@@ -310,9 +310,9 @@ impl Replicas {
                 continue;
             }
             if token.is_none()
-                && !state
+                && state
                     .fresh_as_of
-                    .is_some_and(|at| at.elapsed() <= self.inner.settings.max_lag)
+                    .is_none_or(|at| at.elapsed() > self.inner.settings.max_lag)
             {
                 continue;
             }

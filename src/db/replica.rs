@@ -318,6 +318,8 @@ impl Replicas {
             }
             let mut conn = match replica.db.conn_here(call).await {
                 Ok(conn) => conn,
+                // Busy, not broken: the primary serves this one.
+                Err(crate::error::Error::ResourceExhausted(..)) => continue,
                 Err(e) => {
                     replica.set_down(&e);
                     continue;

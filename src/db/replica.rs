@@ -25,9 +25,10 @@
 //! that bound, never older ones.
 //!
 //! **Failures.** A replica that cannot be reached, is not a standby, or
-//! lags is skipped; a read that fails on a replica (UNAVAILABLE, ABORTED
-//! by a recovery conflict, INTERNAL) is run again on the primary before
-//! the caller hears of it. Readiness depends on the primary alone.
+//! lags beyond `VERDICT_READ_MAX_LAG` is skipped by every read; a read that
+//! fails on a replica (UNAVAILABLE, ABORTED by a recovery conflict,
+//! INTERNAL) is run again on the primary before the caller hears of it.
+//! Readiness depends on the primary alone.
 
 use super::{Conn, Db, Stmt};
 use crate::call::Call;
@@ -309,10 +310,11 @@ impl Replicas {
             if !state.up {
                 continue;
             }
-            if token.is_none()
-                && state
-                    .fresh_as_of
-                    .is_none_or(|at| at.elapsed() > self.inner.settings.max_lag)
+            // A replica lagging beyond the bound is skipped by every read:
+            // one with a token would only wait for it in vain.
+            if state
+                .fresh_as_of
+                .is_none_or(|at| at.elapsed() > self.inner.settings.max_lag)
             {
                 continue;
             }

@@ -569,11 +569,11 @@ async fn check_before_reuse(
     // writes (one round trip either way): after a failover the old
     // primary's connections must not be reused even if it answers.
     let check = if writable {
-        "SHOW transaction_read_only"
+        client.simple_query("SHOW transaction_read_only")
     } else {
-        ""
+        client.simple_query("")
     };
-    match tokio::time::timeout(VERIFY_TIMEOUT, client.simple_query(check)).await {
+    match tokio::time::timeout(VERIFY_TIMEOUT, check).await {
         Ok(Ok(messages)) if writable && read_only(&messages) => {
             tracing::debug!("a pooled connection reaches a read-only server; replaced");
             Err(HookError::message(

@@ -422,6 +422,36 @@ pub struct Config {
         global = true
     )]
     pub otel_span_queue_size: Option<u32>,
+
+    /// Read endpoints: streaming replicas (or CloudNativePG's `-ro`
+    /// service) that read RPCs use, as PostgreSQL connection strings
+    /// separated by `;`. Writes, watches and transactions stay on
+    /// DATABASE_URL. Unset: every call uses DATABASE_URL.
+    #[arg(long, env = "VERDICT_DATABASE_READ_URL", global = true)]
+    pub database_read_url: Option<String>,
+
+    /// How stale a read without a consistency token may be at most (e.g.
+    /// `1s`): a replica not known to have replayed everything the primary
+    /// had flushed this long ago is skipped.
+    #[arg(
+        long,
+        env = "VERDICT_READ_MAX_LAG",
+        default_value = "1s",
+        value_parser = parse_duration,
+        global = true
+    )]
+    pub read_max_lag: Duration,
+
+    /// How long a read with a consistency token waits for a replica to
+    /// replay up to it (e.g. `100ms`) before the primary serves it.
+    #[arg(
+        long,
+        env = "VERDICT_READ_TOKEN_WAIT",
+        default_value = "100ms",
+        value_parser = parse_duration,
+        global = true
+    )]
+    pub read_token_wait: Duration,
 }
 
 /// A duration such as `500ms`, `45s`, `5m` or `2h` (a bare number is seconds).
@@ -588,6 +618,12 @@ impl std::fmt::Debug for Config {
             .field("stream_idle_timeout", &self.stream_idle_timeout)
             .field("watch_pool_size", &self.watch_pool_size)
             .field("otel_span_queue_size", &self.otel_span_queue_size)
+            .field(
+                "database_read_url",
+                &self.database_read_url.as_deref().map(redact_url),
+            )
+            .field("read_max_lag", &self.read_max_lag)
+            .field("read_token_wait", &self.read_token_wait)
             .finish()
     }
 }

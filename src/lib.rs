@@ -109,6 +109,10 @@ impl Application {
                 max_lifetime: config.pool_max_lifetime,
             },
         )?;
+        let db = match &config.database_read_url {
+            Some(urls) => db.with_replicas(read_replicas(urls, &config)?),
+            None => db,
+        };
         let keys = auth::KeyCache::new(
             pg.clone(),
             config.key_settings(),
@@ -336,6 +340,39 @@ pub(crate) async fn database(
     }
 }
 
+/// The pools of the read endpoints (`VERDICT_DATABASE_READ_URL`, `;`
+/// between endpoints), each sized and timed like the primary's.
+fn read_replicas(urls: &str, config: &Config) -> anyhow::Result<db::replica::Replicas> {
+    let timeout = config.max_statement_timeout();
+    let mut pools = Vec::new();
+    for url in urls.split(';').map(str::trim).filter(|u| !u.is_empty()) {
+        let pg = PgConfig::parse(url)
+            .map_err(|e| anyhow::anyhow!("VERDICT_DATABASE_READ_URL: {e:#}"))?
+            .map_config(|c| db::connection_config(c, timeout));
+        pools.push(Db::read_only(
+            pg,
+            db::PoolSettings {
+                max_size: config.pool_size,
+                max_waiting: config.pool_max_waiting(),
+                wait_timeout: config.pool_wait_timeout(),
+                max_statement_timeout: timeout,
+                idle_timeout: config.pool_idle_timeout,
+                max_lifetime: config.pool_max_lifetime,
+            },
+        )?);
+    }
+    if pools.is_empty() {
+        anyhow::bail!("VERDICT_DATABASE_READ_URL names no endpoint");
+    }
+    Ok(db::replica::Replicas::new(
+        pools,
+        db::replica::ReadSettings {
+            max_lag: config.read_max_lag,
+            token_wait: config.read_token_wait,
+        },
+    ))
+}
+
 /// What the start-up task needs and then keeps running.
 struct Background {
     pg: PgConfig,
@@ -419,6 +456,10 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
     }
     db.set_ready();
     keys.set_ready();
+    let replicas = db.replicas().cloned();
+    if let Some(replicas) = &replicas {
+        replicas.set_ready();
+    }
     // SERVING once the probe finds that calls can get a connection (its
     // first check runs at once).
     let rollups = async {
@@ -438,7 +479,12 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
             }
         },
         hub.listen(pg),
-        rollups
+        rollups,
+        async {
+            if let Some(replicas) = replicas {
+                replicas.run(db.clone()).await
+            }
+        }
     );
 }
 

@@ -303,6 +303,86 @@ impl EmbeddedPostgres {
     }
 }
 
+impl EmbeddedPostgres {
+    /// Starts a streaming standby of `primary` in `dir` (tests of replicas
+    /// and failover): a base backup taken with `pg_basebackup -R` (WAL
+    /// streamed, so the copy is consistent; `standby.signal` and
+    /// `primary_conninfo` written) on first use, then a hot standby on it,
+    /// with the primary's extra files and settings. It follows the primary
+    /// over the primary's unix socket (initdb's `pg_hba.conf` trusts local
+    /// replication connections, and PostgreSQL's defaults, `wal_level =
+    /// replica` and `max_wal_senders = 10`, allow them).
+    pub async fn start_standby(dir: &Path, primary: &EmbeddedPostgres) -> anyhow::Result<Self> {
+        let bin_dir = find_bin_dir()?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the data folder {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("cannot resolve the data folder {}", dir.display()))?;
+        let run_as = run_as()?;
+        prepare_dir(&dir, run_as)?;
+        let pgdata = dir.join("pgdata");
+        if !pgdata.join("PG_VERSION").exists() {
+            let mut backup = Command::new(client_tool(&bin_dir, "pg_basebackup"));
+            backup
+                .arg("-D")
+                .arg(&pgdata)
+                .arg("-h")
+                .arg(&primary.dir)
+                .arg("-p")
+                .arg(primary.port.to_string())
+                .args(["-U", USER, "-R", "-X", "stream", "-c", "fast"])
+                .stdin(Stdio::null());
+            as_user(&mut backup, run_as);
+            let out = tokio::task::spawn_blocking(move || backup.output())
+                .await?
+                .context("cannot run pg_basebackup")?;
+            if !out.status.success() {
+                bail!(
+                    "pg_basebackup into {} failed: {}",
+                    pgdata.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+        Self::start_with(&dir, primary.options.clone()).await
+    }
+
+    /// Promotes a standby to a primary (`pg_ctl promote`, waiting until it
+    /// accepts writes).
+    pub async fn promote(&self) -> anyhow::Result<()> {
+        let mut cmd = Command::new(client_tool(&self.bin_dir, "pg_ctl"));
+        cmd.arg("promote")
+            .arg("-w")
+            .arg("-t")
+            .arg("60")
+            .arg("-D")
+            .arg(self.dir.join("pgdata"))
+            .stdin(Stdio::null());
+        as_user(&mut cmd, run_as()?);
+        let out = tokio::task::spawn_blocking(move || cmd.output())
+            .await?
+            .context("cannot run pg_ctl promote")?;
+        if !out.status.success() {
+            bail!(
+                "pg_ctl promote failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// The port number of its socket (and TCP port, when listening on TCP).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's process id while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.pid
+    }
+}
+
 impl Drop for EmbeddedPostgres {
     fn drop(&mut self) {
         if let Some(pid) = self.pid.take() {
@@ -424,6 +504,29 @@ pub fn find_bin_dir() -> anyhow::Result<PathBuf> {
     bail!(
         "no PostgreSQL server binaries found (looked for postgres and initdb on PATH, in `pg_config --bindir` and in /usr/lib/postgresql/*/bin). Install them (Debian/Ubuntu: `apt-get install postgresql`) or set DATABASE_URL to an existing PostgreSQL server"
     )
+}
+
+/// A server tool (`pg_ctl`, `pg_basebackup`): next to `postgres`, else in
+/// `/usr/lib/postgresql/*/bin` (newest first), else by name on PATH.
+fn client_tool(bin_dir: &Path, name: &str) -> PathBuf {
+    if bin_dir.join(name).is_file() {
+        return bin_dir.join(name);
+    }
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let major = e.file_name().to_str()?.parse::<u32>().ok()?;
+            Some((major, e.path().join("bin").join(name)))
+        })
+        .filter(|(_, p)| p.is_file())
+        .collect();
+    versions.sort_by_key(|v| std::cmp::Reverse(v.0));
+    versions
+        .into_iter()
+        .next()
+        .map_or_else(|| PathBuf::from(name), |(_, p)| p)
 }
 
 /// A port free on 127.0.0.1 right now (the server binds it moments later).

@@ -78,10 +78,20 @@ impl From<tokio_postgres::Error> for Error {
                 Reason::DatabaseOutOfResources,
                 "the database reached a configured resource limit; retry later".into(),
             ),
+            c if *c == SqlState::READ_ONLY_SQL_TRANSACTION => {
+                // The server stopped taking writes under us (a demoted
+                // primary, a standby behind the address after a failover):
+                // have every pooled connection checked before reuse, so
+                // those on that server are closed, not handed out again.
+                super::note_connection_error();
+                Error::Unavailable(
+                    Reason::DatabaseUnavailable,
+                    "the database does not accept writes right now (a failover in progress?); retry".into(),
+                )
+            }
             c if *c == SqlState::ADMIN_SHUTDOWN
                 || *c == SqlState::CRASH_SHUTDOWN
                 || *c == SqlState::CANNOT_CONNECT_NOW
-                || *c == SqlState::READ_ONLY_SQL_TRANSACTION
                 || c.code().starts_with("08") =>
             {
                 Error::Unavailable(

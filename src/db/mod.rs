@@ -7,6 +7,7 @@ mod error;
 pub mod migrate;
 pub mod notify;
 mod query;
+pub mod replica;
 pub mod tls;
 
 pub use query::Stmt;
@@ -42,6 +43,8 @@ pub struct Db {
     acquired: Arc<AtomicU64>,
     idle_timeout: Duration,
     max_lifetime: Duration,
+    /// Read endpoints the read RPCs may use (see [`replica`]).
+    replicas: Option<replica::Replicas>,
 }
 
 /// How long an idle pooled connection is kept by default before it is
@@ -180,7 +183,30 @@ impl Db {
     /// `max_lifetime` is closed instead of being handed out, and one idle
     /// for [`VERIFY_AFTER_IDLE`] is checked with an empty query first.
     pub fn with_settings(pg: impl Into<PgConfig>, settings: PoolSettings) -> anyhow::Result<Self> {
-        let pg = pg.into();
+        Self::build(pg.into(), settings, true)
+    }
+
+    /// A pool on a read endpoint (a standby): like [`Db::with_settings`],
+    /// except that a read-only server is what it expects.
+    pub fn read_only(pg: impl Into<PgConfig>, settings: PoolSettings) -> anyhow::Result<Self> {
+        Self::build(pg.into(), settings, false)
+    }
+
+    /// This pool, with read RPCs served by `replicas` when they can.
+    pub fn with_replicas(mut self, replicas: replica::Replicas) -> Self {
+        self.replicas = Some(replicas);
+        self
+    }
+
+    /// The read endpoints, when configured.
+    pub fn replicas(&self) -> Option<&replica::Replicas> {
+        self.replicas.as_ref()
+    }
+
+    /// `writable`: a pooled connection to a server that no longer accepts
+    /// writes (a demoted primary, a standby reached after a failover) is
+    /// closed at its check instead of being reused.
+    fn build(pg: PgConfig, settings: PoolSettings, writable: bool) -> anyhow::Result<Self> {
         let manager = Manager::from_config(
             pg.config().clone(),
             pg.tls().connector(),
@@ -198,7 +224,9 @@ impl Db {
             .create_timeout(Some(Duration::from_secs(5)))
             .recycle_timeout(Some(Duration::from_secs(5)))
             .pre_recycle(Hook::async_fn(move |client, metrics| {
-                Box::pin(async move { check_before_reuse(client, metrics, max_lifetime).await })
+                Box::pin(async move {
+                    check_before_reuse(client, metrics, max_lifetime, writable).await
+                })
             }))
             .build()?;
         Ok(Db {
@@ -209,6 +237,7 @@ impl Db {
             acquired: Arc::new(AtomicU64::new(0)),
             idle_timeout: settings.idle_timeout,
             max_lifetime,
+            replicas: None,
         })
     }
 
@@ -304,6 +333,9 @@ impl Db {
 
     pub fn close(&self) {
         self.pool.close();
+        if let Some(replicas) = &self.replicas {
+            replicas.close();
+        }
     }
 
     /// How many times calls took a pooled connection (see the field).
@@ -313,7 +345,20 @@ impl Db {
 
     /// A pooled connection for one call. The time spent waiting for it is the
     /// `db.pool.acquire` span.
+    /// A read RPC's connection may come from a read replica (see
+    /// [`replica`]).
     pub async fn conn(&self, call: &Call) -> Result<Conn> {
+        if let Some(replicas) = &self.replicas
+            && self.is_ready()
+            && let Some(conn) = replica::route(replicas, call).await
+        {
+            return Ok(conn);
+        }
+        self.conn_here(call).await
+    }
+
+    /// A connection of this pool itself (never a replica's).
+    pub(crate) async fn conn_here(&self, call: &Call) -> Result<Conn> {
         if !self.is_ready() {
             return Err(Error::Unavailable(
                 Reason::DatabaseUnavailable,
@@ -412,6 +457,7 @@ impl Conn {
     pub async fn begin(&mut self) -> Result<deadpool_postgres::Transaction<'_>> {
         let timeout = self.lowered_timeout;
         let object = self.object.as_mut().expect("object is present until drop");
+        replica::note_write();
         let tx = object.transaction().await?;
         set_local_timeout(&tx, timeout).await?;
         Ok(tx)
@@ -504,6 +550,7 @@ async fn check_before_reuse(
     client: &mut ClientWrapper,
     metrics: &Metrics,
     max_lifetime: Duration,
+    writable: bool,
 ) -> Result<(), HookError> {
     if metrics.age() >= max_lifetime {
         return Err(HookError::message(
@@ -518,7 +565,21 @@ async fn check_before_reuse(
     {
         return Ok(());
     }
-    match tokio::time::timeout(VERIFY_TIMEOUT, client.simple_query("")).await {
+    // On a primary pool the check also asks whether the server still takes
+    // writes (one round trip either way): after a failover the old
+    // primary's connections must not be reused even if it answers.
+    let check = if writable {
+        client.simple_query("SHOW transaction_read_only")
+    } else {
+        client.simple_query("")
+    };
+    match tokio::time::timeout(VERIFY_TIMEOUT, check).await {
+        Ok(Ok(messages)) if writable && read_only(&messages) => {
+            tracing::debug!("a pooled connection reaches a read-only server; replaced");
+            Err(HookError::message(
+                "the server no longer accepts writes (a failover?)",
+            ))
+        }
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "an idle pooled connection failed its check; replaced");
@@ -528,4 +589,12 @@ async fn check_before_reuse(
             "an idle pooled connection did not answer",
         )),
     }
+}
+
+/// Whether `SHOW transaction_read_only` answered `on`.
+fn read_only(messages: &[tokio_postgres::SimpleQueryMessage]) -> bool {
+    messages.iter().any(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0) == Some("on"),
+        _ => false,
+    })
 }

@@ -103,6 +103,10 @@ pub async fn serve(
         .layer(prescan::PrescanLayer {
             max_message_bytes: request_limit,
         })
+        .layer(crate::db::replica::ConsistencyLayer::new(
+            state.db.clone(),
+            request_limit,
+        ))
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             reporter,
         )))

@@ -40,6 +40,66 @@ struct Args {
     /// Only these workloads (get, create, list, batch, series, ingest); all by default.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Instead of starting a gateway and a PostgreSQL: stream
+    /// `--ingest-rows` rows through IngestDiscrepancies to the gateway at
+    /// this address (e.g. `http://127.0.0.1:50051`) from this process, into
+    /// `--session`, and print the rows per second (`scripts/ingest-vs-copy.sh`
+    /// compares them with a COPY of the same rows from a separate process).
+    #[arg(long, requires = "session")]
+    gateway: Option<String>,
+    /// The session the external ingest writes into (with `--gateway`).
+    #[arg(long)]
+    session: Option<String>,
+    /// Rows per IngestDiscrepancies message (with `--gateway`).
+    #[arg(long, default_value_t = 5000)]
+    chunk: usize,
+}
+
+/// `--gateway`: one IngestDiscrepancies stream of `rows` rows into
+/// `session`, from this process; prints `rows seconds rows/s`.
+async fn external_ingest(
+    gateway: &str,
+    session: &str,
+    rows: usize,
+    chunk: usize,
+) -> anyhow::Result<()> {
+    let channel = Endpoint::from_shared(gateway.to_owned())?.connect().await?;
+    // `VERDICT_KEY`: the API key to send, when the gateway requires one.
+    let auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+        match std::env::var("VERDICT_KEY") {
+            Ok(key) if !key.is_empty() => Some(format!("Bearer {key}").parse()?),
+            _ => None,
+        };
+    let mut client =
+        DiscrepancyServiceClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+            if let Some(value) = &auth {
+                req.metadata_mut().insert("authorization", value.clone());
+            }
+            Ok(req)
+        });
+    let session = session.to_owned();
+    let ingest_id = Uuid::new_v4().to_string();
+    let chunk = chunk.max(1);
+    let t = Instant::now();
+    let chunks = futures::stream::iter((0..rows.div_ceil(chunk)).map(move |i| {
+        IngestDiscrepanciesRequest {
+            ingest_id: ingest_id.clone(),
+            session_id: session.clone(),
+            sequence: i as i64 + 1,
+            items: (i * chunk..((i + 1) * chunk).min(rows))
+                .map(discrepancy)
+                .collect(),
+        }
+    }));
+    let reply = client.ingest_discrepancies(chunks).await?.into_inner();
+    let secs = t.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        reply.committed_items as usize == rows,
+        "the gateway committed {} of {rows} rows",
+        reply.committed_items
+    );
+    println!("{rows} {secs:.3} {:.0}", rows as f64 / secs);
+    Ok(())
 }
 
 /// What one side of a workload measured.
@@ -233,6 +293,9 @@ async fn direct_copy(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let (Some(gateway), Some(session)) = (&args.gateway, &args.session) {
+        return external_ingest(gateway, session, args.ingest_rows, args.chunk).await;
+    }
     let wants = |w: &str| args.only.is_empty() || args.only.iter().any(|o| o == w);
     let dir = std::env::temp_dir().join(format!("verdict-bench-{}", std::process::id()));
     let mut pg = EmbeddedPostgres::start(&dir).await?;

@@ -67,6 +67,8 @@ pub const READ_RPCS: &[&str] = &[
     "/verdict.v1.CoverageService/GetAggregateCoverage",
     "/verdict.v1.CoverageService/GetCoverageTrend",
     "/verdict.v1.CoverageService/CompareCoverage",
+    "/verdict.v1.TestRunService/GetTestRun",
+    "/verdict.v1.TestRunService/ListTestRuns",
 ];
 
 /// A WAL position: a byte offset in the write-ahead log.

@@ -94,6 +94,9 @@ pub async fn export_command(config: &Config, session_id: &str) -> anyhow::Result
         let db = command_db(config, pg).await?;
         let mut conn = db.conn(&call::Call::default()).await?;
         let snapshot = conn.begin_snapshot().await?;
+        let project = crate::projects::sql::id_of(&snapshot, crate::projects::DEFAULT_SLUG)
+            .await?
+            .ok_or_else(|| anyhow::anyhow!("the project `default` is missing"))?;
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(2);
         let writer = tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
             let stdout = std::io::stdout();
@@ -106,7 +109,9 @@ pub async fn export_command(config: &Config, session_id: &str) -> anyhow::Result
         });
         let mut sink = admin::export::JsonLines::new(tx);
         let produced =
-            match admin::export::run(&snapshot, id, config.max_message_bytes, &mut sink).await {
+            match admin::export::run(&snapshot, project, id, config.max_message_bytes, &mut sink)
+                .await
+            {
                 Ok(_) => {
                     sink.flush().await;
                     Ok(())

@@ -119,9 +119,11 @@ pub fn rows_per_fetch(budget: usize, largest_seen: usize) -> i64 {
 
 /// Reads the session's records in `c` (a snapshot transaction) and pushes
 /// them to `sink`, reading batches of about `budget` bytes. Stops early,
-/// without error, when the sink's reader is gone.
+/// without error, when the sink's reader is gone. `project` is the
+/// session's project (the call's).
 pub async fn run(
     c: &impl GenericClient,
+    project: Uuid,
     session_id: Uuid,
     budget: usize,
     sink: &mut impl Sink,
@@ -204,13 +206,13 @@ pub async fn run(
     );
     batches!(
         false,
-        |after, n| coverage::sql::reports_of_session(c, session_id, after, n),
+        |after, n| coverage::sql::reports_of_session(c, project, session_id, after, n),
         |r: &Report| r.id,
         Record::CoverageReport
     );
     batches!(
         false,
-        |after, n| coverage::sql::files_of_session(c, session_id, after, n),
+        |after, n| coverage::sql::files_of_session(c, project, session_id, after, n),
         |(report, path, _): &(Uuid, String, Counters)| (*report, path.clone()),
         |(report_id, path, counters)| Record::CoverageFile {
             report_id,

@@ -231,6 +231,7 @@ impl AdminService for AdminApi {
         let mut v = Validator::new();
         let session_id = v.uuid("session_id", &req.session_id);
         v.finish()?;
+        let project = call.project()?;
         self.audit_read(&call, &[session_id.to_string()]).await?;
         // Fail the call itself (not the stream) when there is no such session.
         {
@@ -253,7 +254,8 @@ impl AdminService for AdminApi {
                 let produced = async {
                     let mut conn = db.conn(&Call::default()).await?;
                     let snapshot = conn.begin_snapshot().await?;
-                    let stats = export::run(&snapshot, session_id, limit, &mut chunks).await?;
+                    let stats =
+                        export::run(&snapshot, project, session_id, limit, &mut chunks).await?;
                     snapshot.commit().await.map_err(Error::from)?;
                     Ok::<_, Error>(stats)
                 }

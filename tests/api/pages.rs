@@ -282,9 +282,16 @@ async fn export_of_large_results_and_many_small_rows_sends_each_record_once_in_b
         (records, largest)
     });
     let mut chunks = export::Chunks::new(&tx, LIMIT);
-    let stats = export::run(&snapshot, s.id.parse().unwrap(), LIMIT, &mut chunks)
-        .await
-        .expect("export runs");
+    let project = crate::helpers::default_project(&app).await;
+    let stats = export::run(
+        &snapshot,
+        project,
+        s.id.parse().unwrap(),
+        LIMIT,
+        &mut chunks,
+    )
+    .await
+    .expect("export runs");
     assert!(chunks.flush().await);
     drop(chunks);
     drop(tx);

@@ -18,6 +18,7 @@ mod metrics;
 mod pages;
 mod pg_tls;
 mod projects;
+mod projects_coverage_metrics;
 mod results;
 mod sequences;
 mod sessions;

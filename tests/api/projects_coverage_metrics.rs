@@ -773,3 +773,112 @@ async fn the_background_rollup_job_computes_every_project() {
     assert_eq!(rollups_in(&app, "team-a").await[0].sessions_total, want_a);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn concurrent_rollup_computations_of_two_projects_each_write_their_own_figures() {
+    let app = spawn_app().await;
+    let (a, b) = two_projects(&app).await;
+    plant_both(&app, a, b).await;
+    // Six calls at once, three per project, incremental and full mixed:
+    // the one advisory lock serialises them, and each writes its project.
+    let calls: Vec<_> = (0..6)
+        .map(|n| {
+            let app_slug = if n % 2 == 0 { "team-a" } else { "team-b" };
+            let mut m = app.metrics.clone();
+            tokio::spawn(async move {
+                m.compute_rollups(in_project(
+                    ComputeRollupsRequest {
+                        period: RollupPeriod::Day as i32,
+                        range: Some(TimeRange {
+                            start_time: Some(jan(10)),
+                            end_time: Some(jan(13)),
+                        }),
+                        full_recompute: n >= 4,
+                    },
+                    app_slug,
+                ))
+                .await
+                .map(|r| r.into_inner().period_starts.len())
+            })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().expect("compute rollups");
+    }
+    for (slug, project) in [("team-a", a), ("team-b", b)] {
+        let listed = rollups_in(&app, slug).await;
+        let stored = count(
+            &app,
+            "SELECT count(*) FROM metric_rollups WHERE project_id = $1 AND period = 'day'",
+            project,
+        )
+        .await;
+        assert_eq!(listed.len() as i64, stored, "{slug}");
+        assert_eq!(
+            listed[0].sessions_total,
+            first_day_sessions(&app, project).await,
+            "{slug}"
+        );
+    }
+    let elsewhere: i64 = app
+        .sql()
+        .await
+        .query_one(
+            "SELECT count(*) FROM metric_rollups WHERE project_id <> $1 AND project_id <> $2",
+            &[&a, &b],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(elsewhere, 0);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_key_bound_to_one_project_reads_and_writes_coverage_there_only() {
+    let (app, _keys) = spawn_auth_app().await;
+    let (a, b) = two_projects(&app).await;
+    let config = auth_config(&app.database_url);
+    let (_, a_key) = create_project_key(&config, "team a ci", "read,write", Some("team-a")).await;
+    let mut c = app.coverage.clone();
+    let mut req = report("eeeeeee5", "main", "", "ci-1");
+    req.totals = Some(lines(3, 4));
+
+    // Without the header the bound key records in its own project.
+    c.record_coverage(authed(req.clone(), &a_key))
+        .await
+        .unwrap();
+    // Naming another project, to record or to read: PROJECT_NOT_ALLOWED,
+    // and nothing is written there.
+    let err = c
+        .record_coverage(project(authed(req.clone(), &a_key), "team-b"))
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::PermissionDenied, "PROJECT_NOT_ALLOWED");
+    let err = c
+        .get_aggregate_coverage(project(
+            authed(GetAggregateCoverageRequest::default(), &a_key),
+            "team-b",
+        ))
+        .await
+        .unwrap_err();
+    assert_reason(&err, Code::PermissionDenied, "PROJECT_NOT_ALLOWED");
+    let agg = c
+        .get_aggregate_coverage(authed(GetAggregateCoverageRequest::default(), &a_key))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(agg.report_count, 1);
+    for (project, n) in [(a, 1), (b, 0)] {
+        assert_eq!(
+            count(
+                &app,
+                "SELECT count(*) FROM coverage_reports WHERE project_id = $1",
+                project
+            )
+            .await,
+            n
+        );
+    }
+    app.stop().await.unwrap();
+}

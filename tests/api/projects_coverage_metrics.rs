@@ -882,3 +882,111 @@ async fn a_key_bound_to_one_project_reads_and_writes_coverage_there_only() {
     }
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_key_held_in_one_project_never_holds_back_the_other_and_a_terminated_first_call_writes_nothing()
+ {
+    let app = spawn_app().await;
+    let (a, b) = two_projects(&app).await;
+    let mut req = report("fffffff6", "main", "", "ci-held");
+    req.files = vec![file("p.rs", lines(1, 2)), file("q.rs", lines(2, 2))];
+
+    // Another writer holds the key in A, uncommitted: A's call waits on it.
+    let mut blocker = app.sql().await;
+    let hold = blocker.transaction().await.unwrap();
+    hold.execute(
+        "INSERT INTO coverage_reports (project_id, id, commit_sha, branch, subsystem, client_key,
+             lines_covered, lines_total, branches_covered, branches_total, functions_covered,
+             functions_total)
+         VALUES ($1, gen_random_uuid(), 'fffffff6', 'main', '', 'ci-held', 0, 0, 0, 0, 0, 0)",
+        &[&a],
+    )
+    .await
+    .unwrap();
+    let first = tokio::spawn({
+        let mut c = app.coverage.clone();
+        let req = req.clone();
+        async move { c.record_coverage(in_project(req, "team-a")).await }
+    });
+    let observer = app.sql().await;
+    let waiting = async {
+        loop {
+            let n: i64 = observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE application_name = 'verdict' AND wait_event_type = 'Lock'
+                       AND query LIKE 'INSERT INTO coverage_reports%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n >= 1 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(30), waiting)
+        .await
+        .expect("A's call waits on the held key within 30 s");
+
+    // The same key in B is another report: recorded at once.
+    let in_b = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        app.coverage
+            .clone()
+            .record_coverage(in_project(req.clone(), "team-b")),
+    )
+    .await
+    .expect("B's call does not wait on A's key")
+    .unwrap()
+    .into_inner();
+    assert!(in_b.created);
+
+    // A's call loses its backend while waiting: it fails, writes nothing.
+    let killed: bool = observer
+        .query_one(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE application_name = 'verdict' AND wait_event_type = 'Lock'
+               AND query LIKE 'INSERT INTO coverage_reports%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    let first = first.await.unwrap();
+    assert_eq!(first.unwrap_err().code(), Code::Unavailable);
+    hold.rollback().await.unwrap();
+    assert_eq!(
+        count(
+            &app,
+            "SELECT count(*) FROM coverage_reports WHERE project_id = $1",
+            a
+        )
+        .await,
+        0
+    );
+
+    // The client's retry records A's report whole.
+    let retry = app
+        .coverage
+        .clone()
+        .record_coverage(in_project(req, "team-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retry.created);
+    assert_ne!(retry.report.as_ref().unwrap().id, in_b.report.unwrap().id);
+    for project in [a, b] {
+        let files = count(
+            &app,
+            "SELECT count(*) FROM coverage_files WHERE project_id = $1",
+            project,
+        )
+        .await;
+        assert_eq!(files, 2);
+    }
+    app.stop().await.unwrap();
+}

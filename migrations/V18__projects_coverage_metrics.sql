@@ -69,9 +69,13 @@ ALTER TABLE metric_points
 -- QueryTimeSeries reads one metric of one project over a time range.
 DROP INDEX metric_points_name_time_idx;
 CREATE INDEX metric_points_name_time_idx ON metric_points (project_id, name, recorded_at);
--- metric_points_labels_idx (GIN on labels) stays as it is: a GIN index
--- cannot lead with a uuid without the btree_gin extension, and the series
--- query is served by the index above (labels are checked on its rows).
+-- The GIN index on labels goes: it cannot lead with project_id (not without
+-- the btree_gin extension), so the planner ANDed it with the index above
+-- and a one-project query read every project's entries for the label
+-- (20 projects x 50,000 points: 262,500 entries, 56 ms for a one-day series
+-- with it, 18 ms without). Label filters are checked on the rows of one
+-- project, metric and range, which the index above finds.
+DROP INDEX metric_points_labels_idx;
 
 -- metric_rollups -----------------------------------------------------------
 

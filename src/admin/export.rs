@@ -219,13 +219,13 @@ pub async fn run(
     );
     batches!(
         false,
-        |after, n| coverage::sql::reports_of_session(c, session_id, after, n),
+        |after, n| coverage::sql::reports_of_session(c, project, session_id, after, n),
         |r: &Report| r.id,
         Record::CoverageReport
     );
     batches!(
         false,
-        |after, n| coverage::sql::files_of_session(c, session_id, after, n),
+        |after, n| coverage::sql::files_of_session(c, project, session_id, after, n),
         |(report, path, _): &(Uuid, String, Counters)| (*report, path.clone()),
         |(report_id, path, counters)| Record::CoverageFile {
             report_id,

@@ -591,13 +591,18 @@ async fn main() -> anyhow::Result<()> {
         // 1,000,000 points over 10 days, then 10-day queries in hourly buckets.
         direct[0]
             .batch_execute(
-                "INSERT INTO metric_points (name, value, unit, labels, recorded_at)
-                 SELECT 'latency', (i % 1000) / 10.0, 'ms', jsonb_build_object('host', 'h' || (i % 4)),
+                "INSERT INTO metric_points (project_id, name, value, unit, labels, recorded_at)
+                 SELECT (SELECT id FROM projects WHERE slug = 'default'), 'latency', (i % 1000) / 10.0, 'ms', jsonb_build_object('host', 'h' || (i % 4)),
                         TIMESTAMPTZ '2026-01-01' + (i * interval '864 milliseconds')
                  FROM generate_series(1, 1000000) i;
                  ANALYZE metric_points;",
             )
             .await?;
+        // The gateway's calls name no project: they read `default`.
+        let project: Uuid = direct[0]
+            .query_one("SELECT id FROM projects WHERE slug = 'default'", &[])
+            .await?
+            .get(0);
         let from = chrono::DateTime::parse_from_rfc3339("2026-01-01T00:00:00Z")?.to_utc();
         let to = from + chrono::Duration::days(10);
         let ts = |t: chrono::DateTime<chrono::Utc>| prost_types::Timestamp {
@@ -638,7 +643,10 @@ async fn main() -> anyhow::Result<()> {
                     let stmt = &stmts[0];
                     let labels = serde_json::json!({"host": "h1"});
                     let rows = client
-                        .query(stmt, &[&"latency", &from, &to, &3600.0f64, &labels])
+                        .query(
+                            stmt,
+                            &[&"latency", &from, &to, &3600.0f64, &labels, &project],
+                        )
                         .await
                         .expect("series");
                     assert_eq!(rows.len(), 240);

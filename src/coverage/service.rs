@@ -107,27 +107,31 @@ impl CoverageService for CoverageApi {
         request: Request<proto::RecordCoverageRequest>,
     ) -> RpcResult<proto::RecordCoverageResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let new = NewReport::try_from(req)?;
         let digest = digest::of("RecordCoverage", &new);
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
         // A replay is recognised first, even once the session stopped
         // accepting writes: it writes nothing.
-        let (report, created) = match sql::get_for_replay(&tx, &new).await? {
+        let (report, created) = match sql::get_for_replay(&tx, project, &new).await? {
             Some((stored, stored_digest)) => (replay(&new, &digest, stored, stored_digest)?, false),
             None => {
                 if let Some(session_id) = new.session_id {
-                    sessions::sql::lock_accepting(&tx, call.project()?, session_id).await?;
+                    // Another project's session is not found, whatever its
+                    // status.
+                    sessions::sql::lock_accepting(&tx, project, session_id).await?;
                 }
-                match sql::insert(&tx, Uuid::now_v7(), &new, &digest).await? {
+                match sql::insert(&tx, project, Uuid::now_v7(), &new, &digest).await? {
                     Some(report) => {
-                        sql::copy_files(&tx, &report, &new).await?;
+                        sql::copy_files(&tx, project, &report, &new).await?;
                         (report, true)
                     }
                     // A concurrent first call took the key and committed.
                     None => {
-                        let (stored, stored_digest) =
-                            sql::get_for_replay(&tx, &new).await?.ok_or_else(|| {
+                        let (stored, stored_digest) = sql::get_for_replay(&tx, project, &new)
+                            .await?
+                            .ok_or_else(|| {
                                 Error::Aborted(
                                     Reason::ConcurrentChange,
                                     "the report with this key was deleted concurrently; retry"
@@ -157,9 +161,10 @@ impl CoverageService for CoverageApi {
         request: Request<proto::GetAggregateCoverageRequest>,
     ) -> RpcResult<proto::GetAggregateCoverageResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let query = AggregateQuery::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let rows = sql::aggregate(conn.client().await?, &query).await?;
+        let rows = sql::aggregate(conn.client().await?, project, &query).await?;
         let mut out = proto::GetAggregateCoverageResponse {
             counters: Some(Counters::default().into()),
             percentages: Some(Counters::default().percentages()),
@@ -188,9 +193,10 @@ impl CoverageService for CoverageApi {
         request: Request<proto::GetCoverageTrendRequest>,
     ) -> RpcResult<proto::GetCoverageTrendResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let query = TrendQuery::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let buckets = sql::trend(conn.client().await?, &query).await?;
+        let buckets = sql::trend(conn.client().await?, project, &query).await?;
         Ok(Response::new(proto::GetCoverageTrendResponse {
             buckets: buckets
                 .into_iter()
@@ -210,18 +216,19 @@ impl CoverageService for CoverageApi {
         request: Request<proto::CompareCoverageRequest>,
     ) -> RpcResult<proto::CompareCoverageResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let q = CompareQuery::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
-        let base = sql::latest_of_commit(c, &q.base, &q.subsystem)
+        let base = sql::latest_of_commit(c, project, &q.base, &q.subsystem)
             .await?
             .ok_or_else(|| no_report("base", &q.base, &q.subsystem))?;
-        let head = sql::latest_of_commit(c, &q.head, &q.subsystem)
+        let head = sql::latest_of_commit(c, project, &q.head, &q.subsystem)
             .await?
             .ok_or_else(|| no_report("head", &q.head, &q.subsystem))?;
         let files_compared = base.file_count > 0 && head.file_count > 0;
         let (files, counts) = if files_compared {
-            sql::file_diff(c, base.id, head.id, q.max_files).await?
+            sql::file_diff(c, project, base.id, head.id, q.max_files).await?
         } else {
             (Vec::new(), sql::DiffCounts::default())
         };

@@ -63,20 +63,22 @@ const INSERT: Stmt = Stmt::new(
     "INSERT",
     "coverage_reports",
     concat!(
-        "INSERT INTO coverage_reports (id, commit_sha, branch, subsystem, session_id, client_key, \
-         lines_covered, lines_total, branches_covered, branches_total, functions_covered, \
-         functions_total, file_count, recorded_at, content_digest) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, COALESCE($14, now()), $15) \
-         ON CONFLICT (commit_sha, subsystem, client_key) DO NOTHING RETURNING ",
+        "INSERT INTO coverage_reports (project_id, id, commit_sha, branch, subsystem, session_id, \
+         client_key, lines_covered, lines_total, branches_covered, branches_total, \
+         functions_covered, functions_total, file_count, recorded_at, content_digest) \
+         VALUES ($16, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, COALESCE($14, now()), \
+                 $15) \
+         ON CONFLICT (project_id, commit_sha, subsystem, client_key) DO NOTHING RETURNING ",
         report_columns!()
     ),
 );
 
-/// Inserts a report's row unless its key is taken; `None` when it is.
-/// `digest` is the canonical digest of `r` (files included), kept to
-/// decide replays.
+/// Inserts a report's row in `project` unless its key is taken there;
+/// `None` when it is. `digest` is the canonical digest of `r` (files
+/// included), kept to decide replays.
 pub async fn insert(
     c: &impl GenericClient,
+    project: Uuid,
     id: Uuid,
     r: &NewReport,
     digest: &[u8],
@@ -101,6 +103,7 @@ pub async fn insert(
                 &(r.files.len() as i32),
                 &r.recorded_at,
                 &digest,
+                &project,
             ],
         )
         .await?)
@@ -109,11 +112,12 @@ pub async fn insert(
 const COPY_FILES: Stmt = Stmt::new(
     "COPY",
     "coverage_files",
-    "COPY coverage_files (report_id, session_id, path, lines_covered, lines_total, \
+    "COPY coverage_files (project_id, report_id, session_id, path, lines_covered, lines_total, \
      branches_covered, branches_total, functions_covered, functions_total) FROM STDIN BINARY",
 );
 
-const FILE_TYPES: [Type; 9] = [
+const FILE_TYPES: [Type; 10] = [
+    Type::UUID,
     Type::UUID,
     Type::UUID,
     Type::TEXT,
@@ -125,9 +129,10 @@ const FILE_TYPES: [Type; 9] = [
     Type::INT8,
 ];
 
-/// Writes the per-file rows of a new report with binary COPY.
+/// Writes the per-file rows of a new report of `project` with binary COPY.
 pub async fn copy_files(
     tx: &deadpool_postgres::Transaction<'_>,
+    project: Uuid,
     report: &Report,
     r: &NewReport,
 ) -> Result<u64> {
@@ -138,7 +143,8 @@ pub async fn copy_files(
             pin_mut!(writer);
             for f in &r.files {
                 let c = &f.counters;
-                let row: [&(dyn ToSql + Sync); 9] = [
+                let row: [&(dyn ToSql + Sync); 10] = [
+                    &project,
                     &report.id,
                     &report.session_id,
                     &f.path,
@@ -163,18 +169,19 @@ const BY_KEY: Stmt = Stmt::new(
         "SELECT ",
         report_columns!(),
         ", content_digest FROM coverage_reports \
-         WHERE commit_sha = $1 AND subsystem = $2 AND client_key = $3"
+         WHERE project_id = $1 AND commit_sha = $2 AND subsystem = $3 AND client_key = $4"
     ),
 );
 
-/// The report stored under an idempotency key and its content digest
-/// (`None` for a report recorded before V11), to decide a replay.
+/// The report stored under an idempotency key in `project` and its content
+/// digest (`None` for a report recorded before V11), to decide a replay.
 pub async fn get_for_replay(
     c: &impl GenericClient,
+    project: Uuid,
     r: &NewReport,
 ) -> Result<Option<(Report, Option<Vec<u8>>)>> {
     BY_KEY
-        .query_opt(c, &[&r.commit_sha, &r.subsystem, &r.client_key])
+        .query_opt(c, &[&project, &r.commit_sha, &r.subsystem, &r.client_key])
         .await?
         .map(|row| Ok((from_row(&row)?, row.try_get("content_digest")?)))
         .transpose()
@@ -186,19 +193,20 @@ const LATEST_OF_COMMIT: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         report_columns!(),
-        " FROM coverage_reports WHERE commit_sha = $1 AND subsystem = $2 \
+        " FROM coverage_reports WHERE project_id = $1 AND commit_sha = $2 AND subsystem = $3 \
          ORDER BY recorded_at DESC, id DESC LIMIT 1"
     ),
 );
 
-/// The latest report of a commit and subsystem.
+/// The latest report of a commit and subsystem in `project`.
 pub async fn latest_of_commit(
     c: &impl GenericClient,
+    project: Uuid,
     commit_sha: &str,
     subsystem: &str,
 ) -> Result<Option<Report>> {
     one(LATEST_OF_COMMIT
-        .query_opt(c, &[&commit_sha, &subsystem])
+        .query_opt(c, &[&project, &commit_sha, &subsystem])
         .await?)
 }
 
@@ -219,7 +227,8 @@ const AGGREGATE: Stmt = Stmt::new(
     "coverage_reports",
     "WITH matching AS ( \
          SELECT * FROM coverage_reports \
-         WHERE ($1::text IS NULL OR branch = $1) \
+         WHERE project_id = $6 \
+           AND ($1::text IS NULL OR branch = $1) \
            AND ($2::text IS NULL OR subsystem = $2) \
            AND ($3::timestamptz IS NULL OR recorded_at >= $3) \
            AND ($4::timestamptz IS NULL OR recorded_at < $4)), \
@@ -239,9 +248,13 @@ const AGGREGATE: Stmt = Stmt::new(
      ORDER BY GROUPING(subsystem) DESC, subsystem",
 );
 
-/// The pooled counters of every matching report (first, subsystem `None`),
-/// then per subsystem in subsystem order.
-pub async fn aggregate(c: &impl GenericClient, q: &AggregateQuery) -> Result<Vec<Pooled>> {
+/// The pooled counters of every matching report of `project` (first,
+/// subsystem `None`), then per subsystem in subsystem order.
+pub async fn aggregate(
+    c: &impl GenericClient,
+    project: Uuid,
+    q: &AggregateQuery,
+) -> Result<Vec<Pooled>> {
     AGGREGATE
         .query(
             c,
@@ -251,6 +264,7 @@ pub async fn aggregate(c: &impl GenericClient, q: &AggregateQuery) -> Result<Vec
                 &q.from,
                 &q.to,
                 &q.latest_per_subsystem,
+                &project,
             ],
         )
         .await?
@@ -293,7 +307,8 @@ const TREND: Stmt = Stmt::new(
                 r.functions_covered, r.functions_total \
          FROM buckets k JOIN coverage_reports r \
            ON r.recorded_at >= k.bucket_start AND r.recorded_at < k.bucket_end \
-         WHERE ($1::text IS NULL OR r.branch = $1) AND ($2::text IS NULL OR r.subsystem = $2) \
+         WHERE r.project_id = $7 \
+           AND ($1::text IS NULL OR r.branch = $1) AND ($2::text IS NULL OR r.subsystem = $2) \
          ORDER BY k.bucket_start, r.branch, r.subsystem, r.recorded_at DESC, r.id DESC) \
      SELECT k.bucket_start, k.bucket_end, count(l.bucket_start), \
             LEAST(COALESCE(sum(l.lines_covered), 0), 9223372036854775807)::int8, \
@@ -306,8 +321,9 @@ const TREND: Stmt = Stmt::new(
      GROUP BY k.bucket_start, k.bucket_end ORDER BY k.bucket_start",
 );
 
-/// Every bucket of a trend, oldest first, empty ones included.
-pub async fn trend(c: &impl GenericClient, q: &TrendQuery) -> Result<Vec<Bucket>> {
+/// Every bucket of a trend of `project`'s reports, oldest first, empty ones
+/// included.
+pub async fn trend(c: &impl GenericClient, project: Uuid, q: &TrendQuery) -> Result<Vec<Bucket>> {
     TREND
         .query(
             c,
@@ -318,6 +334,7 @@ pub async fn trend(c: &impl GenericClient, q: &TrendQuery) -> Result<Vec<Bucket>
                 &q.step_days,
                 &q.start,
                 &q.end,
+                &project,
             ],
         )
         .await?
@@ -361,8 +378,8 @@ pub struct DiffCounts {
 const FILE_DIFF: Stmt = Stmt::new(
     "SELECT",
     "coverage_files",
-    "WITH b AS (SELECT * FROM coverage_files WHERE report_id = $1), \
-          h AS (SELECT * FROM coverage_files WHERE report_id = $2), \
+    "WITH b AS (SELECT * FROM coverage_files WHERE project_id = $4 AND report_id = $1), \
+          h AS (SELECT * FROM coverage_files WHERE project_id = $4 AND report_id = $2), \
           diff AS ( \
          SELECT COALESCE(b.path, h.path) AS path, \
                 b.lines_covered AS b_lc, b.lines_total AS b_lt, b.branches_covered AS b_bc, \
@@ -382,15 +399,18 @@ const FILE_DIFF: Stmt = Stmt::new(
      FROM diff ORDER BY path LIMIT $3",
 );
 
-/// The files that differ between two reports, in path order (at most
-/// `limit`), and the counts over every differing file.
+/// The files that differ between two reports of `project`, in path order
+/// (at most `limit`), and the counts over every differing file.
 pub async fn file_diff(
     c: &impl GenericClient,
+    project: Uuid,
     base: Uuid,
     head: Uuid,
     limit: i64,
 ) -> Result<(Vec<FileDiff>, DiffCounts)> {
-    let rows = FILE_DIFF.query(c, &[&base, &head, &limit]).await?;
+    let rows = FILE_DIFF
+        .query(c, &[&base, &head, &limit, &project])
+        .await?;
     let counts = match rows.first() {
         Some(r) => DiffCounts {
             added: r.try_get(13)?,
@@ -426,20 +446,22 @@ const REPORTS_OF_SESSION: Stmt = Stmt::new(
     concat!(
         "SELECT ",
         report_columns!(),
-        " FROM coverage_reports WHERE session_id = $1 AND ($2::uuid IS NULL OR id > $2) \
-          ORDER BY id LIMIT $3"
+        " FROM coverage_reports WHERE project_id = $4 AND session_id = $1 \
+          AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3"
     ),
 );
 
-/// Coverage reports of a session in id order after `after`, for exports.
+/// Coverage reports of a session of `project` in id order after `after`,
+/// for exports.
 pub async fn reports_of_session(
     c: &impl GenericClient,
+    project: Uuid,
     session_id: Uuid,
     after: Option<Uuid>,
     limit: i64,
 ) -> Result<Vec<Report>> {
     REPORTS_OF_SESSION
-        .query(c, &[&session_id, &after, &limit])
+        .query(c, &[&session_id, &after, &limit, &project])
         .await?
         .iter()
         .map(from_row)
@@ -451,14 +473,17 @@ const FILES_OF_SESSION: Stmt = Stmt::new(
     "coverage_files",
     "SELECT f.report_id, f.path, f.lines_covered, f.lines_total, f.branches_covered, \
             f.branches_total, f.functions_covered, f.functions_total \
-     FROM coverage_files f JOIN coverage_reports r ON r.id = f.report_id \
-     WHERE r.session_id = $1 AND ($2::uuid IS NULL OR (f.report_id, f.path) > ($2, $3)) \
+     FROM coverage_files f \
+     JOIN coverage_reports r ON r.project_id = f.project_id AND r.id = f.report_id \
+     WHERE f.project_id = $5 AND r.project_id = $5 AND r.session_id = $1 AND ($2::uuid IS NULL OR (f.report_id, f.path) > ($2, $3)) \
      ORDER BY f.report_id, f.path LIMIT $4",
 );
 
-/// Per-file rows of a session's reports after a position, for exports.
+/// Per-file rows of the reports of a session of `project` after a
+/// position, for exports.
 pub async fn files_of_session(
     c: &impl GenericClient,
+    project: Uuid,
     session_id: Uuid,
     after: Option<(Uuid, String)>,
     limit: i64,
@@ -468,7 +493,10 @@ pub async fn files_of_session(
         None => (None, ""),
     };
     FILES_OF_SESSION
-        .query(c, &[&session_id, &after_report, &after_path, &limit])
+        .query(
+            c,
+            &[&session_id, &after_report, &after_path, &limit, &project],
+        )
         .await?
         .iter()
         .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, counters_at(r, 2)?)))

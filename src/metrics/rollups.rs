@@ -1,6 +1,7 @@
-//! Validation rollups: computed in SQL per period, upserted, incremental by
-//! a per-period-kind watermark, one computation at a time across replicas
-//! (a transaction-scoped advisory lock).
+//! Validation rollups: computed in SQL per project and period, upserted,
+//! incremental by a per-project, per-period-kind watermark, one computation
+//! at a time across replicas (a transaction-scoped advisory lock, one for
+//! every project).
 
 use super::RollupPeriod;
 use crate::call::Call;
@@ -11,6 +12,7 @@ use deadpool_postgres::GenericClient;
 use std::collections::BTreeSet;
 use std::time::Duration;
 use tracing::Instrument as _;
+use uuid::Uuid;
 
 /// Advisory lock key of rollup computation ("verdict" + 2).
 const ROLLUP_LOCK: i64 = 0x7665_7264_6963_7402;
@@ -50,24 +52,26 @@ const PERIODS_IN_RANGE: Stmt = Stmt::new(
 const WATERMARK: Stmt = Stmt::new(
     "SELECT",
     "rollup_watermarks",
-    "SELECT computed_to FROM rollup_watermarks WHERE period = $1",
+    "SELECT computed_to FROM rollup_watermarks WHERE project_id = $2 AND period = $1",
 );
 
 const TOUCHED: Stmt = Stmt::new(
     "SELECT",
     "sessions",
     "SELECT DISTINCT date_trunc($1, t) FROM ( \
-         SELECT created_at AS t FROM sessions WHERE updated_at >= $2 \
-         UNION ALL SELECT created_at FROM results WHERE created_at >= $2 \
-         UNION ALL SELECT created_at FROM discrepancies WHERE created_at >= $2 \
-         UNION ALL SELECT started_at FROM test_executions WHERE created_at >= $2) touched",
+         SELECT created_at AS t FROM sessions WHERE project_id = $3 AND updated_at >= $2 \
+         UNION ALL SELECT created_at FROM results WHERE project_id = $3 AND created_at >= $2 \
+         UNION ALL SELECT created_at FROM discrepancies \
+                   WHERE project_id = $3 AND created_at >= $2 \
+         UNION ALL SELECT started_at FROM test_executions \
+                   WHERE project_id = $3 AND created_at >= $2) touched",
 );
 
 const ADVANCE: Stmt = Stmt::new(
     "INSERT",
     "rollup_watermarks",
-    "INSERT INTO rollup_watermarks (period, computed_to) VALUES ($1, now()) \
-     ON CONFLICT (period) DO UPDATE SET computed_to = EXCLUDED.computed_to",
+    "INSERT INTO rollup_watermarks (project_id, period, computed_to) VALUES ($2, $1, now()) \
+     ON CONFLICT (project_id, period) DO UPDATE SET computed_to = EXCLUDED.computed_to",
 );
 
 const COMPUTE: Stmt = Stmt::new(
@@ -85,13 +89,13 @@ const COMPUTE: Stmt = Stmt::new(
                 count(x.id) FILTER (WHERE x.status = 'cancelled') AS cancelled, \
                 avg(EXTRACT(EPOCH FROM (x.completed_at - x.started_at)) * 1000)::float8 AS duration_ms \
          FROM bounds b LEFT JOIN sessions x \
-           ON x.created_at >= b.period_start AND x.created_at < b.period_end \
+           ON x.project_id = $4 AND x.created_at >= b.period_start AND x.created_at < b.period_end \
          GROUP BY b.period_start), \
      re AS ( \
          SELECT b.period_start, avg(r.fidelity_score) AS avg_fidelity, \
                 percentile_cont(0.95) WITHIN GROUP (ORDER BY r.fidelity_score) AS p95_fidelity \
          FROM bounds b LEFT JOIN results r \
-           ON r.created_at >= b.period_start AND r.created_at < b.period_end \
+           ON r.project_id = $4 AND r.created_at >= b.period_start AND r.created_at < b.period_end \
          GROUP BY b.period_start), \
      di AS ( \
          SELECT b.period_start, \
@@ -101,34 +105,34 @@ const COMPUTE: Stmt = Stmt::new(
                 count(d.id) FILTER (WHERE d.severity = 4) AS low, \
                 count(d.id) FILTER (WHERE d.severity = 5) AS info \
          FROM bounds b LEFT JOIN discrepancies d \
-           ON d.created_at >= b.period_start AND d.created_at < b.period_end \
+           ON d.project_id = $4 AND d.created_at >= b.period_start AND d.created_at < b.period_end \
          GROUP BY b.period_start), \
      ex AS ( \
          SELECT b.period_start, count(e.id) AS executions, \
                 count(e.id) FILTER (WHERE e.status = 'passed') AS passed, \
                 count(e.id) FILTER (WHERE e.status IN ('failed', 'error')) AS failed_or_error \
          FROM bounds b LEFT JOIN test_executions e \
-           ON e.started_at >= b.period_start AND e.started_at < b.period_end \
+           ON e.project_id = $4 AND e.started_at >= b.period_start AND e.started_at < b.period_end \
          GROUP BY b.period_start), \
      tp AS ( \
          SELECT period_start, jsonb_object_agg(pair, n) AS pairs FROM ( \
              SELECT b.period_start, x.source_technology || '->' || x.target_technology AS pair, count(*) AS n \
              FROM bounds b JOIN sessions x \
-               ON x.created_at >= b.period_start AND x.created_at < b.period_end \
+               ON x.project_id = $4 AND x.created_at >= b.period_start AND x.created_at < b.period_end \
              GROUP BY 1, 2) per_pair \
          GROUP BY period_start) \
-     INSERT INTO metric_rollups (period, period_start, sessions_total, sessions_pending, \
+     INSERT INTO metric_rollups (project_id, period, period_start, sessions_total, sessions_pending, \
          sessions_processing, sessions_completed, sessions_failed, sessions_cancelled, \
          avg_fidelity, p95_fidelity, discrepancies_critical, discrepancies_high, \
          discrepancies_medium, discrepancies_low, discrepancies_info, avg_session_duration_ms, \
          test_executions, test_passed, test_failed_or_error, technology_pairs, computed_at) \
-     SELECT $1, se.period_start, se.total, se.pending, se.processing, se.completed, se.failed, \
+     SELECT $4, $1, se.period_start, se.total, se.pending, se.processing, se.completed, se.failed, \
             se.cancelled, re.avg_fidelity, re.p95_fidelity, di.critical, di.high, di.medium, \
             di.low, di.info, se.duration_ms, ex.executions, ex.passed, ex.failed_or_error, \
             COALESCE(tp.pairs, '{}'::jsonb), now() \
      FROM se JOIN re USING (period_start) JOIN di USING (period_start) JOIN ex USING (period_start) \
           LEFT JOIN tp USING (period_start) \
-     ON CONFLICT (period, period_start) DO UPDATE SET \
+     ON CONFLICT (project_id, period, period_start) DO UPDATE SET \
          sessions_total = EXCLUDED.sessions_total, sessions_pending = EXCLUDED.sessions_pending, \
          sessions_processing = EXCLUDED.sessions_processing, \
          sessions_completed = EXCLUDED.sessions_completed, sessions_failed = EXCLUDED.sessions_failed, \
@@ -149,12 +153,14 @@ pub enum Locking {
     SkipIfBusy,
 }
 
-/// Computes the rollups of `period` for the periods overlapping
-/// [from, to): every one with `full`, else those touched since the last
-/// computation. Returns the starts computed, or `None` when skipped because
-/// another replica holds the lock.
+/// Computes `project`'s rollups of `period` for the periods overlapping
+/// [from, to): every one with `full`, else those touched since the
+/// project's last computation. Only the project's sessions, results,
+/// discrepancies and executions count. Returns the starts computed, or
+/// `None` when skipped because another replica holds the lock.
 pub async fn compute(
     c: &impl GenericClient,
+    project: Uuid,
     period: RollupPeriod,
     from: DateTime<Utc>,
     to: DateTime<Utc>,
@@ -178,12 +184,15 @@ pub async fn compute(
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()?;
-    let since = match WATERMARK.query_opt(c, &[&period.as_str()]).await? {
+    let since = match WATERMARK
+        .query_opt(c, &[&period.as_str(), &project])
+        .await?
+    {
         Some(row) => row.try_get::<_, DateTime<Utc>>(0)? - Span::minutes(OVERLAP_MINUTES),
         None => DateTime::<Utc>::from_timestamp(-62_135_596_800, 0).expect("year 1 is valid"),
     };
     let touched: BTreeSet<DateTime<Utc>> = TOUCHED
-        .query(c, &[&period.as_str(), &since])
+        .query(c, &[&period.as_str(), &since, &project])
         .await?
         .iter()
         .map(|r| r.try_get(0))
@@ -195,19 +204,31 @@ pub async fn compute(
     };
     if !targets.is_empty() {
         COMPUTE
-            .execute(c, &[&period.as_str(), &targets, &period.step()])
+            .execute(c, &[&period.as_str(), &targets, &period.step(), &project])
             .await?;
     }
     // The watermark only moves when nothing touched was left out, so a
     // narrow range never hides changes outside it from a later run.
     if touched.is_subset(&in_range) {
-        ADVANCE.execute(c, &[&period.as_str()]).await?;
+        ADVANCE.execute(c, &[&period.as_str(), &project]).await?;
     }
     Ok(Some(targets))
 }
 
-/// Recomputes touched rollups of every period kind every `interval`, for
-/// the last 400 days; one replica at a time.
+const PROJECTS: Stmt = Stmt::new("SELECT", "projects", "SELECT id FROM projects ORDER BY id");
+
+/// Every project's id, in a stable order.
+async fn projects(c: &impl GenericClient) -> Result<Vec<Uuid>> {
+    PROJECTS
+        .query(c, &[])
+        .await?
+        .iter()
+        .map(|r| Ok(r.try_get(0)?))
+        .collect()
+}
+
+/// Recomputes touched rollups of every project and period kind every
+/// `interval`, for the last 400 days; one replica at a time.
 pub async fn run_periodically(db: Db, interval: Duration) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -227,18 +248,54 @@ pub async fn run_periodically(db: Db, interval: Duration) {
     }
 }
 
-/// One periodic run: every period kind, each in its own transaction.
+/// What a periodic run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunOutcome {
+    Ok,
+    /// Another replica was computing: this run stopped (that one covers
+    /// every project).
+    Skipped,
+    Error,
+}
+
+/// One periodic run: every project and period kind, each in its own
+/// transaction (one project's failure does not hold back the others).
 async fn run_once(db: &Db) {
     let started = std::time::Instant::now();
-    let mut outcome = "ok";
-    {
-        let now = Utc::now();
+    let outcome = run_all(db).await;
+    let outcome = match outcome {
+        RunOutcome::Ok => "ok",
+        RunOutcome::Skipped => "skipped",
+        RunOutcome::Error => "error",
+    };
+    crate::observability::job_run("rollup", outcome, started.elapsed());
+}
+
+async fn run_all(db: &Db) -> RunOutcome {
+    let listed = async {
+        let mut conn = db.conn(&Call::command_line("job:rollup")).await?;
+        projects(conn.client().await?).await
+    }
+    .await;
+    let ids = match listed {
+        Ok(ids) => ids,
+        Err(e) => {
+            tracing::Span::current().record("otel.status_code", "ERROR");
+            tracing::warn!(error = %e, "periodic rollup computation failed to list projects");
+            return RunOutcome::Error;
+        }
+    };
+    let now = Utc::now();
+    let mut outcome = RunOutcome::Ok;
+    for project in ids {
+        let call = Call::command_line("job:rollup").in_project(project);
         for period in RollupPeriod::ALL {
             let done = async {
-                let mut conn = db.conn(&Call::default()).await?;
+                let mut conn = db.conn(&call).await?;
                 let tx = conn.begin().await?;
                 let computed = compute(
                     &tx,
+                    project,
                     *period,
                     now - Span::days(400),
                     now + Span::days(1),
@@ -253,22 +310,25 @@ async fn run_once(db: &Db) {
             match done {
                 Ok(Some(starts)) => {
                     tracing::debug!(
+                        %project,
                         period = period.as_str(),
                         periods = starts.len(),
                         "rollups computed"
                     )
                 }
                 Ok(None) => {
-                    outcome = "skipped";
-                    tracing::debug!("another replica is computing rollups")
+                    tracing::debug!("another replica is computing rollups");
+                    return RunOutcome::Skipped;
                 }
+                // A project deleted meanwhile fails its upsert (foreign
+                // key); the others go on.
                 Err(e) => {
-                    outcome = "error";
+                    outcome = RunOutcome::Error;
                     tracing::Span::current().record("otel.status_code", "ERROR");
-                    tracing::warn!(error = %e, "periodic rollup computation failed")
+                    tracing::warn!(%project, error = %e, "periodic rollup computation failed")
                 }
             }
         }
     }
-    crate::observability::job_run("rollup", outcome, started.elapsed());
+    outcome
 }

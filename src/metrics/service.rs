@@ -49,6 +49,7 @@ impl MetricsService for MetricsApi {
         request: Request<proto::RecordMetricPointsRequest>,
     ) -> RpcResult<proto::RecordMetricPointsResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let mut v = Validator::new();
         let batch_id = v.required_text("batch_id", &req.batch_id, crate::sessions::MAX_REQUEST_ID);
         let points = validate_points(&mut v, req.points);
@@ -69,7 +70,7 @@ impl MetricsService for MetricsApi {
         let (recorded, replayed) = match claim {
             Claim::Replay { item_count } => (i64::from(item_count), true),
             Claim::New => {
-                let written = sql::insert_points(&tx, &points).await?;
+                let written = sql::insert_points(&tx, project, &points).await?;
                 crate::observability::ingest_rows("metric_points", written);
                 (written as i64, false)
             }
@@ -92,9 +93,10 @@ impl MetricsService for MetricsApi {
         request: Request<proto::QueryTimeSeriesRequest>,
     ) -> RpcResult<proto::QueryTimeSeriesResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let query = SeriesQuery::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let rows = sql::series(conn.client().await?, &query).await?;
+        let rows = sql::series(conn.client().await?, project, &query).await?;
         Ok(Response::new(proto::QueryTimeSeriesResponse {
             buckets: rows
                 .into_iter()
@@ -118,6 +120,7 @@ impl MetricsService for MetricsApi {
         request: Request<proto::ComputeRollupsRequest>,
     ) -> RpcResult<proto::ComputeRollupsResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let mut v = Validator::new();
         let period = required_period(&mut v, req.period);
         let (from, to) = v.time_range("range", req.range.as_ref());
@@ -128,9 +131,17 @@ impl MetricsService for MetricsApi {
         let (from, to) = (from.expect("validated"), to.expect("validated"));
         let mut conn = self.state.db.conn(&call).await?;
         let tx = conn.begin().await?;
-        let starts = rollups::compute(&tx, period, from, to, req.full_recompute, Locking::Wait)
-            .await?
-            .unwrap_or_default();
+        let starts = rollups::compute(
+            &tx,
+            project,
+            period,
+            from,
+            to,
+            req.full_recompute,
+            Locking::Wait,
+        )
+        .await?
+        .unwrap_or_default();
         audit::record(&tx, &call, &[period.as_str().to_owned()], Outcome::Updated).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::ComputeRollupsResponse {
@@ -143,6 +154,7 @@ impl MetricsService for MetricsApi {
         request: Request<proto::ListRollupsRequest>,
     ) -> RpcResult<proto::ListRollupsResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let mut v = Validator::new();
         let period = required_period(&mut v, req.period);
         let (from, to) = v.time_range("range", req.range.as_ref());
@@ -152,8 +164,16 @@ impl MetricsService for MetricsApi {
         let after: Option<DateTime<Utc>> =
             pagination::decode("page_token", &req.page_token, &fingerprint)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let rows =
-            sql::list_rollups(conn.client().await?, period, from, to, after, page_size + 1).await?;
+        let rows = sql::list_rollups(
+            conn.client().await?,
+            project,
+            period,
+            from,
+            to,
+            after,
+            page_size + 1,
+        )
+        .await?;
         let rollups = rows
             .iter()
             .map(|r| to_proto(period, &r.0))
@@ -181,11 +201,12 @@ impl MetricsService for MetricsApi {
         request: Request<proto::GetTechnologyUsageRequest>,
     ) -> RpcResult<proto::GetTechnologyUsageResponse> {
         let (call, req) = rpc::split(request);
+        let project = call.project()?;
         let mut v = Validator::new();
         let (from, to) = v.time_range("range", req.range.as_ref());
         v.finish()?;
         let mut conn = self.state.db.conn(&call).await?;
-        let rows = sql::technology_usage(conn.client().await?, from, to).await?;
+        let rows = sql::technology_usage(conn.client().await?, project, from, to).await?;
         Ok(Response::new(proto::GetTechnologyUsageResponse {
             pairs: rows
                 .into_iter()

@@ -6,23 +6,26 @@ use crate::error::Result;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
+use uuid::Uuid;
 
 const INSERT_POINTS: Stmt = Stmt::new(
     "INSERT",
     "metric_points",
-    "INSERT INTO metric_points (name, value, unit, labels, recorded_at) \
-     SELECT * FROM UNNEST($1::text[], $2::float8[], $3::text[], $4::jsonb[], $5::timestamptz[])",
+    "INSERT INTO metric_points (project_id, name, value, unit, labels, recorded_at) \
+     SELECT $6::uuid, * \
+     FROM UNNEST($1::text[], $2::float8[], $3::text[], $4::jsonb[], $5::timestamptz[])",
 );
 
-/// Stores points with one statement (arrays unnested server-side).
-pub async fn insert_points(c: &impl GenericClient, points: &[Point]) -> Result<u64> {
+/// Stores points of `project` with one statement (arrays unnested
+/// server-side).
+pub async fn insert_points(c: &impl GenericClient, project: Uuid, points: &[Point]) -> Result<u64> {
     let names: Vec<&str> = points.iter().map(|p| p.name.as_str()).collect();
     let values: Vec<f64> = points.iter().map(|p| p.value).collect();
     let units: Vec<&str> = points.iter().map(|p| p.unit.as_str()).collect();
     let labels: Vec<&serde_json::Value> = points.iter().map(|p| &p.labels).collect();
     let times: Vec<DateTime<Utc>> = points.iter().map(|p| p.recorded_at).collect();
     INSERT_POINTS
-        .execute(c, &[&names, &values, &units, &labels, &times])
+        .execute(c, &[&names, &values, &units, &labels, &times, &project])
         .await
 }
 
@@ -72,7 +75,8 @@ pub const SERIES_FIXED: Stmt = Stmt::new(
          points AS ( \
              SELECT date_bin(($4::float8 * interval '1 second'), recorded_at, 'epoch'::timestamptz) AS bucket_start, value \
              FROM metric_points \
-             WHERE name = $1 AND recorded_at >= $2 AND recorded_at < $3 AND labels @> $5) ",
+             WHERE project_id = $6 AND name = $1 AND recorded_at >= $2 AND recorded_at < $3 \
+               AND labels @> $5) ",
         aggregates!()
     ),
 );
@@ -87,23 +91,29 @@ const SERIES_MONTH: Stmt = Stmt::new(
          points AS ( \
              SELECT date_trunc('month', recorded_at) AS bucket_start, value \
              FROM metric_points \
-             WHERE name = $1 AND recorded_at >= $2 AND recorded_at < $3 AND labels @> $4) ",
+             WHERE project_id = $5 AND name = $1 AND recorded_at >= $2 AND recorded_at < $3 \
+               AND labels @> $4) ",
         aggregates!()
     ),
 );
 
-/// Every bucket of the range with its aggregates (sessions run in UTC).
-pub async fn series(c: &impl GenericClient, q: &SeriesQuery) -> Result<Vec<BucketRow>> {
+/// Every bucket of the range with the aggregates of `project`'s points
+/// (sessions run in UTC).
+pub async fn series(
+    c: &impl GenericClient,
+    project: Uuid,
+    q: &SeriesQuery,
+) -> Result<Vec<BucketRow>> {
     let rows = match q.buckets {
         Buckets::Fixed(width) => {
             let width = width.as_secs_f64();
             SERIES_FIXED
-                .query(c, &[&q.name, &q.from, &q.to, &width, &q.labels])
+                .query(c, &[&q.name, &q.from, &q.to, &width, &q.labels, &project])
                 .await?
         }
         Buckets::Month => {
             SERIES_MONTH
-                .query(c, &[&q.name, &q.from, &q.to, &q.labels])
+                .query(c, &[&q.name, &q.from, &q.to, &q.labels, &project])
                 .await?
         }
     };
@@ -140,17 +150,19 @@ const USAGE: Stmt = Stmt::new(
             count(*) FILTER (WHERE status = 'completed'), \
             count(*) FILTER (WHERE status IN ('completed', 'failed', 'cancelled')) \
      FROM sessions \
-     WHERE ($1::timestamptz IS NULL OR created_at >= $1) AND ($2::timestamptz IS NULL OR created_at < $2) \
+     WHERE project_id = $3 AND ($1::timestamptz IS NULL OR created_at >= $1) AND ($2::timestamptz IS NULL OR created_at < $2) \
      GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
 );
 
+/// Sessions of `project` per technology pair, created within [from, to).
 pub async fn technology_usage(
     c: &impl GenericClient,
+    project: Uuid,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
 ) -> Result<Vec<UsageRow>> {
     USAGE
-        .query(c, &[&from, &to])
+        .query(c, &[&from, &to, &project])
         .await?
         .iter()
         .map(|r| {
@@ -172,16 +184,18 @@ const LIST_ROLLUPS: Stmt = Stmt::new(
     "SELECT",
     "metric_rollups",
     "SELECT * FROM metric_rollups \
-     WHERE period = $1 \
+     WHERE project_id = $6 AND period = $1 \
        AND ($2::timestamptz IS NULL OR period_start >= $2) \
        AND ($3::timestamptz IS NULL OR period_start < $3) \
        AND ($4::timestamptz IS NULL OR period_start > $4) \
      ORDER BY period_start LIMIT $5",
 );
 
-/// A page of rollups, oldest first, plus one extra row when more follow.
+/// A page of `project`'s rollups, oldest first, plus one extra row when
+/// more follow.
 pub async fn list_rollups(
     c: &impl GenericClient,
+    project: Uuid,
     period: RollupPeriod,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
@@ -189,7 +203,7 @@ pub async fn list_rollups(
     limit: i64,
 ) -> Result<Vec<RollupRow>> {
     Ok(LIST_ROLLUPS
-        .query(c, &[&period.as_str(), &from, &to, &after, &limit])
+        .query(c, &[&period.as_str(), &from, &to, &after, &limit, &project])
         .await?
         .into_iter()
         .map(RollupRow)

@@ -195,9 +195,11 @@ async fn coverage_sums_beyond_int64_saturate_instead_of_failing() {
     let sql = app.sql().await;
     for (i, key) in ["x", "y", "z"].iter().enumerate() {
         sql.execute(
-            "INSERT INTO coverage_reports (id, commit_sha, branch, client_key, lines_covered, \
-             lines_total, branches_covered, branches_total, functions_covered, functions_total) \
-             VALUES ($1, 'abcdef1', 'main', $2, $3, $3, 0, 0, 0, 0)",
+            "INSERT INTO coverage_reports (project_id, id, commit_sha, branch, client_key, \
+             lines_covered, lines_total, branches_covered, branches_total, functions_covered, \
+             functions_total) \
+             VALUES ((SELECT id FROM projects WHERE slug = 'default'), $1, 'abcdef1', 'main', $2, \
+                     $3, $3, 0, 0, 0, 0)",
             &[&uuid::Uuid::new_v4(), key, &(i64::MAX - i as i64)],
         )
         .await
@@ -641,8 +643,8 @@ async fn time_series_over_stored_extreme_values_answer_instead_of_failing() {
     let t0 = verdict::convert::from_timestamp(&at(1).unwrap()).unwrap();
     for v in [1e308, 1.7e308, -1e308, 1.7e308] {
         sql.execute(
-            "INSERT INTO metric_points (name, value, unit, labels, recorded_at) \
-             VALUES ('legacy', $1, '', '{}', $2)",
+            "INSERT INTO metric_points (project_id, name, value, unit, labels, recorded_at) \
+             VALUES ((SELECT id FROM projects WHERE slug = 'default'), 'legacy', $1, '', '{}', $2)",
             &[&v, &t0],
         )
         .await

@@ -15,7 +15,7 @@ use verdict::proto::{
 const HOUR: i64 = 3600;
 const DAY: i64 = 24 * HOUR;
 
-fn counters(l: (i64, i64), b: (i64, i64), f: (i64, i64)) -> CoverageCounters {
+pub(crate) fn counters(l: (i64, i64), b: (i64, i64), f: (i64, i64)) -> CoverageCounters {
     CoverageCounters {
         lines_covered: l.0,
         lines_total: l.1,
@@ -26,18 +26,23 @@ fn counters(l: (i64, i64), b: (i64, i64), f: (i64, i64)) -> CoverageCounters {
     }
 }
 
-fn lines(covered: i64, total: i64) -> CoverageCounters {
+pub(crate) fn lines(covered: i64, total: i64) -> CoverageCounters {
     counters((covered, total), (0, 0), (0, 0))
 }
 
-fn file(path: &str, c: CoverageCounters) -> FileCoverage {
+pub(crate) fn file(path: &str, c: CoverageCounters) -> FileCoverage {
     FileCoverage {
         path: path.into(),
         counters: Some(c),
     }
 }
 
-fn report(commit: &str, branch: &str, subsystem: &str, key: &str) -> RecordCoverageRequest {
+pub(crate) fn report(
+    commit: &str,
+    branch: &str,
+    subsystem: &str,
+    key: &str,
+) -> RecordCoverageRequest {
     RecordCoverageRequest {
         commit_sha: commit.into(),
         branch: branch.into(),

@@ -23,6 +23,7 @@ mod projects_discrepancies;
 mod projects_migration;
 mod projects_sessions;
 mod projects_test_cases;
+mod projects_coverage_metrics;
 mod results;
 mod sequences;
 mod sessions;

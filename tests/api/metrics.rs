@@ -1,7 +1,7 @@
 //! MetricsService: time series against SQL computed in the test, rollups
 //! against hand-computed expectations.
 
-use crate::helpers::{TestApp, spawn_app, violated_fields};
+use crate::helpers::{TestApp, default_project, spawn_app, violated_fields};
 use prost_types::{Duration as PbDuration, Timestamp};
 use std::collections::HashMap;
 use verdict::proto::{
@@ -194,41 +194,48 @@ async fn time_series_buckets_match_sql_and_include_empty_buckets() {
     assert_eq!(violated_fields(&err), ["range"]);
 }
 
-/// Two days of sessions, results and discrepancies with known figures.
+/// Two days of sessions, results and discrepancies with known figures, in
+/// the project `default`.
 async fn plant_two_days(app: &TestApp) {
-    app.sql()
-        .await
-        .batch_execute(
-            "INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope,
-                                   status, created_at, started_at, completed_at) VALUES
-             ('00000000-0000-0000-0000-000000000001', 's1', 'cobol', 'java', 'full', 'completed',
+    let project = default_project(app).await;
+    plant_two_days_in(app, project, 0).await;
+}
+
+/// The same two days in `project`: the same figures and technologies in
+/// every project; `tag` (0..=9) keeps the row ids, request ids and keys
+/// apart.
+pub async fn plant_two_days_in(app: &TestApp, project: uuid::Uuid, tag: u8) {
+    assert!(tag <= 9);
+    let sql = "INSERT INTO sessions (project_id, id, request_id, source_technology, target_technology,
+                                   validation_scope, status, created_at, started_at, completed_at) VALUES
+             ('{P}', '00000000-0000-0000-000{N}-000000000001', 's1-{N}', 'cobol', 'java', 'full', 'completed',
               '2026-01-10 09:00Z', '2026-01-10 10:00:00Z', '2026-01-10 10:00:02Z'),
-             ('00000000-0000-0000-0000-000000000002', 's2', 'cobol', 'java', 'full', 'failed',
+             ('{P}', '00000000-0000-0000-000{N}-000000000002', 's2-{N}', 'cobol', 'java', 'full', 'failed',
               '2026-01-10 09:30Z', '2026-01-10 11:00:00Z', '2026-01-10 11:00:04Z'),
-             ('00000000-0000-0000-0000-000000000003', 's3', 'pl1', 'java', 'full', 'pending',
+             ('{P}', '00000000-0000-0000-000{N}-000000000003', 's3-{N}', 'pl1', 'java', 'full', 'pending',
               '2026-01-10 23:59Z', NULL, NULL),
-             ('00000000-0000-0000-0000-000000000004', 's4', 'cobol', 'java', 'full', 'completed',
+             ('{P}', '00000000-0000-0000-000{N}-000000000004', 's4-{N}', 'cobol', 'java', 'full', 'completed',
               '2026-01-11 08:00Z', '2026-01-11 08:00:00Z', '2026-01-11 08:00:01Z');
-             INSERT INTO results (session_id, id, request_id, result_type, overall_status, fidelity_score, created_at) VALUES
-             ('00000000-0000-0000-0000-000000000001', gen_random_uuid(), 'r1', 'static', 'passed', 0.8, '2026-01-10 12:00Z'),
-             ('00000000-0000-0000-0000-000000000001', gen_random_uuid(), 'r2', 'static', 'passed', 1.0, '2026-01-10 13:00Z'),
-             ('00000000-0000-0000-0000-000000000004', gen_random_uuid(), 'r3', 'static', 'failed', 0.5, '2026-01-11 12:00Z');
-             INSERT INTO discrepancies (session_id, id, kind, severity, description, confidence, fingerprint, created_at) VALUES
-             ('00000000-0000-0000-0000-000000000001', gen_random_uuid(), 'k', 1, 'd', 1, 'f1', '2026-01-10 12:00Z'),
-             ('00000000-0000-0000-0000-000000000001', gen_random_uuid(), 'k', 1, 'd', 1, 'f2', '2026-01-10 12:00Z'),
-             ('00000000-0000-0000-0000-000000000001', gen_random_uuid(), 'k', 4, 'd', 1, 'f3', '2026-01-10 12:00Z');
-             INSERT INTO test_cases (id, key, name, test_type) VALUES
-             ('00000000-0000-0000-0000-0000000000aa', 'test-001', 'login', 'unit');
-             INSERT INTO test_executions (id, test_case_id, status, started_at, created_at) VALUES
-             (gen_random_uuid(), '00000000-0000-0000-0000-0000000000aa', 'passed', '2026-01-10 01:00Z', '2026-01-10 01:00Z'),
-             (gen_random_uuid(), '00000000-0000-0000-0000-0000000000aa', 'passed', '2026-01-10 02:00Z', '2026-01-10 02:00Z'),
-             (gen_random_uuid(), '00000000-0000-0000-0000-0000000000aa', 'failed', '2026-01-10 03:00Z', '2026-01-10 03:00Z'),
-             (gen_random_uuid(), '00000000-0000-0000-0000-0000000000aa', 'skipped', '2026-01-10 04:00Z', '2026-01-10 04:00Z'),
-             (gen_random_uuid(), '00000000-0000-0000-0000-0000000000aa', 'error', '2026-01-11 01:00Z', '2026-01-11 01:00Z');
-             UPDATE sessions SET updated_at = created_at;",
-        )
-        .await
-        .unwrap();
+             INSERT INTO results (project_id, session_id, id, request_id, result_type, overall_status, fidelity_score, created_at) VALUES
+             ('{P}', '00000000-0000-0000-000{N}-000000000001', gen_random_uuid(), 'r1', 'static', 'passed', 0.8, '2026-01-10 12:00Z'),
+             ('{P}', '00000000-0000-0000-000{N}-000000000001', gen_random_uuid(), 'r2', 'static', 'passed', 1.0, '2026-01-10 13:00Z'),
+             ('{P}', '00000000-0000-0000-000{N}-000000000004', gen_random_uuid(), 'r3', 'static', 'failed', 0.5, '2026-01-11 12:00Z');
+             INSERT INTO discrepancies (project_id, session_id, id, kind, severity, description, confidence, fingerprint, created_at) VALUES
+             ('{P}', '00000000-0000-0000-000{N}-000000000001', gen_random_uuid(), 'k', 1, 'd', 1, 'f1', '2026-01-10 12:00Z'),
+             ('{P}', '00000000-0000-0000-000{N}-000000000001', gen_random_uuid(), 'k', 1, 'd', 1, 'f2', '2026-01-10 12:00Z'),
+             ('{P}', '00000000-0000-0000-000{N}-000000000001', gen_random_uuid(), 'k', 4, 'd', 1, 'f3', '2026-01-10 12:00Z');
+             INSERT INTO test_cases (project_id, id, key, name, test_type) VALUES
+             ('{P}', '00000000-0000-0000-000{N}-0000000000aa', 'test-001-{N}', 'login', 'unit');
+             INSERT INTO test_executions (project_id, id, test_case_id, status, started_at, created_at) VALUES
+             ('{P}', gen_random_uuid(), '00000000-0000-0000-000{N}-0000000000aa', 'passed', '2026-01-10 01:00Z', '2026-01-10 01:00Z'),
+             ('{P}', gen_random_uuid(), '00000000-0000-0000-000{N}-0000000000aa', 'passed', '2026-01-10 02:00Z', '2026-01-10 02:00Z'),
+             ('{P}', gen_random_uuid(), '00000000-0000-0000-000{N}-0000000000aa', 'failed', '2026-01-10 03:00Z', '2026-01-10 03:00Z'),
+             ('{P}', gen_random_uuid(), '00000000-0000-0000-000{N}-0000000000aa', 'skipped', '2026-01-10 04:00Z', '2026-01-10 04:00Z'),
+             ('{P}', gen_random_uuid(), '00000000-0000-0000-000{N}-0000000000aa', 'error', '2026-01-11 01:00Z', '2026-01-11 01:00Z');
+             UPDATE sessions SET updated_at = created_at WHERE project_id = '{P}';"
+        .replace("{P}", &project.to_string())
+        .replace("{N}", &tag.to_string());
+    app.sql().await.batch_execute(&sql).await.unwrap();
 }
 
 async fn rollups(app: &TestApp) -> Vec<Rollup> {
@@ -344,9 +351,12 @@ async fn incremental_rollups_recompute_only_touched_days() {
     app.sql()
         .await
         .batch_execute(
-            "UPDATE sessions SET updated_at = now() WHERE request_id = 's4';
-             INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope, status, created_at)
-             VALUES (gen_random_uuid(), 's5', 'cobol', 'java', 'full', 'cancelled', '2026-01-11 09:00Z');",
+            "UPDATE sessions SET updated_at = now()
+             WHERE project_id = (SELECT id FROM projects WHERE slug = 'default') AND request_id = 's4-0';
+             INSERT INTO sessions (project_id, id, request_id, source_technology, target_technology,
+                                   validation_scope, status, created_at)
+             VALUES ((SELECT id FROM projects WHERE slug = 'default'), gen_random_uuid(), 's5',
+                     'cobol', 'java', 'full', 'cancelled', '2026-01-11 09:00Z');",
         )
         .await
         .unwrap();

@@ -480,6 +480,7 @@ async fn main() -> anyhow::Result<()> {
                                 &targets,
                                 &"created",
                                 &none,
+                                &project,
                             ],
                         )
                         .await

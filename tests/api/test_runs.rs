@@ -393,11 +393,16 @@ async fn a_run_finishes_once_and_an_empty_run_derives_passed() {
     app.stop().await.unwrap();
 }
 
-/// The outcome of attempt `attempt` (1-based) of test `i`, which has
-/// `1 + i % 7` attempts: the last one decides, earlier ones fail for every
-/// third test (so those that end passed "passed on retry").
+/// How many attempts test `i` has: 1, 3, 5 or 7 (4 on average).
+fn attempts(i: usize) -> usize {
+    1 + (i % 4) * 2
+}
+
+/// The outcome of attempt `attempt` (1-based) of test `i`: the last one
+/// decides, earlier ones fail for every third test (so those that end
+/// passed "passed on retry").
 fn outcome(i: usize, attempt: usize) -> ExecutionStatus {
-    let attempts = 1 + i % 7;
+    let attempts = attempts(i);
     if attempt < attempts {
         return if i % 3 == 0 {
             ExecutionStatus::Failed
@@ -454,7 +459,7 @@ async fn a_run_of_twenty_thousand_executions_in_retried_batches_counts_the_last_
     let mut items = Vec::new();
     let mut expected = verdict::proto::TestRunCounts::default();
     for i in 0..TESTS {
-        let attempts = 1 + i % 7;
+        let attempts = attempts(i);
         let mut ever_failed = false;
         for attempt in 1..=attempts {
             let status = outcome(i, attempt);
@@ -565,9 +570,9 @@ async fn a_run_of_twenty_thousand_executions_in_retried_batches_counts_the_last_
         .await
         .unwrap()
         .into_inner();
-    let mut attempts: Vec<i32> = page.executions.iter().map(|e| e.attempt).collect();
-    attempts.sort();
-    assert_eq!(attempts, [1, 2, 3, 4, 5, 6, 7]);
+    let mut seen: Vec<i32> = page.executions.iter().map(|e| e.attempt).collect();
+    seen.sort();
+    assert_eq!(seen, [1, 2, 3, 4, 5]);
     assert!(page.executions.iter().all(|e| e.run_id == run.id));
 
     // Finishing derives FAILED (some last attempts failed); a finished run

@@ -404,7 +404,7 @@ fn attempts(i: usize) -> usize {
 fn outcome(i: usize, attempt: usize) -> ExecutionStatus {
     let attempts = attempts(i);
     if attempt < attempts {
-        return if i % 3 == 0 {
+        return if i.is_multiple_of(3) {
             ExecutionStatus::Failed
         } else {
             ExecutionStatus::Passed

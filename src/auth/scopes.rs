@@ -72,6 +72,7 @@ pub const TABLE: &[(&str, Scope)] = &[
     ("/verdict.v1.TestRunService/GetTestRun", Read),
     ("/verdict.v1.TestRunService/ListTestRuns", Read),
     ("/verdict.v1.TestRunService/FinishTestRun", Write),
+    ("/verdict.v1.TestRunService/CompareTestRuns", Read),
     // ProjectService: all of it is admin.
     ("/verdict.v1.ProjectService/CreateProject", Admin),
     ("/verdict.v1.ProjectService/GetProject", Admin),

@@ -69,6 +69,7 @@ pub const READ_RPCS: &[&str] = &[
     "/verdict.v1.CoverageService/CompareCoverage",
     "/verdict.v1.TestRunService/GetTestRun",
     "/verdict.v1.TestRunService/ListTestRuns",
+    "/verdict.v1.TestRunService/CompareTestRuns",
 ];
 
 /// A WAL position: a byte offset in the write-ahead log.

@@ -89,6 +89,49 @@ fn as_created(sent: &NewRun, stored: &RunRow) -> proto::TestRun {
     )
 }
 
+/// CompareTestRuns' duration threshold when the request gives none.
+const DEFAULT_DURATION_CHANGE_MS: i64 = 1000;
+
+fn status_of(text: Option<&str>) -> Result<i32> {
+    Ok(match text {
+        None => proto::ExecutionStatus::Unspecified as i32,
+        Some(s) => crate::test_cases::ExecutionStatus::from_db(s)?.to_proto() as i32,
+    })
+}
+
+/// The reply of CompareTestRuns from its rows.
+fn comparison(rows: Vec<sql::Compared>) -> Result<proto::CompareTestRunsResponse> {
+    let mut reply = proto::CompareTestRunsResponse::default();
+    let mut counts = proto::TestRunComparisonCounts::default();
+    for row in rows {
+        let item = proto::ComparedTest {
+            test_case_id: row.test_case_id.to_string(),
+            test_case_key: row.test_case_key,
+            base_status: status_of(row.base_status.as_deref())?,
+            head_status: status_of(row.head_status.as_deref())?,
+            base_duration_ms: row.base_duration_ms.unwrap_or(0),
+            head_duration_ms: row.head_duration_ms.unwrap_or(0),
+        };
+        let (list, total) = match row.category.as_str() {
+            "new_failures" => (&mut reply.new_failures, &mut counts.new_failures),
+            "fixed" => (&mut reply.fixed, &mut counts.fixed),
+            "still_failing" => (&mut reply.still_failing, &mut counts.still_failing),
+            "new_tests" => (&mut reply.new_tests, &mut counts.new_tests),
+            "removed_tests" => (&mut reply.removed_tests, &mut counts.removed_tests),
+            "duration_changes" => (&mut reply.duration_changes, &mut counts.duration_changes),
+            other => {
+                return Err(Error::Internal(format!(
+                    "unknown comparison category {other:?}"
+                )));
+            }
+        };
+        list.push(item);
+        *total = row.total;
+    }
+    reply.counts = Some(counts);
+    Ok(reply)
+}
+
 fn not_found(what: &str) -> Error {
     Error::NotFound(format!("no test run is {what}"))
 }
@@ -254,5 +297,39 @@ impl TestRunService for TestRunApi {
         Ok(Response::new(proto::FinishTestRunResponse {
             run: Some(to_proto(finished, Some(counts))),
         }))
+    }
+
+    async fn compare_test_runs(
+        &self,
+        request: Request<proto::CompareTestRunsRequest>,
+    ) -> RpcResult<proto::CompareTestRunsResponse> {
+        let (call, req) = rpc::split(request);
+        let project = call.project()?;
+        let mut v = Validator::new();
+        let base = v.uuid("base_run_id", &req.base_run_id);
+        let head = v.uuid("head_run_id", &req.head_run_id);
+        let min_change = match v.non_negative("min_duration_change_ms", req.min_duration_change_ms)
+        {
+            0 => DEFAULT_DURATION_CHANGE_MS,
+            ms => ms,
+        };
+        let max_items = match req.max_items {
+            0 => 100,
+            n @ 1..=1000 => i64::from(n),
+            _ => {
+                v.violation("max_items", "must be between 0 (default 100) and 1000");
+                100
+            }
+        };
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        for id in [base, head] {
+            if sql::by_id(c, project, id).await?.is_none() {
+                return Err(not_found(&id.to_string()).into());
+            }
+        }
+        let rows = sql::compare(c, project, base, head, min_change, max_items).await?;
+        Ok(Response::new(comparison(rows)?))
     }
 }

@@ -284,3 +284,91 @@ pub async fn counts(c: &impl GenericClient, run: Uuid) -> Result<Counts> {
         total_duration_ms: row.try_get(7)?,
     })
 }
+
+/// One row of a comparison: a test case in one category.
+#[derive(Debug, Clone)]
+pub struct Compared {
+    pub category: String,
+    /// Rows in the category before the cut.
+    pub total: i64,
+    pub test_case_id: Uuid,
+    pub test_case_key: String,
+    pub base_status: Option<String>,
+    pub head_status: Option<String>,
+    pub base_duration_ms: Option<i64>,
+    pub head_duration_ms: Option<i64>,
+}
+
+// The last attempt of each test case in the base ($1) and head ($2) runs,
+// joined by test case and sorted into categories (a test case may be in
+// two: a new test that fails, a fixed one whose duration changed); at most
+// $4 per category, with each category's total. $3: the duration threshold;
+// $5: the project (of both runs, checked by the caller).
+const COMPARE: Stmt = Stmt::new(
+    "SELECT",
+    "test_executions",
+    "WITH b AS ( \
+       SELECT DISTINCT ON (test_case_id) test_case_id, status, duration_ms \
+       FROM test_executions WHERE run_id = $1 \
+       ORDER BY test_case_id, attempt DESC, started_at DESC, id DESC), \
+     h AS ( \
+       SELECT DISTINCT ON (test_case_id) test_case_id, status, duration_ms \
+       FROM test_executions WHERE run_id = $2 \
+       ORDER BY test_case_id, attempt DESC, started_at DESC, id DESC), \
+     j AS ( \
+       SELECT t.id AS test_case_id, t.key, b.status AS base_status, h.status AS head_status, \
+              b.duration_ms AS base_ms, h.duration_ms AS head_ms \
+       FROM b FULL JOIN h USING (test_case_id) \
+       JOIN test_cases t ON t.project_id = $5 AND t.id = COALESCE(h.test_case_id, b.test_case_id)), \
+     c AS ( \
+       SELECT j.*, v.category FROM j CROSS JOIN LATERAL (VALUES \
+         (CASE WHEN head_status IN ('failed', 'error') \
+                AND (base_status IS NULL OR base_status NOT IN ('failed', 'error')) \
+               THEN 'new_failures' END), \
+         (CASE WHEN base_status IN ('failed', 'error') AND head_status = 'passed' \
+               THEN 'fixed' END), \
+         (CASE WHEN base_status IN ('failed', 'error') AND head_status IN ('failed', 'error') \
+               THEN 'still_failing' END), \
+         (CASE WHEN base_status IS NULL THEN 'new_tests' END), \
+         (CASE WHEN head_status IS NULL THEN 'removed_tests' END), \
+         (CASE WHEN base_status IS NOT NULL AND head_status IS NOT NULL \
+                AND abs(head_ms - base_ms) >= $3 THEN 'duration_changes' END) \
+       ) v(category) WHERE v.category IS NOT NULL), \
+     r AS ( \
+       SELECT c.*, \
+              row_number() OVER (PARTITION BY category ORDER BY \
+                CASE WHEN category = 'duration_changes' THEN -abs(head_ms - base_ms) ELSE 0 END, \
+                key) AS nth, \
+              count(*) OVER (PARTITION BY category) AS total \
+       FROM c) \
+     SELECT category, total, test_case_id, key, base_status, head_status, base_ms, head_ms \
+     FROM r WHERE nth <= $4 ORDER BY category, nth",
+);
+
+/// Compares the runs `base` and `head` of `project` (see COMPARE).
+pub async fn compare(
+    c: &impl GenericClient,
+    project: Uuid,
+    base: Uuid,
+    head: Uuid,
+    min_change_ms: i64,
+    max_items: i64,
+) -> Result<Vec<Compared>> {
+    COMPARE
+        .query(c, &[&base, &head, &min_change_ms, &max_items, &project])
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(Compared {
+                category: row.try_get(0)?,
+                total: row.try_get(1)?,
+                test_case_id: row.try_get(2)?,
+                test_case_key: row.try_get(3)?,
+                base_status: row.try_get(4)?,
+                head_status: row.try_get(5)?,
+                base_duration_ms: row.try_get(6)?,
+                head_duration_ms: row.try_get(7)?,
+            })
+        })
+        .collect()
+}

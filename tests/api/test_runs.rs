@@ -621,3 +621,140 @@ async fn a_run_of_twenty_thousand_executions_in_retried_batches_counts_the_last_
     assert_eq!(violated_fields(&err), ["items[0].run_id"]);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn compare_test_runs_sorts_every_test_case_by_its_last_attempts() {
+    use verdict::proto::CompareTestRunsRequest;
+    let app = spawn_app().await;
+    create_project(&app, "team-a").await;
+    let mut r = runs(&app);
+    let mut tc = app.test_cases.clone();
+    for i in 0..9 {
+        tc.create_test_case(in_project(
+            new_test_case(&format!("c-{i}"), TestType::Unit, "core"),
+            "team-a",
+        ))
+        .await
+        .unwrap();
+    }
+    let mut ids = Vec::new();
+    for key in ["base", "head"] {
+        let run = r
+            .create_test_run(in_project(new_run(key, "main", &[]), "team-a"))
+            .await
+            .unwrap()
+            .into_inner()
+            .run
+            .unwrap();
+        ids.push(run.id);
+    }
+    let (base, head) = (ids[0].clone(), ids[1].clone());
+    use ExecutionStatus::{Error, Failed, Passed};
+    // (test, run, attempt, status, duration)
+    let plan: &[(usize, &str, i32, ExecutionStatus, i64)] = &[
+        (0, &base, 1, Passed, 100),
+        (0, &head, 1, Passed, 100),
+        (1, &base, 1, Passed, 100),
+        (1, &head, 1, Failed, 100),
+        (2, &base, 1, Failed, 100),
+        (2, &head, 1, Failed, 100),
+        (2, &head, 2, Passed, 100),
+        (3, &base, 1, Error, 100),
+        (3, &head, 1, Failed, 100),
+        (4, &head, 1, Passed, 100),
+        (5, &head, 1, Failed, 100),
+        (6, &base, 1, Passed, 100),
+        (7, &base, 1, Passed, 100),
+        (7, &head, 1, Passed, 5_000),
+        (8, &base, 1, Failed, 100),
+        (8, &base, 2, Passed, 100),
+        (8, &head, 1, Passed, 100),
+    ];
+    let items = plan
+        .iter()
+        .map(|(i, run, attempt, status, ms)| {
+            let mut e =
+                crate::test_cases::run(&format!("c-{i}"), *status, i64::from(*attempt), *ms);
+            e.run_id = run.to_string();
+            e.attempt = *attempt;
+            e
+        })
+        .collect();
+    tc.record_executions(in_project(
+        RecordExecutionsRequest {
+            batch_id: "compare".into(),
+            items,
+        },
+        "team-a",
+    ))
+    .await
+    .unwrap();
+    let compare = |max_items: i32| CompareTestRunsRequest {
+        base_run_id: base.clone(),
+        head_run_id: head.clone(),
+        min_duration_change_ms: 0,
+        max_items,
+    };
+    let got = r
+        .compare_test_runs(in_project(compare(0), "team-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    let keys = |list: &[verdict::proto::ComparedTest]| -> Vec<String> {
+        list.iter().map(|t| t.test_case_key.clone()).collect()
+    };
+    assert_eq!(keys(&got.new_failures), ["c-1", "c-5"]);
+    assert_eq!(keys(&got.fixed), ["c-2"]);
+    assert_eq!(keys(&got.still_failing), ["c-3"]);
+    assert_eq!(keys(&got.new_tests), ["c-4", "c-5"]);
+    assert_eq!(keys(&got.removed_tests), ["c-6"]);
+    assert_eq!(keys(&got.duration_changes), ["c-7"]);
+    let c7 = &got.duration_changes[0];
+    assert_eq!((c7.base_duration_ms, c7.head_duration_ms), (100, 5_000));
+    assert_eq!(got.fixed[0].base_status, Failed as i32);
+    assert_eq!(got.fixed[0].head_status, Passed as i32);
+    assert_eq!(got.new_tests[0].base_status, 0, "absent in base");
+    // Capped lists keep their totals.
+    let capped = r
+        .compare_test_runs(in_project(compare(1), "team-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keys(&capped.new_failures), ["c-1"]);
+    let counts = capped.counts.unwrap();
+    assert_eq!(
+        (
+            counts.new_failures,
+            counts.fixed,
+            counts.still_failing,
+            counts.new_tests,
+            counts.removed_tests,
+            counts.duration_changes
+        ),
+        (2, 1, 1, 2, 1, 1)
+    );
+    // A higher threshold drops the duration change.
+    let mut strict = compare(0);
+    strict.min_duration_change_ms = 10_000;
+    let got = r
+        .compare_test_runs(in_project(strict, "team-a"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(got.duration_changes.is_empty());
+    // From another project both runs are unknown.
+    let err = r.compare_test_runs(compare(0)).await.unwrap_err();
+    assert_reason(&err, Code::NotFound, "NOT_FOUND");
+    let mut bad = compare(5000);
+    bad.min_duration_change_ms = -1;
+    bad.base_run_id = "nope".into();
+    let err = r
+        .compare_test_runs(in_project(bad, "team-a"))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        violated_fields(&err),
+        ["base_run_id", "min_duration_change_ms", "max_items"]
+    );
+    app.stop().await.unwrap();
+}

@@ -113,6 +113,47 @@ async fn resolve_test_cases(
         .collect()
 }
 
+/// The distinct parent ids (sessions, runs) that `pick` reads from items.
+fn named(items: &[NewExecution], pick: impl Fn(&NewExecution) -> Option<Uuid>) -> Vec<Uuid> {
+    items
+        .iter()
+        .filter_map(pick)
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect()
+}
+
+/// Share-locks the parents `pick` names (`lock`: their ids and the
+/// project, returning (id, status) rows in id order) until the transaction
+/// ends, then judges every item: INVALID_ARGUMENT on `field` for a parent
+/// the project does not have, or `refuse`'s error for a parent in a status
+/// that takes no more executions.
+async fn lock_parents(
+    c: &impl GenericClient,
+    project: Uuid,
+    items: &[NewExecution],
+    (lock, field, what): (&Stmt, &str, &str),
+    pick: impl Fn(&NewExecution) -> Option<Uuid>,
+    refuse: impl Fn(Uuid, &str) -> Result<()>,
+) -> Result<()> {
+    let ids = named(items, &pick);
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut status = HashMap::new();
+    for row in lock.query(c, &[&ids, &project]).await? {
+        status.insert(row.try_get::<_, Uuid>(0)?, row.try_get::<_, String>(1)?);
+    }
+    for e in items {
+        let Some(id) = pick(e) else { continue };
+        match status.get(&id) {
+            None => return Err(e.origin.invalid(field, format!("{what} {id} not found"))),
+            Some(s) => refuse(id, s)?,
+        }
+    }
+    Ok(())
+}
+
 /// Checks that every named session exists in `project` and still accepts
 /// findings, and holds a share lock on each until the transaction ends.
 async fn lock_sessions(
@@ -120,80 +161,47 @@ async fn lock_sessions(
     project: Uuid,
     items: &[NewExecution],
 ) -> Result<()> {
-    let named: Vec<Uuid> = items
-        .iter()
-        .filter_map(|e| e.session_id)
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    if named.is_empty() {
-        return Ok(());
-    }
-    let mut status = HashMap::new();
-    for row in LOCK_SESSIONS.query(c, &[&named, &project]).await? {
-        status.insert(
-            row.try_get::<_, Uuid>(0)?,
-            SessionStatus::from_db(row.try_get(1)?)?,
-        );
-    }
-    for e in items {
-        let Some(id) = e.session_id else { continue };
-        match status.get(&id) {
-            None => {
-                return Err(e
-                    .origin
-                    .invalid("session_id", format!("session {id} not found")));
-            }
-            Some(s @ (SessionStatus::Failed | SessionStatus::Cancelled)) => {
-                return Err(Error::FailedPrecondition(
+    lock_parents(
+        c,
+        project,
+        items,
+        (&LOCK_SESSIONS, "session_id", "session"),
+        |e| e.session_id,
+        |id, status| match SessionStatus::from_db(status)? {
+            s @ (SessionStatus::Failed | SessionStatus::Cancelled) => {
+                Err(Error::FailedPrecondition(
                     Reason::SessionNotAcceptingWrites,
                     format!(
                         "session {id} is {}; it accepts no more executions",
                         s.as_str()
                     ),
-                ));
+                ))
             }
-            Some(_) => {}
-        }
-    }
-    Ok(())
+            _ => Ok(()),
+        },
+    )
+    .await
 }
 
 /// Checks that every named test run exists in `project` and is still
 /// RUNNING, and holds a share lock on each until the transaction ends (so
 /// FinishTestRun waits for the executions being written).
 async fn lock_runs(c: &impl GenericClient, project: Uuid, items: &[NewExecution]) -> Result<()> {
-    let named: Vec<Uuid> = items
-        .iter()
-        .filter_map(|e| e.run_id)
-        .collect::<HashSet<_>>()
-        .into_iter()
-        .collect();
-    if named.is_empty() {
-        return Ok(());
-    }
-    let mut status = HashMap::new();
-    for row in LOCK_RUNS.query(c, &[&named, &project]).await? {
-        status.insert(row.try_get::<_, Uuid>(0)?, row.try_get::<_, String>(1)?);
-    }
-    for e in items {
-        let Some(id) = e.run_id else { continue };
-        match status.get(&id).map(String::as_str) {
-            None => {
-                return Err(e
-                    .origin
-                    .invalid("run_id", format!("test run {id} not found")));
-            }
-            Some("running") => {}
-            Some(finished) => {
-                return Err(Error::FailedPrecondition(
-                    Reason::FailedPrecondition,
-                    format!("test run {id} is {finished}; it accepts no more executions"),
-                ));
-            }
-        }
-    }
-    Ok(())
+    lock_parents(
+        c,
+        project,
+        items,
+        (&LOCK_RUNS, "run_id", "test run"),
+        |e| e.run_id,
+        |id, status| match status {
+            "running" => Ok(()),
+            finished => Err(Error::FailedPrecondition(
+                Reason::FailedPrecondition,
+                format!("test run {id} is {finished}; it accepts no more executions"),
+            )),
+        },
+    )
+    .await
 }
 
 impl Sink for ExecutionSink {

@@ -18,6 +18,7 @@ import projects_walk
 import results_walk
 import sessions_walk
 import test_cases_walk
+import test_runs_walk
 from verdict_client import Verdict
 
 # The walks in the order they run; a later service adds its module here.
@@ -31,6 +32,7 @@ STEPS = [
     *projects_walk.MIDDLE,
     *discrepancies_walk.STEPS,
     *test_cases_walk.STEPS,
+    *test_runs_walk.STEPS,
     *metrics_walk.STEPS,
     *projects_walk.LAST,
 ]

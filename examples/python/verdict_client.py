@@ -17,6 +17,7 @@ from verdict.v1 import (
     results_pb2_grpc,
     sessions_pb2_grpc,
     test_cases_pb2_grpc,
+    test_runs_pb2_grpc,
 )
 
 # Every unary call gets a deadline: the gateway turns it into PostgreSQL's
@@ -89,6 +90,7 @@ class Verdict:
         self.results = results_pb2_grpc.ResultServiceStub(channel)
         self.discrepancies = discrepancies_pb2_grpc.DiscrepancyServiceStub(channel)
         self.test_cases = test_cases_pb2_grpc.TestCaseServiceStub(channel)
+        self.test_runs = test_runs_pb2_grpc.TestRunServiceStub(channel)
         self.metrics = metrics_pb2_grpc.MetricsServiceStub(channel)
         # Each new service gets its stub here.
 

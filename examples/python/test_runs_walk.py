@@ -1,0 +1,109 @@
+"""A walk through TestRunService: two CI runs of the same pipeline, with
+retries, their counts, a comparison, and finishing them.
+
+Each step is a function of the shared `Walk`; main.py runs STEPS in order."""
+
+import datetime
+
+import grpc
+
+from verdict.v1 import test_cases_pb2 as tc_pb
+from verdict.v1 import test_runs_pb2 as pb
+from verdict_client import DEADLINE_SECONDS, expect_error
+
+P, F = tc_pb.EXECUTION_STATUS_PASSED, tc_pb.EXECUTION_STATUS_FAILED
+TESTS = ("checkout", "search", "login")
+
+
+def _run(walk, build: str) -> pb.TestRun:
+    request = pb.CreateTestRunRequest(
+        client_key=f"{walk.run_id}-build-{build}",
+        name="unit tests",
+        build_number=build,
+        commit_sha=f"c0ffee{build}",
+        branch="main",
+        labels={"os": "linux", "pipeline": "unit"},
+    )
+    first = walk.verdict.test_runs.CreateTestRun(request, timeout=DEADLINE_SECONDS)
+    # A retried create (say, after a timeout) returns the same run.
+    retry = walk.verdict.test_runs.CreateTestRun(request, timeout=DEADLINE_SECONDS)
+    assert first.created and not retry.created and retry.run.id == first.run.id
+    return first.run
+
+
+def _record(walk, run_id: str, batch: str, outcomes):
+    """outcomes: (test, attempt, status) triples."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    items = []
+    for test, attempt, status in outcomes:
+        item = tc_pb.ExecutionInput(
+            test_case_key=f"{walk.run_id}-{test}",
+            status=status,
+            duration_ms=100 * attempt,
+            run_id=run_id,
+            attempt=attempt,
+        )
+        item.started_at.FromDatetime(now)
+        items.append(item)
+    walk.verdict.test_cases.RecordExecutions(
+        tc_pb.RecordExecutionsRequest(batch_id=f"{walk.run_id}-{batch}", items=items),
+        timeout=DEADLINE_SECONDS,
+    )
+
+
+def runs_with_retries(walk):
+    """Build 1: everything passes except `search`. Build 2: `search` is
+    fixed, `login` fails once and passes on its retry, `checkout` fails."""
+    for test in TESTS:
+        walk.verdict.test_cases.CreateTestCase(
+            tc_pb.CreateTestCaseRequest(
+                key=f"{walk.run_id}-{test}", name=test, test_type=tc_pb.TEST_TYPE_UNIT
+            ),
+            timeout=DEADLINE_SECONDS,
+        )
+    base, head = _run(walk, "1"), _run(walk, "2")
+    _record(walk, base.id, "build-1", [("checkout", 1, P), ("search", 1, F), ("login", 1, P)])
+    _record(
+        walk,
+        head.id,
+        "build-2",
+        [("checkout", 1, F), ("search", 1, P), ("login", 1, F), ("login", 2, P)],
+    )
+    counts = walk.verdict.test_runs.GetTestRun(
+        pb.GetTestRunRequest(id=head.id), timeout=DEADLINE_SECONDS
+    ).run.counts
+    # The last attempt of each test decides: 2 passed (one on retry), 1 failed.
+    assert (counts.tests, counts.passed, counts.failed) == (3, 2, 1), counts
+    assert counts.passed_on_retry == 1 and counts.executions == 4, counts
+    assert abs(counts.pass_rate - 2 / 3) < 1e-9, counts.pass_rate
+
+    comparison = walk.verdict.test_runs.CompareTestRuns(
+        pb.CompareTestRunsRequest(base_run_id=base.id, head_run_id=head.id),
+        timeout=DEADLINE_SECONDS,
+    )
+    keys = lambda tests: [t.test_case_key for t in tests]  # noqa: E731
+    assert keys(comparison.new_failures) == [f"{walk.run_id}-checkout"], comparison
+    assert keys(comparison.fixed) == [f"{walk.run_id}-search"], comparison
+    assert not comparison.still_failing and not comparison.new_tests, comparison
+
+    listed = walk.verdict.test_runs.ListTestRuns(
+        pb.ListTestRunsRequest(branch="main", labels={"pipeline": "unit"}),
+        timeout=DEADLINE_SECONDS,
+    )
+    assert {r.id for r in listed.runs} == {base.id, head.id}, listed
+
+    # Finishing derives the status from the last attempts; a finished run
+    # takes no more executions and cannot be finished again.
+    for run, status in ((base, pb.TEST_RUN_STATUS_FAILED), (head, pb.TEST_RUN_STATUS_FAILED)):
+        done = walk.verdict.test_runs.FinishTestRun(
+            pb.FinishTestRunRequest(id=run.id), timeout=DEADLINE_SECONDS
+        )
+        assert done.run.status == status, done.run
+    expect_error(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        walk.verdict.test_runs.FinishTestRun,
+        pb.FinishTestRunRequest(id=head.id),
+    )
+
+
+STEPS = [runs_with_retries]

@@ -81,7 +81,7 @@ impl DiscrepancyService for DiscrepancyApi {
         let claim = match ingest::find_batch(&tx, &call, KIND, &scope, &batch_id, &digest).await? {
             Some(replay) => replay,
             None => {
-                sql::lock_session_accepting(&tx, project, session_id).await?;
+                crate::sessions::sql::lock_accepting(&tx, project, session_id).await?;
                 ingest::claim_batch(&tx, &call, KIND, &scope, &batch_id, &digest, items.len())
                     .await?
             }
@@ -141,7 +141,7 @@ impl DiscrepancyService for DiscrepancyApi {
         {
             let mut conn = self.state.db.conn(&call).await?;
             let tx = conn.begin().await?;
-            sql::lock_session_accepting(&tx, project, session_id).await?;
+            crate::sessions::sql::lock_accepting(&tx, project, session_id).await?;
             tx.commit().await.map_err(Error::from)?;
         }
 
@@ -312,7 +312,9 @@ impl DiscrepancyService for DiscrepancyApi {
         let c = conn.client().await?;
         let rows = match session_id {
             Some(id) => {
-                sql::require_session(c, project, id).await?;
+                crate::sessions::sql::get(c, project, id)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("session {id} not found")))?;
                 sql::summary_of_session(c, project, id).await?
             }
             None => sql::summary_of_range(c, project, from, to).await?,

@@ -9,7 +9,7 @@ use super::{
     Resolve, Severity,
 };
 use crate::db::Stmt;
-use crate::error::{Error, Reason, Result};
+use crate::error::{Error, Result};
 use crate::ingest::Sink;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
@@ -619,60 +619,4 @@ pub async fn resolutions_of_session(
             ))
         })
         .collect()
-}
-
-const SESSION_STATUS: Stmt = Stmt::new(
-    "SELECT",
-    "sessions",
-    "SELECT status FROM sessions WHERE project_id = $1 AND id = $2",
-);
-
-const SESSION_STATUS_FOR_SHARE: Stmt = Stmt::new(
-    "SELECT",
-    "sessions",
-    "SELECT status FROM sessions WHERE project_id = $1 AND id = $2 FOR SHARE",
-);
-
-fn session_not_found(id: Uuid) -> Error {
-    Error::NotFound(format!("session {id} not found"))
-}
-
-/// Checks that session `id` exists in `project_id` (NOT_FOUND otherwise,
-/// whether or not another project has it).
-pub async fn require_session(c: &impl GenericClient, project_id: Uuid, id: Uuid) -> Result<()> {
-    SESSION_STATUS
-        .query_opt(c, &[&project_id, &id])
-        .await?
-        .map(|_| ())
-        .ok_or_else(|| session_not_found(id))
-}
-
-/// Checks, in the caller's transaction, that session `id` exists in
-/// `project_id` and still accepts findings, and holds it (FOR SHARE) so it
-/// cannot fail or be cancelled before the transaction ends. NOT_FOUND for a
-/// session of another project; FAILED_PRECONDITION
-/// `SESSION_NOT_ACCEPTING_WRITES` for a failed or cancelled one.
-pub async fn lock_session_accepting(
-    c: &impl GenericClient,
-    project_id: Uuid,
-    id: Uuid,
-) -> Result<()> {
-    let row = SESSION_STATUS_FOR_SHARE
-        .query_opt(c, &[&project_id, &id])
-        .await?
-        .ok_or_else(|| session_not_found(id))?;
-    let status = crate::sessions::SessionStatus::from_db(row.try_get(0)?)?;
-    if matches!(
-        status,
-        crate::sessions::SessionStatus::Failed | crate::sessions::SessionStatus::Cancelled
-    ) {
-        return Err(Error::FailedPrecondition(
-            Reason::SessionNotAcceptingWrites,
-            format!(
-                "session {id} is {}; it accepts no more results or findings",
-                status.as_str()
-            ),
-        ));
-    }
-    Ok(())
 }

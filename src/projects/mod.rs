@@ -53,6 +53,14 @@ pub fn valid_slug(slug: &str) -> bool {
         && bytes[bytes.len() - 1] != b'-'
 }
 
+/// The one answer a key bound to another project gets about `name` (a
+/// slug or id), whether or not such a project exists.
+pub fn not_allowed(name: &str) -> Error {
+    Error::ProjectNotAllowed(format!(
+        "this API key is bound to another project than {name:?}"
+    ))
+}
+
 /// The slug → id map of projects, shared by every call of a gateway.
 #[derive(Clone)]
 pub struct Directory {
@@ -101,9 +109,7 @@ impl Directory {
             (Some(id), Some(b)) if id == b => Ok(id),
             // Bound keys learn nothing about other projects, not even
             // whether they exist.
-            (_, Some(_)) => Err(Error::ProjectNotAllowed(format!(
-                "this API key is bound to another project than {slug:?}"
-            ))),
+            (_, Some(_)) => Err(not_allowed(slug)),
             (None, None) => Err(Error::NotFound(format!("no project has slug {slug:?}"))),
         }
     }

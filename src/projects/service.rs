@@ -2,7 +2,7 @@
 //! (admin scope; a key bound to a project sees only its own).
 
 use super::sql::{self, ProjectRow};
-use super::{DEFAULT_SLUG, Directory, valid_slug};
+use super::{DEFAULT_SLUG, Directory, not_allowed, valid_slug};
 use crate::audit::{self, Outcome};
 use crate::call::Call;
 use crate::convert::timestamp;
@@ -56,13 +56,6 @@ fn slug(v: &mut Validator, field: &str, value: &str) -> String {
         );
     }
     value.to_owned()
-}
-
-/// A bound key's answer for any project but its own, existing or not.
-fn not_allowed(slug: &str) -> Error {
-    Error::ProjectNotAllowed(format!(
-        "this API key is bound to another project than {slug:?}"
-    ))
 }
 
 /// The project `found` (looked up by `name`), as the caller may see it.

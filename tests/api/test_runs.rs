@@ -758,3 +758,111 @@ async fn compare_test_runs_sorts_every_test_case_by_its_last_attempts() {
     );
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_batch_into_a_run_that_loses_its_backend_writes_nothing_and_its_retry_counts_once() {
+    let app = spawn_app().await;
+    let mut r = runs(&app);
+    let mut tc = app.test_cases.clone();
+    for i in 0..3 {
+        tc.create_test_case(new_test_case(&format!("f-{i}"), TestType::Unit, "core"))
+            .await
+            .unwrap();
+    }
+    let run = r
+        .create_test_run(new_run("fault-run", "main", &[]))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let run_id: uuid::Uuid = run.id.parse().unwrap();
+    let batch = RecordExecutionsRequest {
+        batch_id: "fault-batch".into(),
+        items: (0..3)
+            .map(|i| {
+                let mut e =
+                    crate::test_cases::run(&format!("f-{i}"), ExecutionStatus::Failed, 1, 10);
+                e.run_id = run.id.clone();
+                e
+            })
+            .collect(),
+    };
+    // Another transaction holds the run row: the batch waits on its share lock.
+    let mut blocker = app.sql().await;
+    let hold = blocker.transaction().await.unwrap();
+    hold.execute(
+        "SELECT 1 FROM test_runs WHERE id = $1 FOR UPDATE",
+        &[&run_id],
+    )
+    .await
+    .unwrap();
+    let first = tokio::spawn({
+        let mut tc = tc.clone();
+        let batch = batch.clone();
+        async move { tc.record_executions(batch).await }
+    });
+    let observer = app.sql().await;
+    const WAITING: &str = "FROM pg_stat_activity WHERE application_name = 'verdict' \
+         AND wait_event_type = 'Lock' AND query LIKE 'SELECT id, status FROM test_runs%'";
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let n: i64 = observer
+                .query_one(&format!("SELECT count(*) {WAITING}"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            if n >= 1 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the batch waits on the held run within 30 s");
+    // Its backend is terminated while it waits: the call fails retryably
+    // and writes nothing.
+    let killed: bool = observer
+        .query_one(&format!("SELECT pg_terminate_backend(pid) {WAITING}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    let err = first.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    hold.rollback().await.unwrap();
+    let stored: i64 = observer
+        .query_one(
+            "SELECT count(*) FROM test_executions WHERE run_id = $1",
+            &[&run_id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
+    // Four clients retry the same batch at once: stored once, counted once.
+    let mut retries = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let mut tc = tc.clone();
+        let batch = batch.clone();
+        retries.spawn(async move { tc.record_executions(batch).await.unwrap().into_inner() });
+    }
+    let mut ids = std::collections::HashSet::new();
+    while let Some(done) = retries.join_next().await {
+        ids.insert(done.unwrap().ids);
+    }
+    assert_eq!(ids.len(), 1, "every retry answers with the same ids");
+    let counts = r
+        .get_test_run(GetTestRunRequest {
+            lookup: Some(Lookup::Id(run.id.clone())),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap()
+        .counts
+        .unwrap();
+    assert_eq!((counts.tests, counts.failed, counts.executions), (3, 3, 3));
+    app.stop().await.unwrap();
+}

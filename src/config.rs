@@ -452,6 +452,25 @@ pub struct Config {
         global = true
     )]
     pub read_token_wait: Duration,
+
+    /// Origins (e.g. `https://qa.example.com`) whose browser pages may call
+    /// the API cross-origin over gRPC-Web: they get CORS headers and their
+    /// preflight requests are answered. Comma-separated; none by default, so
+    /// a page of another origin cannot read any reply. The console, served
+    /// from the gateway's own origin, needs none.
+    #[arg(
+        long,
+        env = "VERDICT_CORS_ORIGINS",
+        value_delimiter = ',',
+        global = true
+    )]
+    pub cors_origins: Vec<String>,
+
+    /// Serve the read-only web console at `/console/` on the gRPC port
+    /// (static files built into the binary; they call the API over
+    /// gRPC-Web with the key typed into the page).
+    #[arg(long, env = "VERDICT_CONSOLE", global = true)]
+    pub console: bool,
 }
 
 /// A duration such as `500ms`, `45s`, `5m` or `2h` (a bare number is seconds).
@@ -624,6 +643,8 @@ impl std::fmt::Debug for Config {
             )
             .field("read_max_lag", &self.read_max_lag)
             .field("read_token_wait", &self.read_token_wait)
+            .field("cors_origins", &self.cors_origins)
+            .field("console", &self.console)
             .finish()
     }
 }

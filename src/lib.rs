@@ -10,6 +10,7 @@ pub mod auth;
 pub mod call;
 mod cli;
 pub mod config;
+pub mod console;
 pub mod convert;
 pub mod coverage;
 pub mod db;

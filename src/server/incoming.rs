@@ -8,7 +8,8 @@
 //!   is closed to make room (so a crowd that never speaks cannot keep out a
 //!   client that does: it finishes its handshake in milliseconds);
 //! - a handshake deadline: within it a connection must finish TLS (when on)
-//!   and send the HTTP/2 connection preface, or it is closed;
+//!   and send the HTTP/2 connection preface (or, for gRPC-Web and the
+//!   console, the method of an HTTP/1.1 request), or it is closed;
 //! - handshakes run each on a task of their own, so one slow client cannot
 //!   hold up the next.
 //!
@@ -32,6 +33,10 @@ use tonic::transport::server::Connected;
 
 /// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The first four bytes of the HTTP/1.1 requests browsers make of the
+/// gateway: gRPC-Web calls, CORS preflights, the console's files.
+const HTTP1_STARTS: [&[u8; 4]; 4] = [b"POST", b"OPTI", b"GET ", b"HEAD"];
 
 /// Lines about refused connections: a flood must not flood the log.
 static REFUSED_LINES: LogBudget = LogBudget::new(10, 1);
@@ -150,11 +155,15 @@ impl Drop for Guard {
     }
 }
 
-/// An admitted connection whose preface was read (and is replayed to the
-/// HTTP/2 server before anything else).
+/// An admitted connection whose first bytes were read (and are replayed to
+/// the HTTP server before anything else).
 pub struct Conn<IO> {
     io: IO,
-    /// How much of the preface has been replayed.
+    /// The bytes read in the handshake: the HTTP/2 preface, or the first
+    /// four bytes of an HTTP/1.1 request.
+    head: [u8; PREFACE.len()],
+    head_len: usize,
+    /// How much of `head` has been replayed.
     replayed: usize,
     _guard: Guard,
 }
@@ -165,10 +174,10 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.replayed < PREFACE.len() {
-            let rest = &PREFACE[self.replayed..];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
+        if self.replayed < self.head_len {
+            let n = (self.head_len - self.replayed).min(buf.remaining());
+            let start = self.replayed;
+            buf.put_slice(&self.head[start..start + n]);
             self.replayed += n;
             return Poll::Ready(Ok(()));
         }
@@ -275,15 +284,19 @@ where
             tokio::spawn(async move {
                 let opened = async {
                     let mut io = handshake.await?;
-                    let mut preface = [0u8; PREFACE.len()];
-                    io.read_exact(&mut preface).await?;
-                    if &preface != PREFACE {
+                    let mut head = [0u8; PREFACE.len()];
+                    io.read_exact(&mut head[..4]).await?;
+                    if HTTP1_STARTS.iter().any(|start| head[..4] == start[..]) {
+                        return Ok((io, head, 4));
+                    }
+                    io.read_exact(&mut head[4..]).await?;
+                    if &head != PREFACE {
                         return Err(io::Error::new(
                             io::ErrorKind::InvalidData,
-                            "not an HTTP/2 connection preface",
+                            "neither an HTTP/2 connection preface nor an HTTP/1.1 request",
                         ));
                     }
-                    Ok(io)
+                    Ok((io, head, PREFACE.len()))
                 };
                 let opened = tokio::time::timeout(limits.handshake_timeout, opened);
                 let outcome = tokio::select! {
@@ -296,11 +309,13 @@ where
                     }
                 };
                 match outcome {
-                    Ok(Ok(io)) => {
+                    Ok(Ok((io, head, head_len))) => {
                         guard.established();
                         let _ = tx
                             .send(Ok(Conn {
                                 io,
+                                head,
+                                head_len,
                                 replayed: 0,
                                 _guard: guard,
                             }))

@@ -1,6 +1,7 @@
 //! The gRPC server assembled in one place: tracing layer, auth layer,
 //! health, reflection (v1 and v1alpha), every Verdict service with its
-//! message size limits, over plain TCP or TLS.
+//! message size limits, over plain TCP or TLS; gRPC-Web, CORS and the
+//! console (crate::console) on the same port.
 
 mod decode;
 mod error_info;
@@ -91,11 +92,20 @@ pub async fn serve(
         state.projects.clone(),
     );
 
+    let web = crate::console::WebLayer::new(&config.cors_origins, config.console)?;
+
     let router = Server::builder()
         // Advertised in SETTINGS: a client may not open more at once.
         .max_concurrent_streams(config.max_streams_per_connection)
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Browsers: gRPC-Web over HTTP/1.1 (or HTTP/2) on this same port.
+        // CORS and the console's files are answered outermost; the
+        // translation comes next, so tracing, auth and every later layer
+        // see a gRPC-Web call as the native call it becomes.
+        .accept_http1(true)
+        .layer(web)
+        .layer(tonic_web::GrpcWebLayer::new())
         .layer(trace::RpcTraceLayer)
         .layer(error_info::ErrorInfoLayer)
         .layer(crate::ingest::ResetLayer)

@@ -9,6 +9,7 @@ mod discrepancies;
 mod errors;
 mod fuzz;
 mod gateway;
+mod grpc_web;
 mod helpers;
 mod hostile;
 mod idempotency;

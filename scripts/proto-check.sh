@@ -21,6 +21,21 @@ check() {
 scripts/buf.sh --version >/dev/null # install before the checks, so its output stays apart
 check "buf lint" scripts/buf.sh lint proto
 check "buf format" scripts/buf.sh format --diff --exit-code proto
+# buf lint checks that the files of a package agree on these options; that
+# each file sets them (so Go, Java and C# generators work out of the box) is
+# checked here.
+file_options() {
+  local f opt missing=0
+  for f in $(find proto/verdict -name '*.proto' | sort); do
+    for opt in go_package java_package java_multiple_files csharp_namespace; do
+      if ! grep -q "^option $opt = " "$f"; then
+        echo "proto-check: $f does not set option $opt" >&2; missing=1
+      fi
+    done
+  done
+  return "$missing"
+}
+check "file options for Go, Java and C#" file_options
 check "buf breaking against $release" scripts/buf.sh breaking proto --against "$release"
 
 echo "proto-check: $passed passed, $failed failed"

@@ -92,6 +92,11 @@ const main = document.getElementById("main")!;
 /** Aborted when the page changes: ends its watches and stale renders. */
 let pageAbort = new AbortController();
 
+/** gRPC's name of a code (PERMISSION_DENIED), as the API docs spell it. */
+function grpcCodeName(code: Code): string {
+  return (Code[code] ?? String(code)).replace(/([a-z])([A-Z])/g, "$1_$2").toUpperCase();
+}
+
 function showError(e: unknown, where: string): HTMLElement {
   const err = ConnectError.from(e);
   const hint =
@@ -100,7 +105,7 @@ function showError(e: unknown, where: string): HTMLElement {
       : err.code === Code.PermissionDenied
         ? " This key lacks the scope for it (the console needs `read`)."
         : "";
-  return h("div", { class: "error", role: "alert", "data-test": "error" }, `${where}: ${Code[err.code]}: ${err.rawMessage}.${hint}`);
+  return h("div", { class: "error", role: "alert", "data-test": "error" }, `${where}: ${grpcCodeName(err.code)}: ${err.rawMessage}.${hint}`);
 }
 
 async function render(page: () => Promise<HTMLElement[]>, title: string) {
@@ -245,8 +250,11 @@ async function sessionPage(id: string): Promise<HTMLElement[]> {
 }
 
 async function runsPage(): Promise<HTMLElement[]> {
-  const list = await api.runs.listTestRuns({ pageSize: 50 });
-  const runs = list.runs;
+  const list = await api.runs.listTestRuns({ pageSize: 20 });
+  // Listed runs carry no counts: GetTestRun computes them, one run each.
+  const runs = await Promise.all(
+    list.runs.map((r) => api.runs.getTestRun({ lookup: { case: "id", value: r.id } }).then((g) => g.run ?? r)),
+  );
   // The previous run of a branch: the next older run of it in the list
   // (newest first).
   const previous = new Map<string, TestRun>();
@@ -399,7 +407,7 @@ async function metricsPage(): Promise<HTMLElement[]> {
   const bucketMs = Math.max(60_000, Math.ceil((hours * 3600_000) / 48 / 60_000) * 60_000);
   const series = await api.metrics.queryTimeSeries({
     name,
-    range: { start: timestampFromMs(end - hours * 3600_000), end: timestampFromMs(end) },
+    range: { startTime: timestampFromMs(end - hours * 3600_000), endTime: timestampFromMs(end) },
     bucketWidth: durationFromMs(bucketMs),
   });
   const buckets = series.buckets.filter((b) => b.count > 0n && b.startTime);

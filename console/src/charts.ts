@@ -53,10 +53,10 @@ export function lineChart(
     svg.append(el("line", { x1: pad.left, x2: width - pad.right, y1: sy(y), y2: sy(y), stroke: "#e4e8ee" }));
     svg.append(el("text", { x: pad.left - 6, y: sy(y) + 4, "text-anchor": "end" }, fmt(y)));
   }
-  for (const x of [x0, (x0 + x1) / 2, x1]) {
+  for (const [x, anchor] of [[x0, "start"], [(x0 + x1) / 2, "middle"], [x1, "end"]] as const) {
     const d = new Date(x);
     const label = `${d.toISOString().slice(5, 10)} ${d.toISOString().slice(11, 16)}`;
-    svg.append(el("text", { x: sx(x), y: height - 8, "text-anchor": "middle" }, label));
+    svg.append(el("text", { x: sx(x), y: height - 8, "text-anchor": anchor }, label));
   }
   series.forEach((s, i) => {
     const color = COLORS[i % COLORS.length];

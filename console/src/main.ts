@@ -176,7 +176,7 @@ async function sessionsPage(): Promise<HTMLElement[]> {
       h("tbody", {}, ...rows),
     ),
     h("p", { class: "muted" }, `Newest 50. Status of up to ${MAX_WATCHES} unfinished sessions follows WatchSession live (●).`),
-    h("h2", {}, "By status"),
+    h("h2", {}, "By status (when the page loaded)"),
     barChart([...byStatus].map(([label, value]) => ({ label, value })), { label: "sessions by status" }),
   ];
 }

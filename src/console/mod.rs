@@ -314,3 +314,29 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn origins_are_exact_and_a_wildcard_or_a_path_is_refused() {
+        let cli = crate::config::Cli::parse_from([
+            "verdict",
+            "--cors-origins",
+            "http://localhost:5173,https://qa.example.com/",
+        ]);
+        let layer = WebLayer::new(&cli.config.cors_origins, false).unwrap();
+        assert_eq!(
+            layer.settings.origins,
+            ["http://localhost:5173", "https://qa.example.com"]
+        );
+        assert!(WebLayer::new(&["*".into()], false).is_err());
+        assert!(WebLayer::new(&["qa.example.com".into()], false).is_err());
+        assert!(WebLayer::new(&["https://qa.example.com/app".into()], false).is_err());
+        let none = crate::config::Cli::parse_from(["verdict"]);
+        assert!(none.config.cors_origins.is_empty());
+        assert!(!none.config.console);
+    }
+}

@@ -594,3 +594,68 @@ async fn the_console_is_off_by_default_and_served_from_the_binary_when_on() {
     // Native gRPC on the same port is unaffected.
     create(&app, "still-native").await;
 }
+
+#[tokio::test]
+async fn careless_grpc_web_requests_get_errors_and_leave_the_gateway_serving() {
+    let app = spawn_app().await;
+    let call = |content_type: &'static str, body: Bytes| async move {
+        http1(
+            app.port,
+            "POST",
+            CREATE_SESSION,
+            &[("content-type", content_type), ("x-grpc-web", "1")],
+            body,
+        )
+        .await
+    };
+    // Text that is not base64.
+    let response = call(TEXT, Bytes::from_static(b"!!not base64 at all!!")).await;
+    let status = if response.status() == 200 {
+        WebReader::new(response).finish().await.1
+    } else {
+        assert!(response.status().is_client_error(), "{}", response.status());
+        "http".into()
+    };
+    assert_ne!(status, "0", "malformed text is refused");
+    // A frame that claims more than the message limit.
+    let mut huge = vec![0u8];
+    huge.extend_from_slice(&(64u32 << 20).to_be_bytes());
+    huge.extend_from_slice(&[0u8; 64]);
+    let (messages, status) = WebReader::new(call(BINARY, Bytes::from(huge)).await)
+        .finish()
+        .await;
+    assert!(messages.is_empty());
+    assert_eq!(status, "8", "RESOURCE_EXHAUSTED for a frame over the limit");
+    // Bytes that are not the request message.
+    let mut junk = vec![0u8];
+    junk.extend_from_slice(&4u32.to_be_bytes());
+    junk.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    let (_, status) = WebReader::new(call(BINARY, Bytes::from(junk)).await)
+        .finish()
+        .await;
+    assert_eq!(
+        status, "3",
+        "INVALID_ARGUMENT for bytes that are not the message"
+    );
+    // A GET of an RPC path is a plain 404.
+    let get = http1(app.port, "GET", CREATE_SESSION, &[], Bytes::new()).await;
+    assert_eq!(get.status(), 404);
+    // Nothing was written, and the gateway still serves.
+    let rows: i64 = app
+        .sql()
+        .await
+        .query_one("SELECT count(*) FROM sessions", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0);
+    let (_, status) = unary(
+        app.port,
+        CREATE_SESSION,
+        BINARY,
+        &new_session("after-the-junk"),
+        &[],
+    )
+    .await;
+    assert_eq!(status, "0");
+}

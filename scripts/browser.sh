@@ -58,12 +58,14 @@ write_only=$("$bin" keys create --name console-writer --scopes write)
 addr=127.0.0.1:$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 VERDICT_LISTEN=$addr "$bin" serve >"$work/gateway.log" 2>&1 &
 pid=$!
+up=
 for _ in $(seq 1 120); do
   # The console page answers once the gateway serves.
-  if curl -fsS -o /dev/null "http://$addr/console/" 2>/dev/null; then break; fi
+  if python3 -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)' "http://$addr/console/" 2>/dev/null; then up=1; break; fi
   if ! kill -0 "$pid" 2>/dev/null; then cat "$work/gateway.log" >&2; exit 1; fi
   sleep 0.5
 done
+if [ -z "$up" ]; then log "the console did not answer within 60 s"; cat "$work/gateway.log" >&2; exit 1; fi
 log "gateway with the console on http://$addr/console/"
 
 shots=$root/artifacts/screenshots

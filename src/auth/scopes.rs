@@ -179,6 +179,7 @@ mod tests {
                 Admin
             } else if [
                 "Record", "Create", "Update", "Resolve", "Ingest", "Delete", "Append", "Finish",
+                "Triage",
             ]
             .iter()
             .any(|verb| method.starts_with(verb))

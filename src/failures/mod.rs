@@ -74,8 +74,7 @@ fn issue_url(v: &mut Validator, field: &str, value: &str) -> String {
         return String::new();
     }
     let ok = value.parse::<http::Uri>().ok().is_some_and(|u| {
-        matches!(u.scheme_str(), Some("http" | "https"))
-            && u.host().is_some_and(|h| !h.is_empty())
+        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
     });
     if !ok {
         v.violation(field, "must be an absolute http or https URL");
@@ -380,7 +379,9 @@ pub async fn fill_triage(
 pub fn stale(what: &str, current: i64, expected: i64) -> Error {
     Error::Aborted(
         crate::error::Reason::VersionMismatch,
-        format!("the triage of {what} is at version {current}, not {expected}; re-read it and retry"),
+        format!(
+            "the triage of {what} is at version {current}, not {expected}; re-read it and retry"
+        ),
     )
 }
 
@@ -406,7 +407,11 @@ mod tests {
 
     #[test]
     fn issue_links_must_be_absolute_http_urls() {
-        for good in ["", "https://issues.example.com/BUG-1", "http://jira:8080/browse/X-2?a=b"] {
+        for good in [
+            "",
+            "https://issues.example.com/BUG-1",
+            "http://jira:8080/browse/X-2?a=b",
+        ] {
             let mut v = Validator::new();
             issue_url(&mut v, "issue_url", good);
             assert!(v.finish().is_ok(), "{good:?} refused");

@@ -84,7 +84,11 @@ impl FailureService for FailureApi {
             return Err(no_signature(&hex).into());
         }
         let current = sql::lock_signature(&tx, project, &signature).await?;
-        check_version(&format!("signature {hex}"), current, change.expected_version)?;
+        check_version(
+            &format!("signature {hex}"),
+            current,
+            change.expected_version,
+        )?;
         let triage = sql::set_signature(&tx, project, &signature, &change).await?;
         audit::record(&tx, &call, &[hex], Outcome::Updated).await?;
         tx.commit().await.map_err(Error::from)?;
@@ -136,9 +140,11 @@ impl FailureService for FailureApi {
         let project = call.project()?;
         let mut v = Validator::new();
         let target = match (req.signature.is_empty(), req.execution_id.is_empty()) {
-            (false, true) => {
-                Target::Signature(to_hex(&super::parse_signature(&mut v, "signature", &req.signature)))
-            }
+            (false, true) => Target::Signature(to_hex(&super::parse_signature(
+                &mut v,
+                "signature",
+                &req.signature,
+            ))),
             (true, false) => Target::Execution(v.uuid("execution_id", &req.execution_id)),
             _ => {
                 v.violation("signature", "set exactly one of signature and execution_id");

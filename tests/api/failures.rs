@@ -41,7 +41,12 @@ async fn create_cases(app: &TestApp, project: &str, keys: &[&str]) {
     }
 }
 
-async fn record(app: &TestApp, project: &str, batch: &str, items: Vec<ExecutionInput>) -> Vec<String> {
+async fn record(
+    app: &TestApp,
+    project: &str,
+    batch: &str,
+    items: Vec<ExecutionInput>,
+) -> Vec<String> {
     app.test_cases
         .clone()
         .record_executions(in_project(
@@ -174,7 +179,10 @@ async fn signatures_group_messages_differing_only_in_masked_parts_and_separate_t
             &["Timeout after 5 ms waiting for lock"],
         ),
         // Case is kept.
-        ("timeout after <n> ms waiting for <ip>", &["timeout after 1 ms waiting for 10.1.1.1"]),
+        (
+            "timeout after <n> ms waiting for <ip>",
+            &["timeout after 1 ms waiting for 10.1.1.1"],
+        ),
     ];
     let mut items = Vec::new();
     let mut second = 0;
@@ -210,7 +218,11 @@ async fn signatures_group_messages_differing_only_in_masked_parts_and_separate_t
             .get(text)
             .unwrap_or_else(|| panic!("no signature {text:?} in {listed:#?}"));
         assert_eq!(s.count, messages.len() as i64, "{text}");
-        assert_eq!(s.test_cases_affected, messages.len().min(3) as i64, "{text}");
+        assert_eq!(
+            s.test_cases_affected,
+            messages.len().min(3) as i64,
+            "{text}"
+        );
         assert_eq!(s.signature.len(), 64);
         // The example is the newest failure, raw.
         assert_eq!(&s.example_message, messages.last().unwrap(), "{text}");
@@ -324,7 +336,13 @@ async fn a_signature_triage_applies_to_later_failures_and_an_execution_override_
     assert_eq!(stored.failures, 1);
     let t = stored.triage.unwrap();
     assert_eq!(
-        (t.state, t.version, t.source, t.actor.as_str(), t.issue_url.as_str()),
+        (
+            t.state,
+            t.version,
+            t.source,
+            t.actor.as_str(),
+            t.issue_url.as_str()
+        ),
         (
             TriageState::ProductBug as i32,
             1,
@@ -349,14 +367,21 @@ async fn a_signature_triage_applies_to_later_failures_and_an_execution_override_
         let t = e.triage.as_ref().unwrap();
         assert_eq!(
             (t.state, t.source, t.version),
-            (TriageState::ProductBug as i32, TriageSource::Signature as i32, 1),
+            (
+                TriageState::ProductBug as i32,
+                TriageSource::Signature as i32,
+                1
+            ),
             "{e:?}"
         );
     }
     assert!(listed[&later[2]].triage.is_none());
     let s = &all_signatures(&app, "team-a", Default::default()).await[0];
     assert_eq!(s.count, 3);
-    assert_eq!(s.triage.as_ref().unwrap().state, TriageState::ProductBug as i32);
+    assert_eq!(
+        s.triage.as_ref().unwrap().state,
+        TriageState::ProductBug as i32
+    );
 
     // An execution's own state wins over its signature's, also after the
     // signature changes again.
@@ -385,7 +410,10 @@ async fn a_signature_triage_applies_to_later_failures_and_an_execution_override_
     let listed = executions(&app, "team-a").await;
     let state = |id: &String| {
         let t = listed[id].triage.as_ref().unwrap();
-        (TriageState::try_from(t.state).unwrap(), TriageSource::try_from(t.source).unwrap())
+        (
+            TriageState::try_from(t.state).unwrap(),
+            TriageSource::try_from(t.source).unwrap(),
+        )
     };
     assert_eq!(
         state(&later[0]),
@@ -480,7 +508,10 @@ async fn a_signature_triage_applies_to_later_failures_and_an_execution_override_
         .unwrap()
         .into_inner();
     assert_eq!(own_history.changes.len(), 1);
-    assert_eq!(own_history.changes[0].comment, "flaky disk in this test only");
+    assert_eq!(
+        own_history.changes[0].comment,
+        "flaky disk in this test only"
+    );
     // History is append-only in the database too.
     let err = app
         .sql()
@@ -516,7 +547,11 @@ async fn concurrent_triage_with_the_same_expected_version_lets_exactly_one_clien
     for (round, expected) in [(1, 0), (2, 1)] {
         let calls = (0..4).map(|i| {
             let mut f = failures(&app);
-            let mut req = triage(&signature, TriageState::AutomationBug, &format!("r{round}-c{i}"));
+            let mut req = triage(
+                &signature,
+                TriageState::AutomationBug,
+                &format!("r{round}-c{i}"),
+            );
             req.expected_version = Some(expected);
             async move { f.triage_failure_signature(req).await }
         });
@@ -584,9 +619,15 @@ async fn signatures_and_their_triage_are_per_project() {
     .unwrap();
     // B's signature and executions keep their own (default) triage.
     let b_sig = &all_signatures(&app, "team-b", Default::default()).await[0];
-    assert_eq!(b_sig.triage.as_ref().unwrap().source, TriageSource::Default as i32);
+    assert_eq!(
+        b_sig.triage.as_ref().unwrap().source,
+        TriageSource::Default as i32
+    );
     for e in executions(&app, "team-b").await.values() {
-        assert_eq!(e.triage.as_ref().unwrap().state, TriageState::ToInvestigate as i32);
+        assert_eq!(
+            e.triage.as_ref().unwrap().state,
+            TriageState::ToInvestigate as i32
+        );
     }
     let history_b = f
         .list_triage_history(in_project(
@@ -690,7 +731,10 @@ async fn bad_triage_input_is_invalid_argument_with_field_violations_and_writes_n
             },
             &["issue_url"],
         ),
-        (triage(&signature[..10], TriageState::ProductBug, "ana"), &["signature"]),
+        (
+            triage(&signature[..10], TriageState::ProductBug, "ana"),
+            &["signature"],
+        ),
         (triage(&signature, TriageState::ProductBug, ""), &["actor"]),
         (
             TriageFailureSignatureRequest {

@@ -816,3 +816,112 @@ async fn bad_triage_input_is_invalid_argument_with_field_violations_and_writes_n
         .get(0);
     assert_eq!(written, 0);
 }
+
+#[tokio::test]
+async fn a_triage_whose_backend_is_terminated_while_it_waits_writes_nothing_and_its_retry_wins() {
+    let app = spawn_app().await;
+    create_cases(&app, "default", &["t-1"]).await;
+    record(
+        &app,
+        "default",
+        "b-1",
+        vec![failure("t-1", "oops at 0x7f00", 1)],
+    )
+    .await;
+    let signature = all_signatures(&app, "default", Default::default()).await[0]
+        .signature
+        .clone();
+    let mut f = failures(&app);
+    let mut first = triage(&signature, TriageState::ProductBug, "ana");
+    first.expected_version = Some(0);
+    f.triage_failure_signature(first).await.unwrap();
+
+    // Another transaction holds the signature's triage row: the change waits.
+    let mut blocker = app.sql().await;
+    let hold = blocker.transaction().await.unwrap();
+    hold.execute(
+        "SELECT 1 FROM failure_signature_triage WHERE signature = decode($1, 'hex') FOR UPDATE",
+        &[&signature],
+    )
+    .await
+    .unwrap();
+    let mut change = triage(&signature, TriageState::NoDefect, "late");
+    change.expected_version = Some(1);
+    let waiting_call = tokio::spawn({
+        let mut f = f.clone();
+        let change = change.clone();
+        async move { f.triage_failure_signature(change).await }
+    });
+    let observer = app.sql().await;
+    const WAITING: &str = "FROM pg_stat_activity WHERE application_name = 'verdict' \
+         AND wait_event_type = 'Lock' AND query LIKE '%FROM failure_signature_triage%'";
+    tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let n: i64 = observer
+                .query_one(&format!("SELECT count(*) {WAITING}"), &[])
+                .await
+                .unwrap()
+                .get(0);
+            if n >= 1 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the triage waits on the held row within 30 s");
+    let killed: bool = observer
+        .query_one(&format!("SELECT pg_terminate_backend(pid) {WAITING}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed);
+    let err = waiting_call.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    hold.rollback().await.unwrap();
+    // Nothing of it was written: state, history and audit as before.
+    let stored = |sql: &'static str| {
+        let observer = &observer;
+        let signature = signature.clone();
+        async move {
+            observer
+                .query_one(sql, &[&signature])
+                .await
+                .unwrap()
+                .get::<_, i64>(0)
+        }
+    };
+    const VERSION: &str =
+        "SELECT version FROM failure_signature_triage WHERE signature = decode($1, 'hex')";
+    const HISTORY: &str = "SELECT count(*) FROM triage_history WHERE signature = decode($1, 'hex')";
+    const AUDITED: &str = "SELECT count(*) FROM audit_events \
+         WHERE rpc LIKE '%TriageFailureSignature' AND $1::text IS NOT NULL";
+    assert_eq!(
+        (
+            stored(VERSION).await,
+            stored(HISTORY).await,
+            stored(AUDITED).await
+        ),
+        (1, 1, 1)
+    );
+    // The retry of the same change (same expected version) succeeds once.
+    let retried = f
+        .triage_failure_signature(change.clone())
+        .await
+        .unwrap()
+        .into_inner()
+        .triage
+        .unwrap();
+    assert_eq!((retried.version, retried.actor.as_str()), (2, "late"));
+    let err = f.triage_failure_signature(change).await.unwrap_err();
+    assert_reason(&err, Code::Aborted, "VERSION_MISMATCH");
+    assert_eq!(
+        (
+            stored(VERSION).await,
+            stored(HISTORY).await,
+            stored(AUDITED).await
+        ),
+        (2, 2, 2)
+    );
+    app.stop().await.unwrap();
+}

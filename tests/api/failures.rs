@@ -925,3 +925,76 @@ async fn a_triage_whose_backend_is_terminated_while_it_waits_writes_nothing_and_
     );
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn the_normaliser_masks_each_kind_and_keeps_everything_else() {
+    let app = spawn_app().await;
+    let c = app.sql().await;
+    let table: &[(&str, &str)] = &[
+        (
+            "element not visible: button.submit",
+            "element not visible: button.submit",
+        ),
+        ("  many \t spaces\n\nand lines  ", "many spaces and lines"),
+        ("expected 42 but got -3.5", "expected <n> but got -<n>"),
+        ("retry 1,000 times in v1.2.3", "retry <n> times in v<n>"),
+        (
+            "id 7f3c2a1b-1111-4222-8333-123456789ABC gone",
+            "id <uuid> gone",
+        ),
+        (
+            "GET https://api.example.com/v2/items?id=9 failed",
+            "GET <url> failed",
+        ),
+        (
+            "open('/etc/app/conf.d/x.yaml') failed",
+            "open('<path>') failed",
+        ),
+        ("at ./src/main.rs:12:5", "at <path>:<n>:<n>"),
+        ("load ~/cache/blob", "load <path>"),
+        ("copy D:\\data\\in.csv", "copy <path>"),
+        ("connect 192.168.0.1:8080 refused", "connect <ip> refused"),
+        ("connect [2001:db8::1]:443 refused", "connect <ip> refused"),
+        ("at 2026-11-29T14:35:08.123+01:00 ok", "at <ts> ok"),
+        ("on 2026-11-29 at 9:05:01", "on <ts> at <ts>"),
+        (
+            "segfault at 0x7ffd1234 in a1b2c3d4e5f6",
+            "segfault at <hex> in <hex>",
+        ),
+        // Words of hex letters only and short hex words are words.
+        ("deadbeef cafe", "deadbeef cafe"),
+        ("Ünïcödé 7 ✓", "Ünïcödé <n> ✓"),
+        ("and/or 3/4", "and/or <n>/<n>"),
+    ];
+    for (raw, want) in table {
+        let got: String = c
+            .query_one("SELECT verdict_normalise_error($1)", &[raw])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(&got, want, "{raw:?}");
+    }
+    // The signature: SHA-256 of the normalised text for failures only.
+    for (status, message, signed) in [
+        ("failed", "boom 1", true),
+        ("error", "boom 2", true),
+        ("passed", "boom 3", false),
+        ("skipped", "boom 4", false),
+        ("failed", "", false),
+        ("failed", " \n ", false),
+    ] {
+        let row = c
+            .query_one(
+                "SELECT verdict_error_signature($1, $2), \
+                        sha256(convert_to(verdict_normalise_error($2), 'UTF8'))",
+                &[&status, &message],
+            )
+            .await
+            .unwrap();
+        let got: Option<Vec<u8>> = row.get(0);
+        assert_eq!(got.is_some(), signed, "{status} {message:?}");
+        if signed {
+            assert_eq!(got.unwrap(), row.get::<_, Vec<u8>>(1));
+        }
+    }
+}

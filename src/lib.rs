@@ -17,6 +17,7 @@ pub mod db;
 pub mod digest;
 pub mod discrepancies;
 pub mod error;
+pub mod failures;
 pub mod ingest;
 pub mod labels;
 pub mod metrics;

@@ -7,6 +7,8 @@ import datetime
 
 import grpc
 
+from verdict.v1 import failures_pb2 as fl_pb
+from verdict.v1 import failures_pb2_grpc
 from verdict.v1 import test_cases_pb2 as tc_pb
 from verdict.v1 import test_runs_pb2 as pb
 from verdict_client import DEADLINE_SECONDS, expect_error
@@ -106,4 +108,64 @@ def runs_with_retries(walk):
     )
 
 
-STEPS = [runs_with_retries]
+def failure_triage(walk):
+    """Build 3 fails twice with one error that differs only in numbers and
+    addresses: one error signature. Triaging it as a product bug applies to
+    both failures; a second triage based on the same version is refused."""
+    failures = failures_pb2_grpc.FailureServiceStub(walk.verdict.channel)
+    run = _run(walk, "3")
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    items = []
+    for test, message in (
+        ("checkout", "Timeout after 3000 ms connecting to 10.0.0.7:5432"),
+        ("search", "Timeout after 45 ms connecting to 10.0.0.9:6543"),
+    ):
+        item = tc_pb.ExecutionInput(
+            test_case_key=f"{walk.run_id}-{test}",
+            status=F,
+            error_message=message,
+            run_id=run.id,
+            attempt=1,
+        )
+        item.started_at.FromDatetime(now)
+        items.append(item)
+    walk.verdict.test_cases.RecordExecutions(
+        tc_pb.RecordExecutionsRequest(batch_id=f"{walk.run_id}-build-3", items=items),
+        timeout=DEADLINE_SECONDS,
+    )
+    listed = failures.ListFailureSignatures(
+        fl_pb.ListFailureSignaturesRequest(run_id=run.id), timeout=DEADLINE_SECONDS
+    )
+    assert len(listed.signatures) == 1, listed
+    signature = listed.signatures[0]
+    assert signature.count == 2 and signature.test_cases_affected == 2, signature
+    assert signature.normalised_message == "Timeout after <n> ms connecting to <ip>", signature
+    assert signature.triage.state == fl_pb.TRIAGE_STATE_TO_INVESTIGATE, signature
+
+    request = fl_pb.TriageFailureSignatureRequest(
+        signature=signature.signature,
+        state=fl_pb.TRIAGE_STATE_PRODUCT_BUG,
+        comment="the pool times out under load",
+        issue_url="https://issues.example.com/BUG-42",
+        actor="python-walk",
+        expected_version=signature.triage.version,
+    )
+    done = failures.TriageFailureSignature(request, timeout=DEADLINE_SECONDS)
+    # failures counts the whole project (a rerun of the walk adds its own).
+    assert done.triage.version == signature.triage.version + 1 and done.failures >= 2, done
+    # Someone else's change based on the same version is refused.
+    expect_error(grpc.StatusCode.ABORTED, failures.TriageFailureSignature, request)
+    executions = walk.verdict.test_cases.ListExecutions(
+        tc_pb.ListExecutionsRequest(run_id=run.id), timeout=DEADLINE_SECONDS
+    ).executions
+    assert len(executions) == 2, executions
+    for e in executions:
+        assert e.error_signature == signature.signature, e
+        assert e.triage.state == fl_pb.TRIAGE_STATE_PRODUCT_BUG, e
+        assert e.triage.source == fl_pb.TRIAGE_SOURCE_SIGNATURE, e
+    walk.verdict.test_runs.FinishTestRun(
+        pb.FinishTestRunRequest(id=run.id), timeout=DEADLINE_SECONDS
+    )
+
+
+STEPS = [runs_with_retries, failure_triage]

@@ -73,6 +73,11 @@ pub const TABLE: &[(&str, Scope)] = &[
     ("/verdict.v1.TestRunService/ListTestRuns", Read),
     ("/verdict.v1.TestRunService/FinishTestRun", Write),
     ("/verdict.v1.TestRunService/CompareTestRuns", Read),
+    // FailureService
+    ("/verdict.v1.FailureService/ListFailureSignatures", Read),
+    ("/verdict.v1.FailureService/TriageFailureSignature", Write),
+    ("/verdict.v1.FailureService/TriageExecution", Write),
+    ("/verdict.v1.FailureService/ListTriageHistory", Read),
     // ProjectService: all of it is admin.
     ("/verdict.v1.ProjectService/CreateProject", Admin),
     ("/verdict.v1.ProjectService/GetProject", Admin),
@@ -174,6 +179,7 @@ mod tests {
                 Admin
             } else if [
                 "Record", "Create", "Update", "Resolve", "Ingest", "Delete", "Append", "Finish",
+                "Triage",
             ]
             .iter()
             .any(|verb| method.starts_with(verb))

@@ -31,6 +31,8 @@ const COLLECTIONS: &[&str] = &[
     "coverage_reports",
     "discrepancies",
     "discrepancy_resolutions",
+    "execution_triage",
+    "failure_signature_triage",
     "fingerprint_rules",
     "gateway_secrets",
     "ingest_batches",
@@ -45,6 +47,7 @@ const COLLECTIONS: &[&str] = &[
     "test_cases",
     "test_executions",
     "test_runs",
+    "triage_history",
     "pg_stat_user_tables",
 ];
 

@@ -70,6 +70,8 @@ pub const READ_RPCS: &[&str] = &[
     "/verdict.v1.TestRunService/GetTestRun",
     "/verdict.v1.TestRunService/ListTestRuns",
     "/verdict.v1.TestRunService/CompareTestRuns",
+    "/verdict.v1.FailureService/ListFailureSignatures",
+    "/verdict.v1.FailureService/ListTriageHistory",
 ];
 
 /// A WAL position: a byte offset in the write-ahead log.

@@ -15,11 +15,13 @@ use crate::auth::{AuthLayer, AuthMode};
 use crate::config::Config;
 use crate::coverage::CoverageApi;
 use crate::discrepancies::DiscrepancyApi;
+use crate::failures::FailureApi;
 use crate::metrics::MetricsApi;
 use crate::projects::ProjectApi;
 use crate::proto::admin_service_server::AdminServiceServer;
 use crate::proto::coverage_service_server::CoverageServiceServer;
 use crate::proto::discrepancy_service_server::DiscrepancyServiceServer;
+use crate::proto::failure_service_server::FailureServiceServer;
 use crate::proto::metrics_service_server::MetricsServiceServer;
 use crate::proto::project_service_server::ProjectServiceServer;
 use crate::proto::result_service_server::ResultServiceServer;
@@ -51,6 +53,7 @@ pub fn service_names() -> Vec<&'static str> {
         <CoverageServiceServer<CoverageApi> as NamedService>::NAME,
         <ProjectServiceServer<ProjectApi> as NamedService>::NAME,
         <TestRunServiceServer<TestRunApi> as NamedService>::NAME,
+        <FailureServiceServer<FailureApi> as NamedService>::NAME,
     ]
 }
 
@@ -130,7 +133,8 @@ pub async fn serve(
         .add_service(limited!(MetricsServiceServer, MetricsApi))
         .add_service(limited!(AdminServiceServer, AdminApi))
         .add_service(limited!(ProjectServiceServer, ProjectApi))
-        .add_service(limited!(TestRunServiceServer, TestRunApi));
+        .add_service(limited!(TestRunServiceServer, TestRunApi))
+        .add_service(limited!(FailureServiceServer, FailureApi));
     let limits = incoming::Limits::from_config(config);
     match tls {
         Some(tls) => {

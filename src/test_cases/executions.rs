@@ -276,6 +276,10 @@ pub struct Execution {
     pub interaction_log: Json,
     pub performance: Json,
     pub created_at: DateTime<Utc>,
+    /// The error signature and effective triage of a failure, when the
+    /// list filled them in (`crate::failures::sql::effective`).
+    #[serde(skip)]
+    pub triage: Option<(Vec<u8>, crate::failures::Triage)>,
 }
 
 impl From<Execution> for proto::Execution {
@@ -309,6 +313,12 @@ impl From<Execution> for proto::Execution {
             interaction_log: steps,
             performance,
             created_at: Some(timestamp(e.created_at)),
+            error_signature: e
+                .triage
+                .as_ref()
+                .map(|(sig, _)| crate::failures::to_hex(sig))
+                .unwrap_or_default(),
+            triage: e.triage.map(|(_, t)| t.into()),
         }
     }
 }

@@ -291,6 +291,7 @@ fn from_row(row: &Row) -> Result<Execution> {
             .try_get::<_, Option<serde_json::Value>>("performance")?
             .unwrap_or_default(),
         created_at: row.try_get("created_at")?,
+        triage: None,
     })
 }
 

@@ -420,7 +420,8 @@ impl TestCaseService for TestCaseApi {
             None => None,
         };
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
-        let rows = executions_sql::list(c, project, &query, test_case_id, max_bytes).await?;
+        let mut rows = executions_sql::list(c, project, &query, test_case_id, max_bytes).await?;
+        crate::failures::fill_triage(c, project, &mut rows.rows).await?;
         let (executions, next_page_token) = pagination::page(
             rows,
             query.page_size,

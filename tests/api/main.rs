@@ -7,6 +7,7 @@ mod bounds;
 mod coverage;
 mod discrepancies;
 mod errors;
+mod failures;
 mod fuzz;
 mod gateway;
 mod grpc_web;

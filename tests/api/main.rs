@@ -14,6 +14,7 @@ mod hostile;
 mod idempotency;
 mod ingest;
 mod keys;
+mod labels;
 mod metrics;
 mod pages;
 mod pg_tls;

@@ -26,6 +26,7 @@ mod projects_migration;
 mod projects_sessions;
 mod projects_test_cases;
 mod results;
+mod search;
 mod sequences;
 mod sessions;
 mod test_cases;

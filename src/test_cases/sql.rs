@@ -205,14 +205,14 @@ pub async fn list(
         &limit,
         &project,
     ];
-    let list = match &f.query {
-        None => &LIST,
+    let rows = match &f.query {
+        None => LIST.query(c, &params).await?,
         Some(query) => {
             params.push(query);
-            &LIST_SEARCH
+            LIST_SEARCH.query(c, &params).await?
         }
     };
-    list.query(c, &params).await?.iter().map(from_row).collect()
+    rows.iter().map(from_row).collect()
 }
 
 const UPDATE: Stmt = Stmt::new(

@@ -33,7 +33,7 @@ fn nth_labels(n: usize) -> HashMap<String, String> {
         1 => l.insert("team".to_string(), "search".to_string()),
         _ => None,
     };
-    if n % 2 == 0 {
+    if n.is_multiple_of(2) {
         l.insert("nightly".into(), "yes".into());
     }
     l

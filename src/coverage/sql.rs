@@ -223,6 +223,13 @@ pub struct Pooled {
     pub counters: Counters,
 }
 
+// Label filters of reports (migrations/V21): `$n` and `$m` are the two
+// parameters of `LabelFilter::params()` (NULL when unset). Every read that
+// filters reports takes the same two predicates, e.g. a ListCoverageReports:
+//   AND ($n::jsonb IS NULL OR labels @> $n) AND ($m::text[] IS NULL OR labels ?& $m)
+// with `LabelFilter::validate(&mut v, &r.labels, &r.label_keys)` in its
+// request conversion and the filter in its page-token fingerprint.
+//
 // sum(bigint) is numeric: sums are taken exactly and saturate at the int64
 // maximum instead of failing the cast (unreachable for reports within
 // MAX_COUNTER: it would take over 8 million of them at the bound).

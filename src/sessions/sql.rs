@@ -255,7 +255,7 @@ pub const LIST: Stmt = Stmt::new(
          FROM (",
         list_sql!(
             "*, octet_length(config::text) + octet_length(input_refs::text) \
-             + octet_length(metadata::text) AS row_bytes"
+             + octet_length(metadata::text) + octet_length(labels::text) AS row_bytes"
         ),
         ") batch) sized WHERE bytes_before < $13 ORDER BY created_at DESC, id DESC"
     ),

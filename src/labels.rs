@@ -1,9 +1,11 @@
-//! Key/value labels (test runs today; sessions, executions and coverage
-//! reports next): at most [`MAX_LABELS`] per object, keys 1 to
-//! [`MAX_KEY`] characters, values up to [`MAX_VALUE`], stored as a jsonb
-//! object of strings and filtered with `@>` (equality) and `?&` (presence).
+//! Key/value labels of test runs, sessions, executions and coverage
+//! reports: at most [`MAX_LABELS`] per object, keys 1 to [`MAX_KEY`]
+//! characters, values up to [`MAX_VALUE`], stored as a jsonb object of
+//! strings and filtered with `@>` (equality) and `?&` (presence).
 
+use crate::digest::Canonical;
 use crate::validate::Validator;
+use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
 pub const MAX_LABELS: usize = 32;
@@ -69,4 +71,50 @@ pub fn from_json(value: &serde_json::Value) -> HashMap<String, String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// Feeds labels into a content digest, only when there are some: digests
+/// of content stored before labels existed (or sent without them) stay
+/// what they were, so their replays still match.
+pub fn feed(h: &mut Canonical, labels: &Labels) {
+    if !labels.is_empty() {
+        h.str("labels").seq(labels.iter(), |h, (k, v)| {
+            h.str(k).str(v);
+        });
+    }
+}
+
+/// The label filters of a list, as ListTestRuns has them: `labels` (every
+/// one present with that value, `@>`) and `label_keys` (every key present,
+/// `?&`). Part of the list's page-token fingerprint, left out when empty
+/// so tokens issued before the filters existed stay valid.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LabelFilter {
+    #[serde(skip_serializing_if = "Labels::is_empty")]
+    pub labels: Labels,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub label_keys: Vec<String>,
+}
+
+impl LabelFilter {
+    /// Validates the request fields `labels` and `label_keys`.
+    pub fn validate(
+        v: &mut Validator,
+        labels: &HashMap<String, String>,
+        label_keys: &[String],
+    ) -> LabelFilter {
+        LabelFilter {
+            labels: validate(v, "labels", labels),
+            label_keys: validate_keys(v, "label_keys", label_keys),
+        }
+    }
+
+    /// The SQL parameters of `($n::jsonb IS NULL OR labels @> $n)` and
+    /// `($m::text[] IS NULL OR labels ?& $m)`: NULL when unset.
+    pub fn params(&self) -> (Option<serde_json::Value>, Option<&[String]>) {
+        (
+            (!self.labels.is_empty()).then(|| to_json(&self.labels)),
+            (!self.label_keys.is_empty()).then_some(self.label_keys.as_slice()),
+        )
+    }
 }

@@ -26,6 +26,7 @@ pub mod pagination;
 pub mod projects;
 pub mod results;
 pub mod rpc;
+pub mod search;
 pub mod server;
 pub mod sessions;
 pub mod state;

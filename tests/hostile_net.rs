@@ -969,6 +969,7 @@ async fn millions_of_nested_empty_values_are_refused_without_being_decoded() {
                 config: numbers(),
                 input_refs: numbers(),
                 metadata: numbers(),
+                ..Default::default()
             },
             &token,
         ))

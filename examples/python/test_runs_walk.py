@@ -1,5 +1,6 @@
 """A walk through TestRunService: two CI runs of the same pipeline, with
-retries, their counts, a comparison, and finishing them.
+retries, their counts, a comparison, and finishing them; then executions
+found by their labels and by words of their error messages.
 
 Each step is a function of the shared `Walk`; main.py runs STEPS in order."""
 
@@ -168,4 +169,71 @@ def failure_triage(walk):
     )
 
 
-STEPS = [runs_with_retries, failure_triage]
+def labels_and_search(walk):
+    """Executions carry labels (filtered by value or by key) and are found
+    by words of their error messages (`query`, in list order)."""
+    key = f"{walk.run_id}-flaky-io"
+    walk.verdict.test_cases.CreateTestCase(
+        tc_pb.CreateTestCaseRequest(key=key, name="flaky io", test_type=tc_pb.TEST_TYPE_UNIT),
+        timeout=DEADLINE_SECONDS,
+    )
+    now = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    messages = [
+        "connection refused by db-primary",
+        "timeout waiting for lock",
+        "Connection reset by peer",
+        "",
+    ]
+    items = []
+    for n, message in enumerate(messages):
+        item = tc_pb.ExecutionInput(
+            test_case_key=key,
+            status=F if message else P,
+            error_message=message,
+            # The walk's id keeps this walk's executions apart from others'.
+            labels={"walk": walk.run_id, "shard": str(n % 2)},
+        )
+        item.started_at.FromDatetime(now + datetime.timedelta(seconds=n))
+        items.append(item)
+    walk.verdict.test_cases.RecordExecutions(
+        tc_pb.RecordExecutionsRequest(batch_id=f"{walk.run_id}-labelled", items=items),
+        timeout=DEADLINE_SECONDS,
+    )
+    listed = walk.verdict.test_cases.ListExecutions(
+        tc_pb.ListExecutionsRequest(labels={"walk": walk.run_id, "shard": "0"}),
+        timeout=DEADLINE_SECONDS,
+    )
+    assert [e.error_message for e in listed.executions] == [messages[2], messages[0]], listed
+    assert all(e.labels["shard"] == "0" for e in listed.executions), listed
+
+    # Words, any case, newest first, one per page; the token is bound to
+    # the query (and the labels).
+    request = tc_pb.ListExecutionsRequest(
+        labels={"walk": walk.run_id}, query="connection", page_size=1
+    )
+    first = walk.verdict.test_cases.ListExecutions(request, timeout=DEADLINE_SECONDS)
+    found = [e.error_message for e in first.executions]
+    request.page_token = first.next_page_token
+    while request.page_token:
+        page = walk.verdict.test_cases.ListExecutions(request, timeout=DEADLINE_SECONDS)
+        found += [e.error_message for e in page.executions]
+        request.page_token = page.next_page_token
+    assert found == [messages[2], messages[0]], found
+    expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        walk.verdict.test_cases.ListExecutions,
+        tc_pb.ListExecutionsRequest(
+            labels={"walk": walk.run_id}, query="timeout", page_token=first.next_page_token
+        ),
+    )
+    # Web-search syntax: a phrase, and exclusion.
+    phrase = walk.verdict.test_cases.ListExecutions(
+        tc_pb.ListExecutionsRequest(
+            labels={"walk": walk.run_id}, query='"connection refused" or timeout -lock'
+        ),
+        timeout=DEADLINE_SECONDS,
+    )
+    assert [e.error_message for e in phrase.executions] == [messages[0]], phrase
+
+
+STEPS = [runs_with_retries, failure_triage, labels_and_search]

@@ -464,6 +464,8 @@ async fn main() -> anyhow::Result<()> {
                                 // A content digest's size (the gateway's is SHA-256).
                                 &[0u8; 32].as_slice(),
                                 &project,
+                                // No labels.
+                                &empty,
                             ],
                         )
                         .await
@@ -523,6 +525,7 @@ async fn main() -> anyhow::Result<()> {
                     let none_texts: Option<Vec<&str>> = None;
                     let none_time: Option<chrono::DateTime<chrono::Utc>> = None;
                     let none_id: Option<Uuid> = None;
+                    let none_json: Option<serde_json::Value> = None;
                     client
                         .query(
                             &stmt,
@@ -537,6 +540,9 @@ async fn main() -> anyhow::Result<()> {
                                 &none_time,
                                 &none_id,
                                 &51i64,
+                                // No label filters.
+                                &none_json,
+                                &none_texts,
                                 // The reply limit: the FULL view's byte cut.
                                 &(4i64 * 1024 * 1024),
                             ],

@@ -11,6 +11,7 @@ pub use service::CoverageApi;
 
 use crate::convert::timestamp;
 use crate::error::{Error, Result};
+use crate::labels::{self, Labels};
 use crate::proto;
 use crate::test_cases::MAX_SUBSYSTEM;
 use crate::validate::Validator;
@@ -195,6 +196,7 @@ pub struct NewReport {
     pub totals: Counters,
     pub files: Vec<NewFile>,
     pub recorded_at: Option<DateTime<Utc>>,
+    pub labels: Labels,
 }
 
 fn files(v: &mut Validator, raw: Vec<proto::FileCoverage>) -> Vec<NewFile> {
@@ -253,6 +255,7 @@ impl TryFrom<proto::RecordCoverageRequest> for NewReport {
             .as_ref()
             .map(|t| Counters::validate(&mut v, "totals", t));
         let files = files(&mut v, r.files);
+        let labels = labels::validate(&mut v, "labels", &r.labels);
         let totals = match stated {
             Some(t) => t,
             // A file out of bounds is named already; its sum says nothing new.
@@ -281,6 +284,7 @@ impl TryFrom<proto::RecordCoverageRequest> for NewReport {
             totals,
             files,
             recorded_at,
+            labels,
         })
     }
 }
@@ -298,6 +302,7 @@ pub struct Report {
     pub file_count: i32,
     pub recorded_at: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
+    pub labels: Labels,
 }
 
 impl From<Report> for proto::CoverageReport {
@@ -314,6 +319,7 @@ impl From<Report> for proto::CoverageReport {
             file_count: i64::from(r.file_count),
             recorded_at: Some(timestamp(r.recorded_at)),
             created_at: Some(timestamp(r.created_at)),
+            labels: r.labels.into_iter().collect(),
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use super::{MAX_BRANCH, commit_sha};
 use crate::error::{Error, Result};
+use crate::labels::LabelFilter;
 use crate::proto;
 use crate::test_cases::MAX_SUBSYSTEM;
 use crate::validate::Validator;
@@ -21,6 +22,7 @@ pub struct AggregateQuery {
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
     pub latest_per_subsystem: bool,
+    pub labels: LabelFilter,
 }
 
 impl TryFrom<proto::GetAggregateCoverageRequest> for AggregateQuery {
@@ -35,6 +37,7 @@ impl TryFrom<proto::GetAggregateCoverageRequest> for AggregateQuery {
             from,
             to,
             latest_per_subsystem: r.latest_per_subsystem,
+            labels: LabelFilter::validate(&mut v, &r.labels, &r.label_keys),
         };
         v.finish()?;
         Ok(query)
@@ -52,6 +55,7 @@ pub struct TrendQuery {
     pub step_days: i32,
     pub start: DateTime<Utc>,
     pub end: DateTime<Utc>,
+    pub labels: LabelFilter,
 }
 
 impl TryFrom<proto::GetCoverageTrendRequest> for TrendQuery {
@@ -90,6 +94,7 @@ impl TryFrom<proto::GetCoverageTrendRequest> for TrendQuery {
             step_days,
             start: end - Duration::days(days - 1),
             end,
+            labels: LabelFilter::validate(&mut v, &r.labels, &r.label_keys),
         };
         v.finish()?;
         Ok(query)

@@ -56,6 +56,7 @@ impl Content for NewReport {
                 counters(h, &f.counters);
             },
         );
+        crate::labels::feed(h, &self.labels);
     }
 }
 

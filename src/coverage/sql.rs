@@ -15,7 +15,7 @@ macro_rules! report_columns {
     () => {
         "id, commit_sha, branch, subsystem, session_id, client_key, lines_covered, lines_total, \
          branches_covered, branches_total, functions_covered, functions_total, file_count, \
-         recorded_at, created_at"
+         recorded_at, created_at, labels"
     };
 }
 
@@ -52,6 +52,9 @@ fn from_row(row: &Row) -> Result<Report> {
         file_count: row.try_get("file_count")?,
         recorded_at: row.try_get("recorded_at")?,
         created_at: row.try_get("created_at")?,
+        labels: crate::labels::from_json(&row.try_get("labels")?)
+            .into_iter()
+            .collect(),
     })
 }
 
@@ -65,9 +68,9 @@ const INSERT: Stmt = Stmt::new(
     concat!(
         "INSERT INTO coverage_reports (project_id, id, commit_sha, branch, subsystem, session_id, \
          client_key, lines_covered, lines_total, branches_covered, branches_total, \
-         functions_covered, functions_total, file_count, recorded_at, content_digest) \
+         functions_covered, functions_total, file_count, recorded_at, content_digest, labels) \
          VALUES ($16, $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, COALESCE($14, now()), \
-                 $15) \
+                 $15, $17) \
          ON CONFLICT (project_id, commit_sha, subsystem, client_key) DO NOTHING RETURNING ",
         report_columns!()
     ),
@@ -104,6 +107,7 @@ pub async fn insert(
                 &r.recorded_at,
                 &digest,
                 &project,
+                &crate::labels::to_json(&r.labels),
             ],
         )
         .await?)
@@ -219,6 +223,13 @@ pub struct Pooled {
     pub counters: Counters,
 }
 
+// Label filters of reports (migrations/V21): `$n` and `$m` are the two
+// parameters of `LabelFilter::params()` (NULL when unset). Every read that
+// filters reports takes the same two predicates, e.g. a ListCoverageReports:
+//   AND ($n::jsonb IS NULL OR labels @> $n) AND ($m::text[] IS NULL OR labels ?& $m)
+// with `LabelFilter::validate(&mut v, &r.labels, &r.label_keys)` in its
+// request conversion and the filter in its page-token fingerprint.
+//
 // sum(bigint) is numeric: sums are taken exactly and saturate at the int64
 // maximum instead of failing the cast (unreachable for reports within
 // MAX_COUNTER: it would take over 8 million of them at the bound).
@@ -231,7 +242,9 @@ const AGGREGATE: Stmt = Stmt::new(
            AND ($1::text IS NULL OR branch = $1) \
            AND ($2::text IS NULL OR subsystem = $2) \
            AND ($3::timestamptz IS NULL OR recorded_at >= $3) \
-           AND ($4::timestamptz IS NULL OR recorded_at < $4)), \
+           AND ($4::timestamptz IS NULL OR recorded_at < $4) \
+           AND ($7::jsonb IS NULL OR labels @> $7) \
+           AND ($8::text[] IS NULL OR labels ?& $8)), \
      chosen AS ( \
          SELECT * FROM matching WHERE NOT $5 \
          UNION ALL \
@@ -255,6 +268,7 @@ pub async fn aggregate(
     project: Uuid,
     q: &AggregateQuery,
 ) -> Result<Vec<Pooled>> {
+    let (labels, label_keys) = q.labels.params();
     AGGREGATE
         .query(
             c,
@@ -265,6 +279,8 @@ pub async fn aggregate(
                 &q.to,
                 &q.latest_per_subsystem,
                 &project,
+                &labels,
+                &label_keys,
             ],
         )
         .await?
@@ -309,6 +325,7 @@ const TREND: Stmt = Stmt::new(
            ON r.recorded_at >= k.bucket_start AND r.recorded_at < k.bucket_end \
          WHERE r.project_id = $7 \
            AND ($1::text IS NULL OR r.branch = $1) AND ($2::text IS NULL OR r.subsystem = $2) \
+           AND ($8::jsonb IS NULL OR r.labels @> $8) AND ($9::text[] IS NULL OR r.labels ?& $9) \
          ORDER BY k.bucket_start, r.branch, r.subsystem, r.recorded_at DESC, r.id DESC) \
      SELECT k.bucket_start, k.bucket_end, count(l.bucket_start), \
             LEAST(COALESCE(sum(l.lines_covered), 0), 9223372036854775807)::int8, \
@@ -324,6 +341,7 @@ const TREND: Stmt = Stmt::new(
 /// Every bucket of a trend of `project`'s reports, oldest first, empty ones
 /// included.
 pub async fn trend(c: &impl GenericClient, project: Uuid, q: &TrendQuery) -> Result<Vec<Bucket>> {
+    let (labels, label_keys) = q.labels.params();
     TREND
         .query(
             c,
@@ -335,6 +353,8 @@ pub async fn trend(c: &impl GenericClient, project: Uuid, q: &TrendQuery) -> Res
                 &q.start,
                 &q.end,
                 &project,
+                &labels,
+                &label_keys,
             ],
         )
         .await?

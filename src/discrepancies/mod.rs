@@ -187,6 +187,10 @@ pub struct DiscrepancyFilter {
     pub resolutions: Vec<Resolution>,
     pub fingerprint: Option<String>,
     pub min_confidence: Option<f64>,
+    /// The full-text filter over descriptions; left out of the fingerprint
+    /// when unset (tokens from before stay valid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
 }
 
 /// Keyset position in list order: (severity rank, created_at microseconds, id).
@@ -221,6 +225,7 @@ impl TryFrom<proto::ListDiscrepanciesRequest> for ListDiscrepancies {
             min_confidence: r
                 .min_confidence
                 .map(|c| v.unit_interval("min_confidence", c)),
+            query: crate::search::validate(&mut v, "query", &r.query),
         };
         let page_size = v.page_size("page_size", r.page_size);
         v.finish()?;

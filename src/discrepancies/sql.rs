@@ -222,25 +222,38 @@ pub async fn batch_ids(
         .collect()
 }
 
-const LIST: Stmt = Stmt::new(
+/// ListDiscrepancies with `$extra` (a further predicate) in its WHERE.
+macro_rules! list_sql {
+    ($extra:expr) => {
+        concat!(
+            "SELECT ",
+            discrepancy_columns!(),
+            " FROM discrepancies \
+             WHERE project_id = $12 \
+               AND ($1::uuid IS NULL OR session_id = $1) \
+               AND ($2::uuid IS NULL OR result_id = $2) \
+               AND ($3::int2[] IS NULL OR severity = ANY($3)) \
+               AND ($4::text IS NULL OR kind = $4) \
+               AND ($5::text[] IS NULL OR resolution = ANY($5)) \
+               AND ($6::text IS NULL OR fingerprint = $6) \
+               AND ($7::float8 IS NULL OR confidence >= $7) \
+               AND ($8::int2 IS NULL OR severity > $8 \
+                    OR (severity = $8 AND (created_at, id) < ($9, $10)))",
+            $extra,
+            " ORDER BY severity, created_at DESC, id DESC LIMIT $11"
+        )
+    };
+}
+
+const LIST: Stmt = Stmt::new("SELECT", "discrepancies", list_sql!(""));
+
+/// ListDiscrepancies with a full-text `query` (`$13`) over descriptions: a
+/// statement of its own, so the plan of the list without one stays what it
+/// was.
+const LIST_SEARCH: Stmt = Stmt::new(
     "SELECT",
     "discrepancies",
-    concat!(
-        "SELECT ",
-        discrepancy_columns!(),
-        " FROM discrepancies \
-         WHERE project_id = $12 \
-           AND ($1::uuid IS NULL OR session_id = $1) \
-           AND ($2::uuid IS NULL OR result_id = $2) \
-           AND ($3::int2[] IS NULL OR severity = ANY($3)) \
-           AND ($4::text IS NULL OR kind = $4) \
-           AND ($5::text[] IS NULL OR resolution = ANY($5)) \
-           AND ($6::text IS NULL OR fingerprint = $6) \
-           AND ($7::float8 IS NULL OR confidence >= $7) \
-           AND ($8::int2 IS NULL OR severity > $8 \
-                OR (severity = $8 AND (created_at, id) < ($9, $10))) \
-         ORDER BY severity, created_at DESC, id DESC LIMIT $11"
-    ),
+    list_sql!(" AND search_vector @@ websearch_to_tsquery('simple', $13)"),
 );
 
 /// One page, most severe first, plus one extra row when more follow.
@@ -259,27 +272,29 @@ pub async fn list(
         None => (None, None),
     };
     let (after_at, after_id) = crate::pagination::time_key(after_time)?;
-    LIST.query(
-        c,
-        &[
-            &f.session_id,
-            &f.result_id,
-            &severities,
-            &f.kind,
-            &resolutions,
-            &f.fingerprint,
-            &f.min_confidence,
-            &after_rank,
-            &after_at,
-            &after_id,
-            &(q.page_size + 1),
-            &project_id,
-        ],
-    )
-    .await?
-    .iter()
-    .map(from_row)
-    .collect()
+    let limit = q.page_size + 1;
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+        &f.session_id,
+        &f.result_id,
+        &severities,
+        &f.kind,
+        &resolutions,
+        &f.fingerprint,
+        &f.min_confidence,
+        &after_rank,
+        &after_at,
+        &after_id,
+        &limit,
+        &project_id,
+    ];
+    let rows = match &f.query {
+        None => LIST.query(c, &params).await?,
+        Some(query) => {
+            params.push(query);
+            LIST_SEARCH.query(c, &params).await?
+        }
+    };
+    rows.iter().map(from_row).collect()
 }
 
 const BY_ID: Stmt = Stmt::new(

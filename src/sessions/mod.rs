@@ -11,6 +11,7 @@ pub use service::SessionApi;
 
 use crate::convert::{JsonDoc, opt_timestamp, timestamp};
 use crate::error::{Error, Result};
+use crate::labels::{self, LabelFilter, Labels};
 use crate::pagination;
 use crate::proto;
 use crate::validate::Validator;
@@ -78,6 +79,7 @@ pub struct Session {
     pub started_at: Option<DateTime<Utc>>,
     pub completed_at: Option<DateTime<Utc>>,
     pub version: i64,
+    pub labels: Labels,
 }
 
 impl From<Session> for proto::Session {
@@ -98,6 +100,7 @@ impl From<Session> for proto::Session {
             started_at: opt_timestamp(s.started_at),
             completed_at: opt_timestamp(s.completed_at),
             version: s.version,
+            labels: s.labels.into_iter().collect(),
         }
     }
 }
@@ -112,6 +115,7 @@ pub struct NewSession {
     pub config: Json,
     pub input_refs: Json,
     pub metadata: Json,
+    pub labels: Labels,
 }
 
 impl TryFrom<proto::CreateSessionRequest> for NewSession {
@@ -135,6 +139,7 @@ impl TryFrom<proto::CreateSessionRequest> for NewSession {
             config: v.json("config", r.config.as_ref()),
             input_refs: v.json("input_refs", r.input_refs.as_ref()),
             metadata: v.json("metadata", r.metadata.as_ref()),
+            labels: labels::validate(&mut v, "labels", &r.labels),
         };
         v.finish()?;
         Ok(new)
@@ -178,6 +183,9 @@ pub struct SessionFilter {
     pub validation_scope: Option<String>,
     pub created_from: Option<DateTime<Utc>>,
     pub created_to: Option<DateTime<Utc>>,
+    /// Left out of the fingerprint when empty (tokens from before stay valid).
+    #[serde(flatten)]
+    pub labels: LabelFilter,
 }
 
 /// Keyset position in the newest-first session order: (created_at in
@@ -226,6 +234,7 @@ impl TryFrom<proto::ListSessionsRequest> for ListSessions {
             validation_scope: v.optional_text("validation_scope", &r.validation_scope, MAX_SCOPE),
             created_from,
             created_to,
+            labels: LabelFilter::validate(&mut v, &r.labels, &r.label_keys),
         };
         let page_size = v.page_size("page_size", r.page_size);
         let view = pagination::View::from_wire(&mut v, "view", r.view);
@@ -334,6 +343,8 @@ impl TryFrom<proto::AppendSessionLogRequest> for NewLogEntry {
 pub struct ListLogs {
     pub session_id: Uuid,
     pub min_level: LogLevel,
+    /// The full-text filter over messages (`None`: every entry).
+    pub query: Option<String>,
     pub page_size: i64,
     /// The sequence of the last entry of the previous page (0: first page).
     pub after_seq: i64,
@@ -352,16 +363,22 @@ impl TryFrom<proto::ListSessionLogsRequest> for ListLogs {
             v.required_enum("min_level", r.min_level, LogLevel::from_proto)
                 .unwrap_or(LogLevel::Debug)
         };
+        let query = crate::search::validate(&mut v, "query", &r.query);
         let page_size = v.page_size("page_size", r.page_size);
         v.finish()?;
         // Pages are keyed by sequence; the name differs from the one of the
         // id-keyed tokens of earlier versions so those are refused, not
-        // misread.
-        let fingerprint = pagination::fingerprint("session_logs.seq", &(session_id, min_level));
+        // misread. Without a query the filter is the one tokens were bound
+        // to before queries existed.
+        let fingerprint = match &query {
+            None => pagination::fingerprint("session_logs.seq", &(session_id, min_level)),
+            Some(q) => pagination::fingerprint("session_logs.seq", &(session_id, min_level, q)),
+        };
         let after_seq = pagination::decode("page_token", &r.page_token, &fingerprint)?.unwrap_or(0);
         Ok(ListLogs {
             session_id,
             min_level,
+            query,
             page_size,
             after_seq,
             fingerprint,

@@ -37,6 +37,7 @@ impl Content for NewSession {
             .json(&self.config)
             .json(&self.input_refs)
             .json(&self.metadata);
+        crate::labels::feed(h, &self.labels);
     }
 }
 
@@ -78,6 +79,7 @@ impl From<&Session> for NewSession {
             config: json_of(&s.config),
             input_refs: json_of(&s.input_refs),
             metadata: json_of(&s.metadata),
+            labels: s.labels.clone(),
         }
     }
 }

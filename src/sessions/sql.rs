@@ -14,7 +14,8 @@ use uuid::Uuid;
 macro_rules! session_columns {
     () => {
         "id, request_id, source_technology, target_technology, validation_scope, status, \
-         config, input_refs, metadata, created_at, updated_at, started_at, completed_at, version"
+         config, input_refs, metadata, created_at, updated_at, started_at, completed_at, version, \
+         labels"
     };
 }
 
@@ -44,6 +45,9 @@ fn session_from_row(row: &Row) -> Result<Session> {
         started_at: row.try_get(11)?,
         completed_at: row.try_get(12)?,
         version: row.try_get(13)?,
+        labels: crate::labels::from_json(&row.try_get(14)?)
+            .into_iter()
+            .collect(),
     })
 }
 
@@ -64,7 +68,7 @@ pub fn session_key(s: &Session) -> SessionKey {
     (s.created_at.timestamp_micros(), s.id)
 }
 
-/// Inserts a session in project `$10` (public for `verdict-bench`'s same-SQL
+/// Inserts a session in project `$10` with labels `$11` (public for `verdict-bench`'s same-SQL
 /// baseline); nothing when the project already has a session with the
 /// request_id.
 pub const INSERT: Stmt = Stmt::new(
@@ -72,8 +76,8 @@ pub const INSERT: Stmt = Stmt::new(
     "sessions",
     concat!(
         "INSERT INTO sessions (id, request_id, source_technology, target_technology, \
-         validation_scope, config, input_refs, metadata, content_digest, project_id) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10) \
+         validation_scope, config, input_refs, metadata, content_digest, project_id, labels) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
          ON CONFLICT (project_id, request_id) DO NOTHING RETURNING ",
         session_columns!()
     ),
@@ -103,6 +107,7 @@ pub async fn insert(
                 &s.metadata,
                 &digest,
                 &project,
+                &crate::labels::to_json(&s.labels),
             ],
         )
         .await?
@@ -223,6 +228,8 @@ macro_rules! list_sql {
                AND ($6::timestamptz IS NULL OR created_at >= $6) \
                AND ($7::timestamptz IS NULL OR created_at < $7) \
                AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9)) \
+               AND ($11::jsonb IS NULL OR labels @> $11) \
+               AND ($12::text[] IS NULL OR labels ?& $12) \
              ORDER BY created_at DESC, id DESC \
              LIMIT $10"
         )
@@ -230,8 +237,8 @@ macro_rules! list_sql {
 }
 
 /// A ListSessions page (public for `verdict-bench`'s same-SQL baseline).
-/// SESSION_VIEW_FULL: the page's rows (`$10`, page_size + 1), cut after the
-/// row that brings their JSON to `$11` bytes (the reply limit; the first row
+/// SESSION_VIEW_FULL: the page's rows (`$10`, page_size + 1; label filters
+/// `$11` and `$12`), cut after the row that brings their JSON to `$13` bytes (the reply limit; the first row
 /// always comes). `batch_rows` tells how many rows the cut saw, so a cut page
 /// still ends with a token: the gateway never holds more than about one
 /// reply of large sessions, whatever the page size.
@@ -248,9 +255,9 @@ pub const LIST: Stmt = Stmt::new(
          FROM (",
         list_sql!(
             "*, octet_length(config::text) + octet_length(input_refs::text) \
-             + octet_length(metadata::text) AS row_bytes"
+             + octet_length(metadata::text) + octet_length(labels::text) AS row_bytes"
         ),
-        ") batch) sized WHERE bytes_before < $11 ORDER BY created_at DESC, id DESC"
+        ") batch) sized WHERE bytes_before < $13 ORDER BY created_at DESC, id DESC"
     ),
 );
 
@@ -261,7 +268,7 @@ pub const LIST_BASIC: Stmt = Stmt::new(
     list_sql!(
         "id, request_id, source_technology, target_technology, validation_scope, status, \
          NULL::jsonb AS config, NULL::jsonb AS input_refs, NULL::jsonb AS metadata, \
-         created_at, updated_at, started_at, completed_at, version"
+         created_at, updated_at, started_at, completed_at, version, labels"
     ),
 );
 
@@ -279,6 +286,7 @@ pub async fn list(
         (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
     let (after_at, after_id) = crate::pagination::time_key(q.after)?;
     let limit = q.page_size + 1;
+    let (labels, label_keys) = f.labels.params();
     let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
         &project,
         &statuses,
@@ -290,6 +298,8 @@ pub async fn list(
         &after_at,
         &after_id,
         &limit,
+        &labels,
+        &label_keys,
         &max_bytes,
     ];
     crate::pagination::fetch_view(c, q.view, &LIST, &LIST_BASIC, params, session_from_row).await
@@ -418,16 +428,28 @@ pub async fn insert_log(
     log_from_row(&row)
 }
 
-const LIST_LOGS: Stmt = Stmt::new(
+/// ListSessionLogs with `$extra` (a further predicate) in its WHERE.
+macro_rules! list_logs_sql {
+    ($extra:expr) => {
+        concat!(
+            "SELECT ",
+            log_columns!(),
+            " FROM session_logs \
+             WHERE project_id = $5 AND session_id = $1 AND level = ANY($2) AND seq > $3",
+            $extra,
+            " ORDER BY seq LIMIT $4"
+        )
+    };
+}
+
+const LIST_LOGS: Stmt = Stmt::new("SELECT", "session_logs", list_logs_sql!(""));
+
+/// ListSessionLogs with a full-text `query` (`$6`): a statement of its own,
+/// so the plan of the list without one stays what it was.
+const LIST_LOGS_SEARCH: Stmt = Stmt::new(
     "SELECT",
     "session_logs",
-    concat!(
-        "SELECT ",
-        log_columns!(),
-        " FROM session_logs \
-         WHERE project_id = $5 AND session_id = $1 AND level = ANY($2) AND seq > $3 \
-         ORDER BY seq LIMIT $4"
-    ),
+    list_logs_sql!(" AND search_vector @@ websearch_to_tsquery('simple', $6)"),
 );
 
 /// One page of the log of a session of `project` in sequence order, plus
@@ -443,21 +465,18 @@ pub async fn list_logs(
         .filter(|l| *l >= q.min_level)
         .map(LogLevel::as_str)
         .collect();
-    LIST_LOGS
-        .query(
-            c,
-            &[
-                &q.session_id,
-                &levels,
-                &q.after_seq,
-                &(q.page_size + 1),
-                &project,
-            ],
-        )
-        .await?
-        .iter()
-        .map(log_from_row)
-        .collect()
+    let limit = q.page_size + 1;
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+        &[&q.session_id, &levels, &q.after_seq, &limit, &project];
+    let rows = match &q.query {
+        None => LIST_LOGS.query(c, params).await?,
+        Some(query) => {
+            let with_query: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+                params.iter().copied().chain([query as _]).collect();
+            LIST_LOGS_SEARCH.query(c, &with_query).await?
+        }
+    };
+    rows.iter().map(log_from_row).collect()
 }
 
 const LOGS_AFTER: Stmt = Stmt::new(

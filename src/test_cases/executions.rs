@@ -4,6 +4,7 @@
 use super::{ExecutionStatus, MAX_KEY, MAX_SUBSYSTEM, TestCaseRef, optional_ref};
 use crate::convert::{json_to_struct, timestamp};
 use crate::error::{Error, FieldViolation, Result};
+use crate::labels::{self, LabelFilter, Labels};
 use crate::pagination;
 use crate::proto;
 use crate::results::enum_set;
@@ -74,6 +75,7 @@ pub struct NewExecution {
     pub interaction_log: Json,
     /// A JSON object of finite numbers.
     pub performance: Json,
+    pub labels: Labels,
 }
 
 /// The content of a reported execution for batch digests (its id and its
@@ -106,6 +108,7 @@ impl crate::digest::Content for NewExecution {
                 .bytes(run.as_bytes())
                 .i64(i64::from(self.attempt));
         }
+        labels::feed(h, &self.labels);
     }
 }
 
@@ -159,6 +162,7 @@ pub fn validate_input(
         screenshot_refs: screenshot_refs(&mut iv, &raw.screenshot_refs),
         interaction_log: interaction_log(&mut iv, &raw.interaction_log),
         performance: performance(&mut iv, &raw.performance),
+        labels: labels::validate(&mut iv, "labels", &raw.labels),
     };
     v.absorb(iv);
     new
@@ -280,6 +284,7 @@ pub struct Execution {
     /// list filled them in (`crate::failures::sql::effective`).
     #[serde(skip)]
     pub triage: Option<(Vec<u8>, crate::failures::Triage)>,
+    pub labels: Labels,
 }
 
 impl From<Execution> for proto::Execution {
@@ -319,6 +324,7 @@ impl From<Execution> for proto::Execution {
                 .map(|(sig, _)| crate::failures::to_hex(sig))
                 .unwrap_or_default(),
             triage: e.triage.map(|(_, t)| t.into()),
+            labels: e.labels.into_iter().collect(),
         }
     }
 }
@@ -335,6 +341,13 @@ pub struct ExecutionFilter {
     pub statuses: Vec<ExecutionStatus>,
     pub started_from: Option<DateTime<Utc>>,
     pub started_to: Option<DateTime<Utc>>,
+    /// Left out of the fingerprint when empty (tokens from before stay valid).
+    #[serde(flatten)]
+    pub labels: LabelFilter,
+    /// The full-text filter over error messages; left out of the
+    /// fingerprint when unset.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
 }
 
 /// Keyset position in newest-first order: (started_at microseconds, id).
@@ -369,6 +382,8 @@ impl TryFrom<proto::ListExecutionsRequest> for ListExecutions {
             statuses: enum_set(&mut v, "statuses", &r.statuses, ExecutionStatus::from_proto),
             started_from,
             started_to,
+            labels: LabelFilter::validate(&mut v, &r.labels, &r.label_keys),
+            query: crate::search::validate(&mut v, "query", &r.query),
         };
         let page_size = v.page_size("page_size", r.page_size);
         let view = pagination::View::from_wire(&mut v, "view", r.view);

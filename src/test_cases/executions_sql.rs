@@ -48,10 +48,10 @@ const COPY: Stmt = Stmt::new(
     "test_executions",
     "COPY test_executions (project_id, id, test_case_id, session_id, status, started_at, \
      duration_ms, environment, error_message, stack_trace, screenshot_refs, interaction_log, \
-     performance, batch_id, batch_position, run_id, attempt) FROM STDIN BINARY",
+     performance, batch_id, batch_position, run_id, attempt, labels) FROM STDIN BINARY",
 );
 
-const COPY_TYPES: [Type; 17] = [
+const COPY_TYPES: [Type; 18] = [
     Type::UUID,
     Type::UUID,
     Type::UUID,
@@ -69,6 +69,7 @@ const COPY_TYPES: [Type; 17] = [
     Type::INT4,
     Type::UUID,
     Type::INT4,
+    Type::JSONB,
 ];
 
 /// The test case id of every item, or an error naming the first item whose
@@ -222,7 +223,8 @@ impl Sink for ExecutionSink {
             pin_mut!(writer);
             for (position, (e, test_case_id)) in items.iter().zip(&test_case_ids).enumerate() {
                 let position = self.batch_id.as_ref().map(|_| position as i32);
-                let row: [&(dyn ToSql + Sync); 17] = [
+                let labels = crate::labels::to_json(&e.labels);
+                let row: [&(dyn ToSql + Sync); 18] = [
                     &self.project,
                     &e.id,
                     test_case_id,
@@ -240,6 +242,7 @@ impl Sink for ExecutionSink {
                     &position,
                     &e.run_id,
                     &e.attempt,
+                    &labels,
                 ];
                 writer.as_mut().write(&row).await?;
             }
@@ -292,6 +295,9 @@ fn from_row(row: &Row) -> Result<Execution> {
             .unwrap_or_default(),
         created_at: row.try_get("created_at")?,
         triage: None,
+        labels: crate::labels::from_json(&row.try_get("labels")?)
+            .into_iter()
+            .collect(),
     })
 }
 
@@ -300,10 +306,11 @@ pub fn key(e: &Execution) -> ExecutionKey {
 }
 
 /// The list statement over `columns` (of `e`, the executions, and `t`,
-/// their test cases): the executions of the project `$9` that pass the
-/// filters, newest `started_at` first.
+/// their test cases) with `extra` (a further predicate) in its WHERE: the
+/// executions of the project `$9` that pass the filters, newest
+/// `started_at` first.
 macro_rules! list_sql {
-    ($columns:expr) => {
+    ($columns:expr, $extra:expr) => {
         concat!(
             "SELECT ",
             $columns,
@@ -317,54 +324,90 @@ macro_rules! list_sql {
                AND ($5::timestamptz IS NULL OR e.started_at < $5) \
                AND ($6::timestamptz IS NULL OR (e.started_at, e.id) < ($6, $7)) \
                AND ($10::uuid IS NULL OR e.run_id = $10) \
-             ORDER BY e.started_at DESC, e.id DESC LIMIT $8"
+               AND ($11::jsonb IS NULL OR e.labels @> $11) \
+               AND ($12::text[] IS NULL OR e.labels ?& $12)",
+            $extra,
+            " ORDER BY e.started_at DESC, e.id DESC LIMIT $8"
         )
     };
 }
 
-/// EXECUTION_VIEW_FULL: the page's rows (`$8`, page_size + 1), cut after
-/// the row that brings their JSON and text to `$10` bytes (the reply limit;
-/// the first row always comes). `batch_rows` tells how many rows the cut
-/// saw, so a cut page still ends with a token: the gateway never holds more
+/// EXECUTION_VIEW_FULL with `extra` in the WHERE: the page's rows (`$8`,
+/// page_size + 1), cut after the row that brings their JSON and text to
+/// `$budget` bytes (the reply limit, the statement's last parameter; the
+/// first row always comes). `batch_rows` tells how many rows the cut saw,
+/// so a cut page still ends with a token: the gateway never holds more
 /// than about one reply of large executions, whatever the page size.
-const LIST: Stmt = Stmt::new(
-    "SELECT",
-    "test_executions",
-    concat!(
-        "SELECT id, test_case_id, test_case_key, session_id, run_id, attempt, status, started_at, \
-                duration_ms, environment, error_message, stack_trace, screenshot_refs, \
-                interaction_log, performance, created_at, batch_rows \
-         FROM (SELECT *, \
-           sum(row_bytes) OVER (ORDER BY started_at DESC, id DESC ROWS UNBOUNDED PRECEDING) \
-             - row_bytes AS bytes_before, \
-           count(*) OVER () AS batch_rows \
-         FROM (",
+macro_rules! list_full_sql {
+    ($extra:expr, $budget:expr) => {
+        concat!(
+            "SELECT id, test_case_id, test_case_key, session_id, run_id, attempt, status, \
+                    started_at, duration_ms, environment, error_message, stack_trace, \
+                    screenshot_refs, interaction_log, performance, created_at, labels, batch_rows \
+             FROM (SELECT *, \
+               sum(row_bytes) OVER (ORDER BY started_at DESC, id DESC ROWS UNBOUNDED PRECEDING) \
+                 - row_bytes AS bytes_before, \
+               count(*) OVER () AS batch_rows \
+             FROM (",
+            list_sql!(
+                "e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.run_id, \
+                 e.attempt, e.status, e.started_at, \
+                 e.duration_ms, e.environment, e.error_message, e.stack_trace, \
+                 e.screenshot_refs, e.interaction_log, e.performance, e.created_at, e.labels, \
+                 octet_length(e.environment::text) + octet_length(e.interaction_log::text) \
+                 + octet_length(e.performance::text) + octet_length(e.error_message) \
+                 + octet_length(e.stack_trace) + octet_length(e.labels::text) \
+                 + coalesce(octet_length(e.screenshot_refs::text), 0) AS row_bytes",
+                $extra
+            ),
+            ") batch) sized WHERE bytes_before < ",
+            $budget,
+            " ORDER BY started_at DESC, id DESC"
+        )
+    };
+}
+
+/// EXECUTION_VIEW_BASIC with `extra` in the WHERE: environment, stack
+/// trace, interaction log and performance are not read at all (NULL or
+/// empty).
+macro_rules! list_basic_sql {
+    ($extra:expr) => {
         list_sql!(
             "e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.run_id, e.attempt, \
              e.status, e.started_at, \
-             e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
-             e.interaction_log, e.performance, e.created_at, \
-             octet_length(e.environment::text) + octet_length(e.interaction_log::text) \
-             + octet_length(e.performance::text) + octet_length(e.error_message) \
-             + octet_length(e.stack_trace) \
-             + coalesce(octet_length(e.screenshot_refs::text), 0) AS row_bytes"
-        ),
-        ") batch) sized WHERE bytes_before < $11 ORDER BY started_at DESC, id DESC"
-    ),
-);
+             e.duration_ms, NULL::jsonb AS environment, e.error_message, ''::text AS stack_trace, \
+             e.screenshot_refs, NULL::jsonb AS interaction_log, NULL::jsonb AS performance, \
+             e.created_at, e.labels",
+            $extra
+        )
+    };
+}
 
-/// EXECUTION_VIEW_BASIC: environment, stack trace, interaction log and
-/// performance are not read at all (NULL or empty).
-const LIST_BASIC: Stmt = Stmt::new(
+/// The search predicate of the `query` filter (`$13`): PostgreSQL text
+/// search over the stored vector of error messages (migrations/V22).
+macro_rules! search_predicate {
+    () => {
+        " AND e.search_vector @@ websearch_to_tsquery('simple', $13)"
+    };
+}
+
+const LIST: Stmt = Stmt::new("SELECT", "test_executions", list_full_sql!("", "$13"));
+
+const LIST_BASIC: Stmt = Stmt::new("SELECT", "test_executions", list_basic_sql!(""));
+
+/// LIST with a full-text `query` (`$13`; the byte budget moves to `$14`):
+/// statements of their own, so the plans of the list without a query stay
+/// what they were.
+const LIST_SEARCH: Stmt = Stmt::new(
     "SELECT",
     "test_executions",
-    list_sql!(
-        "e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.run_id, e.attempt, \
-         e.status, e.started_at, \
-         e.duration_ms, NULL::jsonb AS environment, e.error_message, ''::text AS stack_trace, \
-         e.screenshot_refs, NULL::jsonb AS interaction_log, NULL::jsonb AS performance, \
-         e.created_at"
-    ),
+    list_full_sql!(search_predicate!(), "$14"),
+);
+
+const LIST_BASIC_SEARCH: Stmt = Stmt::new(
+    "SELECT",
+    "test_executions",
+    list_basic_sql!(search_predicate!()),
 );
 
 /// One page of the executions of `project`, newest first, plus one extra
@@ -382,7 +425,8 @@ pub async fn list(
         (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
     let (after_at, after_id) = crate::pagination::time_key(q.after)?;
     let limit = q.page_size + 1;
-    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+    let (labels, label_keys) = f.labels.params();
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
         &test_case_id,
         &f.session_id,
         &statuses,
@@ -391,13 +435,21 @@ pub async fn list(
         &after_at,
         &after_id,
         &limit,
-        // Before max_bytes: the BASIC statement takes every parameter but
-        // the last.
         &project,
         &f.run_id,
-        &max_bytes,
+        &labels,
+        &label_keys,
     ];
-    crate::pagination::fetch_view(c, q.view, &LIST, &LIST_BASIC, params, from_row).await
+    let (full, basic) = match &f.query {
+        None => (&LIST, &LIST_BASIC),
+        Some(query) => {
+            params.push(query);
+            (&LIST_SEARCH, &LIST_BASIC_SEARCH)
+        }
+    };
+    // Last: the BASIC statement takes every parameter but this one.
+    params.push(&max_bytes);
+    crate::pagination::fetch_view(c, q.view, full, basic, &params, from_row).await
 }
 
 /// A batch of a session's executions for exports: at most `$3` rows after
@@ -409,7 +461,7 @@ const PAGE_OF_SESSION: Stmt = Stmt::new(
     "test_executions",
     "SELECT e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.run_id, e.attempt, \
             e.status, e.started_at, e.duration_ms, e.environment, e.error_message, e.stack_trace, e.screenshot_refs, \
-            e.interaction_log, e.performance, e.created_at \
+            e.interaction_log, e.performance, e.created_at, e.labels \
      FROM (SELECT *, sum(row_bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) - row_bytes AS bytes_before \
            FROM (SELECT *, octet_length(environment::text) + octet_length(interaction_log::text) \
                          + octet_length(performance::text) + coalesce(octet_length(error_message), 0) \

@@ -224,6 +224,10 @@ pub struct TestCaseFilter {
     pub target_subsystem: Option<String>,
     pub tag: Option<String>,
     pub name_prefix: Option<String>,
+    /// The full-text filter over names and descriptions; left out of the
+    /// fingerprint when unset (tokens from before stay valid).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
 }
 
 /// A validated ListTestCases call; pages resume after a key.
@@ -249,6 +253,7 @@ impl TryFrom<proto::ListTestCasesRequest> for ListTestCases {
             ),
             tag: v.optional_text("tag", &r.tag, MAX_TAG),
             name_prefix: v.optional_text("name_prefix", &r.name_prefix, MAX_NAME),
+            query: crate::search::validate(&mut v, "query", &r.query),
         };
         let page_size = v.page_size("page_size", r.page_size);
         v.finish()?;

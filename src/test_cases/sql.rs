@@ -155,21 +155,34 @@ pub async fn get_for_update(
     one(BY_ID_FOR_UPDATE.query_opt(c, &[&project, &id]).await?)
 }
 
-const LIST: Stmt = Stmt::new(
+/// ListTestCases with `$extra` (a further predicate) in its WHERE.
+macro_rules! list_sql {
+    ($extra:expr) => {
+        concat!(
+            "SELECT ",
+            test_case_columns!(),
+            " FROM test_cases \
+             WHERE project_id = $7 \
+               AND ($1::text[] IS NULL OR test_type = ANY($1)) \
+               AND ($2::text IS NULL OR target_subsystem = $2) \
+               AND ($3::text IS NULL OR tags @> ARRAY[$3::text]) \
+               AND ($4::text IS NULL OR starts_with(name, $4)) \
+               AND ($5::text IS NULL OR key > $5)",
+            $extra,
+            " ORDER BY key LIMIT $6"
+        )
+    };
+}
+
+const LIST: Stmt = Stmt::new("SELECT", "test_cases", list_sql!(""));
+
+/// ListTestCases with a full-text `query` (`$8`) over names and
+/// descriptions: a statement of its own, so the plan of the list without
+/// one stays what it was.
+const LIST_SEARCH: Stmt = Stmt::new(
     "SELECT",
     "test_cases",
-    concat!(
-        "SELECT ",
-        test_case_columns!(),
-        " FROM test_cases \
-         WHERE project_id = $7 \
-           AND ($1::text[] IS NULL OR test_type = ANY($1)) \
-           AND ($2::text IS NULL OR target_subsystem = $2) \
-           AND ($3::text IS NULL OR tags @> ARRAY[$3::text]) \
-           AND ($4::text IS NULL OR starts_with(name, $4)) \
-           AND ($5::text IS NULL OR key > $5) \
-         ORDER BY key LIMIT $6"
-    ),
+    list_sql!(" AND search_vector @@ websearch_to_tsquery('simple', $8)"),
 );
 
 /// One page of the test cases of `project` in key order, plus one extra row
@@ -182,22 +195,24 @@ pub async fn list(
     let f = &q.filter;
     let types: Option<Vec<&str>> =
         (!f.test_types.is_empty()).then(|| f.test_types.iter().map(|t| t.as_str()).collect());
-    LIST.query(
-        c,
-        &[
-            &types,
-            &f.target_subsystem,
-            &f.tag,
-            &f.name_prefix,
-            &q.after,
-            &(q.page_size + 1),
-            &project,
-        ],
-    )
-    .await?
-    .iter()
-    .map(from_row)
-    .collect()
+    let limit = q.page_size + 1;
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+        &types,
+        &f.target_subsystem,
+        &f.tag,
+        &f.name_prefix,
+        &q.after,
+        &limit,
+        &project,
+    ];
+    let rows = match &f.query {
+        None => LIST.query(c, &params).await?,
+        Some(query) => {
+            params.push(query);
+            LIST_SEARCH.query(c, &params).await?
+        }
+    };
+    rows.iter().map(from_row).collect()
 }
 
 const UPDATE: Stmt = Stmt::new(

@@ -115,6 +115,7 @@ fn coverage(key: &str, totals: Option<CoverageCounters>) -> RecordCoverageReques
         totals,
         files: vec![],
         recorded_at: None,
+        ..Default::default()
     }
 }
 

@@ -52,6 +52,7 @@ pub(crate) fn report(
         totals: None,
         files: vec![],
         recorded_at: None,
+        ..Default::default()
     }
 }
 
@@ -144,6 +145,7 @@ async fn recording_a_report_twice_replays_the_stored_one_and_files_sum_into_tota
                 file("b.rs", counters((0, 0), (0, 0), (0, -1))),
             ],
             recorded_at: at(100 * 365 * DAY),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -355,6 +357,7 @@ async fn the_trend_has_a_bucket_for_every_day_and_week_including_empty_ones() {
             interval: TrendInterval::Daily as i32,
             days: 10,
             end_time: at(9 * DAY + 12 * HOUR),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -397,6 +400,7 @@ async fn the_trend_has_a_bucket_for_every_day_and_week_including_empty_ones() {
             interval: TrendInterval::Weekly as i32,
             days: 10,
             end_time: at(9 * DAY + 12 * HOUR),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -180,6 +180,7 @@ fn coverage_report(key: &str, files: &[&str]) -> RecordCoverageRequest {
             })
             .collect(),
         recorded_at: at(5),
+        ..Default::default()
     }
 }
 

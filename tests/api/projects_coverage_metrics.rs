@@ -146,6 +146,7 @@ async fn coverage_of_branch_main_in_two_projects_is_never_pooled() {
                     interval: TrendInterval::Daily as i32,
                     days: 4,
                     end_time: at(3 * DAY + 7200),
+                    ..Default::default()
                 },
                 slug,
             ))

@@ -20,6 +20,7 @@ pub fn new_session(request_id: &str) -> CreateSessionRequest {
         config: Some(json_struct(&[("threshold", 0.9)])),
         input_refs: None,
         metadata: None,
+        ..Default::default()
     }
 }
 
@@ -632,6 +633,7 @@ async fn session_logs_page_oldest_first_and_filter_by_level() {
                 min_level: 0,
                 page_size: 10,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -653,6 +655,7 @@ async fn session_logs_page_oldest_first_and_filter_by_level() {
             min_level: LogLevel::Warning as i32,
             page_size: 100,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

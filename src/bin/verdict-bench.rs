@@ -766,7 +766,7 @@ mod scale {
                 t + interval '1 minute', \
                 CASE WHEN st IN ('completed', 'failed') THEN t + interval '10 minutes' END \
          FROM generate_series(0, $2::int8 - 1) g, \
-              LATERAL (SELECT now() - make_interval(secs => (1 - g::float8 / $2) * 90 * 86400) AS t, \
+              LATERAL (SELECT now() - make_interval(secs => (1 - g::float8 / $2::int8) * 90 * 86400) AS t, \
                               (ARRAY['completed', 'completed', 'completed', 'failed', 'processing'])[1 + g % 5] AS st) x";
 
     const DISCREPANCIES_SQL: &str = "INSERT INTO discrepancies (project_id, session_id, id, kind, severity, \
@@ -786,7 +786,7 @@ mod scale {
          SELECT $1, 'metric_' || (g % 20), ((g * 7919) % 10007)::float8 / 10, 'ms', \
                 jsonb_build_object('env', (ARRAY['prod', 'staging', 'dev'])[1 + (g / 20) % 3], \
                                    'region', 'r' || ((g / 60) % 4)), \
-                now() - make_interval(secs => (1 - g::float8 / $4) * 90 * 86400) \
+                now() - make_interval(secs => (1 - g::float8 / $4::int8) * 90 * 86400) \
          FROM generate_series($2::int8, $3::int8) g";
 
     const REPORTS_SQL: &str = "INSERT INTO coverage_reports (project_id, id, commit_sha, branch, subsystem, \
@@ -795,7 +795,7 @@ mod scale {
          SELECT $1, gen_random_uuid(), md5('c' || (g / 30)) || substr(md5('d' || (g / 30)), 1, 8), \
                 (ARRAY['main', 'develop', 'release'])[1 + (g / 10) % 3], 'sub' || (g % 10), 'scale-' || g, \
                 5000 + g % 5000, 10000, 500 + g % 500, 1000, 50 + g % 50, 100, 50, \
-                now() - make_interval(secs => (1 - g::float8 / $2) * 90 * 86400) \
+                now() - make_interval(secs => (1 - g::float8 / $2::int8) * 90 * 86400) \
          FROM generate_series(0, $2::int8 - 1) g";
 
     const FILES_SQL: &str = "INSERT INTO coverage_files (project_id, report_id, path, lines_covered, \
@@ -843,13 +843,30 @@ mod scale {
         let step = |what: &str, t: Instant| {
             println!("  loaded {what} in {:.1} s", t.elapsed().as_secs_f64());
         };
+        // Each step is skipped when an earlier run loaded it (a run that
+        // stopped half-way resumes at its first missing table).
+        let loaded = |sql: &'static str| async move {
+            c.query_one(sql, &[&project])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+        };
         let sessions = SESSIONS * factor;
         let t = Instant::now();
-        c.execute(SESSIONS_SQL, &[&project, &sessions]).await?;
+        if !loaded("SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')").await? {
+            c.execute(SESSIONS_SQL, &[&project, &sessions]).await?;
+        }
         step(&format!("{sessions} sessions"), t);
         let t = Instant::now();
         let per_chunk = CHUNK / i64::from(PER_SESSION);
-        let mut lo = 0;
+        let mut lo: i64 = c
+            .query_one(
+                "SELECT COALESCE(max(substr(s.request_id, 7)::int8) + 1, 0) FROM sessions s \
+                 WHERE s.project_id = $1 AND s.request_id LIKE 'scale-%' \
+                   AND EXISTS (SELECT 1 FROM discrepancies d WHERE d.project_id = $1 AND d.session_id = s.id)",
+                &[&project],
+            )
+            .await?
+            .get(0);
         while lo < sessions {
             let hi = (lo + per_chunk).min(sessions) - 1;
             c.execute(DISCREPANCIES_SQL, &[&project, &lo, &hi, &PER_SESSION])
@@ -862,7 +879,13 @@ mod scale {
         );
         let t = Instant::now();
         let points = POINTS * factor;
-        let mut lo = 0;
+        let mut lo: i64 = c
+            .query_one(
+                "SELECT count(*) FROM metric_points WHERE project_id = $1 AND name LIKE 'metric\\_%'",
+                &[&project],
+            )
+            .await?
+            .get(0);
         while lo < points {
             let hi = (lo + CHUNK).min(points) - 1;
             c.execute(POINTS_SQL, &[&project, &lo, &hi, &points]).await?;
@@ -871,8 +894,10 @@ mod scale {
         step(&format!("{points} metric points"), t);
         let t = Instant::now();
         let reports = REPORTS * factor;
-        c.execute(REPORTS_SQL, &[&project, &reports]).await?;
-        c.execute(FILES_SQL, &[&project]).await?;
+        if !loaded("SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')").await? {
+            c.execute(REPORTS_SQL, &[&project, &reports]).await?;
+            c.execute(FILES_SQL, &[&project]).await?;
+        }
         step(
             &format!("{reports} coverage reports, {} files", reports * 50),
             t,

@@ -6,6 +6,7 @@ mod auth;
 mod bounds;
 mod coverage;
 mod discrepancies;
+mod growth;
 mod errors;
 mod fuzz;
 mod gateway;

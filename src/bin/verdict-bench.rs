@@ -888,7 +888,8 @@ mod scale {
             .get(0);
         while lo < points {
             let hi = (lo + CHUNK).min(points) - 1;
-            c.execute(POINTS_SQL, &[&project, &lo, &hi, &points]).await?;
+            c.execute(POINTS_SQL, &[&project, &lo, &hi, &points])
+                .await?;
             lo = hi + 1;
         }
         step(&format!("{points} metric points"), t);
@@ -902,7 +903,8 @@ mod scale {
             &format!("{reports} coverage reports, {} files", reports * 50),
             t,
         );
-        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scale/executions.sql");
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scale/executions.sql");
         if let Ok(text) = std::fs::read_to_string(&file) {
             let t = Instant::now();
             let vars = [
@@ -985,7 +987,10 @@ mod scale {
         }
     }
 
-    fn range(from: chrono::DateTime<chrono::Utc>, to: chrono::DateTime<chrono::Utc>) -> proto::TimeRange {
+    fn range(
+        from: chrono::DateTime<chrono::Utc>,
+        to: chrono::DateTime<chrono::Utc>,
+    ) -> proto::TimeRange {
         proto::TimeRange {
             start_time: Some(ts(from)),
             end_time: Some(ts(to)),
@@ -1035,7 +1040,11 @@ mod scale {
             for filter in [false, true] {
                 let name = format!(
                     "QueryTimeSeries, 90 d, {label} buckets, {}",
-                    if filter { "label filter env=prod" } else { "no label filter" }
+                    if filter {
+                        "label filter env=prod"
+                    } else {
+                        "no label filter"
+                    }
                 );
                 out.push(
                     time5(&name, || {
@@ -1061,7 +1070,10 @@ mod scale {
             }
         }
         let coverage = CoverageServiceClient::new(channel.clone());
-        for (branch, subsystem, label) in [("", "", "no filter"), ("main", "sub3", "one branch and subsystem")] {
+        for (branch, subsystem, label) in [
+            ("", "", "no filter"),
+            ("main", "sub3", "one branch and subsystem"),
+        ] {
             out.push(
                 time5(&format!("GetCoverageTrend, 90 d, {label}"), || {
                     let mut coverage = coverage.clone();
@@ -1211,7 +1223,11 @@ mod scale {
         Ok(out)
     }
 
-    pub async fn run(scale: &str, database_url: Option<String>, skip_load: bool) -> anyhow::Result<()> {
+    pub async fn run(
+        scale: &str,
+        database_url: Option<String>,
+        skip_load: bool,
+    ) -> anyhow::Result<()> {
         let factor = match scale {
             "S" | "s" => 1,
             "L" | "l" => 5,

@@ -252,22 +252,22 @@ macro_rules! aggregate_sql {
     };
 }
 
-const AGGREGATE: Stmt = Stmt::new(
+pub const AGGREGATE: Stmt = Stmt::new(
     "SELECT",
     "coverage_reports",
     aggregate_sql!(" AND $1::text IS NULL AND $2::text IS NULL"),
 );
-const AGGREGATE_BRANCH: Stmt = Stmt::new(
+pub const AGGREGATE_BRANCH: Stmt = Stmt::new(
     "SELECT",
     "coverage_reports",
     aggregate_sql!(" AND branch = $1 AND $2::text IS NULL"),
 );
-const AGGREGATE_SUBSYSTEM: Stmt = Stmt::new(
+pub const AGGREGATE_SUBSYSTEM: Stmt = Stmt::new(
     "SELECT",
     "coverage_reports",
     aggregate_sql!(" AND $1::text IS NULL AND subsystem = $2"),
 );
-const AGGREGATE_BRANCH_SUBSYSTEM: Stmt = Stmt::new(
+pub const AGGREGATE_BRANCH_SUBSYSTEM: Stmt = Stmt::new(
     "SELECT",
     "coverage_reports",
     aggregate_sql!(" AND branch = $1 AND subsystem = $2"),
@@ -351,22 +351,22 @@ macro_rules! trend_sql {
 }
 
 // One constant statement per filter shape, as AGGREGATE.
-const TREND: Stmt = Stmt::new(
+pub const TREND: Stmt = Stmt::new(
     "SELECT",
     "coverage_reports",
     trend_sql!(" AND $1::text IS NULL AND $2::text IS NULL"),
 );
-const TREND_BRANCH: Stmt = Stmt::new(
+pub const TREND_BRANCH: Stmt = Stmt::new(
     "SELECT",
     "coverage_reports",
     trend_sql!(" AND r.branch = $1 AND $2::text IS NULL"),
 );
-const TREND_SUBSYSTEM: Stmt = Stmt::new(
+pub const TREND_SUBSYSTEM: Stmt = Stmt::new(
     "SELECT",
     "coverage_reports",
     trend_sql!(" AND $1::text IS NULL AND r.subsystem = $2"),
 );
-const TREND_BRANCH_SUBSYSTEM: Stmt = Stmt::new(
+pub const TREND_BRANCH_SUBSYSTEM: Stmt = Stmt::new(
     "SELECT",
     "coverage_reports",
     trend_sql!(" AND r.branch = $1 AND r.subsystem = $2"),

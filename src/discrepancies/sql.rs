@@ -507,7 +507,7 @@ macro_rules! summary_of_counts {
     };
 }
 
-const SUMMARY_SESSION: Stmt = Stmt::new(
+pub const SUMMARY_SESSION: Stmt = Stmt::new(
     "SELECT",
     "discrepancy_session_counts",
     summary_of_counts!(
@@ -517,7 +517,7 @@ const SUMMARY_SESSION: Stmt = Stmt::new(
 );
 
 /// $2..$3: the whole days; $4..$5 and $6..$7: the partial days at the edges.
-const SUMMARY_RANGE: Stmt = Stmt::new(
+pub const SUMMARY_RANGE: Stmt = Stmt::new(
     "SELECT",
     "discrepancy_day_counts",
     summary_of_counts!(
@@ -595,15 +595,16 @@ pub async fn summary_of_range(
 ) -> Result<Vec<SummaryRow>> {
     let (lo, hi) = crate::metrics::sql::bounds(from, to);
     if lo >= hi {
-        return summary_rows(SUMMARY_SESSION.query(c, &[&Uuid::nil(), &project_id]).await?);
+        return summary_rows(
+            SUMMARY_SESSION
+                .query(c, &[&Uuid::nil(), &project_id])
+                .await?,
+        );
     }
     let ((d_lo, d_hi), (a_lo, a_hi), (b_lo, b_hi)) = split_days(lo, hi);
     summary_rows(
         SUMMARY_RANGE
-            .query(
-                c,
-                &[&project_id, &d_lo, &d_hi, &a_lo, &a_hi, &b_lo, &b_hi],
-            )
+            .query(c, &[&project_id, &d_lo, &d_hi, &a_lo, &a_hi, &b_lo, &b_hi])
             .await?,
     )
 }

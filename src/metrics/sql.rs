@@ -118,13 +118,13 @@ pub const SERIES_FIXED_ALL: Stmt = Stmt::new(
     fixed_series!(" AND $5::jsonb IS NOT NULL"),
 );
 
-const SERIES_MONTH: Stmt = Stmt::new(
+pub const SERIES_MONTH: Stmt = Stmt::new(
     "SELECT",
     "metric_points",
     month_series!(" AND labels @> $4"),
 );
 
-const SERIES_MONTH_ALL: Stmt = Stmt::new(
+pub const SERIES_MONTH_ALL: Stmt = Stmt::new(
     "SELECT",
     "metric_points",
     month_series!(" AND $4::jsonb IS NOT NULL"),

@@ -114,7 +114,12 @@ async fn raw_summary(
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
         .collect();
-    let pick = |d: &str| rows.iter().filter(|r| r.0 == d).cloned().collect::<Vec<_>>();
+    let pick = |d: &str| {
+        rows.iter()
+            .filter(|r| r.0 == d)
+            .cloned()
+            .collect::<Vec<_>>()
+    };
     let mut severities = pick("severity");
     severities.sort_by_key(|r| r.1.parse::<i32>().unwrap());
     let mut out = pick("total");
@@ -158,9 +163,8 @@ async fn assert_summaries_match(app: &TestApp, project: Uuid, slug: &str, when: 
             "{when}: session {id}"
         );
     }
-    let day = |t: DateTime<Utc>| {
-        Utc.from_utc_datetime(&t.date_naive().and_hms_opt(0, 0, 0).unwrap())
-    };
+    let day =
+        |t: DateTime<Utc>| Utc.from_utc_datetime(&t.date_naive().and_hms_opt(0, 0, 0).unwrap());
     let first = sessions.first().map(|s| s.1).unwrap_or_else(Utc::now);
     let last = sessions.last().map(|s| s.1).unwrap_or_else(Utc::now);
     let ranges: Vec<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = vec![
@@ -168,11 +172,23 @@ async fn assert_summaries_match(app: &TestApp, project: Uuid, slug: &str, when: 
         (Some(first), None),
         (None, Some(last)),
         (Some(day(first)), Some(day(last) + Duration::days(1))),
-        (Some(first + Duration::hours(7)), Some(last - Duration::hours(5))),
+        (
+            Some(first + Duration::hours(7)),
+            Some(last - Duration::hours(5)),
+        ),
         (Some(day(last)), Some(last)),
-        (Some(last - Duration::minutes(1)), Some(last + Duration::seconds(1))),
-        (Some(day(first) + Duration::hours(1)), Some(day(first) + Duration::hours(2))),
-        (Some(first - Duration::days(400)), Some(first - Duration::days(399))),
+        (
+            Some(last - Duration::minutes(1)),
+            Some(last + Duration::seconds(1)),
+        ),
+        (
+            Some(day(first) + Duration::hours(1)),
+            Some(day(first) + Duration::hours(2)),
+        ),
+        (
+            Some(first - Duration::days(400)),
+            Some(first - Duration::days(399)),
+        ),
     ];
     for (from, to) in ranges {
         if let (Some(f), Some(t)) = (from, to)
@@ -294,7 +310,14 @@ async fn kept_counts_equal_the_raw_computation_after_every_kind_of_write() {
 
     // Inserts, then a replayed batch (nothing new) and a twice-sent ingest.
     for (n, id) in ids.iter().enumerate() {
-        record(&app, "default", id, "b1", (0..(7 + n * 5)).map(item).collect()).await;
+        record(
+            &app,
+            "default",
+            id,
+            "b1",
+            (0..(7 + n * 5)).map(item).collect(),
+        )
+        .await;
     }
     record(&app, "default", &ids[0], "b1", (0..7).map(item).collect()).await;
     let ingest: Vec<IngestDiscrepanciesRequest> = (1..=3)
@@ -328,7 +351,11 @@ async fn kept_counts_equal_the_raw_computation_after_every_kind_of_write() {
     let writers: Vec<_> = (0..4)
         .map(|w| {
             let app_discrepancies = app.discrepancies.clone();
-            let session = if w < 2 { ids[5].clone() } else { ids[w].clone() };
+            let session = if w < 2 {
+                ids[5].clone()
+            } else {
+                ids[w].clone()
+            };
             tokio::spawn(async move {
                 let mut client = app_discrepancies;
                 for round in 0..6 {

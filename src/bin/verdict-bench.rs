@@ -1150,7 +1150,7 @@ mod scale {
                     let mut tests = tests.clone();
                     let r = req(proto::GetTestStatisticsRequest {
                         test_case_id: case.to_string(),
-                        window: window.clone(),
+                        window,
                         ..Default::default()
                     });
                     async move { tests.get_test_statistics(r).await }
@@ -1161,7 +1161,7 @@ mod scale {
                 time5("GetTestStatistics, global, 30 d", || {
                     let mut tests = tests.clone();
                     let r = req(proto::GetTestStatisticsRequest {
-                        window: window.clone(),
+                        window,
                         ..Default::default()
                     });
                     async move { tests.get_test_statistics(r).await }
@@ -1173,7 +1173,7 @@ mod scale {
                     let mut tests = tests.clone();
                     let r = req(proto::GetTestStatisticsRequest {
                         target_subsystem: subsystem.clone(),
-                        window: window.clone(),
+                        window,
                         ..Default::default()
                     });
                     async move { tests.get_test_statistics(r).await }
@@ -1267,24 +1267,21 @@ mod scale {
             .connect()
             .await?;
         let project: Uuid = loop {
-            match c
+            if let Ok(Some(row)) = c
                 .query_opt("SELECT id FROM projects WHERE slug = 'default'", &[])
                 .await
             {
-                Ok(Some(row)) => {
-                    let mut ready = DiscrepancyServiceClient::new(channel.clone());
-                    let probe = ready
-                        .summarize_discrepancies(req(proto::SummarizeDiscrepanciesRequest {
-                            session_id: Uuid::nil().to_string(),
-                            sessions_created: None,
-                        }))
-                        .await;
-                    match probe {
-                        Err(s) if s.code() == tonic::Code::Unavailable => {}
-                        _ => break row.get(0),
-                    }
+                let mut ready = DiscrepancyServiceClient::new(channel.clone());
+                let probe = ready
+                    .summarize_discrepancies(req(proto::SummarizeDiscrepanciesRequest {
+                        session_id: Uuid::nil().to_string(),
+                        sessions_created: None,
+                    }))
+                    .await;
+                match probe {
+                    Err(s) if s.code() == tonic::Code::Unavailable => {}
+                    _ => break row.get(0),
                 }
-                _ => {}
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         };

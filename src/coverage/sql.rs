@@ -224,14 +224,18 @@ pub struct Pooled {
 // MAX_COUNTER: it would take over 8 million of them at the bound).
 // One constant statement per filter shape (issue 18): a generic plan of
 // `($1 IS NULL OR branch = $1)` cannot use the (project_id, branch, subsystem,
-// recorded_at) index. An open end of the recorded range is passed as an
-// instant beyond every report (`metrics::sql::bounds`).
+// recorded_at) index. The recorded range stays optional in the statement:
+// with a branch the index leads with it, and without one an open range
+// reads every report of the project (a sequential pass beats the time
+// index's random visits).
 macro_rules! aggregate_sql {
     ($filter:literal) => {
         concat!(
             "WITH matching AS ( \
                  SELECT * FROM coverage_reports \
-                 WHERE project_id = $6 AND recorded_at >= $3 AND recorded_at < $4",
+                 WHERE project_id = $6 \
+                   AND ($3::timestamptz IS NULL OR recorded_at >= $3) \
+                   AND ($4::timestamptz IS NULL OR recorded_at < $4)",
             $filter,
             "), \
              chosen AS ( \
@@ -280,12 +284,11 @@ pub async fn aggregate(
     project: Uuid,
     q: &AggregateQuery,
 ) -> Result<Vec<Pooled>> {
-    let (from, to) = crate::metrics::sql::bounds(q.from, q.to);
     let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
         &q.branch,
         &q.subsystem,
-        &from,
-        &to,
+        &q.from,
+        &q.to,
         &q.latest_per_subsystem,
         &project,
     ];

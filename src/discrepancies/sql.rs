@@ -540,17 +540,13 @@ fn floor_day(t: DateTime<Utc>) -> DateTime<Utc> {
         .unwrap_or(t)
 }
 
+/// A half-open range of instants, [start, end).
+pub type Span = (DateTime<Utc>, DateTime<Utc>);
+
 /// [lo, hi) split into whole UTC days [full_lo, full_hi) (empty when the
 /// range holds no whole day) and the partial edges before and after them:
 /// (whole days, first edge, last edge).
-pub fn split_days(
-    lo: DateTime<Utc>,
-    hi: DateTime<Utc>,
-) -> (
-    (DateTime<Utc>, DateTime<Utc>),
-    (DateTime<Utc>, DateTime<Utc>),
-    (DateTime<Utc>, DateTime<Utc>),
-) {
+pub fn split_days(lo: DateTime<Utc>, hi: DateTime<Utc>) -> (Span, Span, Span) {
     let floor_lo = floor_day(lo);
     let full_lo = if floor_lo == lo {
         lo

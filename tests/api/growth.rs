@@ -42,6 +42,9 @@ const RAW_SUMMARY: &str = "WITH scoped AS (SELECT severity, kind, resolution FRO
      FROM scoped GROUP BY GROUPING SETS ((severity), (kind), (resolution), ()) \
      ORDER BY 1, 3 DESC, 2";
 
+/// An optional start and end of a range of session creation times.
+type Bounds = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
 async fn lines(sql: &tokio_postgres::Client, query: &str) -> Vec<String> {
     sql.query(query, &[])
         .await
@@ -167,7 +170,7 @@ async fn assert_summaries_match(app: &TestApp, project: Uuid, slug: &str, when: 
         |t: DateTime<Utc>| Utc.from_utc_datetime(&t.date_naive().and_hms_opt(0, 0, 0).unwrap());
     let first = sessions.first().map(|s| s.1).unwrap_or_else(Utc::now);
     let last = sessions.last().map(|s| s.1).unwrap_or_else(Utc::now);
-    let ranges: Vec<(Option<DateTime<Utc>>, Option<DateTime<Utc>>)> = vec![
+    let ranges: Vec<Bounds> = vec![
         (None, None),
         (Some(first), None),
         (None, Some(last)),

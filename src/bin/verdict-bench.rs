@@ -845,14 +845,23 @@ mod scale {
         };
         // Each step is skipped when an earlier run loaded it (a run that
         // stopped half-way resumes at its first missing table).
-        let loaded = |sql: &'static str| async move {
-            c.query_one(sql, &[&project])
-                .await
-                .map(|r| r.get::<_, bool>(0))
-        };
+        let sessions_loaded: bool = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')",
+                &[&project],
+            )
+            .await?
+            .get(0);
+        let reports_loaded: bool = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')",
+                &[&project],
+            )
+            .await?
+            .get(0);
         let sessions = SESSIONS * factor;
         let t = Instant::now();
-        if !loaded("SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')").await? {
+        if !sessions_loaded {
             c.execute(SESSIONS_SQL, &[&project, &sessions]).await?;
         }
         step(&format!("{sessions} sessions"), t);
@@ -895,7 +904,7 @@ mod scale {
         step(&format!("{points} metric points"), t);
         let t = Instant::now();
         let reports = REPORTS * factor;
-        if !loaded("SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')").await? {
+        if !reports_loaded {
             c.execute(REPORTS_SQL, &[&project, &reports]).await?;
             c.execute(FILES_SQL, &[&project]).await?;
         }

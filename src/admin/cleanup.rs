@@ -1,6 +1,9 @@
 //! Retention: deleting old sessions and everything of theirs in bounded
 //! batches, each its own short transaction (no long lock, no huge WAL burst),
 //! within one project.
+//!
+//! Counting (the dry run) scans the old sessions' rows of every cleaned
+//! table (issue 18), under the call's deadline (its statement timeout).
 
 use crate::audit::{self, Outcome};
 use crate::call::Call;

@@ -2,6 +2,10 @@
 //! loaded around them brings in), each found by one query and, on request,
 //! repaired by one statement, all repairs in the caller's transaction; all
 //! within one project (a check of A never reads, counts or repairs B's rows).
+//!
+//! Each check is a full pass over the project's rows of its table (issue 18:
+//! seconds at tens of millions of rows), run under the call's deadline (its
+//! statement timeout).
 
 use crate::db::Stmt;
 use crate::error::Result;

@@ -1,5 +1,9 @@
 //! Row counts, database size, session age range: within one project, or
 //! (for an operator's key bound to no project) over every project.
+//!
+//! Exact counts are full passes over the project's rows of each table (issue
+//! 18: seconds at tens of millions of rows), run under the call's deadline
+//! (its statement timeout); the dashboards' reads never call these.
 
 use crate::db::Stmt;
 use crate::error::Result;

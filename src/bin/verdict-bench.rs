@@ -53,6 +53,20 @@ struct Args {
     /// Rows per IngestDiscrepancies message (with `--gateway`).
     #[arg(long, default_value_t = 5000)]
     chunk: usize,
+    /// The scale probe of issue 18 instead of the side-by-side workloads:
+    /// `S` (1M discrepancies, 2M metric points, 20k coverage reports with 1M
+    /// files) or `L` (five times that), loaded by SQL, then every dashboard
+    /// read timed through the gRPC API (5 calls each, median).
+    #[arg(long)]
+    scale: Option<String>,
+    /// With `--scale`: the database to load and measure (its schema is
+    /// migrated by the gateway); without it a private embedded PostgreSQL.
+    #[arg(long, env = "DATABASE_URL")]
+    database_url: Option<String>,
+    /// With `--scale` and `--database-url`: measure the rows already loaded
+    /// by an earlier run instead of loading them again.
+    #[arg(long)]
+    skip_load: bool,
 }
 
 /// `--gateway`: one IngestDiscrepancies stream of `rows` rows into
@@ -295,6 +309,9 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if let (Some(gateway), Some(session)) = (&args.gateway, &args.session) {
         return external_ingest(gateway, session, args.ingest_rows, args.chunk).await;
+    }
+    if let Some(scale) = &args.scale {
+        return scale::run(scale, args.database_url.clone(), args.skip_load).await;
     }
     let wants = |w: &str| args.only.is_empty() || args.only.iter().any(|o| o == w);
     let dir = std::env::temp_dir().join(format!("verdict-bench-{}", std::process::id()));
@@ -720,4 +737,591 @@ async fn main() -> anyhow::Result<()> {
     pg.stop().await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// `--scale S|L`: the scale probe of issue 18.
+mod scale {
+    use std::future::Future;
+    use std::time::{Duration, Instant};
+    use tonic::transport::{Channel, Endpoint};
+    use uuid::Uuid;
+    use verdict::db::embedded::EmbeddedPostgres;
+    use verdict::proto;
+    use verdict::proto::admin_service_client::AdminServiceClient;
+    use verdict::proto::coverage_service_client::CoverageServiceClient;
+    use verdict::proto::discrepancy_service_client::DiscrepancyServiceClient;
+    use verdict::proto::metrics_service_client::MetricsServiceClient;
+    use verdict::proto::test_case_service_client::TestCaseServiceClient;
+
+    /// Sessions at S (five times at L), spread over 90 days.
+    const SESSIONS: i64 = 16_800;
+    /// Discrepancies per session (1M at S).
+    const PER_SESSION: i32 = 60;
+    /// Metric points at S, of 20 names interleaved.
+    const POINTS: i64 = 2_000_000;
+    /// Coverage reports at S, 50 files each.
+    const REPORTS: i64 = 20_000;
+    /// Rows per loading statement.
+    const CHUNK: i64 = 500_000;
+
+    const SESSIONS_SQL: &str = "INSERT INTO sessions (project_id, id, request_id, source_technology, \
+             target_technology, validation_scope, status, created_at, updated_at, started_at, completed_at) \
+         SELECT $1, gen_random_uuid(), 'scale-' || g, \
+                (ARRAY['cobol', 'pl1', 'rpg', 'natural'])[1 + g % 4], \
+                (ARRAY['java', 'csharp', 'python'])[1 + (g / 4) % 3], 'full', st, t, t, \
+                t + interval '1 minute', \
+                CASE WHEN st IN ('completed', 'failed') THEN t + interval '10 minutes' END \
+         FROM generate_series(0, $2::int8 - 1) g, \
+              LATERAL (SELECT now() - make_interval(secs => (1 - g::float8 / $2::int8) * 90 * 86400) AS t, \
+                              (ARRAY['completed', 'completed', 'completed', 'failed', 'processing'])[1 + g % 5] AS st) x";
+
+    const DISCREPANCIES_SQL: &str = "INSERT INTO discrepancies (project_id, session_id, id, kind, severity, \
+             description, source_element, target_element, confidence, fingerprint, resolution, created_at) \
+         SELECT s.project_id, s.id, gen_random_uuid(), \
+                (ARRAY['precision', 'rounding', 'encoding', 'truncation', 'null_handling', 'ordering'])[1 + (i + g) % 6], \
+                (1 + (i * 7 + g) % 5)::int2, 'value differs in record ' || i, \
+                'PAYROLL.CALC-NET.' || (i % 97), 'payroll.CalcNet.field' || (i % 97), 0.9, \
+                md5((i % 97)::text || '/' || ((i + g) % 6)::text), \
+                CASE WHEN (i + g) % 10 = 0 THEN 'resolved' WHEN (i + g) % 17 = 0 THEN 'acknowledged' ELSE 'open' END, \
+                s.created_at + make_interval(secs => i * 5) \
+         FROM generate_series($2::int8, $3::int8) g \
+         JOIN sessions s ON s.project_id = $1 AND s.request_id = 'scale-' || g \
+         CROSS JOIN generate_series(1, $4::int4) i";
+
+    const POINTS_SQL: &str = "INSERT INTO metric_points (project_id, name, value, unit, labels, recorded_at) \
+         SELECT $1, 'metric_' || (g % 20), ((g * 7919) % 10007)::float8 / 10, 'ms', \
+                jsonb_build_object('env', (ARRAY['prod', 'staging', 'dev'])[1 + (g / 20) % 3], \
+                                   'region', 'r' || ((g / 60) % 4)), \
+                now() - make_interval(secs => (1 - g::float8 / $4::int8) * 90 * 86400) \
+         FROM generate_series($2::int8, $3::int8) g";
+
+    const REPORTS_SQL: &str = "INSERT INTO coverage_reports (project_id, id, commit_sha, branch, subsystem, \
+             client_key, lines_covered, lines_total, branches_covered, branches_total, functions_covered, \
+             functions_total, file_count, recorded_at) \
+         SELECT $1, gen_random_uuid(), md5('c' || (g / 30)) || substr(md5('d' || (g / 30)), 1, 8), \
+                (ARRAY['main', 'develop', 'release'])[1 + (g / 10) % 3], 'sub' || (g % 10), 'scale-' || g, \
+                5000 + g % 5000, 10000, 500 + g % 500, 1000, 50 + g % 50, 100, 50, \
+                now() - make_interval(secs => (1 - g::float8 / $2::int8) * 90 * 86400) \
+         FROM generate_series(0, $2::int8 - 1) g";
+
+    const FILES_SQL: &str = "INSERT INTO coverage_files (project_id, report_id, path, lines_covered, \
+             lines_total, branches_covered, branches_total, functions_covered, functions_total) \
+         SELECT r.project_id, r.id, 'src/module' || i || '/file.rs', 100 + i, 200, 10, 20, 1, 2 \
+         FROM coverage_reports r CROSS JOIN generate_series(1, 50) i \
+         WHERE r.project_id = $1 AND r.client_key LIKE 'scale-%'";
+
+    /// `bench/scale/executions.sql` with its psql variables (`:project`,
+    /// `:'project'`, `:factor`, `:days`) replaced by their values.
+    fn substitute(text: &str, vars: &[(&str, String)]) -> String {
+        let mut out = String::with_capacity(text.len());
+        let mut rest = text;
+        'outer: while let Some(at) = rest.find(':') {
+            out.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            let prev_colon = out.ends_with(':');
+            if !prev_colon && !after.starts_with(':') {
+                for (name, value) in vars {
+                    let quoted = format!("'{name}'");
+                    if let Some(tail) = after.strip_prefix(quoted.as_str()) {
+                        out.push('\'');
+                        out.push_str(&value.replace('\'', "''"));
+                        out.push('\'');
+                        rest = tail;
+                        continue 'outer;
+                    }
+                    if let Some(tail) = after.strip_prefix(name)
+                        && !tail.starts_with(|c: char| c.is_alphanumeric() || c == '_')
+                    {
+                        out.push_str(value);
+                        rest = tail;
+                        continue 'outer;
+                    }
+                }
+            }
+            out.push(':');
+            rest = after;
+        }
+        out.push_str(rest);
+        out
+    }
+
+    async fn load(c: &tokio_postgres::Client, project: Uuid, factor: i64) -> anyhow::Result<()> {
+        let step = |what: &str, t: Instant| {
+            println!("  loaded {what} in {:.1} s", t.elapsed().as_secs_f64());
+        };
+        // Each step is skipped when an earlier run loaded it (a run that
+        // stopped half-way resumes at its first missing table).
+        let sessions_loaded: bool = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')",
+                &[&project],
+            )
+            .await?
+            .get(0);
+        let reports_loaded: bool = c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')",
+                &[&project],
+            )
+            .await?
+            .get(0);
+        let sessions = SESSIONS * factor;
+        let t = Instant::now();
+        if !sessions_loaded {
+            c.execute(SESSIONS_SQL, &[&project, &sessions]).await?;
+        }
+        step(&format!("{sessions} sessions"), t);
+        let t = Instant::now();
+        let per_chunk = CHUNK / i64::from(PER_SESSION);
+        let mut lo: i64 = c
+            .query_one(
+                "SELECT COALESCE(max(substr(s.request_id, 7)::int8) + 1, 0) FROM sessions s \
+                 WHERE s.project_id = $1 AND s.request_id LIKE 'scale-%' \
+                   AND EXISTS (SELECT 1 FROM discrepancies d WHERE d.project_id = $1 AND d.session_id = s.id)",
+                &[&project],
+            )
+            .await?
+            .get(0);
+        while lo < sessions {
+            let hi = (lo + per_chunk).min(sessions) - 1;
+            c.execute(DISCREPANCIES_SQL, &[&project, &lo, &hi, &PER_SESSION])
+                .await?;
+            lo = hi + 1;
+        }
+        step(
+            &format!("{} discrepancies", sessions * i64::from(PER_SESSION)),
+            t,
+        );
+        let t = Instant::now();
+        let points = POINTS * factor;
+        let mut lo: i64 = c
+            .query_one(
+                "SELECT count(*) FROM metric_points WHERE project_id = $1 AND name LIKE 'metric\\_%'",
+                &[&project],
+            )
+            .await?
+            .get(0);
+        while lo < points {
+            let hi = (lo + CHUNK).min(points) - 1;
+            c.execute(POINTS_SQL, &[&project, &lo, &hi, &points])
+                .await?;
+            lo = hi + 1;
+        }
+        step(&format!("{points} metric points"), t);
+        let t = Instant::now();
+        let reports = REPORTS * factor;
+        if !reports_loaded {
+            c.execute(REPORTS_SQL, &[&project, &reports]).await?;
+            c.execute(FILES_SQL, &[&project]).await?;
+        }
+        step(
+            &format!("{reports} coverage reports, {} files", reports * 50),
+            t,
+        );
+        let file =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scale/executions.sql");
+        if let Ok(text) = std::fs::read_to_string(&file) {
+            let t = Instant::now();
+            let vars = [
+                ("project", project.to_string()),
+                ("factor", factor.to_string()),
+                ("days", "90".to_owned()),
+            ];
+            let sql = substitute(&text, &vars);
+            // A file of this repository, run as written (not request text).
+            c.batch_execute(&sql).await?;
+            step("bench/scale/executions.sql", t);
+        } else {
+            println!("  no bench/scale/executions.sql: no test executions loaded");
+        }
+        let t = Instant::now();
+        c.batch_execute("VACUUM ANALYZE").await?;
+        step("VACUUM ANALYZE", t);
+        Ok(())
+    }
+
+    /// Median, min and max of the timed calls, in ms (or the error).
+    struct Timing {
+        name: String,
+        result: Result<(f64, f64, f64), String>,
+    }
+
+    /// Calls `op` until 5 timed calls are done: one untimed call first, and
+    /// when it was fast, 9 more untimed ones, so each of the 2 pooled
+    /// connections has run the statement past PostgreSQL's 5 custom plans
+    /// (when it chooses a generic plan, the timed calls get it).
+    async fn time5<F, Fut, T>(name: &str, mut op: F) -> Timing
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        let t = Instant::now();
+        if let Err(s) = op().await {
+            return Timing {
+                name: name.into(),
+                result: Err(format!("{:?}: {}", s.code(), s.message())),
+            };
+        }
+        if t.elapsed() < Duration::from_millis(500) {
+            for _ in 0..9 {
+                let _ = op().await;
+            }
+        }
+        let mut ms = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            if let Err(s) = op().await {
+                return Timing {
+                    name: name.into(),
+                    result: Err(format!("{:?}: {}", s.code(), s.message())),
+                };
+            }
+            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        ms.sort_by(f64::total_cmp);
+        let timing = Timing {
+            name: name.into(),
+            result: Ok((ms[2], ms[0], ms[4])),
+        };
+        if let Ok((median, min, max)) = timing.result {
+            eprintln!("  {name}: median {median:.1} ms (min {min:.1}, max {max:.1})");
+        }
+        timing
+    }
+
+    fn req<T>(message: T) -> tonic::Request<T> {
+        let mut r = tonic::Request::new(message);
+        r.set_timeout(Duration::from_secs(300));
+        r
+    }
+
+    fn ts(t: chrono::DateTime<chrono::Utc>) -> prost_types::Timestamp {
+        prost_types::Timestamp {
+            seconds: t.timestamp(),
+            nanos: 0,
+        }
+    }
+
+    fn range(
+        from: chrono::DateTime<chrono::Utc>,
+        to: chrono::DateTime<chrono::Utc>,
+    ) -> proto::TimeRange {
+        proto::TimeRange {
+            start_time: Some(ts(from)),
+            end_time: Some(ts(to)),
+        }
+    }
+
+    async fn measure(
+        channel: Channel,
+        c: &tokio_postgres::Client,
+        project: Uuid,
+    ) -> anyhow::Result<Vec<Timing>> {
+        let now = chrono::Utc::now();
+        let days = chrono::Duration::days;
+        let mut out = Vec::new();
+        let disc = DiscrepancyServiceClient::new(channel.clone());
+        let session: Uuid = c
+            .query_one(
+                "SELECT id FROM sessions WHERE project_id = $1 AND request_id = 'scale-1000'",
+                &[&project],
+            )
+            .await?
+            .get(0);
+        out.push(
+            time5("SummarizeDiscrepancies, one session", || {
+                let mut disc = disc.clone();
+                let r = req(proto::SummarizeDiscrepanciesRequest {
+                    session_id: session.to_string(),
+                    sessions_created: None,
+                });
+                async move { disc.summarize_discrepancies(r).await }
+            })
+            .await,
+        );
+        out.push(
+            time5("SummarizeDiscrepancies, sessions of the last 30 d", || {
+                let mut disc = disc.clone();
+                let r = req(proto::SummarizeDiscrepanciesRequest {
+                    session_id: String::new(),
+                    sessions_created: Some(range(now - days(30), now)),
+                });
+                async move { disc.summarize_discrepancies(r).await }
+            })
+            .await,
+        );
+        let metrics = MetricsServiceClient::new(channel.clone());
+        for (width, label) in [(3600, "1 h"), (86_400, "1 d")] {
+            for filter in [false, true] {
+                let name = format!(
+                    "QueryTimeSeries, 90 d, {label} buckets, {}",
+                    if filter {
+                        "label filter env=prod"
+                    } else {
+                        "no label filter"
+                    }
+                );
+                out.push(
+                    time5(&name, || {
+                        let mut metrics = metrics.clone();
+                        let r = req(proto::QueryTimeSeriesRequest {
+                            name: "metric_3".into(),
+                            label_filter: if filter {
+                                [("env".to_owned(), "prod".to_owned())].into()
+                            } else {
+                                Default::default()
+                            },
+                            range: Some(range(now - days(90), now)),
+                            bucket_width: Some(prost_types::Duration {
+                                seconds: width,
+                                nanos: 0,
+                            }),
+                            calendar_bucket: 0,
+                        });
+                        async move { metrics.query_time_series(r).await }
+                    })
+                    .await,
+                );
+            }
+        }
+        let coverage = CoverageServiceClient::new(channel.clone());
+        for (branch, subsystem, label) in [
+            ("", "", "no filter"),
+            ("main", "sub3", "one branch and subsystem"),
+        ] {
+            out.push(
+                time5(&format!("GetCoverageTrend, 90 d, {label}"), || {
+                    let mut coverage = coverage.clone();
+                    let r = req(proto::GetCoverageTrendRequest {
+                        branch: branch.into(),
+                        subsystem: subsystem.into(),
+                        interval: proto::TrendInterval::Daily as i32,
+                        days: 90,
+                        end_time: None,
+                    });
+                    async move { coverage.get_coverage_trend(r).await }
+                })
+                .await,
+            );
+            out.push(
+                time5(&format!("GetAggregateCoverage, {label}"), || {
+                    let mut coverage = coverage.clone();
+                    let r = req(proto::GetAggregateCoverageRequest {
+                        branch: branch.into(),
+                        subsystem: subsystem.into(),
+                        recorded: None,
+                        latest_per_subsystem: false,
+                    });
+                    async move { coverage.get_aggregate_coverage(r).await }
+                })
+                .await,
+            );
+        }
+        out.push(
+            time5("GetTechnologyUsage, last 30 d", || {
+                let mut metrics = metrics.clone();
+                let r = req(proto::GetTechnologyUsageRequest {
+                    range: Some(range(now - days(30), now)),
+                });
+                async move { metrics.get_technology_usage(r).await }
+            })
+            .await,
+        );
+        out.push(
+            time5("ComputeRollups, full recompute, 91 days", || {
+                let mut metrics = metrics.clone();
+                let r = req(proto::ComputeRollupsRequest {
+                    period: proto::RollupPeriod::Day as i32,
+                    range: Some(range(now - days(91), now)),
+                    full_recompute: true,
+                });
+                async move { metrics.compute_rollups(r).await }
+            })
+            .await,
+        );
+        let executions: i64 = c
+            .query_one(
+                "SELECT count(*) FROM (SELECT 1 FROM test_executions WHERE project_id = $1 LIMIT 1) x",
+                &[&project],
+            )
+            .await?
+            .get(0);
+        if executions > 0 {
+            let tests = TestCaseServiceClient::new(channel.clone());
+            let (case, subsystem): (Uuid, String) = {
+                let row = c
+                    .query_one(
+                        "SELECT t.id, t.target_subsystem FROM test_cases t \
+                         WHERE t.project_id = $1 AND EXISTS (SELECT 1 FROM test_executions e \
+                             WHERE e.project_id = $1 AND e.test_case_id = t.id) LIMIT 1",
+                        &[&project],
+                    )
+                    .await?;
+                (row.get(0), row.get(1))
+            };
+            let window = Some(range(now - days(30), now));
+            out.push(
+                time5("GetTestStatistics, one test case, 30 d", || {
+                    let mut tests = tests.clone();
+                    let r = req(proto::GetTestStatisticsRequest {
+                        test_case_id: case.to_string(),
+                        window,
+                        ..Default::default()
+                    });
+                    async move { tests.get_test_statistics(r).await }
+                })
+                .await,
+            );
+            out.push(
+                time5("GetTestStatistics, global, 30 d", || {
+                    let mut tests = tests.clone();
+                    let r = req(proto::GetTestStatisticsRequest {
+                        window,
+                        ..Default::default()
+                    });
+                    async move { tests.get_test_statistics(r).await }
+                })
+                .await,
+            );
+            out.push(
+                time5("GetTestStatistics, per subsystem, 30 d", || {
+                    let mut tests = tests.clone();
+                    let r = req(proto::GetTestStatisticsRequest {
+                        target_subsystem: subsystem.clone(),
+                        window,
+                        ..Default::default()
+                    });
+                    async move { tests.get_test_statistics(r).await }
+                })
+                .await,
+            );
+        }
+        let admin = AdminServiceClient::new(channel);
+        out.push(
+            time5("GetStats exact (admin, scans)", || {
+                let mut admin = admin.clone();
+                let r = req(proto::GetStatsRequest {
+                    exact: true,
+                    all_projects: false,
+                });
+                async move { admin.get_stats(r).await }
+            })
+            .await,
+        );
+        out.push(
+            time5("CheckIntegrity (admin, scans)", || {
+                let mut admin = admin.clone();
+                let r = req(proto::CheckIntegrityRequest {
+                    repair: false,
+                    stuck_after: None,
+                });
+                async move { admin.check_integrity(r).await }
+            })
+            .await,
+        );
+        out.push(
+            time5("Cleanup dry run, older than 60 d (admin, scans)", || {
+                let mut admin = admin.clone();
+                let r = req(proto::CleanupRequest {
+                    older_than: Some(prost_types::Duration {
+                        seconds: 60 * 86_400,
+                        nanos: 0,
+                    }),
+                    cutoff: None,
+                    dry_run: true,
+                    batch_size: 0,
+                });
+                async move { admin.cleanup(r).await }
+            })
+            .await,
+        );
+        Ok(out)
+    }
+
+    pub async fn run(
+        scale: &str,
+        database_url: Option<String>,
+        skip_load: bool,
+    ) -> anyhow::Result<()> {
+        let factor = match scale {
+            "S" | "s" => 1,
+            "L" | "l" => 5,
+            other => anyhow::bail!("--scale is S or L, not {other}"),
+        };
+        let dir = std::env::temp_dir().join(format!("verdict-scale-{}", std::process::id()));
+        let mut embedded = None;
+        let url = match database_url {
+            Some(url) => url,
+            None => {
+                let pg = EmbeddedPostgres::start(&dir).await?;
+                let (admin, conn) = pg.config("postgres").connect(tokio_postgres::NoTls).await?;
+                let driver = tokio::spawn(conn);
+                admin.batch_execute("CREATE DATABASE scale").await?;
+                drop(admin);
+                let _ = driver.await;
+                let url = pg.database_url("scale");
+                embedded = Some(pg);
+                url
+            }
+        };
+        let mut config = verdict::config::Config::for_database(Some(url.clone()));
+        config.listen = "127.0.0.1:0".parse()?;
+        config.log_filter = "warn".into();
+        config.pool_size = 2;
+        config.max_statement_timeout_ms = 300_000;
+        let app = verdict::Application::build(config).await?;
+        let port = app.port();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let gateway = tokio::spawn(app.run_until(async {
+            let _ = stop_rx.await;
+        }));
+        let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        // The gateway migrates before it serves: wait for its last table.
+        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
+            .connect()
+            .await?;
+        let project: Uuid = loop {
+            if let Ok(Some(row)) = c
+                .query_opt("SELECT id FROM projects WHERE slug = 'default'", &[])
+                .await
+            {
+                let mut ready = DiscrepancyServiceClient::new(channel.clone());
+                let probe = ready
+                    .summarize_discrepancies(req(proto::SummarizeDiscrepanciesRequest {
+                        session_id: Uuid::nil().to_string(),
+                        sessions_created: None,
+                    }))
+                    .await;
+                match probe {
+                    Err(s) if s.code() == tonic::Code::Unavailable => {}
+                    _ => break row.get(0),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        println!("verdict-bench --scale {scale}: {url}");
+        if !skip_load {
+            let t = Instant::now();
+            load(&c, project, factor).await?;
+            println!("  loaded in {:.0} s", t.elapsed().as_secs_f64());
+        }
+        let timings = measure(channel, &c, project).await?;
+        println!("\n| call | {scale} median ms | min | max |\n| --- | --- | --- | --- |");
+        for t in &timings {
+            match &t.result {
+                Ok((median, min, max)) => {
+                    println!("| {} | {median:.1} | {min:.1} | {max:.1} |", t.name)
+                }
+                Err(e) => println!("| {} | error: {e} | | |", t.name),
+            }
+        }
+        let _ = stop_tx.send(());
+        let _ = gateway.await;
+        if let Some(mut pg) = embedded {
+            pg.stop().await?;
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Ok(())
+    }
 }

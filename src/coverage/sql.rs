@@ -233,32 +233,61 @@ pub struct Pooled {
 // sum(bigint) is numeric: sums are taken exactly and saturate at the int64
 // maximum instead of failing the cast (unreachable for reports within
 // MAX_COUNTER: it would take over 8 million of them at the bound).
-const AGGREGATE: Stmt = Stmt::new(
+// One constant statement per filter shape (issue 18): a generic plan of
+// `($1 IS NULL OR branch = $1)` cannot use the (project_id, branch, subsystem,
+// recorded_at) index. The recorded range stays optional in the statement:
+// with a branch the index leads with it, and without one an open range
+// reads every report of the project (a sequential pass beats the time
+// index's random visits).
+macro_rules! aggregate_sql {
+    ($filter:literal) => {
+        concat!(
+            "WITH matching AS ( \
+                 SELECT * FROM coverage_reports \
+                 WHERE project_id = $6 \
+                   AND ($3::timestamptz IS NULL OR recorded_at >= $3) \
+                   AND ($4::timestamptz IS NULL OR recorded_at < $4) \
+                   AND ($7::jsonb IS NULL OR labels @> $7) \
+                   AND ($8::text[] IS NULL OR labels ?& $8)",
+            $filter,
+            "), \
+             chosen AS ( \
+                 SELECT * FROM matching WHERE NOT $5 \
+                 UNION ALL \
+                 (SELECT DISTINCT ON (subsystem) * FROM matching WHERE $5 \
+                  ORDER BY subsystem, recorded_at DESC, id DESC)) \
+             SELECT GROUPING(subsystem) = 1, subsystem, count(*), \
+                    LEAST(COALESCE(sum(lines_covered), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(lines_total), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(branches_covered), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(branches_total), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(functions_covered), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(functions_total), 0), 9223372036854775807)::int8 \
+             FROM chosen GROUP BY ROLLUP (subsystem) \
+             ORDER BY GROUPING(subsystem) DESC, subsystem"
+        )
+    };
+}
+
+pub const AGGREGATE: Stmt = Stmt::new(
     "SELECT",
     "coverage_reports",
-    "WITH matching AS ( \
-         SELECT * FROM coverage_reports \
-         WHERE project_id = $6 \
-           AND ($1::text IS NULL OR branch = $1) \
-           AND ($2::text IS NULL OR subsystem = $2) \
-           AND ($3::timestamptz IS NULL OR recorded_at >= $3) \
-           AND ($4::timestamptz IS NULL OR recorded_at < $4) \
-           AND ($7::jsonb IS NULL OR labels @> $7) \
-           AND ($8::text[] IS NULL OR labels ?& $8)), \
-     chosen AS ( \
-         SELECT * FROM matching WHERE NOT $5 \
-         UNION ALL \
-         (SELECT DISTINCT ON (subsystem) * FROM matching WHERE $5 \
-          ORDER BY subsystem, recorded_at DESC, id DESC)) \
-     SELECT GROUPING(subsystem) = 1, subsystem, count(*), \
-            LEAST(COALESCE(sum(lines_covered), 0), 9223372036854775807)::int8, \
-            LEAST(COALESCE(sum(lines_total), 0), 9223372036854775807)::int8, \
-            LEAST(COALESCE(sum(branches_covered), 0), 9223372036854775807)::int8, \
-            LEAST(COALESCE(sum(branches_total), 0), 9223372036854775807)::int8, \
-            LEAST(COALESCE(sum(functions_covered), 0), 9223372036854775807)::int8, \
-            LEAST(COALESCE(sum(functions_total), 0), 9223372036854775807)::int8 \
-     FROM chosen GROUP BY ROLLUP (subsystem) \
-     ORDER BY GROUPING(subsystem) DESC, subsystem",
+    aggregate_sql!(" AND $1::text IS NULL AND $2::text IS NULL"),
+);
+pub const AGGREGATE_BRANCH: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_reports",
+    aggregate_sql!(" AND branch = $1 AND $2::text IS NULL"),
+);
+pub const AGGREGATE_SUBSYSTEM: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_reports",
+    aggregate_sql!(" AND $1::text IS NULL AND subsystem = $2"),
+);
+pub const AGGREGATE_BRANCH_SUBSYSTEM: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_reports",
+    aggregate_sql!(" AND branch = $1 AND subsystem = $2"),
 );
 
 /// The pooled counters of every matching report of `project` (first,
@@ -269,22 +298,23 @@ pub async fn aggregate(
     q: &AggregateQuery,
 ) -> Result<Vec<Pooled>> {
     let (labels, label_keys) = q.labels.params();
-    AGGREGATE
-        .query(
-            c,
-            &[
-                &q.branch,
-                &q.subsystem,
-                &q.from,
-                &q.to,
-                &q.latest_per_subsystem,
-                &project,
-                &labels,
-                &label_keys,
-            ],
-        )
-        .await?
-        .iter()
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &q.branch,
+        &q.subsystem,
+        &q.from,
+        &q.to,
+        &q.latest_per_subsystem,
+        &project,
+        &labels,
+        &label_keys,
+    ];
+    let rows = match (&q.branch, &q.subsystem) {
+        (None, None) => AGGREGATE.query(c, params).await?,
+        (Some(_), None) => AGGREGATE_BRANCH.query(c, params).await?,
+        (None, Some(_)) => AGGREGATE_SUBSYSTEM.query(c, params).await?,
+        (Some(_), Some(_)) => AGGREGATE_BRANCH_SUBSYSTEM.query(c, params).await?,
+    };
+    rows.iter()
         .map(|r| {
             let overall: bool = r.try_get(0)?;
             Ok(Pooled {
@@ -308,57 +338,83 @@ pub struct Bucket {
 // Buckets are computed in UTC wall time (timestamp without time zone), so the
 // session's TimeZone and DST never shift or stretch them; every bucket of the
 // series is kept by the LEFT JOIN, with or without reports.
-const TREND: Stmt = Stmt::new(
+macro_rules! trend_sql {
+    ($filter:literal) => {
+        concat!(
+            "WITH buckets AS ( \
+                 SELECT b AT TIME ZONE 'UTC' AS bucket_start, \
+                        (b + make_interval(days => $4)) AT TIME ZONE 'UTC' AS bucket_end \
+                 FROM generate_series(date_trunc($3, $5::timestamptz AT TIME ZONE 'UTC'), \
+                                      date_trunc($3, $6::timestamptz AT TIME ZONE 'UTC'), \
+                                      make_interval(days => $4)) AS b), \
+             latest AS ( \
+                 SELECT DISTINCT ON (k.bucket_start, r.branch, r.subsystem) k.bucket_start, \
+                        r.lines_covered, r.lines_total, r.branches_covered, r.branches_total, \
+                        r.functions_covered, r.functions_total \
+                 FROM buckets k JOIN coverage_reports r \
+                   ON r.recorded_at >= k.bucket_start AND r.recorded_at < k.bucket_end \
+                 WHERE r.project_id = $7 \
+                   AND ($8::jsonb IS NULL OR r.labels @> $8) \
+                   AND ($9::text[] IS NULL OR r.labels ?& $9)",
+            $filter,
+            " ORDER BY k.bucket_start, r.branch, r.subsystem, r.recorded_at DESC, r.id DESC) \
+             SELECT k.bucket_start, k.bucket_end, count(l.bucket_start), \
+                    LEAST(COALESCE(sum(l.lines_covered), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(l.lines_total), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(l.branches_covered), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(l.branches_total), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(l.functions_covered), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(l.functions_total), 0), 9223372036854775807)::int8 \
+             FROM buckets k LEFT JOIN latest l ON l.bucket_start = k.bucket_start \
+             GROUP BY k.bucket_start, k.bucket_end ORDER BY k.bucket_start"
+        )
+    };
+}
+
+// One constant statement per filter shape, as AGGREGATE.
+pub const TREND: Stmt = Stmt::new(
     "SELECT",
     "coverage_reports",
-    "WITH buckets AS ( \
-         SELECT b AT TIME ZONE 'UTC' AS bucket_start, \
-                (b + make_interval(days => $4)) AT TIME ZONE 'UTC' AS bucket_end \
-         FROM generate_series(date_trunc($3, $5::timestamptz AT TIME ZONE 'UTC'), \
-                              date_trunc($3, $6::timestamptz AT TIME ZONE 'UTC'), \
-                              make_interval(days => $4)) AS b), \
-     latest AS ( \
-         SELECT DISTINCT ON (k.bucket_start, r.branch, r.subsystem) k.bucket_start, \
-                r.lines_covered, r.lines_total, r.branches_covered, r.branches_total, \
-                r.functions_covered, r.functions_total \
-         FROM buckets k JOIN coverage_reports r \
-           ON r.recorded_at >= k.bucket_start AND r.recorded_at < k.bucket_end \
-         WHERE r.project_id = $7 \
-           AND ($1::text IS NULL OR r.branch = $1) AND ($2::text IS NULL OR r.subsystem = $2) \
-           AND ($8::jsonb IS NULL OR r.labels @> $8) AND ($9::text[] IS NULL OR r.labels ?& $9) \
-         ORDER BY k.bucket_start, r.branch, r.subsystem, r.recorded_at DESC, r.id DESC) \
-     SELECT k.bucket_start, k.bucket_end, count(l.bucket_start), \
-            LEAST(COALESCE(sum(l.lines_covered), 0), 9223372036854775807)::int8, \
-            LEAST(COALESCE(sum(l.lines_total), 0), 9223372036854775807)::int8, \
-            LEAST(COALESCE(sum(l.branches_covered), 0), 9223372036854775807)::int8, \
-            LEAST(COALESCE(sum(l.branches_total), 0), 9223372036854775807)::int8, \
-            LEAST(COALESCE(sum(l.functions_covered), 0), 9223372036854775807)::int8, \
-            LEAST(COALESCE(sum(l.functions_total), 0), 9223372036854775807)::int8 \
-     FROM buckets k LEFT JOIN latest l ON l.bucket_start = k.bucket_start \
-     GROUP BY k.bucket_start, k.bucket_end ORDER BY k.bucket_start",
+    trend_sql!(" AND $1::text IS NULL AND $2::text IS NULL"),
+);
+pub const TREND_BRANCH: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_reports",
+    trend_sql!(" AND r.branch = $1 AND $2::text IS NULL"),
+);
+pub const TREND_SUBSYSTEM: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_reports",
+    trend_sql!(" AND $1::text IS NULL AND r.subsystem = $2"),
+);
+pub const TREND_BRANCH_SUBSYSTEM: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_reports",
+    trend_sql!(" AND r.branch = $1 AND r.subsystem = $2"),
 );
 
 /// Every bucket of a trend of `project`'s reports, oldest first, empty ones
 /// included.
 pub async fn trend(c: &impl GenericClient, project: Uuid, q: &TrendQuery) -> Result<Vec<Bucket>> {
     let (labels, label_keys) = q.labels.params();
-    TREND
-        .query(
-            c,
-            &[
-                &q.branch,
-                &q.subsystem,
-                &q.unit,
-                &q.step_days,
-                &q.start,
-                &q.end,
-                &project,
-                &labels,
-                &label_keys,
-            ],
-        )
-        .await?
-        .iter()
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &q.branch,
+        &q.subsystem,
+        &q.unit,
+        &q.step_days,
+        &q.start,
+        &q.end,
+        &project,
+        &labels,
+        &label_keys,
+    ];
+    let rows = match (&q.branch, &q.subsystem) {
+        (None, None) => TREND.query(c, params).await?,
+        (Some(_), None) => TREND_BRANCH.query(c, params).await?,
+        (None, Some(_)) => TREND_SUBSYSTEM.query(c, params).await?,
+        (Some(_), Some(_)) => TREND_BRANCH_SUBSYSTEM.query(c, params).await?,
+    };
+    rows.iter()
         .map(|r| {
             Ok(Bucket {
                 start: r.try_get(0)?,

@@ -501,38 +501,78 @@ pub struct SummaryRow {
     pub count: i64,
 }
 
-macro_rules! summary_sql {
-    ($scope:literal) => {
+// Summaries read the counts the triggers of V27 keep at write time
+// (discrepancy_session_counts, discrepancy_day_counts): a session's ~15 rows,
+// or a range's whole UTC days plus the sessions of its partial edge days,
+// instead of every discrepancy of the sessions named. The answer is the one
+// GROUPING SETS over the rows gives: every non-zero count per dimension, the
+// total always (0 when nothing matches), in (dimension, count DESC, key) order.
+macro_rules! summary_of_counts {
+    ($counts:literal) => {
         concat!(
-            "WITH scoped AS (SELECT severity, kind, resolution FROM discrepancies WHERE ",
-            $scope,
-            ") \
-             SELECT CASE WHEN GROUPING(severity) = 0 THEN 'severity' \
-                         WHEN GROUPING(kind) = 0 THEN 'kind' \
-                         WHEN GROUPING(resolution) = 0 THEN 'resolution' ELSE 'total' END, \
-                    COALESCE(severity::text, kind, resolution, ''), count(*) \
-             FROM scoped GROUP BY GROUPING SETS ((severity), (kind), (resolution), ()) \
+            "WITH c AS (",
+            $counts,
+            "), \
+             g AS (SELECT dimension, key, sum(n)::int8 AS n FROM c GROUP BY 1, 2 HAVING sum(n) <> 0) \
+             SELECT dimension, key, n FROM g \
+             UNION ALL \
+             SELECT 'total', '', COALESCE(sum(n), 0)::int8 FROM g WHERE dimension = 'severity' \
              ORDER BY 1, 3 DESC, 2"
         )
     };
 }
 
-const SUMMARY_SESSION: Stmt = Stmt::new(
+pub const SUMMARY_SESSION: Stmt = Stmt::new(
     "SELECT",
-    "discrepancies",
-    summary_sql!("project_id = $2 AND session_id = $1"),
-);
-
-const SUMMARY_RANGE: Stmt = Stmt::new(
-    "SELECT",
-    "discrepancies",
-    summary_sql!(
-        "project_id = $3 AND session_id IN (SELECT id FROM sessions \
-          WHERE project_id = $3 \
-            AND ($1::timestamptz IS NULL OR created_at >= $1) \
-            AND ($2::timestamptz IS NULL OR created_at < $2))"
+    "discrepancy_session_counts",
+    summary_of_counts!(
+        "SELECT dimension, key, n FROM discrepancy_session_counts \
+         WHERE project_id = $2 AND session_id = $1"
     ),
 );
+
+/// $2..$3: the whole days; $4..$5 and $6..$7: the partial days at the edges.
+pub const SUMMARY_RANGE: Stmt = Stmt::new(
+    "SELECT",
+    "discrepancy_day_counts",
+    summary_of_counts!(
+        "SELECT dimension, key, n FROM discrepancy_day_counts \
+         WHERE project_id = $1 AND day >= $2 AND day < $3 \
+         UNION ALL \
+         SELECT dimension, key, n FROM discrepancy_session_counts \
+         WHERE project_id = $1 AND session_created_at >= $4 AND session_created_at < $5 \
+         UNION ALL \
+         SELECT dimension, key, n FROM discrepancy_session_counts \
+         WHERE project_id = $1 AND session_created_at >= $6 AND session_created_at < $7"
+    ),
+);
+
+/// The UTC midnight at or before `t`.
+fn floor_day(t: DateTime<Utc>) -> DateTime<Utc> {
+    t.date_naive()
+        .and_hms_opt(0, 0, 0)
+        .map(|d| d.and_utc())
+        .unwrap_or(t)
+}
+
+/// A half-open range of instants, [start, end).
+pub type Span = (DateTime<Utc>, DateTime<Utc>);
+
+/// [lo, hi) split into whole UTC days [full_lo, full_hi) (empty when the
+/// range holds no whole day) and the partial edges before and after them:
+/// (whole days, first edge, last edge).
+pub fn split_days(lo: DateTime<Utc>, hi: DateTime<Utc>) -> (Span, Span, Span) {
+    let floor_lo = floor_day(lo);
+    let full_lo = if floor_lo == lo {
+        lo
+    } else {
+        floor_lo + chrono::Duration::days(1)
+    };
+    let full_hi = floor_day(hi);
+    let first_end = full_lo.min(hi);
+    let last_start = full_hi.max(first_end);
+    ((full_lo, full_hi), (lo, first_end), (last_start, hi))
+}
 
 fn summary_rows(rows: Vec<Row>) -> Result<Vec<SummaryRow>> {
     rows.iter()
@@ -564,7 +604,20 @@ pub async fn summary_of_range(
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
 ) -> Result<Vec<SummaryRow>> {
-    summary_rows(SUMMARY_RANGE.query(c, &[&from, &to, &project_id]).await?)
+    let (lo, hi) = crate::metrics::sql::bounds(from, to);
+    if lo >= hi {
+        return summary_rows(
+            SUMMARY_SESSION
+                .query(c, &[&Uuid::nil(), &project_id])
+                .await?,
+        );
+    }
+    let ((d_lo, d_hi), (a_lo, a_hi), (b_lo, b_hi)) = split_days(lo, hi);
+    summary_rows(
+        SUMMARY_RANGE
+            .query(c, &[&project_id, &d_lo, &d_hi, &a_lo, &a_hi, &b_lo, &b_hi])
+            .await?,
+    )
 }
 
 const PAGE_OF_SESSION: Stmt = Stmt::new(

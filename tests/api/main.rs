@@ -11,6 +11,8 @@ mod failures;
 mod fuzz;
 mod gateway;
 mod grpc_web;
+mod growth;
+mod growth_plans;
 mod helpers;
 mod hostile;
 mod idempotency;

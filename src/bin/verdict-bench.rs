@@ -1098,6 +1098,7 @@ mod scale {
                         interval: proto::TrendInterval::Daily as i32,
                         days: 90,
                         end_time: None,
+                        ..Default::default()
                     });
                     async move { coverage.get_coverage_trend(r).await }
                 })
@@ -1111,6 +1112,7 @@ mod scale {
                         subsystem: subsystem.into(),
                         recorded: None,
                         latest_per_subsystem: false,
+                        ..Default::default()
                     });
                     async move { coverage.get_aggregate_coverage(r).await }
                 })

@@ -216,7 +216,7 @@ impl Sink for ExecutionSink {
         lock_sessions(tx, self.project, items).await?;
         lock_runs(tx, self.project, items).await?;
 
-        COPY.traced_copy(async {
+        let written = COPY.traced_copy(async {
             let sink = tx.copy_in(COPY.sql).await?;
             let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
             pin_mut!(writer);
@@ -245,8 +245,28 @@ impl Sink for ExecutionSink {
             }
             writer.finish().await
         })
-        .await
+        .await?;
+        refresh_statistics_days(tx, self.project, items, &test_case_ids).await?;
+        Ok(written)
     }
+}
+
+/// Statistics rollup (GetTestStatistics): refreshes the per-day rows of
+/// the (test case, UTC day) pairs this batch wrote, in the batch's
+/// transaction, once per pair (not per row); see
+/// `statistics_sql::refresh_days`.
+async fn refresh_statistics_days(
+    c: &impl GenericClient,
+    project: Uuid,
+    items: &[NewExecution],
+    test_case_ids: &[Uuid],
+) -> Result<()> {
+    let keys: Vec<_> = items
+        .iter()
+        .zip(test_case_ids)
+        .map(|(e, id)| (*id, e.started_at.date_naive()))
+        .collect();
+    super::statistics_sql::refresh_days(c, project, &keys).await
 }
 
 const BATCH_IDS: Stmt = Stmt::new(

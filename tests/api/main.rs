@@ -26,6 +26,8 @@ mod projects_sessions;
 mod projects_test_cases;
 mod results;
 mod sequences;
+mod statistics;
+mod statistics_plans;
 mod sessions;
 mod test_cases;
 mod test_runs;

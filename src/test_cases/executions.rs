@@ -455,7 +455,7 @@ impl TryFrom<proto::GetTestStatisticsRequest> for StatisticsQuery {
         );
         set(&mut v, "run_id", run.map(StatsScope::Run));
         let (from, to) = v.time_range("window", r.window.as_ref());
-        if matches!(scope, StatsScope::Run(_)) && r.window.is_some() {
+        if !r.run_id.is_empty() && r.window.is_some() {
             v.violation("window", "must be unset with run_id (a run's statistics cover the whole run)");
         }
         let query = StatisticsQuery {

@@ -563,7 +563,7 @@ async fn above_ten_thousand_executions_percentiles_are_estimates_within_the_docu
     let app = spawn_app().await;
     create_test_case(&app, new_test_case("big-1", TestType::Performance, "perf")).await;
     create_test_case(&app, new_test_case("big-2", TestType::Performance, "perf")).await;
-    for batch in 0..3i64 {
+    for batch in 0..4i64 {
         let items: Vec<_> = (0..4000i64)
             .map(|i| {
                 let n = batch * 4000 + i;
@@ -589,8 +589,9 @@ async fn above_ten_thousand_executions_percentiles_are_estimates_within_the_docu
         )
         .await;
         let want = expected(&app, "t.target_subsystem = 'perf'", w, 20).await;
-        assert!(s.percentiles_estimated);
+        assert!(s.percentiles_estimated, "{s:?}");
         assert_eq!(s.total_executions, want.total);
+        assert_eq!(want.total, 16_000);
         assert_eq!(
             s.by_status.iter().map(|c| c.count).collect::<Vec<_>>(),
             want.by_status

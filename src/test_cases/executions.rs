@@ -446,7 +446,11 @@ impl TryFrom<proto::GetTestStatisticsRequest> for StatisticsQuery {
             }
         };
         set(&mut v, "test_case", test_case.map(StatsScope::TestCase));
-        set(&mut v, "target_subsystem", subsystem.map(StatsScope::Subsystem));
+        set(
+            &mut v,
+            "target_subsystem",
+            subsystem.map(StatsScope::Subsystem),
+        );
         set(&mut v, "test_type", test_type.map(StatsScope::TestType));
         set(
             &mut v,
@@ -456,7 +460,10 @@ impl TryFrom<proto::GetTestStatisticsRequest> for StatisticsQuery {
         set(&mut v, "run_id", run.map(StatsScope::Run));
         let (from, to) = v.time_range("window", r.window.as_ref());
         if !r.run_id.is_empty() && r.window.is_some() {
-            v.violation("window", "must be unset with run_id (a run's statistics cover the whole run)");
+            v.violation(
+                "window",
+                "must be unset with run_id (a run's statistics cover the whole run)",
+            );
         }
         let query = StatisticsQuery {
             scope,

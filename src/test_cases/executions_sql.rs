@@ -216,7 +216,7 @@ impl Sink for ExecutionSink {
         lock_sessions(tx, self.project, items).await?;
         lock_runs(tx, self.project, items).await?;
 
-        let written = COPY.traced_copy(async {
+        let copy = COPY.traced_copy(async {
             let sink = tx.copy_in(COPY.sql).await?;
             let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
             pin_mut!(writer);
@@ -244,8 +244,8 @@ impl Sink for ExecutionSink {
                 writer.as_mut().write(&row).await?;
             }
             writer.finish().await
-        })
-        .await?;
+        });
+        let written = copy.await?;
         refresh_statistics_days(tx, self.project, items, &test_case_ids).await?;
         Ok(written)
     }

@@ -24,8 +24,8 @@
 //!   or failed executions through the (project, test case, started_at)
 //!   index: the exact ranking at the cost of N rows per test case.
 
-use super::executions::{StatisticsQuery, StatsScope};
 use super::ExecutionStatus;
+use super::executions::{StatisticsQuery, StatsScope};
 use crate::db::Stmt;
 use crate::error::Result;
 use chrono::{DateTime, Days, NaiveDate, NaiveTime, Utc};
@@ -298,12 +298,9 @@ macro_rules! stmt {
 }
 
 pub const TOTALS_ALL: Stmt = stmt!("test_execution_days", scope_all!(totals_sql, "$8"));
-pub const TOTALS_TEST_CASE: Stmt =
-    stmt!("test_execution_days", scope_test_case!(totals_sql, "$8"));
-pub const TOTALS_SUBSYSTEM: Stmt =
-    stmt!("test_execution_days", scope_subsystem!(totals_sql, "$8"));
-pub const TOTALS_TEST_TYPE: Stmt =
-    stmt!("test_execution_days", scope_test_type!(totals_sql, "$8"));
+pub const TOTALS_TEST_CASE: Stmt = stmt!("test_execution_days", scope_test_case!(totals_sql, "$8"));
+pub const TOTALS_SUBSYSTEM: Stmt = stmt!("test_execution_days", scope_subsystem!(totals_sql, "$8"));
+pub const TOTALS_TEST_TYPE: Stmt = stmt!("test_execution_days", scope_test_type!(totals_sql, "$8"));
 
 pub const HISTOGRAM_ALL: Stmt = stmt!("test_execution_days", scope_all!(histogram_sql, "$8"));
 pub const HISTOGRAM_TEST_CASE: Stmt =
@@ -600,9 +597,24 @@ pub async fn flakiest(
     let base: [&(dyn ToSql + Sync); 5] = [&project, &span.from, &span.to, window, top];
     let rows = match scope {
         Scope::All => ALL.flaky.query(c, &base).await?,
-        Scope::TestCase(id) => TEST_CASE.flaky.query(c, &[&base[..], &[id]].concat()).await?,
-        Scope::Subsystem(s) => SUBSYSTEM.flaky.query(c, &[&base[..], &[s]].concat()).await?,
-        Scope::TestType(t) => TEST_TYPE.flaky.query(c, &[&base[..], &[t]].concat()).await?,
+        Scope::TestCase(id) => {
+            TEST_CASE
+                .flaky
+                .query(c, &[&base[..], &[id]].concat())
+                .await?
+        }
+        Scope::Subsystem(s) => {
+            SUBSYSTEM
+                .flaky
+                .query(c, &[&base[..], &[s]].concat())
+                .await?
+        }
+        Scope::TestType(t) => {
+            TEST_TYPE
+                .flaky
+                .query(c, &[&base[..], &[t]].concat())
+                .await?
+        }
         Scope::Labels(labels) => {
             FLAKY_LABELS
                 .query(c, &[&project, &span.from, &span.to, labels, window, top])
@@ -673,7 +685,9 @@ pub async fn refresh_days(
         return Ok(());
     }
     let (test_cases, days): (Vec<Uuid>, Vec<NaiveDate>) = keys.into_iter().unzip();
-    LOCK_DAYS.execute(c, &[&project, &test_cases, &days]).await?;
+    LOCK_DAYS
+        .execute(c, &[&project, &test_cases, &days])
+        .await?;
     REFRESH_DAYS
         .execute(c, &[&project, &test_cases, &days])
         .await?;
@@ -688,15 +702,24 @@ mod tests {
     fn a_window_splits_into_whole_days_and_raw_edges() {
         let t = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
         let d = |s: &str| s.parse::<NaiveDate>().unwrap();
-        let s = Span::new(Some(t("2026-01-01T10:00:00Z")), Some(t("2026-01-04T05:00:00Z")));
+        let s = Span::new(
+            Some(t("2026-01-01T10:00:00Z")),
+            Some(t("2026-01-04T05:00:00Z")),
+        );
         assert_eq!((s.day_from, s.day_to), (d("2026-01-02"), d("2026-01-04")));
         assert_eq!(s.full_from, t("2026-01-02T00:00:00Z"));
         assert_eq!(s.full_to, t("2026-01-04T00:00:00Z"));
-        let s = Span::new(Some(t("2026-01-01T00:00:00Z")), Some(t("2026-01-02T00:00:00Z")));
+        let s = Span::new(
+            Some(t("2026-01-01T00:00:00Z")),
+            Some(t("2026-01-02T00:00:00Z")),
+        );
         assert_eq!((s.day_from, s.day_to), (d("2026-01-01"), d("2026-01-02")));
         assert_eq!((s.full_from, s.full_to), (s.from, s.to));
         // Within one day: everything raw.
-        let s = Span::new(Some(t("2026-01-01T01:00:00Z")), Some(t("2026-01-01T05:00:00Z")));
+        let s = Span::new(
+            Some(t("2026-01-01T01:00:00Z")),
+            Some(t("2026-01-01T05:00:00Z")),
+        );
         assert_eq!(s.day_from, s.day_to);
         assert_eq!((s.full_from, s.full_to), (s.to, s.to));
     }
@@ -730,7 +753,10 @@ mod tests {
             );
         }
         // Small integers sit alone in their buckets: exact.
-        assert_eq!(percentile(&[(bucket(1), 1), (bucket(3), 1)], 0.5), Some(2.0));
+        assert_eq!(
+            percentile(&[(bucket(1), 1), (bucket(3), 1)], 0.5),
+            Some(2.0)
+        );
         assert_eq!(percentile(&[], 0.5), None);
     }
 }

@@ -12,6 +12,10 @@
 --    cascades). Executions are never updated in status, time, duration or
 --    test case; a statement that did so would have to refresh their days too.
 
+-- The backfill below reads every execution once: at 5M rows it takes
+-- minutes, longer than the gateway's statement timeout.
+SET LOCAL statement_timeout = 0;
+
 ALTER TABLE test_executions ADD COLUMN IF NOT EXISTS labels jsonb NOT NULL DEFAULT '{}'::jsonb;
 CREATE INDEX IF NOT EXISTS test_executions_labels_idx ON test_executions USING gin (labels);
 

@@ -31,7 +31,14 @@ cleanup() {
   [ "$PG_UP" = 1 ] && as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -m fast -w stop >/dev/null
 }
 trap cleanup EXIT
-rm -rf "$WORK"; mkdir -p "$WORK/pgdata" "$WORK/sock"; chown postgres:postgres "$WORK/pgdata" "$WORK/sock"; chmod 700 "$WORK/pgdata"
+# RESUME=1: the database of an earlier run in $WORK, loaded and measured
+# with BEFORE; only the AFTER gateway is measured.
+RESUME=${RESUME:-0}
+if [ "$RESUME" = 1 ]; then
+  sed -i "s/^port=.*/port=$PGPORT/" "$WORK/pgdata/postgresql.conf"
+  as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -l "$WORK/pgdata/server.log" -w start >/dev/null; PG_UP=1
+fi
+[ "$RESUME" = 1 ] || { rm -rf "$WORK"; mkdir -p "$WORK/pgdata" "$WORK/sock"; chown postgres:postgres "$WORK/pgdata" "$WORK/sock"; chmod 700 "$WORK/pgdata"
 as_pg "$PGBIN/initdb" -D "$WORK/pgdata" --auth=trust --locale=C.UTF-8 -U postgres >/dev/null
 cat >>"$WORK/pgdata/postgresql.conf" <<CONF
 listen_addresses='127.0.0.1'
@@ -44,9 +51,11 @@ max_wal_size=4GB
 CONF
 as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -l "$WORK/pgdata/server.log" -w start >/dev/null; PG_UP=1
 psql -X -q -h 127.0.0.1 -p "$PGPORT" -U postgres -c "CREATE DATABASE verdict"
+}
 export DATABASE_URL="postgres://postgres@127.0.0.1:$PGPORT/verdict?sslmode=disable"
 
-start_gateway() { # binary -> sets GW, PORT
+start_gateway() { # binary -> sets GW, PORT (migrates first)
+  "$1" migrate >"$WORK/migrate.log" 2>&1 || { echo "migrate failed: $(tail -3 "$WORK/migrate.log")"; exit 1; }
   PORT=$(free_port)
   VERDICT_LISTEN="127.0.0.1:$PORT" VERDICT_ROLLUP_INTERVAL_SECS=0 RUST_LOG=warn "$1" serve >"$WORK/gw.log" 2>&1 &
   GW=$!
@@ -103,6 +112,16 @@ v = sorted(ms(t) for t in sys.argv[1:]); print(f'median {v[2]:.1f} ms (5 calls: 
   done
 }
 
+if [ "$RESUME" = 1 ]; then
+  RUN=$("${PSQL[@]}" -c "SELECT id FROM test_runs WHERE client_key LIKE 'scale-run-%' ORDER BY started_at DESC LIMIT 1 OFFSET 3")
+  frames "$RUN"
+  t0=$(date +%s.%N)
+  start_gateway "$AFTER"
+  echo "after gateway migrated (V25 backfill) and listening in $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"
+  "${PSQL[@]}" -c "ANALYZE test_execution_days"
+  measure after
+  exit 0
+fi
 FIRST=${BEFORE:-$AFTER}
 start_gateway "$FIRST"
 PROJECT=$("${PSQL[@]}" -c "SELECT id FROM projects WHERE slug = 'default'")

@@ -591,7 +591,9 @@ async fn above_ten_thousand_executions_percentiles_are_estimates_within_the_docu
         let want = expected(&app, "t.target_subsystem = 'perf'", w, 20).await;
         assert!(s.percentiles_estimated, "{s:?}");
         assert_eq!(s.total_executions, want.total);
-        assert_eq!(want.total, 16_000);
+        if w.is_none() {
+            assert_eq!(want.total, 16_000);
+        }
         assert_eq!(
             s.by_status.iter().map(|c| c.count).collect::<Vec<_>>(),
             want.by_status

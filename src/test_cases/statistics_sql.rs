@@ -416,38 +416,14 @@ pub const FLAKY_RUN: Stmt = stmt!(
      ORDER BY c.flips DESC, t.key LIMIT $4"
 );
 
-/// The four statements of a test-case-level scope.
-struct Statements {
-    totals: &'static Stmt,
-    histogram: &'static Stmt,
-    exact: &'static Stmt,
-    flaky: &'static Stmt,
+/// The test-case-level scope shapes: the ones the day rows serve.
+#[derive(Debug, Clone, Copy)]
+enum Shape {
+    All,
+    TestCase,
+    Subsystem,
+    TestType,
 }
-
-const ALL: Statements = Statements {
-    totals: &TOTALS_ALL,
-    histogram: &HISTOGRAM_ALL,
-    exact: &EXACT_ALL,
-    flaky: &FLAKY_ALL,
-};
-const TEST_CASE: Statements = Statements {
-    totals: &TOTALS_TEST_CASE,
-    histogram: &HISTOGRAM_TEST_CASE,
-    exact: &EXACT_TEST_CASE,
-    flaky: &FLAKY_TEST_CASE,
-};
-const SUBSYSTEM: Statements = Statements {
-    totals: &TOTALS_SUBSYSTEM,
-    histogram: &HISTOGRAM_SUBSYSTEM,
-    exact: &EXACT_SUBSYSTEM,
-    flaky: &FLAKY_SUBSYSTEM,
-};
-const TEST_TYPE: Statements = Statements {
-    totals: &TOTALS_TEST_TYPE,
-    histogram: &HISTOGRAM_TEST_TYPE,
-    exact: &EXACT_TEST_TYPE,
-    flaky: &FLAKY_TEST_TYPE,
-};
 
 const STATUSES: [ExecutionStatus; 4] = [
     ExecutionStatus::Passed,
@@ -472,11 +448,11 @@ pub async fn totals(
     scope: &Scope,
 ) -> Result<Totals> {
     let span = Span::new(q.from, q.to);
-    let (statements, value): (&Statements, Option<&(dyn ToSql + Sync)>) = match scope {
-        Scope::All => (&ALL, None),
-        Scope::TestCase(id) => (&TEST_CASE, Some(id)),
-        Scope::Subsystem(s) => (&SUBSYSTEM, Some(s)),
-        Scope::TestType(t) => (&TEST_TYPE, Some(t)),
+    let (shape, value): (Shape, Option<&(dyn ToSql + Sync)>) = match scope {
+        Scope::All => (Shape::All, None),
+        Scope::TestCase(id) => (Shape::TestCase, Some(id)),
+        Scope::Subsystem(s) => (Shape::Subsystem, Some(s)),
+        Scope::TestType(t) => (Shape::TestType, Some(t)),
         Scope::Labels(labels) => {
             return raw_totals(
                 TOTALS_LABELS
@@ -496,7 +472,12 @@ pub async fn totals(
         &span.day_to,
     ];
     params.extend(value);
-    let row = statements.totals.query_one(c, &params).await?;
+    let row = match shape {
+        Shape::All => TOTALS_ALL.query_one(c, &params).await?,
+        Shape::TestCase => TOTALS_TEST_CASE.query_one(c, &params).await?,
+        Shape::Subsystem => TOTALS_SUBSYSTEM.query_one(c, &params).await?,
+        Shape::TestType => TOTALS_TEST_TYPE.query_one(c, &params).await?,
+    };
     let by_status = by_status(&row)?;
     let ran: i64 = by_status
         .iter()
@@ -514,14 +495,22 @@ pub async fn totals(
     if ran <= EXACT_PERCENTILES_UP_TO {
         let mut exact: Vec<&(dyn ToSql + Sync)> = vec![&project, &span.from, &span.to];
         exact.extend(value);
-        let row = statements.exact.query_one(c, &exact).await?;
+        let row = match shape {
+            Shape::All => EXACT_ALL.query_one(c, &exact).await?,
+            Shape::TestCase => EXACT_TEST_CASE.query_one(c, &exact).await?,
+            Shape::Subsystem => EXACT_SUBSYSTEM.query_one(c, &exact).await?,
+            Shape::TestType => EXACT_TEST_TYPE.query_one(c, &exact).await?,
+        };
         totals.p50_ms = row.try_get(0)?;
         totals.p95_ms = row.try_get(1)?;
     } else {
-        let histogram = statements
-            .histogram
-            .query(c, &params)
-            .await?
+        let rows = match shape {
+            Shape::All => HISTOGRAM_ALL.query(c, &params).await?,
+            Shape::TestCase => HISTOGRAM_TEST_CASE.query(c, &params).await?,
+            Shape::Subsystem => HISTOGRAM_SUBSYSTEM.query(c, &params).await?,
+            Shape::TestType => HISTOGRAM_TEST_TYPE.query(c, &params).await?,
+        };
+        let histogram = rows
             .iter()
             .map(|r| Ok((r.try_get::<_, i16>(0)?, r.try_get::<_, i64>(1)?)))
             .collect::<Result<Vec<_>>>()?;
@@ -596,22 +585,19 @@ pub async fn flakiest(
     let top = &q.top_flaky;
     let base: [&(dyn ToSql + Sync); 5] = [&project, &span.from, &span.to, window, top];
     let rows = match scope {
-        Scope::All => ALL.flaky.query(c, &base).await?,
+        Scope::All => FLAKY_ALL.query(c, &base).await?,
         Scope::TestCase(id) => {
-            TEST_CASE
-                .flaky
+            FLAKY_TEST_CASE
                 .query(c, &[&base[..], &[id]].concat())
                 .await?
         }
         Scope::Subsystem(s) => {
-            SUBSYSTEM
-                .flaky
+            FLAKY_SUBSYSTEM
                 .query(c, &[&base[..], &[s]].concat())
                 .await?
         }
         Scope::TestType(t) => {
-            TEST_TYPE
-                .flaky
+            FLAKY_TEST_TYPE
                 .query(c, &[&base[..], &[t]].concat())
                 .await?
         }

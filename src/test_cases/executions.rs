@@ -406,6 +406,12 @@ pub enum StatsScope {
     All,
     TestCase(TestCaseRef),
     Subsystem(String),
+    /// Test cases of one type (their current type).
+    TestType(super::TestType),
+    /// Executions carrying all these labels (jsonb containment).
+    Labels(crate::labels::Labels),
+    /// The last attempt of each test case in one test run.
+    Run(Uuid),
 }
 
 /// A validated GetTestStatistics call.
@@ -443,19 +449,47 @@ impl TryFrom<proto::GetTestStatisticsRequest> for StatisticsQuery {
             ("test_case_key", &r.test_case_key),
         );
         let subsystem = v.optional_text("target_subsystem", &r.target_subsystem, MAX_SUBSYSTEM);
-        let scope = match (test_case, subsystem) {
-            (Some(_), Some(_)) => {
-                v.violation(
-                    "target_subsystem",
-                    "set at most one of the test case and target_subsystem",
-                );
-                StatsScope::All
-            }
-            (Some(t), None) => StatsScope::TestCase(t),
-            (None, Some(s)) => StatsScope::Subsystem(s),
-            (None, None) => StatsScope::All,
+        let test_type = match r.test_type {
+            0 => None,
+            raw => v.required_enum("test_type", raw, super::TestType::from_proto),
         };
+        let labels = crate::labels::validate(&mut v, "label_equals", &r.label_equals);
+        let run = v.optional_uuid("run_id", &r.run_id);
+        // The scope fields are mutually exclusive: the first one set wins and
+        // every further one is a violation of its own field.
+        let mut scope = StatsScope::All;
+        let mut set = |v: &mut Validator, field: &str, candidate: Option<StatsScope>| {
+            let Some(candidate) = candidate else { return };
+            if scope == StatsScope::All {
+                scope = candidate;
+            } else {
+                v.violation(
+                    field,
+                    "set at most one of test_case_id, test_case_key, target_subsystem, \
+                     test_type, label_equals and run_id",
+                );
+            }
+        };
+        set(&mut v, "test_case", test_case.map(StatsScope::TestCase));
+        set(
+            &mut v,
+            "target_subsystem",
+            subsystem.map(StatsScope::Subsystem),
+        );
+        set(&mut v, "test_type", test_type.map(StatsScope::TestType));
+        set(
+            &mut v,
+            "label_equals",
+            (!labels.is_empty()).then_some(StatsScope::Labels(labels)),
+        );
+        set(&mut v, "run_id", run.map(StatsScope::Run));
         let (from, to) = v.time_range("window", r.window.as_ref());
+        if !r.run_id.is_empty() && r.window.is_some() {
+            v.violation(
+                "window",
+                "must be unset with run_id (a run's statistics cover the whole run)",
+            );
+        }
         let query = StatisticsQuery {
             scope,
             from,

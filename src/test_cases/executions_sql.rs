@@ -217,7 +217,7 @@ impl Sink for ExecutionSink {
         lock_sessions(tx, self.project, items).await?;
         lock_runs(tx, self.project, items).await?;
 
-        COPY.traced_copy(async {
+        let copy = COPY.traced_copy(async {
             let sink = tx.copy_in(COPY.sql).await?;
             let writer = BinaryCopyInWriter::new(sink, &COPY_TYPES);
             pin_mut!(writer);
@@ -247,9 +247,29 @@ impl Sink for ExecutionSink {
                 writer.as_mut().write(&row).await?;
             }
             writer.finish().await
-        })
-        .await
+        });
+        let written = copy.await?;
+        refresh_statistics_days(tx, self.project, items, &test_case_ids).await?;
+        Ok(written)
     }
+}
+
+/// Statistics rollup (GetTestStatistics): refreshes the per-day rows of
+/// the (test case, UTC day) pairs this batch wrote, in the batch's
+/// transaction, once per pair (not per row); see
+/// `statistics_sql::refresh_days`.
+async fn refresh_statistics_days(
+    c: &impl GenericClient,
+    project: Uuid,
+    items: &[NewExecution],
+    test_case_ids: &[Uuid],
+) -> Result<()> {
+    let keys: Vec<_> = items
+        .iter()
+        .zip(test_case_ids)
+        .map(|(e, id)| (*id, e.started_at.date_naive()))
+        .collect();
+    super::statistics_sql::refresh_days(c, project, &keys).await
 }
 
 const BATCH_IDS: Stmt = Stmt::new(

@@ -445,14 +445,20 @@ impl TestCaseService for TestCaseApi {
         let query = StatisticsQuery::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
-        let (test_case_id, subsystem) = match &query.scope {
-            StatsScope::All => (None, None),
-            StatsScope::TestCase(r) => (Some(resolve(c, project, r).await?), None),
-            StatsScope::Subsystem(s) => (None, Some(s.as_str())),
+        let test_case_id = match &query.scope {
+            StatsScope::TestCase(r) => Some(resolve(c, project, r).await?),
+            StatsScope::Run(run) => {
+                crate::test_runs::sql::by_id(c, project, *run)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("test run {run} not found")))?;
+                None
+            }
+            _ => None,
         };
-        let totals = statistics_sql::totals(c, project, &query, test_case_id, subsystem).await?;
+        let scope = statistics_sql::Scope::of(&query, test_case_id);
+        let totals = statistics_sql::totals(c, project, &query, &scope).await?;
         let (flaky, flaky_test_count) =
-            statistics_sql::flakiest(c, project, &query, test_case_id, subsystem).await?;
+            statistics_sql::flakiest(c, project, &query, &scope).await?;
         Ok(Response::new(statistics(totals, flaky, flaky_test_count)))
     }
 }
@@ -523,5 +529,7 @@ fn statistics(
             })
             .collect(),
         flaky_test_count,
+        passed_on_retry_count: totals.passed_on_retry,
+        percentiles_estimated: totals.estimated,
     }
 }

@@ -33,6 +33,8 @@ mod results;
 mod search;
 mod sequences;
 mod sessions;
+mod statistics;
+mod statistics_plans;
 mod test_cases;
 mod test_runs;
 mod tls;

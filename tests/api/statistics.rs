@@ -1,0 +1,609 @@
+//! GetTestStatistics scoped by test case, subsystem, test type, labels and
+//! test run, backed by the per-day rollup: every figure equals the same
+//! figure computed by direct SQL over the raw rows, after replays,
+//! concurrent writers, deleted sessions and deleted test cases.
+
+use crate::helpers::*;
+use crate::test_cases::{at, create_test_case, new_test_case, run};
+use crate::test_runs::new_run;
+use tonic::Code;
+use verdict::proto::test_run_service_client::TestRunServiceClient;
+use verdict::proto::{
+    DeleteTestCaseRequest, ExecutionInput, ExecutionStatus, GetTestStatisticsRequest,
+    GetTestStatisticsResponse, RecordExecutionsRequest, TestType, TimeRange,
+};
+
+const DAY: i64 = 86_400;
+/// 2026-01-01T00:00:00Z, as in test_cases.rs.
+const T0: i64 = 1_767_225_600;
+
+async fn stats(app: &TestApp, req: GetTestStatisticsRequest) -> GetTestStatisticsResponse {
+    app.test_cases
+        .clone()
+        .get_test_statistics(req)
+        .await
+        .expect("statistics")
+        .into_inner()
+}
+
+async fn record(app: &TestApp, batch: &str, items: Vec<ExecutionInput>) {
+    app.test_cases
+        .clone()
+        .record_executions(RecordExecutionsRequest {
+            batch_id: batch.into(),
+            items,
+        })
+        .await
+        .expect("record");
+}
+
+/// What GetTestStatistics should answer, computed over the raw rows
+/// (`scope` a predicate on `e` and `t`; the window in seconds after T0).
+#[derive(Debug, PartialEq)]
+struct Expected {
+    total: i64,
+    by_status: Vec<i64>,
+    p50: Option<f64>,
+    p95: Option<f64>,
+    flaky: Vec<(String, i64, i64)>,
+    flaky_count: i64,
+}
+
+async fn expected(app: &TestApp, scope: &str, window: Option<(i64, i64)>, n: i64) -> Expected {
+    let (from, to) = window.map_or((-1_000_000_000, 1_000_000_000), |(a, b)| (a, b));
+    let filter = format!(
+        "FROM test_executions e JOIN test_cases t ON t.project_id = e.project_id AND t.id = e.test_case_id \
+         WHERE {scope} AND e.started_at >= to_timestamp({}) AND e.started_at < to_timestamp({})",
+        T0 + from,
+        T0 + to
+    );
+    let sql = app.sql().await;
+    let row = sql
+        .query_one(
+            &format!(
+                "SELECT count(*), count(*) FILTER (WHERE e.status = 'passed'), \
+                        count(*) FILTER (WHERE e.status = 'failed'), \
+                        count(*) FILTER (WHERE e.status = 'skipped'), \
+                        count(*) FILTER (WHERE e.status = 'error'), \
+                        percentile_cont(0.5) WITHIN GROUP (ORDER BY e.duration_ms) \
+                            FILTER (WHERE e.status <> 'skipped'), \
+                        percentile_cont(0.95) WITHIN GROUP (ORDER BY e.duration_ms) \
+                            FILTER (WHERE e.status <> 'skipped') {filter}"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    // The flakiness ranking as the gateway computed it before rollups.
+    let flaky = sql
+        .query(
+            &format!(
+                "WITH scoped AS (SELECT e.test_case_id, e.status, e.started_at, e.id, \
+                   row_number() OVER (PARTITION BY e.test_case_id ORDER BY e.started_at DESC, e.id DESC) AS recency \
+                   {filter} AND e.status IN ('passed', 'failed')), \
+                 recent AS (SELECT test_case_id, status, \
+                   lag(status) OVER (PARTITION BY test_case_id ORDER BY started_at, id) AS previous \
+                   FROM scoped WHERE recency <= {n}), \
+                 counted AS (SELECT test_case_id, \
+                   count(*) FILTER (WHERE previous IS NOT NULL AND previous <> status) AS flips, \
+                   count(*) AS considered FROM recent GROUP BY test_case_id) \
+                 SELECT t.key, c.flips, c.considered FROM counted c JOIN test_cases t ON t.id = c.test_case_id \
+                 WHERE c.flips > 0 ORDER BY c.flips DESC, t.key"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let flaky: Vec<(String, i64, i64)> = flaky
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    Expected {
+        total: row.get(0),
+        by_status: (1..5).map(|i| row.get(i)).collect(),
+        p50: row.get(5),
+        p95: row.get(6),
+        flaky_count: flaky.len() as i64,
+        flaky: flaky.into_iter().take(10).collect(),
+    }
+}
+
+fn answered(s: &GetTestStatisticsResponse) -> Expected {
+    Expected {
+        total: s.total_executions,
+        by_status: s.by_status.iter().map(|c| c.count).collect(),
+        p50: s.duration_p50_ms,
+        p95: s.duration_p95_ms,
+        flaky: s
+            .flaky_tests
+            .iter()
+            .map(|f| (f.test_case_key.clone(), f.flips, f.executions_considered))
+            .collect(),
+        flaky_count: s.flaky_test_count,
+    }
+}
+
+fn window(from: i64, to: i64) -> Option<TimeRange> {
+    Some(TimeRange {
+        start_time: at(from),
+        end_time: at(to),
+    })
+}
+
+/// Rows of test_execution_days that differ from the same aggregate over
+/// the raw executions (both directions, histograms included).
+async fn rollup_drift(app: &TestApp) -> i64 {
+    app.sql()
+        .await
+        .query_one(
+            "WITH raw AS ( \
+               SELECT project_id, test_case_id, (started_at AT TIME ZONE 'UTC')::date AS day, \
+                      count(*) AS total, count(*) FILTER (WHERE status = 'passed') AS passed, \
+                      count(*) FILTER (WHERE status = 'failed') AS failed, \
+                      count(*) FILTER (WHERE status = 'skipped') AS skipped, \
+                      count(*) FILTER (WHERE status = 'error') AS error, \
+                      coalesce(sum(duration_ms) FILTER (WHERE status <> 'skipped'), 0)::bigint AS d \
+               FROM test_executions GROUP BY 1, 2, 3), \
+             rolled AS (SELECT project_id, test_case_id, day, total, passed, failed, skipped, \
+                               error, duration_ms FROM test_execution_days), \
+             raw_h AS (SELECT project_id, test_case_id, (started_at AT TIME ZONE 'UTC')::date, \
+                              verdict_duration_bucket(duration_ms), count(*) \
+                       FROM test_executions WHERE status <> 'skipped' GROUP BY 1, 2, 3, 4), \
+             rolled_h AS (SELECT d.project_id, d.test_case_id, d.day, h.b, h.n \
+                          FROM test_execution_days d, unnest(d.hist_buckets, d.hist_counts) h(b, n)) \
+             SELECT (SELECT count(*) FROM (SELECT * FROM raw EXCEPT SELECT * FROM rolled) a) \
+                  + (SELECT count(*) FROM (SELECT * FROM rolled EXCEPT SELECT * FROM raw) b) \
+                  + (SELECT count(*) FROM (SELECT * FROM raw_h EXCEPT SELECT * FROM rolled_h) c) \
+                  + (SELECT count(*) FROM (SELECT * FROM rolled_h EXCEPT SELECT * FROM raw_h) d)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Every scope shape × three windows (none, whole days, partial edges)
+/// against direct SQL.
+async fn assert_every_scope_matches(app: &TestApp, a1: &str) {
+    let scopes: Vec<(GetTestStatisticsRequest, String)> = vec![
+        (Default::default(), "e.project_id = t.project_id".into()),
+        (
+            GetTestStatisticsRequest {
+                test_case_id: a1.into(),
+                ..Default::default()
+            },
+            format!("e.test_case_id = '{a1}'"),
+        ),
+        (
+            GetTestStatisticsRequest {
+                test_case_key: "a-2".into(),
+                ..Default::default()
+            },
+            "t.key = 'a-2'".into(),
+        ),
+        (
+            GetTestStatisticsRequest {
+                target_subsystem: "api".into(),
+                ..Default::default()
+            },
+            "t.target_subsystem = 'api'".into(),
+        ),
+        (
+            GetTestStatisticsRequest {
+                test_type: TestType::E2e as i32,
+                ..Default::default()
+            },
+            "t.test_type = 'e2e'".into(),
+        ),
+    ];
+    let windows = [
+        None,
+        Some((DAY, 3 * DAY)),
+        Some((3600, 4 * DAY - 60)),
+        Some((2 * DAY + 10, 2 * DAY + 7200)),
+    ];
+    for (req, predicate) in &scopes {
+        for w in windows {
+            let mut req = req.clone();
+            req.window = w.and_then(|(a, b)| window(a, b));
+            req.flakiness_window = 4;
+            let got = answered(&stats(app, req.clone()).await);
+            let want = expected(app, predicate, w, 4).await;
+            assert_eq!(got, want, "{req:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn rollup_backed_statistics_equal_raw_sql_after_replays_concurrent_writers_and_deletes() {
+    use ExecutionStatus::{Error, Failed, Passed, Skipped};
+    let app = spawn_app().await;
+    let a1 = create_test_case(&app, new_test_case("a-1", TestType::Integration, "api")).await;
+    create_test_case(&app, new_test_case("a-2", TestType::Integration, "api")).await;
+    create_test_case(&app, new_test_case("u-1", TestType::E2e, "ui")).await;
+    create_test_case(&app, new_test_case("u-2", TestType::Unit, "ui")).await;
+    let session = crate::sessions::create(&app, "doomed").await;
+    let statuses = [
+        Passed, Failed, Passed, Skipped, Passed, Error, Failed, Passed,
+    ];
+    let keys = ["a-1", "a-2", "u-1", "u-2"];
+    // Five days of history, several executions per test case and day, at
+    // times that land on both edges of the partial windows.
+    let mut items = Vec::new();
+    for i in 0..200i64 {
+        let mut e = run(
+            keys[(i % 4) as usize],
+            statuses[(i % 8) as usize],
+            (i * 2161) % (5 * DAY),
+            (i * 37) % 3000 + i % 3,
+        );
+        if i % 9 == 0 {
+            e.session_id = session.id.clone();
+        }
+        items.push(e);
+    }
+    record(&app, "history", items.clone()).await;
+    // A replay of the same batch stores (and counts) nothing more.
+    record(&app, "history", items).await;
+
+    // Four writers at once into the same test cases and days.
+    let writers: Vec<_> = (0..4i64)
+        .map(|w| {
+            let app_channel = app.test_cases.clone();
+            tokio::spawn(async move {
+                let items: Vec<_> = (0..50i64)
+                    .map(|i| {
+                        run(
+                            keys[((i + w) % 4) as usize],
+                            statuses[((i * 3 + w) % 8) as usize],
+                            DAY + (i * 1009 + w * 17) % (2 * DAY),
+                            i * 11 + w,
+                        )
+                    })
+                    .collect();
+                app_channel
+                    .clone()
+                    .record_executions(RecordExecutionsRequest {
+                        batch_id: format!("writer-{w}"),
+                        items,
+                    })
+                    .await
+                    .map(|_| ())
+            })
+        })
+        .collect();
+    for w in writers {
+        w.await.unwrap().expect("concurrent record");
+    }
+    assert_eq!(rollup_drift(&app).await, 0);
+    let days: i64 = app
+        .sql()
+        .await
+        .query_one("SELECT count(*) FROM test_execution_days", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(days > 0);
+    assert_every_scope_matches(&app, &a1.id).await;
+
+    // Deleting a session removes its executions: their days are recounted.
+    app.sessions
+        .clone()
+        .delete_session(verdict::proto::DeleteSessionRequest {
+            id: session.id.clone(),
+            expected_version: None,
+        })
+        .await
+        .expect("delete session");
+    assert_eq!(rollup_drift(&app).await, 0);
+    assert_every_scope_matches(&app, &a1.id).await;
+
+    // A forced delete of a test case takes its day rows with it.
+    let u2 = app
+        .sql()
+        .await
+        .query_one("SELECT id::text FROM test_cases WHERE key = 'u-2'", &[])
+        .await
+        .unwrap()
+        .get::<_, String>(0);
+    app.test_cases
+        .clone()
+        .delete_test_case(DeleteTestCaseRequest {
+            id: u2,
+            force: true,
+            ..Default::default()
+        })
+        .await
+        .expect("delete test case");
+    assert_eq!(rollup_drift(&app).await, 0);
+    assert_every_scope_matches(&app, &a1.id).await;
+}
+
+#[tokio::test]
+async fn run_statistics_count_last_attempts_and_passed_on_retry_like_direct_sql() {
+    use ExecutionStatus::{Error, Failed, Passed};
+    let app = spawn_app().await;
+    for (key, ty) in [
+        ("r-1", TestType::Unit),
+        ("r-2", TestType::Unit),
+        ("r-3", TestType::E2e),
+        ("r-4", TestType::E2e),
+    ] {
+        create_test_case(&app, new_test_case(key, ty, "ci")).await;
+    }
+    let mut runs = TestRunServiceClient::new(app.channel.clone());
+    let make = |key: &'static str| new_run(key, "main", &[]);
+    let ci = runs
+        .create_test_run(make("build-1"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let other = runs
+        .create_test_run(make("build-2"))
+        .await
+        .unwrap()
+        .into_inner()
+        .run
+        .unwrap();
+    let attempt = |key: &str, status, attempt: i32, second: i64, run_id: &str| {
+        let mut e = run(key, status, second, 100 * i64::from(attempt) + second);
+        e.run_id = run_id.into();
+        e.attempt = attempt;
+        e
+    };
+    record(
+        &app,
+        "run-1",
+        vec![
+            // Failed, then passed on retry.
+            attempt("r-1", Failed, 1, 10, &ci.id),
+            attempt("r-1", Passed, 2, 20, &ci.id),
+            attempt("r-2", Passed, 1, 11, &ci.id),
+            // Failed twice: not flaky, still failing.
+            attempt("r-3", Failed, 1, 12, &ci.id),
+            attempt("r-3", Failed, 2, 22, &ci.id),
+            // An error, then passed: passed on retry, no pass/fail flip.
+            attempt("r-4", Error, 1, 13, &ci.id),
+            attempt("r-4", Passed, 2, 23, &ci.id),
+            // Another run's executions do not count.
+            attempt("r-2", Failed, 1, 30, &other.id),
+            attempt("r-3", Passed, 1, 31, &other.id),
+        ],
+    )
+    .await;
+    let s = stats(
+        &app,
+        GetTestStatisticsRequest {
+            run_id: ci.id.clone(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let row = app
+        .sql()
+        .await
+        .query_one(
+            "WITH last AS (SELECT DISTINCT ON (test_case_id) status, duration_ms FROM test_executions \
+               WHERE run_id = $1::text::uuid ORDER BY test_case_id, attempt DESC, started_at DESC, id DESC) \
+             SELECT count(*), count(*) FILTER (WHERE status = 'passed'), \
+                    count(*) FILTER (WHERE status = 'failed'), \
+                    percentile_cont(0.5) WITHIN GROUP (ORDER BY duration_ms) FROM last",
+            &[&ci.id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(s.total_executions, row.get::<_, i64>(0));
+    assert_eq!(s.total_executions, 4);
+    assert_eq!(s.by_status[0].count, row.get::<_, i64>(1));
+    assert_eq!(s.by_status[1].count, row.get::<_, i64>(2));
+    assert_eq!(s.duration_p50_ms, row.get::<_, Option<f64>>(3));
+    assert_eq!(s.pass_rate, Some(0.75));
+    assert_eq!(s.passed_on_retry_count, 2);
+    assert_eq!(s.flaky_test_count, 1);
+    assert_eq!(s.flaky_tests[0].test_case_key, "r-1");
+    assert_eq!(s.flaky_tests[0].flips, 1);
+    assert!(!s.percentiles_estimated);
+
+    // A window with a run, and several scopes at once, are refused by field.
+    let err = app
+        .test_cases
+        .clone()
+        .get_test_statistics(GetTestStatisticsRequest {
+            run_id: ci.id.clone(),
+            test_type: TestType::Unit as i32,
+            window: window(0, DAY),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&err), ["run_id", "window"]);
+    // An unknown run, or another project's, is not found.
+    create_project(&app, "team-b").await;
+    let err = app
+        .test_cases
+        .clone()
+        .get_test_statistics(in_project(
+            GetTestStatisticsRequest {
+                run_id: ci.id.clone(),
+                ..Default::default()
+            },
+            "team-b",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(!err.message().contains("SELECT"), "{err:?}");
+}
+
+#[tokio::test]
+async fn label_and_test_type_scopes_equal_direct_sql_and_refuse_bad_input() {
+    use ExecutionStatus::{Failed, Passed, Skipped};
+    let app = spawn_app().await;
+    create_test_case(&app, new_test_case("l-1", TestType::Unit, "x")).await;
+    create_test_case(&app, new_test_case("l-2", TestType::Security, "x")).await;
+    let items: Vec<_> = (0..60i64)
+        .map(|i| {
+            run(
+                if i % 3 == 0 { "l-2" } else { "l-1" },
+                [Passed, Failed, Passed, Skipped][(i % 4) as usize],
+                i * 1800,
+                i * 7 + 1,
+            )
+        })
+        .collect();
+    record(&app, "labelled", items).await;
+    // Labels arrive with the labels work (V21); here they are set in SQL.
+    app.sql()
+        .await
+        .batch_execute(
+            "UPDATE test_executions SET labels = '{\"os\": \"linux\", \"ci\": \"gh\"}' \
+               WHERE duration_ms % 2 = 0; \
+             UPDATE test_executions SET labels = '{\"os\": \"mac\"}' WHERE duration_ms % 5 = 0",
+        )
+        .await
+        .unwrap();
+    let linux = stats(
+        &app,
+        GetTestStatisticsRequest {
+            label_equals: [("os".to_string(), "linux".to_string())].into(),
+            flakiness_window: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    let want = expected(&app, "e.labels @> '{\"os\": \"linux\"}'", None, 4).await;
+    assert_eq!(answered(&linux), want);
+    assert!(want.total > 0);
+    let both = stats(
+        &app,
+        GetTestStatisticsRequest {
+            label_equals: [
+                ("os".to_string(), "linux".to_string()),
+                ("ci".to_string(), "gh".to_string()),
+            ]
+            .into(),
+            window: window(3600, 20 * 3600),
+            flakiness_window: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    let want = expected(
+        &app,
+        "e.labels @> '{\"os\": \"linux\", \"ci\": \"gh\"}'",
+        Some((3600, 20 * 3600)),
+        4,
+    )
+    .await;
+    assert_eq!(answered(&both), want);
+
+    let security = stats(
+        &app,
+        GetTestStatisticsRequest {
+            test_type: TestType::Security as i32,
+            flakiness_window: 4,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        answered(&security),
+        expected(&app, "t.test_type = 'security'", None, 4).await
+    );
+    assert_eq!(security.total_executions, 20);
+
+    for (req, fields) in [
+        (
+            GetTestStatisticsRequest {
+                target_subsystem: "x".into(),
+                label_equals: [("os".to_string(), "linux".to_string())].into(),
+                ..Default::default()
+            },
+            vec!["label_equals"],
+        ),
+        (
+            GetTestStatisticsRequest {
+                test_type: 99,
+                ..Default::default()
+            },
+            vec!["test_type"],
+        ),
+        (
+            GetTestStatisticsRequest {
+                label_equals: [(String::new(), "v".to_string())].into(),
+                ..Default::default()
+            },
+            vec!["label_equals[\"\"]"],
+        ),
+        (
+            GetTestStatisticsRequest {
+                run_id: "not-a-uuid".into(),
+                ..Default::default()
+            },
+            vec!["run_id"],
+        ),
+    ] {
+        let err = app
+            .test_cases
+            .clone()
+            .get_test_statistics(req)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert_eq!(violated_fields(&err), fields);
+    }
+}
+
+#[tokio::test]
+async fn above_ten_thousand_executions_percentiles_are_estimates_within_the_documented_error() {
+    use ExecutionStatus::{Failed, Passed, Skipped};
+    let app = spawn_app().await;
+    create_test_case(&app, new_test_case("big-1", TestType::Performance, "perf")).await;
+    create_test_case(&app, new_test_case("big-2", TestType::Performance, "perf")).await;
+    for batch in 0..4i64 {
+        let items: Vec<_> = (0..4000i64)
+            .map(|i| {
+                let n = batch * 4000 + i;
+                run(
+                    if n % 2 == 0 { "big-1" } else { "big-2" },
+                    [Passed, Passed, Failed, Skipped][(n % 4) as usize],
+                    (n * 97) % (6 * DAY),
+                    (n * n) % 50_021 + n % 13,
+                )
+            })
+            .collect();
+        record(&app, &format!("big-{batch}"), items).await;
+    }
+    assert_eq!(rollup_drift(&app).await, 0);
+    for w in [None, Some((3600, 6 * DAY - 7))] {
+        let s = stats(
+            &app,
+            GetTestStatisticsRequest {
+                target_subsystem: "perf".into(),
+                window: w.and_then(|(a, b)| window(a, b)),
+                ..Default::default()
+            },
+        )
+        .await;
+        let want = expected(&app, "t.target_subsystem = 'perf'", w, 20).await;
+        assert!(s.percentiles_estimated, "{s:?}");
+        assert_eq!(s.total_executions, want.total);
+        if w.is_none() {
+            assert_eq!(want.total, 16_000);
+        }
+        assert_eq!(
+            s.by_status.iter().map(|c| c.count).collect::<Vec<_>>(),
+            want.by_status
+        );
+        for (got, exact) in [(s.duration_p50_ms, want.p50), (s.duration_p95_ms, want.p95)] {
+            let (got, exact) = (got.unwrap(), exact.unwrap());
+            assert!(
+                (got - exact).abs() <= 0.045 * exact,
+                "estimate {got} vs exact {exact}"
+            );
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The plans of GetTestStatistics' own statements on a quarter million executions
+//! (loaded with bench/scale/executions.sql): with the generic plan a
+//! prepared statement ends up with, the entity-scoped ones read their
+//! index, never a sequential scan of test_executions.
+
+use crate::helpers::*;
+use serde_json::Value;
+use std::time::Instant;
+use verdict::test_cases::statistics_sql as s;
+
+/// A quarter of the S scale (1M): on the shared CI machine loading 1M
+/// rows with their indexes takes minutes; the plans are the same from a
+/// few hundred thousand rows on (the planner sees the row counts).
+const ROWS: i64 = 250_000;
+
+/// bench/scale/executions.sql with its psql variables filled in and its
+/// psql commands (and the `\gset` probe for the rollup table, which V25
+/// has created here) left out.
+fn loader(project: uuid::Uuid) -> String {
+    let text = include_str!("../../bench/scale/executions.sql");
+    text.lines()
+        .filter(|l| !l.starts_with('\\') && !l.ends_with("\\gset"))
+        .collect::<Vec<_>>()
+        .join("\n")
+        .replace(":'project'", &format!("'{project}'"))
+        .replace(":rows", &ROWS.to_string())
+        .replace(":days", "90")
+        .replace(":test_cases", "2000")
+}
+
+/// Every node of a JSON plan.
+fn nodes<'a>(plan: &'a Value, out: &mut Vec<&'a Value>) {
+    out.push(plan);
+    if let Some(children) = plan.get("Plans").and_then(Value::as_array) {
+        for c in children {
+            nodes(c, out);
+        }
+    }
+}
+
+#[tokio::test]
+async fn entity_scoped_statistics_statements_use_their_index_on_a_quarter_million_executions() {
+    let app = spawn_app().await;
+    let project = default_project(&app).await;
+    let sql = app.sql().await;
+    let started = Instant::now();
+    sql.batch_execute("SET statement_timeout = 0")
+        .await
+        .unwrap();
+    sql.batch_execute(&loader(project)).await.expect("load");
+    let loaded = started.elapsed();
+    let count: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM test_executions WHERE project_id = $1",
+            &[&project],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, ROWS);
+
+    let p = format!("'{project}'::uuid");
+    let tc = format!("md5('{project}' || '/tc/5')::uuid");
+    let run: uuid::Uuid = sql
+        .query_one(
+            "SELECT id FROM test_runs WHERE project_id = $1 AND client_key LIKE 'scale-run-%' \
+             ORDER BY started_at DESC LIMIT 1 OFFSET 3",
+            &[&project],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let run = format!("'{run}'::uuid");
+    // A 30-day window with partial edges: the rollup for 29 whole days.
+    let days = "date_trunc('day', now()) - interval '30 days' + interval '5 hours', \
+                date_trunc('day', now()) - interval '29 days', date_trunc('day', now()), now(), \
+                current_date - 29, current_date";
+    let raw = "now() - interval '30 days', now()";
+    // (name, statement, its arguments, entity-scoped: no seq scan allowed)
+    let cases: Vec<(&str, &str, String)> = vec![
+        (
+            "TOTALS_TEST_CASE",
+            s::TOTALS_TEST_CASE.sql,
+            format!("{p}, {days}, {tc}"),
+        ),
+        (
+            "HISTOGRAM_TEST_CASE",
+            s::HISTOGRAM_TEST_CASE.sql,
+            format!("{p}, {days}, {tc}"),
+        ),
+        (
+            "EXACT_TEST_CASE",
+            s::EXACT_TEST_CASE.sql,
+            format!("{p}, {raw}, {tc}"),
+        ),
+        (
+            "FLAKY_TEST_CASE",
+            s::FLAKY_TEST_CASE.sql,
+            format!("{p}, {raw}, 20, 10, {tc}"),
+        ),
+        (
+            "TOTALS_SUBSYSTEM",
+            s::TOTALS_SUBSYSTEM.sql,
+            format!("{p}, {days}, 'subsystem-3'"),
+        ),
+        (
+            "HISTOGRAM_SUBSYSTEM",
+            s::HISTOGRAM_SUBSYSTEM.sql,
+            format!("{p}, {days}, 'subsystem-3'"),
+        ),
+        (
+            "FLAKY_SUBSYSTEM",
+            s::FLAKY_SUBSYSTEM.sql,
+            format!("{p}, {raw}, 20, 10, 'subsystem-3'"),
+        ),
+        (
+            "TOTALS_TEST_TYPE",
+            s::TOTALS_TEST_TYPE.sql,
+            format!("{p}, {days}, 'e2e'"),
+        ),
+        (
+            "HISTOGRAM_TEST_TYPE",
+            s::HISTOGRAM_TEST_TYPE.sql,
+            format!("{p}, {days}, 'e2e'"),
+        ),
+        (
+            "FLAKY_TEST_TYPE",
+            s::FLAKY_TEST_TYPE.sql,
+            format!("{p}, {raw}, 20, 10, 'e2e'"),
+        ),
+        ("TOTALS_ALL", s::TOTALS_ALL.sql, format!("{p}, {days}")),
+        (
+            "HISTOGRAM_ALL",
+            s::HISTOGRAM_ALL.sql,
+            format!("{p}, {days}"),
+        ),
+        ("FLAKY_ALL", s::FLAKY_ALL.sql, format!("{p}, {raw}, 20, 10")),
+        ("TOTALS_RUN", s::TOTALS_RUN.sql, format!("{p}, {run}")),
+        ("FLAKY_RUN", s::FLAKY_RUN.sql, format!("{p}, {run}, 20, 10")),
+        (
+            "TOTALS_LABELS",
+            s::TOTALS_LABELS.sql,
+            format!("{p}, {raw}, '{{\"os\": \"linux\"}}'::jsonb"),
+        ),
+    ];
+    sql.batch_execute("SET TimeZone = 'UTC'; SET plan_cache_mode = force_generic_plan")
+        .await
+        .unwrap();
+    let mut scanned = Vec::new();
+    for (i, (name, statement, args)) in cases.iter().enumerate() {
+        sql.batch_execute(&format!("PREPARE stats_{i} AS {statement}"))
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let plan: Value = sql
+            .query_one(
+                &format!("EXPLAIN (FORMAT JSON) EXECUTE stats_{i}({args})"),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .get(0);
+        let mut all = Vec::new();
+        nodes(&plan[0]["Plan"], &mut all);
+        let seq: Vec<_> = all
+            .iter()
+            .filter(|n| n["Node Type"] == "Seq Scan" && n["Relation Name"] == "test_executions")
+            .collect();
+        if !seq.is_empty() {
+            scanned.push(format!("{name}: {}", serde_json::to_string(&plan).unwrap()));
+        }
+        let indexes: Vec<_> = all
+            .iter()
+            .filter_map(|n| n.get("Index Name").and_then(Value::as_str))
+            .collect();
+        eprintln!("{name}: indexes {indexes:?}");
+    }
+    assert!(
+        scanned.is_empty(),
+        "sequential scans of test_executions:\n{}",
+        scanned.join("\n")
+    );
+    eprintln!(
+        "loaded {ROWS} executions in {loaded:?}; whole test {:?}",
+        started.elapsed()
+    );
+}

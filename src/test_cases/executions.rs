@@ -453,7 +453,7 @@ impl TryFrom<proto::GetTestStatisticsRequest> for StatisticsQuery {
             0 => None,
             raw => v.required_enum("test_type", raw, super::TestType::from_proto),
         };
-        let labels = crate::labels::validate(&mut v, "label_equals", &r.label_equals);
+        let labels = crate::labels::validate(&mut v, "labels", &r.labels);
         let run = v.optional_uuid("run_id", &r.run_id);
         // The scope fields are mutually exclusive: the first one set wins and
         // every further one is a violation of its own field.
@@ -466,7 +466,7 @@ impl TryFrom<proto::GetTestStatisticsRequest> for StatisticsQuery {
                 v.violation(
                     field,
                     "set at most one of test_case_id, test_case_key, target_subsystem, \
-                     test_type, label_equals and run_id",
+                     test_type, labels and run_id",
                 );
             }
         };
@@ -479,7 +479,7 @@ impl TryFrom<proto::GetTestStatisticsRequest> for StatisticsQuery {
         set(&mut v, "test_type", test_type.map(StatsScope::TestType));
         set(
             &mut v,
-            "label_equals",
+            "labels",
             (!labels.is_empty()).then_some(StatsScope::Labels(labels)),
         );
         set(&mut v, "run_id", run.map(StatsScope::Run));

@@ -468,7 +468,7 @@ async fn label_and_test_type_scopes_equal_direct_sql_and_refuse_bad_input() {
     let linux = stats(
         &app,
         GetTestStatisticsRequest {
-            label_equals: [("os".to_string(), "linux".to_string())].into(),
+            labels: [("os".to_string(), "linux".to_string())].into(),
             flakiness_window: 4,
             ..Default::default()
         },
@@ -480,7 +480,7 @@ async fn label_and_test_type_scopes_equal_direct_sql_and_refuse_bad_input() {
     let both = stats(
         &app,
         GetTestStatisticsRequest {
-            label_equals: [
+            labels: [
                 ("os".to_string(), "linux".to_string()),
                 ("ci".to_string(), "gh".to_string()),
             ]
@@ -519,10 +519,10 @@ async fn label_and_test_type_scopes_equal_direct_sql_and_refuse_bad_input() {
         (
             GetTestStatisticsRequest {
                 target_subsystem: "x".into(),
-                label_equals: [("os".to_string(), "linux".to_string())].into(),
+                labels: [("os".to_string(), "linux".to_string())].into(),
                 ..Default::default()
             },
-            vec!["label_equals"],
+            vec!["labels"],
         ),
         (
             GetTestStatisticsRequest {
@@ -533,10 +533,10 @@ async fn label_and_test_type_scopes_equal_direct_sql_and_refuse_bad_input() {
         ),
         (
             GetTestStatisticsRequest {
-                label_equals: [(String::new(), "v".to_string())].into(),
+                labels: [(String::new(), "v".to_string())].into(),
                 ..Default::default()
             },
-            vec!["label_equals[\"\"]"],
+            vec!["labels[\"\"]"],
         ),
         (
             GetTestStatisticsRequest {

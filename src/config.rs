@@ -452,6 +452,137 @@ pub struct Config {
         global = true
     )]
     pub read_token_wait: Duration,
+
+    /// Default retention in days: Sessions (with everything of theirs: logs, results, discrepancies, executions, coverage) by creation time; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_SESSIONS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_sessions_days: i32,
+
+    /// Default retention in days: Test executions of no session and no run, by start time; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_EXECUTIONS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_executions_days: i32,
+
+    /// Default retention in days: Coverage reports of no session (with their files), by recorded time; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_COVERAGE_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_coverage_days: i32,
+
+    /// Default retention in days: Test runs (with their executions) by start time; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_TEST_RUNS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_test_runs_days: i32,
+
+    /// Default retention in days: Metric points by recorded time; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_METRIC_POINTS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_metric_points_days: i32,
+
+    /// Default retention in days: Validation rollups by period start; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_METRIC_ROLLUPS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_metric_rollups_days: i32,
+
+    /// Default retention in days: Ingest bookkeeping (batch ids, stream marks) by commit time: how long a retried batch or a resumed ingest is recognised; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_INGEST_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_ingest_days: i32,
+
+    /// Default retention in days: Discrepancy resolution history by change time (discrepancies keep their current resolution); 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_RESOLUTIONS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_resolutions_days: i32,
+
+    /// Default retention in days: Audit events by time, deleted only by the periodic job (never by Cleanup); keep them longest; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_AUDIT_EVENTS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_audit_events_days: i32,
+
+    /// Most rows one retention batch (one short transaction) deletes.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_BATCH_SIZE",
+        default_value_t = 1_000,
+        value_parser = clap::value_parser!(i64).range(1..=100_000),
+        global = true
+    )]
+    pub retention_batch_size: i64,
+
+    /// How long a retention batch waits for a row lock before it gives up
+    /// and is tried again (e.g. `500ms`, `2s`).
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_LOCK_TIMEOUT",
+        default_value = "1s",
+        value_parser = parse_duration,
+        global = true
+    )]
+    pub retention_lock_timeout: Duration,
+
+    /// How often the retention job applies every project's retention (one
+    /// replica at a time, through an advisory lock), in seconds; 0 turns
+    /// it off.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_INTERVAL_SECS",
+        default_value_t = 3_600,
+        global = true
+    )]
+    pub retention_interval_secs: u64,
 }
 
 /// A duration such as `500ms`, `45s`, `5m` or `2h` (a bare number is seconds).
@@ -562,6 +693,28 @@ impl Config {
         (files / 2).clamp(16, 1024)
     }
 
+    /// The retention settings (see [`crate::admin::retention`]).
+    pub fn retention(&self) -> crate::admin::retention::Settings {
+        crate::admin::retention::Settings {
+            // In `Kind::ALL` order.
+            defaults: [
+                self.retention_sessions_days,
+                self.retention_executions_days,
+                self.retention_coverage_days,
+                self.retention_test_runs_days,
+                self.retention_metric_points_days,
+                self.retention_metric_rollups_days,
+                self.retention_ingest_days,
+                self.retention_resolutions_days,
+                self.retention_audit_events_days,
+            ],
+            batch_size: self.retention_batch_size,
+            lock_timeout: self.retention_lock_timeout,
+            interval: (self.retention_interval_secs > 0)
+                .then(|| Duration::from_secs(self.retention_interval_secs)),
+        }
+    }
+
     /// Whether calls need an API key (see [`crate::auth::AuthMode::decide`]).
     pub fn auth_mode(&self) -> anyhow::Result<crate::auth::AuthMode> {
         crate::auth::AuthMode::decide(self.listen, self.require_auth, self.insecure_no_auth)
@@ -624,6 +777,18 @@ impl std::fmt::Debug for Config {
             )
             .field("read_max_lag", &self.read_max_lag)
             .field("read_token_wait", &self.read_token_wait)
+            .field("retention_sessions_days", &self.retention_sessions_days)
+            .field("retention_executions_days", &self.retention_executions_days)
+            .field("retention_coverage_days", &self.retention_coverage_days)
+            .field("retention_test_runs_days", &self.retention_test_runs_days)
+            .field("retention_metric_points_days", &self.retention_metric_points_days)
+            .field("retention_metric_rollups_days", &self.retention_metric_rollups_days)
+            .field("retention_ingest_days", &self.retention_ingest_days)
+            .field("retention_resolutions_days", &self.retention_resolutions_days)
+            .field("retention_audit_events_days", &self.retention_audit_events_days)
+            .field("retention_batch_size", &self.retention_batch_size)
+            .field("retention_lock_timeout", &self.retention_lock_timeout)
+            .field("retention_interval_secs", &self.retention_interval_secs)
             .finish()
     }
 }

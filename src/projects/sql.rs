@@ -29,12 +29,35 @@ pub struct ProjectRow {
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
     pub version: i64,
+    /// Retention overrides in days, in `admin::retention::Kind::ALL` order
+    /// (`None` inherits the gateway's default, 0 keeps forever).
+    pub retention: crate::admin::retention::Days,
+}
+
+/// The retention columns, in `admin::retention::Kind::ALL` order.
+macro_rules! retention_columns {
+    () => {
+        "retention_sessions_days, retention_executions_days, retention_coverage_days, \
+         retention_test_runs_days, retention_metric_points_days, retention_metric_rollups_days, \
+         retention_ingest_days, retention_resolutions_days, retention_audit_events_days"
+    };
 }
 
 macro_rules! columns {
     () => {
-        "id, slug, display_name, description, created_at, updated_at, version"
+        concat!(
+            "id, slug, display_name, description, created_at, updated_at, version, ",
+            retention_columns!()
+        )
     };
+}
+
+fn retention_from(row: &tokio_postgres::Row, first: usize) -> Result<crate::admin::retention::Days> {
+    let mut days: crate::admin::retention::Days = [None; 9];
+    for (i, d) in days.iter_mut().enumerate() {
+        *d = row.try_get(first + i)?;
+    }
+    Ok(days)
 }
 
 fn from_row(row: &tokio_postgres::Row) -> Result<ProjectRow> {
@@ -46,6 +69,7 @@ fn from_row(row: &tokio_postgres::Row) -> Result<ProjectRow> {
         created_at: row.try_get(4)?,
         updated_at: row.try_get(5)?,
         version: row.try_get(6)?,
+        retention: retention_from(row, 7)?,
     })
 }
 
@@ -117,6 +141,38 @@ const HOLDINGS: Stmt = Stmt::new(
             EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1) \
          OR EXISTS (SELECT 1 FROM metric_points WHERE project_id = $1) \
          OR EXISTS (SELECT 1 FROM test_executions WHERE project_id = $1)",
+);
+
+// Replaces every retention override at once ($2..$10 in
+// `admin::retention::Kind::ALL` order; NULL inherits).
+const SET_RETENTION: Stmt = Stmt::new(
+    "UPDATE",
+    "projects",
+    concat!(
+        "UPDATE projects SET retention_sessions_days = $2, retention_executions_days = $3, \
+           retention_coverage_days = $4, retention_test_runs_days = $5, \
+           retention_metric_points_days = $6, retention_metric_rollups_days = $7, \
+           retention_ingest_days = $8, retention_resolutions_days = $9, \
+           retention_audit_events_days = $10, updated_at = now(), version = version + 1 \
+         WHERE id = $1 RETURNING ",
+        columns!()
+    ),
+);
+
+const RETENTION_OF_ALL: Stmt = Stmt::new(
+    "SELECT",
+    "projects",
+    concat!(
+        "SELECT id, ",
+        retention_columns!(),
+        " FROM projects ORDER BY id"
+    ),
+);
+
+const RETENTION_OF: Stmt = Stmt::new(
+    "SELECT",
+    "projects",
+    concat!("SELECT id, ", retention_columns!(), " FROM projects WHERE id = $1"),
 );
 
 const DELETE: Stmt = Stmt::new("DELETE", "projects", "DELETE FROM projects WHERE id = $1");
@@ -210,4 +266,47 @@ pub async fn holdings(c: &impl GenericClient, id: Uuid) -> Result<(i64, i64, boo
 pub async fn delete(c: &impl GenericClient, id: Uuid) -> Result<()> {
     DELETE.execute(c, &[&id]).await?;
     Ok(())
+}
+
+/// Replaces the project's retention overrides (`None` inherits).
+pub async fn set_retention(
+    c: &impl GenericClient,
+    id: Uuid,
+    days: &crate::admin::retention::Days,
+) -> Result<ProjectRow> {
+    from_row(
+        &SET_RETENTION
+            .query_one(
+                c,
+                &[
+                    &id, &days[0], &days[1], &days[2], &days[3], &days[4], &days[5], &days[6],
+                    &days[7], &days[8],
+                ],
+            )
+            .await?,
+    )
+}
+
+/// Every project's id with its retention overrides, by id.
+pub async fn retention_of_all(
+    c: &impl GenericClient,
+) -> Result<Vec<(Uuid, crate::admin::retention::Days)>> {
+    RETENTION_OF_ALL
+        .query(c, &[])
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, retention_from(r, 1)?)))
+        .collect()
+}
+
+/// The retention overrides of the project `id` (all `None` when there is
+/// no such project).
+pub async fn retention_of(
+    c: &impl GenericClient,
+    id: Uuid,
+) -> Result<crate::admin::retention::Days> {
+    match RETENTION_OF.query_opt(c, &[&id]).await? {
+        Some(row) => retention_from(&row, 1),
+        None => Ok([None; 9]),
+    }
 }

@@ -600,7 +600,7 @@ pub async fn apply(
 }
 
 /// Advisory lock key of the retention job ("verdict" + 3).
-const RETENTION_LOCK: i64 = 0x7665_7264_6963_7403;
+pub const RETENTION_LOCK: i64 = 0x7665_7264_6963_7403;
 
 
 /// Every project's id with its overrides, in a stable order.

@@ -118,12 +118,26 @@ const LIST: Stmt = Stmt::new(
     ),
 );
 
+// $4: whether to replace the retention overrides with $5..$13 (in
+// `admin::retention::Kind::ALL` order; NULL inherits).
 const UPDATE: Stmt = Stmt::new(
     "UPDATE",
     "projects",
     concat!(
         "UPDATE projects SET display_name = COALESCE($2, display_name), \
            description = COALESCE($3, description), \
+           retention_sessions_days = CASE WHEN $4 THEN $5 ELSE retention_sessions_days END, \
+           retention_executions_days = CASE WHEN $4 THEN $6 ELSE retention_executions_days END, \
+           retention_coverage_days = CASE WHEN $4 THEN $7 ELSE retention_coverage_days END, \
+           retention_test_runs_days = CASE WHEN $4 THEN $8 ELSE retention_test_runs_days END, \
+           retention_metric_points_days = \
+               CASE WHEN $4 THEN $9 ELSE retention_metric_points_days END, \
+           retention_metric_rollups_days = \
+               CASE WHEN $4 THEN $10 ELSE retention_metric_rollups_days END, \
+           retention_ingest_days = CASE WHEN $4 THEN $11 ELSE retention_ingest_days END, \
+           retention_resolutions_days = CASE WHEN $4 THEN $12 ELSE retention_resolutions_days END, \
+           retention_audit_events_days = \
+               CASE WHEN $4 THEN $13 ELSE retention_audit_events_days END, \
            updated_at = now(), version = version + 1 \
          WHERE id = $1 RETURNING ",
         columns!()
@@ -141,22 +155,6 @@ const HOLDINGS: Stmt = Stmt::new(
             EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1) \
          OR EXISTS (SELECT 1 FROM metric_points WHERE project_id = $1) \
          OR EXISTS (SELECT 1 FROM test_executions WHERE project_id = $1)",
-);
-
-// Replaces every retention override at once ($2..$10 in
-// `admin::retention::Kind::ALL` order; NULL inherits).
-const SET_RETENTION: Stmt = Stmt::new(
-    "UPDATE",
-    "projects",
-    concat!(
-        "UPDATE projects SET retention_sessions_days = $2, retention_executions_days = $3, \
-           retention_coverage_days = $4, retention_test_runs_days = $5, \
-           retention_metric_points_days = $6, retention_metric_rollups_days = $7, \
-           retention_ingest_days = $8, retention_resolutions_days = $9, \
-           retention_audit_events_days = $10, updated_at = now(), version = version + 1 \
-         WHERE id = $1 RETURNING ",
-        columns!()
-    ),
 );
 
 const RETENTION_OF_ALL: Stmt = Stmt::new(
@@ -236,16 +234,37 @@ pub async fn list(
         .collect()
 }
 
-/// Sets the fields given.
+/// Sets the fields given; `retention`, when given, replaces every
+/// retention override.
 pub async fn update(
     c: &impl GenericClient,
     id: Uuid,
     display_name: Option<&str>,
     description: Option<&str>,
+    retention: Option<&crate::admin::retention::Days>,
 ) -> Result<ProjectRow> {
+    let replace = retention.is_some();
+    let d = retention.copied().unwrap_or([None; 9]);
     from_row(
         &UPDATE
-            .query_one(c, &[&id, &display_name, &description])
+            .query_one(
+                c,
+                &[
+                    &id,
+                    &display_name,
+                    &description,
+                    &replace,
+                    &d[0],
+                    &d[1],
+                    &d[2],
+                    &d[3],
+                    &d[4],
+                    &d[5],
+                    &d[6],
+                    &d[7],
+                    &d[8],
+                ],
+            )
             .await?,
     )
 }
@@ -266,25 +285,6 @@ pub async fn holdings(c: &impl GenericClient, id: Uuid) -> Result<(i64, i64, boo
 pub async fn delete(c: &impl GenericClient, id: Uuid) -> Result<()> {
     DELETE.execute(c, &[&id]).await?;
     Ok(())
-}
-
-/// Replaces the project's retention overrides (`None` inherits).
-pub async fn set_retention(
-    c: &impl GenericClient,
-    id: Uuid,
-    days: &crate::admin::retention::Days,
-) -> Result<ProjectRow> {
-    from_row(
-        &SET_RETENTION
-            .query_one(
-                c,
-                &[
-                    &id, &days[0], &days[1], &days[2], &days[3], &days[4], &days[5], &days[6],
-                    &days[7], &days[8],
-                ],
-            )
-            .await?,
-    )
 }
 
 /// Every project's id with its retention overrides, by id.

@@ -25,6 +25,7 @@ mod projects_migration;
 mod projects_sessions;
 mod projects_test_cases;
 mod results;
+mod retention;
 mod sequences;
 mod sessions;
 mod test_cases;

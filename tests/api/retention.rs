@@ -434,7 +434,7 @@ async fn a_projects_override_beats_the_gateway_default() {
         })
         .await
         .unwrap_err();
-    assert_reason(&err, Code::InvalidArgument, "INVALID_ARGUMENT");
+    assert_reason(&err, Code::InvalidArgument, "INVALID_FIELD");
     let fields = violated_fields(&err);
     assert!(
         fields.contains(&"retention.metric_points_days".to_owned())
@@ -608,24 +608,28 @@ async fn a_cleanup_cut_short_by_a_terminated_backend_resumes_and_keeps_what_it_s
     let mut admin = app.admin.clone();
     let running =
         tokio::spawn(async move { admin.cleanup(in_project(cleanup(20, false), "terminated")).await });
-    // Terminate the backend of the cleanup while it deletes.
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // Once some batches have committed, terminate the backend of the
+    // cleanup while it deletes.
+    let deadline = Instant::now() + Duration::from_secs(60);
     let terminated = loop {
         assert!(Instant::now() < deadline, "never saw the cleanup delete");
+        assert!(
+            !running.is_finished(),
+            "the cleanup finished before it could be terminated"
+        );
         let row = sql
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE query LIKE 'DELETE FROM metric_points%' AND pid <> pg_backend_pid()",
-                &[],
+                 WHERE query LIKE 'DELETE FROM metric_points%' AND pid <> pg_backend_pid() \
+                 AND (SELECT count(*) FROM metric_points WHERE project_id = $1 AND name = 'old') \
+                     < 39000",
+                &[&p],
             )
             .await
             .unwrap();
         let n: i64 = row.get(0);
         if n > 0 {
             break n;
-        }
-        if running.is_finished() {
-            panic!("the cleanup finished before it could be terminated");
         }
         tokio::task::yield_now().await;
     };
@@ -680,21 +684,22 @@ fn percentile(samples: &mut [Duration], q: f64) -> Duration {
 
 /// GetSession and ListSessions p99 from 4 concurrent readers while a
 /// cleanup deletes `VERDICT_RETENTION_BENCH_ROWS` metric points and as many
-/// executions (200,000 each by default; the report's numbers used 2
-/// million). The bound asserted here is generous (a shared 2-core CI
+/// executions (100,000 each by default; the report's numbers used a
+/// million each). The bound asserted here is generous (a shared 2-core CI
 /// machine); the measured numbers are printed.
 #[tokio::test]
 async fn readers_are_not_held_up_while_a_cleanup_deletes_many_rows() {
     let rows: i64 = std::env::var("VERDICT_RETENTION_BENCH_ROWS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(200_000);
+        .unwrap_or(100_000);
     let app = spawn_app().await;
     let p = create_project(&app, "bench").await;
     let sql = app.sql().await;
     let load = Instant::now();
     sql.batch_execute(&format!(
-        "INSERT INTO metric_points (project_id, name, value, recorded_at)
+        "SET statement_timeout = 0;
+         INSERT INTO metric_points (project_id, name, value, recorded_at)
          SELECT '{p}', 'm' || (i % 50), i, now() - interval '40 days' - i * interval '1 second'
          FROM generate_series(1, {rows}) i;
          INSERT INTO test_cases (project_id, id, key, name, test_type)

@@ -49,6 +49,59 @@ pub enum Command {
         #[arg(long, default_value = "default")]
         project: String,
     },
+    /// Row counts per table (one project's, or with `--all-projects` every
+    /// project's with the database size) and the session age range.
+    Stats {
+        /// The slug of the project to count.
+        #[arg(long, default_value = "default", conflicts_with = "all_projects")]
+        project: String,
+        /// Every project's rows (estimated unless `--exact`).
+        #[arg(long)]
+        all_projects: bool,
+        /// With `--all-projects`, count every table exactly.
+        #[arg(long)]
+        exact: bool,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Integrity checks of one project; exits with 2 when anything is found
+    /// (1 when the checks cannot run).
+    Check {
+        /// The slug of the project to check.
+        #[arg(long, default_value = "default")]
+        project: String,
+        /// A session PROCESSING for longer than this is stuck: e.g. 24h, 30m.
+        #[arg(long, default_value = "24h")]
+        stuck_after: String,
+        /// Repair what can be repaired (in one transaction); the exit code
+        /// still reports what was found.
+        #[arg(long)]
+        repair: bool,
+        /// Print one JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a running gateway's gRPC health endpoint; exits 0 when SERVING,
+    /// 2 when it answers anything else, 1 when it cannot be reached.
+    Health {
+        /// The gateway's address (`host:port`, `http://host:port` or
+        /// `https://host:port`); default: the listen address.
+        #[arg(long)]
+        addr: Option<String>,
+        /// The service to ask about; empty: the whole gateway.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// PEM CA certificate to verify an `https://` gateway with.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// How long to wait for the answer (e.g. 5s, 500ms).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Print one JSON object instead of the status.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create, list and revoke API keys (applies pending migrations first).
     Keys {
         #[command(subcommand)]

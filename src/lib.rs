@@ -62,7 +62,7 @@ use tokio::task::JoinSet;
 use tonic_health::server::HealthReporter;
 
 pub use cli::{
-    cleanup_command, create_key, export_command, keys_command, list_keys, migrate_command,
+    EXIT_FOUND, ExitStatus, check_command, health_command, stats_command, cleanup_command, create_key, export_command, keys_command, list_keys, migrate_command,
     revoke_key,
 };
 

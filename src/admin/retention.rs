@@ -371,6 +371,7 @@ pub async fn dry_run(
 /// Runs `step` ($1 project, $2 cutoff, $3 batch) in transactions of its
 /// own until it deletes fewer rows than a batch; a batch that times out on
 /// a lock (or conflicts) is tried again a few times.
+#[allow(clippy::too_many_arguments)]
 async fn drain(
     conn: &mut Conn,
     settings: &Settings,
@@ -448,6 +449,9 @@ async fn drain_coverage(
     }
 }
 
+/// Rows a session is counted as when sizing the batches of sessions.
+const SESSION_ROWS: i64 = 100;
+
 /// Applies the retention of every kind (the audit trail only with `audit`)
 /// to `call`'s project, whose overrides are `overrides`, as of `now`.
 /// Sessions are deleted with [`cleanup::run`] (which records each batch in
@@ -472,7 +476,11 @@ pub async fn apply(
         let at = cutoff(now, days);
         match kind {
             Kind::Sessions if sessions => {
-                let done = cleanup::run(conn, call, at, settings.batch_size).await?;
+                // A session brings its logs, results, discrepancies,
+                // executions and coverage along: a hundredth of a batch of
+                // sessions per transaction.
+                let per_batch = (settings.batch_size / SESSION_ROWS).max(1);
+                let done = cleanup::run(conn, call, at, per_batch).await?;
                 for (table, n) in done.deleted {
                     report.add(table, n);
                 }

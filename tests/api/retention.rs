@@ -461,15 +461,7 @@ async fn audit_events_are_deleted_only_by_the_periodic_job() {
         .execute("SELECT pg_advisory_lock($1)", &[&RETENTION_LOCK])
         .await
         .unwrap();
-    set_retention(
-        &app,
-        "audited",
-        Retention {
-            audit_events_days: Some(30),
-            ..Default::default()
-        },
-    )
-    .await;
+    set_retention(&app, "audited", every_kind(30)).await;
     let sql = app.sql().await;
     app.admin
         .clone()
@@ -477,6 +469,7 @@ async fn audit_events_are_deleted_only_by_the_periodic_job() {
         .await
         .unwrap();
     assert_eq!(old_audit(&sql, a).await, 5, "Cleanup leaves audit events");
+    let (a_before, b_before) = (census(&sql, a).await, census(&sql, b).await);
     // While another replica holds the lock, a run is skipped.
     let skipped = retention::run_once(&pg_of(&app), &app.db, &config.retention())
         .await
@@ -506,6 +499,12 @@ async fn audit_events_are_deleted_only_by_the_periodic_job() {
         .unwrap()
         .get(0);
     assert_eq!(young, 5, "only the expired events go");
+    // The job also applied the sessions' retention (the Cleanup RPC had
+    // done the other kinds): the 5 old sessions went with their results.
+    let mut got = deleted(&a_before, &census(&sql, a).await);
+    got.remove("audit_events");
+    assert_eq!(got, BTreeMap::from([("sessions", 5), ("results", 5)]));
+    assert_eq!(census(&sql, b).await, b_before);
     assert_eq!(old_audit(&sql, b).await, 5, "B keeps its trail (no retention)");
     // A plain DELETE is still refused by the database.
     let refused = sql
@@ -736,29 +735,40 @@ async fn readers_are_not_held_up_while_a_cleanup_deletes_many_rows() {
         ids.push(s.id);
     }
 
-    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    // Phase 0: the readers alone (a baseline on the same machine, as
+    // loaded as it is); phase 1: during the cleanup; 2: stop.
+    let (phase_tx, phase_rx) = tokio::sync::watch::channel(0u8);
+    let baseline_calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut readers = Vec::new();
     for r in 0..4 {
         let mut sessions = app.sessions.clone();
         let ids = ids.clone();
-        let done = done_rx.clone();
+        let phase = phase_rx.clone();
+        let baseline_calls = baseline_calls.clone();
         readers.push(tokio::spawn(async move {
-            let (mut get, mut list) = (Vec::new(), Vec::new());
-            // Bounded: at most 100,000 calls or 10 minutes per reader.
-            let stop = Instant::now() + Duration::from_secs(600);
+            // [phase][get, list] latencies.
+            let mut seen: [[Vec<Duration>; 2]; 2] = Default::default();
+            // Bounded: at most 50,000 rounds or 20 minutes per reader.
+            let stop = Instant::now() + Duration::from_secs(1200);
             let mut i = r;
-            while !*done.borrow() && Instant::now() < stop && get.len() < 50_000 {
+            loop {
+                let now = *phase.borrow();
+                if now > 1 || Instant::now() > stop || seen[1][0].len() >= 50_000 {
+                    break;
+                }
                 let t = Instant::now();
                 sessions
                     .get_session(in_project(
                         GetSessionRequest {
-                            lookup: Some(get_session_request::Lookup::Id(ids[i % ids.len()].clone())),
+                            lookup: Some(get_session_request::Lookup::Id(
+                                ids[i % ids.len()].clone(),
+                            )),
                         },
                         "bench",
                     ))
                     .await
                     .unwrap();
-                get.push(t.elapsed());
+                let get = t.elapsed();
                 let t = Instant::now();
                 sessions
                     .list_sessions(in_project(
@@ -770,12 +780,27 @@ async fn readers_are_not_held_up_while_a_cleanup_deletes_many_rows() {
                     ))
                     .await
                     .unwrap();
-                list.push(t.elapsed());
+                let list = t.elapsed();
+                // A round that straddles a phase change counts for neither.
+                if *phase.borrow() == now {
+                    seen[now as usize][0].push(get);
+                    seen[now as usize][1].push(list);
+                    if now == 0 {
+                        baseline_calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
                 i += 1;
             }
-            (get, list)
+            seen
         }));
     }
+    // Wait (bounded) for a baseline of 2,000 rounds.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while baseline_calls.load(std::sync::atomic::Ordering::Relaxed) < 2_000 {
+        assert!(Instant::now() < deadline, "the readers did not run");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    phase_tx.send(1).unwrap();
     let started = Instant::now();
     let done = app
         .admin
@@ -785,12 +810,15 @@ async fn readers_are_not_held_up_while_a_cleanup_deletes_many_rows() {
         .unwrap()
         .into_inner();
     let took = started.elapsed();
-    done_tx.send(true).unwrap();
-    let (mut get, mut list) = (Vec::new(), Vec::new());
+    phase_tx.send(2).unwrap();
+    let mut seen: [[Vec<Duration>; 2]; 2] = Default::default();
     for r in readers {
-        let (g, l) = r.await.unwrap();
-        get.extend(g);
-        list.extend(l);
+        let got = r.await.unwrap();
+        for (phase, calls) in got.into_iter().enumerate() {
+            for (rpc, latencies) in calls.into_iter().enumerate() {
+                seen[phase][rpc].extend(latencies);
+            }
+        }
     }
     let rows_of = |t: &str| {
         done.deleted
@@ -800,8 +828,18 @@ async fn readers_are_not_held_up_while_a_cleanup_deletes_many_rows() {
     };
     assert_eq!(rows_of("metric_points"), rows);
     assert_eq!(rows_of("test_executions"), rows);
+    let [[mut idle_get, mut idle_list], [mut get, mut list]] = seen;
     let (get_p99, list_p99) = (percentile(&mut get, 0.99), percentile(&mut list, 0.99));
     let (get_p50, list_p50) = (percentile(&mut get, 0.5), percentile(&mut list, 0.5));
+    eprintln!(
+        "baseline (no cleanup): GetSession p50 {:?} p99 {:?}, ListSessions p50 {:?} p99 {:?} \
+         ({} rounds)",
+        percentile(&mut idle_get, 0.5),
+        percentile(&mut idle_get, 0.99),
+        percentile(&mut idle_list, 0.5),
+        percentile(&mut idle_list, 0.99),
+        idle_get.len()
+    );
     eprintln!(
         "cleanup of 2 x {rows} rows took {took:?} in {} batches; \
          GetSession p50 {get_p50:?} p99 {get_p99:?} ({} calls); \

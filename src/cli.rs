@@ -85,17 +85,15 @@ pub async fn cleanup_command(
         let report = if dry_run {
             let c = conn.client().await?;
             let mut report = admin::cleanup::dry_run(c, project_id, cutoff).await?;
-            let more =
-                admin::retention::dry_run(c, &settings, project_id, &overrides, now).await?;
+            let more = admin::retention::dry_run(c, &settings, project_id, &overrides, now).await?;
             report.merge(&more.deleted);
             report
         } else {
             let call = call::Call::command_line("cli:cleanup").in_project(project_id);
             let mut report = admin::cleanup::run(&mut conn, &call, cutoff, 500).await?;
-            let more = admin::retention::apply(
-                &mut conn, &call, &settings, &overrides, now, false, false,
-            )
-            .await?;
+            let more =
+                admin::retention::apply(&mut conn, &call, &settings, &overrides, now, false, false)
+                    .await?;
             report.merge(&more.deleted);
             report
         };
@@ -447,7 +445,10 @@ pub async fn stats_command(
         } else {
             match scope {
                 admin::stats::Scope::AllProjects => {
-                    println!("every project ({}):", if exact { "exact" } else { "estimated" });
+                    println!(
+                        "every project ({}):",
+                        if exact { "exact" } else { "estimated" }
+                    );
                     println!("  database size {database_bytes} bytes");
                 }
                 admin::stats::Scope::Project(_) => println!("project {project}:"),

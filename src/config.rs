@@ -834,11 +834,23 @@ impl std::fmt::Debug for Config {
             .field("retention_executions_days", &self.retention_executions_days)
             .field("retention_coverage_days", &self.retention_coverage_days)
             .field("retention_test_runs_days", &self.retention_test_runs_days)
-            .field("retention_metric_points_days", &self.retention_metric_points_days)
-            .field("retention_metric_rollups_days", &self.retention_metric_rollups_days)
+            .field(
+                "retention_metric_points_days",
+                &self.retention_metric_points_days,
+            )
+            .field(
+                "retention_metric_rollups_days",
+                &self.retention_metric_rollups_days,
+            )
             .field("retention_ingest_days", &self.retention_ingest_days)
-            .field("retention_resolutions_days", &self.retention_resolutions_days)
-            .field("retention_audit_events_days", &self.retention_audit_events_days)
+            .field(
+                "retention_resolutions_days",
+                &self.retention_resolutions_days,
+            )
+            .field(
+                "retention_audit_events_days",
+                &self.retention_audit_events_days,
+            )
             .field("retention_batch_size", &self.retention_batch_size)
             .field("retention_lock_timeout", &self.retention_lock_timeout)
             .field("retention_interval_secs", &self.retention_interval_secs)

@@ -62,8 +62,8 @@ use tokio::task::JoinSet;
 use tonic_health::server::HealthReporter;
 
 pub use cli::{
-    EXIT_FOUND, ExitStatus, check_command, health_command, stats_command, cleanup_command, create_key, export_command, keys_command, list_keys, migrate_command,
-    revoke_key,
+    EXIT_FOUND, ExitStatus, check_command, cleanup_command, create_key, export_command,
+    health_command, keys_command, list_keys, migrate_command, revoke_key, stats_command,
 };
 
 /// A gateway ready to run: database chosen (and started, on the embedded

@@ -80,7 +80,11 @@ async fn stats_counts_one_project_or_every_project_as_json() {
     assert_eq!(other["tables"]["sessions"], 2);
     assert!(other["oldest_session"].is_string());
 
-    let all = verdict(Some(&url), &["stats", "--all-projects", "--exact", "--json"]).await;
+    let all = verdict(
+        Some(&url),
+        &["stats", "--all-projects", "--exact", "--json"],
+    )
+    .await;
     assert_eq!(all.code, 0, "{}", all.stderr);
     let all = all.json();
     assert_eq!(all["project"], Value::Null);
@@ -93,7 +97,11 @@ async fn stats_counts_one_project_or_every_project_as_json() {
 
     let unknown = verdict(Some(&url), &["stats", "--project", "nope", "--json"]).await;
     assert_eq!(unknown.code, 1);
-    assert!(unknown.stderr.contains("no project has slug"), "{}", unknown.stderr);
+    assert!(
+        unknown.stderr.contains("no project has slug"),
+        "{}",
+        unknown.stderr
+    );
     assert!(unknown.stdout.is_empty());
 }
 
@@ -168,7 +176,14 @@ async fn health_says_serving_for_a_running_gateway_and_fails_on_a_closed_port() 
 
     let unknown = verdict(
         None,
-        &["health", "--addr", &addr, "--service", "verdict.v1.NoSuchService", "--json"],
+        &[
+            "health",
+            "--addr",
+            &addr,
+            "--service",
+            "verdict.v1.NoSuchService",
+            "--json",
+        ],
     )
     .await;
     assert_eq!(unknown.code, 2, "{}", unknown.stderr);
@@ -182,7 +197,14 @@ async fn health_says_serving_for_a_running_gateway_and_fails_on_a_closed_port() 
         .port();
     let down = verdict(
         None,
-        &["health", "--addr", &format!("127.0.0.1:{closed}"), "--timeout", "2s", "--json"],
+        &[
+            "health",
+            "--addr",
+            &format!("127.0.0.1:{closed}"),
+            "--timeout",
+            "2s",
+            "--json",
+        ],
     )
     .await;
     assert_eq!(down.code, 1, "{}", down.stderr);

@@ -437,7 +437,9 @@ async fn drain_coverage(
         if ids.is_empty() {
             return Ok(());
         }
-        let files = DELETE_COVERAGE_FILES.execute(&tx, &[&project, &ids]).await? as i64;
+        let files = DELETE_COVERAGE_FILES
+            .execute(&tx, &[&project, &ids])
+            .await? as i64;
         let reports = DELETE_COVERAGE_REPORTS
             .execute(&tx, &[&project, &ids])
             .await? as i64;
@@ -610,7 +612,6 @@ pub async fn apply(
 /// Advisory lock key of the retention job ("verdict" + 3).
 pub const RETENTION_LOCK: i64 = 0x7665_7264_6963_7403;
 
-
 /// Every project's id with its overrides, in a stable order.
 async fn projects(c: &impl GenericClient) -> Result<Vec<(Uuid, Days)>> {
     crate::projects::sql::retention_of_all(c).await
@@ -632,14 +633,12 @@ pub enum JobOutcome {
 /// meanwhile, a lost connection) is logged and the others go on; the first
 /// error is returned after all were tried.
 pub async fn run_once(pg: &PgConfig, db: &Db, settings: &Settings) -> Result<JobOutcome> {
-    let lock = crate::db::connect_direct(pg)
-        .await
-        .map_err(|e| {
-            Error::Unavailable(
-                Reason::DatabaseUnavailable,
-                format!("retention job: cannot connect: {e}"),
-            )
-        })?;
+    let lock = crate::db::connect_direct(pg).await.map_err(|e| {
+        Error::Unavailable(
+            Reason::DatabaseUnavailable,
+            format!("retention job: cannot connect: {e}"),
+        )
+    })?;
     let got: bool = lock
         .query_one("SELECT pg_try_advisory_lock($1)", &[&RETENTION_LOCK])
         .await?

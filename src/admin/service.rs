@@ -132,9 +132,8 @@ impl AdminService for AdminApi {
             report
         } else {
             let mut report = cleanup::run(&mut conn, &call, cutoff, batch).await?;
-            let more =
-                retention::apply(&mut conn, &call, &settings, &overrides, now, false, false)
-                    .await?;
+            let more = retention::apply(&mut conn, &call, &settings, &overrides, now, false, false)
+                .await?;
             report.merge(&more.deleted);
             report.batches += more.batches;
             report

@@ -52,7 +52,10 @@ macro_rules! columns {
     };
 }
 
-fn retention_from(row: &tokio_postgres::Row, first: usize) -> Result<crate::admin::retention::Days> {
+fn retention_from(
+    row: &tokio_postgres::Row,
+    first: usize,
+) -> Result<crate::admin::retention::Days> {
     let mut days: crate::admin::retention::Days = [None; 9];
     for (i, d) in days.iter_mut().enumerate() {
         *d = row.try_get(first + i)?;
@@ -170,7 +173,11 @@ const RETENTION_OF_ALL: Stmt = Stmt::new(
 const RETENTION_OF: Stmt = Stmt::new(
     "SELECT",
     "projects",
-    concat!("SELECT id, ", retention_columns!(), " FROM projects WHERE id = $1"),
+    concat!(
+        "SELECT id, ",
+        retention_columns!(),
+        " FROM projects WHERE id = $1"
+    ),
 );
 
 const DELETE: Stmt = Stmt::new("DELETE", "projects", "DELETE FROM projects WHERE id = $1");

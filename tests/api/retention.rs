@@ -256,7 +256,11 @@ async fn cleanup_deletes_exactly_the_expired_rows_of_every_kind_in_its_project_o
     let audit_added = got.remove("audit_events").unwrap_or(0);
     assert!(audit_added < 0, "the cleanup is audited: {audit_added}");
     assert_eq!(got, expected);
-    assert_eq!(old_audit(&sql, a).await, n, "Cleanup never deletes audit events");
+    assert_eq!(
+        old_audit(&sql, a).await,
+        n,
+        "Cleanup never deletes audit events"
+    );
     assert_eq!(b_after, b_before, "another project's rows are untouched");
 
     // What the reply says matches what the database lost, and the dry run
@@ -363,10 +367,7 @@ async fn a_projects_override_beats_the_gateway_default() {
         .unwrap();
     let own = shown.retention.unwrap();
     let effective = shown.effective_retention.unwrap();
-    assert_eq!(
-        (own.metric_points_days, own.ingest_days),
-        (Some(50), None)
-    );
+    assert_eq!((own.metric_points_days, own.ingest_days), (Some(50), None));
     assert_eq!(
         (
             effective.metric_points_days,
@@ -397,7 +398,11 @@ async fn a_projects_override_beats_the_gateway_default() {
     };
     assert_eq!(points(forever).await, 10, "0 keeps forever");
     assert_eq!(points(inherits).await, 5, "the default (30 days) applies");
-    assert_eq!(points(longer).await, 10, "50 days keeps the 40-day-old points");
+    assert_eq!(
+        points(longer).await,
+        10,
+        "50 days keeps the 40-day-old points"
+    );
     // 1 day: the 1-day-old points (planted a moment before now - 1 day)
     // go too.
     assert_eq!(points(shorter).await, 0);
@@ -505,7 +510,11 @@ async fn audit_events_are_deleted_only_by_the_periodic_job() {
     got.remove("audit_events");
     assert_eq!(got, BTreeMap::from([("sessions", 5), ("results", 5)]));
     assert_eq!(census(&sql, b).await, b_before);
-    assert_eq!(old_audit(&sql, b).await, 5, "B keeps its trail (no retention)");
+    assert_eq!(
+        old_audit(&sql, b).await,
+        5,
+        "B keeps its trail (no retention)"
+    );
     // A plain DELETE is still refused by the database.
     let refused = sql
         .execute("DELETE FROM audit_events WHERE project_id = $1", &[&b])
@@ -605,8 +614,11 @@ async fn a_cleanup_cut_short_by_a_terminated_backend_resumes_and_keeps_what_it_s
     )
     .await;
     let mut admin = app.admin.clone();
-    let running =
-        tokio::spawn(async move { admin.cleanup(in_project(cleanup(20, false), "terminated")).await });
+    let running = tokio::spawn(async move {
+        admin
+            .cleanup(in_project(cleanup(20, false), "terminated"))
+            .await
+    });
     // Once some batches have committed, terminate the backend of the
     // cleanup while it deletes.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -851,7 +863,13 @@ async fn readers_are_not_held_up_while_a_cleanup_deletes_many_rows() {
     assert!(get.len() >= 100, "the readers ran during the cleanup");
     // Generous for a shared CI machine; the target (50 ms) is measured
     // with the report's command.
-    assert!(get_p99 < Duration::from_millis(500), "GetSession p99 {get_p99:?}");
-    assert!(list_p99 < Duration::from_millis(500), "ListSessions p99 {list_p99:?}");
+    assert!(
+        get_p99 < Duration::from_millis(500),
+        "GetSession p99 {get_p99:?}"
+    );
+    assert!(
+        list_p99 < Duration::from_millis(500),
+        "ListSessions p99 {list_p99:?}"
+    );
     app.stop().await.unwrap();
 }

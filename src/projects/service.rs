@@ -68,7 +68,7 @@ fn retention_days(v: &mut Validator, r: &proto::Retention) -> Days {
             && !(0..=retention::MAX_DAYS).contains(&n)
         {
             v.violation(
-                &format!("retention.{name}"),
+                format!("retention.{name}"),
                 "must be between 0 (keep forever) and 36600 days",
             );
         }

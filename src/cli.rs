@@ -1,6 +1,7 @@
 //! The one-shot commands of the `verdict` binary (`migrate`, `cleanup`,
-//! `export`, `keys`): each runs against the configured database, starting
-//! and stopping the embedded one when DATABASE_URL is unset.
+//! `export`, `keys`, `stats`, `check`): each runs against the configured
+//! database, starting and stopping the embedded one when DATABASE_URL is
+//! unset. `health` asks a running gateway instead.
 
 use crate::config::{Config, KeysCommand};
 use crate::db::embedded::EmbeddedPostgres;
@@ -75,20 +76,30 @@ pub async fn cleanup_command(
             .checked_sub_signed(chrono::Duration::from_std(age)?)
             .ok_or_else(|| anyhow::anyhow!("--older-than is too long"))?;
         let mut conn = db.conn(&call::Call::default()).await?;
+        // The other kinds (not the audit trail) by the project's retention,
+        // as the Cleanup RPC does.
+        let settings = config.retention();
+        let overrides =
+            crate::projects::sql::retention_of(conn.client().await?, project_id).await?;
+        let now = chrono::Utc::now();
         let report = if dry_run {
-            admin::cleanup::dry_run(conn.client().await?, project_id, cutoff).await?
+            let c = conn.client().await?;
+            let mut report = admin::cleanup::dry_run(c, project_id, cutoff).await?;
+            let more = admin::retention::dry_run(c, &settings, project_id, &overrides, now).await?;
+            report.merge(&more.deleted);
+            report
         } else {
-            admin::cleanup::run(
-                &mut conn,
-                &call::Call::command_line("cli:cleanup").in_project(project_id),
-                cutoff,
-                500,
-            )
-            .await?
+            let call = call::Call::command_line("cli:cleanup").in_project(project_id);
+            let mut report = admin::cleanup::run(&mut conn, &call, cutoff, 500).await?;
+            let more =
+                admin::retention::apply(&mut conn, &call, &settings, &overrides, now, false, false)
+                    .await?;
+            report.merge(&more.deleted);
+            report
         };
         let verb = if dry_run { "would delete" } else { "deleted" };
         println!(
-            "sessions of project {project} created before {}:",
+            "sessions of project {project} created before {}, and what its retention expires:",
             cutoff.to_rfc3339()
         );
         for (table, n) in report.deleted {
@@ -368,4 +379,263 @@ pub async fn revoke_key(config: &Config, id: &str) -> anyhow::Result<()> {
     .await;
     close_key_database(db, embedded).await?;
     result
+}
+
+/// How a command ends for scripts when it ran but its answer is not "all
+/// good": its output is printed, the process exits with `code`.
+#[derive(Debug)]
+pub struct ExitStatus {
+    /// The process exit code.
+    pub code: u8,
+    /// Said on stderr.
+    pub message: String,
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ExitStatus {}
+
+/// Exit code of `check` with findings and of `health` with an answer other
+/// than SERVING.
+pub const EXIT_FOUND: u8 = 2;
+
+fn rfc3339(t: Option<chrono::DateTime<chrono::Utc>>) -> serde_json::Value {
+    t.map_or(serde_json::Value::Null, |t| t.to_rfc3339().into())
+}
+
+/// `verdict stats [--project SLUG | --all-projects [--exact]] [--json]`:
+/// row counts per table, the session age range and (every project) the
+/// database size, from the same functions GetStats uses.
+pub async fn stats_command(
+    config: &Config,
+    project: &str,
+    all_projects: bool,
+    exact: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    with_database(config, async |pg| {
+        let db = command_db(config, pg).await?;
+        let scope = if all_projects {
+            admin::stats::Scope::AllProjects
+        } else {
+            admin::stats::Scope::Project(project_of(&db, project).await?)
+        };
+        let mut conn = db.conn(&call::Call::default()).await?;
+        let c = conn.client().await?;
+        let (tables, exact) = admin::stats::table_counts(c, scope, exact).await?;
+        let (database_bytes, oldest, newest) = admin::stats::overview(c, scope).await?;
+        if json {
+            let counts: serde_json::Map<String, serde_json::Value> = tables
+                .iter()
+                .map(|(t, n)| (t.clone(), (*n).into()))
+                .collect();
+            let out = serde_json::json!({
+                "project": if all_projects { serde_json::Value::Null } else { project.into() },
+                "exact": exact,
+                "tables": counts,
+                "database_bytes": database_bytes,
+                "oldest_session": rfc3339(oldest),
+                "newest_session": rfc3339(newest),
+            });
+            println!("{out}");
+        } else {
+            match scope {
+                admin::stats::Scope::AllProjects => {
+                    println!(
+                        "every project ({}):",
+                        if exact { "exact" } else { "estimated" }
+                    );
+                    println!("  database size {database_bytes} bytes");
+                }
+                admin::stats::Scope::Project(_) => println!("project {project}:"),
+            }
+            for (table, n) in &tables {
+                println!("  {n:>12} {table}");
+            }
+            let at = |t: Option<chrono::DateTime<chrono::Utc>>| {
+                t.map_or_else(|| "-".to_owned(), |t| t.to_rfc3339())
+            };
+            println!("  sessions from {} to {}", at(oldest), at(newest));
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// `verdict check [--project SLUG] [--stuck-after AGE] [--repair] [--json]`:
+/// the integrity checks of CheckIntegrity; exits with [`EXIT_FOUND`] when
+/// anything was found (repaired or not).
+pub async fn check_command(
+    config: &Config,
+    project: &str,
+    stuck_after: &str,
+    repair: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let stuck_after =
+        admin::parse_age(stuck_after).map_err(|e| anyhow::anyhow!("--stuck-after: {e}"))?;
+    let findings = with_database(config, async |pg| {
+        let db = command_db(config, pg).await?;
+        let project_id = project_of(&db, project).await?;
+        let mut conn = db.conn(&call::Call::default()).await?;
+        let findings = if repair {
+            let tx = conn.begin().await?;
+            let findings = admin::integrity::check(&tx, project_id, stuck_after, true).await?;
+            let call = call::Call::command_line("cli:check").in_project(project_id);
+            audit::record(&tx, &call, &[], audit::Outcome::Updated).await?;
+            tx.commit().await.map_err(error::Error::from)?;
+            findings
+        } else {
+            admin::integrity::check(conn.client().await?, project_id, stuck_after, false).await?
+        };
+        Ok(findings)
+    })
+    .await?;
+    let total: i64 = findings.iter().map(|f| f.count).sum();
+    if json {
+        let list: Vec<serde_json::Value> = findings
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "check": f.check,
+                    "description": f.description,
+                    "count": f.count,
+                    "sample_ids": f.sample_ids,
+                    "repaired": f.repaired,
+                })
+            })
+            .collect();
+        let out = serde_json::json!({
+            "project": project,
+            "findings": list,
+            "total": total,
+            "repair": repair,
+        });
+        println!("{out}");
+    } else if findings.is_empty() {
+        println!("project {project}: no findings");
+    } else {
+        for f in &findings {
+            println!(
+                "{:<40} {:>8} found {:>8} repaired  {}",
+                f.check, f.count, f.repaired, f.description
+            );
+        }
+    }
+    if total > 0 {
+        return Err(ExitStatus {
+            code: EXIT_FOUND,
+            message: format!("{total} integrity findings in project {project}"),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+/// The URI of `addr` (`host:port` means plain-text HTTP/2); a wildcard
+/// listen address is asked on loopback.
+fn health_uri(addr: &str) -> String {
+    let addr = addr
+        .trim()
+        .replace("0.0.0.0", "127.0.0.1")
+        .replace("[::]", "[::1]");
+    if addr.contains("://") {
+        addr
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+/// What `health` saw: the serving status's name, or UNREACHABLE.
+async fn ask_health(
+    uri: &str,
+    service: &str,
+    ca_cert: Option<&std::path::Path>,
+    timeout: std::time::Duration,
+) -> Result<String, String> {
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+    let mut endpoint = tonic::transport::Endpoint::from_shared(uri.to_owned())
+        .map_err(|e| format!("--addr {uri:?}: {e}"))?
+        .connect_timeout(timeout)
+        .timeout(timeout);
+    if uri.starts_with("https://") {
+        let path = ca_cert.ok_or("an https:// address needs --ca-cert")?;
+        let pem = std::fs::read(path).map_err(|e| format!("--ca-cert {}: {e}", path.display()))?;
+        endpoint = endpoint
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            )
+            .map_err(|e| format!("TLS: {e}"))?;
+    }
+    let channel = endpoint
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {uri}: {e}"))?;
+    match HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: service.to_owned(),
+        })
+        .await
+    {
+        Ok(reply) => Ok(ServingStatus::try_from(reply.into_inner().status)
+            .unwrap_or(ServingStatus::Unknown)
+            .as_str_name()
+            .to_owned()),
+        Err(status) if status.code() == tonic::Code::NotFound => Ok("SERVICE_UNKNOWN".into()),
+        Err(status) => Err(format!(
+            "{uri} answered {:?}: {}",
+            status.code(),
+            status.message()
+        )),
+    }
+}
+
+/// `verdict health [--addr ADDR] [--service NAME] [--json]`: exits 0 when
+/// the gateway says SERVING, [`EXIT_FOUND`] when it answers anything else,
+/// 1 when it cannot be reached.
+pub async fn health_command(
+    config: &Config,
+    addr: Option<&str>,
+    service: &str,
+    ca_cert: Option<&std::path::Path>,
+    timeout: std::time::Duration,
+    json: bool,
+) -> anyhow::Result<()> {
+    let uri = health_uri(&addr.map_or_else(|| config.listen.to_string(), str::to_owned));
+    let seen = ask_health(&uri, service, ca_cert, timeout).await;
+    let (status, error) = match &seen {
+        Ok(status) => (status.as_str(), None),
+        Err(e) => ("UNREACHABLE", Some(e.as_str())),
+    };
+    if json {
+        let out = serde_json::json!({
+            "addr": uri,
+            "service": service,
+            "status": status,
+            "error": error,
+        });
+        println!("{out}");
+    } else {
+        println!("{status}");
+    }
+    match seen {
+        Ok(s) if s == "SERVING" => Ok(()),
+        Ok(s) => Err(ExitStatus {
+            code: EXIT_FOUND,
+            message: format!("{uri} is {s}"),
+        }
+        .into()),
+        Err(e) => Err(ExitStatus {
+            code: 1,
+            message: e,
+        }
+        .into()),
+    }
 }

@@ -49,6 +49,59 @@ pub enum Command {
         #[arg(long, default_value = "default")]
         project: String,
     },
+    /// Row counts per table (one project's, or with `--all-projects` every
+    /// project's with the database size) and the session age range.
+    Stats {
+        /// The slug of the project to count.
+        #[arg(long, default_value = "default", conflicts_with = "all_projects")]
+        project: String,
+        /// Every project's rows (estimated unless `--exact`).
+        #[arg(long)]
+        all_projects: bool,
+        /// With `--all-projects`, count every table exactly.
+        #[arg(long)]
+        exact: bool,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Integrity checks of one project; exits with 2 when anything is found
+    /// (1 when the checks cannot run).
+    Check {
+        /// The slug of the project to check.
+        #[arg(long, default_value = "default")]
+        project: String,
+        /// A session PROCESSING for longer than this is stuck: e.g. 24h, 30m.
+        #[arg(long, default_value = "24h")]
+        stuck_after: String,
+        /// Repair what can be repaired (in one transaction); the exit code
+        /// still reports what was found.
+        #[arg(long)]
+        repair: bool,
+        /// Print one JSON object instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a running gateway's gRPC health endpoint; exits 0 when SERVING,
+    /// 2 when it answers anything else, 1 when it cannot be reached.
+    Health {
+        /// The gateway's address (`host:port`, `http://host:port` or
+        /// `https://host:port`); default: the listen address.
+        #[arg(long)]
+        addr: Option<String>,
+        /// The service to ask about; empty: the whole gateway.
+        #[arg(long, default_value = "")]
+        service: String,
+        /// PEM CA certificate to verify an `https://` gateway with.
+        #[arg(long)]
+        ca_cert: Option<PathBuf>,
+        /// How long to wait for the answer (e.g. 5s, 500ms).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        timeout: Duration,
+        /// Print one JSON object instead of the status.
+        #[arg(long)]
+        json: bool,
+    },
     /// Create, list and revoke API keys (applies pending migrations first).
     Keys {
         #[command(subcommand)]
@@ -471,6 +524,137 @@ pub struct Config {
     /// gRPC-Web with the key typed into the page).
     #[arg(long, env = "VERDICT_CONSOLE", global = true)]
     pub console: bool,
+
+    /// Default retention in days: Sessions (with everything of theirs: logs, results, discrepancies, executions, coverage) by creation time; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_SESSIONS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_sessions_days: i32,
+
+    /// Default retention in days: Test executions of no session and no run, by start time; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_EXECUTIONS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_executions_days: i32,
+
+    /// Default retention in days: Coverage reports of no session (with their files), by recorded time; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_COVERAGE_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_coverage_days: i32,
+
+    /// Default retention in days: Test runs (with their executions) by start time; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_TEST_RUNS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_test_runs_days: i32,
+
+    /// Default retention in days: Metric points by recorded time; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_METRIC_POINTS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_metric_points_days: i32,
+
+    /// Default retention in days: Validation rollups by period start; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_METRIC_ROLLUPS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_metric_rollups_days: i32,
+
+    /// Default retention in days: Ingest bookkeeping (batch ids, stream marks) by commit time: how long a retried batch or a resumed ingest is recognised; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_INGEST_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_ingest_days: i32,
+
+    /// Default retention in days: Discrepancy resolution history by change time (discrepancies keep their current resolution); 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_RESOLUTIONS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_resolutions_days: i32,
+
+    /// Default retention in days: Audit events by time, deleted only by the periodic job (never by Cleanup); keep them longest; 0 keeps them forever. A
+    /// project's own setting (ProjectService.UpdateProject) overrides it.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_AUDIT_EVENTS_DAYS",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(i32).range(0..=36_600),
+        global = true
+    )]
+    pub retention_audit_events_days: i32,
+
+    /// Most rows one retention batch (one short transaction) deletes.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_BATCH_SIZE",
+        default_value_t = 1_000,
+        value_parser = clap::value_parser!(i64).range(1..=100_000),
+        global = true
+    )]
+    pub retention_batch_size: i64,
+
+    /// How long a retention batch waits for a row lock before it gives up
+    /// and is tried again (e.g. `500ms`, `2s`).
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_LOCK_TIMEOUT",
+        default_value = "1s",
+        value_parser = parse_duration,
+        global = true
+    )]
+    pub retention_lock_timeout: Duration,
+
+    /// How often the retention job applies every project's retention (one
+    /// replica at a time, through an advisory lock), in seconds; 0 turns
+    /// it off.
+    #[arg(
+        long,
+        env = "VERDICT_RETENTION_INTERVAL_SECS",
+        default_value_t = 3_600,
+        global = true
+    )]
+    pub retention_interval_secs: u64,
 }
 
 /// A duration such as `500ms`, `45s`, `5m` or `2h` (a bare number is seconds).
@@ -581,6 +765,28 @@ impl Config {
         (files / 2).clamp(16, 1024)
     }
 
+    /// The retention settings (see [`crate::admin::retention`]).
+    pub fn retention(&self) -> crate::admin::retention::Settings {
+        crate::admin::retention::Settings {
+            // In `Kind::ALL` order.
+            defaults: [
+                self.retention_sessions_days,
+                self.retention_executions_days,
+                self.retention_coverage_days,
+                self.retention_test_runs_days,
+                self.retention_metric_points_days,
+                self.retention_metric_rollups_days,
+                self.retention_ingest_days,
+                self.retention_resolutions_days,
+                self.retention_audit_events_days,
+            ],
+            batch_size: self.retention_batch_size,
+            lock_timeout: self.retention_lock_timeout,
+            interval: (self.retention_interval_secs > 0)
+                .then(|| Duration::from_secs(self.retention_interval_secs)),
+        }
+    }
+
     /// Whether calls need an API key (see [`crate::auth::AuthMode::decide`]).
     pub fn auth_mode(&self) -> anyhow::Result<crate::auth::AuthMode> {
         crate::auth::AuthMode::decide(self.listen, self.require_auth, self.insecure_no_auth)
@@ -645,6 +851,30 @@ impl std::fmt::Debug for Config {
             .field("read_token_wait", &self.read_token_wait)
             .field("cors_origins", &self.cors_origins)
             .field("console", &self.console)
+            .field("retention_sessions_days", &self.retention_sessions_days)
+            .field("retention_executions_days", &self.retention_executions_days)
+            .field("retention_coverage_days", &self.retention_coverage_days)
+            .field("retention_test_runs_days", &self.retention_test_runs_days)
+            .field(
+                "retention_metric_points_days",
+                &self.retention_metric_points_days,
+            )
+            .field(
+                "retention_metric_rollups_days",
+                &self.retention_metric_rollups_days,
+            )
+            .field("retention_ingest_days", &self.retention_ingest_days)
+            .field(
+                "retention_resolutions_days",
+                &self.retention_resolutions_days,
+            )
+            .field(
+                "retention_audit_events_days",
+                &self.retention_audit_events_days,
+            )
+            .field("retention_batch_size", &self.retention_batch_size)
+            .field("retention_lock_timeout", &self.retention_lock_timeout)
+            .field("retention_interval_secs", &self.retention_interval_secs)
             .finish()
     }
 }

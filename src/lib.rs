@@ -65,8 +65,8 @@ use tokio::task::JoinSet;
 use tonic_health::server::HealthReporter;
 
 pub use cli::{
-    cleanup_command, create_key, export_command, keys_command, list_keys, migrate_command,
-    revoke_key,
+    EXIT_FOUND, ExitStatus, check_command, cleanup_command, create_key, export_command,
+    health_command, keys_command, list_keys, migrate_command, revoke_key, stats_command,
 };
 
 /// A gateway ready to run: database chosen (and started, on the embedded
@@ -236,6 +236,7 @@ impl Application {
             ingest: crate::ingest::Limits::from_config(&self.config),
             watches: watches.clone(),
             max_message_bytes: self.config.max_message_bytes,
+            retention: self.config.retention(),
         };
         self.auth.log(self.config.listen);
 
@@ -262,6 +263,7 @@ impl Application {
                 hub,
                 probe_interval: self.config.health_probe_interval(),
                 rollup_interval: self.config.rollup_interval(),
+                retention: self.config.retention(),
             },
             fatal_tx,
         ));
@@ -392,6 +394,8 @@ struct Background {
     hub: Hub,
     probe_interval: Duration,
     rollup_interval: Option<Duration>,
+    /// The retention job's settings (off when it has no interval).
+    retention: admin::retention::Settings,
 }
 
 /// Connects (retrying with capped backoff while the database is not there
@@ -409,6 +413,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
         hub,
         probe_interval,
         rollup_interval,
+        retention,
     } = background;
     let mut delay = Duration::from_millis(100);
     let mut attempt = 0u32;
@@ -470,6 +475,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
             metrics::rollups::run_periodically(db.clone(), every).await
         }
     };
+    let retention_job = admin::retention::run_periodically(pg.clone(), db.clone(), retention);
     tokio::join!(
         db.clone().maintain(),
         health.probe(db.clone(), pg.clone(), probe_interval),
@@ -483,6 +489,7 @@ async fn bootstrap(background: Background, fatal: oneshot::Sender<anyhow::Error>
         },
         hub.listen(pg),
         rollups,
+        retention_job,
         async {
             if let Some(replicas) = replicas {
                 replicas.run(db.clone()).await

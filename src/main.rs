@@ -68,6 +68,35 @@ fn main() -> ExitCode {
                 project,
             } => verdict::export_command(&cli.config, &session_id, &project).await,
             Command::Keys { action } => verdict::keys_command(&cli.config, action).await,
+            Command::Stats {
+                project,
+                all_projects,
+                exact,
+                json,
+            } => verdict::stats_command(&cli.config, &project, all_projects, exact, json).await,
+            Command::Check {
+                project,
+                stuck_after,
+                repair,
+                json,
+            } => verdict::check_command(&cli.config, &project, &stuck_after, repair, json).await,
+            Command::Health {
+                addr,
+                service,
+                ca_cert,
+                timeout,
+                json,
+            } => {
+                verdict::health_command(
+                    &cli.config,
+                    addr.as_deref(),
+                    &service,
+                    ca_cert.as_deref(),
+                    timeout,
+                    json,
+                )
+                .await
+            }
         };
         // Flushing the exporters blocks: off the runtime's threads, so that
         // the exporters' own tasks still run (on a current-thread runtime
@@ -80,6 +109,13 @@ fn main() -> ExitCode {
     });
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
+        // A command that ran and says "not all good" (integrity findings,
+        // a gateway not SERVING): its own exit code.
+        Err(e) if e.downcast_ref::<verdict::ExitStatus>().is_some() => {
+            let status = e.downcast_ref::<verdict::ExitStatus>().expect("checked");
+            eprintln!("verdict: {status}");
+            ExitCode::from(status.code)
+        }
         Err(e) => {
             eprintln!("verdict: {e:#}");
             ExitCode::FAILURE

@@ -108,6 +108,18 @@ pub struct Report {
     pub batches: i64,
 }
 
+impl Report {
+    /// Adds rows deleted per table (a table already listed adds up).
+    pub fn merge(&mut self, more: &[(&'static str, i64)]) {
+        for (table, n) in more {
+            match self.deleted.iter_mut().find(|(t, _)| t == table) {
+                Some((_, total)) => *total += n,
+                None => self.deleted.push((table, *n)),
+            }
+        }
+    }
+}
+
 /// Counts what a cleanup of `project` at `cutoff` would delete.
 pub async fn dry_run(
     c: &impl GenericClient,

@@ -9,6 +9,7 @@
 pub mod cleanup;
 pub mod export;
 pub mod integrity;
+pub mod retention;
 mod service;
 pub mod sql;
 pub mod stats;

@@ -1,6 +1,6 @@
 //! AdminService handlers.
 
-use super::{ListAuditEvents, cleanup, export, integrity, sql, stats};
+use super::{ListAuditEvents, cleanup, export, integrity, retention, sql, stats};
 use crate::audit::{self, Outcome};
 use crate::call::Call;
 use crate::convert::{opt_timestamp, timestamp};
@@ -113,13 +113,30 @@ impl AdminService for AdminApi {
             (None, None) => unreachable!("validated above"),
         };
         let mut conn = self.state.db.conn(&call).await?;
+        // The other kinds (not the audit trail) by the project's retention,
+        // in batches of at most `batch` rows.
+        let settings = retention::Settings {
+            batch_size: batch,
+            ..self.state.retention
+        };
+        let overrides =
+            crate::projects::sql::retention_of(conn.client().await?, call.project()?).await?;
+        let now = Utc::now();
         let report = if req.dry_run {
-            let report = cleanup::dry_run(conn.client().await?, call.project()?, cutoff).await?;
+            let c = conn.client().await?;
+            let mut report = cleanup::dry_run(c, call.project()?, cutoff).await?;
+            let more = retention::dry_run(c, &settings, call.project()?, &overrides, now).await?;
+            report.merge(&more.deleted);
             drop(conn);
             self.audit_read(&call, &[]).await?;
             report
         } else {
-            cleanup::run(&mut conn, &call, cutoff, batch).await?
+            let mut report = cleanup::run(&mut conn, &call, cutoff, batch).await?;
+            let more = retention::apply(&mut conn, &call, &settings, &overrides, now, false, false)
+                .await?;
+            report.merge(&more.deleted);
+            report.batches += more.batches;
+            report
         };
         Ok(Response::new(proto::CleanupResponse {
             deleted: counts(

@@ -3,6 +3,7 @@
 
 use super::sql::{self, ProjectRow};
 use super::{DEFAULT_SLUG, Directory, not_allowed, valid_slug};
+use crate::admin::retention::{self, Days};
 use crate::audit::{self, Outcome};
 use crate::call::Call;
 use crate::convert::timestamp;
@@ -32,17 +33,64 @@ impl ProjectApi {
     }
 }
 
-impl From<ProjectRow> for proto::Project {
-    fn from(p: ProjectRow) -> Self {
-        proto::Project {
-            id: p.id.to_string(),
-            slug: p.slug,
-            display_name: p.display_name,
-            description: p.description,
-            created_at: Some(timestamp(p.created_at)),
-            updated_at: Some(timestamp(p.updated_at)),
-            version: p.version,
+/// Retention days in `Kind::ALL` order as the proto message.
+fn retention_message(d: &Days) -> proto::Retention {
+    proto::Retention {
+        sessions_days: d[0],
+        executions_days: d[1],
+        coverage_days: d[2],
+        test_runs_days: d[3],
+        metric_points_days: d[4],
+        metric_rollups_days: d[5],
+        ingest_days: d[6],
+        resolutions_days: d[7],
+        audit_events_days: d[8],
+    }
+}
+
+/// The proto message as retention days in `Kind::ALL` order, each checked
+/// to be within 0 and [`retention::MAX_DAYS`].
+fn retention_days(v: &mut Validator, r: &proto::Retention) -> Days {
+    let fields = [
+        ("sessions_days", r.sessions_days),
+        ("executions_days", r.executions_days),
+        ("coverage_days", r.coverage_days),
+        ("test_runs_days", r.test_runs_days),
+        ("metric_points_days", r.metric_points_days),
+        ("metric_rollups_days", r.metric_rollups_days),
+        ("ingest_days", r.ingest_days),
+        ("resolutions_days", r.resolutions_days),
+        ("audit_events_days", r.audit_events_days),
+    ];
+    let mut days: Days = [None; 9];
+    for (i, (name, value)) in fields.into_iter().enumerate() {
+        if let Some(n) = value
+            && !(0..=retention::MAX_DAYS).contains(&n)
+        {
+            v.violation(
+                format!("retention.{name}"),
+                "must be between 0 (keep forever) and 36600 days",
+            );
         }
+        days[i] = value;
+    }
+    days
+}
+
+/// The project as a caller sees it, with its retention in force under
+/// `settings`.
+fn project_message(p: ProjectRow, settings: &retention::Settings) -> proto::Project {
+    let effective = settings.effective_days(&p.retention).map(Some);
+    proto::Project {
+        id: p.id.to_string(),
+        slug: p.slug,
+        display_name: p.display_name,
+        description: p.description,
+        created_at: Some(timestamp(p.created_at)),
+        updated_at: Some(timestamp(p.updated_at)),
+        version: p.version,
+        retention: Some(retention_message(&p.retention)),
+        effective_retention: Some(retention_message(&effective)),
     }
 }
 
@@ -120,7 +168,7 @@ impl ProjectService for ProjectApi {
         };
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::CreateProjectResponse {
-            project: Some(project.into()),
+            project: Some(project_message(project, &self.state.retention)),
             created,
         }))
     }
@@ -153,7 +201,7 @@ impl ProjectService for ProjectApi {
         };
         let project = visible(&call, &name, found)?;
         Ok(Response::new(proto::GetProjectResponse {
-            project: Some(project.into()),
+            project: Some(project_message(project, &self.state.retention)),
         }))
     }
 
@@ -182,7 +230,7 @@ impl ProjectService for ProjectApi {
             self.state.max_message_bytes,
             &fingerprint,
             |last| last.slug.clone(),
-            Into::into,
+            |p| project_message(p, &self.state.retention),
         )?;
         Ok(Response::new(proto::ListProjectsResponse {
             projects,
@@ -203,6 +251,7 @@ impl ProjectService for ProjectApi {
         if let Some(description) = &req.description {
             v.optional_message("description", description, MAX_DESCRIPTION);
         }
+        let retention = req.retention.as_ref().map(|r| retention_days(&mut v, r));
         let expected = v.expected_version("expected_version", req.expected_version);
         v.finish()?;
         let mut conn = self.state.db.conn(&call).await?;
@@ -218,12 +267,13 @@ impl ProjectService for ProjectApi {
             current.id,
             req.display_name.as_deref(),
             req.description.as_deref(),
+            retention.as_ref(),
         )
         .await?;
         audit::record(&tx, &call, &[current.id.to_string()], Outcome::Updated).await?;
         tx.commit().await.map_err(Error::from)?;
         Ok(Response::new(proto::UpdateProjectResponse {
-            project: Some(updated.into()),
+            project: Some(project_message(updated, &self.state.retention)),
         }))
     }
 

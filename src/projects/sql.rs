@@ -29,12 +29,38 @@ pub struct ProjectRow {
     pub created_at: chrono::DateTime<chrono::Utc>,
     pub updated_at: chrono::DateTime<chrono::Utc>,
     pub version: i64,
+    /// Retention overrides in days, in `admin::retention::Kind::ALL` order
+    /// (`None` inherits the gateway's default, 0 keeps forever).
+    pub retention: crate::admin::retention::Days,
+}
+
+/// The retention columns, in `admin::retention::Kind::ALL` order.
+macro_rules! retention_columns {
+    () => {
+        "retention_sessions_days, retention_executions_days, retention_coverage_days, \
+         retention_test_runs_days, retention_metric_points_days, retention_metric_rollups_days, \
+         retention_ingest_days, retention_resolutions_days, retention_audit_events_days"
+    };
 }
 
 macro_rules! columns {
     () => {
-        "id, slug, display_name, description, created_at, updated_at, version"
+        concat!(
+            "id, slug, display_name, description, created_at, updated_at, version, ",
+            retention_columns!()
+        )
     };
+}
+
+fn retention_from(
+    row: &tokio_postgres::Row,
+    first: usize,
+) -> Result<crate::admin::retention::Days> {
+    let mut days: crate::admin::retention::Days = [None; 9];
+    for (i, d) in days.iter_mut().enumerate() {
+        *d = row.try_get(first + i)?;
+    }
+    Ok(days)
 }
 
 fn from_row(row: &tokio_postgres::Row) -> Result<ProjectRow> {
@@ -46,6 +72,7 @@ fn from_row(row: &tokio_postgres::Row) -> Result<ProjectRow> {
         created_at: row.try_get(4)?,
         updated_at: row.try_get(5)?,
         version: row.try_get(6)?,
+        retention: retention_from(row, 7)?,
     })
 }
 
@@ -94,12 +121,26 @@ const LIST: Stmt = Stmt::new(
     ),
 );
 
+// $4: whether to replace the retention overrides with $5..$13 (in
+// `admin::retention::Kind::ALL` order; NULL inherits).
 const UPDATE: Stmt = Stmt::new(
     "UPDATE",
     "projects",
     concat!(
         "UPDATE projects SET display_name = COALESCE($2, display_name), \
            description = COALESCE($3, description), \
+           retention_sessions_days = CASE WHEN $4 THEN $5 ELSE retention_sessions_days END, \
+           retention_executions_days = CASE WHEN $4 THEN $6 ELSE retention_executions_days END, \
+           retention_coverage_days = CASE WHEN $4 THEN $7 ELSE retention_coverage_days END, \
+           retention_test_runs_days = CASE WHEN $4 THEN $8 ELSE retention_test_runs_days END, \
+           retention_metric_points_days = \
+               CASE WHEN $4 THEN $9 ELSE retention_metric_points_days END, \
+           retention_metric_rollups_days = \
+               CASE WHEN $4 THEN $10 ELSE retention_metric_rollups_days END, \
+           retention_ingest_days = CASE WHEN $4 THEN $11 ELSE retention_ingest_days END, \
+           retention_resolutions_days = CASE WHEN $4 THEN $12 ELSE retention_resolutions_days END, \
+           retention_audit_events_days = \
+               CASE WHEN $4 THEN $13 ELSE retention_audit_events_days END, \
            updated_at = now(), version = version + 1 \
          WHERE id = $1 RETURNING ",
         columns!()
@@ -117,6 +158,26 @@ const HOLDINGS: Stmt = Stmt::new(
             EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1) \
          OR EXISTS (SELECT 1 FROM metric_points WHERE project_id = $1) \
          OR EXISTS (SELECT 1 FROM test_executions WHERE project_id = $1)",
+);
+
+const RETENTION_OF_ALL: Stmt = Stmt::new(
+    "SELECT",
+    "projects",
+    concat!(
+        "SELECT id, ",
+        retention_columns!(),
+        " FROM projects ORDER BY id"
+    ),
+);
+
+const RETENTION_OF: Stmt = Stmt::new(
+    "SELECT",
+    "projects",
+    concat!(
+        "SELECT id, ",
+        retention_columns!(),
+        " FROM projects WHERE id = $1"
+    ),
 );
 
 const DELETE: Stmt = Stmt::new("DELETE", "projects", "DELETE FROM projects WHERE id = $1");
@@ -180,16 +241,37 @@ pub async fn list(
         .collect()
 }
 
-/// Sets the fields given.
+/// Sets the fields given; `retention`, when given, replaces every
+/// retention override.
 pub async fn update(
     c: &impl GenericClient,
     id: Uuid,
     display_name: Option<&str>,
     description: Option<&str>,
+    retention: Option<&crate::admin::retention::Days>,
 ) -> Result<ProjectRow> {
+    let replace = retention.is_some();
+    let d = retention.copied().unwrap_or([None; 9]);
     from_row(
         &UPDATE
-            .query_one(c, &[&id, &display_name, &description])
+            .query_one(
+                c,
+                &[
+                    &id,
+                    &display_name,
+                    &description,
+                    &replace,
+                    &d[0],
+                    &d[1],
+                    &d[2],
+                    &d[3],
+                    &d[4],
+                    &d[5],
+                    &d[6],
+                    &d[7],
+                    &d[8],
+                ],
+            )
             .await?,
     )
 }
@@ -210,4 +292,28 @@ pub async fn holdings(c: &impl GenericClient, id: Uuid) -> Result<(i64, i64, boo
 pub async fn delete(c: &impl GenericClient, id: Uuid) -> Result<()> {
     DELETE.execute(c, &[&id]).await?;
     Ok(())
+}
+
+/// Every project's id with its retention overrides, by id.
+pub async fn retention_of_all(
+    c: &impl GenericClient,
+) -> Result<Vec<(Uuid, crate::admin::retention::Days)>> {
+    RETENTION_OF_ALL
+        .query(c, &[])
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get(0)?, retention_from(r, 1)?)))
+        .collect()
+}
+
+/// The retention overrides of the project `id` (all `None` when there is
+/// no such project).
+pub async fn retention_of(
+    c: &impl GenericClient,
+    id: Uuid,
+) -> Result<crate::admin::retention::Days> {
+    match RETENTION_OF.query_opt(c, &[&id]).await? {
+        Some(row) => retention_from(&row, 1),
+        None => Ok([None; 9]),
+    }
 }

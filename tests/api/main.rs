@@ -31,6 +31,7 @@ mod projects_sessions;
 mod projects_test_cases;
 mod results;
 mod search;
+mod retention;
 mod sequences;
 mod sessions;
 mod statistics;

@@ -266,6 +266,7 @@ async fn projects_are_read_listed_and_updated_with_versions() {
             display_name: Some("Renamed".into()),
             description: None,
             expected_version: Some(1),
+            retention: None,
         })
         .await
         .unwrap()
@@ -283,6 +284,7 @@ async fn projects_are_read_listed_and_updated_with_versions() {
             display_name: Some("Again".into()),
             description: None,
             expected_version: Some(1),
+            retention: None,
         })
         .await
         .unwrap_err();

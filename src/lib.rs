@@ -30,6 +30,7 @@ pub mod state;
 pub mod telemetry;
 pub mod test_cases;
 pub mod test_runs;
+pub mod totals;
 pub mod tls;
 pub mod validate;
 pub mod wire;
@@ -233,6 +234,7 @@ impl Application {
             ingest: crate::ingest::Limits::from_config(&self.config),
             watches: watches.clone(),
             max_message_bytes: self.config.max_message_bytes,
+            count_exact_below: self.config.count_exact_below,
         };
         self.auth.log(self.config.listen);
 

@@ -27,4 +27,6 @@ pub struct AppState {
     /// Largest message the gateway sends or accepts (`max_message_bytes`):
     /// list pages and export chunks stop before a reply grows past it.
     pub max_message_bytes: usize,
+    /// `VERDICT_COUNT_EXACT_BELOW`: see [`crate::totals`].
+    pub count_exact_below: i64,
 }

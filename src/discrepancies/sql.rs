@@ -243,6 +243,45 @@ const LIST: Stmt = Stmt::new(
     ),
 );
 
+/// The total of ListDiscrepancies: LIST's filters, without paging.
+const COUNT: crate::totals::Counter = crate::counter!(
+    "discrepancies",
+    "discrepancies \
+     WHERE project_id = $1 \
+       AND ($2::uuid IS NULL OR session_id = $2) \
+       AND ($3::uuid IS NULL OR result_id = $3) \
+       AND ($4::int2[] IS NULL OR severity = ANY($4)) \
+       AND ($5::text IS NULL OR kind = $5) \
+       AND ($6::text[] IS NULL OR resolution = ANY($6)) \
+       AND ($7::text IS NULL OR fingerprint = $7) \
+       AND ($8::float8 IS NULL OR confidence >= $8)"
+);
+
+/// How many discrepancies of `project` pass `f`, counted as `mode` asks.
+pub async fn count(
+    c: &impl GenericClient,
+    project_id: Uuid,
+    f: &super::DiscrepancyFilter,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let severities: Option<Vec<i16>> =
+        (!f.severities.is_empty()).then(|| f.severities.iter().map(|s| s.rank()).collect());
+    let resolutions: Option<Vec<&str>> =
+        (!f.resolutions.is_empty()).then(|| f.resolutions.iter().map(|r| r.as_str()).collect());
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &project_id,
+        &f.session_id,
+        &f.result_id,
+        &severities,
+        &f.kind,
+        &resolutions,
+        &f.fingerprint,
+        &f.min_confidence,
+    ];
+    crate::totals::count(c, &COUNT, params, mode, exact_below).await
+}
+
 /// One page, most severe first, plus one extra row when more follow.
 pub async fn list(
     c: &impl GenericClient,
@@ -451,6 +490,25 @@ const HISTORY: Stmt = Stmt::new(
      WHERE project_id = $5 AND session_id = $1 AND discrepancy_id = $2 AND id > $3 \
      ORDER BY id LIMIT $4",
 );
+
+/// The total of ListResolutionHistory: every change of one discrepancy.
+const COUNT_HISTORY: crate::totals::Counter = crate::counter!(
+    "discrepancy_resolutions",
+    "discrepancy_resolutions \
+     WHERE project_id = $1 AND session_id = $2 AND discrepancy_id = $3"
+);
+
+/// How many resolution changes discrepancy `d` has, counted as `mode` asks.
+pub async fn count_history(
+    c: &impl GenericClient,
+    project_id: Uuid,
+    d: &Discrepancy,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project_id, &d.session_id, &d.id];
+    crate::totals::count(c, &COUNT_HISTORY, params, mode, exact_below).await
+}
 
 /// Resolution changes of a discrepancy after `after_id`, oldest first.
 pub async fn history(

@@ -160,6 +160,7 @@ impl MetricsService for MetricsApi {
         let (from, to) = v.time_range("range", req.range.as_ref());
         let page_size = v.page_size("page_size", req.page_size);
         v.finish()?;
+        let count = crate::totals::requested(req.count)?;
         let fingerprint = pagination::fingerprint("rollups", &(period, from, to));
         let after: Option<DateTime<Utc>> =
             pagination::decode("page_token", &req.page_token, &fingerprint)?;
@@ -190,9 +191,22 @@ impl MetricsService for MetricsApi {
             },
             |rollup| rollup,
         )?;
+        let (total, total_mode) = sql::count_rollups(
+            conn.client().await?,
+            project,
+            period,
+            from,
+            to,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
         Ok(Response::new(proto::ListRollupsResponse {
             rollups,
             next_page_token,
+            total,
+            total_mode,
         }))
     }
 

@@ -12,6 +12,7 @@ use crate::pagination;
 use crate::proto::{self, session_service_server::SessionService};
 use crate::rpc::{self, RpcResult};
 use crate::state::AppState;
+use crate::totals;
 use tonic::{Request, Response};
 use uuid::Uuid;
 
@@ -163,6 +164,7 @@ impl SessionService for SessionApi {
     ) -> RpcResult<proto::ListSessionsResponse> {
         let (call, req) = rpc::split(request);
         let project = call.project()?;
+        let count = totals::requested(req.count)?;
         let query = ListSessions::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
@@ -175,9 +177,20 @@ impl SessionService for SessionApi {
             sql::session_key,
             Into::into,
         )?;
+        let (total, total_mode) = sql::count(
+            conn.client().await?,
+            project,
+            &query.filter,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
         Ok(Response::new(proto::ListSessionsResponse {
             sessions,
             next_page_token,
+            total,
+            total_mode,
         }))
     }
 
@@ -257,6 +270,7 @@ impl SessionService for SessionApi {
     ) -> RpcResult<proto::ListSessionLogsResponse> {
         let (call, req) = rpc::split(request);
         let project = call.project()?;
+        let count = totals::requested(req.count)?;
         let query = ListLogs::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
@@ -272,9 +286,15 @@ impl SessionService for SessionApi {
             |last| last.seq,
             Into::into,
         )?;
+        let (total, total_mode) =
+            sql::count_logs(c, project, &query, count, self.state.count_exact_below)
+                .await?
+                .wire();
         Ok(Response::new(proto::ListSessionLogsResponse {
             entries,
             next_page_token,
+            total,
+            total_mode,
         }))
     }
 

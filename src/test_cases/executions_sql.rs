@@ -366,6 +366,45 @@ const LIST_BASIC: Stmt = Stmt::new(
     ),
 );
 
+/// The total of ListExecutions: LIST's filters, without paging (no join:
+/// every execution has its test case).
+const COUNT: crate::totals::Counter = crate::counter!(
+    "test_executions",
+    "test_executions e \
+     WHERE e.project_id = $1 \
+       AND ($2::uuid IS NULL OR e.test_case_id = $2) \
+       AND ($3::uuid IS NULL OR e.session_id = $3) \
+       AND ($4::text[] IS NULL OR e.status = ANY($4)) \
+       AND ($5::timestamptz IS NULL OR e.started_at >= $5) \
+       AND ($6::timestamptz IS NULL OR e.started_at < $6) \
+       AND ($7::uuid IS NULL OR e.run_id = $7)"
+);
+
+/// How many executions of `project` pass `q`'s filters (`test_case_id`
+/// resolved), counted as `mode` asks.
+pub async fn count(
+    c: &impl GenericClient,
+    project: Uuid,
+    q: &ListExecutions,
+    test_case_id: Option<Uuid>,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let f = &q.filter;
+    let statuses: Option<Vec<&str>> =
+        (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &project,
+        &test_case_id,
+        &f.session_id,
+        &statuses,
+        &f.started_from,
+        &f.started_to,
+        &f.run_id,
+    ];
+    crate::totals::count(c, &COUNT, params, mode, exact_below).await
+}
+
 /// One page of the executions of `project`, newest first, plus one extra
 /// row when more follow; in the FULL view at most about `max_bytes` of them
 /// (see LIST). `test_case_id` is the resolved test case filter.

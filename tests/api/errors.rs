@@ -290,6 +290,7 @@ async fn messages_over_the_limit_either_way_are_resource_exhausted() {
         min_level: 0,
         page_size: 50,
         page_token: token,
+        ..Default::default()
     };
     let mut token = String::new();
     let mut pages = 0;

@@ -632,6 +632,7 @@ async fn session_logs_page_oldest_first_and_filter_by_level() {
                 min_level: 0,
                 page_size: 10,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -653,6 +654,7 @@ async fn session_logs_page_oldest_first_and_filter_by_level() {
             min_level: LogLevel::Warning as i32,
             page_size: 100,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

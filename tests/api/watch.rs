@@ -229,6 +229,7 @@ async fn all_logs(client: &mut Client, id: &str) -> Vec<SessionLogEntry> {
                 min_level: 0,
                 page_size: 1000,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -142,6 +142,7 @@ impl SessionService for SessionApi {
     ) -> RpcResult<proto::GetSessionResponse> {
         let (call, req) = rpc::split(request);
         let project = call.project()?;
+        let include_summary = req.include_summary;
         let lookup = SessionLookup::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
@@ -153,8 +154,14 @@ impl SessionService for SessionApi {
                 .await?
                 .ok_or_else(|| Error::NotFound(format!("no session has request_id {rid:?}")))?,
         };
+        let summary = if include_summary {
+            Some(super::summary::of(c, project, session.id).await?)
+        } else {
+            None
+        };
         Ok(Response::new(proto::GetSessionResponse {
             session: Some(session.into()),
+            summary,
         }))
     }
 

@@ -30,8 +30,8 @@ pub mod state;
 pub mod telemetry;
 pub mod test_cases;
 pub mod test_runs;
-pub mod totals;
 pub mod tls;
+pub mod totals;
 pub mod validate;
 pub mod wire;
 

@@ -311,6 +311,24 @@ impl DiscrepancyService for DiscrepancyApi {
         }))
     }
 
+    async fn get_discrepancy(
+        &self,
+        request: Request<proto::GetDiscrepancyRequest>,
+    ) -> RpcResult<proto::GetDiscrepancyResponse> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let id = v.uuid("id", &req.id);
+        v.finish()?;
+        let project = call.project()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let d = sql::get(conn.client().await?, project, id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        Ok(Response::new(proto::GetDiscrepancyResponse {
+            discrepancy: Some(d.into()),
+        }))
+    }
+
     async fn summarize_discrepancies(
         &self,
         request: Request<proto::SummarizeDiscrepanciesRequest>,

@@ -237,6 +237,7 @@ const LIST: Stmt = Stmt::new(
            AND ($5::text[] IS NULL OR resolution = ANY($5)) \
            AND ($6::text IS NULL OR fingerprint = $6) \
            AND ($7::float8 IS NULL OR confidence >= $7) \
+           AND ($13::uuid[] IS NULL OR id = ANY($13)) \
            AND ($8::int2 IS NULL OR severity > $8 \
                 OR (severity = $8 AND (created_at, id) < ($9, $10))) \
          ORDER BY severity, created_at DESC, id DESC LIMIT $11"
@@ -254,7 +255,8 @@ const COUNT: crate::totals::Counter = crate::counter!(
        AND ($5::text IS NULL OR kind = $5) \
        AND ($6::text[] IS NULL OR resolution = ANY($6)) \
        AND ($7::text IS NULL OR fingerprint = $7) \
-       AND ($8::float8 IS NULL OR confidence >= $8)"
+       AND ($8::float8 IS NULL OR confidence >= $8) \
+       AND ($9::uuid[] IS NULL OR id = ANY($9))"
 );
 
 /// How many discrepancies of `project` pass `f`, counted as `mode` asks.
@@ -269,6 +271,7 @@ pub async fn count(
         (!f.severities.is_empty()).then(|| f.severities.iter().map(|s| s.rank()).collect());
     let resolutions: Option<Vec<&str>> =
         (!f.resolutions.is_empty()).then(|| f.resolutions.iter().map(|r| r.as_str()).collect());
+    let ids = (!f.ids.is_empty()).then_some(&f.ids);
     let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
         &project_id,
         &f.session_id,
@@ -278,6 +281,7 @@ pub async fn count(
         &resolutions,
         &f.fingerprint,
         &f.min_confidence,
+        &ids,
     ];
     crate::totals::count(c, &COUNT, params, mode, exact_below).await
 }
@@ -298,6 +302,7 @@ pub async fn list(
         None => (None, None),
     };
     let (after_at, after_id) = crate::pagination::time_key(after_time)?;
+    let ids = (!f.ids.is_empty()).then_some(&f.ids);
     LIST.query(
         c,
         &[
@@ -313,6 +318,7 @@ pub async fn list(
             &after_id,
             &(q.page_size + 1),
             &project_id,
+            &ids,
         ],
     )
     .await?
@@ -506,7 +512,8 @@ pub async fn count_history(
     mode: crate::totals::Mode,
     exact_below: i64,
 ) -> Result<crate::totals::Total> {
-    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project_id, &d.session_id, &d.id];
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+        &[&project_id, &d.session_id, &d.id];
     crate::totals::count(c, &COUNT_HISTORY, params, mode, exact_below).await
 }
 

@@ -210,6 +210,42 @@ impl MetricsService for MetricsApi {
         }))
     }
 
+    async fn list_metric_points(
+        &self,
+        request: Request<proto::ListMetricPointsRequest>,
+    ) -> RpcResult<proto::ListMetricPointsResponse> {
+        let (call, req) = rpc::split(request);
+        let project = call.project()?;
+        let count = crate::totals::requested(req.count)?;
+        let query = super::readback::ListPoints::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let rows = super::readback::list(c, project, &query).await?;
+        let (points, next_page_token) = pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            |last| last.key,
+            |row| row.point,
+        )?;
+        let (total, total_mode) = super::readback::count(
+            c,
+            project,
+            &query.filter,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
+        Ok(Response::new(proto::ListMetricPointsResponse {
+            points,
+            next_page_token,
+            total,
+            total_mode,
+        }))
+    }
+
     async fn get_technology_usage(
         &self,
         request: Request<proto::GetTechnologyUsageRequest>,

@@ -510,8 +510,7 @@ pub async fn count_logs(
     exact_below: i64,
 ) -> Result<crate::totals::Total> {
     let levels = levels_from(q.min_level);
-    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
-        &[&project, &q.session_id, &levels];
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &q.session_id, &levels];
     crate::totals::count(c, &COUNT_LOGS, params, mode, exact_below).await
 }
 

@@ -366,6 +366,28 @@ const LIST_BASIC: Stmt = Stmt::new(
     ),
 );
 
+/// One execution of project `$1` by id `$2`, every field.
+const BY_ID: Stmt = Stmt::new(
+    "SELECT",
+    "test_executions",
+    "SELECT e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.run_id, e.attempt, \
+            e.status, e.started_at, e.duration_ms, e.environment, e.error_message, \
+            e.stack_trace, e.screenshot_refs, e.interaction_log, e.performance, e.created_at \
+     FROM test_executions e \
+     JOIN test_cases t ON t.project_id = e.project_id AND t.id = e.test_case_id \
+     WHERE e.project_id = $1 AND e.id = $2",
+);
+
+/// Execution `id` of `project`, if it has one.
+pub async fn get(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<Option<Execution>> {
+    BY_ID
+        .query_opt(c, &[&project, &id])
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
 /// The total of ListExecutions: LIST's filters, without paging (no join:
 /// every execution has its test case).
 const COUNT: crate::totals::Counter = crate::counter!(

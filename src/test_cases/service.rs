@@ -460,6 +460,24 @@ impl TestCaseService for TestCaseApi {
         }))
     }
 
+    async fn get_execution(
+        &self,
+        request: Request<proto::GetExecutionRequest>,
+    ) -> RpcResult<proto::GetExecutionResponse> {
+        let (call, req) = rpc::split(request);
+        let project = call.project()?;
+        let mut v = crate::validate::Validator::new();
+        let id = v.uuid("id", &req.id);
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let execution = executions_sql::get(conn.client().await?, project, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("execution {id} not found")))?;
+        Ok(Response::new(proto::GetExecutionResponse {
+            execution: Some(execution.into()),
+        }))
+    }
+
     async fn get_test_statistics(
         &self,
         request: Request<proto::GetTestStatisticsRequest>,

@@ -193,7 +193,13 @@ pub async fn count(
 ) -> Result<crate::totals::Total> {
     let types: Option<Vec<&str>> =
         (!f.test_types.is_empty()).then(|| f.test_types.iter().map(|t| t.as_str()).collect());
-    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &types, &f.target_subsystem, &f.tag, &f.name_prefix];
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &project,
+        &types,
+        &f.target_subsystem,
+        &f.tag,
+        &f.name_prefix,
+    ];
     crate::totals::count(c, &COUNT, params, mode, exact_below).await
 }
 

@@ -309,7 +309,10 @@ async fn get_session_answers_not_found_and_invalid_argument() {
         .unwrap_err();
     assert_eq!(violated_fields(&bad), ["id"]);
     let none = client
-        .get_session(GetSessionRequest { lookup: None, ..Default::default() })
+        .get_session(GetSessionRequest {
+            lookup: None,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&none), ["lookup"]);

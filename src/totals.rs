@@ -38,14 +38,14 @@ pub enum Mode {
 /// INVALID_ARGUMENT with a violation of `count`.
 pub fn requested(raw: i32) -> Result<Mode> {
     match proto::CountMode::try_from(raw) {
-        Ok(proto::CountMode::None) => Ok(Mode::None),
+        Ok(proto::CountMode::Unspecified) => Ok(Mode::None),
         Ok(proto::CountMode::Exact) => Ok(Mode::Exact),
         Ok(proto::CountMode::Estimated) => Ok(Mode::Estimated),
         Err(_) => {
             let mut v = crate::validate::Validator::new();
             v.violation(
                 "count",
-                "must be COUNT_MODE_NONE (0), COUNT_MODE_EXACT (1) or COUNT_MODE_ESTIMATED (2)",
+                "must be COUNT_MODE_UNSPECIFIED (0, no total), COUNT_MODE_EXACT (1) or COUNT_MODE_ESTIMATED (2)",
             );
             v.finish()?;
             Err(Error::Internal("a refused count mode passed".into()))
@@ -96,7 +96,7 @@ impl Total {
     /// The reply's `total` and `total_mode` fields.
     pub fn wire(self) -> (i64, i32) {
         let mode = match self.mode {
-            Mode::None => proto::CountMode::None,
+            Mode::None => proto::CountMode::Unspecified,
             Mode::Exact => proto::CountMode::Exact,
             Mode::Estimated => proto::CountMode::Estimated,
         };

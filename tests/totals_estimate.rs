@@ -33,7 +33,8 @@ async fn estimated_totals_of_a_million_rows_are_within_the_documented_bound() {
     // One point a second; a quarter of them labelled prod; a second
     // metric of 1,000 points the count must leave out.
     sql.batch_execute(&format!(
-        "INSERT INTO metric_points (project_id, name, value, unit, labels, recorded_at) \
+        "SET statement_timeout = 0; \
+         INSERT INTO metric_points (project_id, name, value, unit, labels, recorded_at) \
          SELECT (SELECT id FROM projects WHERE slug = 'default'), \
                 CASE WHEN n <= {ROWS} THEN 'load' ELSE 'other' END, n, 'ms', \
                 CASE WHEN n % 4 = 0 THEN '{{\"env\":\"prod\"}}'::jsonb \
@@ -84,8 +85,15 @@ async fn estimated_totals_of_a_million_rows_are_within_the_documented_bound() {
         .await
         .unwrap()
         .into_inner();
-    eprintln!("unfiltered: exact {} in {:?}", exact.total, started.elapsed());
-    assert_eq!((exact.total, exact.total_mode), (ROWS, CountMode::Exact as i32));
+    eprintln!(
+        "unfiltered: exact {} in {:?}",
+        exact.total,
+        started.elapsed()
+    );
+    assert_eq!(
+        (exact.total, exact.total_mode),
+        (ROWS, CountMode::Exact as i32)
+    );
 
     // A range of 300,000 seconds (bound parameters the planner sees):
     // within 2x, and EXACT is exact.

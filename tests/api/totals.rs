@@ -200,7 +200,7 @@ async fn exact_totals_equal_direct_sql_counts_with_the_same_filters_whatever_the
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((r.total, r.total_mode), (0, CountMode::None as i32));
+    assert_eq!((r.total, r.total_mode), (0, CountMode::Unspecified as i32));
 
     // ListSessionLogs by level.
     let r = sessions

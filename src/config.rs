@@ -216,6 +216,17 @@ pub struct Config {
     #[arg(long, env = "VERDICT_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024, global = true)]
     pub max_message_bytes: usize,
 
+    /// A list asked for an ESTIMATED total counts exactly instead when the
+    /// planner estimates fewer rows than this (a small count is cheap and
+    /// an estimate of a small table is least reliable); 0: never.
+    #[arg(
+        long,
+        env = "VERDICT_COUNT_EXACT_BELOW",
+        default_value_t = 10_000,
+        global = true
+    )]
+    pub count_exact_below: i64,
+
     /// How long in-flight calls may run after SIGTERM/SIGINT before the
     /// server closes anyway, in milliseconds.
     #[arg(
@@ -809,6 +820,7 @@ impl std::fmt::Debug for Config {
             .field("pool_max_waiting", &self.pool_max_waiting)
             .field("max_statement_timeout_ms", &self.max_statement_timeout_ms)
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("count_exact_below", &self.count_exact_below)
             .field("shutdown_grace_ms", &self.shutdown_grace_ms)
             .field("health_probe_interval_ms", &self.health_probe_interval_ms)
             .field("rollup_interval_secs", &self.rollup_interval_secs)

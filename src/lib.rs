@@ -34,6 +34,7 @@ pub mod telemetry;
 pub mod test_cases;
 pub mod test_runs;
 pub mod tls;
+pub mod totals;
 pub mod validate;
 pub mod wire;
 
@@ -237,6 +238,7 @@ impl Application {
             watches: watches.clone(),
             max_message_bytes: self.config.max_message_bytes,
             retention: self.config.retention(),
+            count_exact_below: self.config.count_exact_below,
         };
         self.auth.log(self.config.listen);
 

@@ -274,9 +274,14 @@ pub async fn fetch_view<R>(
     })
 }
 
+/// Bytes of a list reply's `total` (int64, field 30: two-byte tag and at
+/// most ten bytes of varint) and `total_mode` (enum, field 31: two-byte tag
+/// and one byte), see [`crate::totals`].
+pub const TOTALS_RESERVE: usize = (2 + 10) + (2 + 1);
+
 /// Bytes of a list reply kept free for its `next_page_token` field (tag,
-/// length and a token of at most [`MAX_TOKEN_LEN`] bytes).
-pub const TOKEN_RESERVE: usize = 1 + 2 + MAX_TOKEN_LEN;
+/// length and a token of at most [`MAX_TOKEN_LEN`] bytes) and its totals.
+pub const TOKEN_RESERVE: usize = 1 + 2 + MAX_TOKEN_LEN + TOTALS_RESERVE;
 
 /// Bytes one item adds to a list reply: every list reply is
 /// `{ repeated Item items = 1; string next_page_token = 2; }`, so an item
@@ -349,7 +354,7 @@ where
     } else {
         item_cost(token.len())
     };
-    if used + token_cost > reply_limit {
+    if used + token_cost + TOTALS_RESERVE > reply_limit {
         return Err(Error::ResourceExhausted(
             Reason::MessageTooLarge,
             format!(
@@ -476,8 +481,8 @@ mod tests {
         let (got, after) = run(&[limit - 500, 10], 50, limit);
         assert_eq!(got.unwrap().0.len(), 1);
         assert_eq!(after, Some(0));
-        // Alone and last, it may use the reserve too.
-        let (got, _) = run(&[limit - 10], 50, limit);
+        // Alone and last, it may use the token's reserve too.
+        let (got, _) = run(&[limit - 10 - TOTALS_RESERVE], 50, limit);
         assert_eq!(got.unwrap().0.len(), 1);
         // Too large for any reply: a clear error, never a skipped row.
         let (got, _) = run(&[limit + 1, 10], 50, limit);

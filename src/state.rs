@@ -29,4 +29,6 @@ pub struct AppState {
     pub max_message_bytes: usize,
     /// Retention defaults and batch bounds (Cleanup, the retention job).
     pub retention: crate::admin::retention::Settings,
+    /// `VERDICT_COUNT_EXACT_BELOW`: see [`crate::totals`].
+    pub count_exact_below: i64,
 }

@@ -300,6 +300,7 @@ async fn get(app: &TestApp, id: &str, deadline: Duration) -> (Result<(), tonic::
         .get_session(with_deadline(
             GetSessionRequest {
                 lookup: Some(Lookup::Id(id.into())),
+                ..Default::default()
             },
             deadline,
         ))
@@ -505,6 +506,7 @@ async fn a_mixed_soak_keeps_memory_flat_and_errors_expected() {
                 sessions
                     .get_session(GetSessionRequest {
                         lookup: Some(Lookup::Id(s.id.clone())),
+                        ..Default::default()
                     })
                     .await
                     .unwrap();

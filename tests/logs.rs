@@ -125,6 +125,7 @@ async fn a_json_log_line_of_a_failed_call_carries_the_trace_and_span_ids_the_col
         .await
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::RequestId("no-such-session".into())),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -172,6 +173,7 @@ async fn text_logs_to_a_file_carry_no_colour_codes() {
         .await
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::RequestId("no-such-session".into())),
+            ..Default::default()
         })
         .await
         .unwrap_err();

@@ -39,6 +39,7 @@ async fn postgres_with(max_connections: u32) -> EmbeddedPostgres {
 fn lookup() -> GetSessionRequest {
     GetSessionRequest {
         lookup: Some(Lookup::Id(uuid::Uuid::new_v4().to_string())),
+        ..Default::default()
     }
 }
 
@@ -273,6 +274,7 @@ async fn pooled_connections_whose_backends_were_terminated_are_replaced_without_
             client
                 .get_session(GetSessionRequest {
                     lookup: Some(Lookup::Id(id)),
+                    ..Default::default()
                 })
                 .await
         });

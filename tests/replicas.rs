@@ -97,6 +97,7 @@ fn session(request_id: &str) -> CreateSessionRequest {
 fn get(id: &str, token: Option<&str>) -> tonic::Request<GetSessionRequest> {
     let mut r = tonic::Request::new(GetSessionRequest {
         lookup: Some(Lookup::Id(id.into())),
+        ..Default::default()
     });
     if let Some(token) = token {
         r.metadata_mut()

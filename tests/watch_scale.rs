@@ -171,6 +171,7 @@ async fn measure_get_session(
         match client
             .get_session(GetSessionRequest {
                 lookup: Some(Lookup::Id(id.clone())),
+                ..Default::default()
             })
             .await
         {

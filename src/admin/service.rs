@@ -222,6 +222,7 @@ impl AdminService for AdminApi {
         request: Request<proto::ListAuditEventsRequest>,
     ) -> RpcResult<proto::ListAuditEventsResponse> {
         let (call, req) = rpc::split(request);
+        let count = crate::totals::requested(req.count)?;
         let query = ListAuditEvents::try_from(req)?;
         let project = if query.all_projects {
             super::cross_project(&call)?;
@@ -234,6 +235,8 @@ impl AdminService for AdminApi {
         // read so a page never shows the call that fetched it.
         let tx = conn.begin().await?;
         let rows = sql::list_audit(&tx, project, &query).await?;
+        let total =
+            sql::count_audit(&tx, project, &query, count, self.state.count_exact_below).await?;
         audit::record(&tx, &call, &[], Outcome::Read).await?;
         tx.commit().await.map_err(Error::from)?;
         let (events, next_page_token) = pagination::page(
@@ -244,9 +247,12 @@ impl AdminService for AdminApi {
             |last| last.id,
             Into::into,
         )?;
+        let (total, total_mode) = total.wire();
         Ok(Response::new(proto::ListAuditEventsResponse {
             events,
             next_page_token,
+            total,
+            total_mode,
         }))
     }
 

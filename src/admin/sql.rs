@@ -53,6 +53,51 @@ pub async fn session_in_project(c: &impl GenericClient, project: Uuid, id: Uuid)
         .try_get(0)?)
 }
 
+/// The total of ListAuditEvents in one project: LIST_AUDIT's filters,
+/// without paging.
+const COUNT_AUDIT: crate::totals::Counter = crate::counter!(
+    "audit_events",
+    "audit_events \
+     WHERE project_id = $6 \
+       AND ($1::text IS NULL OR key_id = $1) \
+       AND ($2::text IS NULL OR rpc = $2) \
+       AND ($3::text IS NULL OR target_ids @> ARRAY[$3::text]) \
+       AND ($4::timestamptz IS NULL OR at >= $4) \
+       AND ($5::timestamptz IS NULL OR at < $5)"
+);
+
+/// The total of ListAuditEvents over every project (LIST_AUDIT_ALL's
+/// filters, without paging).
+const COUNT_AUDIT_ALL: crate::totals::Counter = crate::counter!(
+    "audit_events",
+    "audit_events \
+     WHERE ($1::text IS NULL OR key_id = $1) \
+       AND ($2::text IS NULL OR rpc = $2) \
+       AND ($3::text IS NULL OR target_ids @> ARRAY[$3::text]) \
+       AND ($4::timestamptz IS NULL OR at >= $4) \
+       AND ($5::timestamptz IS NULL OR at < $5)"
+);
+
+/// How many events of `project` (of every project with `None`) pass `q`'s
+/// filters, counted as `mode` asks.
+pub async fn count_audit(
+    c: &impl GenericClient,
+    project: Option<Uuid>,
+    q: &ListAuditEvents,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let filters: [&(dyn ToSql + Sync); 5] = [&q.key_id, &q.rpc, &q.target_id, &q.from, &q.to];
+    match project {
+        Some(project) => {
+            let mut params = filters.to_vec();
+            params.push(&project);
+            crate::totals::count(c, &COUNT_AUDIT, &params, mode, exact_below).await
+        }
+        None => crate::totals::count(c, &COUNT_AUDIT_ALL, &filters, mode, exact_below).await,
+    }
+}
+
 /// One page of events (plus one, to tell whether another page follows) of
 /// `project`, or of every project with `None`.
 pub async fn list_audit(

@@ -38,6 +38,7 @@ pub const TABLE: &[(&str, Scope)] = &[
         "/verdict.v1.DiscrepancyService/SummarizeDiscrepancies",
         Read,
     ),
+    ("/verdict.v1.DiscrepancyService/GetDiscrepancy", Read),
     // TestCaseService
     ("/verdict.v1.TestCaseService/CreateTestCase", Write),
     ("/verdict.v1.TestCaseService/GetTestCase", Read),
@@ -49,17 +50,22 @@ pub const TABLE: &[(&str, Scope)] = &[
     ("/verdict.v1.TestCaseService/GetIngestStatus", Read),
     ("/verdict.v1.TestCaseService/ListExecutions", Read),
     ("/verdict.v1.TestCaseService/GetTestStatistics", Read),
+    ("/verdict.v1.TestCaseService/GetExecution", Read),
     // CoverageService
     ("/verdict.v1.CoverageService/RecordCoverage", Write),
     ("/verdict.v1.CoverageService/GetAggregateCoverage", Read),
     ("/verdict.v1.CoverageService/GetCoverageTrend", Read),
     ("/verdict.v1.CoverageService/CompareCoverage", Read),
+    ("/verdict.v1.CoverageService/GetCoverageReport", Read),
+    ("/verdict.v1.CoverageService/ListCoverageFiles", Read),
+    ("/verdict.v1.CoverageService/ListCoverageReports", Read),
     // MetricsService
     ("/verdict.v1.MetricsService/RecordMetricPoints", Write),
     ("/verdict.v1.MetricsService/QueryTimeSeries", Read),
     ("/verdict.v1.MetricsService/ComputeRollups", Admin),
     ("/verdict.v1.MetricsService/ListRollups", Read),
     ("/verdict.v1.MetricsService/GetTechnologyUsage", Read),
+    ("/verdict.v1.MetricsService/ListMetricPoints", Read),
     // AdminService: all of it is admin.
     ("/verdict.v1.AdminService/ListAuditEvents", Admin),
     ("/verdict.v1.AdminService/GetStats", Admin),

@@ -401,6 +401,7 @@ async fn main() -> anyhow::Result<()> {
                     client
                         .get_session(GetSessionRequest {
                             lookup: Some(Lookup::Id(id)),
+                            ..Default::default()
                         })
                         .await
                         .expect("get session");

@@ -3,7 +3,9 @@
 
 mod queries;
 mod service;
+#[macro_use]
 pub mod sql;
+pub mod readback;
 
 pub use queries::{AggregateQuery, CompareQuery, TrendQuery};
 

@@ -1,5 +1,6 @@
 //! CoverageService handlers.
 
+use super::readback;
 use super::sql::{self, Change};
 use super::{AggregateQuery, CompareQuery, Counters, NewReport, Report, TrendQuery, percent_delta};
 use crate::audit::{self, Outcome};
@@ -101,8 +102,101 @@ fn no_report(role: &str, commit: &str, subsystem: &str) -> Error {
     )
 }
 
+/// A report the call's project does not have.
+fn report_not_found(id: Uuid) -> Error {
+    Error::NotFound(format!("coverage report {id} not found"))
+}
+
 #[tonic::async_trait]
 impl CoverageService for CoverageApi {
+    async fn get_coverage_report(
+        &self,
+        request: Request<proto::GetCoverageReportRequest>,
+    ) -> RpcResult<proto::GetCoverageReportResponse> {
+        let (call, req) = rpc::split(request);
+        let project = call.project()?;
+        let mut v = crate::validate::Validator::new();
+        let id = v.uuid("id", &req.id);
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let report = readback::get(conn.client().await?, project, id)
+            .await?
+            .ok_or_else(|| report_not_found(id))?;
+        Ok(Response::new(proto::GetCoverageReportResponse {
+            report: Some(report.into()),
+        }))
+    }
+
+    async fn list_coverage_files(
+        &self,
+        request: Request<proto::ListCoverageFilesRequest>,
+    ) -> RpcResult<proto::ListCoverageFilesResponse> {
+        let (call, req) = rpc::split(request);
+        let project = call.project()?;
+        let count = crate::totals::requested(req.count)?;
+        let query = readback::ListFiles::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let rows = readback::list_files(c, project, &query).await?;
+        if rows.is_empty() && readback::get(c, project, query.report_id).await?.is_none() {
+            return Err(report_not_found(query.report_id).into());
+        }
+        let (files, next_page_token) = crate::pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            |last| last.path.clone(),
+            |file| file,
+        )?;
+        let (total, total_mode) =
+            readback::count_files(c, project, &query, count, self.state.count_exact_below)
+                .await?
+                .wire();
+        Ok(Response::new(proto::ListCoverageFilesResponse {
+            files,
+            next_page_token,
+            total,
+            total_mode,
+        }))
+    }
+
+    async fn list_coverage_reports(
+        &self,
+        request: Request<proto::ListCoverageReportsRequest>,
+    ) -> RpcResult<proto::ListCoverageReportsResponse> {
+        let (call, req) = rpc::split(request);
+        let project = call.project()?;
+        let count = crate::totals::requested(req.count)?;
+        let query = readback::ListReports::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let rows = readback::list_reports(c, project, &query).await?;
+        let (reports, next_page_token) = crate::pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            readback::report_key,
+            Into::into,
+        )?;
+        let (total, total_mode) = readback::count_reports(
+            c,
+            project,
+            &query.filter,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
+        Ok(Response::new(proto::ListCoverageReportsResponse {
+            reports,
+            next_page_token,
+            total,
+            total_mode,
+        }))
+    }
+
     async fn record_coverage(
         &self,
         request: Request<proto::RecordCoverageRequest>,

@@ -20,7 +20,7 @@ macro_rules! report_columns {
 }
 
 /// Counters from six consecutive bigint columns starting at `at`.
-fn counters_at(row: &Row, at: usize) -> Result<Counters> {
+pub(super) fn counters_at(row: &Row, at: usize) -> Result<Counters> {
     Ok(Counters {
         lines_covered: row.try_get(at)?,
         lines_total: row.try_get(at + 1)?,
@@ -40,7 +40,7 @@ fn optional_counters_at(row: &Row, at: usize) -> Result<Option<Counters>> {
     counters_at(row, at).map(Some)
 }
 
-fn from_row(row: &Row) -> Result<Report> {
+pub(super) fn from_row(row: &Row) -> Result<Report> {
     Ok(Report {
         id: row.try_get("id")?,
         commit_sha: row.try_get("commit_sha")?,

@@ -72,6 +72,12 @@ pub const READ_RPCS: &[&str] = &[
     "/verdict.v1.TestRunService/CompareTestRuns",
     "/verdict.v1.FailureService/ListFailureSignatures",
     "/verdict.v1.FailureService/ListTriageHistory",
+    "/verdict.v1.TestCaseService/GetExecution",
+    "/verdict.v1.DiscrepancyService/GetDiscrepancy",
+    "/verdict.v1.CoverageService/GetCoverageReport",
+    "/verdict.v1.CoverageService/ListCoverageFiles",
+    "/verdict.v1.CoverageService/ListCoverageReports",
+    "/verdict.v1.MetricsService/ListMetricPoints",
 ];
 
 /// A WAL position: a byte offset in the write-ahead log.

@@ -191,6 +191,11 @@ pub struct DiscrepancyFilter {
     /// when unset (tokens from before stay valid).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub query: Option<String>,
+    /// Only these ids (sorted, distinct; empty: any). Left out of the
+    /// fingerprint when empty, so tokens issued before the filter existed
+    /// stay valid.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ids: Vec<Uuid>,
 }
 
 /// Keyset position in list order: (severity rank, created_at microseconds, id).
@@ -226,6 +231,7 @@ impl TryFrom<proto::ListDiscrepanciesRequest> for ListDiscrepancies {
                 .min_confidence
                 .map(|c| v.unit_interval("min_confidence", c)),
             query: crate::search::validate(&mut v, "query", &r.query),
+            ids: id_set(&mut v, "ids", &r.ids),
         };
         let page_size = v.page_size("page_size", r.page_size);
         v.finish()?;
@@ -238,6 +244,25 @@ impl TryFrom<proto::ListDiscrepanciesRequest> for ListDiscrepancies {
             fingerprint,
         })
     }
+}
+
+/// Most ids a ListDiscrepancies `ids` filter takes (a page's worth).
+pub const MAX_IDS: usize = 1000;
+
+/// The distinct, sorted UUIDs of `field`: at most [`MAX_IDS`], each valid.
+fn id_set(v: &mut Validator, field: &str, raw: &[String]) -> Vec<Uuid> {
+    if raw.len() > MAX_IDS {
+        v.violation(field, format!("at most {MAX_IDS} ids, not {}", raw.len()));
+        return Vec::new();
+    }
+    let mut ids: Vec<Uuid> = raw
+        .iter()
+        .enumerate()
+        .map(|(i, id)| v.uuid(&format!("{field}[{i}]"), id))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
 }
 
 /// A validated ResolveDiscrepancy call.

@@ -203,6 +203,7 @@ impl DiscrepancyService for DiscrepancyApi {
         request: Request<proto::ListDiscrepanciesRequest>,
     ) -> RpcResult<proto::ListDiscrepanciesResponse> {
         let (call, req) = rpc::split(request);
+        let count = crate::totals::requested(req.count)?;
         let query = ListDiscrepancies::try_from(req)?;
         let project = call.project()?;
         let mut conn = self.state.db.conn(&call).await?;
@@ -215,9 +216,20 @@ impl DiscrepancyService for DiscrepancyApi {
             sql::key,
             Into::into,
         )?;
+        let (total, total_mode) = sql::count(
+            conn.client().await?,
+            project,
+            &query.filter,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
         Ok(Response::new(proto::ListDiscrepanciesResponse {
             discrepancies,
             next_page_token,
+            total,
+            total_mode,
         }))
     }
 
@@ -268,6 +280,7 @@ impl DiscrepancyService for DiscrepancyApi {
         let id = v.uuid("id", &req.id);
         let page_size = v.page_size("page_size", req.page_size);
         v.finish()?;
+        let count = crate::totals::requested(req.count)?;
         let fingerprint = pagination::fingerprint("discrepancy_resolutions", &id);
         let after: i64 =
             pagination::decode("page_token", &req.page_token, &fingerprint)?.unwrap_or(0);
@@ -286,9 +299,33 @@ impl DiscrepancyService for DiscrepancyApi {
             |last| last.id,
             Into::into,
         )?;
+        let (total, total_mode) =
+            sql::count_history(c, project, &d, count, self.state.count_exact_below)
+                .await?
+                .wire();
         Ok(Response::new(proto::ListResolutionHistoryResponse {
             changes,
             next_page_token,
+            total,
+            total_mode,
+        }))
+    }
+
+    async fn get_discrepancy(
+        &self,
+        request: Request<proto::GetDiscrepancyRequest>,
+    ) -> RpcResult<proto::GetDiscrepancyResponse> {
+        let (call, req) = rpc::split(request);
+        let mut v = Validator::new();
+        let id = v.uuid("id", &req.id);
+        v.finish()?;
+        let project = call.project()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let d = sql::get(conn.client().await?, project, id)
+            .await?
+            .ok_or_else(|| not_found(id))?;
+        Ok(Response::new(proto::GetDiscrepancyResponse {
+            discrepancy: Some(d.into()),
         }))
     }
 

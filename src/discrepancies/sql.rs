@@ -237,6 +237,7 @@ macro_rules! list_sql {
                AND ($5::text[] IS NULL OR resolution = ANY($5)) \
                AND ($6::text IS NULL OR fingerprint = $6) \
                AND ($7::float8 IS NULL OR confidence >= $7) \
+               AND ($13::uuid[] IS NULL OR id = ANY($13)) \
                AND ($8::int2 IS NULL OR severity > $8 \
                     OR (severity = $8 AND (created_at, id) < ($9, $10)))",
             $extra,
@@ -247,14 +248,58 @@ macro_rules! list_sql {
 
 const LIST: Stmt = Stmt::new("SELECT", "discrepancies", list_sql!(""));
 
-/// ListDiscrepancies with a full-text `query` (`$13`) over descriptions: a
+/// ListDiscrepancies with a full-text `query` (`$14`) over descriptions: a
 /// statement of its own, so the plan of the list without one stays what it
 /// was.
 const LIST_SEARCH: Stmt = Stmt::new(
     "SELECT",
     "discrepancies",
-    list_sql!(" AND search_vector @@ websearch_to_tsquery('simple', $13)"),
+    list_sql!(" AND search_vector @@ websearch_to_tsquery('simple', $14)"),
 );
+
+/// The total of ListDiscrepancies: LIST's filters, without paging.
+const COUNT: crate::totals::Counter = crate::counter!(
+    "discrepancies",
+    "discrepancies \
+     WHERE project_id = $1 \
+       AND ($2::uuid IS NULL OR session_id = $2) \
+       AND ($3::uuid IS NULL OR result_id = $3) \
+       AND ($4::int2[] IS NULL OR severity = ANY($4)) \
+       AND ($5::text IS NULL OR kind = $5) \
+       AND ($6::text[] IS NULL OR resolution = ANY($6)) \
+       AND ($7::text IS NULL OR fingerprint = $7) \
+       AND ($8::float8 IS NULL OR confidence >= $8) \
+       AND ($9::uuid[] IS NULL OR id = ANY($9)) \
+       AND ($10::text IS NULL OR search_vector @@ websearch_to_tsquery('simple', $10))"
+);
+
+/// How many discrepancies of `project` pass `f`, counted as `mode` asks.
+pub async fn count(
+    c: &impl GenericClient,
+    project_id: Uuid,
+    f: &super::DiscrepancyFilter,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let severities: Option<Vec<i16>> =
+        (!f.severities.is_empty()).then(|| f.severities.iter().map(|s| s.rank()).collect());
+    let resolutions: Option<Vec<&str>> =
+        (!f.resolutions.is_empty()).then(|| f.resolutions.iter().map(|r| r.as_str()).collect());
+    let ids = (!f.ids.is_empty()).then_some(&f.ids);
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &project_id,
+        &f.session_id,
+        &f.result_id,
+        &severities,
+        &f.kind,
+        &resolutions,
+        &f.fingerprint,
+        &f.min_confidence,
+        &ids,
+        &f.query,
+    ];
+    crate::totals::count(c, &COUNT, params, mode, exact_below).await
+}
 
 /// One page, most severe first, plus one extra row when more follow.
 pub async fn list(
@@ -273,6 +318,7 @@ pub async fn list(
     };
     let (after_at, after_id) = crate::pagination::time_key(after_time)?;
     let limit = q.page_size + 1;
+    let ids = (!f.ids.is_empty()).then_some(&f.ids);
     let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
         &f.session_id,
         &f.result_id,
@@ -286,6 +332,7 @@ pub async fn list(
         &after_id,
         &limit,
         &project_id,
+        &ids,
     ];
     let rows = match &f.query {
         None => LIST.query(c, &params).await?,
@@ -466,6 +513,26 @@ const HISTORY: Stmt = Stmt::new(
      WHERE project_id = $5 AND session_id = $1 AND discrepancy_id = $2 AND id > $3 \
      ORDER BY id LIMIT $4",
 );
+
+/// The total of ListResolutionHistory: every change of one discrepancy.
+const COUNT_HISTORY: crate::totals::Counter = crate::counter!(
+    "discrepancy_resolutions",
+    "discrepancy_resolutions \
+     WHERE project_id = $1 AND session_id = $2 AND discrepancy_id = $3"
+);
+
+/// How many resolution changes discrepancy `d` has, counted as `mode` asks.
+pub async fn count_history(
+    c: &impl GenericClient,
+    project_id: Uuid,
+    d: &Discrepancy,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+        &[&project_id, &d.session_id, &d.id];
+    crate::totals::count(c, &COUNT_HISTORY, params, mode, exact_below).await
+}
 
 /// Resolution changes of a discrepancy after `after_id`, oldest first.
 pub async fn history(

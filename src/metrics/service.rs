@@ -160,6 +160,7 @@ impl MetricsService for MetricsApi {
         let (from, to) = v.time_range("range", req.range.as_ref());
         let page_size = v.page_size("page_size", req.page_size);
         v.finish()?;
+        let count = crate::totals::requested(req.count)?;
         let fingerprint = pagination::fingerprint("rollups", &(period, from, to));
         let after: Option<DateTime<Utc>> =
             pagination::decode("page_token", &req.page_token, &fingerprint)?;
@@ -190,9 +191,58 @@ impl MetricsService for MetricsApi {
             },
             |rollup| rollup,
         )?;
+        let (total, total_mode) = sql::count_rollups(
+            conn.client().await?,
+            project,
+            period,
+            from,
+            to,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
         Ok(Response::new(proto::ListRollupsResponse {
             rollups,
             next_page_token,
+            total,
+            total_mode,
+        }))
+    }
+
+    async fn list_metric_points(
+        &self,
+        request: Request<proto::ListMetricPointsRequest>,
+    ) -> RpcResult<proto::ListMetricPointsResponse> {
+        let (call, req) = rpc::split(request);
+        let project = call.project()?;
+        let count = crate::totals::requested(req.count)?;
+        let query = super::readback::ListPoints::try_from(req)?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let rows = super::readback::list(c, project, &query).await?;
+        let (points, next_page_token) = pagination::page(
+            rows,
+            query.page_size,
+            self.state.max_message_bytes,
+            &query.fingerprint,
+            |last| last.key,
+            |row| row.point,
+        )?;
+        let (total, total_mode) = super::readback::count(
+            c,
+            project,
+            &query.filter,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
+        Ok(Response::new(proto::ListMetricPointsResponse {
+            points,
+            next_page_token,
+            total,
+            total_mode,
         }))
     }
 

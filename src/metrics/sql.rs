@@ -253,6 +253,30 @@ const LIST_ROLLUPS: Stmt = Stmt::new(
      ORDER BY period_start LIMIT $5",
 );
 
+/// The total of ListRollups: LIST_ROLLUPS's filters, without paging.
+const COUNT_ROLLUPS: crate::totals::Counter = crate::counter!(
+    "metric_rollups",
+    "metric_rollups \
+     WHERE project_id = $1 AND period = $2 \
+       AND ($3::timestamptz IS NULL OR period_start >= $3) \
+       AND ($4::timestamptz IS NULL OR period_start < $4)"
+);
+
+/// How many of `project`'s rollups of `period` start within the range.
+pub async fn count_rollups(
+    c: &impl GenericClient,
+    project: Uuid,
+    period: RollupPeriod,
+    from: Option<DateTime<Utc>>,
+    to: Option<DateTime<Utc>>,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+        &[&project, &period.as_str(), &from, &to];
+    crate::totals::count(c, &COUNT_ROLLUPS, params, mode, exact_below).await
+}
+
 /// A page of `project`'s rollups, oldest first, plus one extra row when
 /// more follow.
 pub async fn list_rollups(

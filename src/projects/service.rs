@@ -213,6 +213,7 @@ impl ProjectService for ProjectApi {
         let mut v = Validator::new();
         let page_size = v.page_size("page_size", req.page_size);
         v.finish()?;
+        let count = crate::totals::requested(req.count)?;
         let fingerprint = pagination::fingerprint("projects", &NoFilter);
         let after: Option<String> =
             pagination::decode("page_token", &req.page_token, &fingerprint)?;
@@ -232,9 +233,19 @@ impl ProjectService for ProjectApi {
             |last| last.slug.clone(),
             |p| project_message(p, &self.state.retention),
         )?;
+        let (total, total_mode) = sql::count(
+            conn.client().await?,
+            call.bound_project(),
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
         Ok(Response::new(proto::ListProjectsResponse {
             projects,
             next_page_token,
+            total,
+            total_mode,
         }))
     }
 

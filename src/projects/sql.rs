@@ -227,6 +227,20 @@ pub async fn lock(c: &impl GenericClient, slug: &str) -> Result<Option<ProjectRo
         .transpose()
 }
 
+/// The total of ListProjects: every project, or (a bound key) only `$1`.
+const COUNT: crate::totals::Counter =
+    crate::counter!("projects", "projects WHERE ($1::uuid IS NULL OR id = $1)");
+
+/// How many projects a caller bound to `only` (None: any) sees.
+pub async fn count(
+    c: &impl GenericClient,
+    only: Option<Uuid>,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    crate::totals::count(c, &COUNT, &[&only], mode, exact_below).await
+}
+
 /// Up to `limit` projects after `after` by slug, all or only `only`.
 pub async fn list(
     c: &impl GenericClient,

@@ -152,6 +152,7 @@ impl ResultService for ResultApi {
     ) -> RpcResult<proto::ListResultsResponse> {
         let (call, req) = rpc::split(request);
         let project = call.project()?;
+        let count = crate::totals::requested(req.count)?;
         let query = ListResults::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
@@ -164,9 +165,20 @@ impl ResultService for ResultApi {
             sql::key,
             Into::into,
         )?;
+        let (total, total_mode) = sql::count(
+            conn.client().await?,
+            project,
+            &query.filter,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
         Ok(Response::new(proto::ListResultsResponse {
             results,
             next_page_token,
+            total,
+            total_mode,
         }))
     }
 }

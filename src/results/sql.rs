@@ -195,6 +195,45 @@ const LIST_BASIC: Stmt = Stmt::new(
     ),
 );
 
+/// The total of ListResults: LIST's filters (`$1`…`$8`), without paging.
+const COUNT: crate::totals::Counter = crate::counter!(
+    "results",
+    "results \
+     WHERE project_id = $1 \
+       AND ($2::uuid IS NULL OR session_id = $2) \
+       AND ($3::text[] IS NULL OR result_type = ANY($3)) \
+       AND ($4::text[] IS NULL OR overall_status = ANY($4)) \
+       AND ($5::float8 IS NULL OR fidelity_score >= $5) \
+       AND ($6::float8 IS NULL OR fidelity_score <= $6) \
+       AND ($7::timestamptz IS NULL OR created_at >= $7) \
+       AND ($8::timestamptz IS NULL OR created_at < $8)"
+);
+
+/// How many results of `project` pass `f`, counted as `mode` asks.
+pub async fn count(
+    c: &impl GenericClient,
+    project: Uuid,
+    f: &super::ResultFilter,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let types: Option<Vec<&str>> =
+        (!f.result_types.is_empty()).then(|| f.result_types.iter().map(|t| t.as_str()).collect());
+    let statuses: Option<Vec<&str>> = (!f.overall_statuses.is_empty())
+        .then(|| f.overall_statuses.iter().map(|t| t.as_str()).collect());
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &project,
+        &f.session_id,
+        &types,
+        &statuses,
+        &f.min_fidelity,
+        &f.max_fidelity,
+        &f.created_from,
+        &f.created_to,
+    ];
+    crate::totals::count(c, &COUNT, params, mode, exact_below).await
+}
+
 /// One page of the results of `project`, newest first, plus one extra row
 /// when more follow; in the FULL view at most about `max_bytes` of them (see
 /// LIST).

@@ -4,6 +4,7 @@
 mod feed;
 mod service;
 pub mod sql;
+mod summary;
 mod watch;
 
 pub use feed::Watches;

@@ -12,6 +12,7 @@ use crate::pagination;
 use crate::proto::{self, session_service_server::SessionService};
 use crate::rpc::{self, RpcResult};
 use crate::state::AppState;
+use crate::totals;
 use tonic::{Request, Response};
 use uuid::Uuid;
 
@@ -143,6 +144,7 @@ impl SessionService for SessionApi {
     ) -> RpcResult<proto::GetSessionResponse> {
         let (call, req) = rpc::split(request);
         let project = call.project()?;
+        let include_summary = req.include_summary;
         let lookup = SessionLookup::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
@@ -154,8 +156,14 @@ impl SessionService for SessionApi {
                 .await?
                 .ok_or_else(|| Error::NotFound(format!("no session has request_id {rid:?}")))?,
         };
+        let summary = if include_summary {
+            Some(super::summary::of(c, project, session.id).await?)
+        } else {
+            None
+        };
         Ok(Response::new(proto::GetSessionResponse {
             session: Some(session.into()),
+            summary,
         }))
     }
 
@@ -165,6 +173,7 @@ impl SessionService for SessionApi {
     ) -> RpcResult<proto::ListSessionsResponse> {
         let (call, req) = rpc::split(request);
         let project = call.project()?;
+        let count = totals::requested(req.count)?;
         let query = ListSessions::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
@@ -177,9 +186,20 @@ impl SessionService for SessionApi {
             sql::session_key,
             Into::into,
         )?;
+        let (total, total_mode) = sql::count(
+            conn.client().await?,
+            project,
+            &query.filter,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
         Ok(Response::new(proto::ListSessionsResponse {
             sessions,
             next_page_token,
+            total,
+            total_mode,
         }))
     }
 
@@ -259,6 +279,7 @@ impl SessionService for SessionApi {
     ) -> RpcResult<proto::ListSessionLogsResponse> {
         let (call, req) = rpc::split(request);
         let project = call.project()?;
+        let count = totals::requested(req.count)?;
         let query = ListLogs::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
@@ -274,9 +295,15 @@ impl SessionService for SessionApi {
             |last| last.seq,
             Into::into,
         )?;
+        let (total, total_mode) =
+            sql::count_logs(c, project, &query, count, self.state.count_exact_below)
+                .await?
+                .wire();
         Ok(Response::new(proto::ListSessionLogsResponse {
             entries,
             next_page_token,
+            total,
+            total_mode,
         }))
     }
 

@@ -305,6 +305,46 @@ pub async fn list(
     crate::pagination::fetch_view(c, q.view, &LIST, &LIST_BASIC, params, session_from_row).await
 }
 
+/// The total of ListSessions: LIST's filters (`$1`…`$7`), without paging.
+pub const COUNT: crate::totals::Counter = crate::counter!(
+    "sessions",
+    "sessions \
+     WHERE project_id = $1 \
+       AND ($2::text[] IS NULL OR status = ANY($2)) \
+       AND ($3::text IS NULL OR source_technology = $3) \
+       AND ($4::text IS NULL OR target_technology = $4) \
+       AND ($5::text IS NULL OR validation_scope = $5) \
+       AND ($6::timestamptz IS NULL OR created_at >= $6) \
+       AND ($7::timestamptz IS NULL OR created_at < $7) \
+       AND ($8::jsonb IS NULL OR labels @> $8) \
+       AND ($9::text[] IS NULL OR labels ?& $9)"
+);
+
+/// How many sessions of `project` pass `f`, counted as `mode` asks.
+pub async fn count(
+    c: &impl GenericClient,
+    project: Uuid,
+    f: &super::SessionFilter,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let statuses: Option<Vec<&str>> =
+        (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
+    let (labels, label_keys) = f.labels.params();
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &project,
+        &statuses,
+        &f.source_technology,
+        &f.target_technology,
+        &f.validation_scope,
+        &f.created_from,
+        &f.created_to,
+        &labels,
+        &label_keys,
+    ];
+    crate::totals::count(c, &COUNT, params, mode, exact_below).await
+}
+
 const SET_STATUS: Stmt = Stmt::new(
     "UPDATE",
     "sessions",
@@ -477,6 +517,36 @@ pub async fn list_logs(
         }
     };
     rows.iter().map(log_from_row).collect()
+}
+
+/// The total of ListSessionLogs: LIST_LOGS's filters, without paging.
+const COUNT_LOGS: crate::totals::Counter = crate::counter!(
+    "session_logs",
+    "session_logs WHERE project_id = $1 AND session_id = $2 AND level = ANY($3) \
+     AND ($4::text IS NULL OR search_vector @@ websearch_to_tsquery('simple', $4))"
+);
+
+/// How many log entries of the session pass `q`'s level filter.
+pub async fn count_logs(
+    c: &impl GenericClient,
+    project: Uuid,
+    q: &ListLogs,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let levels = levels_from(q.min_level);
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &q.session_id, &levels, &q.query];
+    crate::totals::count(c, &COUNT_LOGS, params, mode, exact_below).await
+}
+
+/// The levels at or above `min`, as stored.
+fn levels_from(min: LogLevel) -> Vec<&'static str> {
+    LogLevel::ALL
+        .iter()
+        .copied()
+        .filter(|l| *l >= min)
+        .map(LogLevel::as_str)
+        .collect()
 }
 
 const LOGS_AFTER: Stmt = Stmt::new(

@@ -430,6 +430,74 @@ const LIST_BASIC_SEARCH: Stmt = Stmt::new(
     list_basic_sql!(search_predicate!()),
 );
 
+/// One execution of project `$1` by id `$2`, every field.
+const BY_ID: Stmt = Stmt::new(
+    "SELECT",
+    "test_executions",
+    "SELECT e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.run_id, e.attempt, \
+            e.status, e.started_at, e.duration_ms, e.environment, e.error_message, \
+            e.stack_trace, e.screenshot_refs, e.interaction_log, e.performance, e.created_at \
+     FROM test_executions e \
+     JOIN test_cases t ON t.project_id = e.project_id AND t.id = e.test_case_id \
+     WHERE e.project_id = $1 AND e.id = $2",
+);
+
+/// Execution `id` of `project`, if it has one.
+pub async fn get(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<Option<Execution>> {
+    BY_ID
+        .query_opt(c, &[&project, &id])
+        .await?
+        .as_ref()
+        .map(from_row)
+        .transpose()
+}
+
+/// The total of ListExecutions: LIST's filters, without paging (no join:
+/// every execution has its test case).
+const COUNT: crate::totals::Counter = crate::counter!(
+    "test_executions",
+    "test_executions e \
+     WHERE e.project_id = $1 \
+       AND ($2::uuid IS NULL OR e.test_case_id = $2) \
+       AND ($3::uuid IS NULL OR e.session_id = $3) \
+       AND ($4::text[] IS NULL OR e.status = ANY($4)) \
+       AND ($5::timestamptz IS NULL OR e.started_at >= $5) \
+       AND ($6::timestamptz IS NULL OR e.started_at < $6) \
+       AND ($7::uuid IS NULL OR e.run_id = $7) \
+       AND ($8::jsonb IS NULL OR e.labels @> $8) \
+       AND ($9::text[] IS NULL OR e.labels ?& $9) \
+       AND ($10::text IS NULL OR e.search_vector @@ websearch_to_tsquery('simple', $10))"
+);
+
+/// How many executions of `project` pass `q`'s filters (`test_case_id`
+/// resolved), counted as `mode` asks.
+pub async fn count(
+    c: &impl GenericClient,
+    project: Uuid,
+    q: &ListExecutions,
+    test_case_id: Option<Uuid>,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let f = &q.filter;
+    let statuses: Option<Vec<&str>> =
+        (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
+    let (labels, label_keys) = f.labels.params();
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &project,
+        &test_case_id,
+        &f.session_id,
+        &statuses,
+        &f.started_from,
+        &f.started_to,
+        &f.run_id,
+        &labels,
+        &label_keys,
+        &f.query,
+    ];
+    crate::totals::count(c, &COUNT, params, mode, exact_below).await
+}
+
 /// One page of the executions of `project`, newest first, plus one extra
 /// row when more follow; in the FULL view at most about `max_bytes` of them
 /// (see LIST). `test_case_id` is the resolved test case filter.

@@ -192,6 +192,7 @@ impl TestCaseService for TestCaseApi {
     ) -> RpcResult<proto::ListTestCasesResponse> {
         let (call, req) = rpc::split(request);
         let project = call.project()?;
+        let count = crate::totals::requested(req.count)?;
         let query = ListTestCases::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let rows = sql::list(conn.client().await?, project, &query).await?;
@@ -203,9 +204,20 @@ impl TestCaseService for TestCaseApi {
             |last| last.key.clone(),
             Into::into,
         )?;
+        let (total, total_mode) = sql::count(
+            conn.client().await?,
+            project,
+            &query.filter,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
         Ok(Response::new(proto::ListTestCasesResponse {
             test_cases,
             next_page_token,
+            total,
+            total_mode,
         }))
     }
 
@@ -412,6 +424,7 @@ impl TestCaseService for TestCaseApi {
     ) -> RpcResult<proto::ListExecutionsResponse> {
         let (call, req) = rpc::split(request);
         let project = call.project()?;
+        let count = crate::totals::requested(req.count)?;
         let query = ListExecutions::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
         let c = conn.client().await?;
@@ -430,9 +443,39 @@ impl TestCaseService for TestCaseApi {
             executions_sql::key,
             Into::into,
         )?;
+        let (total, total_mode) = executions_sql::count(
+            c,
+            project,
+            &query,
+            test_case_id,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
         Ok(Response::new(proto::ListExecutionsResponse {
             executions,
             next_page_token,
+            total,
+            total_mode,
+        }))
+    }
+
+    async fn get_execution(
+        &self,
+        request: Request<proto::GetExecutionRequest>,
+    ) -> RpcResult<proto::GetExecutionResponse> {
+        let (call, req) = rpc::split(request);
+        let project = call.project()?;
+        let mut v = crate::validate::Validator::new();
+        let id = v.uuid("id", &req.id);
+        v.finish()?;
+        let mut conn = self.state.db.conn(&call).await?;
+        let execution = executions_sql::get(conn.client().await?, project, id)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("execution {id} not found")))?;
+        Ok(Response::new(proto::GetExecutionResponse {
+            execution: Some(execution.into()),
         }))
     }
 

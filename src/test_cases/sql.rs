@@ -185,6 +185,39 @@ const LIST_SEARCH: Stmt = Stmt::new(
     list_sql!(" AND search_vector @@ websearch_to_tsquery('simple', $8)"),
 );
 
+/// The total of ListTestCases: LIST's filters, without paging.
+const COUNT: crate::totals::Counter = crate::counter!(
+    "test_cases",
+    "test_cases \
+     WHERE project_id = $1 \
+       AND ($2::text[] IS NULL OR test_type = ANY($2)) \
+       AND ($3::text IS NULL OR target_subsystem = $3) \
+       AND ($4::text IS NULL OR tags @> ARRAY[$4::text]) \
+       AND ($5::text IS NULL OR starts_with(name, $5)) \
+       AND ($6::text IS NULL OR search_vector @@ websearch_to_tsquery('simple', $6))"
+);
+
+/// How many test cases of `project` pass `f`, counted as `mode` asks.
+pub async fn count(
+    c: &impl GenericClient,
+    project: Uuid,
+    f: &super::TestCaseFilter,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let types: Option<Vec<&str>> =
+        (!f.test_types.is_empty()).then(|| f.test_types.iter().map(|t| t.as_str()).collect());
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &project,
+        &types,
+        &f.target_subsystem,
+        &f.tag,
+        &f.name_prefix,
+        &f.query,
+    ];
+    crate::totals::count(c, &COUNT, params, mode, exact_below).await
+}
+
 /// One page of the test cases of `project` in key order, plus one extra row
 /// when more follow.
 pub async fn list(

@@ -223,6 +223,7 @@ impl TestRunService for TestRunApi {
         request: Request<proto::ListTestRunsRequest>,
     ) -> RpcResult<proto::ListTestRunsResponse> {
         let (call, req) = rpc::split(request);
+        let count = crate::totals::requested(req.count)?;
         let query = ListRuns::try_from(req)?;
         let project = call.project()?;
         let mut conn = self.state.db.conn(&call).await?;
@@ -235,9 +236,20 @@ impl TestRunService for TestRunApi {
             |last| (last.started_at.timestamp_micros(), last.id),
             |row| to_proto(row, None),
         )?;
+        let (total, total_mode) = sql::count(
+            conn.client().await?,
+            project,
+            &query,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?
+        .wire();
         Ok(Response::new(proto::ListTestRunsResponse {
             runs,
             next_page_token,
+            total,
+            total_mode,
         }))
     }
 

@@ -225,6 +225,46 @@ pub async fn lock(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<Opt
         .transpose()
 }
 
+/// The total of ListTestRuns: LIST's filters (`$1`…`$8`), without paging.
+const COUNT: crate::totals::Counter = crate::counter!(
+    "test_runs",
+    "test_runs \
+     WHERE project_id = $1 \
+       AND ($2::text[] IS NULL OR status = ANY($2)) \
+       AND ($3::text IS NULL OR branch = $3) \
+       AND ($4::text IS NULL OR commit_sha = $4) \
+       AND ($5::jsonb IS NULL OR labels @> $5) \
+       AND ($6::text[] IS NULL OR labels ?& $6) \
+       AND ($7::timestamptz IS NULL OR started_at >= $7) \
+       AND ($8::timestamptz IS NULL OR started_at < $8)"
+);
+
+/// How many runs of `project` pass `q`'s filters, counted as `mode` asks.
+pub async fn count(
+    c: &impl GenericClient,
+    project: Uuid,
+    q: &ListRuns,
+    mode: crate::totals::Mode,
+    exact_below: i64,
+) -> Result<crate::totals::Total> {
+    let f = &q.filter;
+    let statuses: Option<Vec<&str>> =
+        (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
+    let labels = (!f.labels.is_empty()).then(|| labels::to_json(&f.labels));
+    let keys = (!f.label_keys.is_empty()).then_some(&f.label_keys);
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+        &project,
+        &statuses,
+        &f.branch,
+        &f.commit_sha,
+        &labels,
+        &keys,
+        &f.started_from,
+        &f.started_to,
+    ];
+    crate::totals::count(c, &COUNT, params, mode, exact_below).await
+}
+
 /// One page (and one more row) of runs.
 pub async fn list(c: &impl GenericClient, project: Uuid, q: &ListRuns) -> Result<Vec<RunRow>> {
     let f = &q.filter;

@@ -22,6 +22,7 @@ fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Cod
 fn get(id: &str) -> GetSessionRequest {
     GetSessionRequest {
         lookup: Some(Lookup::Id(id.into())),
+        ..Default::default()
     }
 }
 

@@ -383,6 +383,7 @@ async fn every_struct_field_keeps_edge_doubles_exactly() {
         .clone()
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::Id(created.id.clone())),
+            ..Default::default()
         })
         .await
         .expect("get session")

@@ -65,6 +65,7 @@ async fn handler_errors_carry_their_reason() {
     let err = sessions
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::Id(uuid::Uuid::new_v4().to_string())),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -168,6 +169,7 @@ async fn the_auth_layer_refusals_carry_their_reason() {
     let (app, keys) = spawn_auth_app().await;
     let lookup = || GetSessionRequest {
         lookup: Some(Lookup::Id(uuid::Uuid::new_v4().to_string())),
+        ..Default::default()
     };
     let err = app
         .sessions
@@ -377,6 +379,7 @@ async fn a_gateway_without_its_database_is_unavailable_with_retry_advice() {
         .clone()
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::Id(uuid::Uuid::new_v4().to_string())),
+            ..Default::default()
         })
         .await
         .unwrap_err();

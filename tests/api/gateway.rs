@@ -103,6 +103,7 @@ async fn two_gateways_migrating_one_database_at_once_both_come_up() {
         .clone()
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::Id(s.id.clone())),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -205,6 +206,7 @@ async fn the_embedded_default_keeps_data_across_restarts_and_refuses_a_busy_fold
         .clone()
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::RequestId("persisted".into())),
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -307,6 +309,7 @@ async fn a_call_that_cannot_get_a_connection_in_time_is_resource_exhausted() {
         .clone()
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::Id(s.id.clone())),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -412,6 +415,7 @@ async fn the_prometheus_endpoint_reports_rpcs_pool_and_ingest() {
         .clone()
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::RequestId("missing".into())),
+            ..Default::default()
         })
         .await;
 

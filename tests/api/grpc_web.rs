@@ -222,6 +222,7 @@ async fn grpc_web_binary_and_text_get_the_same_answers_as_native_grpc() {
         .unwrap();
     let get = GetSessionRequest {
         lookup: Some(Lookup::Id(created.id.clone())),
+        ..Default::default()
     };
     let native = app
         .sessions
@@ -275,6 +276,7 @@ async fn grpc_web_binary_and_text_get_the_same_answers_as_native_grpc() {
     // An error is the same error: NOT_FOUND with its ErrorInfo.
     let missing = GetSessionRequest {
         lookup: Some(Lookup::Id(uuid::Uuid::new_v4().to_string())),
+        ..Default::default()
     };
     let (messages, status) = unary(app.port, GET_SESSION, BINARY, &missing, &[]).await;
     assert!(messages.is_empty());
@@ -292,6 +294,7 @@ async fn grpc_web_calls_pass_the_same_authentication_and_scopes_as_native_calls(
     let write = format!("Bearer {write}");
     let get = GetSessionRequest {
         lookup: Some(Lookup::Id(uuid::Uuid::new_v4().to_string())),
+        ..Default::default()
     };
 
     for content_type in [BINARY, TEXT] {
@@ -416,6 +419,7 @@ async fn cors_headers_go_only_to_the_configured_origins() {
     // another origin the reply carries no CORS header (the browser hides it).
     let get = GetSessionRequest {
         lookup: Some(Lookup::Id(uuid::Uuid::new_v4().to_string())),
+        ..Default::default()
     };
     let body = web_body(BINARY, &get);
     let call = |origin: &'static str| {
@@ -477,6 +481,7 @@ async fn without_cors_origins_no_origin_gets_cors_headers() {
     );
     let get = GetSessionRequest {
         lookup: Some(Lookup::Id(uuid::Uuid::new_v4().to_string())),
+        ..Default::default()
     };
     let response = http1(
         app.port,

@@ -361,6 +361,7 @@ async fn sql_metacharacters_in_every_text_field_are_stored_verbatim() {
         let got = s
             .get_session(GetSessionRequest {
                 lookup: Some(Lookup::RequestId(request_id.clone())),
+                ..Default::default()
             })
             .await
             .unwrap()

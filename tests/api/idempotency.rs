@@ -510,6 +510,7 @@ async fn a_write_only_key_reads_nothing_stored_through_a_replay() {
         .get_session(authed(
             GetSessionRequest {
                 lookup: Some(Lookup::RequestId("owned".into())),
+                ..Default::default()
             },
             writer,
         ))

@@ -142,6 +142,7 @@ async fn sessions_keep_their_labels_and_list_by_label_equality_and_presence_per_
         .get_session(in_project(
             GetSessionRequest {
                 lookup: Some(Lookup::RequestId("s-3".into())),
+                ..Default::default()
             },
             "team-a",
         ))

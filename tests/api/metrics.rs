@@ -246,6 +246,7 @@ async fn rollups(app: &TestApp) -> Vec<Rollup> {
             range: None,
             page_size: 100,
             page_token: String::new(),
+            ..Default::default()
         })
         .await
         .unwrap()

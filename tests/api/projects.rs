@@ -219,6 +219,7 @@ async fn projects_are_read_listed_and_updated_with_versions() {
             .list_projects(ListProjectsRequest {
                 page_size: 2,
                 page_token: token,
+                ..Default::default()
             })
             .await
             .unwrap()

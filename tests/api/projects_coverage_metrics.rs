@@ -602,6 +602,7 @@ async fn rollups_in(app: &TestApp, slug: &str) -> Vec<verdict::proto::Rollup> {
                 range: None,
                 page_size: 100,
                 page_token: String::new(),
+                ..Default::default()
             },
             slug,
         ))

@@ -104,6 +104,7 @@ async fn data_stored_before_projects_moves_into_default_without_loss() {
         .clone()
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::RequestId("old-session".into())),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -210,6 +211,7 @@ async fn data_stored_before_projects_moves_into_default_without_loss() {
         .get_session(in_project(
             GetSessionRequest {
                 lookup: Some(Lookup::Id(session_id)),
+                ..Default::default()
             },
             "newcomer",
         ))

@@ -149,6 +149,7 @@ async fn the_same_request_ids_in_two_projects_are_two_sessions_each_found_and_li
                 .get_session(in_project(
                     GetSessionRequest {
                         lookup: Some(Lookup::RequestId(s.request_id.clone())),
+                        ..Default::default()
                     },
                     slug,
                 ))
@@ -162,6 +163,7 @@ async fn the_same_request_ids_in_two_projects_are_two_sessions_each_found_and_li
                 .get_session(in_project(
                     GetSessionRequest {
                         lookup: Some(Lookup::Id(s.id.clone())),
+                        ..Default::default()
                     },
                     slug,
                 ))
@@ -179,6 +181,7 @@ async fn the_same_request_ids_in_two_projects_are_two_sessions_each_found_and_li
         .get_session(in_project(
             GetSessionRequest {
                 lookup: Some(Lookup::RequestId("shared-3".into())),
+                ..Default::default()
             },
             B,
         ))
@@ -188,6 +191,7 @@ async fn the_same_request_ids_in_two_projects_are_two_sessions_each_found_and_li
     let err = client
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::RequestId("shared-1".into())),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -373,6 +377,7 @@ async fn a_session_of_another_project_is_not_found_on_every_rpc_and_stays_untouc
             c.get_session(in_project(
                 GetSessionRequest {
                     lookup: Some(Lookup::Id(id)),
+                    ..Default::default()
                 },
                 A,
             ))
@@ -895,6 +900,7 @@ async fn sessions_logs_and_results_stored_before_projects_belong_to_default() {
     let old = client
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::RequestId("old".into())),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -928,6 +934,7 @@ async fn sessions_logs_and_results_stored_before_projects_belong_to_default() {
         .get_session(in_project(
             GetSessionRequest {
                 lookup: Some(Lookup::Id(old.id.clone())),
+                ..Default::default()
             },
             A,
         ))

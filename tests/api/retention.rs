@@ -775,6 +775,7 @@ async fn readers_are_not_held_up_while_a_cleanup_deletes_many_rows() {
                             lookup: Some(get_session_request::Lookup::Id(
                                 ids[i % ids.len()].clone(),
                             )),
+                            ..Default::default()
                         },
                         "bench",
                     ))

@@ -268,6 +268,7 @@ async fn get_session_finds_by_id_and_by_request_id() {
     let by_id = client
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::Id(created.id.clone())),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -277,6 +278,7 @@ async fn get_session_finds_by_id_and_by_request_id() {
     let by_key = client
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::RequestId("find-me".into())),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -294,6 +296,7 @@ async fn get_session_answers_not_found_and_invalid_argument() {
     let missing = client
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::Id(uuid::Uuid::new_v4().to_string())),
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -301,12 +304,16 @@ async fn get_session_answers_not_found_and_invalid_argument() {
     let bad = client
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::Id("not-a-uuid".into())),
+            ..Default::default()
         })
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&bad), ["id"]);
     let none = client
-        .get_session(GetSessionRequest { lookup: None })
+        .get_session(GetSessionRequest {
+            lookup: None,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(violated_fields(&none), ["lookup"]);

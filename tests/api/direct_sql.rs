@@ -153,7 +153,11 @@ async fn raw_inserts_without_project_id_land_in_default_and_the_gateway_serves_t
         .expect("ListSessionLogs")
         .into_inner();
     assert_eq!(
-        listed.entries.iter().map(|e| e.sequence).collect::<Vec<_>>(),
+        listed
+            .entries
+            .iter()
+            .map(|e| e.sequence)
+            .collect::<Vec<_>>(),
         vec![1, 2, 3, 4]
     );
 }
@@ -162,7 +166,11 @@ async fn raw_inserts_without_project_id_land_in_default_and_the_gateway_serves_t
 async fn four_concurrent_raw_writers_and_the_gateway_keep_the_log_sequence_gap_free() {
     const PER_WRITER: i64 = 40;
     let app = spawn_app().await;
-    let session: uuid::Uuid = create(&app, "direct-sql-concurrent").await.id.parse().unwrap();
+    let session: uuid::Uuid = create(&app, "direct-sql-concurrent")
+        .await
+        .id
+        .parse()
+        .unwrap();
     let mut writers = Vec::new();
     for _ in 0..4 {
         let mut sql = app.sql().await;

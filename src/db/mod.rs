@@ -453,6 +453,15 @@ impl Conn {
         Ok(self.object())
     }
 
+    /// The connection for a write that is one statement (its own
+    /// transaction, one round trip instead of BEGIN … COMMIT): like
+    /// [`Conn::client`], and the call's reply carries a consistency token
+    /// as after [`Conn::begin`].
+    pub async fn write_client(&mut self) -> Result<&deadpool_postgres::Client> {
+        replica::note_write();
+        self.client().await
+    }
+
     /// Begins a transaction; a deadline below the maximum becomes its
     /// `SET LOCAL statement_timeout`. Dropping the transaction without
     /// `commit` rolls it back.

@@ -440,20 +440,23 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = BoxFuture<Result<S::Response, S::Error>>;
+    type Future = futures::future::Either<S::Future, BoxFuture<Result<S::Response, S::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        // Without read endpoints the layer is not there at all: the ready
+        // service takes the call as it is (no clone, no allocation, no
+        // task-local; `note_write` finds no scope and does nothing).
+        let Some(replicas) = self.layer.db.replicas().cloned() else {
+            return futures::future::Either::Left(self.inner.call(req));
+        };
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
-        let Some(replicas) = self.layer.db.replicas().cloned() else {
-            return Box::pin(inner.call(req));
-        };
-        Box::pin(async move {
+        futures::future::Either::Right(Box::pin(async move {
             // A token that does not parse cannot be checked: the primary
             // serves that read, which is never stale.
             let (read, token) = match req.headers().get(TOKEN_HEADER) {
@@ -509,7 +512,7 @@ where
             let again = http::Request::from_parts(parts, Body::new(Buffered::of(&body)));
             let primary = Arc::new(Scope::default());
             SCOPE.scope(primary, inner.call(again)).await
-        })
+        }))
     }
 }
 

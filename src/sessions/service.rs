@@ -254,20 +254,18 @@ impl SessionService for SessionApi {
         let (call, req) = rpc::split(request);
         let project = call.project()?;
         let entry = NewLogEntry::try_from(req)?;
+        let key_id = call.key_id();
+        let trace_id = call.trace_id();
+        let audit = sql::AppendAudit {
+            key_id: key_id.as_ref().map(|k| k.as_str()),
+            rpc: call.rpc(),
+            outcome: Outcome::Appended.as_str(),
+            trace_id: trace_id.as_deref(),
+        };
         let mut conn = self.state.db.conn(&call).await?;
-        let tx = conn.begin().await?;
-        // Locks the session row until commit: the position order is the
-        // commit order, and a final status cannot slip in between.
-        let seq = sql::next_log_seq(&tx, project, entry.session_id).await?;
-        let stored = sql::insert_log(&tx, project, &entry, seq).await?;
-        audit::record(
-            &tx,
-            &call,
-            &[entry.session_id.to_string()],
-            Outcome::Appended,
-        )
-        .await?;
-        tx.commit().await.map_err(Error::from)?;
+        // One statement, one round trip: position, entry and audit row
+        // commit together (see `sql::append_log`).
+        let stored = sql::append_log(conn.write_client().await?, project, &entry, &audit).await?;
         Ok(Response::new(proto::AppendSessionLogResponse {
             entry: Some(stored.into()),
         }))

@@ -51,15 +51,17 @@ fn session_from_row(row: &Row) -> Result<Session> {
     })
 }
 
+/// A log entry from a row that starts with `log_columns!()`, read by
+/// position.
 fn log_from_row(row: &Row) -> Result<LogEntry> {
     Ok(LogEntry {
-        id: row.try_get("id")?,
-        session_id: row.try_get("session_id")?,
-        seq: row.try_get("seq")?,
-        logged_at: row.try_get("logged_at")?,
-        level: LogLevel::from_db(row.try_get("level")?)?,
-        message: row.try_get("message")?,
-        fields: row.try_get("fields")?,
+        id: row.try_get(0)?,
+        session_id: row.try_get(1)?,
+        seq: row.try_get(2)?,
+        logged_at: row.try_get(3)?,
+        level: LogLevel::from_db(row.try_get(4)?)?,
+        message: row.try_get(5)?,
+        fields: row.try_get(6)?,
     })
 }
 
@@ -396,76 +398,125 @@ pub async fn delete(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<u
     DELETE.execute(c, &[&project, &id]).await
 }
 
-const NEXT_LOG_SEQ: Stmt = Stmt::new(
-    "UPDATE",
-    "sessions",
-    "UPDATE sessions SET log_seq = log_seq + 1 WHERE project_id = $1 AND id = $2 \
-     RETURNING log_seq, status",
+/// AppendSessionLog in one statement, so one round trip: take the next
+/// position of the session `$2` of project `$1` (unless it is in a final
+/// status), store the entry there and the call's audit row with it. One
+/// statement is one transaction: the three writes commit together or not
+/// at all, and a refused append takes no position.
+///
+/// The UPDATE locks the session row until the statement commits, so appends
+/// to one session (and its status moves) commit one at a time in position
+/// order: a reader following `seq > last seen` can never skip an entry. A
+/// status move committed while the append waited for the lock is seen (the
+/// row is re-read under the lock), so no entry lands after a final status.
+/// The audit row's target is the session id as PostgreSQL prints a uuid
+/// (lowercase, hyphenated: the same text as everywhere else).
+const APPEND_LOG: Stmt = Stmt::new(
+    "INSERT",
+    "session_logs",
+    concat!(
+        "WITH position AS (\
+           UPDATE sessions SET log_seq = log_seq + 1 \
+            WHERE project_id = $1 AND id = $2 \
+              AND status NOT IN ('completed', 'failed', 'cancelled') \
+            RETURNING log_seq), \
+         entry AS (\
+           INSERT INTO session_logs (session_id, seq, level, message, fields, project_id) \
+           SELECT $2, log_seq, $3, $4, $5, $1 FROM position \
+           RETURNING ",
+        log_columns!(),
+        "), \
+         audit AS (\
+           INSERT INTO audit_events (key_id, rpc, target_ids, outcome, trace_id, project_id) \
+           SELECT $6, $7, ARRAY[$2::text], $8, $9, $1 FROM entry) \
+         SELECT ",
+        log_columns!(),
+        " FROM entry"
+    ),
 );
 
-/// Takes the next log position of the session `session_id` of `project`,
-/// in the caller's transaction (NOT_FOUND when `project` has no such
-/// session).
-///
-/// The UPDATE locks the session row until the caller commits, so appends to
-/// one session (and its status moves) commit one at a time in position
-/// order: a reader following `seq > last seen` can never skip an entry. A
-/// session in a final status refuses the append (the caller's transaction,
-/// rolled back on the error, undoes the increment).
-pub async fn next_log_seq(c: &impl GenericClient, project: Uuid, session_id: Uuid) -> Result<i64> {
-    let row = NEXT_LOG_SEQ
-        .query_opt(c, &[&project, &session_id])
-        .await?
-        .ok_or_else(|| Error::NotFound(format!("session {session_id} not found")))?;
-    let status = SessionStatus::from_db(row.try_get("status")?)?;
-    if status.is_final() {
-        return Err(Error::FailedPrecondition(
+/// Who appends, as the audit row of [`append_log`] records it.
+pub struct AppendAudit<'a> {
+    pub key_id: Option<&'a str>,
+    pub rpc: &'a str,
+    pub outcome: &'a str,
+    pub trace_id: Option<&'a str>,
+}
+
+/// Appends `e` to the log of its session in `project` at the next position,
+/// with its audit row (see [`APPEND_LOG`]). NOT_FOUND when `project` has no
+/// such session; FAILED_PRECONDITION (SESSION_NOT_ACCEPTING_WRITES) when it
+/// is in a final status.
+pub async fn append_log(
+    c: &impl GenericClient,
+    project: Uuid,
+    e: &NewLogEntry,
+    audit: &AppendAudit<'_>,
+) -> Result<LogEntry> {
+    let row = APPEND_LOG
+        .query_opt(
+            c,
+            &[
+                &project,
+                &e.session_id,
+                &e.level.as_str(),
+                &e.message,
+                &e.fields,
+                &audit.key_id,
+                &audit.rpc,
+                &audit.outcome,
+                &audit.trace_id,
+            ],
+        )
+        .await
+        .map_err(|err| match err {
+            Error::NotFound(_) => not_found(e.session_id),
+            other => other,
+        })?;
+    match row {
+        Some(row) => log_from_row(&row),
+        None => Err(refused_append(c, project, e.session_id).await),
+    }
+}
+
+const STATUS: Stmt = Stmt::new(
+    "SELECT",
+    "sessions",
+    "SELECT status FROM sessions WHERE project_id = $1 AND id = $2",
+);
+
+/// Why [`append_log`] stored nothing: the session is not in `project`, or
+/// it is in a final status (which no status leaves again).
+async fn refused_append(c: &impl GenericClient, project: Uuid, session_id: Uuid) -> Error {
+    let status = match STATUS.query_opt(c, &[&project, &session_id]).await {
+        Ok(Some(row)) => row
+            .try_get(0)
+            .map_err(Error::from)
+            .and_then(SessionStatus::from_db),
+        Ok(None) => return not_found(session_id),
+        Err(e) => return e,
+    };
+    match status {
+        Ok(status) if status.is_final() => Error::FailedPrecondition(
             Reason::SessionNotAcceptingWrites,
             format!(
                 "session {session_id} is {}; its log takes no more entries",
                 status.as_str()
             ),
-        ));
+        ),
+        // Not final, so the append's own check passed it: it was deleted
+        // and is back under the same id, or the status check and this read
+        // disagree. Either way nothing was stored; the caller may retry.
+        Ok(_) => Error::Aborted(
+            Reason::ConcurrentChange,
+            format!("session {session_id} changed while the entry was appended; retry"),
+        ),
+        Err(e) => e,
     }
-    Ok(row.try_get("log_seq")?)
 }
 
-const INSERT_LOG: Stmt = Stmt::new(
-    "INSERT",
-    "session_logs",
-    concat!(
-        "INSERT INTO session_logs (session_id, seq, level, message, fields, project_id) \
-         VALUES ($1, $2, $3, $4, $5, $6) RETURNING ",
-        log_columns!()
-    ),
-);
-
-/// Stores a log entry of a session of `project` at position `seq` (from
-/// [`next_log_seq`] in the same transaction).
-pub async fn insert_log(
-    c: &impl GenericClient,
-    project: Uuid,
-    e: &NewLogEntry,
-    seq: i64,
-) -> Result<LogEntry> {
-    let row = INSERT_LOG
-        .query_one(
-            c,
-            &[
-                &e.session_id,
-                &seq,
-                &e.level.as_str(),
-                &e.message,
-                &e.fields,
-                &project,
-            ],
-        )
-        .await
-        .map_err(|err| match err {
-            Error::NotFound(_) => Error::NotFound(format!("session {} not found", e.session_id)),
-            other => other,
-        })?;
-    log_from_row(&row)
+fn not_found(session_id: Uuid) -> Error {
+    Error::NotFound(format!("session {session_id} not found"))
 }
 
 /// ListSessionLogs with `$extra` (a further predicate) in its WHERE.

@@ -470,10 +470,12 @@ async fn audit_rows_stored_before_projects_belong_to_default_and_new_ones_must_n
         )
         .await
         .unwrap();
-    // The gateway's own migration run applies V19 and the rest.
-    verdict::db::migrate::run(&mut client)
+    // V19 gives them their project.
+    schema::migrations::runner()
+        .set_target(refinery::Target::Version(19))
+        .run_async(&mut client)
         .await
-        .expect("migrate to the end");
+        .expect("migrate to V19");
     let default: uuid::Uuid = client
         .query_one("SELECT id FROM projects WHERE slug = 'default'", &[])
         .await
@@ -518,4 +520,18 @@ async fn audit_rows_stored_before_projects_belong_to_default_and_new_ones_must_n
             .is_some_and(|e| e.message().contains("append-only")),
         "{err:?}"
     );
+    // The gateway's own migration run applies the rest: since V33 a row
+    // written by direct SQL that names no project lands in `default`.
+    verdict::db::migrate::run(&mut client)
+        .await
+        .expect("migrate to the end");
+    let project: uuid::Uuid = client
+        .query_one(
+            "INSERT INTO audit_events (rpc, outcome) VALUES ('x', 'read') RETURNING project_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(project, default);
 }

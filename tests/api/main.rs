@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod bounds;
 mod coverage;
+mod direct_sql;
 mod discrepancies;
 mod errors;
 mod failures;

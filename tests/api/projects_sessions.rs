@@ -782,7 +782,7 @@ async fn a_log_entry_or_result_cannot_sit_in_another_project_than_its_session() 
     let sid: Uuid = s.id.parse().unwrap();
     let sql = app.sql().await;
     // Planted with B's project under A's session: refused by the composite
-    // foreign keys; with no project at all: refused, there is no default.
+    // foreign keys; with an explicit NULL project: refused (NOT NULL).
     for project in [Some(b), None] {
         let err = sql
             .execute(
@@ -804,18 +804,19 @@ async fn a_log_entry_or_result_cannot_sit_in_another_project_than_its_session() 
             .unwrap_err();
         assert!(err.code().is_some(), "{err:?}");
     }
-    let err = sql
-        .execute(
+    // A session that names no project lands in `default` (V33: direct-SQL
+    // writers keep working), never in A or B.
+    let landed: Uuid = sql
+        .query_one(
             "INSERT INTO sessions (id, request_id, source_technology, target_technology, \
-             validation_scope) VALUES (gen_random_uuid(), 'no-project', 'a', 'b', 'c')",
+             validation_scope) VALUES (gen_random_uuid(), 'no-project', 'a', 'b', 'c') \
+             RETURNING project_id",
             &[],
         )
         .await
-        .unwrap_err();
-    assert_eq!(
-        err.code(),
-        Some(&tokio_postgres::error::SqlState::NOT_NULL_VIOLATION)
-    );
+        .unwrap()
+        .get(0);
+    assert_eq!(landed, crate::helpers::default_project(&app).await);
     // Moving a session to another project under its children is refused too.
     app.sessions
         .clone()

@@ -586,7 +586,8 @@ pub async fn count_logs(
     exact_below: i64,
 ) -> Result<crate::totals::Total> {
     let levels = levels_from(q.min_level);
-    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[&project, &q.session_id, &levels, &q.query];
+    let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+        &[&project, &q.session_id, &levels, &q.query];
     crate::totals::count(c, &COUNT_LOGS, params, mode, exact_below).await
 }
 

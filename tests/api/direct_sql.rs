@@ -67,6 +67,7 @@ async fn raw_inserts_without_project_id_land_in_default_and_the_gateway_serves_t
         .clone()
         .get_session(GetSessionRequest {
             lookup: Some(Lookup::Id(id.to_string())),
+            ..Default::default()
         })
         .await
         .expect("GetSession finds a raw session")

@@ -130,6 +130,8 @@ pub struct ReportFilter {
     pub session_id: Option<Uuid>,
     pub recorded_from: Option<DateTime<Utc>>,
     pub recorded_to: Option<DateTime<Utc>>,
+    #[serde(flatten)]
+    pub labels: crate::labels::LabelFilter,
 }
 
 /// A validated ListCoverageReports call.
@@ -160,6 +162,7 @@ impl TryFrom<proto::ListCoverageReportsRequest> for ListReports {
             session_id: v.optional_uuid("session_id", &r.session_id),
             recorded_from,
             recorded_to,
+            labels: crate::labels::LabelFilter::validate(&mut v, &r.labels, &r.label_keys),
         };
         let page_size = v.page_size("page_size", r.page_size);
         v.finish()?;
@@ -189,6 +192,8 @@ const LIST_REPORTS: Stmt = Stmt::new(
            AND ($6::timestamptz IS NULL OR recorded_at >= $6) \
            AND ($7::timestamptz IS NULL OR recorded_at < $7) \
            AND ($8::timestamptz IS NULL OR (recorded_at, id) < ($8, $9)) \
+           AND ($11::jsonb IS NULL OR labels @> $11) \
+           AND ($12::text[] IS NULL OR labels ?& $12) \
          ORDER BY recorded_at DESC, id DESC LIMIT $10"
     ),
 );
@@ -203,7 +208,9 @@ const COUNT_REPORTS: Counter = crate::counter!(
        AND ($4::text IS NULL OR subsystem = $4) \
        AND ($5::uuid IS NULL OR session_id = $5) \
        AND ($6::timestamptz IS NULL OR recorded_at >= $6) \
-       AND ($7::timestamptz IS NULL OR recorded_at < $7)"
+       AND ($7::timestamptz IS NULL OR recorded_at < $7) \
+       AND ($8::jsonb IS NULL OR labels @> $8) \
+       AND ($9::text[] IS NULL OR labels ?& $9)"
 );
 
 /// One page of `project`'s reports, newest first, plus one extra row when
@@ -216,6 +223,7 @@ pub async fn list_reports(
     let f = &q.filter;
     let (after_at, after_id) = pagination::time_key(q.after)?;
     let limit = q.page_size + 1;
+    let (labels, label_keys) = f.labels.params();
     let params: &[&(dyn ToSql + Sync)] = &[
         &project,
         &f.commit_sha,
@@ -227,6 +235,8 @@ pub async fn list_reports(
         &after_at,
         &after_id,
         &limit,
+        &labels,
+        &label_keys,
     ];
     LIST_REPORTS
         .query(c, params)
@@ -244,6 +254,7 @@ pub async fn count_reports(
     mode: Mode,
     exact_below: i64,
 ) -> Result<Total> {
+    let (labels, label_keys) = f.labels.params();
     let params: &[&(dyn ToSql + Sync)] = &[
         &project,
         &f.commit_sha,
@@ -252,6 +263,8 @@ pub async fn count_reports(
         &f.session_id,
         &f.recorded_from,
         &f.recorded_to,
+        &labels,
+        &label_keys,
     ];
     crate::totals::count(c, &COUNT_REPORTS, params, mode, exact_below).await
 }

@@ -436,7 +436,8 @@ const BY_ID: Stmt = Stmt::new(
     "test_executions",
     "SELECT e.id, e.test_case_id, t.key AS test_case_key, e.session_id, e.run_id, e.attempt, \
             e.status, e.started_at, e.duration_ms, e.environment, e.error_message, \
-            e.stack_trace, e.screenshot_refs, e.interaction_log, e.performance, e.created_at \
+            e.stack_trace, e.screenshot_refs, e.interaction_log, e.performance, e.created_at, \
+            e.labels \
      FROM test_executions e \
      JOIN test_cases t ON t.project_id = e.project_id AND t.id = e.test_case_id \
      WHERE e.project_id = $1 AND e.id = $2",

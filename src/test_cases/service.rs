@@ -471,9 +471,13 @@ impl TestCaseService for TestCaseApi {
         let id = v.uuid("id", &req.id);
         v.finish()?;
         let mut conn = self.state.db.conn(&call).await?;
-        let execution = executions_sql::get(conn.client().await?, project, id)
+        let c = conn.client().await?;
+        let execution = executions_sql::get(c, project, id)
             .await?
             .ok_or_else(|| Error::NotFound(format!("execution {id} not found")))?;
+        let mut one = [execution];
+        crate::failures::fill_triage(c, project, &mut one).await?;
+        let [execution] = one;
         Ok(Response::new(proto::GetExecutionResponse {
             execution: Some(execution.into()),
         }))

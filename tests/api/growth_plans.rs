@@ -209,8 +209,9 @@ async fn entity_scoped_statements_use_their_index_on_a_million_rows() {
     for (name, stmt, args, table, index) in checks {
         let plan = generic_plan(&sql, name, stmt, &args).await;
         assert!(
-            plan.iter()
-                .any(|(_, relation, used)| relation == table && used == index),
+            // A bitmap heap scan names the table and its bitmap index scan
+            // the index.
+            plan.iter().any(|(_, _, used)| used == index),
             "{name}: reads {table} by {index}: {plan:?}"
         );
         assert!(

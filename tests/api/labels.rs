@@ -770,4 +770,59 @@ async fn coverage_reports_keep_their_labels_and_aggregates_and_trends_filter_on_
             .sum::<i64>(),
         10
     );
+
+    // ListCoverageReports filters on the same labels, counts them the same
+    // way, and binds them into its page tokens; the other project's equal
+    // reports never show.
+    let list = |l: HashMap<String, String>, keys: Vec<String>, token: String| {
+        let mut c = app.coverage.clone();
+        async move {
+            c.list_coverage_reports(in_project(
+                verdict::proto::ListCoverageReportsRequest {
+                    labels: l,
+                    label_keys: keys,
+                    page_size: 1,
+                    page_token: token,
+                    count: verdict::proto::CountMode::Exact as i32,
+                    ..Default::default()
+                },
+                "team-a",
+            ))
+            .await
+        }
+    };
+    let first = list(labels(&[("runner", "linux")]), vec![], String::new())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.total, 2);
+    assert_eq!(first.reports[0].labels, labels(&[("runner", "linux")]));
+    let second = list(
+        labels(&[("runner", "linux")]),
+        vec![],
+        first.next_page_token.clone(),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(second.reports.len(), 1);
+    assert!(second.next_page_token.is_empty());
+    let mac = list(labels(&[("runner", "mac")]), vec![], String::new())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((mac.reports.len(), mac.total), (1, 1));
+    let keyed = list(HashMap::new(), vec!["runner".into()], String::new())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(keyed.total, 3);
+    let err = list(labels(&[("runner", "mac")]), vec![], first.next_page_token)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let err = list(labels(&[("", "x")]), vec![], String::new())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
 }

@@ -58,7 +58,7 @@ for i in 1 2 3; do
   S+=("$("${PSQL[@]}" -d verdict -c "INSERT INTO sessions (id, request_id, source_technology, target_technology, validation_scope, status)
     VALUES (gen_random_uuid(), 'ingest-bench-$i', 'cobol', 'java', 'full', 'processing') RETURNING id")")
 done
-COLS="session_id, id, result_id, kind, severity, description, source_element, target_element, recommendation, confidence, fingerprint, resolution, resolved_by, resolution_note, resolution_updated_at, batch_id, batch_position"
+COLS="session_id, project_id, id, result_id, kind, severity, description, source_element, target_element, recommendation, confidence, fingerprint, resolution, resolved_by, resolution_note, resolution_updated_at, batch_id, batch_position"
 REST=${COLS#session_id, }
 
 echo "IngestDiscrepancies: $ROWS rows through the gateway (verdict-bench, a process of its own)"

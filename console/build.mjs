@@ -1,6 +1,6 @@
-// Bundles the console (src/) into ../src/console/assets/, the files the
-// gateway embeds: app.js (esbuild, minified, one file with protobuf-es and
-// Connect's gRPC-Web transport), index.html and app.css as they are.
+// Bundles the console's script (src/main.ts) into ../src/console/assets/app.js
+// (esbuild, minified, one file with protobuf-es and Connect's gRPC-Web
+// transport). The gateway embeds index.html and app.css straight from src/.
 //   node build.mjs           writes the assets
 //   node build.mjs --check   fails when the committed assets differ from a rebuild
 import * as esbuild from "esbuild";
@@ -24,8 +24,6 @@ const result = await esbuild.build({
 });
 const files = {
   "app.js": result.outputFiles[0].contents,
-  "index.html": readFileSync(join(here, "src", "index.html")),
-  "app.css": readFileSync(join(here, "src", "app.css")),
 };
 let stale = [];
 for (const [name, bytes] of Object.entries(files)) {

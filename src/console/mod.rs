@@ -15,12 +15,14 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tower::{Layer, Service};
 
-/// The console's files: path under `/console/`, content type, bytes.
+/// The console's files: path under `/console/`, content type, bytes. The
+/// page and its style are embedded from the sources; only the script is a
+/// build output (scripts/console-build.sh).
 const ASSETS: &[(&str, &str, &[u8])] = &[
     (
         "index.html",
         "text/html; charset=utf-8",
-        include_bytes!("assets/index.html"),
+        include_bytes!("../../console/src/index.html"),
     ),
     (
         "app.js",
@@ -30,7 +32,7 @@ const ASSETS: &[(&str, &str, &[u8])] = &[
     (
         "app.css",
         "text/css; charset=utf-8",
-        include_bytes!("assets/app.css"),
+        include_bytes!("../../console/src/app.css"),
     ),
 ];
 

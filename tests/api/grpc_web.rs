@@ -581,7 +581,7 @@ async fn the_console_is_off_by_default_and_served_from_the_binary_when_on() {
     let html = page.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(
         html,
-        Bytes::from_static(include_bytes!("../../src/console/assets/index.html"))
+        Bytes::from_static(include_bytes!("../../console/src/index.html"))
     );
     let js = http1(app.port, "GET", "/console/app.js", &[], Bytes::new()).await;
     assert_eq!(js.status(), 200);

@@ -853,29 +853,8 @@ async fn a_triage_whose_backend_is_terminated_while_it_waits_writes_nothing_and_
         async move { f.triage_failure_signature(change).await }
     });
     let observer = app.sql().await;
-    const WAITING: &str = "FROM pg_stat_activity WHERE application_name = 'verdict' \
-         AND wait_event_type = 'Lock' AND query LIKE '%FROM failure_signature_triage%'";
-    tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        loop {
-            let n: i64 = observer
-                .query_one(&format!("SELECT count(*) {WAITING}"), &[])
-                .await
-                .unwrap()
-                .get(0);
-            if n >= 1 {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the triage waits on the held row within 30 s");
-    let killed: bool = observer
-        .query_one(&format!("SELECT pg_terminate_backend(pid) {WAITING}"), &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(killed);
+    wait_for_lock_wait(&observer, "%FROM failure_signature_triage%").await;
+    terminate_lock_waiter(&observer, "%FROM failure_signature_triage%").await;
     let err = waiting_call.await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     hold.rollback().await.unwrap();

@@ -418,3 +418,50 @@ pub fn project<T>(mut request: tonic::Request<T>, slug: &str) -> tonic::Request<
     );
     request
 }
+
+/// Waits (at most 30 s) until a gateway backend waits on a row lock while
+/// running a statement that matches `query_like` (a LIKE pattern).
+pub async fn wait_for_lock_wait(observer: &tokio_postgres::Client, query_like: &str) {
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let n: i64 = observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE application_name = 'verdict' AND wait_event_type = 'Lock' \
+                       AND query LIKE $1",
+                    &[&query_like],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if n >= 1 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!("a gateway backend waits on a lock running {query_like} within 30 s")
+    });
+}
+
+/// Terminates the gateway backends waiting on a lock while running a
+/// statement that matches `query_like`; asserts one was.
+pub async fn terminate_lock_waiter(observer: &tokio_postgres::Client, query_like: &str) {
+    let killed: Option<bool> = observer
+        .query_one(
+            "SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE application_name = 'verdict' AND wait_event_type = 'Lock' \
+               AND query LIKE $1",
+            &[&query_like],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        killed,
+        Some(true),
+        "a backend running {query_like} was terminated"
+    );
+}

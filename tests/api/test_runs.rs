@@ -803,31 +803,10 @@ async fn a_batch_into_a_run_that_loses_its_backend_writes_nothing_and_its_retry_
         async move { tc.record_executions(batch).await }
     });
     let observer = app.sql().await;
-    const WAITING: &str = "FROM pg_stat_activity WHERE application_name = 'verdict' \
-         AND wait_event_type = 'Lock' AND query LIKE 'SELECT id, status FROM test_runs%'";
-    tokio::time::timeout(std::time::Duration::from_secs(30), async {
-        loop {
-            let n: i64 = observer
-                .query_one(&format!("SELECT count(*) {WAITING}"), &[])
-                .await
-                .unwrap()
-                .get(0);
-            if n >= 1 {
-                return;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the batch waits on the held run within 30 s");
+    wait_for_lock_wait(&observer, "SELECT id, status FROM test_runs%").await;
     // Its backend is terminated while it waits: the call fails retryably
     // and writes nothing.
-    let killed: bool = observer
-        .query_one(&format!("SELECT pg_terminate_backend(pid) {WAITING}"), &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert!(killed);
+    terminate_lock_waiter(&observer, "SELECT id, status FROM test_runs%").await;
     let err = first.await.unwrap().unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
     hold.rollback().await.unwrap();

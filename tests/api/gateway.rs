@@ -266,7 +266,7 @@ async fn until_a_call_waits_on_the_lock(app: &crate::helpers::TestApp) {
             let waiting: i64 = sql
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
-                     WHERE application_name = 'verdict' AND wait_event_type = 'Lock'",
+                     WHERE application_name = 'verdict' AND datname = current_database() AND wait_event_type = 'Lock'",
                     &[],
                 )
                 .await

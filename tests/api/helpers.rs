@@ -427,7 +427,7 @@ pub async fn wait_for_lock_wait(observer: &tokio_postgres::Client, query_like: &
             let n: i64 = observer
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity \
-                     WHERE application_name = 'verdict' AND wait_event_type = 'Lock' \
+                     WHERE application_name = 'verdict' AND datname = current_database() AND wait_event_type = 'Lock' \
                        AND query LIKE $1",
                     &[&query_like],
                 )
@@ -452,7 +452,7 @@ pub async fn terminate_lock_waiter(observer: &tokio_postgres::Client, query_like
     let killed: Option<bool> = observer
         .query_one(
             "SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity \
-             WHERE application_name = 'verdict' AND wait_event_type = 'Lock' \
+             WHERE application_name = 'verdict' AND datname = current_database() AND wait_event_type = 'Lock' \
                AND query LIKE $1",
             &[&query_like],
         )

@@ -959,7 +959,7 @@ async fn until_waiting_on_locks(sql: &tokio_postgres::Client, n: i64) {
             let waiting: i64 = sql
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity \
-                     WHERE application_name = 'verdict' AND wait_event_type = 'Lock'",
+                     WHERE application_name = 'verdict' AND datname = current_database() AND wait_event_type = 'Lock'",
                     &[],
                 )
                 .await
@@ -1006,7 +1006,7 @@ async fn a_key_held_by_a_call_whose_backend_is_terminated_goes_to_the_waiting_re
     let killed: bool = observer
         .query_one(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE application_name = 'verdict' AND query LIKE 'INSERT INTO metric_points%'",
+             WHERE application_name = 'verdict' AND datname = current_database() AND query LIKE 'INSERT INTO metric_points%'",
             &[],
         )
         .await

@@ -122,7 +122,7 @@ where
 async fn gateway_waits_on_a_lock(sql: &tokio_postgres::Client) -> bool {
     sql.query_one(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND application_name = 'verdict' AND wait_event_type = 'Lock'",
+         AND application_name = 'verdict' AND datname = current_database() AND wait_event_type = 'Lock'",
         &[],
     )
     .await
@@ -136,7 +136,7 @@ async fn gateway_waits_on_a_lock(sql: &tokio_postgres::Client) -> bool {
 async fn gateway_is_quiet(sql: &tokio_postgres::Client) -> bool {
     sql.query_one(
         "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND application_name = 'verdict' AND state <> 'idle' AND pid <> pg_backend_pid()",
+         AND application_name = 'verdict' AND datname = current_database() AND state <> 'idle' AND pid <> pg_backend_pid()",
         &[],
     )
     .await
@@ -600,7 +600,7 @@ async fn a_backend_killed_mid_batch_fails_the_call_and_a_resend_stores_everythin
     .await;
     sql.execute(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND application_name = 'verdict' \
+         WHERE datname = current_database() AND application_name = 'verdict' AND datname = current_database() \
          AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()",
         &[],
     )

@@ -578,7 +578,7 @@ async fn a_batch_in_flight_when_its_key_is_revoked_is_rolled_back_before_its_com
         let waiting: i64 = probe
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                 AND application_name = 'verdict' AND wait_event_type = 'Lock'",
+                 AND application_name = 'verdict' AND datname = current_database() AND wait_event_type = 'Lock'",
                 &[],
             )
             .await

@@ -913,7 +913,7 @@ async fn a_key_held_in_one_project_never_holds_back_the_other_and_a_terminated_f
             let n: i64 = observer
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity
-                     WHERE application_name = 'verdict' AND wait_event_type = 'Lock'
+                     WHERE application_name = 'verdict' AND datname = current_database() AND wait_event_type = 'Lock'
                        AND query LIKE 'INSERT INTO coverage_reports%'",
                     &[],
                 )
@@ -947,7 +947,7 @@ async fn a_key_held_in_one_project_never_holds_back_the_other_and_a_terminated_f
     let killed: bool = observer
         .query_one(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-             WHERE application_name = 'verdict' AND wait_event_type = 'Lock'
+             WHERE application_name = 'verdict' AND datname = current_database() AND wait_event_type = 'Lock'
                AND query LIKE 'INSERT INTO coverage_reports%'",
             &[],
         )

@@ -631,7 +631,7 @@ async fn a_cleanup_cut_short_by_a_terminated_backend_resumes_and_keeps_what_it_s
         let row = sql
             .query_one(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-                 WHERE query LIKE 'DELETE FROM metric_points%' AND pid <> pg_backend_pid() \
+                 WHERE datname = current_database() AND query LIKE 'DELETE FROM metric_points%' AND pid <> pg_backend_pid() \
                  AND (SELECT count(*) FROM metric_points WHERE project_id = $1 AND name = 'old') \
                      < 39000",
                 &[&p],

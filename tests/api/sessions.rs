@@ -791,7 +791,7 @@ async fn a_deadline_cancels_the_query_in_postgresql() {
         .await
         .query_one(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND application_name = 'verdict'
+             WHERE datname = current_database() AND application_name = 'verdict' AND datname = current_database()
                AND state = 'active' AND wait_event_type = 'Lock'",
             &[],
         )

@@ -290,6 +290,65 @@ pub const AGGREGATE_BRANCH_SUBSYSTEM: Stmt = Stmt::new(
     aggregate_sql!(" AND branch = $1 AND subsystem = $2"),
 );
 
+// Without a label filter and a recorded range, the aggregate reads the
+// per-day rows of coverage_report_days (migrations/V37: per project, UTC
+// day, branch and subsystem, the report count, the counters' sums and the
+// day's latest report), one row per branch, subsystem and day instead of
+// one per report; the latest report of a subsystem is the latest of its
+// days' latest. Sums are numeric there; the same saturation applies.
+macro_rules! aggregate_days_sql {
+    ($filter:literal) => {
+        concat!(
+            "WITH matching AS ( \
+                 SELECT * FROM coverage_report_days WHERE project_id = $4",
+            $filter,
+            "), \
+             chosen AS ( \
+                 SELECT subsystem, report_count AS n, lines_covered AS lc, lines_total AS lt, \
+                        branches_covered AS bc, branches_total AS bt, functions_covered AS fc, \
+                        functions_total AS ft \
+                 FROM matching WHERE NOT $3 \
+                 UNION ALL \
+                 (SELECT DISTINCT ON (subsystem) subsystem, 1::int8, \
+                         latest_lines_covered::numeric, latest_lines_total::numeric, \
+                         latest_branches_covered::numeric, latest_branches_total::numeric, \
+                         latest_functions_covered::numeric, latest_functions_total::numeric \
+                  FROM matching WHERE $3 \
+                  ORDER BY subsystem, latest_recorded_at DESC, latest_id DESC)) \
+             SELECT GROUPING(subsystem) = 1, subsystem, COALESCE(sum(n), 0)::int8, \
+                    LEAST(COALESCE(sum(lc), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(lt), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(bc), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(bt), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(fc), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(ft), 0), 9223372036854775807)::int8 \
+             FROM chosen GROUP BY ROLLUP (subsystem) \
+             ORDER BY GROUPING(subsystem) DESC, subsystem"
+        )
+    };
+}
+
+pub const AGGREGATE_DAYS: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_report_days",
+    aggregate_days_sql!(" AND $1::text IS NULL AND $2::text IS NULL"),
+);
+pub const AGGREGATE_DAYS_BRANCH: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_report_days",
+    aggregate_days_sql!(" AND branch = $1 AND $2::text IS NULL"),
+);
+pub const AGGREGATE_DAYS_SUBSYSTEM: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_report_days",
+    aggregate_days_sql!(" AND $1::text IS NULL AND subsystem = $2"),
+);
+pub const AGGREGATE_DAYS_BRANCH_SUBSYSTEM: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_report_days",
+    aggregate_days_sql!(" AND branch = $1 AND subsystem = $2"),
+);
+
 /// The pooled counters of every matching report of `project` (first,
 /// subsystem `None`), then per subsystem in subsystem order.
 pub async fn aggregate(
@@ -298,6 +357,40 @@ pub async fn aggregate(
     q: &AggregateQuery,
 ) -> Result<Vec<Pooled>> {
     let (labels, label_keys) = q.labels.params();
+    let rows = if labels.is_none() && label_keys.is_none() && q.from.is_none() && q.to.is_none()
+    {
+        let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+            &[&q.branch, &q.subsystem, &q.latest_per_subsystem, &project];
+        match (&q.branch, &q.subsystem) {
+            (None, None) => AGGREGATE_DAYS.query(c, params).await?,
+            (Some(_), None) => AGGREGATE_DAYS_BRANCH.query(c, params).await?,
+            (None, Some(_)) => AGGREGATE_DAYS_SUBSYSTEM.query(c, params).await?,
+            (Some(_), Some(_)) => AGGREGATE_DAYS_BRANCH_SUBSYSTEM.query(c, params).await?,
+        }
+    } else {
+        aggregate_reports(c, project, q, labels, label_keys).await?
+    };
+    rows.iter()
+        .map(|r| {
+            let overall: bool = r.try_get(0)?;
+            Ok(Pooled {
+                subsystem: if overall { None } else { r.try_get(1)? },
+                report_count: r.try_get(2)?,
+                counters: counters_at(r, 3)?,
+            })
+        })
+        .collect()
+}
+
+/// The aggregate read from the reports themselves (a label filter or a
+/// recorded range).
+async fn aggregate_reports(
+    c: &impl GenericClient,
+    project: Uuid,
+    q: &AggregateQuery,
+    labels: Option<serde_json::Value>,
+    label_keys: Option<&[String]>,
+) -> Result<Vec<Row>> {
     let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
         &q.branch,
         &q.subsystem,
@@ -314,16 +407,7 @@ pub async fn aggregate(
         (None, Some(_)) => AGGREGATE_SUBSYSTEM.query(c, params).await?,
         (Some(_), Some(_)) => AGGREGATE_BRANCH_SUBSYSTEM.query(c, params).await?,
     };
-    rows.iter()
-        .map(|r| {
-            let overall: bool = r.try_get(0)?;
-            Ok(Pooled {
-                subsystem: if overall { None } else { r.try_get(1)? },
-                report_count: r.try_get(2)?,
-                counters: counters_at(r, 3)?,
-            })
-        })
-        .collect()
+    Ok(rows)
 }
 
 /// One bucket of a trend.
@@ -393,10 +477,111 @@ pub const TREND_BRANCH_SUBSYSTEM: Stmt = Stmt::new(
     trend_sql!(" AND r.branch = $1 AND r.subsystem = $2"),
 );
 
+// Without a label filter the trend reads coverage_report_days (V37): a
+// bucket's latest report per branch and subsystem is the latest of its
+// days' latest (buckets are whole UTC days: a day or a Monday-aligned week).
+// A bucket costs its (branch, subsystem, day) rows, not its reports.
+macro_rules! trend_days_sql {
+    ($filter:literal) => {
+        concat!(
+            "WITH buckets AS ( \
+                 SELECT b AT TIME ZONE 'UTC' AS bucket_start, \
+                        (b + make_interval(days => $4)) AT TIME ZONE 'UTC' AS bucket_end, \
+                        b::date AS first_day, (b + make_interval(days => $4))::date AS end_day \
+                 FROM generate_series(date_trunc($3, $5::timestamptz AT TIME ZONE 'UTC'), \
+                                      date_trunc($3, $6::timestamptz AT TIME ZONE 'UTC'), \
+                                      make_interval(days => $4)) AS b), \
+             latest AS ( \
+                 SELECT DISTINCT ON (k.bucket_start, d.branch, d.subsystem) k.bucket_start, \
+                        d.latest_lines_covered AS lines_covered, \
+                        d.latest_lines_total AS lines_total, \
+                        d.latest_branches_covered AS branches_covered, \
+                        d.latest_branches_total AS branches_total, \
+                        d.latest_functions_covered AS functions_covered, \
+                        d.latest_functions_total AS functions_total \
+                 FROM buckets k JOIN coverage_report_days d \
+                   ON d.day >= k.first_day AND d.day < k.end_day \
+                 WHERE d.project_id = $7",
+            $filter,
+            " ORDER BY k.bucket_start, d.branch, d.subsystem, d.latest_recorded_at DESC, \
+                       d.latest_id DESC) \
+             SELECT k.bucket_start, k.bucket_end, count(l.bucket_start), \
+                    LEAST(COALESCE(sum(l.lines_covered), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(l.lines_total), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(l.branches_covered), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(l.branches_total), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(l.functions_covered), 0), 9223372036854775807)::int8, \
+                    LEAST(COALESCE(sum(l.functions_total), 0), 9223372036854775807)::int8 \
+             FROM buckets k LEFT JOIN latest l ON l.bucket_start = k.bucket_start \
+             GROUP BY k.bucket_start, k.bucket_end ORDER BY k.bucket_start"
+        )
+    };
+}
+
+pub const TREND_DAYS: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_report_days",
+    trend_days_sql!(" AND $1::text IS NULL AND $2::text IS NULL"),
+);
+pub const TREND_DAYS_BRANCH: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_report_days",
+    trend_days_sql!(" AND d.branch = $1 AND $2::text IS NULL"),
+);
+pub const TREND_DAYS_SUBSYSTEM: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_report_days",
+    trend_days_sql!(" AND $1::text IS NULL AND d.subsystem = $2"),
+);
+pub const TREND_DAYS_BRANCH_SUBSYSTEM: Stmt = Stmt::new(
+    "SELECT",
+    "coverage_report_days",
+    trend_days_sql!(" AND d.branch = $1 AND d.subsystem = $2"),
+);
+
 /// Every bucket of a trend of `project`'s reports, oldest first, empty ones
 /// included.
 pub async fn trend(c: &impl GenericClient, project: Uuid, q: &TrendQuery) -> Result<Vec<Bucket>> {
     let (labels, label_keys) = q.labels.params();
+    let rows = if labels.is_none() && label_keys.is_none() {
+        let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+            &q.branch,
+            &q.subsystem,
+            &q.unit,
+            &q.step_days,
+            &q.start,
+            &q.end,
+            &project,
+        ];
+        match (&q.branch, &q.subsystem) {
+            (None, None) => TREND_DAYS.query(c, params).await?,
+            (Some(_), None) => TREND_DAYS_BRANCH.query(c, params).await?,
+            (None, Some(_)) => TREND_DAYS_SUBSYSTEM.query(c, params).await?,
+            (Some(_), Some(_)) => TREND_DAYS_BRANCH_SUBSYSTEM.query(c, params).await?,
+        }
+    } else {
+        trend_reports(c, project, q, labels, label_keys).await?
+    };
+    rows.iter()
+        .map(|r| {
+            Ok(Bucket {
+                start: r.try_get(0)?,
+                end: r.try_get(1)?,
+                report_count: r.try_get(2)?,
+                counters: counters_at(r, 3)?,
+            })
+        })
+        .collect()
+}
+
+/// The trend read from the reports themselves (a label filter).
+async fn trend_reports(
+    c: &impl GenericClient,
+    project: Uuid,
+    q: &TrendQuery,
+    labels: Option<serde_json::Value>,
+    label_keys: Option<&[String]>,
+) -> Result<Vec<Row>> {
     let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
         &q.branch,
         &q.subsystem,
@@ -414,16 +599,7 @@ pub async fn trend(c: &impl GenericClient, project: Uuid, q: &TrendQuery) -> Res
         (None, Some(_)) => TREND_SUBSYSTEM.query(c, params).await?,
         (Some(_), Some(_)) => TREND_BRANCH_SUBSYSTEM.query(c, params).await?,
     };
-    rows.iter()
-        .map(|r| {
-            Ok(Bucket {
-                start: r.try_get(0)?,
-                end: r.try_get(1)?,
-                report_count: r.try_get(2)?,
-                counters: counters_at(r, 3)?,
-            })
-        })
-        .collect()
+    Ok(rows)
 }
 
 /// How a file differs between two reports.

@@ -2,6 +2,13 @@
 //! incremental by a per-project, per-period-kind watermark, one computation
 //! at a time across replicas (a transaction-scoped advisory lock, one for
 //! every project).
+//!
+//! Discrepancies and executions are not counted from their raw rows: a
+//! period sums the per-day counts kept at write time
+//! (`discrepancy_created_days`, V36; `test_execution_days`, V25), whose
+//! days are UTC days like the periods' bounds (the gateway's sessions run
+//! in UTC). Sessions, results (the fidelity percentile needs every score)
+//! and technology pairs are read from their (project, created_at) indexes.
 
 use super::RollupPeriod;
 use crate::call::Call;
@@ -61,8 +68,8 @@ const TOUCHED: Stmt = Stmt::new(
     "SELECT DISTINCT date_trunc($1, t) FROM ( \
          SELECT created_at AS t FROM sessions WHERE project_id = $3 AND updated_at >= $2 \
          UNION ALL SELECT created_at FROM results WHERE project_id = $3 AND created_at >= $2 \
-         UNION ALL SELECT created_at FROM discrepancies \
-                   WHERE project_id = $3 AND created_at >= $2 \
+         UNION ALL SELECT day::timestamp AT TIME ZONE 'UTC' FROM discrepancy_created_days \
+                   WHERE project_id = $3 AND changed_at >= $2 \
          UNION ALL SELECT started_at FROM test_executions \
                    WHERE project_id = $3 AND created_at >= $2) touched",
 );
@@ -78,7 +85,9 @@ const COMPUTE: Stmt = Stmt::new(
     "INSERT",
     "metric_rollups",
     "WITH bounds AS ( \
-         SELECT s AS period_start, s + $3::text::interval AS period_end \
+         SELECT s AS period_start, s + $3::text::interval AS period_end, \
+                (s AT TIME ZONE 'UTC')::date AS first_day, \
+                ((s + $3::text::interval) AT TIME ZONE 'UTC')::date AS end_day \
          FROM unnest($2::timestamptz[]) AS s), \
      se AS ( \
          SELECT b.period_start, count(x.id) AS total, \
@@ -99,20 +108,20 @@ const COMPUTE: Stmt = Stmt::new(
          GROUP BY b.period_start), \
      di AS ( \
          SELECT b.period_start, \
-                count(d.id) FILTER (WHERE d.severity = 1) AS critical, \
-                count(d.id) FILTER (WHERE d.severity = 2) AS high, \
-                count(d.id) FILTER (WHERE d.severity = 3) AS medium, \
-                count(d.id) FILTER (WHERE d.severity = 4) AS low, \
-                count(d.id) FILTER (WHERE d.severity = 5) AS info \
-         FROM bounds b LEFT JOIN discrepancies d \
-           ON d.project_id = $4 AND d.created_at >= b.period_start AND d.created_at < b.period_end \
+                COALESCE(sum(d.n) FILTER (WHERE d.severity = 1), 0)::int8 AS critical, \
+                COALESCE(sum(d.n) FILTER (WHERE d.severity = 2), 0)::int8 AS high, \
+                COALESCE(sum(d.n) FILTER (WHERE d.severity = 3), 0)::int8 AS medium, \
+                COALESCE(sum(d.n) FILTER (WHERE d.severity = 4), 0)::int8 AS low, \
+                COALESCE(sum(d.n) FILTER (WHERE d.severity = 5), 0)::int8 AS info \
+         FROM bounds b LEFT JOIN discrepancy_created_days d \
+           ON d.project_id = $4 AND d.day >= b.first_day AND d.day < b.end_day \
          GROUP BY b.period_start), \
      ex AS ( \
-         SELECT b.period_start, count(e.id) AS executions, \
-                count(e.id) FILTER (WHERE e.status = 'passed') AS passed, \
-                count(e.id) FILTER (WHERE e.status IN ('failed', 'error')) AS failed_or_error \
-         FROM bounds b LEFT JOIN test_executions e \
-           ON e.project_id = $4 AND e.started_at >= b.period_start AND e.started_at < b.period_end \
+         SELECT b.period_start, COALESCE(sum(e.total), 0)::int8 AS executions, \
+                COALESCE(sum(e.passed), 0)::int8 AS passed, \
+                COALESCE(sum(e.failed + e.error), 0)::int8 AS failed_or_error \
+         FROM bounds b LEFT JOIN test_execution_days e \
+           ON e.project_id = $4 AND e.day >= b.first_day AND e.day < b.end_day \
          GROUP BY b.period_start), \
      tp AS ( \
          SELECT period_start, jsonb_object_agg(pair, n) AS pairs FROM ( \

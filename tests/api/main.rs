@@ -33,6 +33,7 @@ mod projects_test_cases;
 mod readback;
 mod results;
 mod retention;
+mod rollups_days;
 mod search;
 mod sequences;
 mod sessions;

@@ -232,7 +232,17 @@ pub async fn plant_two_days_in(app: &TestApp, project: uuid::Uuid, tag: u8) {
              ('{P}', gen_random_uuid(), '00000000-0000-0000-000{N}-0000000000aa', 'failed', '2026-01-10 03:00Z', '2026-01-10 03:00Z'),
              ('{P}', gen_random_uuid(), '00000000-0000-0000-000{N}-0000000000aa', 'skipped', '2026-01-10 04:00Z', '2026-01-10 04:00Z'),
              ('{P}', gen_random_uuid(), '00000000-0000-0000-000{N}-0000000000aa', 'error', '2026-01-11 01:00Z', '2026-01-11 01:00Z');
-             UPDATE sessions SET updated_at = created_at WHERE project_id = '{P}';"
+             UPDATE sessions SET updated_at = created_at WHERE project_id = '{P}';
+             -- The per-day execution rollup (V25) the gateway keeps on its
+             -- own writes, rebuilt for these raw rows as the scale loader does.
+             INSERT INTO test_execution_days (project_id, test_case_id, day, total, passed, failed,
+                                              skipped, error, duration_ms, hist_buckets, hist_counts)
+             SELECT a.* FROM (SELECT array_agg(project_id) AS p, array_agg(test_case_id) AS t,
+                                     array_agg(day) AS d
+                              FROM (SELECT DISTINCT project_id, test_case_id,
+                                           (started_at AT TIME ZONE 'UTC')::date AS day
+                                    FROM test_executions WHERE project_id = '{P}') k) k,
+                  verdict_execution_days_of(k.p, k.t, k.d) a;"
         .replace("{P}", &project.to_string())
         .replace("{N}", &tag.to_string());
     app.sql().await.batch_execute(&sql).await.unwrap();

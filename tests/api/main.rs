@@ -5,6 +5,7 @@ mod audit;
 mod auth;
 mod bounds;
 mod coverage;
+mod coverage_days;
 mod direct_sql;
 mod discrepancies;
 mod errors;

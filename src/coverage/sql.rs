@@ -357,8 +357,7 @@ pub async fn aggregate(
     q: &AggregateQuery,
 ) -> Result<Vec<Pooled>> {
     let (labels, label_keys) = q.labels.params();
-    let rows = if labels.is_none() && label_keys.is_none() && q.from.is_none() && q.to.is_none()
-    {
+    let rows = if labels.is_none() && label_keys.is_none() && q.from.is_none() && q.to.is_none() {
         let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
             &[&q.branch, &q.subsystem, &q.latest_per_subsystem, &project];
         match (&q.branch, &q.subsystem) {

@@ -436,9 +436,7 @@ async fn unfiltered_trend_and_aggregate_plans_read_day_rows_not_reports_or_files
     let app = spawn_app().await;
     let project = default_project(&app).await;
     let db = app.sql().await;
-    db.batch_execute("SET statement_timeout = 0")
-        .await
-        .unwrap();
+    db.batch_execute("SET statement_timeout = 0").await.unwrap();
     // 100k reports of 3 branches and 10 subsystems over 90 days, 3 files each.
     db.batch_execute(&format!(
         "INSERT INTO coverage_reports (project_id, id, commit_sha, branch, subsystem, client_key,
@@ -472,9 +470,8 @@ async fn unfiltered_trend_and_aggregate_plans_read_day_rows_not_reports_or_files
     assert!((2700..=2760).contains(&rows), "{rows} day rows");
 
     let p = format!("'{project}'::uuid");
-    let trend = |b: &str, s: &str| {
-        format!("{b}, {s}, 'day', 1, now() - interval '89 days', now(), {p}")
-    };
+    let trend =
+        |b: &str, s: &str| format!("{b}, {s}, 'day', 1, now() - interval '89 days', now(), {p}");
     let aggregate = |b: &str, s: &str| format!("{b}, {s}, false, {p}");
     let checks: Vec<(&str, &Stmt, String)> = vec![
         ("trend_days", &sql::TREND_DAYS, trend("NULL", "NULL")),
@@ -483,7 +480,11 @@ async fn unfiltered_trend_and_aggregate_plans_read_day_rows_not_reports_or_files
             &sql::TREND_DAYS_BRANCH_SUBSYSTEM,
             trend("'main'", "'sub3'"),
         ),
-        ("aggregate_days", &sql::AGGREGATE_DAYS, aggregate("NULL", "NULL")),
+        (
+            "aggregate_days",
+            &sql::AGGREGATE_DAYS,
+            aggregate("NULL", "NULL"),
+        ),
         (
             "aggregate_days_branch",
             &sql::AGGREGATE_DAYS_BRANCH,

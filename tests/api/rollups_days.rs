@@ -291,8 +291,14 @@ async fn assert_rollups_match(app: &TestApp, slug: &str, project: Uuid, period: 
             seen += 1;
         }
     }
-    let in_range = want.keys().filter(|&&s| s >= lo - 31 * 86400 && s < hi).count();
-    assert_eq!(seen, in_range, "{slug} {period:?}: every period with rows has a rollup");
+    let in_range = want
+        .keys()
+        .filter(|&&s| s >= lo - 31 * 86400 && s < hi)
+        .count();
+    assert_eq!(
+        seen, in_range,
+        "{slug} {period:?}: every period with rows has a rollup"
+    );
 }
 
 /// The maintained per-day discrepancy counts differ from the raw rows by

@@ -81,7 +81,9 @@ const ADVANCE: Stmt = Stmt::new(
      ON CONFLICT (project_id, period) DO UPDATE SET computed_to = EXCLUDED.computed_to",
 );
 
-const COMPUTE: Stmt = Stmt::new(
+/// The upsert of the rollups of some periods of one project (public for the
+/// plan test: it reads per-day counts, never discrepancies or executions).
+pub const COMPUTE: Stmt = Stmt::new(
     "INSERT",
     "metric_rollups",
     "WITH bounds AS ( \

@@ -386,21 +386,27 @@ async fn rollups_stay_correct_with_concurrent_writers_and_a_computation_terminat
         .enumerate()
         .map(|(w, sql)| {
             tokio::spawn(async move {
+                // Each statement is its own transaction, as the gateway
+                // writes them (V27's per-session counts are locked statement
+                // by statement: two statements in one transaction could
+                // lock them in different orders).
                 for i in 0..25 {
+                    let (a, b) = ((w * 37 + i * 3) % 160, (w * 11 + i * 7) % 160);
+                    let (c, f) = ((w * 41 + i) % 160, 1 + (w + i) % 12);
                     sql.batch_execute(&format!(
                         "INSERT INTO discrepancies (project_id, session_id, id, kind, severity,
                                                     description, confidence, fingerprint, created_at)
                          SELECT s.project_id, s.id, gen_random_uuid(), 'k', (1 + ({w} + {i}) % 5)::int2,
                                 'd', 1, 'w{w}-{i}', s.created_at + interval '3 hours'
                          FROM sessions s WHERE s.project_id = '{project}'
-                          AND s.request_id IN ('rd-1-{a}', 'rd-1-{b}');
-                         DELETE FROM discrepancies WHERE project_id = '{project}'
+                          AND s.request_id IN ('rd-1-{a}', 'rd-1-{b}')"
+                    ))
+                    .await
+                    .unwrap();
+                    sql.batch_execute(&format!(
+                        "DELETE FROM discrepancies WHERE project_id = '{project}'
                           AND fingerprint = 'f{f}' AND session_id = (SELECT id FROM sessions
-                              WHERE project_id = '{project}' AND request_id = 'rd-1-{c}');",
-                        a = (w * 37 + i * 3) % 160,
-                        b = (w * 11 + i * 7) % 160,
-                        c = (w * 41 + i) % 160,
-                        f = 1 + (w + i) % 12,
+                              WHERE project_id = '{project}' AND request_id = 'rd-1-{c}')"
                     ))
                     .await
                     .unwrap();
@@ -477,4 +483,60 @@ async fn rollups_stay_correct_with_concurrent_writers_and_a_computation_terminat
     // A re-run (incremental) brings every day back in line with the rows.
     compute(&app, "default", RollupPeriod::Day, false).await;
     assert_rollups_match(&app, "default", project, RollupPeriod::Day).await;
+}
+
+/// Every relation a JSON plan reads.
+fn relations(plan: &serde_json::Value, out: &mut Vec<String>) {
+    if let Some(r) = plan
+        .get("Relation Name")
+        .and_then(serde_json::Value::as_str)
+    {
+        out.push(r.to_owned());
+    }
+    if let Some(children) = plan.get("Plans").and_then(serde_json::Value::as_array) {
+        for c in children {
+            relations(c, out);
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_rollup_statement_reads_day_counts_not_discrepancies_or_executions() {
+    let app = spawn_app().await;
+    let project = default_project(&app).await;
+    plant(&app, project, 2).await;
+    let sql = app.sql().await;
+    sql.batch_execute(&format!(
+        "ANALYZE; SET plan_cache_mode = force_generic_plan; PREPARE compute AS {}",
+        verdict::metrics::rollups::COMPUTE.sql
+    ))
+    .await
+    .unwrap();
+    let row = sql
+        .query_one(
+            &format!(
+                "EXPLAIN (FORMAT JSON) EXECUTE compute('day', \
+                 ARRAY['2026-03-01T00:00:00Z', '2026-03-02T00:00:00Z']::timestamptz[], \
+                 '1 day', '{project}')"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let plan: serde_json::Value = row.get(0);
+    let mut read = Vec::new();
+    relations(&plan[0]["Plan"], &mut read);
+    read.sort();
+    read.dedup();
+    assert_eq!(
+        read,
+        [
+            "discrepancy_created_days",
+            "metric_rollups",
+            "results",
+            "sessions",
+            "test_execution_days"
+        ],
+        "{plan}"
+    );
 }

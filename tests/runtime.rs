@@ -98,7 +98,7 @@ async fn serves_recovers_and_drains(shape: &str) {
                 let request_id = format!("rt-{w}-{n}");
                 match client.create_session(session(&request_id)).await {
                     Ok(created) => {
-                        let id = created.into_inner().id;
+                        let id = created.into_inner().session.expect("the created session").id;
                         let read = client
                             .get_session(GetSessionRequest {
                                 lookup: Some(Lookup::Id(id.clone())),
@@ -108,7 +108,7 @@ async fn serves_recovers_and_drains(shape: &str) {
                         // Before SIGTERM a read of an acknowledged write
                         // finds it (a terminated backend may fail it once).
                         if let Ok(found) = read {
-                            assert_eq!(found.into_inner().id, id);
+                            assert_eq!(found.into_inner().session.map(|s| s.id), Some(id));
                         }
                         acked.lock().unwrap().push(request_id);
                     }

@@ -98,7 +98,11 @@ async fn serves_recovers_and_drains(shape: &str) {
                 let request_id = format!("rt-{w}-{n}");
                 match client.create_session(session(&request_id)).await {
                     Ok(created) => {
-                        let id = created.into_inner().session.expect("the created session").id;
+                        let id = created
+                            .into_inner()
+                            .session
+                            .expect("the created session")
+                            .id;
                         let read = client
                             .get_session(GetSessionRequest {
                                 lookup: Some(Lookup::Id(id.clone())),

@@ -21,29 +21,79 @@ fn env_number(name: &str) -> Option<usize> {
         .filter(|n| *n > 0)
 }
 
-/// The async runtime. `VERDICT_WORKER_THREADS` sets the number of worker
-/// threads (default: one per CPU); `VERDICT_RUNTIME=current_thread` runs
-/// everything on the main thread, which spends the least CPU per call when
-/// the gateway shares a few cores with its database and clients (no task
-/// crosses threads, no worker is woken to steal), at the price of using
-/// one core at most.
-fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    let mut builder = if std::env::var("VERDICT_RUNTIME").is_ok_and(|v| v == "current_thread") {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        if let Some(n) = env_number("VERDICT_WORKER_THREADS") {
-            b.worker_threads(n);
+/// The shape of the async runtime (`VERDICT_RUNTIME`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    /// The whole gateway on the main thread.
+    CurrentThread,
+    /// A pool of worker threads (`VERDICT_WORKER_THREADS`, default one per
+    /// CPU the process may use).
+    MultiThread,
+}
+
+/// The largest number of CPUs at which `auto` (the default) runs the
+/// gateway on one thread.
+///
+/// A call is served by two tasks: its HTTP/2 connection's and the pooled
+/// PostgreSQL connection's (tokio-postgres drives each connection as a task
+/// of its own). On a multi-threaded runtime they usually sit on different
+/// workers, so every reply from the database wakes another thread through a
+/// futex, and idle workers are woken to steal work: measured from outside
+/// (`../shared/bench/side-by-side.sh`, see the README's Benchmarks) that is
+/// 3 to 7 times more voluntary context switches per call and the kernel's
+/// task switching as the largest entry of the profile. With one or two CPUs
+/// (a small VM, or a container whose CPU quota is 2 or less, which
+/// `available_parallelism` reads from the cgroup) a second worker buys
+/// little throughput: the database and the clients need those cores too.
+const AUTO_CURRENT_THREAD_MAX_CPUS: usize = 2;
+
+/// The runtime shape from `VERDICT_RUNTIME` (`auto`, `current_thread`,
+/// `multi_thread`), whether `VERDICT_WORKER_THREADS` is set, and the CPUs
+/// the process may use. `auto` (or unset): one thread on up to
+/// [`AUTO_CURRENT_THREAD_MAX_CPUS`] CPUs, workers beyond; asking for a
+/// number of workers asks for workers.
+fn shape(runtime: Option<&str>, workers_set: bool, cpus: usize) -> Result<Shape, String> {
+    match runtime.map(str::trim) {
+        Some("current_thread") => Ok(Shape::CurrentThread),
+        Some("multi_thread") => Ok(Shape::MultiThread),
+        None | Some("" | "auto") if workers_set => Ok(Shape::MultiThread),
+        None | Some("" | "auto") if cpus <= AUTO_CURRENT_THREAD_MAX_CPUS => {
+            Ok(Shape::CurrentThread)
         }
-        b
+        None | Some("" | "auto") => Ok(Shape::MultiThread),
+        Some(other) => Err(format!(
+            "VERDICT_RUNTIME={other:?}: expected auto, current_thread or multi_thread"
+        )),
+    }
+}
+
+/// The async runtime, in the shape [`shape`] picks from the environment.
+fn runtime() -> Result<(tokio::runtime::Runtime, Shape), String> {
+    let workers = env_number("VERDICT_WORKER_THREADS");
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let chosen = shape(
+        std::env::var("VERDICT_RUNTIME").ok().as_deref(),
+        workers.is_some(),
+        cpus,
+    )?;
+    let mut builder = match chosen {
+        Shape::CurrentThread => tokio::runtime::Builder::new_current_thread(),
+        Shape::MultiThread => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = workers {
+                b.worker_threads(n);
+            }
+            b
+        }
     };
-    builder.enable_all().build()
+    let runtime = builder.enable_all().build().map_err(|e| e.to_string())?;
+    Ok((runtime, chosen))
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match runtime() {
-        Ok(rt) => rt,
+    let (runtime, shape) = match runtime() {
+        Ok(chosen) => chosen,
         Err(e) => {
             eprintln!("verdict: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
@@ -51,6 +101,7 @@ fn main() -> ExitCode {
     };
     let outcome = runtime.block_on(async {
         let telemetry = verdict::telemetry::init(&cli.config)?;
+        tracing::debug!(runtime = ?shape, "async runtime");
         let result = match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => {
                 tracing::debug!(config = ?cli.config, "starting");
@@ -120,5 +171,45 @@ fn main() -> ExitCode {
             eprintln!("verdict: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auto_runs_on_one_thread_up_to_two_cpus_and_on_workers_beyond() {
+        for runtime in [None, Some("auto"), Some(""), Some(" auto ")] {
+            assert_eq!(shape(runtime, false, 1), Ok(Shape::CurrentThread));
+            assert_eq!(shape(runtime, false, 2), Ok(Shape::CurrentThread));
+            assert_eq!(shape(runtime, false, 3), Ok(Shape::MultiThread));
+            assert_eq!(shape(runtime, false, 64), Ok(Shape::MultiThread));
+        }
+    }
+
+    #[test]
+    fn an_explicit_shape_or_worker_count_wins_over_auto() {
+        assert_eq!(
+            shape(Some("multi_thread"), false, 1),
+            Ok(Shape::MultiThread)
+        );
+        assert_eq!(
+            shape(Some("current_thread"), false, 64),
+            Ok(Shape::CurrentThread)
+        );
+        assert_eq!(shape(None, true, 2), Ok(Shape::MultiThread));
+        assert_eq!(shape(Some("auto"), true, 1), Ok(Shape::MultiThread));
+        // An explicit shape wins over a worker count.
+        assert_eq!(
+            shape(Some("current_thread"), true, 8),
+            Ok(Shape::CurrentThread)
+        );
+    }
+
+    #[test]
+    fn an_unknown_shape_is_refused_with_the_accepted_names() {
+        let e = shape(Some("threadpool"), false, 4).unwrap_err();
+        assert!(e.contains("auto, current_thread or multi_thread"), "{e}");
     }
 }

@@ -41,11 +41,14 @@ enum Shape {
 /// futex, and idle workers are woken to steal work: measured from outside
 /// (`../shared/bench/side-by-side.sh`, see the README's Benchmarks) that is
 /// 3 to 7 times more voluntary context switches per call and the kernel's
-/// task switching as the largest entry of the profile. With one or two CPUs
-/// (a small VM, or a container whose CPU quota is 2 or less, which
+/// task switching as the largest entry of the profile. With one CPU (a small
+/// VM, or a container whose CPU quota is 1 or less, which
 /// `available_parallelism` reads from the cgroup) a second worker buys
-/// little throughput: the database and the clients need those cores too.
-const AUTO_CURRENT_THREAD_MAX_CPUS: usize = 2;
+/// nothing. With two it buys throughput when the gateway has its CPUs to
+/// itself (a Kubernetes pod with `limits.cpu: 2` expects both used), so
+/// `auto` keeps workers there; a gateway sharing a small box with its
+/// database and clients asks for `current_thread` explicitly.
+const AUTO_CURRENT_THREAD_MAX_CPUS: usize = 1;
 
 /// The runtime shape from `VERDICT_RUNTIME` (`auto`, `current_thread`,
 /// `multi_thread`), whether `VERDICT_WORKER_THREADS` is set, and the CPUs
@@ -179,10 +182,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_runs_on_one_thread_up_to_two_cpus_and_on_workers_beyond() {
+    fn auto_runs_on_one_thread_on_one_cpu_and_on_workers_beyond() {
         for runtime in [None, Some("auto"), Some(""), Some(" auto ")] {
             assert_eq!(shape(runtime, false, 1), Ok(Shape::CurrentThread));
-            assert_eq!(shape(runtime, false, 2), Ok(Shape::CurrentThread));
+            assert_eq!(shape(runtime, false, 2), Ok(Shape::MultiThread));
             assert_eq!(shape(runtime, false, 3), Ok(Shape::MultiThread));
             assert_eq!(shape(runtime, false, 64), Ok(Shape::MultiThread));
         }

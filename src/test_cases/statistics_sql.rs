@@ -6,13 +6,17 @@
 //!   test type, labels, run): no catch-all `($n IS NULL OR …)` predicate,
 //!   so even a generic plan uses the scope's index. An unset window is the
 //!   range [year 1, year 10000), which every stored time is in.
-//! - Totals and histograms of the test-case-level scopes read
-//!   `test_execution_days` (per project, test case and UTC day; migration
-//!   V25) for the days the window covers entirely, and the raw executions
-//!   only for the partial days at its two edges. The day rows are refreshed
-//!   in the transaction that writes executions ([`refresh_days`]) and by a
-//!   statement trigger when executions are deleted, so they always equal
-//!   the raw rows.
+//! - Totals and histograms of a test case read `test_execution_days` (per
+//!   project, test case and UTC day; migration V25); those of a subsystem,
+//!   a test type or the whole project read `test_execution_scope_days`
+//!   (per project, scope and UTC day; migration V35), so their cost is one
+//!   row per day whatever the number of test cases. Both levels cover the
+//!   days the window covers entirely; the raw executions are read only for
+//!   the partial days at its two edges (through the (project, started_at)
+//!   index). The test case day rows are refreshed in the transaction that
+//!   writes executions ([`refresh_days`]) and by a statement trigger when
+//!   executions are deleted; statement triggers on them add every change
+//!   to the scope rows (see V35). Both levels always equal the raw rows.
 //! - Percentiles are exact (`percentile_cont` over the raw rows) when at
 //!   most [`EXACT_PERCENTILES_UP_TO`] executions ran in scope; beyond that
 //!   they are interpolated over a histogram of log-scale buckets (bucket
@@ -21,8 +25,12 @@
 //!   of every value in the bucket — so the estimate is within 4.5 % of the
 //!   exact percentile (a bucket holding a single integer is exact).
 //! - The flakiness ranking reads, per test case in scope, its last N passed
-//!   or failed executions through the (project, test case, started_at)
-//!   index: the exact ranking at the cost of N rows per test case.
+//!   or failed executions by an index-only scan of (project, test case,
+//!   started_at, id) INCLUDE (status): the exact ranking at the cost of N
+//!   index entries per test case in scope, whatever the history's length.
+//! - Label- and run-scoped statistics cannot be rolled up (any label set,
+//!   any run): they read the matching executions through the GIN index on
+//!   labels and the (project, run) index.
 
 use super::ExecutionStatus;
 use super::executions::{StatisticsQuery, StatsScope};
@@ -179,21 +187,19 @@ macro_rules! scope_test_type {
     };
 }
 
-/// Totals: the day rows of [day_from, day_to) plus the raw executions of
-/// the two edges.
+/// Totals: the day rows `d` of [day_from, day_to) plus the raw executions
+/// of the two edges. `$days` is the day rows' FROM .. WHERE (a rollup
+/// level and the scope's predicate on it).
 macro_rules! totals_sql {
-    ($dj:expr, $dw:expr, $ej:expr, $ew:expr, $tw:expr) => {
+    ($days:expr, $ej:expr, $ew:expr) => {
         concat!(
             "WITH days AS ( \
                SELECT coalesce(sum(d.total), 0)::int8 AS total, \
                       coalesce(sum(d.passed), 0)::int8 AS passed, \
                       coalesce(sum(d.failed), 0)::int8 AS failed, \
                       coalesce(sum(d.skipped), 0)::int8 AS skipped, \
-                      coalesce(sum(d.error), 0)::int8 AS error \
-               FROM test_execution_days d",
-            $dj,
-            " WHERE d.project_id = $1 AND d.day >= $6 AND d.day < $7",
-            $dw,
+                      coalesce(sum(d.error), 0)::int8 AS error",
+            $days,
             "), edges AS ( \
                SELECT count(*) AS total, \
                       count(*) FILTER (WHERE x.status = 'passed') AS passed, \
@@ -218,16 +224,14 @@ macro_rules! totals_sql {
 }
 
 /// The duration histogram (bucket, count) of the executions that ran: the
-/// day rows' histograms plus the raw edges, merged.
+/// day rows' histograms plus the raw edges, merged. `$days` as in
+/// `totals_sql`.
 macro_rules! histogram_sql {
-    ($dj:expr, $dw:expr, $ej:expr, $ew:expr, $tw:expr) => {
+    ($days:expr, $ej:expr, $ew:expr) => {
         concat!(
             "SELECT x.bucket, sum(x.n)::int8 FROM ( \
-               SELECT h.bucket, h.n FROM test_execution_days d",
-            $dj,
-            " CROSS JOIN LATERAL unnest(d.hist_buckets, d.hist_counts) AS h(bucket, n) \
-               WHERE d.project_id = $1 AND d.day >= $6 AND d.day < $7",
-            $dw,
+               SELECT h.bucket, h.n",
+            $days,
             " UNION ALL SELECT verdict_duration_bucket(e.duration_ms), 1 FROM test_executions e",
             $ej,
             " WHERE e.project_id = $1 AND e.started_at >= $2 AND e.started_at < $3 \
@@ -240,6 +244,47 @@ macro_rules! histogram_sql {
             $ew,
             ") x GROUP BY x.bucket ORDER BY x.bucket"
         )
+    };
+}
+
+/// The day rows of a test case (first level, test_execution_days).
+macro_rules! test_case_days {
+    ($lateral:expr) => {
+        concat!(
+            " FROM test_execution_days d",
+            $lateral,
+            " WHERE d.project_id = $1 AND d.day >= $6 AND d.day < $7 AND d.test_case_id = $8"
+        )
+    };
+}
+
+/// The day rows of a scope of the second level (test_execution_scope_days;
+/// migration V35): one row per day whatever the number of test cases.
+macro_rules! scope_days {
+    ($lateral:expr, $kind:literal, $value:literal) => {
+        concat!(
+            " FROM test_execution_scope_days d",
+            $lateral,
+            " WHERE d.project_id = $1 AND d.kind = '",
+            $kind,
+            "' AND d.value = ",
+            $value,
+            " AND d.day >= $6 AND d.day < $7"
+        )
+    };
+}
+
+/// The histogram entries of the day rows `d`.
+macro_rules! hist {
+    () => {
+        " CROSS JOIN LATERAL unnest(d.hist_buckets, d.hist_counts) AS h(bucket, n)"
+    };
+}
+
+/// The join of executions `e` to their test cases `t`.
+macro_rules! join_t {
+    () => {
+        " JOIN test_cases t ON t.project_id = e.project_id AND t.id = e.test_case_id"
     };
 }
 
@@ -260,33 +305,30 @@ macro_rules! exact_sql {
 }
 
 /// The flakiness ranking of the test cases `t` in scope: per test case its
-/// last $4 passed-or-failed executions in [$2, $3) through the (project,
-/// test case, started_at) index, lag() over them oldest first to count the
-/// changes. $1 project, $5 how many to return, $6 the scope's value.
+/// last $4 passed-or-failed executions in [$2, $3), newest first, read by
+/// an index-only scan of (project, test case, started_at, id) INCLUDE
+/// (status) (migration V35), the changes between neighbours counted in
+/// that same order (lead(), no sort). $1 project, $5 how many to return,
+/// $6 the scope's value.
 macro_rules! flaky_sql {
     ($dj:expr, $dw:expr, $ej:expr, $ew:expr, $tw:expr) => {
         concat!(
-            "WITH recent AS ( \
-               SELECT t.id AS test_case_id, r.status, \
-                      lag(r.status) OVER (PARTITION BY t.id ORDER BY r.started_at, r.id) AS previous \
-               FROM test_cases t \
-               CROSS JOIN LATERAL ( \
-                 SELECT e.status, e.started_at, e.id FROM test_executions e \
-                 WHERE e.project_id = $1 AND e.test_case_id = t.id \
-                   AND e.started_at >= $2 AND e.started_at < $3 \
-                   AND e.status IN ('passed', 'failed') \
-                 ORDER BY e.started_at DESC, e.id DESC LIMIT $4) r \
-               WHERE t.project_id = $1",
-            $tw,
-            "), counted AS ( \
-               SELECT test_case_id, \
-                      count(*) FILTER (WHERE previous IS NOT NULL AND previous <> status) AS flips, \
+            "SELECT t.id, t.key, t.name, f.flips, f.considered, count(*) OVER () \
+             FROM test_cases t \
+             CROSS JOIN LATERAL ( \
+               SELECT count(*) FILTER (WHERE w.next <> w.status) AS flips, \
                       count(*) AS considered \
-               FROM recent GROUP BY test_case_id) \
-             SELECT c.test_case_id, t.key, t.name, c.flips, c.considered, count(*) OVER () \
-             FROM counted c JOIN test_cases t ON t.project_id = $1 AND t.id = c.test_case_id \
-             WHERE c.flips > 0 \
-             ORDER BY c.flips DESC, t.key LIMIT $5"
+               FROM (SELECT r.status, \
+                            lead(r.status) OVER (ORDER BY r.started_at DESC, r.id DESC) AS next \
+                     FROM (SELECT e.status, e.started_at, e.id FROM test_executions e \
+                           WHERE e.project_id = $1 AND e.test_case_id = t.id \
+                             AND e.started_at >= $2 AND e.started_at < $3 \
+                             AND e.status IN ('passed', 'failed') \
+                           ORDER BY e.started_at DESC, e.id DESC LIMIT $4) r) w) f \
+             WHERE t.project_id = $1",
+            $tw,
+            " AND f.flips > 0 \
+             ORDER BY f.flips DESC, t.key LIMIT $5"
         )
     };
 }
@@ -297,18 +339,55 @@ macro_rules! stmt {
     };
 }
 
-pub const TOTALS_ALL: Stmt = stmt!("test_execution_days", scope_all!(totals_sql, "$8"));
-pub const TOTALS_TEST_CASE: Stmt = stmt!("test_execution_days", scope_test_case!(totals_sql, "$8"));
-pub const TOTALS_SUBSYSTEM: Stmt = stmt!("test_execution_days", scope_subsystem!(totals_sql, "$8"));
-pub const TOTALS_TEST_TYPE: Stmt = stmt!("test_execution_days", scope_test_type!(totals_sql, "$8"));
+pub const TOTALS_ALL: Stmt = stmt!(
+    "test_execution_scope_days",
+    totals_sql!(scope_days!("", "project", "''"), "", "")
+);
+pub const TOTALS_TEST_CASE: Stmt = stmt!(
+    "test_execution_days",
+    totals_sql!(test_case_days!(""), "", " AND e.test_case_id = $8")
+);
+pub const TOTALS_SUBSYSTEM: Stmt = stmt!(
+    "test_execution_scope_days",
+    totals_sql!(
+        scope_days!("", "subsystem", "$8"),
+        join_t!(),
+        " AND t.target_subsystem = $8"
+    )
+);
+pub const TOTALS_TEST_TYPE: Stmt = stmt!(
+    "test_execution_scope_days",
+    totals_sql!(
+        scope_days!("", "test_type", "$8"),
+        join_t!(),
+        " AND t.test_type = $8"
+    )
+);
 
-pub const HISTOGRAM_ALL: Stmt = stmt!("test_execution_days", scope_all!(histogram_sql, "$8"));
-pub const HISTOGRAM_TEST_CASE: Stmt =
-    stmt!("test_execution_days", scope_test_case!(histogram_sql, "$8"));
-pub const HISTOGRAM_SUBSYSTEM: Stmt =
-    stmt!("test_execution_days", scope_subsystem!(histogram_sql, "$8"));
-pub const HISTOGRAM_TEST_TYPE: Stmt =
-    stmt!("test_execution_days", scope_test_type!(histogram_sql, "$8"));
+pub const HISTOGRAM_ALL: Stmt = stmt!(
+    "test_execution_scope_days",
+    histogram_sql!(scope_days!(hist!(), "project", "''"), "", "")
+);
+pub const HISTOGRAM_TEST_CASE: Stmt = stmt!(
+    "test_execution_days",
+    histogram_sql!(test_case_days!(hist!()), "", " AND e.test_case_id = $8")
+);
+pub const HISTOGRAM_SUBSYSTEM: Stmt = stmt!(
+    "test_execution_scope_days",
+    histogram_sql!(
+        scope_days!(hist!(), "subsystem", "$8"),
+        join_t!(),
+        " AND t.target_subsystem = $8"
+    )
+);
+pub const HISTOGRAM_TEST_TYPE: Stmt = stmt!(
+    "test_execution_scope_days",
+    histogram_sql!(
+        scope_days!(hist!(), "test_type", "$8"),
+        join_t!(),
+        " AND t.test_type = $8"
+    )
+);
 
 pub const EXACT_ALL: Stmt = stmt!("test_executions", scope_all!(exact_sql, "$4"));
 pub const EXACT_TEST_CASE: Stmt = stmt!("test_executions", scope_test_case!(exact_sql, "$4"));
@@ -632,12 +711,22 @@ pub async fn flakiest(
 
 /// Locks the day rows of the keys ($2 test cases, $3 days, sorted, no
 /// duplicates) in key order, creating missing ones, so concurrent writers
-/// of the same days queue here.
+/// of the same days queue here. A new row takes the subsystem and type of
+/// its test case (the scope its counts are added to, migration V35), read
+/// FOR SHARE: an UpdateTestCase changing them either committed before
+/// (this reads the new values) or waits until this transaction ends (and
+/// then moves this row too).
 const LOCK_DAYS: Stmt = Stmt::new(
     "INSERT",
     "test_execution_days",
-    "INSERT INTO test_execution_days AS d (project_id, test_case_id, day) \
-     SELECT $1, k.test_case_id, k.day FROM unnest($2::uuid[], $3::date[]) AS k(test_case_id, day) \
+    "WITH tc AS ( \
+       SELECT t.id, t.target_subsystem, t.test_type FROM test_cases t \
+       WHERE t.project_id = $1 AND t.id = ANY($2::uuid[]) ORDER BY t.id FOR SHARE) \
+     INSERT INTO test_execution_days AS d (project_id, test_case_id, day, target_subsystem, \
+                                           test_type) \
+     SELECT $1, k.test_case_id, k.day, tc.target_subsystem, tc.test_type \
+     FROM unnest($2::uuid[], $3::date[]) AS k(test_case_id, day) \
+     JOIN tc ON tc.id = k.test_case_id \
      ORDER BY k.test_case_id, k.day \
      ON CONFLICT (project_id, test_case_id, day) DO UPDATE SET total = d.total",
 );

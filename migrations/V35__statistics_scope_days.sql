@@ -21,8 +21,20 @@
 --    them, so two writers cannot wait on each other in a cycle. Rows whose
 --    counts reach zero are deleted.
 --
--- The backfill below reads the day rows (one per test case and day, not
--- one per execution), set-based.
+-- 3. test_case_recent_outcomes: per test case, its last 100 passed or
+--    failed executions (oldest first) as a string of 'P' and 'F' and their
+--    start times. The flakiness ranking reads it instead of the executions
+--    when the ranking's window ends after the newest of them and asks for
+--    at most 100 (the default is 20), which a dashboard's "last N days"
+--    does: one short row per test case. Refreshed like the day rows: the
+--    gateway locks the rows of the test cases a batch wrote (in key order,
+--    after the day and scope rows) and recomputes them from the executions
+--    in a statement of its own; a statement trigger does the same for
+--    deleted executions that could be among the last 100.
+--
+-- The backfills below read the day rows (one per test case and day, not
+-- one per execution) and the last 100 index entries of each test case,
+-- set-based.
 SET LOCAL statement_timeout = 0;
 
 ALTER TABLE test_execution_days
@@ -227,3 +239,80 @@ CREATE INDEX test_executions_project_case_recent_idx
     ON test_executions (project_id, test_case_id, started_at DESC, id DESC)
     INCLUDE (status, duration_ms);
 DROP INDEX test_executions_project_case_started_idx;
+
+CREATE TABLE test_case_recent_outcomes (
+    project_id   uuid          NOT NULL,
+    test_case_id uuid          NOT NULL,
+    -- The last 100 passed ('P') or failed ('F') executions, oldest first
+    -- (by started_at, then id).
+    outcomes     text          NOT NULL DEFAULT '',
+    -- Their started_at, in the same order.
+    times        timestamptz[] NOT NULL DEFAULT '{}',
+    PRIMARY KEY (project_id, test_case_id),
+    FOREIGN KEY (project_id, test_case_id) REFERENCES test_cases (project_id, id)
+        ON DELETE CASCADE
+);
+
+-- The last 100 passed or failed executions of a test case, from the index
+-- above (index-only), in the snapshot of the calling statement.
+CREATE FUNCTION verdict_recent_outcomes_of(project uuid, test_case uuid,
+                                           OUT outcomes text, OUT times timestamptz[])
+LANGUAGE sql STABLE
+AS $$
+    SELECT coalesce(string_agg(CASE WHEN x.status = 'passed' THEN 'P' ELSE 'F' END, ''
+                               ORDER BY x.started_at, x.id), ''),
+           coalesce(array_agg(x.started_at ORDER BY x.started_at, x.id), '{}')
+    FROM (SELECT e.status, e.started_at, e.id FROM test_executions e
+          WHERE e.project_id = project AND e.test_case_id = test_case
+            AND e.status IN ('passed', 'failed')
+          ORDER BY e.started_at DESC, e.id DESC LIMIT 100) x
+$$;
+
+INSERT INTO test_case_recent_outcomes (project_id, test_case_id, outcomes, times)
+SELECT t.project_id, t.id, r.outcomes, r.times
+FROM test_cases t CROSS JOIN LATERAL verdict_recent_outcomes_of(t.project_id, t.id) r;
+
+-- After executions are deleted: the test cases whose deleted passed or
+-- failed executions could be among their last 100 (not strictly older
+-- than the oldest kept of a full row) are locked in key order and
+-- recomputed from the remaining rows (a new snapshot). Only existing rows
+-- are updated, so a cascade from a deleted test case never re-creates one.
+CREATE FUNCTION verdict_recent_outcomes_after_delete() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    ps uuid[];
+    ts uuid[];
+BEGIN
+    SELECT array_agg(g.project_id ORDER BY g.project_id, g.test_case_id),
+           array_agg(g.test_case_id ORDER BY g.project_id, g.test_case_id)
+    INTO ps, ts
+    FROM (SELECT o.project_id, o.test_case_id, max(o.started_at) AS newest
+          FROM gone o WHERE o.status IN ('passed', 'failed')
+          GROUP BY o.project_id, o.test_case_id) g
+    JOIN test_case_recent_outcomes r
+      ON r.project_id = g.project_id AND r.test_case_id = g.test_case_id
+    WHERE cardinality(r.times) < 100 OR g.newest >= r.times[1];
+    IF ps IS NULL THEN
+        RETURN NULL;
+    END IF;
+    PERFORM 1 FROM test_case_recent_outcomes r
+        JOIN unnest(ps, ts) AS k(project_id, test_case_id)
+          ON r.project_id = k.project_id AND r.test_case_id = k.test_case_id
+        ORDER BY r.project_id, r.test_case_id
+        FOR UPDATE OF r;
+    UPDATE test_case_recent_outcomes r
+       SET outcomes = a.outcomes, times = a.times
+      FROM unnest(ps, ts) AS k(project_id, test_case_id)
+      CROSS JOIN LATERAL verdict_recent_outcomes_of(k.project_id, k.test_case_id) a
+     WHERE r.project_id = k.project_id AND r.test_case_id = k.test_case_id;
+    RETURN NULL;
+END
+$$;
+
+-- Named to fire after test_executions_refresh_days (triggers of one event
+-- fire in name order): day rows, then scope rows, then these.
+CREATE TRIGGER test_executions_refresh_recent
+    AFTER DELETE ON test_executions
+    REFERENCING OLD TABLE AS gone
+    FOR EACH STATEMENT EXECUTE FUNCTION verdict_recent_outcomes_after_delete();

@@ -24,10 +24,14 @@
 //!   at its bucket's geometric middle, which is within 2^(1/16) - 1 < 4.5 %
 //!   of every value in the bucket — so the estimate is within 4.5 % of the
 //!   exact percentile (a bucket holding a single integer is exact).
-//! - The flakiness ranking reads, per test case in scope, its last N passed
-//!   or failed executions by an index-only scan of (project, test case,
-//!   started_at, id) INCLUDE (status): the exact ranking at the cost of N
-//!   index entries per test case in scope, whatever the history's length.
+//! - The flakiness ranking reads, per test case in scope, one row of
+//!   `test_case_recent_outcomes` (its last 100 passed or failed outcomes
+//!   and their times, refreshed with the day rows; migration V35) when the
+//!   window ends after the newest of them and N ≤ 100 — exact, see
+//!   `flaky_sql` — else its last N passed or failed executions by an
+//!   index-only scan of (project, test case, started_at, id) INCLUDE
+//!   (status). Either way the exact ranking, at a cost per test case in
+//!   scope, whatever the history's length.
 //! - Label- and run-scoped statistics cannot be rolled up (any label set,
 //!   any run): they read the matching executions through the GIN index on
 //!   labels and the (project, run) index.
@@ -304,27 +308,48 @@ macro_rules! exact_sql {
     };
 }
 
-/// The flakiness ranking of the test cases `t` in scope: per test case its
-/// last $4 passed-or-failed executions in [$2, $3), newest first, read by
-/// an index-only scan of (project, test case, started_at, id) INCLUDE
-/// (status) (migration V35), the changes between neighbours counted in
-/// that same order (lead(), no sort). $1 project, $5 how many to return,
-/// $6 the scope's value.
+/// The flakiness ranking of the test cases `t` in scope. Per test case:
+/// when $4 ≤ 100 and its newest kept outcome started before $3, from its
+/// row of test_case_recent_outcomes (the last 100 passed or failed
+/// executions, oldest first): the suffix of those that started at or after
+/// $2, at most $4 (exact: older executions are older than every kept one);
+/// else its last $4 passed-or-failed executions in [$2, $3), newest first,
+/// by an index-only scan of (project, test case, started_at, id) INCLUDE
+/// (status) (migration V35), the changes between neighbours counted in that
+/// order (lead(), no sort). Flips are the runs of equal outcomes minus one.
+/// $1 project, $5 how many to return, $6 the scope's value.
 macro_rules! flaky_sql {
     ($dj:expr, $dw:expr, $ej:expr, $ew:expr, $tw:expr) => {
         concat!(
             "SELECT t.id, t.key, t.name, f.flips, f.considered, count(*) OVER () \
              FROM test_cases t \
+             LEFT JOIN test_case_recent_outcomes o \
+               ON o.project_id = t.project_id AND o.test_case_id = t.id \
+             CROSS JOIN LATERAL ( \
+               SELECT $4::int8 <= 100 AND o.test_case_id IS NOT NULL \
+                      AND (o.outcomes = '' OR o.times[cardinality(o.times)] < $3) AS covered) c \
+             LEFT JOIN LATERAL ( \
+               SELECT right(o.outcomes, \
+                            CASE WHEN cardinality(o.times) >= $4 \
+                                      AND o.times[cardinality(o.times) - $4::int4 + 1] >= $2 THEN $4::int4 \
+                                 ELSE (SELECT count(*) FROM unnest(o.times) AS x(at) \
+                                       WHERE x.at >= $2)::int4 END) AS s \
+               WHERE c.covered) k ON true \
              CROSS JOIN LATERAL ( \
                SELECT count(*) FILTER (WHERE w.next <> w.status) AS flips, \
                       count(*) AS considered \
                FROM (SELECT r.status, \
                             lead(r.status) OVER (ORDER BY r.started_at DESC, r.id DESC) AS next \
                      FROM (SELECT e.status, e.started_at, e.id FROM test_executions e \
-                           WHERE e.project_id = $1 AND e.test_case_id = t.id \
+                           WHERE NOT c.covered AND e.project_id = $1 AND e.test_case_id = t.id \
                              AND e.started_at >= $2 AND e.started_at < $3 \
                              AND e.status IN ('passed', 'failed') \
-                           ORDER BY e.started_at DESC, e.id DESC LIMIT $4) r) w) f \
+                           ORDER BY e.started_at DESC, e.id DESC LIMIT $4) r) w) raw \
+             CROSS JOIN LATERAL ( \
+               SELECT CASE WHEN c.covered THEN greatest(regexp_count(k.s, 'P+|F+') - 1, 0)::int8 \
+                           ELSE raw.flips END AS flips, \
+                      CASE WHEN c.covered THEN length(k.s)::int8 ELSE raw.considered END \
+                          AS considered) f \
              WHERE t.project_id = $1",
             $tw,
             " AND f.flips > 0 \
@@ -746,8 +771,35 @@ const REFRESH_DAYS: Stmt = Stmt::new(
      WHERE d.project_id = $1 AND d.test_case_id = a.test_case_id AND d.day = a.day",
 );
 
-/// Brings the day rows of `keys` (test case, UTC day) of `project` up to
-/// date with the executions stored, in the caller's transaction.
+/// Locks the recent-outcome rows of the test cases $2 (sorted, no
+/// duplicates) in key order, creating missing ones. Taken after the day
+/// and scope rows (as the delete trigger does), so writers queue in one
+/// order.
+const LOCK_RECENT: Stmt = Stmt::new(
+    "INSERT",
+    "test_case_recent_outcomes",
+    "INSERT INTO test_case_recent_outcomes AS o (project_id, test_case_id) \
+     SELECT $1, k.test_case_id FROM unnest($2::uuid[]) AS k(test_case_id) \
+     ORDER BY k.test_case_id \
+     ON CONFLICT (project_id, test_case_id) DO UPDATE SET outcomes = o.outcomes",
+);
+
+/// Recomputes the locked recent-outcome rows from the executions (the
+/// last 100 passed or failed of each, by index-only scan). A statement of
+/// its own, for the same reason as [`REFRESH_DAYS`].
+const REFRESH_RECENT: Stmt = Stmt::new(
+    "UPDATE",
+    "test_case_recent_outcomes",
+    "UPDATE test_case_recent_outcomes o SET outcomes = a.outcomes, times = a.times \
+     FROM unnest($2::uuid[]) AS k(test_case_id) \
+     CROSS JOIN LATERAL verdict_recent_outcomes_of($1, k.test_case_id) a \
+     WHERE o.project_id = $1 AND o.test_case_id = k.test_case_id",
+);
+
+/// Brings the day rows of `keys` (test case, UTC day) of `project`, the
+/// scope rows they add to (by trigger) and the recent outcomes of their
+/// test cases up to date with the executions stored, in the caller's
+/// transaction.
 pub async fn refresh_days(
     c: &impl GenericClient,
     project: Uuid,
@@ -766,6 +818,10 @@ pub async fn refresh_days(
     REFRESH_DAYS
         .execute(c, &[&project, &test_cases, &days])
         .await?;
+    let mut test_cases = test_cases;
+    test_cases.dedup();
+    LOCK_RECENT.execute(c, &[&project, &test_cases]).await?;
+    REFRESH_RECENT.execute(c, &[&project, &test_cases]).await?;
     Ok(())
 }
 

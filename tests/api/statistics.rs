@@ -161,6 +161,38 @@ async fn rollup_drift(app: &TestApp) -> i64 {
         .unwrap()
         .get::<_, i64>(0)
         + scope_drift(app).await
+        + recent_drift(app).await
+}
+
+/// Test cases whose test_case_recent_outcomes row differs from their last
+/// 100 passed or failed executions over the raw rows (a test case with
+/// such executions and no row counts too).
+async fn recent_drift(app: &TestApp) -> i64 {
+    app.sql()
+        .await
+        .query_one(
+            "WITH ranked AS ( \
+               SELECT project_id, test_case_id, status, started_at, id, \
+                      row_number() OVER (PARTITION BY project_id, test_case_id \
+                                         ORDER BY started_at DESC, id DESC) AS nth \
+               FROM test_executions WHERE status IN ('passed', 'failed')), \
+             raw AS ( \
+               SELECT project_id, test_case_id, \
+                      string_agg(upper(left(status, 1)), '' ORDER BY started_at, id) AS outcomes, \
+                      array_agg(started_at ORDER BY started_at, id) AS times \
+               FROM ranked WHERE nth <= 100 GROUP BY 1, 2) \
+             SELECT count(*) FROM test_cases t \
+             LEFT JOIN raw r ON r.project_id = t.project_id AND r.test_case_id = t.id \
+             LEFT JOIN test_case_recent_outcomes o \
+               ON o.project_id = t.project_id AND o.test_case_id = t.id \
+             WHERE (r.outcomes IS NOT NULL OR o.outcomes IS NOT NULL) \
+               AND (coalesce(r.outcomes, ''), coalesce(r.times, '{}')) \
+                   IS DISTINCT FROM (o.outcomes, o.times)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
 }
 
 /// Rows of test_execution_scope_days (per project, scope and day) that
@@ -684,6 +716,12 @@ async fn assert_scopes_match(app: &TestApp, subsystems: &[&str], types: &[(TestT
             let want = expected(app, predicate, w, 5).await;
             assert_eq!(got, want, "{req:?}");
         }
+        // A flakiness window beyond the 100 outcomes kept per test case
+        // reads the executions.
+        let mut req = req.clone();
+        req.flakiness_window = 150;
+        let got = answered(&stats(app, req.clone()).await);
+        assert_eq!(got, expected(app, predicate, None, 150).await, "{req:?}");
     }
 }
 
@@ -738,6 +776,19 @@ async fn scope_rollups_stay_exact_under_concurrent_writers_retyped_test_cases_a_
     while let Some(done) = writers.join_next().await {
         done.unwrap().expect("concurrent writer");
     }
+    // One test case gets more passed or failed executions than the 100
+    // kept per test case, spread over the windows' edges.
+    record(
+        &app,
+        "long-history",
+        (0..160i64)
+            .map(|i| {
+                let status = if i % 3 == 0 { Failed } else { Passed };
+                run("c-5", status, 600 + i * 2113, i * 13 % 900 + 1)
+            })
+            .collect(),
+    )
+    .await;
     assert_eq!(rollup_drift(&app).await, 0);
     let types = [
         (TestType::Unit, "unit"),

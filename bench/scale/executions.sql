@@ -111,6 +111,13 @@ UPDATE test_execution_days d
   FROM test_cases t
  WHERE d.project_id = :'project'::uuid AND t.project_id = d.project_id AND t.id = d.test_case_id;
 ANALYZE test_execution_scope_days;
+-- The last 100 outcomes of every test case of the project (V35).
+DELETE FROM test_case_recent_outcomes WHERE project_id = :'project'::uuid;
+INSERT INTO test_case_recent_outcomes (project_id, test_case_id, outcomes, times)
+SELECT t.project_id, t.id, r.outcomes, r.times
+FROM test_cases t CROSS JOIN LATERAL verdict_recent_outcomes_of(t.project_id, t.id) r
+WHERE t.project_id = :'project'::uuid;
+ANALYZE test_case_recent_outcomes;
 \endif
 ANALYZE test_execution_days;
 \endif

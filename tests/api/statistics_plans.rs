@@ -3,8 +3,8 @@
 //! prepared statement ends up with, the entity-scoped ones read their
 //! index, never a sequential scan of test_executions; subsystem, test type
 //! and whole-project totals and histograms read the per-scope day rows
-//! (migration V35), one per day, and the flakiness ranking reads statuses
-//! by index-only scan.
+//! (migration V35), one per day, and the flakiness ranking reads one
+//! recent-outcome row per test case (falling back to an index-only scan).
 
 use crate::helpers::*;
 use serde_json::Value;
@@ -157,6 +157,7 @@ async fn entity_scoped_statistics_statements_use_their_index_on_a_quarter_millio
         .unwrap();
     let mut scanned = Vec::new();
     let mut rolled = Vec::new();
+    let mut flaky = Vec::new();
     for (i, (name, statement, args)) in cases.iter().enumerate() {
         sql.batch_execute(&format!("PREPARE stats_{i} AS {statement}"))
             .await
@@ -225,6 +226,12 @@ async fn entity_scoped_statistics_statements_use_their_index_on_a_quarter_millio
                     && n["Index Name"] == "test_executions_project_case_recent_idx"),
                 "{name} reads statuses by index-only scan: {plan}"
             );
+            assert!(
+                all.iter()
+                    .any(|n| n["Relation Name"] == "test_case_recent_outcomes"),
+                "{name} reads test_case_recent_outcomes: {plan}"
+            );
+            flaky.push((i, name, args));
         }
     }
     // Run for real: the rollup-backed statements read one row per day of
@@ -253,6 +260,27 @@ async fn entity_scoped_statistics_statements_use_their_index_on_a_quarter_millio
             "{name}: {read} scope day rows, {} ms",
             plan[0]["Execution Time"]
         );
+    }
+    // A window ending now, 20 outcomes: every test case is answered from
+    // its recent-outcome row; no execution is read.
+    for (i, name, args) in flaky {
+        let plan: Value = sql
+            .query_one(
+                &format!("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE stats_{i}({args})"),
+                &[],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .get(0);
+        let mut all = Vec::new();
+        nodes(&plan[0]["Plan"], &mut all);
+        let executions: f64 = all
+            .iter()
+            .filter(|n| n["Relation Name"] == "test_executions")
+            .map(|n| n["Actual Rows"].as_f64().unwrap() * n["Actual Loops"].as_f64().unwrap())
+            .sum();
+        assert_eq!(executions, 0.0, "{name} reads no execution: {plan}");
+        eprintln!("{name}: {} ms", plan[0]["Execution Time"]);
     }
     assert!(
         scanned.is_empty(),

@@ -191,79 +191,67 @@ macro_rules! scope_test_type {
     };
 }
 
-/// Totals: the day rows `d` of [day_from, day_to) plus the raw executions
-/// of the two edges. `$days` is the day rows' FROM .. WHERE (a rollup
-/// level and the scope's predicate on it).
+/// Totals of the day rows `d` of [day_from, day_to). `$days` is their
+/// FROM .. WHERE (a rollup level and the scope's predicate on it).
 macro_rules! totals_sql {
-    ($days:expr, $ej:expr, $ew:expr) => {
+    ($days:expr) => {
         concat!(
-            "WITH days AS ( \
-               SELECT coalesce(sum(d.total), 0)::int8 AS total, \
-                      coalesce(sum(d.passed), 0)::int8 AS passed, \
-                      coalesce(sum(d.failed), 0)::int8 AS failed, \
-                      coalesce(sum(d.skipped), 0)::int8 AS skipped, \
-                      coalesce(sum(d.error), 0)::int8 AS error",
+            "SELECT coalesce(sum(d.total), 0)::int8, coalesce(sum(d.passed), 0)::int8, \
+                    coalesce(sum(d.failed), 0)::int8, coalesce(sum(d.skipped), 0)::int8, \
+                    coalesce(sum(d.error), 0)::int8",
+            $days
+        )
+    };
+}
+
+/// The merged duration histogram (bucket, count) of the day rows `d`.
+macro_rules! histogram_sql {
+    ($days:expr) => {
+        concat!(
+            "SELECT h.bucket, sum(h.n)::int8",
             $days,
-            "), edges AS ( \
-               SELECT count(*) AS total, \
-                      count(*) FILTER (WHERE x.status = 'passed') AS passed, \
-                      count(*) FILTER (WHERE x.status = 'failed') AS failed, \
-                      count(*) FILTER (WHERE x.status = 'skipped') AS skipped, \
-                      count(*) FILTER (WHERE x.status = 'error') AS error \
-               FROM (SELECT e.status FROM test_executions e",
+            " GROUP BY h.bucket ORDER BY h.bucket"
+        )
+    };
+}
+
+/// The raw executions of the window's two partial edge days, read once,
+/// counted by status and duration bucket: $1 project, [$2, $3) and
+/// [$4, $5) the edges, $6 the scope's value.
+macro_rules! edges_sql {
+    ($ej:expr, $ew:expr) => {
+        concat!(
+            "SELECT x.status, x.bucket, count(*)::int8 FROM ( \
+               SELECT e.status, verdict_duration_bucket(e.duration_ms) AS bucket \
+               FROM test_executions e",
             $ej,
             " WHERE e.project_id = $1 AND e.started_at >= $2 AND e.started_at < $3",
             $ew,
-            " UNION ALL SELECT e.status FROM test_executions e",
+            " UNION ALL SELECT e.status, verdict_duration_bucket(e.duration_ms) \
+               FROM test_executions e",
             $ej,
             " WHERE e.project_id = $1 AND e.started_at >= $4 AND e.started_at < $5",
             $ew,
-            ") x) \
-             SELECT days.total + edges.total, days.passed + edges.passed, \
-                    days.failed + edges.failed, days.skipped + edges.skipped, \
-                    days.error + edges.error \
-             FROM days, edges"
+            ") x GROUP BY x.status, x.bucket"
         )
     };
 }
 
-/// The duration histogram (bucket, count) of the executions that ran: the
-/// day rows' histograms plus the raw edges, merged. `$days` as in
-/// `totals_sql`.
-macro_rules! histogram_sql {
-    ($days:expr, $ej:expr, $ew:expr) => {
-        concat!(
-            "SELECT x.bucket, sum(x.n)::int8 FROM ( \
-               SELECT h.bucket, h.n",
-            $days,
-            " UNION ALL SELECT verdict_duration_bucket(e.duration_ms), 1 FROM test_executions e",
-            $ej,
-            " WHERE e.project_id = $1 AND e.started_at >= $2 AND e.started_at < $3 \
-                 AND e.status <> 'skipped'",
-            $ew,
-            " UNION ALL SELECT verdict_duration_bucket(e.duration_ms), 1 FROM test_executions e",
-            $ej,
-            " WHERE e.project_id = $1 AND e.started_at >= $4 AND e.started_at < $5 \
-                 AND e.status <> 'skipped'",
-            $ew,
-            ") x GROUP BY x.bucket ORDER BY x.bucket"
-        )
-    };
-}
-
-/// The day rows of a test case (first level, test_execution_days).
+/// The day rows of a test case (first level, test_execution_days): $1
+/// project, [$2, $3) the days, $4 the test case.
 macro_rules! test_case_days {
     ($lateral:expr) => {
         concat!(
             " FROM test_execution_days d",
             $lateral,
-            " WHERE d.project_id = $1 AND d.day >= $6 AND d.day < $7 AND d.test_case_id = $8"
+            " WHERE d.project_id = $1 AND d.day >= $2 AND d.day < $3 AND d.test_case_id = $4"
         )
     };
 }
 
 /// The day rows of a scope of the second level (test_execution_scope_days;
-/// migration V35): one row per day whatever the number of test cases.
+/// migration V35), one row per day whatever the number of test cases: $1
+/// project, [$2, $3) the days, $4 the scope's value.
 macro_rules! scope_days {
     ($lateral:expr, $kind:literal, $value:literal) => {
         concat!(
@@ -273,7 +261,7 @@ macro_rules! scope_days {
             $kind,
             "' AND d.value = ",
             $value,
-            " AND d.day >= $6 AND d.day < $7"
+            " AND d.day >= $2 AND d.day < $3"
         )
     };
 }
@@ -366,52 +354,47 @@ macro_rules! stmt {
 
 pub const TOTALS_ALL: Stmt = stmt!(
     "test_execution_scope_days",
-    totals_sql!(scope_days!("", "project", "''"), "", "")
+    totals_sql!(scope_days!("", "project", "''"))
 );
-pub const TOTALS_TEST_CASE: Stmt = stmt!(
-    "test_execution_days",
-    totals_sql!(test_case_days!(""), "", " AND e.test_case_id = $8")
-);
+pub const TOTALS_TEST_CASE: Stmt = stmt!("test_execution_days", totals_sql!(test_case_days!("")));
 pub const TOTALS_SUBSYSTEM: Stmt = stmt!(
     "test_execution_scope_days",
-    totals_sql!(
-        scope_days!("", "subsystem", "$8"),
-        join_t!(),
-        " AND t.target_subsystem = $8"
-    )
+    totals_sql!(scope_days!("", "subsystem", "$4"))
 );
 pub const TOTALS_TEST_TYPE: Stmt = stmt!(
     "test_execution_scope_days",
-    totals_sql!(
-        scope_days!("", "test_type", "$8"),
-        join_t!(),
-        " AND t.test_type = $8"
-    )
+    totals_sql!(scope_days!("", "test_type", "$4"))
 );
 
 pub const HISTOGRAM_ALL: Stmt = stmt!(
     "test_execution_scope_days",
-    histogram_sql!(scope_days!(hist!(), "project", "''"), "", "")
+    histogram_sql!(scope_days!(hist!(), "project", "''"))
 );
 pub const HISTOGRAM_TEST_CASE: Stmt = stmt!(
     "test_execution_days",
-    histogram_sql!(test_case_days!(hist!()), "", " AND e.test_case_id = $8")
+    histogram_sql!(test_case_days!(hist!()))
 );
 pub const HISTOGRAM_SUBSYSTEM: Stmt = stmt!(
     "test_execution_scope_days",
-    histogram_sql!(
-        scope_days!(hist!(), "subsystem", "$8"),
-        join_t!(),
-        " AND t.target_subsystem = $8"
-    )
+    histogram_sql!(scope_days!(hist!(), "subsystem", "$4"))
 );
 pub const HISTOGRAM_TEST_TYPE: Stmt = stmt!(
     "test_execution_scope_days",
-    histogram_sql!(
-        scope_days!(hist!(), "test_type", "$8"),
-        join_t!(),
-        " AND t.test_type = $8"
-    )
+    histogram_sql!(scope_days!(hist!(), "test_type", "$4"))
+);
+
+pub const EDGES_ALL: Stmt = stmt!("test_executions", edges_sql!("", ""));
+pub const EDGES_TEST_CASE: Stmt = stmt!(
+    "test_executions",
+    edges_sql!("", " AND e.test_case_id = $6")
+);
+pub const EDGES_SUBSYSTEM: Stmt = stmt!(
+    "test_executions",
+    edges_sql!(join_t!(), " AND t.target_subsystem = $6")
+);
+pub const EDGES_TEST_TYPE: Stmt = stmt!(
+    "test_executions",
+    edges_sql!(join_t!(), " AND t.test_type = $6")
 );
 
 pub const EXACT_ALL: Stmt = stmt!("test_executions", scope_all!(exact_sql, "$4"));
@@ -566,30 +549,54 @@ pub async fn totals(
         }
         Scope::Run(run) => return raw_totals(TOTALS_RUN.query_one(c, &[&project, run]).await?),
     };
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+    let mut days: Vec<&(dyn ToSql + Sync)> = vec![&project, &span.day_from, &span.day_to];
+    days.extend(value);
+    let mut edges: Vec<&(dyn ToSql + Sync)> = vec![
         &project,
         &span.from,
         &span.full_from,
         &span.full_to,
         &span.to,
-        &span.day_from,
-        &span.day_to,
     ];
-    params.extend(value);
+    edges.extend(value);
     let row = match shape {
-        Shape::All => TOTALS_ALL.query_one(c, &params).await?,
-        Shape::TestCase => TOTALS_TEST_CASE.query_one(c, &params).await?,
-        Shape::Subsystem => TOTALS_SUBSYSTEM.query_one(c, &params).await?,
-        Shape::TestType => TOTALS_TEST_TYPE.query_one(c, &params).await?,
+        Shape::All => TOTALS_ALL.query_one(c, &days).await?,
+        Shape::TestCase => TOTALS_TEST_CASE.query_one(c, &days).await?,
+        Shape::Subsystem => TOTALS_SUBSYSTEM.query_one(c, &days).await?,
+        Shape::TestType => TOTALS_TEST_TYPE.query_one(c, &days).await?,
     };
-    let by_status = by_status(&row)?;
+    let edge_rows = match shape {
+        Shape::All => EDGES_ALL.query(c, &edges).await?,
+        Shape::TestCase => EDGES_TEST_CASE.query(c, &edges).await?,
+        Shape::Subsystem => EDGES_SUBSYSTEM.query(c, &edges).await?,
+        Shape::TestType => EDGES_TEST_TYPE.query(c, &edges).await?,
+    };
+    // (status, bucket, count) of the edges.
+    let edge_counts = edge_rows
+        .iter()
+        .map(|r| {
+            Ok((
+                ExecutionStatus::from_db(r.try_get(0)?)?,
+                r.try_get::<_, i16>(1)?,
+                r.try_get::<_, i64>(2)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut by_status = by_status(&row)?;
+    for (status, count) in &mut by_status {
+        *count += edge_counts
+            .iter()
+            .filter(|(s, _, _)| s == status)
+            .map(|(_, _, n)| n)
+            .sum::<i64>();
+    }
     let ran: i64 = by_status
         .iter()
         .filter(|(s, _)| *s != ExecutionStatus::Skipped)
         .map(|(_, n)| n)
         .sum();
     let mut totals = Totals {
-        total: row.try_get(0)?,
+        total: row.try_get::<_, i64>(0)? + edge_counts.iter().map(|(_, _, n)| n).sum::<i64>(),
         by_status,
         ..Totals::default()
     };
@@ -609,15 +616,21 @@ pub async fn totals(
         totals.p95_ms = row.try_get(1)?;
     } else {
         let rows = match shape {
-            Shape::All => HISTOGRAM_ALL.query(c, &params).await?,
-            Shape::TestCase => HISTOGRAM_TEST_CASE.query(c, &params).await?,
-            Shape::Subsystem => HISTOGRAM_SUBSYSTEM.query(c, &params).await?,
-            Shape::TestType => HISTOGRAM_TEST_TYPE.query(c, &params).await?,
+            Shape::All => HISTOGRAM_ALL.query(c, &days).await?,
+            Shape::TestCase => HISTOGRAM_TEST_CASE.query(c, &days).await?,
+            Shape::Subsystem => HISTOGRAM_SUBSYSTEM.query(c, &days).await?,
+            Shape::TestType => HISTOGRAM_TEST_TYPE.query(c, &days).await?,
         };
-        let histogram = rows
-            .iter()
-            .map(|r| Ok((r.try_get::<_, i16>(0)?, r.try_get::<_, i64>(1)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let mut merged = std::collections::BTreeMap::new();
+        for r in &rows {
+            *merged.entry(r.try_get::<_, i16>(0)?).or_insert(0i64) += r.try_get::<_, i64>(1)?;
+        }
+        for (status, bucket, n) in &edge_counts {
+            if *status != ExecutionStatus::Skipped {
+                *merged.entry(*bucket).or_insert(0) += n;
+            }
+        }
+        let histogram: Vec<(i16, i64)> = merged.into_iter().collect();
         totals.p50_ms = percentile(&histogram, 0.5);
         totals.p95_ms = percentile(&histogram, 0.95);
         totals.estimated = true;

@@ -102,6 +102,23 @@ LEFT JOIN (SELECT project_id, test_case_id, day,
                  GROUP BY 1, 2, 3, 4) b
            GROUP BY 1, 2, 3) h
   ON h.project_id = a.project_id AND h.test_case_id = a.test_case_id AND h.day = a.day;
+-- From V35 on, a day row names its test case's subsystem and type (the
+-- scope rollup, test_execution_scope_days, is kept by triggers from them).
+SELECT to_regclass('test_execution_scope_days') IS NOT NULL AS has_scope_rollup \gset
+\if :has_scope_rollup
+UPDATE test_execution_days d
+   SET target_subsystem = t.target_subsystem, test_type = t.test_type
+  FROM test_cases t
+ WHERE d.project_id = :'project'::uuid AND t.project_id = d.project_id AND t.id = d.test_case_id;
+ANALYZE test_execution_scope_days;
+-- The last 100 outcomes of every test case of the project (V35).
+DELETE FROM test_case_recent_outcomes WHERE project_id = :'project'::uuid;
+INSERT INTO test_case_recent_outcomes (project_id, test_case_id, outcomes, times)
+SELECT t.project_id, t.id, r.outcomes, r.times
+FROM test_cases t CROSS JOIN LATERAL verdict_recent_outcomes_of(t.project_id, t.id) r
+WHERE t.project_id = :'project'::uuid;
+ANALYZE test_case_recent_outcomes;
+\endif
 ANALYZE test_execution_days;
 \endif
 

@@ -6,13 +6,17 @@
 //!   test type, labels, run): no catch-all `($n IS NULL OR …)` predicate,
 //!   so even a generic plan uses the scope's index. An unset window is the
 //!   range [year 1, year 10000), which every stored time is in.
-//! - Totals and histograms of the test-case-level scopes read
-//!   `test_execution_days` (per project, test case and UTC day; migration
-//!   V25) for the days the window covers entirely, and the raw executions
-//!   only for the partial days at its two edges. The day rows are refreshed
-//!   in the transaction that writes executions ([`refresh_days`]) and by a
-//!   statement trigger when executions are deleted, so they always equal
-//!   the raw rows.
+//! - Totals and histograms of a test case read `test_execution_days` (per
+//!   project, test case and UTC day; migration V25); those of a subsystem,
+//!   a test type or the whole project read `test_execution_scope_days`
+//!   (per project, scope and UTC day; migration V35), so their cost is one
+//!   row per day whatever the number of test cases. Both levels cover the
+//!   days the window covers entirely; the raw executions are read only for
+//!   the partial days at its two edges (through the (project, started_at)
+//!   index). The test case day rows are refreshed in the transaction that
+//!   writes executions ([`refresh_days`]) and by a statement trigger when
+//!   executions are deleted; statement triggers on them add every change
+//!   to the scope rows (see V35). Both levels always equal the raw rows.
 //! - Percentiles are exact (`percentile_cont` over the raw rows) when at
 //!   most [`EXACT_PERCENTILES_UP_TO`] executions ran in scope; beyond that
 //!   they are interpolated over a histogram of log-scale buckets (bucket
@@ -20,9 +24,17 @@
 //!   at its bucket's geometric middle, which is within 2^(1/16) - 1 < 4.5 %
 //!   of every value in the bucket — so the estimate is within 4.5 % of the
 //!   exact percentile (a bucket holding a single integer is exact).
-//! - The flakiness ranking reads, per test case in scope, its last N passed
-//!   or failed executions through the (project, test case, started_at)
-//!   index: the exact ranking at the cost of N rows per test case.
+//! - The flakiness ranking reads, per test case in scope, one row of
+//!   `test_case_recent_outcomes` (its last 100 passed or failed outcomes
+//!   and their times, refreshed with the day rows; migration V35) when the
+//!   window ends after the newest of them and N ≤ 100 — exact, see
+//!   `flaky_sql` — else its last N passed or failed executions by an
+//!   index-only scan of (project, test case, started_at, id) INCLUDE
+//!   (status). Either way the exact ranking, at a cost per test case in
+//!   scope, whatever the history's length.
+//! - Label- and run-scoped statistics cannot be rolled up (any label set,
+//!   any run): they read the matching executions through the GIN index on
+//!   labels and the (project, run) index.
 
 use super::ExecutionStatus;
 use super::executions::{StatisticsQuery, StatsScope};
@@ -179,67 +191,92 @@ macro_rules! scope_test_type {
     };
 }
 
-/// Totals: the day rows of [day_from, day_to) plus the raw executions of
-/// the two edges.
+/// Totals of the day rows `d` of [day_from, day_to). `$days` is their
+/// FROM .. WHERE (a rollup level and the scope's predicate on it).
 macro_rules! totals_sql {
-    ($dj:expr, $dw:expr, $ej:expr, $ew:expr, $tw:expr) => {
+    ($days:expr) => {
         concat!(
-            "WITH days AS ( \
-               SELECT coalesce(sum(d.total), 0)::int8 AS total, \
-                      coalesce(sum(d.passed), 0)::int8 AS passed, \
-                      coalesce(sum(d.failed), 0)::int8 AS failed, \
-                      coalesce(sum(d.skipped), 0)::int8 AS skipped, \
-                      coalesce(sum(d.error), 0)::int8 AS error \
-               FROM test_execution_days d",
-            $dj,
-            " WHERE d.project_id = $1 AND d.day >= $6 AND d.day < $7",
-            $dw,
-            "), edges AS ( \
-               SELECT count(*) AS total, \
-                      count(*) FILTER (WHERE x.status = 'passed') AS passed, \
-                      count(*) FILTER (WHERE x.status = 'failed') AS failed, \
-                      count(*) FILTER (WHERE x.status = 'skipped') AS skipped, \
-                      count(*) FILTER (WHERE x.status = 'error') AS error \
-               FROM (SELECT e.status FROM test_executions e",
-            $ej,
-            " WHERE e.project_id = $1 AND e.started_at >= $2 AND e.started_at < $3",
-            $ew,
-            " UNION ALL SELECT e.status FROM test_executions e",
-            $ej,
-            " WHERE e.project_id = $1 AND e.started_at >= $4 AND e.started_at < $5",
-            $ew,
-            ") x) \
-             SELECT days.total + edges.total, days.passed + edges.passed, \
-                    days.failed + edges.failed, days.skipped + edges.skipped, \
-                    days.error + edges.error \
-             FROM days, edges"
+            "SELECT coalesce(sum(d.total), 0)::int8, coalesce(sum(d.passed), 0)::int8, \
+                    coalesce(sum(d.failed), 0)::int8, coalesce(sum(d.skipped), 0)::int8, \
+                    coalesce(sum(d.error), 0)::int8",
+            $days
         )
     };
 }
 
-/// The duration histogram (bucket, count) of the executions that ran: the
-/// day rows' histograms plus the raw edges, merged.
+/// The merged duration histogram (bucket, count) of the day rows `d`.
 macro_rules! histogram_sql {
-    ($dj:expr, $dw:expr, $ej:expr, $ew:expr, $tw:expr) => {
+    ($days:expr) => {
         concat!(
-            "SELECT x.bucket, sum(x.n)::int8 FROM ( \
-               SELECT h.bucket, h.n FROM test_execution_days d",
-            $dj,
-            " CROSS JOIN LATERAL unnest(d.hist_buckets, d.hist_counts) AS h(bucket, n) \
-               WHERE d.project_id = $1 AND d.day >= $6 AND d.day < $7",
-            $dw,
-            " UNION ALL SELECT verdict_duration_bucket(e.duration_ms), 1 FROM test_executions e",
-            $ej,
-            " WHERE e.project_id = $1 AND e.started_at >= $2 AND e.started_at < $3 \
-                 AND e.status <> 'skipped'",
-            $ew,
-            " UNION ALL SELECT verdict_duration_bucket(e.duration_ms), 1 FROM test_executions e",
-            $ej,
-            " WHERE e.project_id = $1 AND e.started_at >= $4 AND e.started_at < $5 \
-                 AND e.status <> 'skipped'",
-            $ew,
-            ") x GROUP BY x.bucket ORDER BY x.bucket"
+            "SELECT h.bucket, sum(h.n)::int8",
+            $days,
+            " GROUP BY h.bucket ORDER BY h.bucket"
         )
+    };
+}
+
+/// The raw executions of the window's two partial edge days, read once,
+/// counted by status and duration bucket: $1 project, [$2, $3) and
+/// [$4, $5) the edges, $6 the scope's value.
+macro_rules! edges_sql {
+    ($ej:expr, $ew:expr) => {
+        concat!(
+            "SELECT x.status, x.bucket, count(*)::int8 FROM ( \
+               SELECT e.status, verdict_duration_bucket(e.duration_ms) AS bucket \
+               FROM test_executions e",
+            $ej,
+            " WHERE e.project_id = $1 AND e.started_at >= $2 AND e.started_at < $3",
+            $ew,
+            " UNION ALL SELECT e.status, verdict_duration_bucket(e.duration_ms) \
+               FROM test_executions e",
+            $ej,
+            " WHERE e.project_id = $1 AND e.started_at >= $4 AND e.started_at < $5",
+            $ew,
+            ") x GROUP BY x.status, x.bucket"
+        )
+    };
+}
+
+/// The day rows of a test case (first level, test_execution_days): $1
+/// project, [$2, $3) the days, $4 the test case.
+macro_rules! test_case_days {
+    ($lateral:expr) => {
+        concat!(
+            " FROM test_execution_days d",
+            $lateral,
+            " WHERE d.project_id = $1 AND d.day >= $2 AND d.day < $3 AND d.test_case_id = $4"
+        )
+    };
+}
+
+/// The day rows of a scope of the second level (test_execution_scope_days;
+/// migration V35), one row per day whatever the number of test cases: $1
+/// project, [$2, $3) the days, $4 the scope's value.
+macro_rules! scope_days {
+    ($lateral:expr, $kind:literal, $value:literal) => {
+        concat!(
+            " FROM test_execution_scope_days d",
+            $lateral,
+            " WHERE d.project_id = $1 AND d.kind = '",
+            $kind,
+            "' AND d.value = ",
+            $value,
+            " AND d.day >= $2 AND d.day < $3"
+        )
+    };
+}
+
+/// The histogram entries of the day rows `d`.
+macro_rules! hist {
+    () => {
+        " CROSS JOIN LATERAL unnest(d.hist_buckets, d.hist_counts) AS h(bucket, n)"
+    };
+}
+
+/// The join of executions `e` to their test cases `t`.
+macro_rules! join_t {
+    () => {
+        " JOIN test_cases t ON t.project_id = e.project_id AND t.id = e.test_case_id"
     };
 }
 
@@ -259,34 +296,52 @@ macro_rules! exact_sql {
     };
 }
 
-/// The flakiness ranking of the test cases `t` in scope: per test case its
-/// last $4 passed-or-failed executions in [$2, $3) through the (project,
-/// test case, started_at) index, lag() over them oldest first to count the
-/// changes. $1 project, $5 how many to return, $6 the scope's value.
+/// The flakiness ranking of the test cases `t` in scope. Per test case:
+/// when $4 ≤ 100 and its newest kept outcome started before $3, from its
+/// row of test_case_recent_outcomes (the last 100 passed or failed
+/// executions, oldest first): the suffix of those that started at or after
+/// $2, at most $4 (exact: older executions are older than every kept one);
+/// else its last $4 passed-or-failed executions in [$2, $3), newest first,
+/// by an index-only scan of (project, test case, started_at, id) INCLUDE
+/// (status) (migration V35), the changes between neighbours counted in that
+/// order (lead(), no sort). Flips are the runs of equal outcomes minus one.
+/// $1 project, $5 how many to return, $6 the scope's value.
 macro_rules! flaky_sql {
     ($dj:expr, $dw:expr, $ej:expr, $ew:expr, $tw:expr) => {
         concat!(
-            "WITH recent AS ( \
-               SELECT t.id AS test_case_id, r.status, \
-                      lag(r.status) OVER (PARTITION BY t.id ORDER BY r.started_at, r.id) AS previous \
-               FROM test_cases t \
-               CROSS JOIN LATERAL ( \
-                 SELECT e.status, e.started_at, e.id FROM test_executions e \
-                 WHERE e.project_id = $1 AND e.test_case_id = t.id \
-                   AND e.started_at >= $2 AND e.started_at < $3 \
-                   AND e.status IN ('passed', 'failed') \
-                 ORDER BY e.started_at DESC, e.id DESC LIMIT $4) r \
-               WHERE t.project_id = $1",
-            $tw,
-            "), counted AS ( \
-               SELECT test_case_id, \
-                      count(*) FILTER (WHERE previous IS NOT NULL AND previous <> status) AS flips, \
+            "SELECT t.id, t.key, t.name, f.flips, f.considered, count(*) OVER () \
+             FROM test_cases t \
+             LEFT JOIN test_case_recent_outcomes o \
+               ON o.project_id = t.project_id AND o.test_case_id = t.id \
+             CROSS JOIN LATERAL ( \
+               SELECT $4::int8 <= 100 AND o.test_case_id IS NOT NULL \
+                      AND (o.outcomes = '' OR o.times[cardinality(o.times)] < $3) AS covered) c \
+             LEFT JOIN LATERAL ( \
+               SELECT right(o.outcomes, \
+                            CASE WHEN cardinality(o.times) >= $4 \
+                                      AND o.times[cardinality(o.times) - $4::int4 + 1] >= $2 THEN $4::int4 \
+                                 ELSE (SELECT count(*) FROM unnest(o.times) AS x(at) \
+                                       WHERE x.at >= $2)::int4 END) AS s \
+               WHERE c.covered) k ON true \
+             CROSS JOIN LATERAL ( \
+               SELECT count(*) FILTER (WHERE w.next <> w.status) AS flips, \
                       count(*) AS considered \
-               FROM recent GROUP BY test_case_id) \
-             SELECT c.test_case_id, t.key, t.name, c.flips, c.considered, count(*) OVER () \
-             FROM counted c JOIN test_cases t ON t.project_id = $1 AND t.id = c.test_case_id \
-             WHERE c.flips > 0 \
-             ORDER BY c.flips DESC, t.key LIMIT $5"
+               FROM (SELECT r.status, \
+                            lead(r.status) OVER (ORDER BY r.started_at DESC, r.id DESC) AS next \
+                     FROM (SELECT e.status, e.started_at, e.id FROM test_executions e \
+                           WHERE NOT c.covered AND e.project_id = $1 AND e.test_case_id = t.id \
+                             AND e.started_at >= $2 AND e.started_at < $3 \
+                             AND e.status IN ('passed', 'failed') \
+                           ORDER BY e.started_at DESC, e.id DESC LIMIT $4) r) w) raw \
+             CROSS JOIN LATERAL ( \
+               SELECT CASE WHEN c.covered THEN greatest(regexp_count(k.s, 'P+|F+') - 1, 0)::int8 \
+                           ELSE raw.flips END AS flips, \
+                      CASE WHEN c.covered THEN length(k.s)::int8 ELSE raw.considered END \
+                          AS considered) f \
+             WHERE t.project_id = $1",
+            $tw,
+            " AND f.flips > 0 \
+             ORDER BY f.flips DESC, t.key LIMIT $5"
         )
     };
 }
@@ -297,18 +352,50 @@ macro_rules! stmt {
     };
 }
 
-pub const TOTALS_ALL: Stmt = stmt!("test_execution_days", scope_all!(totals_sql, "$8"));
-pub const TOTALS_TEST_CASE: Stmt = stmt!("test_execution_days", scope_test_case!(totals_sql, "$8"));
-pub const TOTALS_SUBSYSTEM: Stmt = stmt!("test_execution_days", scope_subsystem!(totals_sql, "$8"));
-pub const TOTALS_TEST_TYPE: Stmt = stmt!("test_execution_days", scope_test_type!(totals_sql, "$8"));
+pub const TOTALS_ALL: Stmt = stmt!(
+    "test_execution_scope_days",
+    totals_sql!(scope_days!("", "project", "''"))
+);
+pub const TOTALS_TEST_CASE: Stmt = stmt!("test_execution_days", totals_sql!(test_case_days!("")));
+pub const TOTALS_SUBSYSTEM: Stmt = stmt!(
+    "test_execution_scope_days",
+    totals_sql!(scope_days!("", "subsystem", "$4"))
+);
+pub const TOTALS_TEST_TYPE: Stmt = stmt!(
+    "test_execution_scope_days",
+    totals_sql!(scope_days!("", "test_type", "$4"))
+);
 
-pub const HISTOGRAM_ALL: Stmt = stmt!("test_execution_days", scope_all!(histogram_sql, "$8"));
-pub const HISTOGRAM_TEST_CASE: Stmt =
-    stmt!("test_execution_days", scope_test_case!(histogram_sql, "$8"));
-pub const HISTOGRAM_SUBSYSTEM: Stmt =
-    stmt!("test_execution_days", scope_subsystem!(histogram_sql, "$8"));
-pub const HISTOGRAM_TEST_TYPE: Stmt =
-    stmt!("test_execution_days", scope_test_type!(histogram_sql, "$8"));
+pub const HISTOGRAM_ALL: Stmt = stmt!(
+    "test_execution_scope_days",
+    histogram_sql!(scope_days!(hist!(), "project", "''"))
+);
+pub const HISTOGRAM_TEST_CASE: Stmt = stmt!(
+    "test_execution_days",
+    histogram_sql!(test_case_days!(hist!()))
+);
+pub const HISTOGRAM_SUBSYSTEM: Stmt = stmt!(
+    "test_execution_scope_days",
+    histogram_sql!(scope_days!(hist!(), "subsystem", "$4"))
+);
+pub const HISTOGRAM_TEST_TYPE: Stmt = stmt!(
+    "test_execution_scope_days",
+    histogram_sql!(scope_days!(hist!(), "test_type", "$4"))
+);
+
+pub const EDGES_ALL: Stmt = stmt!("test_executions", edges_sql!("", ""));
+pub const EDGES_TEST_CASE: Stmt = stmt!(
+    "test_executions",
+    edges_sql!("", " AND e.test_case_id = $6")
+);
+pub const EDGES_SUBSYSTEM: Stmt = stmt!(
+    "test_executions",
+    edges_sql!(join_t!(), " AND t.target_subsystem = $6")
+);
+pub const EDGES_TEST_TYPE: Stmt = stmt!(
+    "test_executions",
+    edges_sql!(join_t!(), " AND t.test_type = $6")
+);
 
 pub const EXACT_ALL: Stmt = stmt!("test_executions", scope_all!(exact_sql, "$4"));
 pub const EXACT_TEST_CASE: Stmt = stmt!("test_executions", scope_test_case!(exact_sql, "$4"));
@@ -462,30 +549,54 @@ pub async fn totals(
         }
         Scope::Run(run) => return raw_totals(TOTALS_RUN.query_one(c, &[&project, run]).await?),
     };
-    let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+    let mut days: Vec<&(dyn ToSql + Sync)> = vec![&project, &span.day_from, &span.day_to];
+    days.extend(value);
+    let mut edges: Vec<&(dyn ToSql + Sync)> = vec![
         &project,
         &span.from,
         &span.full_from,
         &span.full_to,
         &span.to,
-        &span.day_from,
-        &span.day_to,
     ];
-    params.extend(value);
+    edges.extend(value);
     let row = match shape {
-        Shape::All => TOTALS_ALL.query_one(c, &params).await?,
-        Shape::TestCase => TOTALS_TEST_CASE.query_one(c, &params).await?,
-        Shape::Subsystem => TOTALS_SUBSYSTEM.query_one(c, &params).await?,
-        Shape::TestType => TOTALS_TEST_TYPE.query_one(c, &params).await?,
+        Shape::All => TOTALS_ALL.query_one(c, &days).await?,
+        Shape::TestCase => TOTALS_TEST_CASE.query_one(c, &days).await?,
+        Shape::Subsystem => TOTALS_SUBSYSTEM.query_one(c, &days).await?,
+        Shape::TestType => TOTALS_TEST_TYPE.query_one(c, &days).await?,
     };
-    let by_status = by_status(&row)?;
+    let edge_rows = match shape {
+        Shape::All => EDGES_ALL.query(c, &edges).await?,
+        Shape::TestCase => EDGES_TEST_CASE.query(c, &edges).await?,
+        Shape::Subsystem => EDGES_SUBSYSTEM.query(c, &edges).await?,
+        Shape::TestType => EDGES_TEST_TYPE.query(c, &edges).await?,
+    };
+    // (status, bucket, count) of the edges.
+    let edge_counts = edge_rows
+        .iter()
+        .map(|r| {
+            Ok((
+                ExecutionStatus::from_db(r.try_get(0)?)?,
+                r.try_get::<_, i16>(1)?,
+                r.try_get::<_, i64>(2)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut by_status = by_status(&row)?;
+    for (status, count) in &mut by_status {
+        *count += edge_counts
+            .iter()
+            .filter(|(s, _, _)| s == status)
+            .map(|(_, _, n)| n)
+            .sum::<i64>();
+    }
     let ran: i64 = by_status
         .iter()
         .filter(|(s, _)| *s != ExecutionStatus::Skipped)
         .map(|(_, n)| n)
         .sum();
     let mut totals = Totals {
-        total: row.try_get(0)?,
+        total: row.try_get::<_, i64>(0)? + edge_counts.iter().map(|(_, _, n)| n).sum::<i64>(),
         by_status,
         ..Totals::default()
     };
@@ -505,15 +616,21 @@ pub async fn totals(
         totals.p95_ms = row.try_get(1)?;
     } else {
         let rows = match shape {
-            Shape::All => HISTOGRAM_ALL.query(c, &params).await?,
-            Shape::TestCase => HISTOGRAM_TEST_CASE.query(c, &params).await?,
-            Shape::Subsystem => HISTOGRAM_SUBSYSTEM.query(c, &params).await?,
-            Shape::TestType => HISTOGRAM_TEST_TYPE.query(c, &params).await?,
+            Shape::All => HISTOGRAM_ALL.query(c, &days).await?,
+            Shape::TestCase => HISTOGRAM_TEST_CASE.query(c, &days).await?,
+            Shape::Subsystem => HISTOGRAM_SUBSYSTEM.query(c, &days).await?,
+            Shape::TestType => HISTOGRAM_TEST_TYPE.query(c, &days).await?,
         };
-        let histogram = rows
-            .iter()
-            .map(|r| Ok((r.try_get::<_, i16>(0)?, r.try_get::<_, i64>(1)?)))
-            .collect::<Result<Vec<_>>>()?;
+        let mut merged = std::collections::BTreeMap::new();
+        for r in &rows {
+            *merged.entry(r.try_get::<_, i16>(0)?).or_insert(0i64) += r.try_get::<_, i64>(1)?;
+        }
+        for (status, bucket, n) in &edge_counts {
+            if *status != ExecutionStatus::Skipped {
+                *merged.entry(*bucket).or_insert(0) += n;
+            }
+        }
+        let histogram: Vec<(i16, i64)> = merged.into_iter().collect();
         totals.p50_ms = percentile(&histogram, 0.5);
         totals.p95_ms = percentile(&histogram, 0.95);
         totals.estimated = true;
@@ -632,12 +749,22 @@ pub async fn flakiest(
 
 /// Locks the day rows of the keys ($2 test cases, $3 days, sorted, no
 /// duplicates) in key order, creating missing ones, so concurrent writers
-/// of the same days queue here.
+/// of the same days queue here. A new row takes the subsystem and type of
+/// its test case (the scope its counts are added to, migration V35), read
+/// FOR SHARE: an UpdateTestCase changing them either committed before
+/// (this reads the new values) or waits until this transaction ends (and
+/// then moves this row too).
 const LOCK_DAYS: Stmt = Stmt::new(
     "INSERT",
     "test_execution_days",
-    "INSERT INTO test_execution_days AS d (project_id, test_case_id, day) \
-     SELECT $1, k.test_case_id, k.day FROM unnest($2::uuid[], $3::date[]) AS k(test_case_id, day) \
+    "WITH tc AS ( \
+       SELECT t.id, t.target_subsystem, t.test_type FROM test_cases t \
+       WHERE t.project_id = $1 AND t.id = ANY($2::uuid[]) ORDER BY t.id FOR SHARE) \
+     INSERT INTO test_execution_days AS d (project_id, test_case_id, day, target_subsystem, \
+                                           test_type) \
+     SELECT $1, k.test_case_id, k.day, tc.target_subsystem, tc.test_type \
+     FROM unnest($2::uuid[], $3::date[]) AS k(test_case_id, day) \
+     JOIN tc ON tc.id = k.test_case_id \
      ORDER BY k.test_case_id, k.day \
      ON CONFLICT (project_id, test_case_id, day) DO UPDATE SET total = d.total",
 );
@@ -657,8 +784,35 @@ const REFRESH_DAYS: Stmt = Stmt::new(
      WHERE d.project_id = $1 AND d.test_case_id = a.test_case_id AND d.day = a.day",
 );
 
-/// Brings the day rows of `keys` (test case, UTC day) of `project` up to
-/// date with the executions stored, in the caller's transaction.
+/// Locks the recent-outcome rows of the test cases $2 (sorted, no
+/// duplicates) in key order, creating missing ones. Taken after the day
+/// and scope rows (as the delete trigger does), so writers queue in one
+/// order.
+const LOCK_RECENT: Stmt = Stmt::new(
+    "INSERT",
+    "test_case_recent_outcomes",
+    "INSERT INTO test_case_recent_outcomes AS o (project_id, test_case_id) \
+     SELECT $1, k.test_case_id FROM unnest($2::uuid[]) AS k(test_case_id) \
+     ORDER BY k.test_case_id \
+     ON CONFLICT (project_id, test_case_id) DO UPDATE SET outcomes = o.outcomes",
+);
+
+/// Recomputes the locked recent-outcome rows from the executions (the
+/// last 100 passed or failed of each, by index-only scan). A statement of
+/// its own, for the same reason as [`REFRESH_DAYS`].
+const REFRESH_RECENT: Stmt = Stmt::new(
+    "UPDATE",
+    "test_case_recent_outcomes",
+    "UPDATE test_case_recent_outcomes o SET outcomes = a.outcomes, times = a.times \
+     FROM unnest($2::uuid[]) AS k(test_case_id) \
+     CROSS JOIN LATERAL verdict_recent_outcomes_of($1, k.test_case_id) a \
+     WHERE o.project_id = $1 AND o.test_case_id = k.test_case_id",
+);
+
+/// Brings the day rows of `keys` (test case, UTC day) of `project`, the
+/// scope rows they add to (by trigger) and the recent outcomes of their
+/// test cases up to date with the executions stored, in the caller's
+/// transaction.
 pub async fn refresh_days(
     c: &impl GenericClient,
     project: Uuid,
@@ -677,6 +831,10 @@ pub async fn refresh_days(
     REFRESH_DAYS
         .execute(c, &[&project, &test_cases, &days])
         .await?;
+    let mut test_cases = test_cases;
+    test_cases.dedup();
+    LOCK_RECENT.execute(c, &[&project, &test_cases]).await?;
+    REFRESH_RECENT.execute(c, &[&project, &test_cases]).await?;
     Ok(())
 }
 

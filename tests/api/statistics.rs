@@ -159,6 +159,81 @@ async fn rollup_drift(app: &TestApp) -> i64 {
         )
         .await
         .unwrap()
+        .get::<_, i64>(0)
+        + scope_drift(app).await
+        + recent_drift(app).await
+}
+
+/// Test cases whose test_case_recent_outcomes row differs from their last
+/// 100 passed or failed executions over the raw rows (a test case with
+/// such executions and no row counts too).
+async fn recent_drift(app: &TestApp) -> i64 {
+    app.sql()
+        .await
+        .query_one(
+            "WITH ranked AS ( \
+               SELECT project_id, test_case_id, status, started_at, id, \
+                      row_number() OVER (PARTITION BY project_id, test_case_id \
+                                         ORDER BY started_at DESC, id DESC) AS nth \
+               FROM test_executions WHERE status IN ('passed', 'failed')), \
+             raw AS ( \
+               SELECT project_id, test_case_id, \
+                      string_agg(upper(left(status, 1)), '' ORDER BY started_at, id) AS outcomes, \
+                      array_agg(started_at ORDER BY started_at, id) AS times \
+               FROM ranked WHERE nth <= 100 GROUP BY 1, 2) \
+             SELECT count(*) FROM test_cases t \
+             LEFT JOIN raw r ON r.project_id = t.project_id AND r.test_case_id = t.id \
+             LEFT JOIN test_case_recent_outcomes o \
+               ON o.project_id = t.project_id AND o.test_case_id = t.id \
+             WHERE (r.outcomes IS NOT NULL OR o.outcomes IS NOT NULL) \
+               AND (coalesce(r.outcomes, ''), coalesce(r.times, '{}')) \
+                   IS DISTINCT FROM (o.outcomes, o.times)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Rows of test_execution_scope_days (per project, scope and day) that
+/// differ from the same aggregate over the raw executions grouped by their
+/// test case's current subsystem and type (both directions, histograms
+/// included); a scope left without executions has no row.
+async fn scope_drift(app: &TestApp) -> i64 {
+    app.sql()
+        .await
+        .query_one(
+            "WITH k AS ( \
+               SELECT e.project_id, s.kind, s.value, (e.started_at AT TIME ZONE 'UTC')::date AS day, \
+                      e.status, e.duration_ms \
+               FROM test_executions e \
+               JOIN test_cases t ON t.project_id = e.project_id AND t.id = e.test_case_id \
+               CROSS JOIN LATERAL (VALUES ('project', ''), ('subsystem', t.target_subsystem), \
+                                          ('test_type', t.test_type)) s(kind, value)), \
+             raw AS ( \
+               SELECT project_id, kind, value, day, count(*) AS total, \
+                      count(*) FILTER (WHERE status = 'passed') AS passed, \
+                      count(*) FILTER (WHERE status = 'failed') AS failed, \
+                      count(*) FILTER (WHERE status = 'skipped') AS skipped, \
+                      count(*) FILTER (WHERE status = 'error') AS error, \
+                      coalesce(sum(duration_ms) FILTER (WHERE status <> 'skipped'), 0)::bigint AS d \
+               FROM k GROUP BY 1, 2, 3, 4), \
+             rolled AS (SELECT project_id, kind, value, day, total, passed, failed, skipped, \
+                               error, duration_ms FROM test_execution_scope_days), \
+             raw_h AS (SELECT project_id, kind, value, day, verdict_duration_bucket(duration_ms), \
+                              count(*) \
+                       FROM k WHERE status <> 'skipped' GROUP BY 1, 2, 3, 4, 5), \
+             rolled_h AS (SELECT d.project_id, d.kind, d.value, d.day, h.b, h.n \
+                          FROM test_execution_scope_days d, \
+                               unnest(d.hist_buckets, d.hist_counts) h(b, n)) \
+             SELECT (SELECT count(*) FROM (SELECT * FROM raw EXCEPT SELECT * FROM rolled) a) \
+                  + (SELECT count(*) FROM (SELECT * FROM rolled EXCEPT SELECT * FROM raw) b) \
+                  + (SELECT count(*) FROM (SELECT * FROM raw_h EXCEPT SELECT * FROM rolled_h) c) \
+                  + (SELECT count(*) FROM (SELECT * FROM rolled_h EXCEPT SELECT * FROM raw_h) d)",
+            &[],
+        )
+        .await
+        .unwrap()
         .get(0)
 }
 
@@ -606,4 +681,249 @@ async fn above_ten_thousand_executions_percentiles_are_estimates_within_the_docu
             );
         }
     }
+}
+
+/// Subsystem, test type and whole-project statistics (read from the
+/// second rollup level) against direct SQL over the raw rows, for every
+/// window of `assert_every_scope_matches`.
+async fn assert_scopes_match(app: &TestApp, subsystems: &[&str], types: &[(TestType, &str)]) {
+    let mut scopes: Vec<(GetTestStatisticsRequest, String)> =
+        vec![(Default::default(), "e.project_id = t.project_id".into())];
+    for s in subsystems {
+        scopes.push((
+            GetTestStatisticsRequest {
+                target_subsystem: (*s).into(),
+                ..Default::default()
+            },
+            format!("t.target_subsystem = '{s}'"),
+        ));
+    }
+    for (ty, name) in types {
+        scopes.push((
+            GetTestStatisticsRequest {
+                test_type: *ty as i32,
+                ..Default::default()
+            },
+            format!("t.test_type = '{name}'"),
+        ));
+    }
+    for (req, predicate) in &scopes {
+        for w in [None, Some((DAY, 3 * DAY)), Some((3600, 4 * DAY - 60))] {
+            let mut req = req.clone();
+            req.window = w.and_then(|(a, b)| window(a, b));
+            req.flakiness_window = 5;
+            let got = answered(&stats(app, req.clone()).await);
+            let want = expected(app, predicate, w, 5).await;
+            assert_eq!(got, want, "{req:?}");
+        }
+        // A flakiness window beyond the 100 outcomes kept per test case
+        // reads the executions.
+        let mut req = req.clone();
+        req.flakiness_window = 150;
+        let got = answered(&stats(app, req.clone()).await);
+        assert_eq!(got, expected(app, predicate, None, 150).await, "{req:?}");
+    }
+}
+
+#[tokio::test]
+async fn scope_rollups_stay_exact_under_concurrent_writers_retyped_test_cases_a_terminated_batch_and_cleanup()
+ {
+    use ExecutionStatus::{Error, Failed, Passed, Skipped};
+    let app = spawn_app().await;
+    let keys = ["c-1", "c-2", "c-3", "c-4", "c-5", "e-1"];
+    let mut ids = Vec::new();
+    for (i, key) in keys.iter().enumerate() {
+        let (ty, subsystem) = match i {
+            0 | 1 => (TestType::Unit, "core"),
+            2 | 3 => (TestType::E2e, "core"),
+            4 => (TestType::Integration, "core"),
+            _ => (TestType::Unit, "edge"),
+        };
+        ids.push(create_test_case(&app, new_test_case(key, ty, subsystem)).await);
+    }
+    let statuses = [
+        Passed, Failed, Passed, Passed, Skipped, Failed, Error, Passed,
+    ];
+    // Eight writers at once, every one into every test case of "core" on
+    // the same two days, half of them listing the items in reverse order:
+    // they all add to the same scope rows.
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..8i64 {
+        let mut client = app.test_cases.clone();
+        writers.spawn(async move {
+            let mut items: Vec<_> = (0..30i64)
+                .map(|i| {
+                    run(
+                        keys[((i + w) % 6) as usize],
+                        statuses[((i * 5 + w) % 8) as usize],
+                        DAY + (i * 3571 + w * 613) % (2 * DAY),
+                        (i * 97 + w * 31) % 5000 + 1,
+                    )
+                })
+                .collect();
+            if w % 2 == 1 {
+                items.reverse();
+            }
+            client
+                .record_executions(RecordExecutionsRequest {
+                    batch_id: format!("scope-writer-{w}"),
+                    items,
+                })
+                .await
+                .map(|_| ())
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap().expect("concurrent writer");
+    }
+    // One test case gets more passed or failed executions than the 100
+    // kept per test case, spread over the windows' edges.
+    record(
+        &app,
+        "long-history",
+        (0..160i64)
+            .map(|i| {
+                let status = if i % 3 == 0 { Failed } else { Passed };
+                run("c-5", status, 600 + i * 2113, i * 13 % 900 + 1)
+            })
+            .collect(),
+    )
+    .await;
+    assert_eq!(rollup_drift(&app).await, 0);
+    let types = [
+        (TestType::Unit, "unit"),
+        (TestType::E2e, "e2e"),
+        (TestType::Integration, "integration"),
+    ];
+    assert_scopes_match(&app, &["core", "edge"], &types).await;
+
+    // A test case moves to another subsystem and type: its history counts
+    // in the new scopes, no longer in the old ones.
+    let mut moved = ids[0].clone();
+    moved.target_subsystem = "edge".into();
+    moved.test_type = TestType::E2e as i32;
+    app.test_cases
+        .clone()
+        .update_test_case(verdict::proto::UpdateTestCaseRequest {
+            test_case: Some(moved),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["target_subsystem".into(), "test_type".into()],
+            }),
+            expected_version: None,
+        })
+        .await
+        .expect("update test case");
+    assert_eq!(rollup_drift(&app).await, 0);
+    assert_scopes_match(&app, &["core", "edge"], &types).await;
+
+    // A batch whose backend is terminated while it waits for a scope row
+    // (another transaction holds it): nothing of it is counted anywhere.
+    let sql = app.sql().await;
+    let project = default_project(&app).await;
+    let day = chrono::DateTime::from_timestamp(T0 + DAY, 0)
+        .unwrap()
+        .date_naive();
+    let mut blocker = app.sql().await;
+    let hold = blocker.transaction().await.unwrap();
+    let held = hold
+        .execute(
+            "SELECT 1 FROM test_execution_scope_days \
+             WHERE project_id = $1 AND kind = 'project' AND value = '' AND day = $2 FOR UPDATE",
+            &[&project, &day],
+        )
+        .await
+        .unwrap();
+    assert_eq!(held, 1);
+    let doomed = RecordExecutionsRequest {
+        batch_id: "doomed".into(),
+        items: (0..6)
+            .map(|i| run(keys[i], Failed, DAY + 100 + i as i64, 4321))
+            .collect(),
+    };
+    let first = tokio::spawn({
+        let mut client = app.test_cases.clone();
+        let doomed = doomed.clone();
+        async move { client.record_executions(doomed).await }
+    });
+    wait_for_lock_wait(&sql, "UPDATE test_execution_days d%").await;
+    terminate_lock_waiter(&sql, "UPDATE test_execution_days d%").await;
+    let err = first.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+    hold.rollback().await.unwrap();
+    let stored: i64 = sql
+        .query_one(
+            "SELECT count(*) FROM test_executions WHERE batch_id = 'doomed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0);
+    assert_eq!(rollup_drift(&app).await, 0);
+    // The retry is counted once.
+    record(&app, "doomed", doomed.items.clone()).await;
+    assert_eq!(rollup_drift(&app).await, 0);
+    assert_scopes_match(&app, &["core", "edge"], &types).await;
+
+    // Retention deletes the old detached executions in small batches; two
+    // recent days stay. The scope rows of the emptied days go, the others
+    // are recounted.
+    let recent = chrono::Utc::now().timestamp() - T0 - 2 * DAY;
+    record(
+        &app,
+        "recent",
+        (0..12)
+            .map(|i| {
+                run(
+                    keys[i % 6],
+                    statuses[i % 8],
+                    recent + i as i64 * 7200,
+                    50 + i as i64,
+                )
+            })
+            .collect(),
+    )
+    .await;
+    verdict::proto::project_service_client::ProjectServiceClient::new(app.channel.clone())
+        .update_project(verdict::proto::UpdateProjectRequest {
+            slug: "default".into(),
+            retention: Some(verdict::proto::Retention {
+                executions_days: Some(100),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .expect("set retention");
+    app.admin
+        .clone()
+        .cleanup(verdict::proto::CleanupRequest {
+            older_than: Some(prost_types::Duration {
+                seconds: 1000 * DAY,
+                nanos: 0,
+            }),
+            cutoff: None,
+            dry_run: false,
+            batch_size: 7,
+        })
+        .await
+        .expect("cleanup");
+    let left: Vec<(String, i64)> = sql
+        .query(
+            "SELECT kind || '/' || value, sum(total)::int8 FROM test_execution_scope_days \
+             WHERE project_id = $1 GROUP BY 1 ORDER BY 1",
+            &[&project],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        left.iter().find(|(k, _)| k == "project/").map(|(_, n)| *n),
+        Some(12),
+        "{left:?}"
+    );
+    assert_eq!(rollup_drift(&app).await, 0);
+    assert_scopes_match(&app, &["core", "edge"], &types).await;
 }

@@ -67,6 +67,21 @@ struct Args {
     /// by an earlier run instead of loading them again.
     #[arg(long)]
     skip_load: bool,
+    /// With `--scale` and `--database-url`: load the rows and stop (no
+    /// gateway in this process; the schema must be migrated already, e.g.
+    /// by `verdict migrate` of the release being measured).
+    #[arg(long, requires = "database_url", conflicts_with = "skip_load")]
+    load_only: bool,
+    /// With `--scale` and `--database-url`: time the calls against the
+    /// gateway already serving that database at this address (e.g.
+    /// `http://127.0.0.1:50051`, a release binary started by
+    /// `scripts/scale.sh`) instead of one in this process.
+    #[arg(long, requires = "database_url")]
+    target: Option<String>,
+    /// With `--scale`: also write the figures to this file, one line per
+    /// call: name, median, min and max in ms (tab-separated).
+    #[arg(long)]
+    tsv: Option<std::path::PathBuf>,
 }
 
 /// `--gateway`: one IngestDiscrepancies stream of `rows` rows into
@@ -311,7 +326,15 @@ async fn main() -> anyhow::Result<()> {
         return external_ingest(gateway, session, args.ingest_rows, args.chunk).await;
     }
     if let Some(scale) = &args.scale {
-        return scale::run(scale, args.database_url.clone(), args.skip_load).await;
+        return scale::run(scale::Options {
+            scale: scale.clone(),
+            database_url: args.database_url.clone(),
+            skip_load: args.skip_load,
+            load_only: args.load_only,
+            target: args.target.clone(),
+            tsv: args.tsv.clone(),
+        })
+        .await;
     }
     let wants = |w: &str| args.only.is_empty() || args.only.iter().any(|o| o == w);
     let dir = std::env::temp_dir().join(format!("verdict-bench-{}", std::process::id()));
@@ -762,8 +785,10 @@ mod scale {
     const POINTS: i64 = 2_000_000;
     /// Coverage reports at S, 50 files each.
     const REPORTS: i64 = 20_000;
+    /// Test executions at S (bench/scale/executions.sql).
+    const EXECUTIONS: i64 = 1_000_000;
     /// Rows per loading statement.
-    const CHUNK: i64 = 500_000;
+    const CHUNK: i64 = 1_000_000;
 
     const SESSIONS_SQL: &str = "INSERT INTO sessions (project_id, id, request_id, source_technology, \
              target_technology, validation_scope, status, created_at, updated_at, started_at, completed_at) \
@@ -812,7 +837,7 @@ mod scale {
          WHERE r.project_id = $1 AND r.client_key LIKE 'scale-%'";
 
     /// `bench/scale/executions.sql` with its psql variables (`:project`,
-    /// `:'project'`, `:factor`, `:days`) replaced by their values.
+    /// `:'project'`, `:rows`, `:days`, `:test_cases`) replaced by their values.
     fn substitute(text: &str, vars: &[(&str, String)]) -> String {
         let mut out = String::with_capacity(text.len());
         let mut rest = text;
@@ -846,98 +871,197 @@ mod scale {
         out
     }
 
-    async fn load(c: &tokio_postgres::Client, project: Uuid, factor: i64) -> anyhow::Result<()> {
-        let step = |what: &str, t: Instant| {
-            println!("  loaded {what} in {:.1} s", t.elapsed().as_secs_f64());
-        };
-        // Each step is skipped when an earlier run loaded it (a run that
-        // stopped half-way resumes at its first missing table).
-        let sessions_loaded: bool = c
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')",
-                &[&project],
-            )
-            .await?
-            .get(0);
-        let reports_loaded: bool = c
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')",
-                &[&project],
-            )
-            .await?
-            .get(0);
-        let sessions = SESSIONS * factor;
+    /// Session settings of the loading connection: commits do not wait for
+    /// the WAL flush (a crash loses at most the last commits of a bench
+    /// load, never consistency) and index builds get memory and workers.
+    const LOAD_SETTINGS: &str = "SET synchronous_commit = off; \
+         SET maintenance_work_mem = '512MB'; \
+         SET max_parallel_maintenance_workers = 2; \
+         SET work_mem = '128MB'";
+
+    /// Names the tables whose secondary indexes the next `DROP_INDEXES`
+    /// drops (comma-separated), for this transaction only.
+    const SET_TABLES: &str = "SELECT set_config('verdict_scale.tables', $1, true)";
+
+    /// Saves the definitions (`pg_get_indexdef`) of the secondary indexes
+    /// of the tables named by `SET_TABLES` in a temporary table and drops
+    /// them, inside the loading transaction. Indexes that back a
+    /// constraint (primary keys, unique constraints, the keys foreign keys
+    /// point at) and unique indexes stay: the load checks them as the
+    /// gateway would. `REBUILD_INDEXES` recreates the others from their
+    /// saved definitions before the commit, so the schema measured is
+    /// exactly the migrated one (a failed load rolls the drop back).
+    const DROP_INDEXES: &str = "DO $$ \
+         DECLARE r record; \
+         BEGIN \
+             CREATE TEMP TABLE verdict_scale_indexes ON COMMIT DROP AS \
+             SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS def \
+             FROM pg_index i \
+             WHERE i.indrelid = ANY (string_to_array(current_setting('verdict_scale.tables'), ',')::regclass[]) \
+               AND NOT i.indisunique \
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid); \
+             FOR r IN SELECT name FROM verdict_scale_indexes LOOP \
+                 EXECUTE 'DROP INDEX ' || r.name; \
+             END LOOP; \
+         END $$";
+
+    /// Recreates the indexes `DROP_INDEXES` dropped, from their saved
+    /// definitions.
+    const REBUILD_INDEXES: &str = "DO $$ \
+         DECLARE r record; \
+         BEGIN \
+             FOR r IN SELECT def FROM verdict_scale_indexes LOOP \
+                 EXECUTE r.def; \
+             END LOOP; \
+         END $$";
+
+    /// The dropped indexes (name, definition).
+    const DROPPED: &str = "SELECT name, def FROM verdict_scale_indexes ORDER BY name";
+
+    /// Opens the transaction of one table's load and drops the secondary
+    /// indexes of `tables`.
+    async fn begin_bulk(c: &tokio_postgres::Client, tables: &str) -> anyhow::Result<()> {
+        c.batch_execute("BEGIN").await?;
+        c.query_one(SET_TABLES, &[&tables]).await?;
+        c.batch_execute(DROP_INDEXES).await?;
+        Ok(())
+    }
+
+    /// Rebuilds the dropped indexes and commits; prints the times.
+    async fn end_bulk(
+        c: &tokio_postgres::Client,
+        what: &str,
+        loaded: Instant,
+    ) -> anyhow::Result<()> {
+        let inserted = loaded.elapsed().as_secs_f64();
+        let dropped = c.query(DROPPED, &[]).await?;
         let t = Instant::now();
-        if !sessions_loaded {
-            c.execute(SESSIONS_SQL, &[&project, &sessions]).await?;
-        }
-        step(&format!("{sessions} sessions"), t);
+        c.batch_execute(REBUILD_INDEXES).await?;
+        let rebuilt = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let per_chunk = CHUNK / i64::from(PER_SESSION);
-        let mut lo: i64 = c
-            .query_one(
-                "SELECT COALESCE(max(substr(s.request_id, 7)::int8) + 1, 0) FROM sessions s \
-                 WHERE s.project_id = $1 AND s.request_id LIKE 'scale-%' \
-                   AND EXISTS (SELECT 1 FROM discrepancies d WHERE d.project_id = $1 AND d.session_id = s.id)",
-                &[&project],
-            )
-            .await?
-            .get(0);
-        while lo < sessions {
-            let hi = (lo + per_chunk).min(sessions) - 1;
-            c.execute(DISCREPANCIES_SQL, &[&project, &lo, &hi, &PER_SESSION])
-                .await?;
-            lo = hi + 1;
-        }
-        step(
-            &format!("{} discrepancies", sessions * i64::from(PER_SESSION)),
-            t,
+        c.batch_execute("COMMIT").await?;
+        let names: Vec<String> = dropped.iter().map(|r| r.get(0)).collect();
+        println!(
+            "  loaded {what}: rows {inserted:.1} s, {} indexes rebuilt {rebuilt:.1} s ({}), commit {:.1} s, total {:.1} s",
+            names.len(),
+            names.join(" "),
+            t.elapsed().as_secs_f64(),
+            loaded.elapsed().as_secs_f64()
         );
-        let t = Instant::now();
-        let points = POINTS * factor;
-        let mut lo: i64 = c
-            .query_one(
-                "SELECT count(*) FROM metric_points WHERE project_id = $1 AND name LIKE 'metric\\_%'",
-                &[&project],
-            )
-            .await?
-            .get(0);
-        while lo < points {
-            let hi = (lo + CHUNK).min(points) - 1;
-            c.execute(POINTS_SQL, &[&project, &lo, &hi, &points])
-                .await?;
-            lo = hi + 1;
+        Ok(())
+    }
+
+    /// `bench/scale/executions.sql` as plain SQL: its psql commands (the
+    /// defaults, and the `\gset` probe of the rollup table, present in
+    /// every schema measured) left out, its variables filled in.
+    fn executions_sql(text: &str, project: Uuid, rows: i64) -> String {
+        let plain: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('\\') && !l.ends_with("\\gset"))
+            .collect();
+        let vars = [
+            ("project", project.to_string()),
+            ("rows", rows.to_string()),
+            ("days", "90".to_owned()),
+            ("test_cases", "2000".to_owned()),
+        ];
+        substitute(&plain.join("\n"), &vars)
+    }
+
+    /// Loads every table at `factor` (1 = S, 5 = L). Each table is one
+    /// transaction: its secondary indexes dropped, its rows inserted by a
+    /// few `INSERT … SELECT generate_series` statements (the row triggers
+    /// of foreign keys and the statement triggers that keep the counts run
+    /// as for any writer), its indexes rebuilt, committed. A table that an
+    /// earlier run loaded is skipped (an interrupted run resumes at the
+    /// first table it did not commit).
+    async fn load(c: &tokio_postgres::Client, project: Uuid, factor: i64) -> anyhow::Result<()> {
+        c.batch_execute(LOAD_SETTINGS).await?;
+        let loaded = |sql: &'static str| async move {
+            let row = c.query_one(sql, &[&project]).await?;
+            anyhow::Ok(row.get::<_, bool>(0))
+        };
+        let sessions = SESSIONS * factor;
+        if !loaded("SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')").await? {
+            let t = Instant::now();
+            begin_bulk(c, "sessions").await?;
+            c.execute(SESSIONS_SQL, &[&project, &sessions]).await?;
+            end_bulk(c, &format!("{sessions} sessions"), t).await?;
         }
-        step(&format!("{points} metric points"), t);
-        let t = Instant::now();
+        if !loaded(
+            "SELECT EXISTS (SELECT 1 FROM discrepancies d JOIN sessions s \
+                 ON s.project_id = d.project_id AND s.id = d.session_id \
+             WHERE d.project_id = $1 AND s.request_id LIKE 'scale-%')",
+        )
+        .await?
+        {
+            let t = Instant::now();
+            begin_bulk(c, "discrepancies").await?;
+            let per_chunk = CHUNK / i64::from(PER_SESSION);
+            let mut lo = 0;
+            while lo < sessions {
+                let hi = (lo + per_chunk).min(sessions) - 1;
+                c.execute(DISCREPANCIES_SQL, &[&project, &lo, &hi, &PER_SESSION])
+                    .await?;
+                lo = hi + 1;
+            }
+            end_bulk(
+                c,
+                &format!("{} discrepancies", sessions * i64::from(PER_SESSION)),
+                t,
+            )
+            .await?;
+        }
+        let points = POINTS * factor;
+        if !loaded("SELECT EXISTS (SELECT 1 FROM metric_points WHERE project_id = $1 AND name = 'metric_0')").await? {
+            let t = Instant::now();
+            begin_bulk(c, "metric_points").await?;
+            let mut lo = 0;
+            while lo < points {
+                let hi = (lo + CHUNK).min(points) - 1;
+                c.execute(POINTS_SQL, &[&project, &lo, &hi, &points])
+                    .await?;
+                lo = hi + 1;
+            }
+            end_bulk(c, &format!("{points} metric points"), t).await?;
+        }
         let reports = REPORTS * factor;
-        if !reports_loaded {
+        if !loaded("SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')").await? {
+            let t = Instant::now();
+            begin_bulk(c, "coverage_reports,coverage_files").await?;
             c.execute(REPORTS_SQL, &[&project, &reports]).await?;
             c.execute(FILES_SQL, &[&project]).await?;
+            end_bulk(
+                c,
+                &format!("{reports} coverage reports, {} files", reports * 50),
+                t,
+            )
+            .await?;
         }
-        step(
-            &format!("{reports} coverage reports, {} files", reports * 50),
-            t,
-        );
-        let file =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scale/executions.sql");
-        if let Ok(text) = std::fs::read_to_string(&file) {
+        let executions = EXECUTIONS * factor;
+        if !loaded("SELECT EXISTS (SELECT 1 FROM test_cases WHERE project_id = $1 AND key = 'scale-0')").await? {
+            let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("bench/scale/executions.sql");
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let sql = executions_sql(&text, project, executions);
             let t = Instant::now();
-            let vars = [
-                ("project", project.to_string()),
-                ("factor", factor.to_string()),
-                ("days", "90".to_owned()),
-            ];
-            let sql = substitute(&text, &vars);
+            begin_bulk(c, "test_runs,test_executions").await?;
             // A file of this repository, run as written (not request text).
             c.batch_execute(&sql).await?;
-            step("bench/scale/executions.sql", t);
-        } else {
-            println!("  no bench/scale/executions.sql: no test executions loaded");
+            end_bulk(
+                c,
+                &format!("{executions} test executions (bench/scale/executions.sql, with the rollup)"),
+                t,
+            )
+            .await?;
         }
         let t = Instant::now();
-        c.batch_execute("VACUUM ANALYZE").await?;
-        step("VACUUM ANALYZE", t);
+        c.batch_execute("VACUUM (ANALYZE)").await?;
+        println!(
+            "  VACUUM (ANALYZE) (visibility maps for index-only scans): {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         Ok(())
     }
 
@@ -1241,19 +1365,115 @@ mod scale {
         Ok(out)
     }
 
-    pub async fn run(
-        scale: &str,
-        database_url: Option<String>,
-        skip_load: bool,
-    ) -> anyhow::Result<()> {
-        let factor = match scale {
+    /// What `--scale` was asked to do.
+    pub struct Options {
+        /// `S` or `L`.
+        pub scale: String,
+        /// The database; `None`: a private embedded PostgreSQL.
+        pub database_url: Option<String>,
+        /// Measure only (the rows of an earlier run).
+        pub skip_load: bool,
+        /// Load only (no gateway, no calls).
+        pub load_only: bool,
+        /// A gateway already serving `database_url`.
+        pub target: Option<String>,
+        /// Where to write the figures as tab-separated lines.
+        pub tsv: Option<std::path::PathBuf>,
+    }
+
+    /// The default project of the database (created by the migrations).
+    async fn default_project(c: &tokio_postgres::Client) -> anyhow::Result<Uuid> {
+        let row = c
+            .query_opt("SELECT id FROM projects WHERE slug = 'default'", &[])
+            .await?;
+        row.map(|r| r.get(0))
+            .ok_or_else(|| anyhow::anyhow!("no default project: migrate the database first"))
+    }
+
+    /// A channel to the gateway at `address`, once it answers (a gateway
+    /// still migrating answers UNAVAILABLE or not at all).
+    async fn ready_channel(address: String) -> anyhow::Result<Channel> {
+        let endpoint = Endpoint::from_shared(address)?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if let Ok(channel) = endpoint.connect().await {
+                let mut probe = DiscrepancyServiceClient::new(channel.clone());
+                let answer = probe
+                    .summarize_discrepancies(req(proto::SummarizeDiscrepanciesRequest {
+                        session_id: Uuid::nil().to_string(),
+                        sessions_created: None,
+                    }))
+                    .await;
+                match answer {
+                    Err(s) if s.code() == tonic::Code::Unavailable => {}
+                    _ => return Ok(channel),
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the gateway did not answer within 10 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Prints the figures as a markdown table (and writes them to `tsv`).
+    fn report(scale: &str, timings: &[Timing], tsv: Option<&std::path::Path>) -> anyhow::Result<()> {
+        println!("\n| call | {scale} median ms | min | max |\n| --- | --- | --- | --- |");
+        let mut lines = String::new();
+        for t in timings {
+            match &t.result {
+                Ok((median, min, max)) => {
+                    println!("| {} | {median:.1} | {min:.1} | {max:.1} |", t.name);
+                    lines.push_str(&format!("{}\t{median:.1}\t{min:.1}\t{max:.1}\n", t.name));
+                }
+                Err(e) => {
+                    println!("| {} | error: {e} | | |", t.name);
+                    lines.push_str(&format!("{}\terror: {e}\t\t\n", t.name));
+                }
+            }
+        }
+        if let Some(path) = tsv {
+            std::fs::write(path, lines)?;
+        }
+        Ok(())
+    }
+
+    pub async fn run(o: Options) -> anyhow::Result<()> {
+        let factor = match o.scale.as_str() {
             "S" | "s" => 1,
             "L" | "l" => 5,
             other => anyhow::bail!("--scale is S or L, not {other}"),
         };
+        let scale = o.scale.to_uppercase();
+        // An external database with --load-only or --target: no gateway in
+        // this process (its migrations are not applied here either, so the
+        // schema loaded and measured is the one of the release under test).
+        if o.load_only || o.target.is_some() {
+            let url = o
+                .database_url
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("--load-only and --target need --database-url"))?;
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let project = default_project(&c).await?;
+            if !o.skip_load {
+                println!("verdict-bench --scale {scale}: loading {url}");
+                let t = Instant::now();
+                load(&c, project, factor).await?;
+                println!("  loaded in {:.0} s", t.elapsed().as_secs_f64());
+            }
+            if let Some(target) = o.target {
+                let channel = ready_channel(target.clone()).await?;
+                println!("verdict-bench --scale {scale}: measuring {target}");
+                let timings = measure(channel, &c, project).await?;
+                report(&scale, &timings, o.tsv.as_deref())?;
+            }
+            return Ok(());
+        }
         let dir = std::env::temp_dir().join(format!("verdict-scale-{}", std::process::id()));
         let mut embedded = None;
-        let url = match database_url {
+        let url = match o.database_url {
             Some(url) => url,
             None => {
                 let pg = EmbeddedPostgres::start(&dir).await?;
@@ -1280,45 +1500,17 @@ mod scale {
         }));
         let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
-        // The gateway migrates before it serves: wait for its last table.
-        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
-            .connect()
-            .await?;
-        let project: Uuid = loop {
-            if let Ok(Some(row)) = c
-                .query_opt("SELECT id FROM projects WHERE slug = 'default'", &[])
-                .await
-            {
-                let mut ready = DiscrepancyServiceClient::new(channel.clone());
-                let probe = ready
-                    .summarize_discrepancies(req(proto::SummarizeDiscrepanciesRequest {
-                        session_id: Uuid::nil().to_string(),
-                        sessions_created: None,
-                    }))
-                    .await;
-                match probe {
-                    Err(s) if s.code() == tonic::Code::Unavailable => {}
-                    _ => break row.get(0),
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        // The gateway migrates before it serves: wait until it answers.
+        let channel = ready_channel(format!("http://127.0.0.1:{port}")).await?;
+        let project = default_project(&c).await?;
         println!("verdict-bench --scale {scale}: {url}");
-        if !skip_load {
+        if !o.skip_load {
             let t = Instant::now();
             load(&c, project, factor).await?;
             println!("  loaded in {:.0} s", t.elapsed().as_secs_f64());
         }
         let timings = measure(channel, &c, project).await?;
-        println!("\n| call | {scale} median ms | min | max |\n| --- | --- | --- | --- |");
-        for t in &timings {
-            match &t.result {
-                Ok((median, min, max)) => {
-                    println!("| {} | {median:.1} | {min:.1} | {max:.1} |", t.name)
-                }
-                Err(e) => println!("| {} | error: {e} | | |", t.name),
-            }
-        }
+        report(&scale, &timings, o.tsv.as_deref())?;
         let _ = stop_tx.send(());
         let _ = gateway.await;
         if let Some(mut pg) = embedded {

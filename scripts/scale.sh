@@ -86,8 +86,8 @@ else
   sed -i "s/^port=.*/port=$PGPORT/" "$WORK/pgdata/postgresql.conf"
   NEW_CLUSTER=0
 fi
+touch "$WORK/server.log"; chown postgres:postgres "$WORK/server.log"
 as_pg "$PGBIN/pg_ctl" -D "$WORK/pgdata" -l "$WORK/server.log" -w start >/dev/null; PG_UP=1
-touch "$WORK/server.log"
 [ "$NEW_CLUSTER" = 1 ] && psql -X -q -h 127.0.0.1 -p "$PGPORT" -U postgres -d postgres -c "CREATE DATABASE verdict"
 export DATABASE_URL="postgres://postgres@127.0.0.1:$PGPORT/verdict?sslmode=disable"
 PSQL=(psql -X -q -At -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$PGPORT" -U postgres -d verdict)

@@ -918,31 +918,132 @@ mod scale {
     /// The dropped indexes (name, definition).
     const DROPPED: &str = "SELECT name, def FROM verdict_scale_indexes ORDER BY name";
 
-    /// Opens the transaction of one table's load and drops the secondary
-    /// indexes of `tables`.
-    async fn begin_bulk(c: &tokio_postgres::Client, tables: &str) -> anyhow::Result<()> {
-        c.batch_execute("BEGIN").await?;
-        c.query_one(SET_TABLES, &[&tables]).await?;
-        c.batch_execute(DROP_INDEXES).await?;
-        Ok(())
+    /// The INSERT triggers of the named tables (comma-separated), but the
+    /// internal ones of foreign keys.
+    const INSERT_TRIGGERS: &str = "SELECT coalesce(array_agg(tgname::text ORDER BY tgname), '{}') \
+         FROM pg_trigger \
+         WHERE tgrelid = ANY (string_to_array($1, ',')::regclass[]) AND NOT tgisinternal \
+           AND tgtype & 4 <> 0";
+
+    /// Whether the loading role may skip triggers.
+    const SUPERUSER: &str = "SELECT rolsuper FROM pg_roles WHERE rolname = current_user";
+
+    /// Triggers and foreign-key checks off for this transaction.
+    const REPLICA: &str = "SET LOCAL session_replication_role = replica";
+
+    /// The counts of V27's triggers rebuilt from the stored discrepancies:
+    /// the very backfill of migration V29.
+    const DISCREPANCY_COUNTS: &str =
+        include_str!("../../migrations/V29__discrepancy_counts_backfill.sql");
+
+    /// Problems after a discrepancy load without triggers: rows whose
+    /// session is missing, and rows the counts of V27 do not hold (per
+    /// session, and per day), for each dimension.
+    const VERIFY_DISCREPANCIES: &str = "SELECT \
+         (SELECT count(*) FROM discrepancies d WHERE d.project_id = $1 AND NOT EXISTS \
+             (SELECT 1 FROM sessions s WHERE s.project_id = d.project_id AND s.id = d.session_id)) \
+         + (SELECT count(*) FROM (SELECT v.dimension, count(*) AS n \
+               FROM discrepancies d CROSS JOIN (VALUES ('severity'), ('kind'), ('resolution')) v(dimension) \
+               WHERE d.project_id = $1 GROUP BY 1) r \
+             FULL JOIN (SELECT dimension, sum(n) AS n FROM discrepancy_session_counts \
+                        WHERE project_id = $1 GROUP BY 1) c USING (dimension) \
+             FULL JOIN (SELECT dimension, sum(n) AS n FROM discrepancy_day_counts \
+                        WHERE project_id = $1 GROUP BY 1) k USING (dimension) \
+             WHERE r.n IS DISTINCT FROM c.n OR r.n IS DISTINCT FROM k.n)";
+
+    /// Problems after a coverage load without foreign-key checks: files of
+    /// a missing report.
+    const VERIFY_COVERAGE: &str = "SELECT count(*) FROM coverage_files f WHERE f.project_id = $1 \
+         AND NOT EXISTS (SELECT 1 FROM coverage_reports r \
+                         WHERE r.project_id = f.project_id AND r.id = f.report_id)";
+
+    /// Problems after an execution load without foreign-key checks:
+    /// executions of a missing test case or run.
+    const VERIFY_EXECUTIONS: &str = "SELECT \
+         (SELECT count(*) FROM test_executions e WHERE e.project_id = $1 AND NOT EXISTS \
+             (SELECT 1 FROM test_cases t WHERE t.project_id = e.project_id AND t.id = e.test_case_id)) \
+         + (SELECT count(*) FROM test_executions e WHERE e.project_id = $1 AND e.run_id IS NOT NULL \
+             AND NOT EXISTS (SELECT 1 FROM test_runs r WHERE r.id = e.run_id))";
+
+    /// Problems after a metric load without foreign-key checks: none can
+    /// be (the only reference is the project, checked when loading starts).
+    const VERIFY_NOTHING: &str = "SELECT count(*) FROM projects WHERE id = $1 AND false";
+
+    /// How one table is loaded.
+    struct Bulk {
+        /// The tables whose secondary indexes are dropped and rebuilt.
+        indexed: &'static str,
+        /// Every table the load writes (their INSERT triggers decide).
+        written: &'static str,
+        /// The INSERT triggers the load may skip: each has its table
+        /// rebuilt by `recompute` afterwards.
+        known: &'static [&'static str],
+        /// Rebuilds what the skipped triggers maintain.
+        recompute: Option<&'static str>,
+        /// Counts problems of the loaded rows (foreign keys, maintained
+        /// counts); must be 0 before the commit.
+        verify: &'static str,
     }
 
-    /// Rebuilds the dropped indexes and commits; prints the times.
+    /// Opens the transaction of one table's load and drops the secondary
+    /// indexes. When the role may, and every INSERT trigger of the written
+    /// tables is one the load knows how to recompute, triggers and
+    /// foreign-key checks are off for the transaction (the rows reference
+    /// only rows the loader made, checked by `verify` before the commit);
+    /// any other trigger (a newer schema's) keeps them all on. Returns
+    /// whether they are off.
+    async fn begin_bulk(c: &tokio_postgres::Client, bulk: &Bulk) -> anyhow::Result<bool> {
+        let superuser: bool = c.query_one(SUPERUSER, &[]).await?.get(0);
+        let triggers: Vec<String> = c.query_one(INSERT_TRIGGERS, &[&bulk.written]).await?.get(0);
+        let replica = superuser && triggers.iter().all(|t| bulk.known.contains(&t.as_str()));
+        c.batch_execute("BEGIN").await?;
+        if replica {
+            c.batch_execute(REPLICA).await?;
+        } else {
+            println!(
+                "  {}: triggers and foreign keys stay on (superuser {superuser}, INSERT triggers {triggers:?})",
+                bulk.indexed
+            );
+        }
+        c.query_one(SET_TABLES, &[&bulk.indexed]).await?;
+        c.batch_execute(DROP_INDEXES).await?;
+        Ok(replica)
+    }
+
+    /// Recomputes what skipped triggers maintain, rebuilds the dropped
+    /// indexes, verifies and commits; prints the times.
     async fn end_bulk(
         c: &tokio_postgres::Client,
+        bulk: &Bulk,
+        replica: bool,
+        project: Uuid,
         what: &str,
         loaded: Instant,
     ) -> anyhow::Result<()> {
         let inserted = loaded.elapsed().as_secs_f64();
+        let t = Instant::now();
+        if replica && let Some(sql) = bulk.recompute {
+            // A migration of this repository (not request text).
+            c.batch_execute(sql).await?;
+        }
+        let recomputed = t.elapsed().as_secs_f64();
         let dropped = c.query(DROPPED, &[]).await?;
         let t = Instant::now();
         c.batch_execute(REBUILD_INDEXES).await?;
         let rebuilt = t.elapsed().as_secs_f64();
         let t = Instant::now();
+        let problems: i64 = c.query_one(bulk.verify, &[&project]).await?.get(0);
+        let verified = t.elapsed().as_secs_f64();
+        if problems != 0 {
+            c.batch_execute("ROLLBACK").await?;
+            anyhow::bail!("{what}: {problems} problems after the load (rolled back)");
+        }
+        let t = Instant::now();
         c.batch_execute("COMMIT").await?;
         let names: Vec<String> = dropped.iter().map(|r| r.get(0)).collect();
         println!(
-            "  loaded {what}: rows {inserted:.1} s, {} indexes rebuilt {rebuilt:.1} s ({}), commit {:.1} s, total {:.1} s",
+            "  loaded {what}: rows {inserted:.1} s (triggers {}), recompute {recomputed:.1} s, {} indexes rebuilt {rebuilt:.1} s ({}), verified {verified:.1} s, commit {:.1} s, total {:.1} s",
+            if replica { "off" } else { "on" },
             names.len(),
             names.join(" "),
             t.elapsed().as_secs_f64(),
@@ -968,35 +1069,64 @@ mod scale {
         substitute(&plain.join("\n"), &vars)
     }
 
-    /// Loads every table at `factor` (1 = S, 5 = L). Each table is one
-    /// transaction: its secondary indexes dropped, its rows inserted by a
-    /// few `INSERT … SELECT generate_series` statements (the row triggers
-    /// of foreign keys and the statement triggers that keep the counts run
-    /// as for any writer), its indexes rebuilt, committed. A table that an
-    /// earlier run loaded is skipped (an interrupted run resumes at the
-    /// first table it did not commit).
-    async fn load(c: &tokio_postgres::Client, project: Uuid, factor: i64) -> anyhow::Result<()> {
-        c.batch_execute(LOAD_SETTINGS).await?;
-        let loaded = |sql: &'static str| async move {
-            let row = c.query_one(sql, &[&project]).await?;
-            anyhow::Ok(row.get::<_, bool>(0))
-        };
+    /// Whether `sql` (an EXISTS of the project `$1`) finds the rows of an
+    /// earlier load.
+    async fn loaded(
+        c: &tokio_postgres::Client,
+        sql: &'static str,
+        project: Uuid,
+    ) -> anyhow::Result<bool> {
+        Ok(c.query_one(sql, &[&project]).await?.get(0))
+    }
+
+    /// The sessions (none of their rows reference another).
+    async fn load_sessions(
+        c: &tokio_postgres::Client,
+        project: Uuid,
+        factor: i64,
+    ) -> anyhow::Result<()> {
         let sessions = SESSIONS * factor;
-        if !loaded("SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')").await? {
+        if !loaded(c, "SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')", project).await? {
             let t = Instant::now();
-            begin_bulk(c, "sessions").await?;
+            let bulk = Bulk {
+                indexed: "sessions",
+                written: "sessions",
+                known: &[],
+                recompute: None,
+                verify: VERIFY_NOTHING,
+            };
+            let replica = begin_bulk(c, &bulk).await?;
             c.execute(SESSIONS_SQL, &[&project, &sessions]).await?;
-            end_bulk(c, &format!("{sessions} sessions"), t).await?;
+            end_bulk(c, &bulk, replica, project, &format!("{sessions} sessions"), t).await?;
         }
+        Ok(())
+    }
+
+    /// The discrepancies of the loaded sessions, 60 each.
+    async fn load_discrepancies(
+        c: &tokio_postgres::Client,
+        project: Uuid,
+        factor: i64,
+    ) -> anyhow::Result<()> {
+        let sessions = SESSIONS * factor;
         if !loaded(
+            c,
             "SELECT EXISTS (SELECT 1 FROM discrepancies d JOIN sessions s \
                  ON s.project_id = d.project_id AND s.id = d.session_id \
              WHERE d.project_id = $1 AND s.request_id LIKE 'scale-%')",
+            project,
         )
         .await?
         {
             let t = Instant::now();
-            begin_bulk(c, "discrepancies").await?;
+            let bulk = Bulk {
+                indexed: "discrepancies",
+                written: "discrepancies,discrepancy_session_counts,discrepancy_day_counts",
+                known: &["discrepancy_counts_insert"],
+                recompute: Some(DISCREPANCY_COUNTS),
+                verify: VERIFY_DISCREPANCIES,
+            };
+            let replica = begin_bulk(c, &bulk).await?;
             let per_chunk = CHUNK / i64::from(PER_SESSION);
             let mut lo = 0;
             while lo < sessions {
@@ -1007,15 +1137,34 @@ mod scale {
             }
             end_bulk(
                 c,
+                &bulk,
+                replica,
+                project,
                 &format!("{} discrepancies", sessions * i64::from(PER_SESSION)),
                 t,
             )
             .await?;
         }
+        Ok(())
+    }
+
+    /// The metric points.
+    async fn load_points(
+        c: &tokio_postgres::Client,
+        project: Uuid,
+        factor: i64,
+    ) -> anyhow::Result<()> {
         let points = POINTS * factor;
-        if !loaded("SELECT EXISTS (SELECT 1 FROM metric_points WHERE project_id = $1 AND name = 'metric_0')").await? {
+        if !loaded(c, "SELECT EXISTS (SELECT 1 FROM metric_points WHERE project_id = $1 AND name = 'metric_0')", project).await? {
             let t = Instant::now();
-            begin_bulk(c, "metric_points").await?;
+            let bulk = Bulk {
+                indexed: "metric_points",
+                written: "metric_points",
+                known: &[],
+                recompute: None,
+                verify: VERIFY_NOTHING,
+            };
+            let replica = begin_bulk(c, &bulk).await?;
             let mut lo = 0;
             while lo < points {
                 let hi = (lo + CHUNK).min(points) - 1;
@@ -1023,39 +1172,122 @@ mod scale {
                     .await?;
                 lo = hi + 1;
             }
-            end_bulk(c, &format!("{points} metric points"), t).await?;
+            end_bulk(c, &bulk, replica, project, &format!("{points} metric points"), t).await?;
         }
+        Ok(())
+    }
+
+    /// The coverage reports and their files.
+    async fn load_coverage(
+        c: &tokio_postgres::Client,
+        project: Uuid,
+        factor: i64,
+    ) -> anyhow::Result<()> {
         let reports = REPORTS * factor;
-        if !loaded("SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')").await? {
+        if !loaded(c, "SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')", project).await? {
             let t = Instant::now();
-            begin_bulk(c, "coverage_reports,coverage_files").await?;
+            let bulk = Bulk {
+                indexed: "coverage_reports,coverage_files",
+                written: "coverage_reports,coverage_files",
+                known: &[],
+                recompute: None,
+                verify: VERIFY_COVERAGE,
+            };
+            let replica = begin_bulk(c, &bulk).await?;
             c.execute(REPORTS_SQL, &[&project, &reports]).await?;
             c.execute(FILES_SQL, &[&project]).await?;
             end_bulk(
                 c,
+                &bulk,
+                replica,
+                project,
                 &format!("{reports} coverage reports, {} files", reports * 50),
                 t,
             )
             .await?;
         }
+        Ok(())
+    }
+
+    /// The test cases, runs and executions (bench/scale/executions.sql).
+    async fn load_executions(
+        c: &tokio_postgres::Client,
+        project: Uuid,
+        factor: i64,
+    ) -> anyhow::Result<()> {
         let executions = EXECUTIONS * factor;
-        if !loaded("SELECT EXISTS (SELECT 1 FROM test_cases WHERE project_id = $1 AND key = 'scale-0')").await? {
-            let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("bench/scale/executions.sql");
+        if !loaded(
+            c,
+            "SELECT EXISTS (SELECT 1 FROM test_cases WHERE project_id = $1 AND key = 'scale-0')",
+            project,
+        )
+        .await?
+        {
+            let file =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scale/executions.sql");
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
             let sql = executions_sql(&text, project, executions);
             let t = Instant::now();
-            begin_bulk(c, "test_runs,test_executions").await?;
+            // The file rebuilds the rollup (test_execution_days) itself.
+            let bulk = Bulk {
+                indexed: "test_runs,test_executions",
+                written: "test_cases,test_runs,test_executions,test_execution_days",
+                known: &[],
+                recompute: None,
+                verify: VERIFY_EXECUTIONS,
+            };
+            let replica = begin_bulk(c, &bulk).await?;
             // A file of this repository, run as written (not request text).
             c.batch_execute(&sql).await?;
             end_bulk(
                 c,
-                &format!("{executions} test executions (bench/scale/executions.sql, with the rollup)"),
+                &bulk,
+                replica,
+                project,
+                &format!(
+                    "{executions} test executions (bench/scale/executions.sql, with the rollup)"
+                ),
                 t,
             )
             .await?;
         }
+        Ok(())
+    }
+
+    /// A loading connection.
+    async fn loader(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        c.batch_execute(LOAD_SETTINGS).await?;
+        Ok(c)
+    }
+
+    /// Loads every table at `factor` (1 = S, 5 = L), on two connections at
+    /// once (PostgreSQL runs a statement on one core): the sessions, then
+    /// their discrepancies and the coverage on one, the executions and the
+    /// metric points on the other. Each table is one transaction: its
+    /// secondary indexes dropped, its rows inserted by a few `INSERT …
+    /// SELECT generate_series` statements, what skipped triggers maintain
+    /// recomputed, its indexes rebuilt, the rows verified, committed (see
+    /// `begin_bulk`). A table that an earlier run loaded is skipped (an
+    /// interrupted run resumes at the first table it did not commit).
+    async fn load(url: &str, project: Uuid, factor: i64) -> anyhow::Result<()> {
+        let (a, b) = (loader(url).await?, loader(url).await?);
+        load_sessions(&a, project, factor).await?;
+        let (left, right) = tokio::join!(
+            async {
+                load_discrepancies(&a, project, factor).await?;
+                load_coverage(&a, project, factor).await
+            },
+            async {
+                load_executions(&b, project, factor).await?;
+                load_points(&b, project, factor).await
+            }
+        );
+        left?;
+        right?;
+        let c = a;
         let t = Instant::now();
         c.batch_execute("VACUUM (ANALYZE)").await?;
         println!(
@@ -1418,7 +1650,11 @@ mod scale {
     }
 
     /// Prints the figures as a markdown table (and writes them to `tsv`).
-    fn report(scale: &str, timings: &[Timing], tsv: Option<&std::path::Path>) -> anyhow::Result<()> {
+    fn report(
+        scale: &str,
+        timings: &[Timing],
+        tsv: Option<&std::path::Path>,
+    ) -> anyhow::Result<()> {
         println!("\n| call | {scale} median ms | min | max |\n| --- | --- | --- | --- |");
         let mut lines = String::new();
         for t in timings {
@@ -1460,7 +1696,7 @@ mod scale {
             if !o.skip_load {
                 println!("verdict-bench --scale {scale}: loading {url}");
                 let t = Instant::now();
-                load(&c, project, factor).await?;
+                load(&url, project, factor).await?;
                 println!("  loaded in {:.0} s", t.elapsed().as_secs_f64());
             }
             if let Some(target) = o.target {
@@ -1506,7 +1742,7 @@ mod scale {
         println!("verdict-bench --scale {scale}: {url}");
         if !o.skip_load {
             let t = Instant::now();
-            load(&c, project, factor).await?;
+            load(&url, project, factor).await?;
             println!("  loaded in {:.0} s", t.elapsed().as_secs_f64());
         }
         let timings = measure(channel, &c, project).await?;

@@ -79,7 +79,7 @@ async fn full_table_admin_calls_end_at_their_deadline_and_leave_no_statement_beh
     let mut admin = app.admin.clone();
 
     let (stats, ()) = tokio::join!(
-        admin.clone().get_stats(within(
+        admin.get_stats(within(
             GetStatsRequest {
                 exact: true,
                 all_projects: false,
@@ -96,7 +96,7 @@ async fn full_table_admin_calls_end_at_their_deadline_and_leave_no_statement_beh
     no_backend_left_waiting(&sql).await;
 
     let (integrity, ()) = tokio::join!(
-        admin.clone().check_integrity(within(
+        admin.check_integrity(within(
             CheckIntegrityRequest {
                 repair: false,
                 stuck_after: None,
@@ -113,7 +113,7 @@ async fn full_table_admin_calls_end_at_their_deadline_and_leave_no_statement_beh
     no_backend_left_waiting(&sql).await;
 
     let (cleanup, ()) = tokio::join!(
-        admin.clone().cleanup(within(
+        admin.cleanup(within(
             CleanupRequest {
                 older_than,
                 cutoff: None,
@@ -182,6 +182,20 @@ async fn full_table_admin_calls_end_at_their_deadline_and_leave_no_statement_beh
     assert_eq!(sessions_after, sessions_before, "a dry run deletes nothing");
 }
 
+/// The status of the stuck session, and whether the unfinished one still
+/// has no completion time.
+async fn state(sql: &tokio_postgres::Client, stuck: &str, unfinished: &str) -> (String, bool) {
+    let row = sql
+        .query_one(
+            "SELECT (SELECT status FROM sessions WHERE id = $1::text::uuid), \
+                    (SELECT completed_at IS NULL FROM sessions WHERE id = $2::text::uuid)",
+            &[&stuck, &unfinished],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
 /// A repair cut by its deadline repairs nothing: the stuck session is
 /// repaired first, then the repair of a final session without completion
 /// time waits on that session's row lock until the deadline; the whole
@@ -206,21 +220,6 @@ async fn an_integrity_repair_cut_by_its_deadline_repairs_nothing() {
     )
     .await
     .unwrap();
-    let state = |sql: &tokio_postgres::Client| {
-        let (stuck, unfinished) = (stuck.id.clone(), unfinished.id.clone());
-        let sql = sql;
-        async move {
-            let row = sql
-                .query_one(
-                    "SELECT (SELECT status FROM sessions WHERE id = $1::text::uuid), \
-                            (SELECT completed_at IS NULL FROM sessions WHERE id = $2::text::uuid)",
-                    &[&stuck, &unfinished],
-                )
-                .await
-                .unwrap();
-            (row.get::<_, String>(0), row.get::<_, bool>(1))
-        }
-    };
     let stuck_after = Some(prost_types::Duration {
         seconds: 60,
         nanos: 0,
@@ -234,8 +233,9 @@ async fn an_integrity_repair_cut_by_its_deadline_repairs_nothing() {
     )
     .await
     .unwrap();
+    let mut admin = app.admin.clone();
     let (cut, ()) = tokio::join!(
-        app.admin.clone().check_integrity(within(
+        admin.check_integrity(within(
             CheckIntegrityRequest {
                 repair: true,
                 stuck_after,
@@ -244,11 +244,15 @@ async fn an_integrity_repair_cut_by_its_deadline_repairs_nothing() {
         )),
         wait_for_lock_wait(&sql, "UPDATE sessions SET completed_at%")
     );
-    assert_reason(&cut.unwrap_err(), Code::DeadlineExceeded, "DEADLINE_EXCEEDED");
+    assert_reason(
+        &cut.unwrap_err(),
+        Code::DeadlineExceeded,
+        "DEADLINE_EXCEEDED",
+    );
     no_backend_left_waiting(&sql).await;
     tx.rollback().await.unwrap();
     assert_eq!(
-        state(&sql).await,
+        state(&sql, &stuck.id, &unfinished.id).await,
         ("processing".to_owned(), true),
         "the repair cut by its deadline left both sessions as they were"
     );
@@ -271,5 +275,8 @@ async fn an_integrity_repair_cut_by_its_deadline_repairs_nothing() {
         let f = done.findings.iter().find(|f| f.check == check).unwrap();
         assert_eq!((f.count, f.repaired), (1, 1), "{check}");
     }
-    assert_eq!(state(&sql).await, ("failed".to_owned(), false));
+    assert_eq!(
+        state(&sql, &stuck.id, &unfinished.id).await,
+        ("failed".to_owned(), false)
+    );
 }

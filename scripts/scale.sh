@@ -39,6 +39,7 @@ if [ -n "${KEEP:-}" ]; then
   WORK=$KEEP; THROWAWAY=0
 else
   WORK=$(mktemp -d "${TMPDIR:-/tmp}/verdict-scale-XXXXXX"); THROWAWAY=1
+  chmod 755 "$WORK" # PostgreSQL (user postgres) keeps its data inside
 fi
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)

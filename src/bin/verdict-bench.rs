@@ -976,13 +976,38 @@ mod scale {
         /// Every table the load writes (their INSERT triggers decide).
         written: &'static str,
         /// The INSERT triggers the load may skip: each has its table
-        /// rebuilt by `recompute` afterwards.
+        /// rebuilt afterwards (`recount_discrepancies`).
         known: &'static [&'static str],
-        /// Rebuilds what the skipped triggers maintain.
-        recompute: Option<&'static str>,
+        /// Rebuilds what the skipped triggers maintain: the counts of
+        /// V27 (`DISCREPANCY_COUNTS`).
+        recount_discrepancies: bool,
         /// Counts problems of the loaded rows (foreign keys, maintained
         /// counts); must be 0 before the commit.
-        verify: &'static str,
+        verify: Verify,
+    }
+
+    /// The check of a loaded table (one constant statement each).
+    #[derive(Clone, Copy)]
+    enum Verify {
+        Nothing,
+        Discrepancies,
+        Coverage,
+        Executions,
+    }
+
+    /// Problems of the rows `verify` checks.
+    async fn problems(
+        c: &tokio_postgres::Client,
+        verify: Verify,
+        project: Uuid,
+    ) -> anyhow::Result<i64> {
+        let row = match verify {
+            Verify::Nothing => c.query_one(VERIFY_NOTHING, &[&project]).await?,
+            Verify::Discrepancies => c.query_one(VERIFY_DISCREPANCIES, &[&project]).await?,
+            Verify::Coverage => c.query_one(VERIFY_COVERAGE, &[&project]).await?,
+            Verify::Executions => c.query_one(VERIFY_EXECUTIONS, &[&project]).await?,
+        };
+        Ok(row.get(0))
     }
 
     /// Opens the transaction of one table's load and drops the secondary
@@ -1022,9 +1047,9 @@ mod scale {
     ) -> anyhow::Result<()> {
         let inserted = loaded.elapsed().as_secs_f64();
         let t = Instant::now();
-        if replica && let Some(sql) = bulk.recompute {
+        if replica && bulk.recount_discrepancies {
             // A migration of this repository (not request text).
-            c.batch_execute(sql).await?;
+            c.batch_execute(DISCREPANCY_COUNTS).await?;
         }
         let recomputed = t.elapsed().as_secs_f64();
         let dropped = c.query(DROPPED, &[]).await?;
@@ -1032,7 +1057,7 @@ mod scale {
         c.batch_execute(REBUILD_INDEXES).await?;
         let rebuilt = t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let problems: i64 = c.query_one(bulk.verify, &[&project]).await?.get(0);
+        let problems = problems(c, bulk.verify, project).await?;
         let verified = t.elapsed().as_secs_f64();
         if problems != 0 {
             c.batch_execute("ROLLBACK").await?;
@@ -1069,16 +1094,6 @@ mod scale {
         substitute(&plain.join("\n"), &vars)
     }
 
-    /// Whether `sql` (an EXISTS of the project `$1`) finds the rows of an
-    /// earlier load.
-    async fn loaded(
-        c: &tokio_postgres::Client,
-        sql: &'static str,
-        project: Uuid,
-    ) -> anyhow::Result<bool> {
-        Ok(c.query_one(sql, &[&project]).await?.get(0))
-    }
-
     /// The sessions (none of their rows reference another).
     async fn load_sessions(
         c: &tokio_postgres::Client,
@@ -1086,14 +1101,16 @@ mod scale {
         factor: i64,
     ) -> anyhow::Result<()> {
         let sessions = SESSIONS * factor;
-        if !loaded(c, "SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')", project).await? {
+        if !c.query_one("SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')", &[&project])
+            .await?
+            .get::<_, bool>(0) {
             let t = Instant::now();
             let bulk = Bulk {
                 indexed: "sessions",
                 written: "sessions",
                 known: &[],
-                recompute: None,
-                verify: VERIFY_NOTHING,
+                recount_discrepancies: false,
+                verify: Verify::Nothing,
             };
             let replica = begin_bulk(c, &bulk).await?;
             c.execute(SESSIONS_SQL, &[&project, &sessions]).await?;
@@ -1109,22 +1126,23 @@ mod scale {
         factor: i64,
     ) -> anyhow::Result<()> {
         let sessions = SESSIONS * factor;
-        if !loaded(
-            c,
-            "SELECT EXISTS (SELECT 1 FROM discrepancies d JOIN sessions s \
+        if !c
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM discrepancies d JOIN sessions s \
                  ON s.project_id = d.project_id AND s.id = d.session_id \
              WHERE d.project_id = $1 AND s.request_id LIKE 'scale-%')",
-            project,
-        )
-        .await?
+                &[&project],
+            )
+            .await?
+            .get::<_, bool>(0)
         {
             let t = Instant::now();
             let bulk = Bulk {
                 indexed: "discrepancies",
                 written: "discrepancies,discrepancy_session_counts,discrepancy_day_counts",
                 known: &["discrepancy_counts_insert"],
-                recompute: Some(DISCREPANCY_COUNTS),
-                verify: VERIFY_DISCREPANCIES,
+                recount_discrepancies: true,
+                verify: Verify::Discrepancies,
             };
             let replica = begin_bulk(c, &bulk).await?;
             let per_chunk = CHUNK / i64::from(PER_SESSION);
@@ -1155,14 +1173,16 @@ mod scale {
         factor: i64,
     ) -> anyhow::Result<()> {
         let points = POINTS * factor;
-        if !loaded(c, "SELECT EXISTS (SELECT 1 FROM metric_points WHERE project_id = $1 AND name = 'metric_0')", project).await? {
+        if !c.query_one("SELECT EXISTS (SELECT 1 FROM metric_points WHERE project_id = $1 AND name = 'metric_0')", &[&project])
+            .await?
+            .get::<_, bool>(0) {
             let t = Instant::now();
             let bulk = Bulk {
                 indexed: "metric_points",
                 written: "metric_points",
                 known: &[],
-                recompute: None,
-                verify: VERIFY_NOTHING,
+                recount_discrepancies: false,
+                verify: Verify::Nothing,
             };
             let replica = begin_bulk(c, &bulk).await?;
             let mut lo = 0;
@@ -1184,14 +1204,16 @@ mod scale {
         factor: i64,
     ) -> anyhow::Result<()> {
         let reports = REPORTS * factor;
-        if !loaded(c, "SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')", project).await? {
+        if !c.query_one("SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')", &[&project])
+            .await?
+            .get::<_, bool>(0) {
             let t = Instant::now();
             let bulk = Bulk {
                 indexed: "coverage_reports,coverage_files",
                 written: "coverage_reports,coverage_files",
                 known: &[],
-                recompute: None,
-                verify: VERIFY_COVERAGE,
+                recount_discrepancies: false,
+                verify: Verify::Coverage,
             };
             let replica = begin_bulk(c, &bulk).await?;
             c.execute(REPORTS_SQL, &[&project, &reports]).await?;
@@ -1216,12 +1238,9 @@ mod scale {
         factor: i64,
     ) -> anyhow::Result<()> {
         let executions = EXECUTIONS * factor;
-        if !loaded(
-            c,
-            "SELECT EXISTS (SELECT 1 FROM test_cases WHERE project_id = $1 AND key = 'scale-0')",
-            project,
-        )
-        .await?
+        if !c.query_one("SELECT EXISTS (SELECT 1 FROM test_cases WHERE project_id = $1 AND key = 'scale-0')", &[&project])
+            .await?
+            .get::<_, bool>(0)
         {
             let file =
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scale/executions.sql");
@@ -1234,8 +1253,8 @@ mod scale {
                 indexed: "test_runs,test_executions",
                 written: "test_cases,test_runs,test_executions,test_execution_days",
                 known: &[],
-                recompute: None,
-                verify: VERIFY_EXECUTIONS,
+                recount_discrepancies: false,
+                verify: Verify::Executions,
             };
             let replica = begin_bulk(c, &bulk).await?;
             // A file of this repository, run as written (not request text).

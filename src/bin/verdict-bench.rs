@@ -67,6 +67,21 @@ struct Args {
     /// by an earlier run instead of loading them again.
     #[arg(long)]
     skip_load: bool,
+    /// With `--scale` and `--database-url`: load the rows and stop (no
+    /// gateway in this process; the schema must be migrated already, e.g.
+    /// by `verdict migrate` of the release being measured).
+    #[arg(long, requires = "database_url", conflicts_with = "skip_load")]
+    load_only: bool,
+    /// With `--scale` and `--database-url`: time the calls against the
+    /// gateway already serving that database at this address (e.g.
+    /// `http://127.0.0.1:50051`, a release binary started by
+    /// `scripts/scale.sh`) instead of one in this process.
+    #[arg(long, requires = "database_url")]
+    target: Option<String>,
+    /// With `--scale`: also write the figures to this file, one line per
+    /// call: name, median, min and max in ms (tab-separated).
+    #[arg(long)]
+    tsv: Option<std::path::PathBuf>,
 }
 
 /// `--gateway`: one IngestDiscrepancies stream of `rows` rows into
@@ -311,7 +326,15 @@ async fn main() -> anyhow::Result<()> {
         return external_ingest(gateway, session, args.ingest_rows, args.chunk).await;
     }
     if let Some(scale) = &args.scale {
-        return scale::run(scale, args.database_url.clone(), args.skip_load).await;
+        return scale::run(scale::Options {
+            scale: scale.clone(),
+            database_url: args.database_url.clone(),
+            skip_load: args.skip_load,
+            load_only: args.load_only,
+            target: args.target.clone(),
+            tsv: args.tsv.clone(),
+        })
+        .await;
     }
     let wants = |w: &str| args.only.is_empty() || args.only.iter().any(|o| o == w);
     let dir = std::env::temp_dir().join(format!("verdict-bench-{}", std::process::id()));
@@ -762,8 +785,10 @@ mod scale {
     const POINTS: i64 = 2_000_000;
     /// Coverage reports at S, 50 files each.
     const REPORTS: i64 = 20_000;
+    /// Test executions at S (bench/scale/executions.sql).
+    const EXECUTIONS: i64 = 1_000_000;
     /// Rows per loading statement.
-    const CHUNK: i64 = 500_000;
+    const CHUNK: i64 = 1_000_000;
 
     const SESSIONS_SQL: &str = "INSERT INTO sessions (project_id, id, request_id, source_technology, \
              target_technology, validation_scope, status, created_at, updated_at, started_at, completed_at) \
@@ -812,7 +837,7 @@ mod scale {
          WHERE r.project_id = $1 AND r.client_key LIKE 'scale-%'";
 
     /// `bench/scale/executions.sql` with its psql variables (`:project`,
-    /// `:'project'`, `:factor`, `:days`) replaced by their values.
+    /// `:'project'`, `:rows`, `:days`, `:test_cases`) replaced by their values.
     fn substitute(text: &str, vars: &[(&str, String)]) -> String {
         let mut out = String::with_capacity(text.len());
         let mut rest = text;
@@ -846,98 +871,448 @@ mod scale {
         out
     }
 
-    async fn load(c: &tokio_postgres::Client, project: Uuid, factor: i64) -> anyhow::Result<()> {
-        let step = |what: &str, t: Instant| {
-            println!("  loaded {what} in {:.1} s", t.elapsed().as_secs_f64());
+    /// Session settings of the loading connection: commits do not wait for
+    /// the WAL flush (a crash loses at most the last commits of a bench
+    /// load, never consistency) and index builds get memory and workers.
+    const LOAD_SETTINGS: &str = "SET synchronous_commit = off; \
+         SET maintenance_work_mem = '512MB'; \
+         SET max_parallel_maintenance_workers = 2; \
+         SET work_mem = '128MB'";
+
+    /// Names the tables whose secondary indexes the next `DROP_INDEXES`
+    /// drops (comma-separated), for this transaction only.
+    const SET_TABLES: &str = "SELECT set_config('verdict_scale.tables', $1, true)";
+
+    /// Saves the definitions (`pg_get_indexdef`) of the secondary indexes
+    /// of the tables named by `SET_TABLES` in a temporary table and drops
+    /// them, inside the loading transaction. Indexes that back a
+    /// constraint (primary keys, unique constraints, the keys foreign keys
+    /// point at) and unique indexes stay: the load checks them as the
+    /// gateway would. `REBUILD_INDEXES` recreates the others from their
+    /// saved definitions before the commit, so the schema measured is
+    /// exactly the migrated one (a failed load rolls the drop back).
+    const DROP_INDEXES: &str = "DO $$ \
+         DECLARE r record; \
+         BEGIN \
+             CREATE TEMP TABLE verdict_scale_indexes ON COMMIT DROP AS \
+             SELECT i.indexrelid::regclass::text AS name, pg_get_indexdef(i.indexrelid) AS def \
+             FROM pg_index i \
+             WHERE i.indrelid = ANY (string_to_array(current_setting('verdict_scale.tables'), ',')::regclass[]) \
+               AND NOT i.indisunique \
+               AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid); \
+             FOR r IN SELECT name FROM verdict_scale_indexes LOOP \
+                 EXECUTE 'DROP INDEX ' || r.name; \
+             END LOOP; \
+         END $$";
+
+    /// Recreates the indexes `DROP_INDEXES` dropped, from their saved
+    /// definitions.
+    const REBUILD_INDEXES: &str = "DO $$ \
+         DECLARE r record; \
+         BEGIN \
+             FOR r IN SELECT def FROM verdict_scale_indexes LOOP \
+                 EXECUTE r.def; \
+             END LOOP; \
+         END $$";
+
+    /// The dropped indexes (name, definition).
+    const DROPPED: &str = "SELECT name, def FROM verdict_scale_indexes ORDER BY name";
+
+    /// The INSERT triggers of the named tables (comma-separated), but the
+    /// internal ones of foreign keys.
+    const INSERT_TRIGGERS: &str = "SELECT coalesce(array_agg(tgname::text ORDER BY tgname), '{}') \
+         FROM pg_trigger \
+         WHERE tgrelid = ANY (string_to_array($1, ',')::regclass[]) AND NOT tgisinternal \
+           AND tgtype & 4 <> 0";
+
+    /// Whether the loading role may skip triggers.
+    const SUPERUSER: &str = "SELECT rolsuper FROM pg_roles WHERE rolname = current_user";
+
+    /// Triggers and foreign-key checks off for this transaction.
+    const REPLICA: &str = "SET LOCAL session_replication_role = replica";
+
+    /// The counts of V27's triggers rebuilt from the stored discrepancies:
+    /// the very backfill of migration V29.
+    const DISCREPANCY_COUNTS: &str =
+        include_str!("../../migrations/V29__discrepancy_counts_backfill.sql");
+
+    /// Problems after a discrepancy load without triggers: rows whose
+    /// session is missing, and rows the counts of V27 do not hold (per
+    /// session, and per day), for each dimension.
+    const VERIFY_DISCREPANCIES: &str = "SELECT \
+         (SELECT count(*) FROM discrepancies d WHERE d.project_id = $1 AND NOT EXISTS \
+             (SELECT 1 FROM sessions s WHERE s.project_id = d.project_id AND s.id = d.session_id)) \
+         + (SELECT count(*) FROM (SELECT v.dimension, count(*) AS n \
+               FROM discrepancies d CROSS JOIN (VALUES ('severity'), ('kind'), ('resolution')) v(dimension) \
+               WHERE d.project_id = $1 GROUP BY 1) r \
+             FULL JOIN (SELECT dimension, sum(n) AS n FROM discrepancy_session_counts \
+                        WHERE project_id = $1 GROUP BY 1) c USING (dimension) \
+             FULL JOIN (SELECT dimension, sum(n) AS n FROM discrepancy_day_counts \
+                        WHERE project_id = $1 GROUP BY 1) k USING (dimension) \
+             WHERE r.n IS DISTINCT FROM c.n OR r.n IS DISTINCT FROM k.n)";
+
+    /// Problems after a coverage load without foreign-key checks: files of
+    /// a missing report.
+    const VERIFY_COVERAGE: &str = "SELECT count(*) FROM coverage_files f WHERE f.project_id = $1 \
+         AND NOT EXISTS (SELECT 1 FROM coverage_reports r \
+                         WHERE r.project_id = f.project_id AND r.id = f.report_id)";
+
+    /// Problems after an execution load without foreign-key checks:
+    /// executions of a missing test case or run.
+    const VERIFY_EXECUTIONS: &str = "SELECT \
+         (SELECT count(*) FROM test_executions e WHERE e.project_id = $1 AND NOT EXISTS \
+             (SELECT 1 FROM test_cases t WHERE t.project_id = e.project_id AND t.id = e.test_case_id)) \
+         + (SELECT count(*) FROM test_executions e WHERE e.project_id = $1 AND e.run_id IS NOT NULL \
+             AND NOT EXISTS (SELECT 1 FROM test_runs r WHERE r.id = e.run_id))";
+
+    /// Problems after a metric load without foreign-key checks: none can
+    /// be (the only reference is the project, checked when loading starts).
+    const VERIFY_NOTHING: &str = "SELECT count(*) FROM projects WHERE id = $1 AND false";
+
+    /// How one table is loaded.
+    struct Bulk {
+        /// The tables whose secondary indexes are dropped and rebuilt.
+        indexed: &'static str,
+        /// Every table the load writes (their INSERT triggers decide).
+        written: &'static str,
+        /// The INSERT triggers the load may skip: each has its table
+        /// rebuilt afterwards (`recount_discrepancies`).
+        known: &'static [&'static str],
+        /// Rebuilds what the skipped triggers maintain: the counts of
+        /// V27 (`DISCREPANCY_COUNTS`).
+        recount_discrepancies: bool,
+        /// Counts problems of the loaded rows (foreign keys, maintained
+        /// counts); must be 0 before the commit.
+        verify: Verify,
+    }
+
+    /// The check of a loaded table (one constant statement each).
+    #[derive(Clone, Copy)]
+    enum Verify {
+        Nothing,
+        Discrepancies,
+        Coverage,
+        Executions,
+    }
+
+    /// Problems of the rows `verify` checks.
+    async fn problems(
+        c: &tokio_postgres::Client,
+        verify: Verify,
+        project: Uuid,
+    ) -> anyhow::Result<i64> {
+        let row = match verify {
+            Verify::Nothing => c.query_one(VERIFY_NOTHING, &[&project]).await?,
+            Verify::Discrepancies => c.query_one(VERIFY_DISCREPANCIES, &[&project]).await?,
+            Verify::Coverage => c.query_one(VERIFY_COVERAGE, &[&project]).await?,
+            Verify::Executions => c.query_one(VERIFY_EXECUTIONS, &[&project]).await?,
         };
-        // Each step is skipped when an earlier run loaded it (a run that
-        // stopped half-way resumes at its first missing table).
-        let sessions_loaded: bool = c
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')",
-                &[&project],
-            )
-            .await?
-            .get(0);
-        let reports_loaded: bool = c
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')",
-                &[&project],
-            )
-            .await?
-            .get(0);
-        let sessions = SESSIONS * factor;
-        let t = Instant::now();
-        if !sessions_loaded {
-            c.execute(SESSIONS_SQL, &[&project, &sessions]).await?;
+        Ok(row.get(0))
+    }
+
+    /// Opens the transaction of one table's load and drops the secondary
+    /// indexes. When the role may, and every INSERT trigger of the written
+    /// tables is one the load knows how to recompute, triggers and
+    /// foreign-key checks are off for the transaction (the rows reference
+    /// only rows the loader made, checked by `verify` before the commit);
+    /// any other trigger (a newer schema's) keeps them all on. Returns
+    /// whether they are off.
+    async fn begin_bulk(c: &tokio_postgres::Client, bulk: &Bulk) -> anyhow::Result<bool> {
+        let superuser: bool = c.query_one(SUPERUSER, &[]).await?.get(0);
+        let triggers: Vec<String> = c.query_one(INSERT_TRIGGERS, &[&bulk.written]).await?.get(0);
+        let replica = superuser && triggers.iter().all(|t| bulk.known.contains(&t.as_str()));
+        c.batch_execute("BEGIN").await?;
+        if replica {
+            c.batch_execute(REPLICA).await?;
+        } else {
+            println!(
+                "  {}: triggers and foreign keys stay on (superuser {superuser}, INSERT triggers {triggers:?})",
+                bulk.indexed
+            );
         }
-        step(&format!("{sessions} sessions"), t);
+        c.query_one(SET_TABLES, &[&bulk.indexed]).await?;
+        c.batch_execute(DROP_INDEXES).await?;
+        Ok(replica)
+    }
+
+    /// Recomputes what skipped triggers maintain, rebuilds the dropped
+    /// indexes, verifies and commits; prints the times.
+    async fn end_bulk(
+        c: &tokio_postgres::Client,
+        bulk: &Bulk,
+        replica: bool,
+        project: Uuid,
+        what: &str,
+        loaded: Instant,
+    ) -> anyhow::Result<()> {
+        let inserted = loaded.elapsed().as_secs_f64();
         let t = Instant::now();
-        let per_chunk = CHUNK / i64::from(PER_SESSION);
-        let mut lo: i64 = c
-            .query_one(
-                "SELECT COALESCE(max(substr(s.request_id, 7)::int8) + 1, 0) FROM sessions s \
-                 WHERE s.project_id = $1 AND s.request_id LIKE 'scale-%' \
-                   AND EXISTS (SELECT 1 FROM discrepancies d WHERE d.project_id = $1 AND d.session_id = s.id)",
-                &[&project],
-            )
-            .await?
-            .get(0);
-        while lo < sessions {
-            let hi = (lo + per_chunk).min(sessions) - 1;
-            c.execute(DISCREPANCIES_SQL, &[&project, &lo, &hi, &PER_SESSION])
-                .await?;
-            lo = hi + 1;
+        if replica && bulk.recount_discrepancies {
+            // A migration of this repository (not request text).
+            c.batch_execute(DISCREPANCY_COUNTS).await?;
         }
-        step(
-            &format!("{} discrepancies", sessions * i64::from(PER_SESSION)),
-            t,
+        let recomputed = t.elapsed().as_secs_f64();
+        let dropped = c.query(DROPPED, &[]).await?;
+        let t = Instant::now();
+        c.batch_execute(REBUILD_INDEXES).await?;
+        let rebuilt = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let problems = problems(c, bulk.verify, project).await?;
+        let verified = t.elapsed().as_secs_f64();
+        if problems != 0 {
+            c.batch_execute("ROLLBACK").await?;
+            anyhow::bail!("{what}: {problems} problems after the load (rolled back)");
+        }
+        let t = Instant::now();
+        c.batch_execute("COMMIT").await?;
+        let names: Vec<String> = dropped.iter().map(|r| r.get(0)).collect();
+        println!(
+            "  loaded {what}: rows {inserted:.1} s (triggers {}), recompute {recomputed:.1} s, {} indexes rebuilt {rebuilt:.1} s ({}), verified {verified:.1} s, commit {:.1} s, total {:.1} s",
+            if replica { "off" } else { "on" },
+            names.len(),
+            names.join(" "),
+            t.elapsed().as_secs_f64(),
+            loaded.elapsed().as_secs_f64()
         );
-        let t = Instant::now();
-        let points = POINTS * factor;
-        let mut lo: i64 = c
+        Ok(())
+    }
+
+    /// `bench/scale/executions.sql` as plain SQL: its psql commands (the
+    /// defaults, and the `\gset` probe of the rollup table, present in
+    /// every schema measured) left out, its variables filled in.
+    fn executions_sql(text: &str, project: Uuid, rows: i64) -> String {
+        let plain: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('\\') && !l.ends_with("\\gset"))
+            .collect();
+        let vars = [
+            ("project", project.to_string()),
+            ("rows", rows.to_string()),
+            ("days", "90".to_owned()),
+            ("test_cases", "2000".to_owned()),
+        ];
+        substitute(&plain.join("\n"), &vars)
+    }
+
+    /// The sessions (none of their rows reference another).
+    async fn load_sessions(
+        c: &tokio_postgres::Client,
+        project: Uuid,
+        factor: i64,
+    ) -> anyhow::Result<()> {
+        let sessions = SESSIONS * factor;
+        if !c.query_one("SELECT EXISTS (SELECT 1 FROM sessions WHERE project_id = $1 AND request_id = 'scale-0')", &[&project])
+            .await?
+            .get::<_, bool>(0) {
+            let t = Instant::now();
+            let bulk = Bulk {
+                indexed: "sessions",
+                written: "sessions",
+                known: &[],
+                recount_discrepancies: false,
+                verify: Verify::Nothing,
+            };
+            let replica = begin_bulk(c, &bulk).await?;
+            c.execute(SESSIONS_SQL, &[&project, &sessions]).await?;
+            end_bulk(c, &bulk, replica, project, &format!("{sessions} sessions"), t).await?;
+        }
+        Ok(())
+    }
+
+    /// The discrepancies of the loaded sessions, 60 each.
+    async fn load_discrepancies(
+        c: &tokio_postgres::Client,
+        project: Uuid,
+        factor: i64,
+    ) -> anyhow::Result<()> {
+        let sessions = SESSIONS * factor;
+        if !c
             .query_one(
-                "SELECT count(*) FROM metric_points WHERE project_id = $1 AND name LIKE 'metric\\_%'",
+                "SELECT EXISTS (SELECT 1 FROM discrepancies d JOIN sessions s \
+                 ON s.project_id = d.project_id AND s.id = d.session_id \
+             WHERE d.project_id = $1 AND s.request_id LIKE 'scale-%')",
                 &[&project],
             )
             .await?
-            .get(0);
-        while lo < points {
-            let hi = (lo + CHUNK).min(points) - 1;
-            c.execute(POINTS_SQL, &[&project, &lo, &hi, &points])
-                .await?;
-            lo = hi + 1;
+            .get::<_, bool>(0)
+        {
+            let t = Instant::now();
+            let bulk = Bulk {
+                indexed: "discrepancies",
+                written: "discrepancies,discrepancy_session_counts,discrepancy_day_counts",
+                known: &["discrepancy_counts_insert"],
+                recount_discrepancies: true,
+                verify: Verify::Discrepancies,
+            };
+            let replica = begin_bulk(c, &bulk).await?;
+            let per_chunk = CHUNK / i64::from(PER_SESSION);
+            let mut lo = 0;
+            while lo < sessions {
+                let hi = (lo + per_chunk).min(sessions) - 1;
+                c.execute(DISCREPANCIES_SQL, &[&project, &lo, &hi, &PER_SESSION])
+                    .await?;
+                lo = hi + 1;
+            }
+            end_bulk(
+                c,
+                &bulk,
+                replica,
+                project,
+                &format!("{} discrepancies", sessions * i64::from(PER_SESSION)),
+                t,
+            )
+            .await?;
         }
-        step(&format!("{points} metric points"), t);
-        let t = Instant::now();
+        Ok(())
+    }
+
+    /// The metric points.
+    async fn load_points(
+        c: &tokio_postgres::Client,
+        project: Uuid,
+        factor: i64,
+    ) -> anyhow::Result<()> {
+        let points = POINTS * factor;
+        if !c.query_one("SELECT EXISTS (SELECT 1 FROM metric_points WHERE project_id = $1 AND name = 'metric_0')", &[&project])
+            .await?
+            .get::<_, bool>(0) {
+            let t = Instant::now();
+            let bulk = Bulk {
+                indexed: "metric_points",
+                written: "metric_points",
+                known: &[],
+                recount_discrepancies: false,
+                verify: Verify::Nothing,
+            };
+            let replica = begin_bulk(c, &bulk).await?;
+            let mut lo = 0;
+            while lo < points {
+                let hi = (lo + CHUNK).min(points) - 1;
+                c.execute(POINTS_SQL, &[&project, &lo, &hi, &points])
+                    .await?;
+                lo = hi + 1;
+            }
+            end_bulk(c, &bulk, replica, project, &format!("{points} metric points"), t).await?;
+        }
+        Ok(())
+    }
+
+    /// The coverage reports and their files.
+    async fn load_coverage(
+        c: &tokio_postgres::Client,
+        project: Uuid,
+        factor: i64,
+    ) -> anyhow::Result<()> {
         let reports = REPORTS * factor;
-        if !reports_loaded {
+        if !c.query_one("SELECT EXISTS (SELECT 1 FROM coverage_reports WHERE project_id = $1 AND client_key LIKE 'scale-%')", &[&project])
+            .await?
+            .get::<_, bool>(0) {
+            let t = Instant::now();
+            let bulk = Bulk {
+                indexed: "coverage_reports,coverage_files",
+                written: "coverage_reports,coverage_files",
+                known: &[],
+                recount_discrepancies: false,
+                verify: Verify::Coverage,
+            };
+            let replica = begin_bulk(c, &bulk).await?;
             c.execute(REPORTS_SQL, &[&project, &reports]).await?;
             c.execute(FILES_SQL, &[&project]).await?;
+            end_bulk(
+                c,
+                &bulk,
+                replica,
+                project,
+                &format!("{reports} coverage reports, {} files", reports * 50),
+                t,
+            )
+            .await?;
         }
-        step(
-            &format!("{reports} coverage reports, {} files", reports * 50),
-            t,
-        );
-        let file =
-            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scale/executions.sql");
-        if let Ok(text) = std::fs::read_to_string(&file) {
+        Ok(())
+    }
+
+    /// The test cases, runs and executions (bench/scale/executions.sql).
+    async fn load_executions(
+        c: &tokio_postgres::Client,
+        project: Uuid,
+        factor: i64,
+    ) -> anyhow::Result<()> {
+        let executions = EXECUTIONS * factor;
+        if !c.query_one("SELECT EXISTS (SELECT 1 FROM test_cases WHERE project_id = $1 AND key = 'scale-0')", &[&project])
+            .await?
+            .get::<_, bool>(0)
+        {
+            let file =
+                std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scale/executions.sql");
+            let text = std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let sql = executions_sql(&text, project, executions);
             let t = Instant::now();
-            let vars = [
-                ("project", project.to_string()),
-                ("factor", factor.to_string()),
-                ("days", "90".to_owned()),
-            ];
-            let sql = substitute(&text, &vars);
+            // The file rebuilds the rollup (test_execution_days) itself.
+            let bulk = Bulk {
+                indexed: "test_runs,test_executions",
+                written: "test_cases,test_runs,test_executions,test_execution_days",
+                known: &[],
+                recount_discrepancies: false,
+                verify: Verify::Executions,
+            };
+            let replica = begin_bulk(c, &bulk).await?;
             // A file of this repository, run as written (not request text).
             c.batch_execute(&sql).await?;
-            step("bench/scale/executions.sql", t);
-        } else {
-            println!("  no bench/scale/executions.sql: no test executions loaded");
+            end_bulk(
+                c,
+                &bulk,
+                replica,
+                project,
+                &format!(
+                    "{executions} test executions (bench/scale/executions.sql, with the rollup)"
+                ),
+                t,
+            )
+            .await?;
         }
+        Ok(())
+    }
+
+    /// A loading connection.
+    async fn loader(url: &str) -> anyhow::Result<tokio_postgres::Client> {
+        let (c, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        c.batch_execute(LOAD_SETTINGS).await?;
+        Ok(c)
+    }
+
+    /// Loads every table at `factor` (1 = S, 5 = L), on two connections at
+    /// once (PostgreSQL runs a statement on one core): the sessions, then
+    /// their discrepancies and the coverage on one, the executions and the
+    /// metric points on the other. Each table is one transaction: its
+    /// secondary indexes dropped, its rows inserted by a few `INSERT …
+    /// SELECT generate_series` statements, what skipped triggers maintain
+    /// recomputed, its indexes rebuilt, the rows verified, committed (see
+    /// `begin_bulk`). A table that an earlier run loaded is skipped (an
+    /// interrupted run resumes at the first table it did not commit).
+    async fn load(url: &str, project: Uuid, factor: i64) -> anyhow::Result<()> {
+        let (a, b) = (loader(url).await?, loader(url).await?);
+        load_sessions(&a, project, factor).await?;
+        let (left, right) = tokio::join!(
+            async {
+                load_discrepancies(&a, project, factor).await?;
+                load_coverage(&a, project, factor).await
+            },
+            async {
+                load_executions(&b, project, factor).await?;
+                load_points(&b, project, factor).await
+            }
+        );
+        left?;
+        right?;
+        let c = a;
         let t = Instant::now();
-        c.batch_execute("VACUUM ANALYZE").await?;
-        step("VACUUM ANALYZE", t);
+        c.batch_execute("VACUUM (ANALYZE)").await?;
+        println!(
+            "  VACUUM (ANALYZE) (visibility maps for index-only scans): {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
         Ok(())
     }
 
@@ -1241,19 +1616,119 @@ mod scale {
         Ok(out)
     }
 
-    pub async fn run(
+    /// What `--scale` was asked to do.
+    pub struct Options {
+        /// `S` or `L`.
+        pub scale: String,
+        /// The database; `None`: a private embedded PostgreSQL.
+        pub database_url: Option<String>,
+        /// Measure only (the rows of an earlier run).
+        pub skip_load: bool,
+        /// Load only (no gateway, no calls).
+        pub load_only: bool,
+        /// A gateway already serving `database_url`.
+        pub target: Option<String>,
+        /// Where to write the figures as tab-separated lines.
+        pub tsv: Option<std::path::PathBuf>,
+    }
+
+    /// The default project of the database (created by the migrations).
+    async fn default_project(c: &tokio_postgres::Client) -> anyhow::Result<Uuid> {
+        let row = c
+            .query_opt("SELECT id FROM projects WHERE slug = 'default'", &[])
+            .await?;
+        row.map(|r| r.get(0))
+            .ok_or_else(|| anyhow::anyhow!("no default project: migrate the database first"))
+    }
+
+    /// A channel to the gateway at `address`, once it answers (a gateway
+    /// still migrating answers UNAVAILABLE or not at all).
+    async fn ready_channel(address: String) -> anyhow::Result<Channel> {
+        let endpoint = Endpoint::from_shared(address)?;
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            if let Ok(channel) = endpoint.connect().await {
+                let mut probe = DiscrepancyServiceClient::new(channel.clone());
+                let answer = probe
+                    .summarize_discrepancies(req(proto::SummarizeDiscrepanciesRequest {
+                        session_id: Uuid::nil().to_string(),
+                        sessions_created: None,
+                    }))
+                    .await;
+                match answer {
+                    Err(s) if s.code() == tonic::Code::Unavailable => {}
+                    _ => return Ok(channel),
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the gateway did not answer within 10 minutes"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Prints the figures as a markdown table (and writes them to `tsv`).
+    fn report(
         scale: &str,
-        database_url: Option<String>,
-        skip_load: bool,
+        timings: &[Timing],
+        tsv: Option<&std::path::Path>,
     ) -> anyhow::Result<()> {
-        let factor = match scale {
+        println!("\n| call | {scale} median ms | min | max |\n| --- | --- | --- | --- |");
+        let mut lines = String::new();
+        for t in timings {
+            match &t.result {
+                Ok((median, min, max)) => {
+                    println!("| {} | {median:.1} | {min:.1} | {max:.1} |", t.name);
+                    lines.push_str(&format!("{}\t{median:.1}\t{min:.1}\t{max:.1}\n", t.name));
+                }
+                Err(e) => {
+                    println!("| {} | error: {e} | | |", t.name);
+                    lines.push_str(&format!("{}\terror: {e}\t\t\n", t.name));
+                }
+            }
+        }
+        if let Some(path) = tsv {
+            std::fs::write(path, lines)?;
+        }
+        Ok(())
+    }
+
+    pub async fn run(o: Options) -> anyhow::Result<()> {
+        let factor = match o.scale.as_str() {
             "S" | "s" => 1,
             "L" | "l" => 5,
             other => anyhow::bail!("--scale is S or L, not {other}"),
         };
+        let scale = o.scale.to_uppercase();
+        // An external database with --load-only or --target: no gateway in
+        // this process (its migrations are not applied here either, so the
+        // schema loaded and measured is the one of the release under test).
+        if o.load_only || o.target.is_some() {
+            let url = o
+                .database_url
+                .clone()
+                .ok_or_else(|| anyhow::anyhow!("--load-only and --target need --database-url"))?;
+            let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
+            tokio::spawn(conn);
+            let project = default_project(&c).await?;
+            if !o.skip_load {
+                println!("verdict-bench --scale {scale}: loading {url}");
+                let t = Instant::now();
+                load(&url, project, factor).await?;
+                println!("  loaded in {:.0} s", t.elapsed().as_secs_f64());
+            }
+            if let Some(target) = o.target {
+                let channel = ready_channel(target.clone()).await?;
+                println!("verdict-bench --scale {scale}: measuring {target}");
+                let timings = measure(channel, &c, project).await?;
+                report(&scale, &timings, o.tsv.as_deref())?;
+            }
+            return Ok(());
+        }
         let dir = std::env::temp_dir().join(format!("verdict-scale-{}", std::process::id()));
         let mut embedded = None;
-        let url = match database_url {
+        let url = match o.database_url {
             Some(url) => url,
             None => {
                 let pg = EmbeddedPostgres::start(&dir).await?;
@@ -1280,45 +1755,17 @@ mod scale {
         }));
         let (c, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await?;
         tokio::spawn(conn);
-        // The gateway migrates before it serves: wait for its last table.
-        let channel = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))?
-            .connect()
-            .await?;
-        let project: Uuid = loop {
-            if let Ok(Some(row)) = c
-                .query_opt("SELECT id FROM projects WHERE slug = 'default'", &[])
-                .await
-            {
-                let mut ready = DiscrepancyServiceClient::new(channel.clone());
-                let probe = ready
-                    .summarize_discrepancies(req(proto::SummarizeDiscrepanciesRequest {
-                        session_id: Uuid::nil().to_string(),
-                        sessions_created: None,
-                    }))
-                    .await;
-                match probe {
-                    Err(s) if s.code() == tonic::Code::Unavailable => {}
-                    _ => break row.get(0),
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        };
+        // The gateway migrates before it serves: wait until it answers.
+        let channel = ready_channel(format!("http://127.0.0.1:{port}")).await?;
+        let project = default_project(&c).await?;
         println!("verdict-bench --scale {scale}: {url}");
-        if !skip_load {
+        if !o.skip_load {
             let t = Instant::now();
-            load(&c, project, factor).await?;
+            load(&url, project, factor).await?;
             println!("  loaded in {:.0} s", t.elapsed().as_secs_f64());
         }
         let timings = measure(channel, &c, project).await?;
-        println!("\n| call | {scale} median ms | min | max |\n| --- | --- | --- | --- |");
-        for t in &timings {
-            match &t.result {
-                Ok((median, min, max)) => {
-                    println!("| {} | {median:.1} | {min:.1} | {max:.1} |", t.name)
-                }
-                Err(e) => println!("| {} | error: {e} | | |", t.name),
-            }
-        }
+        report(&scale, &timings, o.tsv.as_deref())?;
         let _ = stop_tx.send(());
         let _ = gateway.await;
         if let Some(mut pg) = embedded {

@@ -1,6 +1,7 @@
 //! Integration tests: a real gateway, a real tonic client, a real PostgreSQL.
 
 mod admin;
+mod admin_deadlines;
 mod audit;
 mod auth;
 mod bounds;

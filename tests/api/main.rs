@@ -35,6 +35,7 @@ mod results;
 mod retention;
 mod search;
 mod sequences;
+mod series;
 mod sessions;
 mod statistics;
 mod statistics_plans;

@@ -139,7 +139,9 @@ fn percentile(hist: &BTreeMap<i32, i64>, n: i64, q: f64) -> f64 {
             return representative(*k);
         }
     }
-    hist.keys().next_back().map_or(f64::NAN, |k| representative(*k))
+    hist.keys()
+        .next_back()
+        .map_or(f64::NAN, |k| representative(*k))
 }
 
 /// Every bucket of the range, and whether its percentiles are estimated:

@@ -308,8 +308,9 @@ pub async fn series_parts(
     let rows = match q.buckets {
         Buckets::Fixed(width) => {
             let width = width.as_secs_f64();
-            let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
-                &[&q.name, &q.from, &q.to, &width, &q.labels, &project, &h0, &h1];
+            let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+                &q.name, &q.from, &q.to, &width, &q.labels, &project, &h0, &h1,
+            ];
             if unfiltered {
                 HOURS_FIXED_ALL.query(c, params).await?
             } else {

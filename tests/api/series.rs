@@ -15,9 +15,8 @@ use uuid::Uuid;
 use verdict::db::Stmt;
 use verdict::proto::project_service_client::ProjectServiceClient;
 use verdict::proto::{
-    CalendarBucket, CleanupRequest, MetricPoint, QueryTimeSeriesRequest,
-    QueryTimeSeriesResponse, RecordMetricPointsRequest, Retention, TimeRange,
-    UpdateProjectRequest,
+    CalendarBucket, CleanupRequest, MetricPoint, QueryTimeSeriesRequest, QueryTimeSeriesResponse,
+    RecordMetricPointsRequest, Retention, TimeRange, UpdateProjectRequest,
 };
 
 fn ts(t: DateTime<Utc>) -> Timestamp {
@@ -228,7 +227,10 @@ async fn hours_vs_raw(sql: &tokio_postgres::Client) -> (i64, i64) {
 
 async fn assert_hours_match_raw(sql: &tokio_postgres::Client, label: &str) {
     let (differ, total) = hours_vs_raw(sql).await;
-    assert_eq!(differ, 0, "{label}: series-hours differing from the raw points");
+    assert_eq!(
+        differ, 0,
+        "{label}: series-hours differing from the raw points"
+    );
     assert!(total > 0, "{label}: there are series-hours to compare");
 }
 
@@ -260,12 +262,27 @@ async fn aggregated_series_equal_the_raw_points_across_edges_labels_and_widths()
     let prod: &[(&str, &str)] = &[("env", "prod")];
     let cases: Vec<(&str, QueryTimeSeriesRequest)> = vec![
         ("1 h, all", query("lat", &[], mid_from, mid_to, Some(3600))),
-        ("1 h, prod", query("lat", prod, mid_from, mid_to, Some(3600))),
-        ("1 d, all", query("lat", &[], mid_from, mid_to, Some(86_400))),
-        ("1 d, prod", query("lat", prod, mid_from, mid_to, Some(86_400))),
-        ("3 h, all, whole hours", query("lat", &[], base, base + TimeDelta::days(9), Some(10_800))),
+        (
+            "1 h, prod",
+            query("lat", prod, mid_from, mid_to, Some(3600)),
+        ),
+        (
+            "1 d, all",
+            query("lat", &[], mid_from, mid_to, Some(86_400)),
+        ),
+        (
+            "1 d, prod",
+            query("lat", prod, mid_from, mid_to, Some(86_400)),
+        ),
+        (
+            "3 h, all, whole hours",
+            query("lat", &[], base, base + TimeDelta::days(9), Some(10_800)),
+        ),
         ("month, prod", query("lat", prod, mid_from, mid_to, None)),
-        ("month, all", query("lat", &[], base, base + TimeDelta::days(12), None)),
+        (
+            "month, all",
+            query("lat", &[], base, base + TimeDelta::days(12), None),
+        ),
     ];
     for (label, q) in cases {
         let want = expected(&sql, project, &q).await;
@@ -282,7 +299,13 @@ async fn aggregated_series_equal_the_raw_points_across_edges_labels_and_widths()
 
     // A range of at most 10000 points is read point by point: exact
     // continuous percentiles, not estimated.
-    let small = query("lat", prod, mid_from, mid_from + TimeDelta::hours(20), Some(3600));
+    let small = query(
+        "lat",
+        prod,
+        mid_from,
+        mid_from + TimeDelta::hours(20),
+        Some(3600),
+    );
     let got = app
         .metrics
         .clone()
@@ -367,7 +390,13 @@ async fn concurrent_writers_to_the_same_series_hours_leave_exact_aggregates() {
     let got = app
         .metrics
         .clone()
-        .query_time_series(query("hot", &[], base, base + TimeDelta::hours(3), Some(3600)))
+        .query_time_series(query(
+            "hot",
+            &[],
+            base,
+            base + TimeDelta::hours(3),
+            Some(3600),
+        ))
         .await
         .unwrap()
         .into_inner();
@@ -499,7 +528,10 @@ async fn retention_cleanup_and_direct_deletes_and_updates_keep_the_aggregates_ri
         .await
         .unwrap()
         .get(0);
-    assert!(left > 12_000 && left < 30_000, "the cleanup deleted some: {done:?}");
+    assert!(
+        left > 12_000 && left < 30_000,
+        "the cleanup deleted some: {done:?}"
+    );
     assert_hours_match_raw(&sql, "after the cleanup").await;
 
     // Direct SQL: a delete of part of some hours, an update moving points
@@ -535,9 +567,20 @@ async fn retention_cleanup_and_direct_deletes_and_updates_keep_the_aggregates_ri
 /// Every (node type, relation, index, actual rows) of a JSON plan.
 fn nodes(plan: &Value, out: &mut Vec<(String, String, String, f64)>) {
     let text = |k: &str| plan.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-    let rows = plan.get("Actual Rows").and_then(Value::as_f64).unwrap_or(0.0)
-        * plan.get("Actual Loops").and_then(Value::as_f64).unwrap_or(1.0);
-    out.push((text("Node Type"), text("Relation Name"), text("Index Name"), rows));
+    let rows = plan
+        .get("Actual Rows")
+        .and_then(Value::as_f64)
+        .unwrap_or(0.0)
+        * plan
+            .get("Actual Loops")
+            .and_then(Value::as_f64)
+            .unwrap_or(1.0);
+    out.push((
+        text("Node Type"),
+        text("Relation Name"),
+        text("Index Name"),
+        rows,
+    ));
     if let Some(children) = plan.get("Plans").and_then(Value::as_array) {
         for c in children {
             nodes(c, out);
@@ -550,7 +593,9 @@ async fn the_gateways_series_statements_read_the_aggregates_not_the_range_of_poi
     let app = spawn_app().await;
     let project = default_project(&app).await;
     let sql = app.sql().await;
-    sql.batch_execute("SET statement_timeout = 0").await.unwrap();
+    sql.batch_execute("SET statement_timeout = 0")
+        .await
+        .unwrap();
     let p = format!("'{project}'::uuid");
     // A million points, 20 names interleaved over 90 days (about 23 per
     // name and hour), through the insert trigger; then a one-statement
@@ -624,7 +669,8 @@ async fn the_gateways_series_statements_read_the_aggregates_not_the_range_of_poi
             "{name} reads the hourly aggregates by their key: {out:?}"
         );
         assert!(
-            !out.iter().any(|(t, rel, _, _)| rel == "metric_points" && t == "Seq Scan"),
+            !out.iter()
+                .any(|(t, rel, _, _)| rel == "metric_points" && t == "Seq Scan"),
             "{name} does not scan the points: {out:?}"
         );
         // Only the partial hours at the edges: about 23 points per hour of

@@ -60,9 +60,13 @@ CREATE TABLE metric_series (
     UNIQUE (project_id, name, labels_digest)
 );
 
+-- series_id names a metric_series row of the same project. No foreign key
+-- to it: series rows go only with their project, whose deletion takes these
+-- rows too (by the key below, which leads with project_id), so no index
+-- leading with series_id is needed.
 CREATE TABLE metric_series_hours (
-    project_id   uuid      NOT NULL,
-    series_id    bigint    NOT NULL REFERENCES metric_series (id) ON DELETE CASCADE,
+    project_id   uuid      NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
+    series_id    bigint    NOT NULL,
     hour         timestamptz NOT NULL,
     count        bigint    NOT NULL,
     sum          float8    NOT NULL,
@@ -72,7 +76,6 @@ CREATE TABLE metric_series_hours (
     hist_counts  bigint[]  NOT NULL,
     PRIMARY KEY (project_id, series_id, hour)
 );
-CREATE INDEX metric_series_hours_series_idx ON metric_series_hours (series_id);
 
 -- The series of each point of a set, created when new (in key order).
 CREATE FUNCTION verdict_metric_series_ensure(projects uuid[], names text[], labels jsonb[])

@@ -73,43 +73,29 @@ pub fn whole_hours(q: &SeriesQuery) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
     Some(if h0 < h1 { (h0, h1) } else { (q.to, q.to) })
 }
 
-/// The aggregates of each bucket from its parts (rows ordered by bucket),
-/// and the number of points in the range.
+/// The aggregates of each bucket from its parts (rows in any order; every
+/// bucket has at least one), oldest bucket first, and the number of points
+/// in the range.
 pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
-    let mut out: Vec<BucketRow> = Vec::new();
-    let mut hist: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut buckets: BTreeMap<DateTime<Utc>, (BucketRow, BTreeMap<i32, i64>)> = BTreeMap::new();
     let mut total = 0i64;
-    let mut current: Option<BucketRow> = None;
-    let finish = |b: &mut BucketRow, hist: &mut BTreeMap<i32, i64>| {
-        if b.count > 0 {
-            b.avg = b.sum.map(|s| s / b.count as f64);
-            let (lo, hi) = (b.min.unwrap_or(f64::MIN), b.max.unwrap_or(f64::MAX));
-            let q = |p: f64| Some(percentile(hist, b.count, p).clamp(lo, hi));
-            b.p50 = q(0.5);
-            b.p95 = q(0.95);
-            b.p99 = q(0.99);
-        }
-        hist.clear();
-    };
     for row in rows {
-        if current.as_ref().is_none_or(|b| b.start != row.start) {
-            if let Some(mut b) = current.take() {
-                finish(&mut b, &mut hist);
-                out.push(b);
-            }
-            current = Some(BucketRow {
-                start: row.start,
-                count: 0,
-                sum: None,
-                avg: None,
-                min: None,
-                max: None,
-                p50: None,
-                p95: None,
-                p99: None,
-            });
-        }
-        let b = current.as_mut().expect("set above");
+        let (b, hist) = buckets.entry(row.start).or_insert_with(|| {
+            (
+                BucketRow {
+                    start: row.start,
+                    count: 0,
+                    sum: None,
+                    avg: None,
+                    min: None,
+                    max: None,
+                    p50: None,
+                    p95: None,
+                    p99: None,
+                },
+                BTreeMap::new(),
+            )
+        });
         if let Some(p) = row.part {
             b.count += p.count;
             total += p.count;
@@ -121,10 +107,20 @@ pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
             }
         }
     }
-    if let Some(mut b) = current.take() {
-        finish(&mut b, &mut hist);
-        out.push(b);
-    }
+    let out = buckets
+        .into_values()
+        .map(|(mut b, hist)| {
+            if b.count > 0 {
+                b.avg = b.sum.map(|s| s / b.count as f64);
+                let (lo, hi) = (b.min.unwrap_or(f64::MIN), b.max.unwrap_or(f64::MAX));
+                let q = |p: f64| Some(percentile(&hist, b.count, p).max(lo).min(hi));
+                b.p50 = q(0.5);
+                b.p95 = q(0.95);
+                b.p99 = q(0.99);
+            }
+            b
+        })
+        .collect();
     (out, total)
 }
 

@@ -179,33 +179,38 @@ pub async fn series(
 // The aggregated path (issue 18, V34): whole hours [$h0, $h1) from the
 // per-series hourly aggregates of the matching series, and the points of the
 // partial hours [from, $h0) and [$h1, to) one by one (each as a one-point
-// part). One row per part, joined to every bucket of the range (an empty
-// bucket has one row of NULLs), ordered by bucket; the gateway adds the parts
-// of a bucket up and merges their histograms.
+// part), in no order, and one row of NULLs per bucket of the range (so empty
+// buckets are answered; no join or sort of the parts' arrays, which would
+// spill); the gateway adds the parts of a bucket up and merges their
+// histograms. The hours are read per series (a LATERAL kept from being
+// flattened by OFFSET 0): an index range of the key for each series of the
+// name, never a scan of the hours table.
 macro_rules! parts {
     ($bin_hour:literal, $bin_point:literal, $series:literal, $points:literal, $project:literal, $h0:literal, $h1:literal) => {
         concat!(
-            "parts AS ( \
-                 SELECT ", $bin_hour, " AS bucket_start, h.count, h.sum, h.min, h.max, \
-                        h.hist_buckets, h.hist_counts \
-                 FROM metric_series s \
-                 JOIN metric_series_hours h ON h.project_id = s.project_id AND h.series_id = s.id \
-                 WHERE s.project_id = ", $project, " AND s.name = $1", $series,
-                 " AND h.hour >= ", $h0, " AND h.hour < ", $h1, " \
-                 UNION ALL \
-                 SELECT ", $bin_point, ", 1::bigint, LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8), \
-                        p.value, p.value, ARRAY[verdict_metric_bucket(p.value)], ARRAY[1::bigint] \
-                 FROM metric_points p \
-                 WHERE p.project_id = ", $project, " AND p.name = $1", $points,
-                 " AND p.recorded_at >= $2 AND p.recorded_at < ", $h0, " \
-                 UNION ALL \
-                 SELECT ", $bin_point, ", 1::bigint, LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8), \
-                        p.value, p.value, ARRAY[verdict_metric_bucket(p.value)], ARRAY[1::bigint] \
-                 FROM metric_points p \
-                 WHERE p.project_id = ", $project, " AND p.name = $1", $points,
-                 " AND p.recorded_at >= ", $h1, " AND p.recorded_at < $3) \
-             SELECT b.bucket_start, p.count, p.sum, p.min, p.max, p.hist_buckets, p.hist_counts \
-             FROM buckets b LEFT JOIN parts p USING (bucket_start) ORDER BY b.bucket_start"
+            "SELECT bucket_start, NULL::int8, NULL::float8, NULL::float8, NULL::float8, NULL::int4[], NULL::int8[] \
+             FROM buckets \
+             UNION ALL \
+             SELECT ", $bin_hour, ", h.count, h.sum, h.min, h.max, h.hist_buckets, h.hist_counts \
+             FROM metric_series s \
+             CROSS JOIN LATERAL ( \
+                 SELECT h.hour, h.count, h.sum, h.min, h.max, h.hist_buckets, h.hist_counts \
+                 FROM metric_series_hours h \
+                 WHERE h.project_id = s.project_id AND h.series_id = s.id \
+                   AND h.hour >= ", $h0, " AND h.hour < ", $h1, " OFFSET 0) h \
+             WHERE s.project_id = ", $project, " AND s.name = $1", $series, " \
+             UNION ALL \
+             SELECT ", $bin_point, ", 1::bigint, LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8), \
+                    p.value, p.value, ARRAY[verdict_metric_bucket(p.value)], ARRAY[1::bigint] \
+             FROM metric_points p \
+             WHERE p.project_id = ", $project, " AND p.name = $1", $points,
+             " AND p.recorded_at >= $2 AND p.recorded_at < ", $h0, " \
+             UNION ALL \
+             SELECT ", $bin_point, ", 1::bigint, LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8), \
+                    p.value, p.value, ARRAY[verdict_metric_bucket(p.value)], ARRAY[1::bigint] \
+             FROM metric_points p \
+             WHERE p.project_id = ", $project, " AND p.name = $1", $points,
+             " AND p.recorded_at >= ", $h1, " AND p.recorded_at < $3"
         )
     };
 }
@@ -215,7 +220,7 @@ macro_rules! fixed_hours {
         concat!(
             "WITH buckets AS ( \
                  SELECT generate_series(date_bin(($4::float8 * interval '1 second'), $2::timestamptz, 'epoch'::timestamptz), \
-                                        $3::timestamptz - interval '1 microsecond', ($4::float8 * interval '1 second')) AS bucket_start), ",
+                                        $3::timestamptz - interval '1 microsecond', ($4::float8 * interval '1 second')) AS bucket_start) ",
             parts!(
                 "date_bin(($4::float8 * interval '1 second'), h.hour, 'epoch'::timestamptz)",
                 "date_bin(($4::float8 * interval '1 second'), p.recorded_at, 'epoch'::timestamptz)",
@@ -234,7 +239,7 @@ macro_rules! month_hours {
         concat!(
             "WITH buckets AS ( \
                  SELECT generate_series(date_trunc('month', $2::timestamptz), \
-                                        $3::timestamptz - interval '1 microsecond', interval '1 month') AS bucket_start), ",
+                                        $3::timestamptz - interval '1 microsecond', interval '1 month') AS bucket_start) ",
             parts!(
                 "date_trunc('month', h.hour)",
                 "date_trunc('month', p.recorded_at)",

@@ -1,6 +1,7 @@
 //! Metrics: free time series, and validation rollups computed from what the
 //! other areas store.
 
+pub mod hours;
 pub mod readback;
 pub mod rollups;
 mod service;

@@ -96,8 +96,9 @@ impl MetricsService for MetricsApi {
         let project = call.project()?;
         let query = SeriesQuery::try_from(req)?;
         let mut conn = self.state.db.conn(&call).await?;
-        let rows = sql::series(conn.client().await?, project, &query).await?;
+        let (rows, estimated) = super::hours::series(conn.client().await?, project, &query).await?;
         Ok(Response::new(proto::QueryTimeSeriesResponse {
+            percentiles_estimated: estimated,
             buckets: rows
                 .into_iter()
                 .map(|b| proto::TimeSeriesBucket {

@@ -176,6 +176,183 @@ pub async fn series(
         .collect()
 }
 
+// The aggregated path (issue 18, V34): whole hours [$h0, $h1) from the
+// per-series hourly aggregates of the matching series, and the points of the
+// partial hours [from, $h0) and [$h1, to) one by one (each as a one-point
+// part), in no order, and one row of NULLs per bucket of the range (so empty
+// buckets are answered; no join or sort of the parts' arrays, which would
+// spill); the gateway adds the parts of a bucket up and merges their
+// histograms. The hours are read per series (a LATERAL kept from being
+// flattened by OFFSET 0): an index range of the key for each series of the
+// name, never a scan of the hours table.
+macro_rules! parts {
+    ($bin_hour:literal, $bin_point:literal, $series:literal, $points:literal, $project:literal, $h0:literal, $h1:literal) => {
+        concat!(
+            "SELECT bucket_start, NULL::int8, NULL::float8, NULL::float8, NULL::float8, NULL::int4[], NULL::int8[] \
+             FROM buckets \
+             UNION ALL \
+             SELECT ", $bin_hour, ", h.count, h.sum, h.min, h.max, h.hist_buckets, h.hist_counts \
+             FROM metric_series s \
+             CROSS JOIN LATERAL ( \
+                 SELECT h.hour, h.count, h.sum, h.min, h.max, h.hist_buckets, h.hist_counts \
+                 FROM metric_series_hours h \
+                 WHERE h.project_id = s.project_id AND h.series_id = s.id \
+                   AND h.hour >= ", $h0, " AND h.hour < ", $h1, " OFFSET 0) h \
+             WHERE s.project_id = ", $project, " AND s.name = $1", $series, " \
+             UNION ALL \
+             SELECT ", $bin_point, ", 1::bigint, LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8), \
+                    p.value, p.value, ARRAY[verdict_metric_bucket(p.value)], ARRAY[1::bigint] \
+             FROM metric_points p \
+             WHERE p.project_id = ", $project, " AND p.name = $1", $points,
+             " AND p.recorded_at >= $2 AND p.recorded_at < ", $h0, " \
+             UNION ALL \
+             SELECT ", $bin_point, ", 1::bigint, LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8), \
+                    p.value, p.value, ARRAY[verdict_metric_bucket(p.value)], ARRAY[1::bigint] \
+             FROM metric_points p \
+             WHERE p.project_id = ", $project, " AND p.name = $1", $points,
+             " AND p.recorded_at >= ", $h1, " AND p.recorded_at < $3"
+        )
+    };
+}
+
+macro_rules! fixed_hours {
+    ($series:literal, $points:literal) => {
+        concat!(
+            "WITH buckets AS ( \
+                 SELECT generate_series(date_bin(($4::float8 * interval '1 second'), $2::timestamptz, 'epoch'::timestamptz), \
+                                        $3::timestamptz - interval '1 microsecond', ($4::float8 * interval '1 second')) AS bucket_start) ",
+            parts!(
+                "date_bin(($4::float8 * interval '1 second'), h.hour, 'epoch'::timestamptz)",
+                "date_bin(($4::float8 * interval '1 second'), p.recorded_at, 'epoch'::timestamptz)",
+                $series,
+                $points,
+                "$6::uuid",
+                "$7::timestamptz",
+                "$8::timestamptz"
+            )
+        )
+    };
+}
+
+macro_rules! month_hours {
+    ($series:literal, $points:literal) => {
+        concat!(
+            "WITH buckets AS ( \
+                 SELECT generate_series(date_trunc('month', $2::timestamptz), \
+                                        $3::timestamptz - interval '1 microsecond', interval '1 month') AS bucket_start) ",
+            parts!(
+                "date_trunc('month', h.hour)",
+                "date_trunc('month', p.recorded_at)",
+                $series,
+                $points,
+                "$5::uuid",
+                "$6::timestamptz",
+                "$7::timestamptz"
+            )
+        )
+    };
+}
+
+/// Hour-multiple buckets from the hourly aggregates, series with the labels
+/// $5 (their edge points carry them too).
+pub const HOURS_FIXED: Stmt = Stmt::new(
+    "SELECT",
+    "metric_series_hours",
+    fixed_hours!(" AND s.labels @> $5", " AND p.labels @> $5"),
+);
+
+/// Hour-multiple buckets from the hourly aggregates, every series of the
+/// metric ($5 unused: no label filter).
+pub const HOURS_FIXED_ALL: Stmt = Stmt::new(
+    "SELECT",
+    "metric_series_hours",
+    fixed_hours!(" AND $5::jsonb IS NOT NULL", ""),
+);
+
+/// Month buckets from the hourly aggregates, series with the labels $4.
+pub const HOURS_MONTH: Stmt = Stmt::new(
+    "SELECT",
+    "metric_series_hours",
+    month_hours!(" AND s.labels @> $4", " AND p.labels @> $4"),
+);
+
+/// Month buckets from the hourly aggregates, every series of the metric.
+pub const HOURS_MONTH_ALL: Stmt = Stmt::new(
+    "SELECT",
+    "metric_series_hours",
+    month_hours!(" AND $4::jsonb IS NOT NULL", ""),
+);
+
+/// One part of a bucket on the aggregated path: an hour of one series, or
+/// one edge point (None: the bucket has no part).
+pub struct PartRow {
+    pub start: DateTime<Utc>,
+    pub part: Option<Part>,
+}
+
+/// The aggregates of an hour of a series, or of one point.
+pub struct Part {
+    pub count: i64,
+    pub sum: f64,
+    pub min: f64,
+    pub max: f64,
+    pub hist_buckets: Vec<i32>,
+    pub hist_counts: Vec<i64>,
+}
+
+/// Every bucket of the range with its parts from the hourly aggregates:
+/// whole hours in [h0, h1), points in [from, h0) and [h1, to).
+pub async fn series_parts(
+    c: &impl GenericClient,
+    project: Uuid,
+    q: &SeriesQuery,
+    h0: DateTime<Utc>,
+    h1: DateTime<Utc>,
+) -> Result<Vec<PartRow>> {
+    let unfiltered = q.labels.as_object().is_none_or(|m| m.is_empty());
+    let rows = match q.buckets {
+        Buckets::Fixed(width) => {
+            let width = width.as_secs_f64();
+            let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+                &q.name, &q.from, &q.to, &width, &q.labels, &project, &h0, &h1,
+            ];
+            if unfiltered {
+                HOURS_FIXED_ALL.query(c, params).await?
+            } else {
+                HOURS_FIXED.query(c, params).await?
+            }
+        }
+        Buckets::Month => {
+            let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+                &[&q.name, &q.from, &q.to, &q.labels, &project, &h0, &h1];
+            if unfiltered {
+                HOURS_MONTH_ALL.query(c, params).await?
+            } else {
+                HOURS_MONTH.query(c, params).await?
+            }
+        }
+    };
+    rows.iter()
+        .map(|r| {
+            let count: Option<i64> = r.try_get(1)?;
+            Ok(PartRow {
+                start: r.try_get(0)?,
+                part: match count {
+                    None => None,
+                    Some(count) => Some(Part {
+                        count,
+                        sum: r.try_get(2)?,
+                        min: r.try_get(3)?,
+                        max: r.try_get(4)?,
+                        hist_buckets: r.try_get(5)?,
+                        hist_counts: r.try_get(6)?,
+                    }),
+                },
+            })
+        })
+        .collect()
+}
+
 /// Usage of one technology pair.
 pub struct UsageRow {
     pub source: String,

@@ -38,6 +38,7 @@ mod retention;
 mod rollups_days;
 mod search;
 mod sequences;
+mod series;
 mod sessions;
 mod statistics;
 mod statistics_plans;

@@ -1078,13 +1078,25 @@ mod scale {
     }
 
     /// `bench/scale/executions.sql` as plain SQL: its psql commands (the
-    /// defaults, and the `\gset` probe of the rollup table, present in
-    /// every schema measured) left out, its variables filled in.
-    fn executions_sql(text: &str, project: Uuid, rows: i64) -> String {
-        let plain: Vec<&str> = text
-            .lines()
-            .filter(|l| !l.starts_with('\\') && !l.ends_with("\\gset"))
-            .collect();
+    /// defaults, and the `\gset` probes) left out, its variables filled in.
+    /// The probe of the rollup table (V25) holds in every schema measured;
+    /// the block under `\if :has_scope_rollup` (V35's tables) is kept only
+    /// when `has_scope_rollup` (the schema of the gateway loading it).
+    fn executions_sql(text: &str, project: Uuid, rows: i64, has_scope_rollup: bool) -> String {
+        let mut open: Vec<bool> = Vec::new();
+        let mut plain: Vec<&str> = Vec::new();
+        for line in text.lines() {
+            if let Some(cond) = line.strip_prefix("\\if ") {
+                open.push(cond.trim() != ":has_scope_rollup" || has_scope_rollup);
+            } else if line.starts_with("\\endif") {
+                open.pop();
+            } else if !line.starts_with('\\')
+                && !line.ends_with("\\gset")
+                && open.iter().all(|kept| *kept)
+            {
+                plain.push(line);
+            }
+        }
         let vars = [
             ("project", project.to_string()),
             ("rows", rows.to_string()),
@@ -1246,7 +1258,14 @@ mod scale {
                 std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/scale/executions.sql");
             let text = std::fs::read_to_string(&file)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let sql = executions_sql(&text, project, executions);
+            let has_scope_rollup: bool = c
+                .query_one(
+                    "SELECT to_regclass('test_execution_scope_days') IS NOT NULL",
+                    &[],
+                )
+                .await?
+                .get(0);
+            let sql = executions_sql(&text, project, executions, has_scope_rollup);
             let t = Instant::now();
             // The file rebuilds the rollup (test_execution_days) itself.
             let bulk = Bulk {

@@ -225,6 +225,39 @@ async fn hours_vs_raw(sql: &tokio_postgres::Client) -> (i64, i64) {
     (r.get(0), r.get(1))
 }
 
+/// The same for the per-metric hours (V38): how many (project, name, hour)
+/// rows of metric_name_hours differ from the aggregate of the raw points of
+/// every series; and how many there are.
+async fn name_hours_vs_raw(sql: &tokio_postgres::Client) -> (i64, i64) {
+    let r = sql
+        .query_one(
+            "WITH per_bucket AS ( \
+                 SELECT p.project_id, p.name, \
+                        date_bin(interval '1 hour', p.recorded_at, 'epoch'::timestamptz) AS hour, \
+                        verdict_metric_bucket(p.value) AS b, count(*)::int8 AS n, \
+                        sum(p.value) AS s, min(p.value) AS mn, max(p.value) AS mx \
+                 FROM metric_points p \
+                 GROUP BY 1, 2, 3, 4), \
+             raw AS ( \
+                 SELECT project_id, name, hour, sum(n)::int8 AS count, sum(s) AS sum, \
+                        min(mn) AS min, max(mx) AS max, array_agg(b ORDER BY b) AS hb, \
+                        array_agg(n ORDER BY b) AS hc \
+                 FROM per_bucket GROUP BY 1, 2, 3) \
+             SELECT count(*) FILTER (WHERE r.count IS DISTINCT FROM h.count \
+                        OR r.sum IS DISTINCT FROM h.sum OR r.min IS DISTINCT FROM h.min \
+                        OR r.max IS DISTINCT FROM h.max OR r.hb IS DISTINCT FROM h.hist_buckets \
+                        OR r.hc IS DISTINCT FROM h.hist_counts), \
+                    count(*) \
+             FROM raw r FULL JOIN metric_name_hours h USING (project_id, name, hour)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// Both aggregate levels equal the raw points exactly (integer values: the
+/// sums are exact too).
 async fn assert_hours_match_raw(sql: &tokio_postgres::Client, label: &str) {
     let (differ, total) = hours_vs_raw(sql).await;
     assert_eq!(
@@ -232,6 +265,12 @@ async fn assert_hours_match_raw(sql: &tokio_postgres::Client, label: &str) {
         "{label}: series-hours differing from the raw points"
     );
     assert!(total > 0, "{label}: there are series-hours to compare");
+    let (differ, total) = name_hours_vs_raw(sql).await;
+    assert_eq!(
+        differ, 0,
+        "{label}: metric name-hours differing from the raw points"
+    );
+    assert!(total > 0, "{label}: there are name-hours to compare");
 }
 
 #[tokio::test]
@@ -353,7 +392,14 @@ async fn concurrent_writers_to_the_same_series_hours_leave_exact_aggregates() {
                             let t = base
                                 + TimeDelta::hours(if w % 2 == 0 { hour } else { 2 - hour })
                                 + TimeDelta::seconds((i * 13 + w) % 3600);
-                            point("hot", value(w * 10_000 + b * 1000 + i), t, SERIES[0])
+                            // Two writers per series: the same series-hours
+                            // and, across series, the same name-hours.
+                            point(
+                                "hot",
+                                value(w * 10_000 + b * 1000 + i),
+                                t,
+                                SERIES[(w % 3) as usize],
+                            )
                         })
                         .collect();
                     client
@@ -387,6 +433,16 @@ async fn concurrent_writers_to_the_same_series_hours_leave_exact_aggregates() {
         .unwrap()
         .get(0);
     assert_eq!(n, 8 * 5 * 300);
+    let n: i64 = sql
+        .query_one(
+            "SELECT sum(count)::int8 FROM metric_name_hours WHERE name = 'hot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 8 * 5 * 300);
+
     let got = app
         .metrics
         .clone()
@@ -402,6 +458,87 @@ async fn concurrent_writers_to_the_same_series_hours_leave_exact_aggregates() {
         .into_inner();
     assert_eq!(got.buckets.iter().map(|b| b.count).sum::<i64>(), 12_000);
     assert!(got.percentiles_estimated);
+
+    // Writers again, while direct SQL deletes points of the same hours and
+    // moves others into a fourth hour (new name-hours and series-hours that
+    // the writers add to at the same time).
+    let mut tasks: Vec<_> = (0..6i64)
+        .map(|w| {
+            let mut client = app.metrics.clone();
+            tokio::spawn(async move {
+                for b in 0..4i64 {
+                    let pts: Vec<MetricPoint> = (0..200i64)
+                        .map(|i| {
+                            let t = base
+                                + TimeDelta::hours((i + w + b) % 4)
+                                + TimeDelta::seconds((i * 17 + w) % 3600);
+                            point("hot", value(i + w), t, SERIES[((w + i) % 3) as usize])
+                        })
+                        .collect();
+                    client
+                        .record_metric_points(RecordMetricPointsRequest {
+                            batch_id: format!("m{w}-b{b}"),
+                            points: pts,
+                        })
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for k in 0..2i64 {
+        let mutator = app.sql().await;
+        tasks.push(tokio::spawn(async move {
+            for round in 0..4i64 {
+                mutator
+                    .execute(
+                        "DELETE FROM metric_points WHERE name = 'hot' AND id % 29 = $1",
+                        &[&(round * 2 + k)],
+                    )
+                    .await
+                    .unwrap();
+                mutator
+                    .execute(
+                        "UPDATE metric_points SET recorded_at = recorded_at + interval '1 hour', \
+                                value = value + 1 \
+                         WHERE name = 'hot' AND id % 17 = $1 AND recorded_at < $2",
+                        &[&(round * 2 + k), &(base + TimeDelta::hours(3))],
+                    )
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let all = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        futures::future::join_all(tasks),
+    )
+    .await
+    .expect("writers and direct deletes/updates finish without deadlocking");
+    for r in all {
+        r.unwrap();
+    }
+    assert_hours_match_raw(&sql, "after writers with concurrent deletes and updates").await;
+    let raw: i64 = sql
+        .query_one("SELECT count(*) FROM metric_points WHERE name = 'hot'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let got = app
+        .metrics
+        .clone()
+        .query_time_series(query(
+            "hot",
+            &[],
+            base,
+            base + TimeDelta::hours(4),
+            Some(3600),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.buckets.iter().map(|b| b.count).sum::<i64>(), raw);
+    assert!(raw > 10_000 && got.percentiles_estimated, "{raw} points");
 }
 
 #[tokio::test]

@@ -220,8 +220,15 @@ macro_rules! series_hours {
                  SELECT h.hour, h.count, h.sum, h.min, h.max, h.hist_buckets, h.hist_counts \
                  FROM metric_series_hours h \
                  WHERE h.project_id = s.project_id AND h.series_id = s.id \
-                   AND h.hour >= ", $h0, " AND h.hour < ", $h1, " OFFSET 0) h \
-             WHERE s.project_id = ", $project, " AND s.name = $1 AND s.labels @> ", $labels
+                   AND h.hour >= ",
+            $h0,
+            " AND h.hour < ",
+            $h1,
+            " OFFSET 0) h \
+             WHERE s.project_id = ",
+            $project,
+            " AND s.name = $1 AND s.labels @> ",
+            $labels
         )
     };
 }
@@ -232,8 +239,16 @@ macro_rules! name_hours {
     ($unused:literal, $project:literal, $h0:literal, $h1:literal) => {
         concat!(
             "metric_name_hours h \
-             WHERE h.project_id = ", $project, " AND h.name = $1 \
-               AND h.hour >= ", $h0, " AND h.hour < ", $h1, " AND ", $unused, "::jsonb IS NOT NULL"
+             WHERE h.project_id = ",
+            $project,
+            " AND h.name = $1 \
+               AND h.hour >= ",
+            $h0,
+            " AND h.hour < ",
+            $h1,
+            " AND ",
+            $unused,
+            "::jsonb IS NOT NULL"
         )
     };
 }
@@ -286,11 +301,8 @@ pub const HOURS_FIXED: Stmt = Stmt::new(
 
 /// Hour-multiple buckets from the per-metric hourly aggregates (V38), every
 /// series of the metric ($5 unused: no label filter).
-pub const HOURS_FIXED_ALL: Stmt = Stmt::new(
-    "SELECT",
-    "metric_name_hours",
-    fixed_hours!(name_hours, ""),
-);
+pub const HOURS_FIXED_ALL: Stmt =
+    Stmt::new("SELECT", "metric_name_hours", fixed_hours!(name_hours, ""));
 
 /// Month buckets from the per-series hourly aggregates, series with the
 /// labels $4.
@@ -302,11 +314,8 @@ pub const HOURS_MONTH: Stmt = Stmt::new(
 
 /// Month buckets from the per-metric hourly aggregates (V38), every series
 /// of the metric ($4 unused).
-pub const HOURS_MONTH_ALL: Stmt = Stmt::new(
-    "SELECT",
-    "metric_name_hours",
-    month_hours!(name_hours, ""),
-);
+pub const HOURS_MONTH_ALL: Stmt =
+    Stmt::new("SELECT", "metric_name_hours", month_hours!(name_hours, ""));
 
 /// One part of a bucket on the aggregated path: an hour of one series, or
 /// one edge point (None: the bucket has no part).

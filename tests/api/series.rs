@@ -15,8 +15,8 @@ use uuid::Uuid;
 use verdict::db::Stmt;
 use verdict::proto::project_service_client::ProjectServiceClient;
 use verdict::proto::{
-    CalendarBucket, CleanupRequest, MetricPoint, QueryTimeSeriesRequest, QueryTimeSeriesResponse,
-    RecordMetricPointsRequest, Retention, TimeRange, UpdateProjectRequest,
+    CalendarBucket, CleanupRequest, DeleteProjectRequest, MetricPoint, QueryTimeSeriesRequest,
+    QueryTimeSeriesResponse, RecordMetricPointsRequest, Retention, TimeRange, UpdateProjectRequest,
 };
 
 fn ts(t: DateTime<Utc>) -> Timestamp {
@@ -549,53 +549,66 @@ async fn a_writer_terminated_mid_batch_leaves_no_trace_in_points_or_aggregates()
     record(&app, None, "first", points("f", base, 900, 0)).await;
     assert_hours_match_raw(&sql, "before").await;
 
-    // Another transaction holds one series-hour the next batch adds to: the
-    // gateway's INSERT has written its points and waits in the trigger.
-    let holder = app.sql().await;
-    holder.batch_execute("BEGIN").await.unwrap();
-    holder
-        .batch_execute(&format!(
-            "SELECT 1 FROM metric_series_hours h JOIN metric_series s ON s.id = h.series_id \
-             WHERE s.name = 'f' AND h.hour = '{}' FOR UPDATE OF h",
-            base + TimeDelta::hours(10)
-        ))
-        .await
-        .unwrap();
-    let mut client = app.metrics.clone();
-    let second = RecordMetricPointsRequest {
-        batch_id: "second".into(),
-        points: points("f", base, 900, 900),
-    };
-    let call = tokio::spawn({
-        let second = second.clone();
-        async move { client.record_metric_points(second).await }
-    });
-    let observer = app.sql().await;
-    wait_for_lock_wait(&observer, "%metric_points%").await;
-    terminate_lock_waiter(&observer, "%metric_points%").await;
-    let status = call.await.unwrap().expect_err("the terminated call fails");
-    assert_ne!(status.code(), tonic::Code::Ok);
-    assert!(!status.message().contains("metric_series"), "{status:?}");
-    holder.batch_execute("ROLLBACK").await.unwrap();
+    // Another transaction holds one series-hour (V34), then one name-hour
+    // (V38), the next batch adds to: the gateway's INSERT has written its
+    // points (and, in the second round, the series-hours) and waits in the
+    // trigger.
+    let locks = [
+        "SELECT 1 FROM metric_series_hours h JOIN metric_series s ON s.id = h.series_id \
+         WHERE s.name = 'f' AND h.hour = $1 FOR UPDATE OF h",
+        "SELECT 1 FROM metric_name_hours h WHERE h.name = 'f' AND h.hour = $1 FOR UPDATE",
+    ];
+    let mut stored = 900i64;
+    for (round, lock) in locks.into_iter().enumerate() {
+        let offset = 900 * (round as i64 + 1);
+        let holder = app.sql().await;
+        holder.batch_execute("BEGIN").await.unwrap();
+        let held = holder
+            .execute(lock, &[&(base + TimeDelta::hours(10 + round as i64))])
+            .await
+            .unwrap();
+        assert_eq!(held, 1, "round {round}: the hour to hold exists");
+        let mut client = app.metrics.clone();
+        let batch = RecordMetricPointsRequest {
+            batch_id: format!("second-{round}"),
+            points: points("f", base, 900, offset),
+        };
+        let call = tokio::spawn({
+            let batch = batch.clone();
+            async move { client.record_metric_points(batch).await }
+        });
+        let observer = app.sql().await;
+        wait_for_lock_wait(&observer, "%metric_points%").await;
+        terminate_lock_waiter(&observer, "%metric_points%").await;
+        let status = call.await.unwrap().expect_err("the terminated call fails");
+        assert_ne!(status.code(), tonic::Code::Ok);
+        assert!(!status.message().contains("metric_series"), "{status:?}");
+        assert!(!status.message().contains("metric_name"), "{status:?}");
+        holder.batch_execute("ROLLBACK").await.unwrap();
 
-    let n: i64 = sql
-        .query_one("SELECT count(*) FROM metric_points WHERE name = 'f'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 900, "none of the terminated batch's points stayed");
-    assert_hours_match_raw(&sql, "after the terminated batch").await;
+        let n: i64 = sql
+            .query_one("SELECT count(*) FROM metric_points WHERE name = 'f'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            n, stored,
+            "round {round}: none of the terminated batch's points stayed"
+        );
+        assert_hours_match_raw(&sql, &format!("round {round}: after the terminated batch")).await;
 
-    // The retry writes the whole batch once.
-    let again = app
-        .metrics
-        .clone()
-        .record_metric_points(second)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((again.recorded, again.replayed), (900, false));
-    assert_hours_match_raw(&sql, "after the retry").await;
+        // The retry writes the whole batch once.
+        let again = app
+            .metrics
+            .clone()
+            .record_metric_points(batch)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((again.recorded, again.replayed), (900, false));
+        stored += 900;
+        assert_hours_match_raw(&sql, &format!("round {round}: after the retry")).await;
+    }
 }
 
 #[tokio::test]
@@ -699,6 +712,28 @@ async fn retention_cleanup_and_direct_deletes_and_updates_keep_the_aggregates_ri
         .into_inner();
     assert!(got.percentiles_estimated);
     assert_agrees("after deletes", &got, &want);
+
+    // The project's deletion cascades through the points' triggers: it
+    // succeeds, and no aggregate of it stays.
+    ProjectServiceClient::new(app.channel.clone())
+        .delete_project(DeleteProjectRequest {
+            slug: "kept".into(),
+            force: true,
+            expected_version: None,
+        })
+        .await
+        .unwrap();
+    let left: i64 = sql
+        .query_one(
+            "SELECT (SELECT count(*) FROM metric_name_hours WHERE project_id = $1) \
+                  + (SELECT count(*) FROM metric_series_hours WHERE project_id = $1)",
+            &[&project],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "no aggregate of the deleted project stays");
+    assert_eq!(name_hours_vs_raw(&sql).await.0, 0);
 }
 
 /// Every (node type, relation, index, actual rows) of a JSON plan.
@@ -746,7 +781,12 @@ async fn the_gateways_series_statements_read_the_aggregates_not_the_range_of_poi
     ))
     .await
     .unwrap();
-    for t in ["metric_points", "metric_series", "metric_series_hours"] {
+    for t in [
+        "metric_points",
+        "metric_series",
+        "metric_series_hours",
+        "metric_name_hours",
+    ] {
         sql.batch_execute(&format!("VACUUM ANALYZE {t}"))
             .await
             .unwrap();
@@ -763,6 +803,11 @@ async fn the_gateways_series_statements_read_the_aggregates_not_the_range_of_poi
             "hours_all",
             &verdict::metrics::sql::HOURS_FIXED_ALL,
             format!("'metric_3', {range} 3600, '{{}}', {p}, {hours}"),
+        ),
+        (
+            "hours_day",
+            &verdict::metrics::sql::HOURS_FIXED_ALL,
+            format!("'metric_3', {range} 86400, '{{}}', {p}, {hours}"),
         ),
         (
             "hours_labels",
@@ -799,12 +844,35 @@ async fn the_gateways_series_statements_read_the_aggregates_not_the_range_of_poi
             .get(0);
         let mut out = Vec::new();
         nodes(&plan[0]["Plan"], &mut out);
+        // Without a label filter, the per-metric hours (V38): one row per
+        // hour of the name, never the per-series rows; with one, the
+        // matching series' hours.
+        let (reads, not) = if name.ends_with("_labels") {
+            ("metric_series_hours", "metric_name_hours")
+        } else {
+            ("metric_name_hours", "metric_series_hours")
+        };
         assert!(
             out.iter()
-                .any(|(_, rel, idx, _)| rel == "metric_series_hours"
-                    && idx == "metric_series_hours_pkey"),
-            "{name} reads the hourly aggregates by their key: {out:?}"
+                .any(|(_, rel, idx, _)| rel == reads && *idx == format!("{reads}_pkey")),
+            "{name} reads {reads} by its key: {out:?}"
         );
+        assert!(
+            !out.iter().any(|(_, rel, _, _)| rel == not),
+            "{name} does not read {not}: {out:?}"
+        );
+        let hour_rows: f64 = out
+            .iter()
+            .filter(|(_, rel, _, _)| rel == reads)
+            .map(|(_, _, _, rows)| rows)
+            .sum();
+        if reads == "metric_name_hours" {
+            // 90 days of whole hours, one row each.
+            assert!(
+                (2100.0..=2160.0).contains(&hour_rows),
+                "{name}: one row per hour of the name: {hour_rows}, {out:?}"
+            );
+        }
         assert!(
             !out.iter()
                 .any(|(t, rel, _, _)| rel == "metric_points" && t == "Seq Scan"),

@@ -63,7 +63,7 @@ BEGIN
 
     UPDATE metric_name_hours h
     SET count = a.count, sum = a.sum, min = a.min, max = a.max,
-        hist_buckets = a.buckets, hist_counts = a.counts
+        hist_buckets = hist.buckets, hist_counts = hist.counts
     FROM (SELECT DISTINCT * FROM unnest(projects, names, hours) AS k(project_id, name, hour)) k
     CROSS JOIN LATERAL (
         SELECT sum(sh.count)::bigint AS count, sum(sh.sum) AS sum, min(sh.min) AS min,

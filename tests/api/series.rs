@@ -564,7 +564,7 @@ async fn a_writer_terminated_mid_batch_leaves_no_trace_in_points_or_aggregates()
         let holder = app.sql().await;
         holder.batch_execute("BEGIN").await.unwrap();
         let held = holder
-            .execute(lock, &[&(base + TimeDelta::hours(10 + round as i64))])
+            .execute(lock, &[&(base + TimeDelta::hours(10 + 9 * round as i64))])
             .await
             .unwrap();
         assert_eq!(held, 1, "round {round}: the hour to hold exists");

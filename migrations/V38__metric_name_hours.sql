@@ -96,6 +96,60 @@ BEGIN
 END
 $$;
 
+-- V34's refresh of series-hours, with the same locking as the name-hours':
+-- V34 locked only the keys that existed (FOR UPDATE), so an UPDATE moving
+-- points into a series-hour that a concurrent INSERT was creating
+-- recomputed it without the insert's points and then overwrote the
+-- inserted row (ON CONFLICT waits for the inserter, then sets). Now every
+-- key is upserted in key order first (a placeholder for a new one), which
+-- waits for any writer in flight on it; the recompute's snapshot is taken
+-- after, and later writers add to the recomputed row.
+CREATE OR REPLACE FUNCTION verdict_metric_hours_refresh(projects uuid[], series bigint[], hours timestamptz[])
+RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO metric_series_hours AS h
+        (project_id, series_id, hour, count, sum, min, max, hist_buckets, hist_counts)
+    SELECT DISTINCT k.project_id, k.series_id, k.hour, 0::bigint, 0::float8, 0::float8, 0::float8,
+           '{}'::integer[], '{}'::bigint[]
+    FROM unnest(projects, series, hours) AS k(project_id, series_id, hour)
+    WHERE EXISTS (SELECT 1 FROM projects p WHERE p.id = k.project_id)
+    ORDER BY 1, 2, 3
+    ON CONFLICT (project_id, series_id, hour) DO UPDATE SET count = h.count;
+
+    INSERT INTO metric_series_hours AS h
+        (project_id, series_id, hour, count, sum, min, max, hist_buckets, hist_counts)
+    SELECT k.project_id, k.series_id, k.hour, a.count, a.sum, a.min, a.max, a.buckets, a.counts
+    FROM (SELECT DISTINCT * FROM unnest(projects, series, hours) AS k(project_id, series_id, hour)) k
+    JOIN metric_series s ON s.id = k.series_id AND s.project_id = k.project_id
+    CROSS JOIN LATERAL (
+        SELECT sum(b.n)::bigint AS count, sum(b.sum) AS sum, min(b.min) AS min, max(b.max) AS max,
+               array_agg(b.bucket ORDER BY b.bucket) AS buckets,
+               array_agg(b.n ORDER BY b.bucket) AS counts
+        FROM (SELECT verdict_metric_bucket(p.value) AS bucket, count(*)::bigint AS n,
+                     sum(LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8)) AS sum,
+                     min(p.value) AS min, max(p.value) AS max
+              FROM metric_points p
+              WHERE p.project_id = s.project_id AND p.name = s.name
+                AND p.recorded_at >= k.hour AND p.recorded_at < k.hour + interval '1 hour'
+                AND p.labels = s.labels
+              GROUP BY 1) b
+    ) a
+    WHERE a.count > 0
+    ORDER BY 1, 2, 3
+    ON CONFLICT (project_id, series_id, hour) DO UPDATE
+        SET count = EXCLUDED.count, sum = EXCLUDED.sum, min = EXCLUDED.min, max = EXCLUDED.max,
+            hist_buckets = EXCLUDED.hist_buckets, hist_counts = EXCLUDED.hist_counts;
+
+    DELETE FROM metric_series_hours h
+    USING (SELECT DISTINCT * FROM unnest(projects, series, hours) AS k(project_id, series_id, hour)) k
+    WHERE h.project_id = k.project_id AND h.series_id = k.series_id AND h.hour = k.hour
+      AND NOT EXISTS (SELECT 1 FROM metric_series s JOIN metric_points p
+                        ON p.project_id = s.project_id AND p.name = s.name AND p.labels = s.labels
+                      WHERE s.id = k.series_id
+                        AND p.recorded_at >= k.hour AND p.recorded_at < k.hour + interval '1 hour');
+END
+$$;
+
 -- The trigger bodies of V34, each followed by the name-hours' share.
 CREATE OR REPLACE FUNCTION metric_series_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN

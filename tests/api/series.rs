@@ -1,7 +1,7 @@
-//! Issue 18: QueryTimeSeries over per-series hourly aggregates (V34). The
-//! aggregates are kept by triggers on metric_points in the writer's
-//! transaction; these tests compare what a caller sees, and the aggregate
-//! rows themselves, with the raw points.
+//! Issue 18: QueryTimeSeries over hourly aggregates, per series (V34) and
+//! per metric name (V38). The aggregates are kept by triggers on
+//! metric_points in the writer's transaction; these tests compare what a
+//! caller sees, and the aggregate rows of both levels, with the raw points.
 
 use crate::helpers::{
     TestApp, create_project, default_project, in_project, spawn_app, terminate_lock_waiter,

@@ -1,7 +1,8 @@
-//! QueryTimeSeries over the per-series hourly aggregates (issue 18, V34):
-//! which calls may use them, and how a bucket's parts (hours of series and
-//! edge points) add up, with percentiles estimated from the merged log-bucket
-//! histogram.
+//! QueryTimeSeries over the hourly aggregates (issue 18): per series (V34,
+//! read with a label filter) and per metric name across its series (V38,
+//! read without one: one row per hour whatever the number of series). Which
+//! calls may use them, and how a bucket's parts (hours and edge points) add
+//! up, with percentiles estimated from the merged log-bucket histogram.
 
 use super::sql::{self, BucketRow, PartRow};
 use super::{Buckets, SeriesQuery};

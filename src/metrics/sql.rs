@@ -176,29 +176,25 @@ pub async fn series(
         .collect()
 }
 
-// The aggregated path (issue 18, V34): whole hours [$h0, $h1) from the
-// per-series hourly aggregates of the matching series, and the points of the
-// partial hours [from, $h0) and [$h1, to) one by one (each as a one-point
-// part), in no order, and one row of NULLs per bucket of the range (so empty
-// buckets are answered; no join or sort of the parts' arrays, which would
-// spill); the gateway adds the parts of a bucket up and merges their
-// histograms. The hours are read per series (a LATERAL kept from being
-// flattened by OFFSET 0): an index range of the key for each series of the
-// name, never a scan of the hours table.
+// The aggregated path (issue 18, V34, V38): whole hours [$h0, $h1) from the
+// hourly aggregates, and the points of the partial hours [from, $h0) and
+// [$h1, to) one by one (each as a one-point part), in no order, and one row
+// of NULLs per bucket of the range (so empty buckets are answered; no join
+// or sort of the parts' arrays, which would spill); the gateway adds the
+// parts of a bucket up and merges their histograms. With a label filter the
+// hours are read per matching series from metric_series_hours (a LATERAL
+// kept from being flattened by OFFSET 0: an index range of the key for each
+// series of the name, never a scan of the hours table); without one, from
+// metric_name_hours, one row per hour of the metric (one index range of its
+// key), whatever the number of series.
 macro_rules! parts {
-    ($bin_hour:literal, $bin_point:literal, $series:literal, $points:literal, $project:literal, $h0:literal, $h1:literal) => {
+    ($bin_hour:literal, $bin_point:literal, $hours:expr, $points:literal, $project:literal, $h0:literal, $h1:literal) => {
         concat!(
             "SELECT bucket_start, NULL::int8, NULL::float8, NULL::float8, NULL::float8, NULL::int4[], NULL::int8[] \
              FROM buckets \
              UNION ALL \
              SELECT ", $bin_hour, ", h.count, h.sum, h.min, h.max, h.hist_buckets, h.hist_counts \
-             FROM metric_series s \
-             CROSS JOIN LATERAL ( \
-                 SELECT h.hour, h.count, h.sum, h.min, h.max, h.hist_buckets, h.hist_counts \
-                 FROM metric_series_hours h \
-                 WHERE h.project_id = s.project_id AND h.series_id = s.id \
-                   AND h.hour >= ", $h0, " AND h.hour < ", $h1, " OFFSET 0) h \
-             WHERE s.project_id = ", $project, " AND s.name = $1", $series, " \
+             FROM ", $hours, " \
              UNION ALL \
              SELECT ", $bin_point, ", 1::bigint, LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8), \
                     p.value, p.value, ARRAY[verdict_metric_bucket(p.value)], ARRAY[1::bigint] \
@@ -215,8 +211,50 @@ macro_rules! parts {
     };
 }
 
+// The hours of the series of the name with the labels `$labels` (V34).
+macro_rules! series_hours {
+    ($labels:literal, $project:literal, $h0:literal, $h1:literal) => {
+        concat!(
+            "metric_series s \
+             CROSS JOIN LATERAL ( \
+                 SELECT h.hour, h.count, h.sum, h.min, h.max, h.hist_buckets, h.hist_counts \
+                 FROM metric_series_hours h \
+                 WHERE h.project_id = s.project_id AND h.series_id = s.id \
+                   AND h.hour >= ",
+            $h0,
+            " AND h.hour < ",
+            $h1,
+            " OFFSET 0) h \
+             WHERE s.project_id = ",
+            $project,
+            " AND s.name = $1 AND s.labels @> ",
+            $labels
+        )
+    };
+}
+
+// The hours of the name across all its series (V38); `$unused` names the
+// label parameter, unused but typed.
+macro_rules! name_hours {
+    ($unused:literal, $project:literal, $h0:literal, $h1:literal) => {
+        concat!(
+            "metric_name_hours h \
+             WHERE h.project_id = ",
+            $project,
+            " AND h.name = $1 \
+               AND h.hour >= ",
+            $h0,
+            " AND h.hour < ",
+            $h1,
+            " AND ",
+            $unused,
+            "::jsonb IS NOT NULL"
+        )
+    };
+}
+
 macro_rules! fixed_hours {
-    ($series:literal, $points:literal) => {
+    ($hours:ident, $points:literal) => {
         concat!(
             "WITH buckets AS ( \
                  SELECT generate_series(date_bin(($4::float8 * interval '1 second'), $2::timestamptz, 'epoch'::timestamptz), \
@@ -224,7 +262,7 @@ macro_rules! fixed_hours {
             parts!(
                 "date_bin(($4::float8 * interval '1 second'), h.hour, 'epoch'::timestamptz)",
                 "date_bin(($4::float8 * interval '1 second'), p.recorded_at, 'epoch'::timestamptz)",
-                $series,
+                $hours!("$5", "$6::uuid", "$7::timestamptz", "$8::timestamptz"),
                 $points,
                 "$6::uuid",
                 "$7::timestamptz",
@@ -235,7 +273,7 @@ macro_rules! fixed_hours {
 }
 
 macro_rules! month_hours {
-    ($series:literal, $points:literal) => {
+    ($hours:ident, $points:literal) => {
         concat!(
             "WITH buckets AS ( \
                  SELECT generate_series(date_trunc('month', $2::timestamptz), \
@@ -243,7 +281,7 @@ macro_rules! month_hours {
             parts!(
                 "date_trunc('month', h.hour)",
                 "date_trunc('month', p.recorded_at)",
-                $series,
+                $hours!("$4", "$5::uuid", "$6::timestamptz", "$7::timestamptz"),
                 $points,
                 "$5::uuid",
                 "$6::timestamptz",
@@ -253,35 +291,31 @@ macro_rules! month_hours {
     };
 }
 
-/// Hour-multiple buckets from the hourly aggregates, series with the labels
-/// $5 (their edge points carry them too).
+/// Hour-multiple buckets from the per-series hourly aggregates, series with
+/// the labels $5 (their edge points carry them too).
 pub const HOURS_FIXED: Stmt = Stmt::new(
     "SELECT",
     "metric_series_hours",
-    fixed_hours!(" AND s.labels @> $5", " AND p.labels @> $5"),
+    fixed_hours!(series_hours, " AND p.labels @> $5"),
 );
 
-/// Hour-multiple buckets from the hourly aggregates, every series of the
-/// metric ($5 unused: no label filter).
-pub const HOURS_FIXED_ALL: Stmt = Stmt::new(
-    "SELECT",
-    "metric_series_hours",
-    fixed_hours!(" AND $5::jsonb IS NOT NULL", ""),
-);
+/// Hour-multiple buckets from the per-metric hourly aggregates (V38), every
+/// series of the metric ($5 unused: no label filter).
+pub const HOURS_FIXED_ALL: Stmt =
+    Stmt::new("SELECT", "metric_name_hours", fixed_hours!(name_hours, ""));
 
-/// Month buckets from the hourly aggregates, series with the labels $4.
+/// Month buckets from the per-series hourly aggregates, series with the
+/// labels $4.
 pub const HOURS_MONTH: Stmt = Stmt::new(
     "SELECT",
     "metric_series_hours",
-    month_hours!(" AND s.labels @> $4", " AND p.labels @> $4"),
+    month_hours!(series_hours, " AND p.labels @> $4"),
 );
 
-/// Month buckets from the hourly aggregates, every series of the metric.
-pub const HOURS_MONTH_ALL: Stmt = Stmt::new(
-    "SELECT",
-    "metric_series_hours",
-    month_hours!(" AND $4::jsonb IS NOT NULL", ""),
-);
+/// Month buckets from the per-metric hourly aggregates (V38), every series
+/// of the metric ($4 unused).
+pub const HOURS_MONTH_ALL: Stmt =
+    Stmt::new("SELECT", "metric_name_hours", month_hours!(name_hours, ""));
 
 /// One part of a bucket on the aggregated path: an hour of one series, or
 /// one edge point (None: the bucket has no part).

@@ -1,7 +1,7 @@
-//! Issue 18: QueryTimeSeries over per-series hourly aggregates (V34). The
-//! aggregates are kept by triggers on metric_points in the writer's
-//! transaction; these tests compare what a caller sees, and the aggregate
-//! rows themselves, with the raw points.
+//! Issue 18: QueryTimeSeries over hourly aggregates, per series (V34) and
+//! per metric name (V38). The aggregates are kept by triggers on
+//! metric_points in the writer's transaction; these tests compare what a
+//! caller sees, and the aggregate rows of both levels, with the raw points.
 
 use crate::helpers::{
     TestApp, create_project, default_project, in_project, spawn_app, terminate_lock_waiter,
@@ -15,8 +15,8 @@ use uuid::Uuid;
 use verdict::db::Stmt;
 use verdict::proto::project_service_client::ProjectServiceClient;
 use verdict::proto::{
-    CalendarBucket, CleanupRequest, MetricPoint, QueryTimeSeriesRequest, QueryTimeSeriesResponse,
-    RecordMetricPointsRequest, Retention, TimeRange, UpdateProjectRequest,
+    CalendarBucket, CleanupRequest, DeleteProjectRequest, MetricPoint, QueryTimeSeriesRequest,
+    QueryTimeSeriesResponse, RecordMetricPointsRequest, Retention, TimeRange, UpdateProjectRequest,
 };
 
 fn ts(t: DateTime<Utc>) -> Timestamp {
@@ -225,6 +225,39 @@ async fn hours_vs_raw(sql: &tokio_postgres::Client) -> (i64, i64) {
     (r.get(0), r.get(1))
 }
 
+/// The same for the per-metric hours (V38): how many (project, name, hour)
+/// rows of metric_name_hours differ from the aggregate of the raw points of
+/// every series; and how many there are.
+async fn name_hours_vs_raw(sql: &tokio_postgres::Client) -> (i64, i64) {
+    let r = sql
+        .query_one(
+            "WITH per_bucket AS ( \
+                 SELECT p.project_id, p.name, \
+                        date_bin(interval '1 hour', p.recorded_at, 'epoch'::timestamptz) AS hour, \
+                        verdict_metric_bucket(p.value) AS b, count(*)::int8 AS n, \
+                        sum(p.value) AS s, min(p.value) AS mn, max(p.value) AS mx \
+                 FROM metric_points p \
+                 GROUP BY 1, 2, 3, 4), \
+             raw AS ( \
+                 SELECT project_id, name, hour, sum(n)::int8 AS count, sum(s) AS sum, \
+                        min(mn) AS min, max(mx) AS max, array_agg(b ORDER BY b) AS hb, \
+                        array_agg(n ORDER BY b) AS hc \
+                 FROM per_bucket GROUP BY 1, 2, 3) \
+             SELECT count(*) FILTER (WHERE r.count IS DISTINCT FROM h.count \
+                        OR r.sum IS DISTINCT FROM h.sum OR r.min IS DISTINCT FROM h.min \
+                        OR r.max IS DISTINCT FROM h.max OR r.hb IS DISTINCT FROM h.hist_buckets \
+                        OR r.hc IS DISTINCT FROM h.hist_counts), \
+                    count(*) \
+             FROM raw r FULL JOIN metric_name_hours h USING (project_id, name, hour)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (r.get(0), r.get(1))
+}
+
+/// Both aggregate levels equal the raw points exactly (integer values: the
+/// sums are exact too).
 async fn assert_hours_match_raw(sql: &tokio_postgres::Client, label: &str) {
     let (differ, total) = hours_vs_raw(sql).await;
     assert_eq!(
@@ -232,6 +265,12 @@ async fn assert_hours_match_raw(sql: &tokio_postgres::Client, label: &str) {
         "{label}: series-hours differing from the raw points"
     );
     assert!(total > 0, "{label}: there are series-hours to compare");
+    let (differ, total) = name_hours_vs_raw(sql).await;
+    assert_eq!(
+        differ, 0,
+        "{label}: metric name-hours differing from the raw points"
+    );
+    assert!(total > 0, "{label}: there are name-hours to compare");
 }
 
 #[tokio::test]
@@ -353,7 +392,14 @@ async fn concurrent_writers_to_the_same_series_hours_leave_exact_aggregates() {
                             let t = base
                                 + TimeDelta::hours(if w % 2 == 0 { hour } else { 2 - hour })
                                 + TimeDelta::seconds((i * 13 + w) % 3600);
-                            point("hot", value(w * 10_000 + b * 1000 + i), t, SERIES[0])
+                            // Two writers per series: the same series-hours
+                            // and, across series, the same name-hours.
+                            point(
+                                "hot",
+                                value(w * 10_000 + b * 1000 + i),
+                                t,
+                                SERIES[(w % 3) as usize],
+                            )
                         })
                         .collect();
                     client
@@ -387,6 +433,16 @@ async fn concurrent_writers_to_the_same_series_hours_leave_exact_aggregates() {
         .unwrap()
         .get(0);
     assert_eq!(n, 8 * 5 * 300);
+    let n: i64 = sql
+        .query_one(
+            "SELECT sum(count)::int8 FROM metric_name_hours WHERE name = 'hot'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 8 * 5 * 300);
+
     let got = app
         .metrics
         .clone()
@@ -402,6 +458,87 @@ async fn concurrent_writers_to_the_same_series_hours_leave_exact_aggregates() {
         .into_inner();
     assert_eq!(got.buckets.iter().map(|b| b.count).sum::<i64>(), 12_000);
     assert!(got.percentiles_estimated);
+
+    // Writers again, while direct SQL deletes points of the same hours and
+    // moves others into a fourth hour (new name-hours and series-hours that
+    // the writers add to at the same time).
+    let mut tasks: Vec<_> = (0..6i64)
+        .map(|w| {
+            let mut client = app.metrics.clone();
+            tokio::spawn(async move {
+                for b in 0..4i64 {
+                    let pts: Vec<MetricPoint> = (0..200i64)
+                        .map(|i| {
+                            let t = base
+                                + TimeDelta::hours((i + w + b) % 4)
+                                + TimeDelta::seconds((i * 17 + w) % 3600);
+                            point("hot", value(i + w), t, SERIES[((w + i) % 3) as usize])
+                        })
+                        .collect();
+                    client
+                        .record_metric_points(RecordMetricPointsRequest {
+                            batch_id: format!("m{w}-b{b}"),
+                            points: pts,
+                        })
+                        .await
+                        .unwrap();
+                }
+            })
+        })
+        .collect();
+    for k in 0..2i64 {
+        let mutator = app.sql().await;
+        tasks.push(tokio::spawn(async move {
+            for round in 0..4i64 {
+                mutator
+                    .execute(
+                        "DELETE FROM metric_points WHERE name = 'hot' AND id % 29 = $1",
+                        &[&(round * 2 + k)],
+                    )
+                    .await
+                    .unwrap();
+                mutator
+                    .execute(
+                        "UPDATE metric_points SET recorded_at = recorded_at + interval '1 hour', \
+                                value = value + 1 \
+                         WHERE name = 'hot' AND id % 17 = $1 AND recorded_at < $2",
+                        &[&(round * 2 + k), &(base + TimeDelta::hours(3))],
+                    )
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    let all = tokio::time::timeout(
+        std::time::Duration::from_secs(120),
+        futures::future::join_all(tasks),
+    )
+    .await
+    .expect("writers and direct deletes/updates finish without deadlocking");
+    for r in all {
+        r.unwrap();
+    }
+    assert_hours_match_raw(&sql, "after writers with concurrent deletes and updates").await;
+    let raw: i64 = sql
+        .query_one("SELECT count(*) FROM metric_points WHERE name = 'hot'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let got = app
+        .metrics
+        .clone()
+        .query_time_series(query(
+            "hot",
+            &[],
+            base,
+            base + TimeDelta::hours(4),
+            Some(3600),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.buckets.iter().map(|b| b.count).sum::<i64>(), raw);
+    assert!(raw > 10_000 && got.percentiles_estimated, "{raw} points");
 }
 
 #[tokio::test]
@@ -412,53 +549,66 @@ async fn a_writer_terminated_mid_batch_leaves_no_trace_in_points_or_aggregates()
     record(&app, None, "first", points("f", base, 900, 0)).await;
     assert_hours_match_raw(&sql, "before").await;
 
-    // Another transaction holds one series-hour the next batch adds to: the
-    // gateway's INSERT has written its points and waits in the trigger.
-    let holder = app.sql().await;
-    holder.batch_execute("BEGIN").await.unwrap();
-    holder
-        .batch_execute(&format!(
-            "SELECT 1 FROM metric_series_hours h JOIN metric_series s ON s.id = h.series_id \
-             WHERE s.name = 'f' AND h.hour = '{}' FOR UPDATE OF h",
-            base + TimeDelta::hours(10)
-        ))
-        .await
-        .unwrap();
-    let mut client = app.metrics.clone();
-    let second = RecordMetricPointsRequest {
-        batch_id: "second".into(),
-        points: points("f", base, 900, 900),
-    };
-    let call = tokio::spawn({
-        let second = second.clone();
-        async move { client.record_metric_points(second).await }
-    });
-    let observer = app.sql().await;
-    wait_for_lock_wait(&observer, "%metric_points%").await;
-    terminate_lock_waiter(&observer, "%metric_points%").await;
-    let status = call.await.unwrap().expect_err("the terminated call fails");
-    assert_ne!(status.code(), tonic::Code::Ok);
-    assert!(!status.message().contains("metric_series"), "{status:?}");
-    holder.batch_execute("ROLLBACK").await.unwrap();
+    // Another transaction holds one series-hour (V34), then one name-hour
+    // (V38), the next batch adds to: the gateway's INSERT has written its
+    // points (and, in the second round, the series-hours) and waits in the
+    // trigger.
+    let locks = [
+        "SELECT 1 FROM metric_series_hours h JOIN metric_series s ON s.id = h.series_id \
+         WHERE s.name = 'f' AND h.hour = $1 FOR UPDATE OF h",
+        "SELECT 1 FROM metric_name_hours h WHERE h.name = 'f' AND h.hour = $1 FOR UPDATE",
+    ];
+    let mut stored = 900i64;
+    for (round, lock) in locks.into_iter().enumerate() {
+        let offset = 900 * (round as i64 + 1);
+        let holder = app.sql().await;
+        holder.batch_execute("BEGIN").await.unwrap();
+        let held = holder
+            .execute(lock, &[&(base + TimeDelta::hours(10 + 9 * round as i64))])
+            .await
+            .unwrap();
+        assert_eq!(held, 1, "round {round}: the hour to hold exists");
+        let mut client = app.metrics.clone();
+        let batch = RecordMetricPointsRequest {
+            batch_id: format!("second-{round}"),
+            points: points("f", base, 900, offset),
+        };
+        let call = tokio::spawn({
+            let batch = batch.clone();
+            async move { client.record_metric_points(batch).await }
+        });
+        let observer = app.sql().await;
+        wait_for_lock_wait(&observer, "%metric_points%").await;
+        terminate_lock_waiter(&observer, "%metric_points%").await;
+        let status = call.await.unwrap().expect_err("the terminated call fails");
+        assert_ne!(status.code(), tonic::Code::Ok);
+        assert!(!status.message().contains("metric_series"), "{status:?}");
+        assert!(!status.message().contains("metric_name"), "{status:?}");
+        holder.batch_execute("ROLLBACK").await.unwrap();
 
-    let n: i64 = sql
-        .query_one("SELECT count(*) FROM metric_points WHERE name = 'f'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 900, "none of the terminated batch's points stayed");
-    assert_hours_match_raw(&sql, "after the terminated batch").await;
+        let n: i64 = sql
+            .query_one("SELECT count(*) FROM metric_points WHERE name = 'f'", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(
+            n, stored,
+            "round {round}: none of the terminated batch's points stayed"
+        );
+        assert_hours_match_raw(&sql, &format!("round {round}: after the terminated batch")).await;
 
-    // The retry writes the whole batch once.
-    let again = app
-        .metrics
-        .clone()
-        .record_metric_points(second)
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!((again.recorded, again.replayed), (900, false));
-    assert_hours_match_raw(&sql, "after the retry").await;
+        // The retry writes the whole batch once.
+        let again = app
+            .metrics
+            .clone()
+            .record_metric_points(batch)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((again.recorded, again.replayed), (900, false));
+        stored += 900;
+        assert_hours_match_raw(&sql, &format!("round {round}: after the retry")).await;
+    }
 }
 
 #[tokio::test]
@@ -562,6 +712,28 @@ async fn retention_cleanup_and_direct_deletes_and_updates_keep_the_aggregates_ri
         .into_inner();
     assert!(got.percentiles_estimated);
     assert_agrees("after deletes", &got, &want);
+
+    // The project's deletion cascades through the points' triggers: it
+    // succeeds, and no aggregate of it stays.
+    ProjectServiceClient::new(app.channel.clone())
+        .delete_project(DeleteProjectRequest {
+            slug: "kept".into(),
+            force: true,
+            expected_version: None,
+        })
+        .await
+        .unwrap();
+    let left: i64 = sql
+        .query_one(
+            "SELECT (SELECT count(*) FROM metric_name_hours WHERE project_id = $1) \
+                  + (SELECT count(*) FROM metric_series_hours WHERE project_id = $1)",
+            &[&project],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0, "no aggregate of the deleted project stays");
+    assert_eq!(name_hours_vs_raw(&sql).await.0, 0);
 }
 
 /// Every (node type, relation, index, actual rows) of a JSON plan.
@@ -609,7 +781,12 @@ async fn the_gateways_series_statements_read_the_aggregates_not_the_range_of_poi
     ))
     .await
     .unwrap();
-    for t in ["metric_points", "metric_series", "metric_series_hours"] {
+    for t in [
+        "metric_points",
+        "metric_series",
+        "metric_series_hours",
+        "metric_name_hours",
+    ] {
         sql.batch_execute(&format!("VACUUM ANALYZE {t}"))
             .await
             .unwrap();
@@ -626,6 +803,11 @@ async fn the_gateways_series_statements_read_the_aggregates_not_the_range_of_poi
             "hours_all",
             &verdict::metrics::sql::HOURS_FIXED_ALL,
             format!("'metric_3', {range} 3600, '{{}}', {p}, {hours}"),
+        ),
+        (
+            "hours_day",
+            &verdict::metrics::sql::HOURS_FIXED_ALL,
+            format!("'metric_3', {range} 86400, '{{}}', {p}, {hours}"),
         ),
         (
             "hours_labels",
@@ -662,12 +844,35 @@ async fn the_gateways_series_statements_read_the_aggregates_not_the_range_of_poi
             .get(0);
         let mut out = Vec::new();
         nodes(&plan[0]["Plan"], &mut out);
+        // Without a label filter, the per-metric hours (V38): one row per
+        // hour of the name, never the per-series rows; with one, the
+        // matching series' hours.
+        let (reads, not) = if name.ends_with("_labels") {
+            ("metric_series_hours", "metric_name_hours")
+        } else {
+            ("metric_name_hours", "metric_series_hours")
+        };
         assert!(
             out.iter()
-                .any(|(_, rel, idx, _)| rel == "metric_series_hours"
-                    && idx == "metric_series_hours_pkey"),
-            "{name} reads the hourly aggregates by their key: {out:?}"
+                .any(|(_, rel, idx, _)| rel == reads && *idx == format!("{reads}_pkey")),
+            "{name} reads {reads} by its key: {out:?}"
         );
+        assert!(
+            !out.iter().any(|(_, rel, _, _)| rel == not),
+            "{name} does not read {not}: {out:?}"
+        );
+        let hour_rows: f64 = out
+            .iter()
+            .filter(|(_, rel, _, _)| rel == reads)
+            .map(|(_, _, _, rows)| rows)
+            .sum();
+        if reads == "metric_name_hours" {
+            // 90 days of whole hours, one row each.
+            assert!(
+                (2100.0..=2160.0).contains(&hour_rows),
+                "{name}: one row per hour of the name: {hour_rows}, {out:?}"
+            );
+        }
         assert!(
             !out.iter()
                 .any(|(t, rel, _, _)| rel == "metric_points" && t == "Seq Scan"),

@@ -1,5 +1,5 @@
 //! Both shapes of the binary's async runtime (`VERDICT_RUNTIME`:
-//! `current_thread`, which `auto` picks on up to two CPUs, and
+//! `current_thread`, which `auto` picks on one CPU, and
 //! `multi_thread`) serve concurrent callers, recover from terminated
 //! database backends, and drain in-flight calls on SIGTERM without losing an
 //! acknowledged write. Runs the real binary against a PostgreSQL of its own

@@ -6,7 +6,7 @@
 #[path = "api/helpers.rs"]
 mod helpers;
 
-use helpers::{TestApp, spawn_app_with, temp_pg_dir, test_config};
+use helpers::{TestApp, channel_when_serving, spawn_app_with, temp_pg_dir, test_config};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -574,30 +574,9 @@ async fn sigterm_under_load_drains_in_flight_calls_and_loses_no_acknowledged_wri
         .spawn()
         .unwrap();
     // Wait (bounded) until it serves.
-    let channel = tokio::time::timeout(Duration::from_secs(30), async {
-        loop {
-            if let Ok(ch) =
-                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-                    .unwrap()
-                    .connect()
-                    .await
-            {
-                let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
-                if let Ok(r) = health
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    && r.into_inner().status == ServingStatus::Serving as i32
-                {
-                    return ch;
-                }
-            }
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("the gateway serves");
+    let channel = channel_when_serving(port, Duration::from_secs(30))
+        .await
+        .expect("the gateway serves");
 
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
     let started = Arc::new(AtomicUsize::new(0));

@@ -8,15 +8,13 @@
 #[path = "api/helpers.rs"]
 mod helpers;
 
-use helpers::temp_pg_dir;
+use helpers::{channel_when_serving, temp_pg_dir};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::sync::{Mutex, Notify};
 use tokio::task::JoinSet;
 use tonic::Code;
-use tonic_health::pb::HealthCheckRequest;
-use tonic_health::pb::health_check_response::ServingStatus;
 use verdict::db::embedded::EmbeddedPostgres;
 use verdict::proto::get_session_request::Lookup;
 use verdict::proto::{CreateSessionRequest, GetSessionRequest};
@@ -57,30 +55,9 @@ async fn serves_recovers_and_drains(shape: &str) {
         .env("RUST_LOG", "warn")
         .spawn()
         .unwrap();
-    let channel = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            if let Ok(ch) =
-                tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
-                    .unwrap()
-                    .connect()
-                    .await
-            {
-                let mut health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
-                if let Ok(r) = health
-                    .check(HealthCheckRequest {
-                        service: String::new(),
-                    })
-                    .await
-                    && r.into_inner().status == ServingStatus::Serving as i32
-                {
-                    return ch;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("the gateway ({shape}) serves"));
+    let channel = channel_when_serving(port, Duration::from_secs(60))
+        .await
+        .unwrap_or_else(|| panic!("the gateway ({shape}) serves"));
 
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
     let count = Arc::new(AtomicUsize::new(0));

@@ -5,6 +5,7 @@
 //! concurrent recorders, deletes and a recorder terminated half-way; their
 //! generic plans never read coverage_reports or coverage_files.
 
+use crate::growth_plans::generic_plan;
 use crate::helpers::{
     TestApp, default_project, spawn_app, terminate_lock_waiter, wait_for_lock_wait,
 };
@@ -396,39 +397,6 @@ async fn a_recorder_terminated_while_waiting_on_a_day_row_stores_nothing_and_a_r
         .unwrap();
     assert_eq!(day_rows_drift(&app).await, 0);
     assert_every_shape_matches(&app, project).await;
-}
-
-/// Every (node type, relation, index) of a JSON plan.
-fn nodes(plan: &Value, out: &mut Vec<(String, String, String)>) {
-    let text = |k: &str| plan.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
-    out.push((text("Node Type"), text("Relation Name"), text("Index Name")));
-    if let Some(children) = plan.get("Plans").and_then(Value::as_array) {
-        for c in children {
-            nodes(c, out);
-        }
-    }
-}
-
-async fn generic_plan(
-    sql: &tokio_postgres::Client,
-    name: &str,
-    stmt: &Stmt,
-    args: &str,
-) -> Vec<(String, String, String)> {
-    sql.batch_execute(&format!("PREPARE {name} AS {}", stmt.sql))
-        .await
-        .unwrap_or_else(|e| panic!("prepare {name}: {e}"));
-    let row = sql
-        .query_one(
-            &format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({args})"),
-            &[],
-        )
-        .await
-        .unwrap_or_else(|e| panic!("explain {name}: {e}"));
-    let plan: Value = row.get(0);
-    let mut out = Vec::new();
-    nodes(&plan[0]["Plan"], &mut out);
-    out
 }
 
 #[tokio::test]

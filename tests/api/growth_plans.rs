@@ -9,7 +9,7 @@ use uuid::Uuid;
 use verdict::db::Stmt;
 
 /// Every (node type, relation, index) of a JSON plan.
-fn nodes(plan: &Value, out: &mut Vec<(String, String, String)>) {
+pub(crate) fn nodes(plan: &Value, out: &mut Vec<(String, String, String)>) {
     let text = |k: &str| plan.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
     out.push((text("Node Type"), text("Relation Name"), text("Index Name")));
     if let Some(children) = plan.get("Plans").and_then(Value::as_array) {
@@ -20,7 +20,7 @@ fn nodes(plan: &Value, out: &mut Vec<(String, String, String)>) {
 }
 
 /// The generic plan of `stmt` with these argument literals.
-async fn generic_plan(
+pub(crate) async fn generic_plan(
     sql: &tokio_postgres::Client,
     name: &str,
     stmt: &Stmt,

@@ -465,3 +465,31 @@ pub async fn terminate_lock_waiter(observer: &tokio_postgres::Client, query_like
         "a backend running {query_like} was terminated"
     );
 }
+
+/// A channel to a gateway process listening on 127.0.0.1:`port`, once its
+/// overall health is SERVING; None when it is not within `within`.
+pub async fn channel_when_serving(port: u16, within: Duration) -> Option<Channel> {
+    tokio::time::timeout(within, async {
+        loop {
+            if let Ok(ch) = Endpoint::from_shared(format!("http://127.0.0.1:{port}"))
+                .unwrap()
+                .connect()
+                .await
+            {
+                let mut health = HealthClient::new(ch.clone());
+                if let Ok(r) = health
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await
+                    && r.into_inner().status == ServingStatus::Serving as i32
+                {
+                    return ch;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .ok()
+}

@@ -418,6 +418,23 @@ pub struct Bucket {
     pub counters: Counters,
 }
 
+// The trend's last step, shared by both sources: every bucket (kept by the
+// LEFT JOIN) with its latest reports' count and summed counters, capped at
+// the int8 range.
+macro_rules! trend_totals {
+    () => {
+        "SELECT k.bucket_start, k.bucket_end, count(l.bucket_start), \
+                LEAST(COALESCE(sum(l.lines_covered), 0), 9223372036854775807)::int8, \
+                LEAST(COALESCE(sum(l.lines_total), 0), 9223372036854775807)::int8, \
+                LEAST(COALESCE(sum(l.branches_covered), 0), 9223372036854775807)::int8, \
+                LEAST(COALESCE(sum(l.branches_total), 0), 9223372036854775807)::int8, \
+                LEAST(COALESCE(sum(l.functions_covered), 0), 9223372036854775807)::int8, \
+                LEAST(COALESCE(sum(l.functions_total), 0), 9223372036854775807)::int8 \
+         FROM buckets k LEFT JOIN latest l ON l.bucket_start = k.bucket_start \
+         GROUP BY k.bucket_start, k.bucket_end ORDER BY k.bucket_start"
+    };
+}
+
 // Buckets are computed in UTC wall time (timestamp without time zone), so the
 // session's TimeZone and DST never shift or stretch them; every bucket of the
 // series is kept by the LEFT JOIN, with or without reports.
@@ -440,16 +457,8 @@ macro_rules! trend_sql {
                    AND ($8::jsonb IS NULL OR r.labels @> $8) \
                    AND ($9::text[] IS NULL OR r.labels ?& $9)",
             $filter,
-            " ORDER BY k.bucket_start, r.branch, r.subsystem, r.recorded_at DESC, r.id DESC) \
-             SELECT k.bucket_start, k.bucket_end, count(l.bucket_start), \
-                    LEAST(COALESCE(sum(l.lines_covered), 0), 9223372036854775807)::int8, \
-                    LEAST(COALESCE(sum(l.lines_total), 0), 9223372036854775807)::int8, \
-                    LEAST(COALESCE(sum(l.branches_covered), 0), 9223372036854775807)::int8, \
-                    LEAST(COALESCE(sum(l.branches_total), 0), 9223372036854775807)::int8, \
-                    LEAST(COALESCE(sum(l.functions_covered), 0), 9223372036854775807)::int8, \
-                    LEAST(COALESCE(sum(l.functions_total), 0), 9223372036854775807)::int8 \
-             FROM buckets k LEFT JOIN latest l ON l.bucket_start = k.bucket_start \
-             GROUP BY k.bucket_start, k.bucket_end ORDER BY k.bucket_start"
+            " ORDER BY k.bucket_start, r.branch, r.subsystem, r.recorded_at DESC, r.id DESC) ",
+            trend_totals!()
         )
     };
 }
@@ -503,16 +512,8 @@ macro_rules! trend_days_sql {
                  WHERE d.project_id = $7",
             $filter,
             " ORDER BY k.bucket_start, d.branch, d.subsystem, d.latest_recorded_at DESC, \
-                       d.latest_id DESC) \
-             SELECT k.bucket_start, k.bucket_end, count(l.bucket_start), \
-                    LEAST(COALESCE(sum(l.lines_covered), 0), 9223372036854775807)::int8, \
-                    LEAST(COALESCE(sum(l.lines_total), 0), 9223372036854775807)::int8, \
-                    LEAST(COALESCE(sum(l.branches_covered), 0), 9223372036854775807)::int8, \
-                    LEAST(COALESCE(sum(l.branches_total), 0), 9223372036854775807)::int8, \
-                    LEAST(COALESCE(sum(l.functions_covered), 0), 9223372036854775807)::int8, \
-                    LEAST(COALESCE(sum(l.functions_total), 0), 9223372036854775807)::int8 \
-             FROM buckets k LEFT JOIN latest l ON l.bucket_start = k.bucket_start \
-             GROUP BY k.bucket_start, k.bucket_end ORDER BY k.bucket_start"
+                       d.latest_id DESC) ",
+            trend_totals!()
         )
     };
 }

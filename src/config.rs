@@ -181,6 +181,18 @@ pub struct Config {
     #[arg(long, env = "VERDICT_POOL_SIZE", default_value_t = 16, global = true)]
     pub pool_size: usize,
 
+    /// Connections that concurrent short reads (GetSession, ListSessions)
+    /// share, pipelined, on top of the pool: one is filled up to 16 reads in
+    /// flight before the next is opened. 0: every read takes a pooled
+    /// connection of its own.
+    #[arg(
+        long,
+        env = "VERDICT_SHARED_READ_CONNECTIONS",
+        default_value_t = 4,
+        global = true
+    )]
+    pub shared_read_connections: usize,
+
     /// How long a call waits for a free pooled connection before it fails
     /// with RESOURCE_EXHAUSTED, in milliseconds.
     #[arg(
@@ -816,6 +828,7 @@ impl std::fmt::Debug for Config {
             .field("metrics_listen", &self.metrics_listen)
             .field("data_dir", &self.data_dir)
             .field("pool_size", &self.pool_size)
+            .field("shared_read_connections", &self.shared_read_connections)
             .field("pool_wait_timeout_ms", &self.pool_wait_timeout_ms)
             .field("pool_max_waiting", &self.pool_max_waiting)
             .field("max_statement_timeout_ms", &self.max_statement_timeout_ms)

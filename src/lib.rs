@@ -112,7 +112,8 @@ impl Application {
                 idle_timeout: config.pool_idle_timeout,
                 max_lifetime: config.pool_max_lifetime,
             },
-        )?;
+        )?
+        .with_shared_reads(&pg, config.shared_read_connections)?;
         let db = match &config.database_read_url {
             Some(urls) => db.with_replicas(read_replicas(urls, &config)?),
             None => db,

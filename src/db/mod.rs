@@ -8,6 +8,7 @@ pub mod migrate;
 pub mod notify;
 mod query;
 pub mod replica;
+pub mod shared;
 pub mod tls;
 
 pub use query::Stmt;
@@ -25,6 +26,58 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tracing::Instrument;
+
+/// How a short read reaches the database (see [`Db::read_conn`]).
+pub enum ReadConn {
+    /// A pooled connection of its own (or a replica's).
+    Own(Conn),
+    /// A shared connection, and the time left before the call's deadline
+    /// when it is below the longest statement timeout.
+    Shared(shared::Lease, Option<Duration>),
+}
+
+/// Runs `$body`, a short read (one or a few statements outside a
+/// transaction) that evaluates to a `Result`, with `$c` bound to the client
+/// [`Db::read_conn`] gives. On a shared connection the call's deadline is
+/// kept here rather than by `statement_timeout`: past it the read ends with
+/// DEADLINE_EXCEEDED and its statement, abandoned, is cancelled in the
+/// server (see [`shared`]); a read that lost its connection (a terminated
+/// backend, a restart) runs once more on another, as reads have no effect
+/// to repeat. `$body` may be evaluated twice. When every shared connection
+/// is full the read takes a pooled connection like any other call.
+macro_rules! short_read {
+    ($db:expr, $call:expr, |$c:ident| $body:block) => {{
+        match $crate::db::Db::read_conn($db, $call).await? {
+            $crate::db::ReadConn::Own(mut conn) => {
+                let $c = conn.client().await?;
+                async { $body }.await
+            }
+            $crate::db::ReadConn::Shared(lease, timeout) => {
+                $crate::db::shared::within(timeout, async {
+                    let first = {
+                        let $c = lease.client();
+                        async { $body }.await
+                    };
+                    if !$crate::db::shared::lost_connection(&first) {
+                        lease.finish();
+                        return first;
+                    }
+                    let Some(lease) = lease.retry().await? else {
+                        return first;
+                    };
+                    let second = {
+                        let $c = lease.client();
+                        async { $body }.await
+                    };
+                    lease.finish();
+                    second
+                })
+                .await
+            }
+        }
+    }};
+}
+pub(crate) use short_read;
 
 /// `application_name` of every connection the gateway opens.
 pub const APPLICATION_NAME: &str = "verdict";
@@ -45,6 +98,8 @@ pub struct Db {
     max_lifetime: Duration,
     /// Read endpoints the read RPCs may use (see [`replica`]).
     replicas: Option<replica::Replicas>,
+    /// Connections concurrent short reads share (see [`shared`]).
+    shared: Option<Arc<shared::SharedReads>>,
 }
 
 /// How long an idle pooled connection is kept by default before it is
@@ -209,28 +264,14 @@ impl Db {
     /// writes (a demoted primary, a standby reached after a failover) is
     /// closed at its check instead of being reused.
     fn build(pg: PgConfig, settings: PoolSettings, writable: bool) -> anyhow::Result<Self> {
-        let manager = Manager::from_config(
-            pg.config().clone(),
-            pg.tls().connector(),
-            ManagerConfig {
-                // Only checks that the connection is not known closed: no
-                // round trip for a connection that was just in use.
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
         let max_lifetime = settings.max_lifetime;
-        let pool = Pool::builder(manager)
-            .max_size(settings.max_size)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(settings.wait_timeout))
-            .create_timeout(Some(Duration::from_secs(5)))
-            .recycle_timeout(Some(Duration::from_secs(5)))
-            .pre_recycle(Hook::async_fn(move |client, metrics| {
-                Box::pin(async move {
-                    check_before_reuse(client, metrics, max_lifetime, writable).await
-                })
-            }))
-            .build()?;
+        let pool = new_pool(
+            &pg,
+            settings.max_size,
+            settings.wait_timeout,
+            max_lifetime,
+            writable,
+        )?;
         Ok(Db {
             pool,
             ready: Arc::new(AtomicBool::new(false)),
@@ -240,7 +281,23 @@ impl Db {
             idle_timeout: settings.idle_timeout,
             max_lifetime,
             replicas: None,
+            shared: None,
         })
+    }
+
+    /// This pool, with up to `connections` more connections that concurrent
+    /// reads share (see [`shared`]); 0: none, every read takes a pooled
+    /// connection of its own.
+    pub fn with_shared_reads(mut self, pg: &PgConfig, connections: usize) -> anyhow::Result<Self> {
+        self.shared = match connections {
+            0 => None,
+            n => Some(shared::SharedReads::new(
+                new_pool(pg, n, Duration::from_secs(5), self.max_lifetime, true)?,
+                pg.tls().connector(),
+                n,
+            )),
+        };
+        Ok(self)
     }
 
     /// Closes idle connections unused for the idle timeout or older than the
@@ -335,6 +392,9 @@ impl Db {
 
     pub fn close(&self) {
         self.pool.close();
+        if let Some(shared) = &self.shared {
+            shared.close();
+        }
         if let Some(replicas) = &self.replicas {
             replicas.close();
         }
@@ -357,6 +417,33 @@ impl Db {
             return Ok(conn);
         }
         self.conn_here(call).await
+    }
+
+    /// The connection for a short read of one or a few statements outside
+    /// a transaction (a lookup by key, a keyset page): one shared with
+    /// concurrent reads when it can be (see [`shared`]: without read
+    /// endpoints, and with the shared connections on), else one of its own
+    /// as [`Db::conn`] gives. Use it through [`short_read!`], which keeps the
+    /// call's deadline and runs a read that lost its shared connection once
+    /// more.
+    pub async fn read_conn(&self, call: &Call) -> Result<ReadConn> {
+        let Some(shared) = self.shared.as_ref().filter(|_| self.replicas.is_none()) else {
+            return Ok(ReadConn::Own(self.conn(call).await?));
+        };
+        if !self.is_ready() {
+            return Err(Error::Unavailable(
+                Reason::DatabaseUnavailable,
+                "the gateway has not finished connecting to and migrating the database".into(),
+            ));
+        }
+        let timeout = self.statement_timeout(call)?;
+        match shared.lease().await? {
+            Some(lease) => {
+                self.acquired.fetch_add(1, Ordering::Relaxed);
+                Ok(ReadConn::Shared(lease, timeout))
+            }
+            None => Ok(ReadConn::Own(self.conn_here(call).await?)),
+        }
     }
 
     /// A connection of this pool itself (never a replica's).
@@ -608,4 +695,36 @@ fn read_only(messages: &[tokio_postgres::SimpleQueryMessage]) -> bool {
         tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0) == Some("on"),
         _ => false,
     })
+}
+
+/// A pool of connections to `pg`: created on demand, each checked before
+/// reuse (see [`check_before_reuse`]), connects and checks bounded to 5 s.
+fn new_pool(
+    pg: &PgConfig,
+    max_size: usize,
+    wait_timeout: Duration,
+    max_lifetime: Duration,
+    writable: bool,
+) -> anyhow::Result<Pool> {
+    let manager = Manager::from_config(
+        pg.config().clone(),
+        pg.tls().connector(),
+        ManagerConfig {
+            // Only checks that the connection is not known closed: no
+            // round trip for a connection that was just in use.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Ok(Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(wait_timeout))
+        .create_timeout(Some(Duration::from_secs(5)))
+        .recycle_timeout(Some(Duration::from_secs(5)))
+        .pre_recycle(Hook::async_fn(move |client, metrics| {
+            Box::pin(
+                async move { check_before_reuse(client, metrics, max_lifetime, writable).await },
+            )
+        }))
+        .build()?)
 }

@@ -146,21 +146,22 @@ impl SessionService for SessionApi {
         let project = call.project()?;
         let include_summary = req.include_summary;
         let lookup = SessionLookup::try_from(req)?;
-        let mut conn = self.state.db.conn(&call).await?;
-        let c = conn.client().await?;
-        let session = match &lookup {
-            SessionLookup::Id(id) => sql::get(c, project, *id)
-                .await?
-                .ok_or_else(|| not_found(id))?,
-            SessionLookup::RequestId(rid) => sql::get_by_request_id(c, project, rid)
-                .await?
-                .ok_or_else(|| Error::NotFound(format!("no session has request_id {rid:?}")))?,
-        };
-        let summary = if include_summary {
-            Some(super::summary::of(c, project, session.id).await?)
-        } else {
-            None
-        };
+        let (session, summary) = crate::db::short_read!(&self.state.db, &call, |c| {
+            let session = match &lookup {
+                SessionLookup::Id(id) => sql::get(c, project, *id)
+                    .await?
+                    .ok_or_else(|| not_found(id))?,
+                SessionLookup::RequestId(rid) => sql::get_by_request_id(c, project, rid)
+                    .await?
+                    .ok_or_else(|| Error::NotFound(format!("no session has request_id {rid:?}")))?,
+            };
+            let summary = if include_summary {
+                Some(super::summary::of(c, project, session.id).await?)
+            } else {
+                None
+            };
+            Ok((session, summary))
+        })?;
         Ok(Response::new(proto::GetSessionResponse {
             session: Some(session.into()),
             summary,
@@ -175,9 +176,19 @@ impl SessionService for SessionApi {
         let project = call.project()?;
         let count = totals::requested(req.count)?;
         let query = ListSessions::try_from(req)?;
-        let mut conn = self.state.db.conn(&call).await?;
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
-        let rows = sql::list(conn.client().await?, project, &query, max_bytes).await?;
+        let (rows, total) = crate::db::short_read!(&self.state.db, &call, |c| {
+            let rows = sql::list(c, project, &query, max_bytes).await?;
+            let total = sql::count(
+                c,
+                project,
+                &query.filter,
+                count,
+                self.state.count_exact_below,
+            )
+            .await?;
+            Ok((rows, total))
+        })?;
         let (sessions, next_page_token) = pagination::page(
             rows,
             query.page_size,
@@ -186,15 +197,7 @@ impl SessionService for SessionApi {
             sql::session_key,
             Into::into,
         )?;
-        let (total, total_mode) = sql::count(
-            conn.client().await?,
-            project,
-            &query.filter,
-            count,
-            self.state.count_exact_below,
-        )
-        .await?
-        .wire();
+        let (total, total_mode) = total.wire();
         Ok(Response::new(proto::ListSessionsResponse {
             sessions,
             next_page_token,

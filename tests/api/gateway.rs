@@ -304,13 +304,11 @@ async fn a_call_that_cannot_get_a_connection_in_time_is_resource_exhausted() {
     });
     until_a_call_waits_on_the_lock(&app).await;
 
+    // A write needs a pooled connection: there is none within the wait.
     let err = app
         .sessions
         .clone()
-        .get_session(GetSessionRequest {
-            lookup: Some(Lookup::Id(s.id.clone())),
-            ..Default::default()
-        })
+        .create_session(new_session("while-busy"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
@@ -319,6 +317,30 @@ async fn a_call_that_cannot_get_a_connection_in_time_is_resource_exhausted() {
         err.get_details_retry_info().is_some(),
         "retry advice attached"
     );
+    // Short reads share connections outside the pool: they are answered
+    // meanwhile (a row lock does not hold up a plain read).
+    let read = app
+        .sessions
+        .clone()
+        .get_session(GetSessionRequest {
+            lookup: Some(Lookup::Id(s.id.clone())),
+            ..Default::default()
+        })
+        .await
+        .expect("a read is served while the pool is exhausted")
+        .into_inner();
+    assert_eq!(read.session.unwrap().id, s.id);
+    let stored: i64 = app
+        .sql()
+        .await
+        .query_one(
+            "SELECT count(*) FROM sessions WHERE request_id = 'while-busy'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored, 0, "the refused write stored nothing");
 
     blocker.batch_execute("COMMIT").await.unwrap();
     stuck

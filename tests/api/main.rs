@@ -40,6 +40,7 @@ mod search;
 mod sequences;
 mod series;
 mod sessions;
+mod shared_reads;
 mod statistics;
 mod statistics_plans;
 mod test_cases;

@@ -1,0 +1,298 @@
+//! Short reads (GetSession, ListSessions) share pipelined connections
+//! (`VERDICT_SHARED_READ_CONNECTIONS`): concurrent readers see every
+//! acknowledged write, lose nothing when those connections' backends are
+//! terminated, and a read stuck behind a lock ends at its deadline with
+//! nothing left running in the server.
+
+use crate::helpers::{create_database, spawn_app_with, test_config};
+use crate::sessions::{create, set_status_with};
+use crate::watch::terminate_gateway_connections;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tonic::Code;
+use verdict::proto::get_session_request::Lookup;
+use verdict::proto::{GetSessionRequest, ListSessionsRequest, SessionStatus};
+
+fn get(id: &str) -> GetSessionRequest {
+    GetSessionRequest {
+        lookup: Some(Lookup::Id(id.into())),
+        ..Default::default()
+    }
+}
+
+fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.set_timeout(deadline);
+    request
+}
+
+/// The gateway backends whose last statement read sessions by id.
+async fn backends_that_read_by_id(sql: &tokio_postgres::Client) -> i64 {
+    sql.query_one(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE application_name = 'verdict' AND datname = current_database() \
+           AND query LIKE 'SELECT % FROM sessions WHERE project_id = $1 AND id = $2'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn concurrent_readers_share_one_connection_and_see_every_acknowledged_write() {
+    let (_, url) = create_database().await;
+    let app = spawn_app_with(test_config(&url)).await;
+    let mut ids = Vec::new();
+    for i in 0..8 {
+        ids.push(create(&app, &format!("shared-{i}")).await.id);
+    }
+
+    // 8 readers (one call in flight each, as the pipelined connection takes
+    // up to 16) and 4 writers, each writer reading back what it wrote
+    // through the shared connection right after the acknowledgement.
+    let mut tasks = tokio::task::JoinSet::new();
+    for r in 0..8usize {
+        let mut client = app.sessions.clone();
+        let ids = ids.clone();
+        tasks.spawn(async move {
+            for n in 0..60usize {
+                if n % 3 == 0 {
+                    let page = client
+                        .list_sessions(ListSessionsRequest {
+                            page_size: 50,
+                            ..Default::default()
+                        })
+                        .await
+                        .expect("list")
+                        .into_inner();
+                    assert_eq!(page.sessions.len(), 8);
+                } else {
+                    let id = &ids[(r + n) % ids.len()];
+                    let got = client.get_session(get(id)).await.expect("get").into_inner();
+                    assert_eq!(&got.session.unwrap().id, id);
+                }
+            }
+        });
+    }
+    for w in 0..4usize {
+        let mut client = app.sessions.clone();
+        let id = ids[w].clone();
+        tasks.spawn(async move {
+            for status in [SessionStatus::Processing, SessionStatus::Completed] {
+                let written = set_status_with(&mut client, &id, status)
+                    .await
+                    .expect("write");
+                let read = client
+                    .get_session(get(&id))
+                    .await
+                    .expect("read back")
+                    .into_inner()
+                    .session
+                    .unwrap();
+                assert_eq!(read.status, status as i32, "reads see acknowledged writes");
+                assert!(read.version >= written.version);
+            }
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+
+    // Every read by id went through one connection: at most 16 were in
+    // flight, so no second shared connection was opened, and none took a
+    // pooled connection.
+    let sql = app.sql().await;
+    assert_eq!(backends_that_read_by_id(&sql).await, 1);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn readers_lose_nothing_when_the_shared_connections_backends_are_terminated() {
+    let (_, url) = create_database().await;
+    let app = spawn_app_with(test_config(&url)).await;
+    let id = create(&app, "terminated").await.id;
+    let sql = app.sql().await;
+
+    let readers = 8;
+    let progress: Arc<Vec<AtomicUsize>> =
+        Arc::new((0..readers).map(|_| AtomicUsize::new(0)).collect());
+    let stop = Arc::new(AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for r in 0..readers {
+        let mut client = app.sessions.clone();
+        let (id, progress, stop) = (id.clone(), progress.clone(), stop.clone());
+        tasks.spawn(async move {
+            while stop.load(Ordering::Acquire) == 0 {
+                // Half the readers set a deadline (kept by the gateway, not
+                // by statement_timeout, on a shared connection).
+                let request = if r % 2 == 0 {
+                    tonic::Request::new(get(&id))
+                } else {
+                    with_deadline(get(&id), Duration::from_secs(20))
+                };
+                let got = client.get_session(request).await;
+                let got = got.unwrap_or_else(|e| panic!("reader {r}: {e:?}"));
+                assert_eq!(got.into_inner().session.unwrap().id, id);
+                progress[r].fetch_add(1, Ordering::AcqRel);
+            }
+        });
+    }
+
+    // Three times: wait until every reader has read since the last round,
+    // then terminate every gateway backend (the shared one included).
+    for _ in 0..3 {
+        let seen: Vec<usize> = progress.iter().map(|p| p.load(Ordering::Acquire)).collect();
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while progress
+                .iter()
+                .zip(&seen)
+                .any(|(p, s)| p.load(Ordering::Acquire) <= *s + 1)
+            {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("every reader keeps reading");
+        assert!(terminate_gateway_connections(&sql).await >= 1);
+    }
+    let seen: Vec<usize> = progress.iter().map(|p| p.load(Ordering::Acquire)).collect();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while progress
+            .iter()
+            .zip(&seen)
+            .any(|(p, s)| p.load(Ordering::Acquire) <= *s + 1)
+        {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("every reader reads after the last termination");
+    stop.store(1, Ordering::Release);
+    while let Some(done) = tasks.join_next().await {
+        done.unwrap();
+    }
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reads_stuck_behind_a_lock_end_at_their_deadline_and_leave_nothing_running() {
+    let (_, url) = create_database().await;
+    let app = spawn_app_with(test_config(&url)).await;
+    let id = create(&app, "locked").await.id;
+    let sql = app.sql().await;
+
+    // A read first, so that the shared connection exists before the lock.
+    app.sessions.clone().get_session(get(&id)).await.unwrap();
+    let mut lock = app.sql().await;
+    let tx = lock.transaction().await.unwrap();
+    tx.batch_execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+
+    // 6 callers with a 400 ms deadline, pipelined on one connection behind
+    // the lock: each hears DEADLINE_EXCEEDED in time.
+    let started = Instant::now();
+    let calls: Vec<_> = (0..6)
+        .map(|i| {
+            let mut client = app.sessions.clone();
+            let id = id.clone();
+            async move {
+                let deadline = Duration::from_millis(400);
+                if i % 2 == 0 {
+                    client
+                        .get_session(with_deadline(get(&id), deadline))
+                        .await
+                        .map(|_| ())
+                } else {
+                    let list = ListSessionsRequest {
+                        page_size: 10,
+                        ..Default::default()
+                    };
+                    client
+                        .list_sessions(with_deadline(list, deadline))
+                        .await
+                        .map(|_| ())
+                }
+            }
+        })
+        .collect();
+    for outcome in futures::future::join_all(calls).await {
+        let e = outcome.expect_err("no read passes the lock");
+        assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the deadline was kept: {:?}",
+        started.elapsed()
+    );
+
+    // The abandoned statements are cancelled in the server while the lock
+    // is still held (the statement timeout, 30 s, is far away).
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let waiting: i64 = sql
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE application_name = 'verdict' AND datname = current_database() \
+                       AND wait_event_type = 'Lock'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            if waiting == 0 {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("no gateway backend still waits on the lock");
+
+    // Once the lock is gone, reads are served again (on a new connection).
+    tx.commit().await.unwrap();
+    let got = app
+        .sessions
+        .clone()
+        .get_session(with_deadline(get(&id), Duration::from_secs(5)))
+        .await
+        .expect("served after the lock")
+        .into_inner();
+    assert_eq!(got.session.unwrap().id, id);
+    let page = app
+        .sessions
+        .clone()
+        .list_sessions(ListSessionsRequest {
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("listed after the lock")
+        .into_inner();
+    assert_eq!(page.sessions.len(), 1);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn without_shared_connections_every_read_takes_a_pooled_one() {
+    let (_, url) = create_database().await;
+    let mut config = test_config(&url);
+    config.shared_read_connections = 0;
+    let app = spawn_app_with(config).await;
+    let id = create(&app, "pooled").await.id;
+    let before = app.db.connections_acquired();
+    let calls: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = app.sessions.clone();
+            let id = id.clone();
+            async move { client.get_session(get(&id)).await }
+        })
+        .collect();
+    for outcome in futures::future::join_all(calls).await {
+        assert_eq!(outcome.unwrap().into_inner().session.unwrap().id, id);
+    }
+    assert_eq!(app.db.connections_acquired() - before, 8);
+    app.stop().await.unwrap();
+}

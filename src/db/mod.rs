@@ -30,7 +30,7 @@ use tracing::Instrument;
 /// How a short read reaches the database (see [`Db::read_conn`]).
 pub enum ReadConn {
     /// A pooled connection of its own (or a replica's).
-    Own(Conn),
+    Own(Box<Conn>),
     /// A shared connection, and the time left before the call's deadline
     /// when it is below the longest statement timeout.
     Shared(shared::Lease, Option<Duration>),
@@ -428,7 +428,7 @@ impl Db {
     /// more.
     pub async fn read_conn(&self, call: &Call) -> Result<ReadConn> {
         let Some(shared) = self.shared.as_ref().filter(|_| self.replicas.is_none()) else {
-            return Ok(ReadConn::Own(self.conn(call).await?));
+            return Ok(ReadConn::Own(Box::new(self.conn(call).await?)));
         };
         if !self.is_ready() {
             return Err(Error::Unavailable(
@@ -442,7 +442,7 @@ impl Db {
                 self.acquired.fetch_add(1, Ordering::Relaxed);
                 Ok(ReadConn::Shared(lease, timeout))
             }
-            None => Ok(ReadConn::Own(self.conn_here(call).await?)),
+            None => Ok(ReadConn::Own(Box::new(self.conn_here(call).await?))),
         }
     }
 

@@ -76,9 +76,8 @@ async fn concurrent_readers_share_one_connection_and_see_every_acknowledged_writ
             }
         });
     }
-    for w in 0..4usize {
+    for id in ids.iter().take(4).cloned() {
         let mut client = app.sessions.clone();
-        let id = ids[w].clone();
         tasks.spawn(async move {
             for status in [SessionStatus::Processing, SessionStatus::Completed] {
                 let written = set_status_with(&mut client, &id, status)

@@ -76,7 +76,8 @@ async fn concurrent_readers_share_one_connection_and_see_every_acknowledged_writ
             }
         });
     }
-    for id in ids.iter().take(4).cloned() {
+    for id in &ids[..4] {
+        let id = id.clone();
         let mut client = app.sessions.clone();
         tasks.spawn(async move {
             for status in [SessionStatus::Processing, SessionStatus::Completed] {

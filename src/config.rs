@@ -181,7 +181,7 @@ pub struct Config {
     #[arg(long, env = "VERDICT_POOL_SIZE", default_value_t = 16, global = true)]
     pub pool_size: usize,
 
-    /// Connections that concurrent short reads (GetSession, ListSessions)
+    /// Connections that concurrent reads by key (GetSession)
     /// share, pipelined, on top of the pool: one is filled up to 16 reads in
     /// flight before the next is opened. 0: every read takes a pooled
     /// connection of its own.

@@ -177,18 +177,20 @@ impl SessionService for SessionApi {
         let count = totals::requested(req.count)?;
         let query = ListSessions::try_from(req)?;
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
-        let (rows, total) = crate::db::short_read!(&self.state.db, &call, |c| {
-            let rows = sql::list(c, project, &query, max_bytes).await?;
-            let total = sql::count(
-                c,
-                project,
-                &query.filter,
-                count,
-                self.state.count_exact_below,
-            )
-            .await?;
-            Ok((rows, total))
-        })?;
+        // A page is read on a pooled connection of its own: its statements
+        // cost the server far more than a lookup by key, and pipelined on
+        // one shared connection they would all run on one backend.
+        let mut conn = self.state.db.conn(&call).await?;
+        let c = conn.client().await?;
+        let rows = sql::list(c, project, &query, max_bytes).await?;
+        let total = sql::count(
+            c,
+            project,
+            &query.filter,
+            count,
+            self.state.count_exact_below,
+        )
+        .await?;
         let (sessions, next_page_token) = pagination::page(
             rows,
             query.page_size,

@@ -1,8 +1,8 @@
-//! Short reads (GetSession, ListSessions) share pipelined connections
+//! Reads by key (GetSession) share pipelined connections
 //! (`VERDICT_SHARED_READ_CONNECTIONS`): concurrent readers see every
 //! acknowledged write, lose nothing when those connections' backends are
 //! terminated, and a read stuck behind a lock ends at its deadline with
-//! nothing left running in the server.
+//! nothing left running in the server (pages, on pooled connections, too).
 
 use crate::helpers::{create_database, spawn_app_with, test_config};
 use crate::sessions::{create, set_status_with};

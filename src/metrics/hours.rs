@@ -1,8 +1,10 @@
-//! QueryTimeSeries over the hourly aggregates (issue 18): per series (V34,
-//! read with a label filter) and per metric name across its series (V38,
-//! read without one: one row per hour whatever the number of series). Which
-//! calls may use them, and how a bucket's parts (hours and edge points) add
-//! up, with percentiles estimated from the merged log-bucket histogram.
+//! QueryTimeSeries over the hourly aggregates (issue 18): per metric name
+//! across its series (V38, read without a label filter), per name and label
+//! pair (V39, read with a filter of one pair) — one row per hour whatever
+//! the number of series — and per series (V34, read with a filter of two or
+//! more pairs). Which calls may use them, and how a bucket's parts (hours
+//! and edge points) add up, with percentiles estimated from the merged
+//! log-bucket histogram.
 
 use super::sql::{self, BucketRow, PartRow};
 use super::{Buckets, SeriesQuery};
@@ -76,9 +78,12 @@ pub fn whole_hours(q: &SeriesQuery) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
 
 /// The aggregates of each bucket from its parts (rows in any order; every
 /// bucket has at least one), oldest bucket first, and the number of points
-/// in the range.
+/// in the range. A bucket's histogram entries are gathered in one Vec and
+/// sorted once (entries of the same bucket number stay apart; the nearest
+/// rank is found by the running count all the same), not merged entry by
+/// entry into a map.
 pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
-    let mut buckets: BTreeMap<DateTime<Utc>, (BucketRow, BTreeMap<i32, i64>)> = BTreeMap::new();
+    let mut buckets: BTreeMap<DateTime<Utc>, (BucketRow, Vec<(i32, i64)>)> = BTreeMap::new();
     let mut total = 0i64;
     for row in rows {
         let (b, hist) = buckets.entry(row.start).or_insert_with(|| {
@@ -94,7 +99,7 @@ pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
                     p95: None,
                     p99: None,
                 },
-                BTreeMap::new(),
+                Vec::new(),
             )
         });
         if let Some(p) = row.part {
@@ -103,15 +108,19 @@ pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
             b.sum = Some(b.sum.unwrap_or(0.0) + p.sum);
             b.min = Some(b.min.map_or(p.min, |m| m.min(p.min)));
             b.max = Some(b.max.map_or(p.max, |m| m.max(p.max)));
-            for (k, n) in p.hist_buckets.iter().zip(&p.hist_counts) {
-                *hist.entry(*k).or_default() += n;
-            }
+            hist.extend(
+                p.hist_buckets
+                    .iter()
+                    .copied()
+                    .zip(p.hist_counts.iter().copied()),
+            );
         }
     }
     let out = buckets
         .into_values()
-        .map(|(mut b, hist)| {
+        .map(|(mut b, mut hist)| {
             if b.count > 0 {
+                hist.sort_unstable_by_key(|&(k, _)| k);
                 b.avg = b.sum.map(|s| s / b.count as f64);
                 let (lo, hi) = (b.min.unwrap_or(f64::MIN), b.max.unwrap_or(f64::MAX));
                 let q = |p: f64| Some(percentile(&hist, b.count, p).max(lo).min(hi));
@@ -126,8 +135,8 @@ pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
 }
 
 /// The representative of the bucket holding the point at nearest rank
-/// ceil(q n) of a histogram of n points.
-fn percentile(hist: &BTreeMap<i32, i64>, n: i64, q: f64) -> f64 {
+/// ceil(q n) of a histogram of n points (entries sorted by bucket number).
+fn percentile(hist: &[(i32, i64)], n: i64, q: f64) -> f64 {
     let rank = ((q * n as f64).ceil() as i64).clamp(1, n.max(1));
     let mut seen = 0i64;
     for (k, c) in hist {
@@ -136,9 +145,7 @@ fn percentile(hist: &BTreeMap<i32, i64>, n: i64, q: f64) -> f64 {
             return representative(*k);
         }
     }
-    hist.keys()
-        .next_back()
-        .map_or(f64::NAN, |k| representative(*k))
+    hist.last().map_or(f64::NAN, |(k, _)| representative(*k))
 }
 
 /// Every bucket of the range, and whether its percentiles are estimated:

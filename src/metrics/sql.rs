@@ -176,17 +176,19 @@ pub async fn series(
         .collect()
 }
 
-// The aggregated path (issue 18, V34, V38): whole hours [$h0, $h1) from the
-// hourly aggregates, and the points of the partial hours [from, $h0) and
-// [$h1, to) one by one (each as a one-point part), in no order, and one row
-// of NULLs per bucket of the range (so empty buckets are answered; no join
-// or sort of the parts' arrays, which would spill); the gateway adds the
-// parts of a bucket up and merges their histograms. With a label filter the
-// hours are read per matching series from metric_series_hours (a LATERAL
-// kept from being flattened by OFFSET 0: an index range of the key for each
-// series of the name, never a scan of the hours table); without one, from
-// metric_name_hours, one row per hour of the metric (one index range of its
-// key), whatever the number of series.
+// The aggregated path (issue 18, V34, V38, V39): whole hours [$h0, $h1)
+// from the hourly aggregates, and the points of the partial hours
+// [from, $h0) and [$h1, to) one by one (each as a one-point part), in no
+// order, and one row of NULLs per bucket of the range (so empty buckets are
+// answered; no join or sort of the parts' arrays, which would spill); the
+// gateway adds the parts of a bucket up and merges their histograms.
+// Without a label filter the hours come from metric_name_hours, and with a
+// filter of one pair from metric_label_hours: one row per hour of the
+// metric (one index range of the key), whatever the number of series. With
+// two or more pairs they are read per matching series from
+// metric_series_hours (a LATERAL kept from being flattened by OFFSET 0: an
+// index range of the key for each series of the name, never a scan of the
+// hours table).
 macro_rules! parts {
     ($bin_hour:literal, $bin_point:literal, $hours:expr, $points:literal, $project:literal, $h0:literal, $h1:literal) => {
         concat!(

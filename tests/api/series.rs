@@ -432,6 +432,34 @@ async fn aggregated_series_equal_the_raw_points_across_edges_labels_and_widths()
         assert_eq!(got[0], got[1], "{width:?}: one pair and two pairs agree");
     }
 
+    // Which rows answer which filter: a row of metric_label_hours tampered
+    // with (count + 1000) shows in the one-pair answer of its hour and in
+    // no other filter's.
+    let hour = base + TimeDelta::hours(30);
+    let tamper = "UPDATE metric_label_hours SET count = count + $1 \
+                  WHERE name = 'lat' AND label_key = 'env' AND label_value = 'prod' AND hour = $2";
+    assert_eq!(sql.execute(tamper, &[&1000i64, &hour]).await.unwrap(), 1);
+    let count_at = |got: &QueryTimeSeriesResponse| {
+        got.buckets
+            .iter()
+            .find(|b| b.start_time.unwrap().seconds == hour.timestamp())
+            .map(|b| b.count)
+            .unwrap()
+    };
+    for (filter, extra) in [(prod, 1000), (prod_a, 0), (&[][..], 0), (host_a, 0)] {
+        let q = query("lat", filter, mid_from, mid_to, Some(3600));
+        let want = expected(&sql, project, &q).await[&hour.timestamp()].0;
+        let got = app
+            .metrics
+            .clone()
+            .query_time_series(q)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(count_at(&got), want + extra, "{filter:?}");
+    }
+    sql.execute(tamper, &[&-1000i64, &hour]).await.unwrap();
+
     // A range of at most 10000 points is read point by point: exact
     // continuous percentiles, not estimated.
     let small = query(

@@ -76,6 +76,10 @@ pub fn whole_hours(q: &SeriesQuery) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
     Some(if h0 < h1 { (h0, h1) } else { (q.to, q.to) })
 }
 
+/// A bucket's histogram entries (bucket number, count), in any order until
+/// sorted; a bucket number may repeat.
+type Histogram = Vec<(i32, i64)>;
+
 /// The aggregates of each bucket from its parts (rows in any order; every
 /// bucket has at least one), oldest bucket first, and the number of points
 /// in the range. A bucket's histogram entries are gathered in one Vec and
@@ -83,7 +87,7 @@ pub fn whole_hours(q: &SeriesQuery) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
 /// rank is found by the running count all the same), not merged entry by
 /// entry into a map.
 pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
-    let mut buckets: BTreeMap<DateTime<Utc>, (BucketRow, Vec<(i32, i64)>)> = BTreeMap::new();
+    let mut buckets: BTreeMap<DateTime<Utc>, (BucketRow, Histogram)> = BTreeMap::new();
     let mut total = 0i64;
     for row in rows {
         let (b, hist) = buckets.entry(row.start).or_insert_with(|| {
@@ -168,6 +172,63 @@ pub async fn series(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fold_finds_the_nearest_rank_in_parts_whose_buckets_repeat() {
+        use super::sql::Part;
+        let start = DateTime::<Utc>::from_timestamp(3600, 0).unwrap();
+        // Values 1..=60 split over three parts whose histograms overlap.
+        let values: Vec<f64> = (1..=60).map(f64::from).collect();
+        let part = |vs: &[f64]| {
+            let mut hist = BTreeMap::<i32, i64>::new();
+            for v in vs {
+                *hist.entry(bucket_of(*v)).or_default() += 1;
+            }
+            PartRow {
+                start,
+                part: Some(Part {
+                    count: vs.len() as i64,
+                    sum: vs.iter().sum(),
+                    min: vs.iter().copied().fold(f64::MAX, f64::min),
+                    max: vs.iter().copied().fold(f64::MIN, f64::max),
+                    hist_buckets: hist.keys().copied().collect(),
+                    hist_counts: hist.values().copied().collect(),
+                }),
+            }
+        };
+        let odd: Vec<f64> = values
+            .iter()
+            .copied()
+            .filter(|v| *v as i64 % 2 == 1)
+            .collect();
+        let even: Vec<f64> = values
+            .iter()
+            .copied()
+            .filter(|v| *v as i64 % 2 == 0)
+            .collect();
+        let rows = vec![
+            part(&even[..20]),
+            PartRow { start, part: None },
+            part(&odd),
+            part(&even[20..]),
+        ];
+        let (out, total) = fold(rows);
+        assert_eq!((out.len(), total), (1, 60));
+        let b = &out[0];
+        assert_eq!(
+            (b.count, b.sum, b.min, b.max),
+            (60, Some(1830.0), Some(1.0), Some(60.0))
+        );
+        // Nearest ranks 30, 57 and 60 of 1..=60, each within its bucket's error.
+        for (got, want) in [(b.p50, 30.0), (b.p95, 57.0), (b.p99, 60.0)] {
+            let got = got.unwrap();
+            assert_eq!(
+                bucket_of(got.min(60.0)),
+                bucket_of(want).min(bucket_of(got))
+            );
+            assert!((got - want).abs() <= 0.045 * want, "{got} vs {want}");
+        }
+    }
 
     #[test]
     fn representatives_are_within_the_stated_error() {

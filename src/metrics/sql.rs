@@ -333,7 +333,8 @@ macro_rules! month_hours {
 }
 
 /// Hour-multiple buckets from the per-series hourly aggregates, series with
-/// the labels $5 (their edge points carry them too).
+/// the labels $5 (their edge points carry them too); for filters of two or
+/// more pairs.
 pub const HOURS_FIXED: Stmt = Stmt::new(
     "SELECT",
     "metric_series_hours",
@@ -355,7 +356,7 @@ pub const HOURS_FIXED_LABEL: Stmt = Stmt::new(
 );
 
 /// Month buckets from the per-series hourly aggregates, series with the
-/// labels $4.
+/// labels $4 (two or more pairs).
 pub const HOURS_MONTH: Stmt = Stmt::new(
     "SELECT",
     "metric_series_hours",

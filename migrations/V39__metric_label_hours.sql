@@ -40,6 +40,21 @@ SET LOCAL statement_timeout = 0;
 -- migration's transaction holds this lock until it commits (readers go on).
 LOCK TABLE metric_points IN SHARE ROW EXCLUSIVE MODE;
 
+-- V34's bucket function, the same for every input (NULL gives NULL either
+-- way), without STRICT: PostgreSQL inlines a SQL function into the calling
+-- statement only when it is not STRICT (the CASE is not strict), and a call
+-- per point cost about 4 µs, ~45 ms of a 10,000-point INSERT per share of
+-- the trigger (three shares now), against ~1.5 ms inlined.
+CREATE OR REPLACE FUNCTION verdict_metric_bucket(v float8) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE
+AS $$
+    SELECT CASE WHEN v = 0 THEN 0
+                WHEN v = 'NaN'::float8 OR v = 'Infinity'::float8 THEN 20000
+                WHEN v = '-Infinity'::float8 THEN -20000
+                WHEN v > 0 THEN 9000 + floor(8 * ln(v) / ln(2::float8))::int
+                ELSE -(9000 + floor(8 * ln(-v) / ln(2::float8))::int) END
+$$;
+
 CREATE TABLE metric_label_hours (
     project_id   uuid        NOT NULL REFERENCES projects (id) ON DELETE CASCADE,
     name         text        NOT NULL,

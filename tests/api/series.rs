@@ -1013,6 +1013,61 @@ async fn v39_fills_the_label_pair_hours_from_the_points_stored_before_it() {
     assert_hours_match_raw(&sql, "after a write on the migrated schema").await;
 }
 
+#[tokio::test]
+async fn the_sql_bucket_function_is_the_gateways_and_is_inlined() {
+    let app = spawn_app().await;
+    let sql = app.sql().await;
+    let mut values = vec![
+        0.0,
+        -0.0,
+        f64::NAN,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::MIN_POSITIVE,
+        1e100,
+        -1e100,
+    ];
+    let mut v = 1e-300_f64;
+    while v < 1e300 {
+        values.extend([v, -v, v * 1.0905, -v * 1.0905]);
+        v *= 1.37;
+    }
+    let got: Vec<Option<i32>> = sql
+        .query_one(
+            "SELECT array_agg(verdict_metric_bucket(v) ORDER BY i) \
+             FROM unnest($1::float8[]) WITH ORDINALITY AS u(v, i)",
+            &[&values],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let want: Vec<Option<i32>> = values
+        .iter()
+        .map(|v| Some(verdict::metrics::hours::bucket_of(*v)))
+        .collect();
+    assert_eq!(got, want);
+    let null: Option<i32> = sql
+        .query_one("SELECT verdict_metric_bucket(NULL)", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(null, None);
+    // V39: inlined into the calling statement (no function call per point).
+    let plan: String = sql
+        .query(
+            "EXPLAIN VERBOSE SELECT verdict_metric_bucket(value) FROM metric_points",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, String>(0))
+        .collect::<Vec<_>>()
+        .join("\n");
+    assert!(!plan.contains("verdict_metric_bucket"), "{plan}");
+    assert!(plan.contains("CASE"), "{plan}");
+}
+
 /// Every (node type, relation, index, actual rows) of a JSON plan.
 fn nodes(plan: &Value, out: &mut Vec<(String, String, String, f64)>) {
     let text = |k: &str| plan.get(k).and_then(Value::as_str).unwrap_or("").to_owned();

@@ -1,8 +1,10 @@
-//! QueryTimeSeries over the hourly aggregates (issue 18): per series (V34,
-//! read with a label filter) and per metric name across its series (V38,
-//! read without one: one row per hour whatever the number of series). Which
-//! calls may use them, and how a bucket's parts (hours and edge points) add
-//! up, with percentiles estimated from the merged log-bucket histogram.
+//! QueryTimeSeries over the hourly aggregates (issue 18): per metric name
+//! across its series (V38, read without a label filter), per name and label
+//! pair (V39, read with a filter of one pair) — one row per hour whatever
+//! the number of series — and per series (V34, read with a filter of two or
+//! more pairs). Which calls may use them, and how a bucket's parts (hours
+//! and edge points) add up, with percentiles estimated from the merged
+//! log-bucket histogram.
 
 use super::sql::{self, BucketRow, PartRow};
 use super::{Buckets, SeriesQuery};
@@ -74,11 +76,18 @@ pub fn whole_hours(q: &SeriesQuery) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
     Some(if h0 < h1 { (h0, h1) } else { (q.to, q.to) })
 }
 
+/// A bucket's histogram entries (bucket number, count), in any order until
+/// sorted; a bucket number may repeat.
+type Histogram = Vec<(i32, i64)>;
+
 /// The aggregates of each bucket from its parts (rows in any order; every
 /// bucket has at least one), oldest bucket first, and the number of points
-/// in the range.
+/// in the range. A bucket's histogram entries are gathered in one Vec and
+/// sorted once (entries of the same bucket number stay apart; the nearest
+/// rank is found by the running count all the same), not merged entry by
+/// entry into a map.
 pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
-    let mut buckets: BTreeMap<DateTime<Utc>, (BucketRow, BTreeMap<i32, i64>)> = BTreeMap::new();
+    let mut buckets: BTreeMap<DateTime<Utc>, (BucketRow, Histogram)> = BTreeMap::new();
     let mut total = 0i64;
     for row in rows {
         let (b, hist) = buckets.entry(row.start).or_insert_with(|| {
@@ -94,7 +103,7 @@ pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
                     p95: None,
                     p99: None,
                 },
-                BTreeMap::new(),
+                Vec::new(),
             )
         });
         if let Some(p) = row.part {
@@ -103,15 +112,19 @@ pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
             b.sum = Some(b.sum.unwrap_or(0.0) + p.sum);
             b.min = Some(b.min.map_or(p.min, |m| m.min(p.min)));
             b.max = Some(b.max.map_or(p.max, |m| m.max(p.max)));
-            for (k, n) in p.hist_buckets.iter().zip(&p.hist_counts) {
-                *hist.entry(*k).or_default() += n;
-            }
+            hist.extend(
+                p.hist_buckets
+                    .iter()
+                    .copied()
+                    .zip(p.hist_counts.iter().copied()),
+            );
         }
     }
     let out = buckets
         .into_values()
-        .map(|(mut b, hist)| {
+        .map(|(mut b, mut hist)| {
             if b.count > 0 {
+                hist.sort_unstable_by_key(|&(k, _)| k);
                 b.avg = b.sum.map(|s| s / b.count as f64);
                 let (lo, hi) = (b.min.unwrap_or(f64::MIN), b.max.unwrap_or(f64::MAX));
                 let q = |p: f64| Some(percentile(&hist, b.count, p).max(lo).min(hi));
@@ -126,8 +139,8 @@ pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
 }
 
 /// The representative of the bucket holding the point at nearest rank
-/// ceil(q n) of a histogram of n points.
-fn percentile(hist: &BTreeMap<i32, i64>, n: i64, q: f64) -> f64 {
+/// ceil(q n) of a histogram of n points (entries sorted by bucket number).
+fn percentile(hist: &[(i32, i64)], n: i64, q: f64) -> f64 {
     let rank = ((q * n as f64).ceil() as i64).clamp(1, n.max(1));
     let mut seen = 0i64;
     for (k, c) in hist {
@@ -136,9 +149,7 @@ fn percentile(hist: &BTreeMap<i32, i64>, n: i64, q: f64) -> f64 {
             return representative(*k);
         }
     }
-    hist.keys()
-        .next_back()
-        .map_or(f64::NAN, |k| representative(*k))
+    hist.last().map_or(f64::NAN, |(k, _)| representative(*k))
 }
 
 /// Every bucket of the range, and whether its percentiles are estimated:
@@ -161,6 +172,59 @@ pub async fn series(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fold_finds_the_nearest_rank_in_parts_whose_buckets_repeat() {
+        use super::sql::Part;
+        let start = DateTime::<Utc>::from_timestamp(3600, 0).unwrap();
+        // Values 1..=60 split over three parts whose histograms overlap.
+        let values: Vec<f64> = (1..=60).map(f64::from).collect();
+        let part = |vs: &[f64]| {
+            let mut hist = BTreeMap::<i32, i64>::new();
+            for v in vs {
+                *hist.entry(bucket_of(*v)).or_default() += 1;
+            }
+            PartRow {
+                start,
+                part: Some(Part {
+                    count: vs.len() as i64,
+                    sum: vs.iter().sum(),
+                    min: vs.iter().copied().fold(f64::MAX, f64::min),
+                    max: vs.iter().copied().fold(f64::MIN, f64::max),
+                    hist_buckets: hist.keys().copied().collect(),
+                    hist_counts: hist.values().copied().collect(),
+                }),
+            }
+        };
+        let odd: Vec<f64> = values
+            .iter()
+            .copied()
+            .filter(|v| *v as i64 % 2 == 1)
+            .collect();
+        let even: Vec<f64> = values
+            .iter()
+            .copied()
+            .filter(|v| *v as i64 % 2 == 0)
+            .collect();
+        let rows = vec![
+            part(&even[..20]),
+            PartRow { start, part: None },
+            part(&odd),
+            part(&even[20..]),
+        ];
+        let (out, total) = fold(rows);
+        assert_eq!((out.len(), total), (1, 60));
+        let b = &out[0];
+        assert_eq!(
+            (b.count, b.sum, b.min, b.max),
+            (60, Some(1830.0), Some(1.0), Some(60.0))
+        );
+        // Nearest ranks 30, 57 and 60 of 1..=60: the middles of their buckets.
+        for (got, want) in [(b.p50, 30.0), (b.p95, 57.0), (b.p99, 60.0)] {
+            let got = got.unwrap();
+            assert!((got - want).abs() <= 0.045 * want, "{got} vs {want}");
+        }
+    }
 
     #[test]
     fn representatives_are_within_the_stated_error() {

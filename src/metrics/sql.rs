@@ -176,17 +176,19 @@ pub async fn series(
         .collect()
 }
 
-// The aggregated path (issue 18, V34, V38): whole hours [$h0, $h1) from the
-// hourly aggregates, and the points of the partial hours [from, $h0) and
-// [$h1, to) one by one (each as a one-point part), in no order, and one row
-// of NULLs per bucket of the range (so empty buckets are answered; no join
-// or sort of the parts' arrays, which would spill); the gateway adds the
-// parts of a bucket up and merges their histograms. With a label filter the
-// hours are read per matching series from metric_series_hours (a LATERAL
-// kept from being flattened by OFFSET 0: an index range of the key for each
-// series of the name, never a scan of the hours table); without one, from
-// metric_name_hours, one row per hour of the metric (one index range of its
-// key), whatever the number of series.
+// The aggregated path (issue 18, V34, V38, V39): whole hours [$h0, $h1)
+// from the hourly aggregates, and the points of the partial hours
+// [from, $h0) and [$h1, to) one by one (each as a one-point part), in no
+// order, and one row of NULLs per bucket of the range (so empty buckets are
+// answered; no join or sort of the parts' arrays, which would spill); the
+// gateway adds the parts of a bucket up and merges their histograms.
+// Without a label filter the hours come from metric_name_hours, and with a
+// filter of one pair from metric_label_hours: one row per hour of the
+// metric (one index range of the key), whatever the number of series. With
+// two or more pairs they are read per matching series from
+// metric_series_hours (a LATERAL kept from being flattened by OFFSET 0: an
+// index range of the key for each series of the name, never a scan of the
+// hours table).
 macro_rules! parts {
     ($bin_hour:literal, $bin_point:literal, $hours:expr, $points:literal, $project:literal, $h0:literal, $h1:literal) => {
         concat!(
@@ -211,9 +213,10 @@ macro_rules! parts {
     };
 }
 
-// The hours of the series of the name with the labels `$labels` (V34).
+// The hours of the series of the name with the labels `$labels` (V34);
+// `$key` and `$value` are not used (the one-pair statements' parameters).
 macro_rules! series_hours {
-    ($labels:literal, $project:literal, $h0:literal, $h1:literal) => {
+    ($labels:literal, $project:literal, $h0:literal, $h1:literal, $key:literal, $value:literal) => {
         concat!(
             "metric_series s \
              CROSS JOIN LATERAL ( \
@@ -234,15 +237,39 @@ macro_rules! series_hours {
 }
 
 // The hours of the name across all its series (V38); `$unused` names the
-// label parameter, unused but typed.
+// label parameter, unused but typed (`$key` and `$value` are not used).
 macro_rules! name_hours {
-    ($unused:literal, $project:literal, $h0:literal, $h1:literal) => {
+    ($unused:literal, $project:literal, $h0:literal, $h1:literal, $key:literal, $value:literal) => {
         concat!(
             "metric_name_hours h \
              WHERE h.project_id = ",
             $project,
             " AND h.name = $1 \
                AND h.hour >= ",
+            $h0,
+            " AND h.hour < ",
+            $h1,
+            " AND ",
+            $unused,
+            "::jsonb IS NOT NULL"
+        )
+    };
+}
+
+// The hours of the name's points with the one label pair `$key` = `$value`
+// across the series holding it (V39): one row per hour, one index range of
+// the key; `$unused` names the label parameter (the edge points' filter).
+macro_rules! label_hours {
+    ($unused:literal, $project:literal, $h0:literal, $h1:literal, $key:literal, $value:literal) => {
+        concat!(
+            "metric_label_hours h \
+             WHERE h.project_id = ",
+            $project,
+            " AND h.name = $1 AND h.label_key = ",
+            $key,
+            " AND h.label_value = ",
+            $value,
+            " AND h.hour >= ",
             $h0,
             " AND h.hour < ",
             $h1,
@@ -262,7 +289,14 @@ macro_rules! fixed_hours {
             parts!(
                 "date_bin(($4::float8 * interval '1 second'), h.hour, 'epoch'::timestamptz)",
                 "date_bin(($4::float8 * interval '1 second'), p.recorded_at, 'epoch'::timestamptz)",
-                $hours!("$5", "$6::uuid", "$7::timestamptz", "$8::timestamptz"),
+                $hours!(
+                    "$5",
+                    "$6::uuid",
+                    "$7::timestamptz",
+                    "$8::timestamptz",
+                    "$9::text",
+                    "$10::text"
+                ),
                 $points,
                 "$6::uuid",
                 "$7::timestamptz",
@@ -281,7 +315,14 @@ macro_rules! month_hours {
             parts!(
                 "date_trunc('month', h.hour)",
                 "date_trunc('month', p.recorded_at)",
-                $hours!("$4", "$5::uuid", "$6::timestamptz", "$7::timestamptz"),
+                $hours!(
+                    "$4",
+                    "$5::uuid",
+                    "$6::timestamptz",
+                    "$7::timestamptz",
+                    "$8::text",
+                    "$9::text"
+                ),
                 $points,
                 "$5::uuid",
                 "$6::timestamptz",
@@ -292,7 +333,8 @@ macro_rules! month_hours {
 }
 
 /// Hour-multiple buckets from the per-series hourly aggregates, series with
-/// the labels $5 (their edge points carry them too).
+/// the labels $5 (their edge points carry them too); for filters of two or
+/// more pairs.
 pub const HOURS_FIXED: Stmt = Stmt::new(
     "SELECT",
     "metric_series_hours",
@@ -304,8 +346,17 @@ pub const HOURS_FIXED: Stmt = Stmt::new(
 pub const HOURS_FIXED_ALL: Stmt =
     Stmt::new("SELECT", "metric_name_hours", fixed_hours!(name_hours, ""));
 
+/// Hour-multiple buckets from the per-label-pair hourly aggregates (V39):
+/// the points with the one label pair $9 = $10 (the filter $5 holds exactly
+/// that pair; the edge points are checked against it).
+pub const HOURS_FIXED_LABEL: Stmt = Stmt::new(
+    "SELECT",
+    "metric_label_hours",
+    fixed_hours!(label_hours, " AND p.labels @> $5"),
+);
+
 /// Month buckets from the per-series hourly aggregates, series with the
-/// labels $4.
+/// labels $4 (two or more pairs).
 pub const HOURS_MONTH: Stmt = Stmt::new(
     "SELECT",
     "metric_series_hours",
@@ -316,6 +367,14 @@ pub const HOURS_MONTH: Stmt = Stmt::new(
 /// of the metric ($4 unused).
 pub const HOURS_MONTH_ALL: Stmt =
     Stmt::new("SELECT", "metric_name_hours", month_hours!(name_hours, ""));
+
+/// Month buckets from the per-label-pair hourly aggregates (V39): the
+/// points with the one label pair $8 = $9 (the filter $4).
+pub const HOURS_MONTH_LABEL: Stmt = Stmt::new(
+    "SELECT",
+    "metric_label_hours",
+    month_hours!(label_hours, " AND p.labels @> $4"),
+);
 
 /// One part of a bucket on the aggregated path: an hour of one series, or
 /// one edge point (None: the bucket has no part).
@@ -334,6 +393,27 @@ pub struct Part {
     pub hist_counts: Vec<i64>,
 }
 
+/// Which hourly aggregates a label filter reads: those of the whole name
+/// (no filter, V38), of its one pair (V39), or of the matching series (two
+/// or more pairs, V34).
+enum Filter<'a> {
+    None,
+    Pair(&'a str, &'a str),
+    Series,
+}
+
+fn filter(labels: &serde_json::Value) -> Filter<'_> {
+    match labels.as_object() {
+        None => Filter::None,
+        Some(m) if m.is_empty() => Filter::None,
+        Some(m) if m.len() == 1 => match m.iter().next() {
+            Some((k, serde_json::Value::String(v))) => Filter::Pair(k, v),
+            _ => Filter::Series,
+        },
+        Some(_) => Filter::Series,
+    }
+}
+
 /// Every bucket of the range with its parts from the hourly aggregates:
 /// whole hours in [h0, h1), points in [from, h0) and [h1, to).
 pub async fn series_parts(
@@ -343,26 +423,31 @@ pub async fn series_parts(
     h0: DateTime<Utc>,
     h1: DateTime<Utc>,
 ) -> Result<Vec<PartRow>> {
-    let unfiltered = q.labels.as_object().is_none_or(|m| m.is_empty());
-    let rows = match q.buckets {
-        Buckets::Fixed(width) => {
+    let rows = match (q.buckets, filter(&q.labels)) {
+        (Buckets::Fixed(width), f) => {
             let width = width.as_secs_f64();
             let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
                 &q.name, &q.from, &q.to, &width, &q.labels, &project, &h0, &h1,
             ];
-            if unfiltered {
-                HOURS_FIXED_ALL.query(c, params).await?
-            } else {
-                HOURS_FIXED.query(c, params).await?
+            match f {
+                Filter::None => HOURS_FIXED_ALL.query(c, params).await?,
+                Filter::Pair(key, value) => {
+                    let params = [params, &[&key, &value]].concat();
+                    HOURS_FIXED_LABEL.query(c, &params).await?
+                }
+                Filter::Series => HOURS_FIXED.query(c, params).await?,
             }
         }
-        Buckets::Month => {
+        (Buckets::Month, f) => {
             let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
                 &[&q.name, &q.from, &q.to, &q.labels, &project, &h0, &h1];
-            if unfiltered {
-                HOURS_MONTH_ALL.query(c, params).await?
-            } else {
-                HOURS_MONTH.query(c, params).await?
+            match f {
+                Filter::None => HOURS_MONTH_ALL.query(c, params).await?,
+                Filter::Pair(key, value) => {
+                    let params = [params, &[&key, &value]].concat();
+                    HOURS_MONTH_LABEL.query(c, &params).await?
+                }
+                Filter::Series => HOURS_MONTH.query(c, params).await?,
             }
         }
     };

@@ -121,9 +121,15 @@ pub const COMPUTE: Stmt = Stmt::new(
      ex AS ( \
          SELECT b.period_start, COALESCE(sum(e.total), 0)::int8 AS executions, \
                 COALESCE(sum(e.passed), 0)::int8 AS passed, \
-                COALESCE(sum(e.failed + e.error), 0)::int8 AS failed_or_error \
-         FROM bounds b LEFT JOIN test_execution_days e \
-           ON e.project_id = $4 AND e.day >= b.first_day AND e.day < b.end_day \
+                COALESCE(sum(e.failed_or_error), 0)::int8 AS failed_or_error \
+         FROM bounds b LEFT JOIN ( \
+             SELECT d.day, sum(d.total) AS total, sum(d.passed) AS passed, \
+                    sum(d.failed + d.error) AS failed_or_error \
+             FROM test_execution_days d \
+             WHERE d.project_id = $4 AND d.day >= (SELECT min(first_day) FROM bounds) \
+               AND d.day < (SELECT max(end_day) FROM bounds) \
+             GROUP BY d.day) e \
+           ON e.day >= b.first_day AND e.day < b.end_day \
          GROUP BY b.period_start), \
      tp AS ( \
          SELECT period_start, jsonb_object_agg(pair, n) AS pairs FROM ( \

@@ -138,6 +138,17 @@ pub(crate) fn note_connection_error() {
     LAST_CONNECTION_ERROR_MS.store(now, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// The clock of [`note_connection_error`], in milliseconds (never 0).
+pub(crate) fn connection_clock_ms() -> u64 {
+    since().as_millis() as u64 + 1
+}
+
+/// Whether a call saw a connection die at or after `clock_ms` (a reading of
+/// [`connection_clock_ms`]).
+pub(crate) fn connection_error_since(clock_ms: u64) -> bool {
+    LAST_CONNECTION_ERROR_MS.load(std::sync::atomic::Ordering::Relaxed) >= clock_ms
+}
+
 /// Whether a connection died within `window`.
 fn connection_error_within(window: Duration) -> bool {
     let last = LAST_CONNECTION_ERROR_MS.load(std::sync::atomic::Ordering::Relaxed);
@@ -295,6 +306,7 @@ impl Db {
                 new_pool(pg, n, Duration::from_secs(5), self.max_lifetime, true)?,
                 pg.tls().connector(),
                 n,
+                self.max_lifetime,
             )),
         };
         Ok(self)
@@ -315,6 +327,9 @@ impl Db {
                 .len();
             if removed > 0 {
                 tracing::debug!(closed = removed, "closed idle pooled connections");
+            }
+            if let Some(shared) = &self.shared {
+                shared.close_idle(idle);
             }
         }
     }

@@ -24,7 +24,11 @@
 //!   is left on it every statement still running or queued on it is
 //!   cancelled in the server, and the connection is closed;
 //! - a read that finds its connection closed (a terminated backend, a
-//!   restart) retires it and runs once more on another.
+//!   restart) retires it and runs once more on another;
+//! - like pooled ones, a shared connection is renewed once it reaches the
+//!   pool's maximum lifetime, and after any call saw a connection die (a
+//!   failover, a restart: the next read gets one checked by the pool, not
+//!   one that may still reach a demoted server).
 
 use crate::error::Result;
 use deadpool_postgres::{Object, Pool};
@@ -40,6 +44,7 @@ pub struct SharedReads {
     pool: Pool,
     slots: Box<[Slot]>,
     tls: MakeRustlsConnect,
+    max_lifetime: std::time::Duration,
 }
 
 #[derive(Default)]
@@ -57,6 +62,10 @@ struct SharedConn {
     /// A read was abandoned on it: cancel what runs, close it at the end.
     abandoned: AtomicBool,
     tls: MakeRustlsConnect,
+    /// When it was given its slot, by [`super::connection_clock_ms`].
+    given_ms: u64,
+    /// When a read last took it, by the same clock.
+    leased_ms: std::sync::atomic::AtomicU64,
 }
 
 impl Drop for SharedConn {
@@ -79,12 +88,19 @@ pub struct Lease {
 }
 
 impl SharedReads {
-    /// `pool` holds the connections (at most `connections`).
-    pub fn new(pool: Pool, tls: MakeRustlsConnect, connections: usize) -> Arc<Self> {
+    /// `pool` holds the connections (at most `connections`); a
+    /// connection is renewed after `max_lifetime`.
+    pub fn new(
+        pool: Pool,
+        tls: MakeRustlsConnect,
+        connections: usize,
+        max_lifetime: std::time::Duration,
+    ) -> Arc<Self> {
         Arc::new(SharedReads {
             pool,
             slots: (0..connections.max(1)).map(|_| Slot::default()).collect(),
             tls,
+            max_lifetime,
         })
     }
 
@@ -94,7 +110,7 @@ impl SharedReads {
     /// any other call (which sheds load past its waiting limit).
     pub async fn lease(self: &Arc<Self>) -> Result<Option<Lease>> {
         let Some(slot) = self.slots.iter().position(|slot| {
-            slot.current()
+            self.current(slot)
                 .is_none_or(|c| c.in_flight.load(Ordering::Relaxed) < DEPTH)
         }) else {
             return Ok(None);
@@ -102,6 +118,8 @@ impl SharedReads {
         loop {
             let conn = self.connected(slot).await?;
             conn.in_flight.fetch_add(1, Ordering::AcqRel);
+            conn.leased_ms
+                .store(super::connection_clock_ms(), Ordering::Relaxed);
             let lease = Lease {
                 conn,
                 slot,
@@ -120,19 +138,22 @@ impl SharedReads {
     /// The slot's open connection, made if there is none.
     async fn connected(&self, slot: usize) -> Result<Arc<SharedConn>> {
         let s = &self.slots[slot];
-        if let Some(conn) = s.current() {
+        if let Some(conn) = self.current(s) {
             return Ok(conn);
         }
         let _making = s.connecting.lock().await;
-        if let Some(conn) = s.current() {
+        if let Some(conn) = self.current(s) {
             return Ok(conn);
         }
+        let given_ms = super::connection_clock_ms();
         let object = self.pool.get().await?;
         let conn = Arc::new(SharedConn {
             object: Some(object),
             in_flight: AtomicUsize::new(0),
             abandoned: AtomicBool::new(false),
             tls: self.tls.clone(),
+            given_ms,
+            leased_ms: std::sync::atomic::AtomicU64::new(given_ms),
         });
         *s.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(conn.clone());
         Ok(conn)
@@ -149,6 +170,26 @@ impl SharedReads {
         }
     }
 
+    /// Gives back the connections no read took for `idle` (they close, as
+    /// idle pooled ones do) and closes those that came back to the pool
+    /// and sat there as long.
+    pub fn close_idle(&self, idle: std::time::Duration) {
+        let now = super::connection_clock_ms();
+        let idle_ms = idle.as_millis() as u64;
+        for slot in self.slots.iter() {
+            let mut held = slot.conn.lock().unwrap_or_else(|p| p.into_inner());
+            if held.as_ref().is_some_and(|c| {
+                c.in_flight.load(Ordering::Acquire) == 0
+                    && now.saturating_sub(c.leased_ms.load(Ordering::Relaxed)) >= idle_ms
+            }) && let Some(conn) = held.take()
+                && let Some(object) = Arc::into_inner(conn).and_then(|mut c| c.object.take())
+            {
+                drop(Object::take(object));
+            }
+        }
+        self.pool.retain(|_, m| m.last_used() < idle);
+    }
+
     /// Closes the idle connections and refuses new ones.
     pub fn close(&self) {
         for slot in self.slots.iter() {
@@ -158,13 +199,25 @@ impl SharedReads {
     }
 }
 
-impl Slot {
-    /// The slot's connection, unless it is known closed.
-    fn current(&self) -> Option<Arc<SharedConn>> {
-        let held = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        held.as_ref()
-            .filter(|c| !c.object.as_ref().is_some_and(|o| o.is_closed()))
-            .cloned()
+impl SharedReads {
+    /// The slot's connection while it may take new reads: not known
+    /// closed, younger than the maximum lifetime, and given its slot after
+    /// the last connection error any call saw. An older one is taken out of
+    /// the slot (it keeps its reads; the pool checks it when it comes back).
+    fn current(&self, slot: &Slot) -> Option<Arc<SharedConn>> {
+        let mut held = slot.conn.lock().unwrap_or_else(|p| p.into_inner());
+        let usable = held.as_ref().is_some_and(|c| {
+            c.object
+                .as_ref()
+                .is_some_and(|o| !o.is_closed() && Object::metrics(o).age() < self.max_lifetime)
+                && !super::connection_error_since(c.given_ms)
+        });
+        if usable {
+            held.clone()
+        } else {
+            held.take();
+            None
+        }
     }
 }
 

@@ -296,3 +296,74 @@ async fn without_shared_connections_every_read_takes_a_pooled_one() {
     assert_eq!(app.db.connections_acquired() - before, 8);
     app.stop().await.unwrap();
 }
+
+/// The pid of the backend that served the last read by id (there is one
+/// shared connection while reads are few).
+async fn reader_pid(sql: &tokio_postgres::Client) -> Vec<i32> {
+    sql.query(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE application_name = 'verdict' AND datname = current_database() \
+           AND query LIKE 'SELECT % FROM sessions WHERE project_id = $1 AND id = $2' \
+         ORDER BY pid",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| r.get(0))
+    .collect()
+}
+
+#[tokio::test]
+async fn a_shared_connection_is_renewed_after_its_lifetime_like_a_pooled_one() {
+    let (_, url) = create_database().await;
+    let mut config = test_config(&url);
+    config.pool_max_lifetime = Duration::from_millis(700);
+    let app = spawn_app_with(config).await;
+    let id = create(&app, "renewed").await.id;
+    let sql = app.sql().await;
+    app.sessions.clone().get_session(get(&id)).await.unwrap();
+    let first = reader_pid(&sql).await;
+    assert_eq!(first.len(), 1, "one shared connection reads: {first:?}");
+
+    // Reads go on; within a few lifetimes another backend serves them and
+    // the first one is gone (closed when it came back to the pool).
+    let renewed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            app.sessions.clone().get_session(get(&id)).await.unwrap();
+            let now = reader_pid(&sql).await;
+            if !now.contains(&first[0]) && !now.is_empty() {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the shared connection is renewed");
+    assert_ne!(renewed, first);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_idle_shared_connection_is_closed_like_an_idle_pooled_one() {
+    let (_, url) = create_database().await;
+    let mut config = test_config(&url);
+    config.pool_idle_timeout = Duration::from_millis(400);
+    let app = spawn_app_with(config).await;
+    let id = create(&app, "idle").await.id;
+    let sql = app.sql().await;
+    app.sessions.clone().get_session(get(&id)).await.unwrap();
+    assert_eq!(reader_pid(&sql).await.len(), 1);
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !reader_pid(&sql).await.is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the idle shared connection is closed");
+    // The next read opens one again.
+    let got = app.sessions.clone().get_session(get(&id)).await.unwrap();
+    assert_eq!(got.into_inner().session.unwrap().id, id);
+    assert_eq!(reader_pid(&sql).await.len(), 1);
+    app.stop().await.unwrap();
+}

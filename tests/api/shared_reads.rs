@@ -140,35 +140,32 @@ async fn readers_lose_nothing_when_the_shared_connections_backends_are_terminate
         });
     }
 
+    // Resolves once every reader has read twice more than when called.
+    let every_reader_reads_on = |why: &'static str| {
+        let progress = progress.clone();
+        let seen: Vec<usize> = progress.iter().map(|p| p.load(Ordering::Acquire)).collect();
+        async move {
+            tokio::time::timeout(Duration::from_secs(30), async {
+                while progress
+                    .iter()
+                    .zip(&seen)
+                    .any(|(p, s)| p.load(Ordering::Acquire) <= *s + 1)
+                {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .expect(why);
+        }
+    };
+
     // Three times: wait until every reader has read since the last round,
     // then terminate every gateway backend (the shared one included).
     for _ in 0..3 {
-        let seen: Vec<usize> = progress.iter().map(|p| p.load(Ordering::Acquire)).collect();
-        tokio::time::timeout(Duration::from_secs(30), async {
-            while progress
-                .iter()
-                .zip(&seen)
-                .any(|(p, s)| p.load(Ordering::Acquire) <= *s + 1)
-            {
-                tokio::task::yield_now().await;
-            }
-        })
-        .await
-        .expect("every reader keeps reading");
+        every_reader_reads_on("every reader keeps reading").await;
         assert!(terminate_gateway_connections(&sql).await >= 1);
     }
-    let seen: Vec<usize> = progress.iter().map(|p| p.load(Ordering::Acquire)).collect();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while progress
-            .iter()
-            .zip(&seen)
-            .any(|(p, s)| p.load(Ordering::Acquire) <= *s + 1)
-        {
-            tokio::task::yield_now().await;
-        }
-    })
-    .await
-    .expect("every reader reads after the last termination");
+    every_reader_reads_on("every reader reads after the last termination").await;
     stop.store(1, Ordering::Release);
     while let Some(done) = tasks.join_next().await {
         done.unwrap();

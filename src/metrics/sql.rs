@@ -423,25 +423,33 @@ pub async fn series_parts(
     h0: DateTime<Utc>,
     h1: DateTime<Utc>,
 ) -> Result<Vec<PartRow>> {
-    // The statements of each width, by filter: whole name, one pair, series.
-    let width = match q.buckets {
-        Buckets::Fixed(width) => Some(width.as_secs_f64()),
-        Buckets::Month => None,
-    };
-    let fixed: [&(dyn tokio_postgres::types::ToSql + Sync); 8] = [
-        &q.name, &q.from, &q.to, &width, &q.labels, &project, &h0, &h1,
-    ];
-    let month: [&(dyn tokio_postgres::types::ToSql + Sync); 7] =
-        [&q.name, &q.from, &q.to, &q.labels, &project, &h0, &h1];
-    let (params, [all, pair, series]): (&[&(dyn tokio_postgres::types::ToSql + Sync)], _) =
-        match q.buckets {
-            Buckets::Fixed(_) => (&fixed, [HOURS_FIXED_ALL, HOURS_FIXED_LABEL, HOURS_FIXED]),
-            Buckets::Month => (&month, [HOURS_MONTH_ALL, HOURS_MONTH_LABEL, HOURS_MONTH]),
-        };
-    let rows = match filter(&q.labels) {
-        Filter::None => all.query(c, params).await?,
-        Filter::Pair(key, value) => pair.query(c, &[params, &[&key, &value]].concat()).await?,
-        Filter::Series => series.query(c, params).await?,
+    let rows = match (q.buckets, filter(&q.labels)) {
+        (Buckets::Fixed(width), f) => {
+            let width = width.as_secs_f64();
+            let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] = &[
+                &q.name, &q.from, &q.to, &width, &q.labels, &project, &h0, &h1,
+            ];
+            match f {
+                Filter::None => HOURS_FIXED_ALL.query(c, params).await?,
+                Filter::Pair(key, value) => {
+                    let params = [params, &[&key, &value]].concat();
+                    HOURS_FIXED_LABEL.query(c, &params).await?
+                }
+                Filter::Series => HOURS_FIXED.query(c, params).await?,
+            }
+        }
+        (Buckets::Month, f) => {
+            let params: &[&(dyn tokio_postgres::types::ToSql + Sync)] =
+                &[&q.name, &q.from, &q.to, &q.labels, &project, &h0, &h1];
+            match f {
+                Filter::None => HOURS_MONTH_ALL.query(c, params).await?,
+                Filter::Pair(key, value) => {
+                    let params = [params, &[&key, &value]].concat();
+                    HOURS_MONTH_LABEL.query(c, &params).await?
+                }
+                Filter::Series => HOURS_MONTH.query(c, params).await?,
+            }
+        }
     };
     rows.iter()
         .map(|r| {

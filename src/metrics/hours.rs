@@ -76,16 +76,52 @@ pub fn whole_hours(q: &SeriesQuery) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
     Some(if h0 < h1 { (h0, h1) } else { (q.to, q.to) })
 }
 
+/// The (bucket number, count) entries of a packed histogram (V40's
+/// `verdict_hist_pack`: `array_send(buckets) || array_send(counts)`, two
+/// one-dimensional arrays in PostgreSQL's binary format, int4 then int8, of
+/// the same length and without NULLs); None when the bytes are not that.
+pub fn unpack(bytes: &[u8]) -> Option<Vec<(i32, i64)>> {
+    // One array: its elements' bytes (each preceded by its length) and the
+    // rest after it.
+    fn array(b: &[u8], width: usize) -> Option<(usize, &[u8], &[u8])> {
+        let word = |at: usize| b.get(at..at + 4).map(|w| i32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+        let (dims, nulls) = (word(0)?, word(4)?);
+        match (dims, nulls) {
+            (0, 0) => Some((0, &[][..], b.get(12..)?)),
+            (1, 0) => {
+                let n = usize::try_from(word(12)?).ok()?;
+                let len = n.checked_mul(4 + width)?;
+                let elems = b.get(20..20 + len)?;
+                Some((n, elems, &b[20 + len..]))
+            }
+            _ => None,
+        }
+    }
+    let (n, keys, rest) = array(bytes, 4)?;
+    let (m, counts, rest) = array(rest, 8)?;
+    if n != m || !rest.is_empty() {
+        return None;
+    }
+    let mut out = Vec::with_capacity(n);
+    for (k, c) in keys.chunks_exact(8).zip(counts.chunks_exact(12)) {
+        if k[..4] != 4i32.to_be_bytes() || c[..4] != 8i32.to_be_bytes() {
+            return None;
+        }
+        let key = i32::from_be_bytes(k[4..8].try_into().ok()?);
+        let count = i64::from_be_bytes(c[4..12].try_into().ok()?);
+        out.push((key, count));
+    }
+    Some(out)
+}
+
 /// A bucket's histogram entries (bucket number, count), in any order until
-/// sorted; a bucket number may repeat.
+/// ordered (see `order`); a bucket number may repeat.
 type Histogram = Vec<(i32, i64)>;
 
 /// The aggregates of each bucket from its parts (rows in any order; every
 /// bucket has at least one), oldest bucket first, and the number of points
 /// in the range. A bucket's histogram entries are gathered in one Vec and
-/// sorted once (entries of the same bucket number stay apart; the nearest
-/// rank is found by the running count all the same), not merged entry by
-/// entry into a map.
+/// ordered once (see `order`), not merged entry by entry into a map.
 pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
     let mut buckets: BTreeMap<DateTime<Utc>, (BucketRow, Histogram)> = BTreeMap::new();
     let mut total = 0i64;
@@ -112,19 +148,15 @@ pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
             b.sum = Some(b.sum.unwrap_or(0.0) + p.sum);
             b.min = Some(b.min.map_or(p.min, |m| m.min(p.min)));
             b.max = Some(b.max.map_or(p.max, |m| m.max(p.max)));
-            hist.extend(
-                p.hist_buckets
-                    .iter()
-                    .copied()
-                    .zip(p.hist_counts.iter().copied()),
-            );
+            hist.extend_from_slice(&p.hist);
         }
     }
+    let mut dense = Vec::new();
     let out = buckets
         .into_values()
         .map(|(mut b, mut hist)| {
             if b.count > 0 {
-                hist.sort_unstable_by_key(|&(k, _)| k);
+                order(&mut hist, &mut dense);
                 b.avg = b.sum.map(|s| s / b.count as f64);
                 let (lo, hi) = (b.min.unwrap_or(f64::MIN), b.max.unwrap_or(f64::MAX));
                 let q = |p: f64| Some(percentile(&hist, b.count, p).max(lo).min(hi));
@@ -136,6 +168,38 @@ pub fn fold(rows: Vec<PartRow>) -> (Vec<BucketRow>, i64) {
         })
         .collect();
     (out, total)
+}
+
+/// Puts a bucket's histogram entries in bucket-number order. The parts of a
+/// bucket share most bucket numbers (a 1 d bucket merges 24 hours of one
+/// metric), so when the span of its bucket numbers is small against its
+/// entries they are counted into `dense` (one slot per number of the span,
+/// reused across buckets) and read back in order, one entry per number, in
+/// time linear in the entries; otherwise they are sorted.
+fn order(hist: &mut Vec<(i32, i64)>, dense: &mut Vec<i64>) {
+    let Some((lo, hi)) = hist.iter().fold(None, |span, &(k, _)| match span {
+        None => Some((k, k)),
+        Some((lo, hi)) => Some((k.min(lo), k.max(hi))),
+    }) else {
+        return;
+    };
+    let span = usize::try_from(i64::from(hi) - i64::from(lo) + 1).unwrap_or(usize::MAX);
+    if span > 4 * hist.len() + 64 {
+        hist.sort_unstable_by_key(|&(k, _)| k);
+        return;
+    }
+    dense.clear();
+    dense.resize(span, 0);
+    for &(k, c) in hist.iter() {
+        dense[(i64::from(k) - i64::from(lo)) as usize] += c;
+    }
+    hist.clear();
+    hist.extend(
+        (lo..=hi)
+            .zip(dense.iter())
+            .filter(|(_, c)| **c != 0)
+            .map(|(k, c)| (k, *c)),
+    );
 }
 
 /// The representative of the bucket holding the point at nearest rank
@@ -191,8 +255,7 @@ mod tests {
                     sum: vs.iter().sum(),
                     min: vs.iter().copied().fold(f64::MAX, f64::min),
                     max: vs.iter().copied().fold(f64::MIN, f64::max),
-                    hist_buckets: hist.keys().copied().collect(),
-                    hist_counts: hist.values().copied().collect(),
+                    hist: hist.into_iter().collect(),
                 }),
             }
         };
@@ -224,6 +287,94 @@ mod tests {
             let got = got.unwrap();
             assert!((got - want).abs() <= 0.045 * want, "{got} vs {want}");
         }
+    }
+
+    #[test]
+    fn order_merges_repeated_bucket_numbers_densely_or_by_sorting() {
+        // Clustered numbers (the dense path) and numbers spread from
+        // -infinity to +infinity (the sorting path), each with repeats.
+        for spread in [false, true] {
+            let mut hist = Vec::new();
+            let mut want = BTreeMap::<i32, i64>::new();
+            for i in 0..300i32 {
+                let k = if spread && i % 7 == 0 {
+                    [-NON_FINITE, NON_FINITE, 0][(i % 3) as usize]
+                } else {
+                    OFFSET + (i * 37) % 50
+                };
+                let c = i64::from(i % 5 + 1);
+                hist.push((k, c));
+                *want.entry(k).or_default() += c;
+            }
+            let mut dense = vec![99; 3];
+            order(&mut hist, &mut dense);
+            let sorted = hist.windows(2).all(|w| w[0].0 <= w[1].0);
+            let mut merged = BTreeMap::<i32, i64>::new();
+            for (k, c) in &hist {
+                *merged.entry(*k).or_default() += c;
+            }
+            assert!(sorted && merged == want, "spread {spread}");
+            if !spread {
+                assert_eq!(hist, want.into_iter().collect::<Vec<_>>());
+            }
+        }
+        let mut empty = Vec::new();
+        order(&mut empty, &mut Vec::new());
+        assert!(empty.is_empty());
+    }
+
+    /// `array_send` of a one-dimensional array without NULLs.
+    fn array_send(oid: u32, elems: &[Vec<u8>]) -> Vec<u8> {
+        let mut b = Vec::new();
+        if elems.is_empty() {
+            b.extend(0i32.to_be_bytes());
+            b.extend(0i32.to_be_bytes());
+            b.extend(oid.to_be_bytes());
+            return b;
+        }
+        for w in [1i32, 0] {
+            b.extend(w.to_be_bytes());
+        }
+        b.extend(oid.to_be_bytes());
+        b.extend((elems.len() as i32).to_be_bytes());
+        b.extend(1i32.to_be_bytes());
+        for e in elems {
+            b.extend((e.len() as i32).to_be_bytes());
+            b.extend(e);
+        }
+        b
+    }
+
+    fn pack(hist: &[(i32, i64)]) -> Vec<u8> {
+        let keys: Vec<Vec<u8>> = hist.iter().map(|(k, _)| k.to_be_bytes().to_vec()).collect();
+        let counts: Vec<Vec<u8>> = hist.iter().map(|(_, c)| c.to_be_bytes().to_vec()).collect();
+        [array_send(23, &keys), array_send(20, &counts)].concat()
+    }
+
+    #[test]
+    fn packed_histograms_unpack_and_malformed_ones_are_refused() {
+        let hist = vec![(-20_000, 1), (0, 7), (9_000, 1 << 40), (20_000, 2)];
+        assert_eq!(unpack(&pack(&hist)), Some(hist.clone()));
+        assert_eq!(unpack(&pack(&[])), Some(vec![]));
+        let good = pack(&hist);
+        // Truncated anywhere, or with bytes after the counts.
+        for cut in 0..good.len() {
+            assert_eq!(unpack(&good[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(unpack(&[good.clone(), vec![0]].concat()), None);
+        // Arrays of different lengths, or an element of the wrong width.
+        let keys = vec![1i32.to_be_bytes().to_vec()];
+        let two = vec![1i64.to_be_bytes().to_vec(), 2i64.to_be_bytes().to_vec()];
+        assert_eq!(unpack(&[array_send(23, &keys), array_send(20, &two)].concat()), None);
+        let narrow = vec![1i32.to_be_bytes().to_vec()];
+        assert_eq!(unpack(&[array_send(23, &keys), array_send(20, &narrow)].concat()), None);
+        // A NULL flag or two dimensions.
+        let mut nulls = good.clone();
+        nulls[7] = 1;
+        assert_eq!(unpack(&nulls), None);
+        let mut dims = good;
+        dims[3] = 2;
+        assert_eq!(unpack(&dims), None);
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The SQL of time series, technology usage and stored rollups.
 
-use super::{Buckets, Point, RollupPeriod, SeriesQuery};
+use super::{Buckets, Point, RollupPeriod, SeriesQuery, hours};
 use crate::db::Stmt;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::GenericClient;
 use tokio_postgres::Row;
@@ -178,10 +178,14 @@ pub async fn series(
 
 // The aggregated path (issue 18, V34, V38, V39): whole hours [$h0, $h1)
 // from the hourly aggregates, and the points of the partial hours
-// [from, $h0) and [$h1, to) one by one (each as a one-point part), in no
-// order, and one row of NULLs per bucket of the range (so empty buckets are
-// answered; no join or sort of the parts' arrays, which would spill); the
-// gateway adds the parts of a bucket up and merges their histograms.
+// [from, $h0) and [$h1, to) one by one (each as a one-point part: its
+// histogram bucket), in no order, and one row of NULLs per bucket of the
+// range (so empty buckets are answered; no join or sort of the parts'
+// arrays, which would spill); the gateway adds the parts of a bucket up and
+// merges their histograms. An hour's histogram comes packed (V40: its two
+// arrays in binary form in one bytea, sent as one value, not element by
+// element): stored so in the name- and label-pair hours, packed by the
+// statement for the series-hours.
 // Without a label filter the hours come from metric_name_hours, and with a
 // filter of one pair from metric_label_hours: one row per hour of the
 // metric (one index range of the key), whatever the number of series. With
@@ -192,20 +196,20 @@ pub async fn series(
 macro_rules! parts {
     ($bin_hour:literal, $bin_point:literal, $hours:expr, $points:literal, $project:literal, $h0:literal, $h1:literal) => {
         concat!(
-            "SELECT bucket_start, NULL::int8, NULL::float8, NULL::float8, NULL::float8, NULL::int4[], NULL::int8[] \
+            "SELECT bucket_start, NULL::int8, NULL::float8, NULL::float8, NULL::float8, NULL::int4, NULL::bytea \
              FROM buckets \
              UNION ALL \
-             SELECT ", $bin_hour, ", h.count, h.sum, h.min, h.max, h.hist_buckets, h.hist_counts \
+             SELECT ", $bin_hour, ", h.count, h.sum, h.min, h.max, NULL::int4, h.hist \
              FROM ", $hours, " \
              UNION ALL \
              SELECT ", $bin_point, ", 1::bigint, LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8), \
-                    p.value, p.value, ARRAY[verdict_metric_bucket(p.value)], ARRAY[1::bigint] \
+                    p.value, p.value, verdict_metric_bucket(p.value), NULL::bytea \
              FROM metric_points p \
              WHERE p.project_id = ", $project, " AND p.name = $1", $points,
              " AND p.recorded_at >= $2 AND p.recorded_at < ", $h0, " \
              UNION ALL \
              SELECT ", $bin_point, ", 1::bigint, LEAST(GREATEST(p.value, -1e100::float8), 1e100::float8), \
-                    p.value, p.value, ARRAY[verdict_metric_bucket(p.value)], ARRAY[1::bigint] \
+                    p.value, p.value, verdict_metric_bucket(p.value), NULL::bytea \
              FROM metric_points p \
              WHERE p.project_id = ", $project, " AND p.name = $1", $points,
              " AND p.recorded_at >= ", $h1, " AND p.recorded_at < $3"
@@ -220,7 +224,8 @@ macro_rules! series_hours {
         concat!(
             "metric_series s \
              CROSS JOIN LATERAL ( \
-                 SELECT h.hour, h.count, h.sum, h.min, h.max, h.hist_buckets, h.hist_counts \
+                 SELECT h.hour, h.count, h.sum, h.min, h.max, \
+                        array_send(h.hist_buckets) || array_send(h.hist_counts) AS hist \
                  FROM metric_series_hours h \
                  WHERE h.project_id = s.project_id AND h.series_id = s.id \
                    AND h.hour >= ",
@@ -389,8 +394,8 @@ pub struct Part {
     pub sum: f64,
     pub min: f64,
     pub max: f64,
-    pub hist_buckets: Vec<i32>,
-    pub hist_counts: Vec<i64>,
+    /// The histogram's (bucket number, count) entries.
+    pub hist: Vec<(i32, i64)>,
 }
 
 /// Which hourly aggregates a label filter reads: those of the whole name
@@ -463,8 +468,13 @@ pub async fn series_parts(
                         sum: r.try_get(2)?,
                         min: r.try_get(3)?,
                         max: r.try_get(4)?,
-                        hist_buckets: r.try_get(5)?,
-                        hist_counts: r.try_get(6)?,
+                        hist: match (r.try_get::<_, Option<i32>>(5)?, r.try_get(6)?) {
+                            (Some(point), _) => vec![(point, 1)],
+                            (None, Some(packed)) => hours::unpack(packed).ok_or_else(|| {
+                                Error::Internal("a malformed packed hour histogram".into())
+                            })?,
+                            (None, None) => Vec::new(),
+                        },
                     }),
                 },
             })

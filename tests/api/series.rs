@@ -228,7 +228,8 @@ async fn hours_vs_raw(sql: &tokio_postgres::Client) -> (i64, i64) {
 
 /// The same for the per-metric hours (V38): how many (project, name, hour)
 /// rows of metric_name_hours differ from the aggregate of the raw points of
-/// every series; and how many there are.
+/// every series (the packed histogram of V40 included); and how many there
+/// are.
 async fn name_hours_vs_raw(sql: &tokio_postgres::Client) -> (i64, i64) {
     let r = sql
         .query_one(
@@ -247,7 +248,8 @@ async fn name_hours_vs_raw(sql: &tokio_postgres::Client) -> (i64, i64) {
              SELECT count(*) FILTER (WHERE r.count IS DISTINCT FROM h.count \
                         OR r.sum IS DISTINCT FROM h.sum OR r.min IS DISTINCT FROM h.min \
                         OR r.max IS DISTINCT FROM h.max OR r.hb IS DISTINCT FROM h.hist_buckets \
-                        OR r.hc IS DISTINCT FROM h.hist_counts), \
+                        OR r.hc IS DISTINCT FROM h.hist_counts \
+                        OR h.hist IS DISTINCT FROM array_send(r.hb) || array_send(r.hc)), \
                     count(*) \
              FROM raw r FULL JOIN metric_name_hours h USING (project_id, name, hour)",
             &[],
@@ -260,8 +262,8 @@ async fn name_hours_vs_raw(sql: &tokio_postgres::Client) -> (i64, i64) {
 /// The same for the per-label-pair hours (V39): how many (project, name,
 /// key, value, hour) rows of metric_label_hours differ from the aggregate of
 /// the raw points whose labels contain that pair (`labels @> {key: value}`,
-/// a string value within the gateway's label limits); and how many there
-/// are.
+/// a string value within the gateway's label limits; the packed histogram
+/// of V40 included); and how many there are.
 async fn label_hours_vs_raw(sql: &tokio_postgres::Client) -> (i64, i64) {
     let r = sql
         .query_one(
@@ -284,7 +286,8 @@ async fn label_hours_vs_raw(sql: &tokio_postgres::Client) -> (i64, i64) {
              SELECT count(*) FILTER (WHERE r.count IS DISTINCT FROM h.count \
                         OR r.sum IS DISTINCT FROM h.sum OR r.min IS DISTINCT FROM h.min \
                         OR r.max IS DISTINCT FROM h.max OR r.hb IS DISTINCT FROM h.hist_buckets \
-                        OR r.hc IS DISTINCT FROM h.hist_counts), \
+                        OR r.hc IS DISTINCT FROM h.hist_counts \
+                        OR h.hist IS DISTINCT FROM array_send(r.hb) || array_send(r.hc)), \
                     count(*) \
              FROM raw r FULL JOIN metric_label_hours h \
                USING (project_id, name, label_key, label_value, hour)",

@@ -1,6 +1,6 @@
 //! The SQL of time series, technology usage and stored rollups.
 
-use super::{Buckets, Point, RollupPeriod, SeriesQuery, hours};
+use super::{Buckets, Point, RollupPeriod, SeriesQuery};
 use crate::db::Stmt;
 use crate::error::{Error, Result};
 use chrono::{DateTime, Utc};
@@ -382,20 +382,26 @@ pub const HOURS_MONTH_LABEL: Stmt = Stmt::new(
 );
 
 /// One part of a bucket on the aggregated path: an hour of one series, or
-/// one edge point (None: the bucket has no part).
-pub struct PartRow {
+/// one edge point (None: the bucket has no part); borrowed from its row.
+pub struct PartRow<'a> {
     pub start: DateTime<Utc>,
-    pub part: Option<Part>,
+    pub part: Option<Part<'a>>,
 }
 
 /// The aggregates of an hour of a series, or of one point.
-pub struct Part {
+pub struct Part<'a> {
     pub count: i64,
     pub sum: f64,
     pub min: f64,
     pub max: f64,
-    /// The histogram's (bucket number, count) entries.
-    pub hist: Vec<(i32, i64)>,
+    pub hist: Hist<'a>,
+}
+
+/// A part's histogram: one point's bucket number, or an hour's histogram
+/// packed (V40; see `hours::unpack_into`).
+pub enum Hist<'a> {
+    Point(i32),
+    Packed(&'a [u8]),
 }
 
 /// Which hourly aggregates a label filter reads: those of the whole name
@@ -420,14 +426,15 @@ fn filter(labels: &serde_json::Value) -> Filter<'_> {
 }
 
 /// Every bucket of the range with its parts from the hourly aggregates:
-/// whole hours in [h0, h1), points in [from, h0) and [h1, to).
+/// whole hours in [h0, h1), points in [from, h0) and [h1, to); rows read by
+/// `part_row`.
 pub async fn series_parts(
     c: &impl GenericClient,
     project: Uuid,
     q: &SeriesQuery,
     h0: DateTime<Utc>,
     h1: DateTime<Utc>,
-) -> Result<Vec<PartRow>> {
+) -> Result<Vec<Row>> {
     let rows = match (q.buckets, filter(&q.labels)) {
         (Buckets::Fixed(width), f) => {
             let width = width.as_secs_f64();
@@ -456,30 +463,31 @@ pub async fn series_parts(
             }
         }
     };
-    rows.iter()
-        .map(|r| {
-            let count: Option<i64> = r.try_get(1)?;
-            Ok(PartRow {
-                start: r.try_get(0)?,
-                part: match count {
-                    None => None,
-                    Some(count) => Some(Part {
-                        count,
-                        sum: r.try_get(2)?,
-                        min: r.try_get(3)?,
-                        max: r.try_get(4)?,
-                        hist: match (r.try_get::<_, Option<i32>>(5)?, r.try_get(6)?) {
-                            (Some(point), _) => vec![(point, 1)],
-                            (None, Some(packed)) => hours::unpack(packed).ok_or_else(|| {
-                                Error::Internal("a malformed packed hour histogram".into())
-                            })?,
-                            (None, None) => Vec::new(),
-                        },
-                    }),
+    Ok(rows)
+}
+
+/// A row of `series_parts` as the part it holds.
+pub fn part_row(r: &Row) -> Result<PartRow<'_>> {
+    let count: Option<i64> = r.try_get(1)?;
+    Ok(PartRow {
+        start: r.try_get(0)?,
+        part: match count {
+            None => None,
+            Some(count) => Some(Part {
+                count,
+                sum: r.try_get(2)?,
+                min: r.try_get(3)?,
+                max: r.try_get(4)?,
+                hist: match (r.try_get::<_, Option<i32>>(5)?, r.try_get(6)?) {
+                    (Some(point), _) => Hist::Point(point),
+                    (None, Some(packed)) => Hist::Packed(packed),
+                    (None, None) => {
+                        return Err(Error::Internal("an hour without its histogram".into()));
+                    }
                 },
-            })
-        })
-        .collect()
+            }),
+        },
+    })
 }
 
 /// Usage of one technology pair.

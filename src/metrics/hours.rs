@@ -154,9 +154,8 @@ pub fn fold<'a>(rows: impl IntoIterator<Item = PartRow<'a>>) -> Result<(Vec<Buck
             b.max = Some(b.max.map_or(p.max, |m| m.max(p.max)));
             match p.hist {
                 Hist::Point(k) => hist.push((k, 1)),
-                Hist::Packed(bytes) => unpack_into(bytes, hist).ok_or_else(|| {
-                    Error::Internal("a malformed packed hour histogram".into())
-                })?,
+                Hist::Packed(bytes) => unpack_into(bytes, hist)
+                    .ok_or_else(|| Error::Internal("a malformed packed hour histogram".into()))?,
             }
         }
     }
@@ -201,7 +200,10 @@ impl Merger {
         if hist.windows(2).all(|w| w[0].0 < w[1].0) {
             return;
         }
-        if hist.iter().any(|&(k, _)| k.unsigned_abs() > NON_FINITE.unsigned_abs()) {
+        if hist
+            .iter()
+            .any(|&(k, _)| k.unsigned_abs() > NON_FINITE.unsigned_abs())
+        {
             hist.sort_by_key(|&(k, _)| k);
             return;
         }
@@ -303,11 +305,7 @@ mod tests {
             .copied()
             .filter(|v| *v as i64 % 2 == 0)
             .collect();
-        let (a, b, c) = (
-            packed(&even[..20]),
-            packed(&odd),
-            packed(&even[20..29]),
-        );
+        let (a, b, c) = (packed(&even[..20]), packed(&odd), packed(&even[20..29]));
         let rows = vec![
             part(start, &even[..20], &a),
             PartRow { start, part: None },
@@ -426,9 +424,15 @@ mod tests {
         // Arrays of different lengths, or an element of the wrong width.
         let keys = vec![1i32.to_be_bytes().to_vec()];
         let two = vec![1i64.to_be_bytes().to_vec(), 2i64.to_be_bytes().to_vec()];
-        assert_eq!(unpack(&[array_send(23, &keys), array_send(20, &two)].concat()), None);
+        assert_eq!(
+            unpack(&[array_send(23, &keys), array_send(20, &two)].concat()),
+            None
+        );
         let narrow = vec![1i32.to_be_bytes().to_vec()];
-        assert_eq!(unpack(&[array_send(23, &keys), array_send(20, &narrow)].concat()), None);
+        assert_eq!(
+            unpack(&[array_send(23, &keys), array_send(20, &narrow)].concat()),
+            None
+        );
         // A NULL flag or two dimensions.
         let mut nulls = good.clone();
         nulls[7] = 1;

@@ -185,7 +185,9 @@ pub async fn series(
 // merges their histograms. An hour's histogram comes packed (V40: its two
 // arrays in binary form in one bytea, sent as one value, not element by
 // element): stored so in the name- and label-pair hours, packed by the
-// statement for the series-hours.
+// statement for the series-hours (verdict_hist_pack's expression written
+// out: a SQL function declared IMMUTABLE around STABLE array_send is not
+// inlined: it would run as a function call per series-hour).
 // Without a label filter the hours come from metric_name_hours, and with a
 // filter of one pair from metric_label_hours: one row per hour of the
 // metric (one index range of the key), whatever the number of series. With

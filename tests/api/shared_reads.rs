@@ -27,17 +27,9 @@ fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {
     request
 }
 
-/// The gateway backends whose last statement read sessions by id.
+/// How many gateway backends' last statement read sessions by id.
 async fn backends_that_read_by_id(sql: &tokio_postgres::Client) -> i64 {
-    sql.query_one(
-        "SELECT count(*) FROM pg_stat_activity \
-         WHERE application_name = 'verdict' AND datname = current_database() \
-           AND query LIKE 'SELECT % FROM sessions WHERE project_id = $1 AND id = $2'",
-        &[],
-    )
-    .await
-    .unwrap()
-    .get(0)
+    reader_pid(sql).await.len() as i64
 }
 
 #[tokio::test]
@@ -294,8 +286,8 @@ async fn without_shared_connections_every_read_takes_a_pooled_one() {
     app.stop().await.unwrap();
 }
 
-/// The pid of the backend that served the last read by id (there is one
-/// shared connection while reads are few).
+/// The pids of the gateway backends whose last statement read sessions by
+/// id (one shared connection while reads are few).
 async fn reader_pid(sql: &tokio_postgres::Client) -> Vec<i32> {
     sql.query(
         "SELECT pid FROM pg_stat_activity \
@@ -311,17 +303,35 @@ async fn reader_pid(sql: &tokio_postgres::Client) -> Vec<i32> {
     .collect()
 }
 
-#[tokio::test]
-async fn a_shared_connection_is_renewed_after_its_lifetime_like_a_pooled_one() {
+/// A gateway configured by `tweak`, a session created in it and read once
+/// by id, a SQL client, and the pid of the one backend that read it.
+async fn one_shared_reader(
+    label: &str,
+    tweak: impl FnOnce(&mut verdict::config::Config),
+) -> (
+    crate::helpers::TestApp,
+    String,
+    tokio_postgres::Client,
+    Vec<i32>,
+) {
     let (_, url) = create_database().await;
     let mut config = test_config(&url);
-    config.pool_max_lifetime = Duration::from_millis(700);
+    tweak(&mut config);
     let app = spawn_app_with(config).await;
-    let id = create(&app, "renewed").await.id;
+    let id = create(&app, label).await.id;
     let sql = app.sql().await;
     app.sessions.clone().get_session(get(&id)).await.unwrap();
     let first = reader_pid(&sql).await;
     assert_eq!(first.len(), 1, "one shared connection reads: {first:?}");
+    (app, id, sql, first)
+}
+
+#[tokio::test]
+async fn a_shared_connection_is_renewed_after_its_lifetime_like_a_pooled_one() {
+    let (app, id, sql, first) = one_shared_reader("renewed", |config| {
+        config.pool_max_lifetime = Duration::from_millis(700);
+    })
+    .await;
 
     // Reads go on; within a few lifetimes another backend serves them and
     // the first one is gone (closed when it came back to the pool).
@@ -343,14 +353,10 @@ async fn a_shared_connection_is_renewed_after_its_lifetime_like_a_pooled_one() {
 
 #[tokio::test]
 async fn an_idle_shared_connection_is_closed_like_an_idle_pooled_one() {
-    let (_, url) = create_database().await;
-    let mut config = test_config(&url);
-    config.pool_idle_timeout = Duration::from_millis(400);
-    let app = spawn_app_with(config).await;
-    let id = create(&app, "idle").await.id;
-    let sql = app.sql().await;
-    app.sessions.clone().get_session(get(&id)).await.unwrap();
-    assert_eq!(reader_pid(&sql).await.len(), 1);
+    let (app, id, sql, _) = one_shared_reader("idle", |config| {
+        config.pool_idle_timeout = Duration::from_millis(400);
+    })
+    .await;
     tokio::time::timeout(Duration::from_secs(20), async {
         while !reader_pid(&sql).await.is_empty() {
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -19,6 +19,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Stored JSON documents are sent as the bytes of their message,
+        // written straight from the column (see `src/structs.rs`).
+        .extern_path(".google.protobuf.Struct", "crate::structs::Struct")
         .compile_fds(fds)?;
 
     println!("cargo:rerun-if-changed=proto");

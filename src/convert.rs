@@ -107,7 +107,11 @@ fn value_to_json(v: &Value, depth: usize, path: &mut String) -> Result<Json, Jso
 
 /// A JSON object as a `google.protobuf.Struct` (anything else becomes an
 /// empty one: the columns only ever hold objects).
-pub fn json_to_struct(j: &Json) -> Struct {
+pub fn json_to_struct(j: &Json) -> crate::structs::Struct {
+    json_object(j).into()
+}
+
+fn json_object(j: &Json) -> Struct {
     match j {
         Json::Object(map) => Struct {
             fields: map
@@ -128,56 +132,41 @@ fn json_to_value(j: &Json) -> Value {
         Json::Array(a) => Kind::ListValue(ListValue {
             values: a.iter().map(json_to_value).collect(),
         }),
-        Json::Object(_) => Kind::StructValue(json_to_struct(j)),
+        Json::Object(_) => Kind::StructValue(json_object(j)),
     };
     Value { kind: Some(kind) }
 }
 
-/// A `jsonb` (or `json`) column read straight into a
-/// `google.protobuf.Struct`: the jsonb binary format is a version byte (1)
-/// and the JSON text, which is parsed into protobuf values directly, with
-/// no `serde_json::Value` in between. A JSON value other than an object
-/// reads as an empty Struct, as [`json_to_struct`] does; numbers read as
-/// serde_json's `as_f64` reads them. Read a nullable column as
-/// `Option<JsonStruct>`.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct JsonStruct(pub Struct);
-
-impl<'a> tokio_postgres::types::FromSql<'a> for JsonStruct {
-    fn from_sql(
-        ty: &tokio_postgres::types::Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        let text = if *ty == tokio_postgres::types::Type::JSONB {
-            match raw.split_first() {
-                Some((1, text)) => text,
-                _ => return Err("unsupported jsonb encoding version".into()),
-            }
-        } else {
-            raw
-        };
-        Ok(JsonStruct(parse_struct(text)?))
-    }
-
-    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
-        use tokio_postgres::types::Type;
-        *ty == Type::JSONB || *ty == Type::JSON
+/// The JSON text of a `jsonb` (a version byte, 1, then the text) or `json`
+/// column's binary value.
+fn json_text<'a>(
+    ty: &tokio_postgres::types::Type,
+    raw: &'a [u8],
+) -> Result<&'a [u8], Box<dyn std::error::Error + Sync + Send>> {
+    if *ty == tokio_postgres::types::Type::JSONB {
+        match raw.split_first() {
+            Some((1, text)) => Ok(text),
+            _ => Err("unsupported jsonb encoding version".into()),
+        }
+    } else {
+        Ok(raw)
     }
 }
 
-/// A JSON object column as read: the protobuf Struct for replies, parsed
-/// once straight from the column's text ([`JsonStruct`]), and the text
-/// itself for the rarer readers that want JSON (exports, digests), which
-/// parse it on demand. Serializes as the JSON it holds.
+/// A JSON object column as read: the protobuf Struct for replies, its
+/// message bytes written once straight from the column's text
+/// ([`crate::structs::Struct::from_json_text`]), and the text itself for
+/// the rarer readers that want JSON (exports, digests), which parse it on
+/// demand. Serializes as the JSON it holds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct JsonDoc {
     text: Box<[u8]>,
-    doc: Struct,
+    doc: crate::structs::Struct,
 }
 
 impl JsonDoc {
     /// The document as a protobuf Struct.
-    pub fn into_struct(self) -> Struct {
+    pub fn into_struct(self) -> crate::structs::Struct {
         self.doc
     }
 
@@ -193,20 +182,16 @@ impl<'a> tokio_postgres::types::FromSql<'a> for JsonDoc {
         ty: &tokio_postgres::types::Type,
         raw: &'a [u8],
     ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        let JsonStruct(doc) = JsonStruct::from_sql(ty, raw)?;
-        let text = if *ty == tokio_postgres::types::Type::JSONB {
-            &raw[1..]
-        } else {
-            raw
-        };
+        let text = json_text(ty, raw)?;
         Ok(JsonDoc {
             text: text.into(),
-            doc,
+            doc: crate::structs::Struct::from_json_text(text)?,
         })
     }
 
     fn accepts(ty: &tokio_postgres::types::Type) -> bool {
-        <JsonStruct as tokio_postgres::types::FromSql>::accepts(ty)
+        use tokio_postgres::types::Type;
+        *ty == Type::JSONB || *ty == Type::JSON
     }
 }
 
@@ -372,7 +357,7 @@ mod tests {
             let json: Json = serde_json::from_str(text).unwrap();
             assert_eq!(
                 parse_struct(text.as_bytes()).unwrap(),
-                json_to_struct(&json),
+                *json_to_struct(&json),
                 "{text}"
             );
         }
@@ -383,14 +368,15 @@ mod tests {
     #[test]
     fn jsonb_bytes_need_version_one() {
         use tokio_postgres::types::{FromSql, Type};
-        let s = JsonStruct::from_sql(&Type::JSONB, b"\x01{\"a\": [true]}").unwrap();
+        let s = JsonDoc::from_sql(&Type::JSONB, b"\x01{\"a\": [true]}").unwrap();
         let json = serde_json::json!({"a": [true]});
-        assert_eq!(s.0, json_to_struct(&json));
-        assert!(JsonStruct::from_sql(&Type::JSONB, b"\x02{}").is_err());
-        assert!(JsonStruct::from_sql(&Type::JSONB, b"").is_err());
+        assert_eq!(s.into_struct(), json_to_struct(&json));
+        assert!(JsonDoc::from_sql(&Type::JSONB, b"\x02{}").is_err());
+        assert!(JsonDoc::from_sql(&Type::JSONB, b"").is_err());
+        assert!(JsonDoc::from_sql(&Type::JSONB, b"\x01{\"a\": }").is_err());
         assert_eq!(
-            JsonStruct::from_sql(&Type::JSON, b"{}").unwrap().0,
-            Struct::default()
+            JsonDoc::from_sql(&Type::JSON, b"{}").unwrap().into_struct(),
+            crate::structs::Struct::default()
         );
     }
 

@@ -30,6 +30,7 @@ pub mod search;
 pub mod server;
 pub mod sessions;
 pub mod state;
+pub mod structs;
 pub mod telemetry;
 pub mod test_cases;
 pub mod test_runs;

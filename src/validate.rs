@@ -3,8 +3,9 @@
 
 use crate::convert::{self, JsonError};
 use crate::error::{Error, FieldViolation, Result};
+use crate::structs::Struct;
 use chrono::{DateTime, Utc};
-use prost_types::{Struct, Timestamp};
+use prost_types::Timestamp;
 use serde_json::Value as Json;
 use std::time::Duration;
 use uuid::Uuid;

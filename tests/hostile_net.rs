@@ -845,14 +845,14 @@ async fn millions_of_nested_empty_values_are_refused_without_being_decoded() {
         source_technology: "cobol".into(),
         target_technology: "java".into(),
         validation_scope: "full".into(),
-        config: Some(empty_list_values(1_900_000)),
+        config: Some(empty_list_values(1_900_000).into()),
         ..Default::default()
     }
     .encode_to_vec();
     let executions = RecordExecutionsRequest {
         batch_id: "nested".into(),
         items: vec![ExecutionInput {
-            interaction_log: vec![prost_types::Struct::default(); 1_900_000],
+            interaction_log: vec![prost_types::Struct::default().into(); 1_900_000],
             ..Default::default()
         }],
     }
@@ -922,12 +922,15 @@ async fn millions_of_nested_empty_values_are_refused_without_being_decoded() {
             }),
             duration_ms: 5,
             interaction_log: (0..80)
-                .map(|s| prost_types::Struct {
-                    fields: [
-                        ("action".to_string(), text("click".into())),
-                        ("target".to_string(), text(format!("#button-{s}"))),
-                    ]
-                    .into(),
+                .map(|s| {
+                    prost_types::Struct {
+                        fields: [
+                            ("action".to_string(), text("click".into())),
+                            ("target".to_string(), text(format!("#button-{s}"))),
+                        ]
+                        .into(),
+                    }
+                    .into()
                 })
                 .collect(),
             ..Default::default()
@@ -957,7 +960,7 @@ async fn millions_of_nested_empty_values_are_refused_without_being_decoded() {
                 5_000
             ];
         }
-        Some(s)
+        Some(s.into())
     };
     SessionServiceClient::new(channel)
         .create_session(authed(

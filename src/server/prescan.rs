@@ -594,7 +594,7 @@ mod tests {
     }
 
     /// `{"l": [v; n]}` as a Struct.
-    fn list_struct(n: usize, v: prost_types::Value) -> prost_types::Struct {
+    fn list_struct(n: usize, v: prost_types::Value) -> crate::structs::Struct {
         use prost_types::value::Kind;
         prost_types::Struct {
             fields: [(
@@ -607,6 +607,7 @@ mod tests {
             )]
             .into(),
         }
+        .into()
     }
 
     #[test]
@@ -650,7 +651,7 @@ mod tests {
         let batch = RecordExecutionsRequest {
             items: vec![
                 ExecutionInput {
-                    interaction_log: vec![step; 100],
+                    interaction_log: vec![step.into(); 100],
                     screenshot_refs: vec!["s3://bucket/shot.png".into(); 5],
                     ..Default::default()
                 };
@@ -664,7 +665,7 @@ mod tests {
         // One execution whose log holds two million empty steps: refused.
         let huge = RecordExecutionsRequest {
             items: vec![ExecutionInput {
-                interaction_log: vec![prost_types::Struct::default(); 2_000_000],
+                interaction_log: vec![crate::structs::Struct::default(); 2_000_000],
                 ..Default::default()
             }],
             ..Default::default()

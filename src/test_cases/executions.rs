@@ -185,7 +185,7 @@ fn screenshot_refs(v: &mut Validator, raw: &[String]) -> Vec<String> {
         .collect()
 }
 
-fn interaction_log(v: &mut Validator, raw: &[prost_types::Struct]) -> Json {
+fn interaction_log(v: &mut Validator, raw: &[crate::structs::Struct]) -> Json {
     if raw.len() > MAX_STEPS {
         v.violation(
             "interaction_log",

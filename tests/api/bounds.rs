@@ -291,12 +291,12 @@ async fn executions_with_edge_doubles_list_and_export_exactly() {
     let tc = create_test_case(&app, new_test_case("edge", TestType::Unit, "core")).await;
     let mut item = run("edge", ExecutionStatus::Passed, 1, 5);
     item.session_id = session.id.clone();
-    item.environment = Some(edge_struct());
+    item.environment = Some(edge_struct().into());
     item.performance = edge_numbers()
         .into_iter()
         .map(|(k, n)| (k.to_owned(), n))
         .collect();
-    item.interaction_log = vec![edge_struct()];
+    item.interaction_log = vec![edge_struct().into()];
     app.test_cases
         .clone()
         .record_executions(RecordExecutionsRequest {
@@ -328,8 +328,11 @@ async fn executions_with_edge_doubles_list_and_export_exactly() {
             .executions;
         assert_eq!(listed.len(), 1);
         let e = &listed[0];
-        assert_edges("environment", e.environment.as_ref());
-        assert_edges("interaction_log[0]", e.interaction_log.first());
+        assert_edges("environment", e.environment.as_deref());
+        assert_edges(
+            "interaction_log[0]",
+            e.interaction_log.first().map(|v| &**v),
+        );
         for (k, n) in edge_numbers() {
             let want = if n == 0.0 { 0.0 } else { n };
             assert_eq!(
@@ -353,7 +356,7 @@ async fn executions_with_edge_doubles_list_and_export_exactly() {
     while let Some(chunk) = stream.message().await.expect("export chunk") {
         for r in chunk.records {
             if let Some(Record::Execution(e)) = r.record {
-                assert_edges("exported environment", e.environment.as_ref());
+                assert_edges("exported environment", e.environment.as_deref());
                 exported += 1;
             }
         }
@@ -366,9 +369,9 @@ async fn executions_with_edge_doubles_list_and_export_exactly() {
 async fn every_struct_field_keeps_edge_doubles_exactly() {
     let app = spawn_app().await;
     let mut req = new_session("edge-session");
-    req.config = Some(edge_struct());
-    req.input_refs = Some(edge_struct());
-    req.metadata = Some(edge_struct());
+    req.config = Some(edge_struct().into());
+    req.input_refs = Some(edge_struct().into());
+    req.metadata = Some(edge_struct().into());
     let created = app
         .sessions
         .clone()
@@ -391,9 +394,9 @@ async fn every_struct_field_keeps_edge_doubles_exactly() {
         .session
         .unwrap();
     for s in [&created, &got] {
-        assert_edges("config", s.config.as_ref());
-        assert_edges("input_refs", s.input_refs.as_ref());
-        assert_edges("metadata", s.metadata.as_ref());
+        assert_edges("config", s.config.as_deref());
+        assert_edges("input_refs", s.input_refs.as_deref());
+        assert_edges("metadata", s.metadata.as_deref());
     }
 
     app.sessions
@@ -402,7 +405,7 @@ async fn every_struct_field_keeps_edge_doubles_exactly() {
             session_id: created.id.clone(),
             level: LogLevel::Info as i32,
             message: "edges".into(),
-            fields: Some(edge_struct()),
+            fields: Some(edge_struct().into()),
         })
         .await
         .expect("append log");
@@ -417,14 +420,14 @@ async fn every_struct_field_keeps_edge_doubles_exactly() {
         .expect("list logs")
         .into_inner()
         .entries;
-    assert_edges("fields", logs[0].fields.as_ref());
+    assert_edges("fields", logs[0].fields.as_deref());
 
     set_status(&app, &created.id, SessionStatus::Processing)
         .await
         .unwrap();
     let mut result = new_result(&created.id, "edge-result", 0.5);
-    result.source_representation = Some(edge_struct());
-    result.target_representation = Some(edge_struct());
+    result.source_representation = Some(edge_struct().into());
+    result.target_representation = Some(edge_struct().into());
     let recorded = app
         .results
         .clone()
@@ -445,11 +448,17 @@ async fn every_struct_field_keeps_edge_doubles_exactly() {
         .into_inner()
         .result
         .unwrap();
-    assert_edges("source_representation", got.source_representation.as_ref());
-    assert_edges("target_representation", got.target_representation.as_ref());
+    assert_edges(
+        "source_representation",
+        got.source_representation.as_deref(),
+    );
+    assert_edges(
+        "target_representation",
+        got.target_representation.as_deref(),
+    );
 
     let tc = CreateTestCaseRequest {
-        required_hardware: Some(edge_struct()),
+        required_hardware: Some(edge_struct().into()),
         ..new_test_case("edge-hw", TestType::Unit, "core")
     };
     let created = create_test_case(&app, tc).await;
@@ -464,7 +473,7 @@ async fn every_struct_field_keeps_edge_doubles_exactly() {
         .into_inner()
         .test_case
         .unwrap();
-    assert_edges("required_hardware", got.required_hardware.as_ref());
+    assert_edges("required_hardware", got.required_hardware.as_deref());
     app.stop().await.unwrap();
 }
 
@@ -489,7 +498,7 @@ fn nested(levels: usize) -> Struct {
 async fn structs_nest_32_levels_and_no_deeper() {
     let app = spawn_app().await;
     let mut ok = new_session("deep-ok");
-    ok.config = Some(nested(32));
+    ok.config = Some(nested(32).into());
     app.sessions
         .clone()
         .create_session(ok)
@@ -497,7 +506,7 @@ async fn structs_nest_32_levels_and_no_deeper() {
         .expect("32 levels are accepted");
 
     let mut deep = new_session("deep-33");
-    deep.config = Some(nested(33));
+    deep.config = Some(nested(33).into());
     let err = app.sessions.clone().create_session(deep).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let v = violations(&err);
@@ -507,7 +516,7 @@ async fn structs_nest_32_levels_and_no_deeper() {
 
     // Far deeper than the decoder's own limit: refused, never a crash.
     let mut abyss = new_session("deep-abyss");
-    abyss.config = Some(nested(200));
+    abyss.config = Some(nested(200).into());
     let err = app
         .sessions
         .clone()
@@ -538,7 +547,7 @@ async fn non_finite_numbers_are_refused_with_their_path_inside_the_struct() {
         },
     );
     let mut req = new_session("nan");
-    req.metadata = Some(s);
+    req.metadata = Some(s.into());
     let err = app.sessions.clone().create_session(req).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(
@@ -550,7 +559,7 @@ async fn non_finite_numbers_are_refused_with_their_path_inside_the_struct() {
     item.performance.insert("x".into(), f64::INFINITY);
     let mut env = Struct::default();
     env.fields.insert("y".into(), number(f64::NEG_INFINITY));
-    item.environment = Some(env);
+    item.environment = Some(env.into());
     let err = app
         .test_cases
         .clone()

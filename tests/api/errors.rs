@@ -251,15 +251,18 @@ async fn messages_over_the_limit_either_way_are_resource_exhausted() {
         session_id: s.id.clone(),
         level: LogLevel::Info as i32,
         message: "m".repeat(8000),
-        fields: Some(prost_types::Struct {
-            fields: [(
-                "blob".to_string(),
-                prost_types::Value {
-                    kind: Some(prost_types::value::Kind::StringValue("b".repeat(12_000))),
-                },
-            )]
+        fields: Some(
+            prost_types::Struct {
+                fields: [(
+                    "blob".to_string(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue("b".repeat(12_000))),
+                    },
+                )]
+                .into(),
+            }
             .into(),
-        }),
+        ),
     };
     let err = sessions.append_session_log(big).await.unwrap_err();
     assert_reason(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");
@@ -317,15 +320,18 @@ async fn messages_over_the_limit_either_way_are_resource_exhausted() {
         session_id: s.id.clone(),
         level: LogLevel::Info as i32,
         message: "m".repeat(8000),
-        fields: Some(prost_types::Struct {
-            fields: [(
-                "blob".to_string(),
-                prost_types::Value {
-                    kind: Some(prost_types::value::Kind::StringValue("b".repeat(7_500))),
-                },
-            )]
+        fields: Some(
+            prost_types::Struct {
+                fields: [(
+                    "blob".to_string(),
+                    prost_types::Value {
+                        kind: Some(prost_types::value::Kind::StringValue("b".repeat(7_500))),
+                    },
+                )]
+                .into(),
+            }
             .into(),
-        }),
+        ),
     };
     let err = sessions.append_session_log(near_limit).await.unwrap_err();
     assert_reason(&err, Code::ResourceExhausted, "MESSAGE_TOO_LARGE");

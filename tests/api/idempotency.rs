@@ -135,11 +135,14 @@ fn execution(key: &str, n: usize) -> ExecutionInput {
         status: ExecutionStatus::Passed as i32,
         started_at: at(10),
         duration_ms: 42,
-        environment: Some(big_struct(n, "env")),
+        environment: Some(big_struct(n, "env").into()),
         error_message: String::new(),
         stack_trace: String::new(),
         screenshot_refs: vec!["a.png".into()],
-        interaction_log: vec![big_struct(n, "step"), big_struct(n.min(3), "step2")],
+        interaction_log: vec![
+            big_struct(n, "step").into(),
+            big_struct(n.min(3), "step2").into(),
+        ],
         performance: figures(n),
         ..Default::default()
     }
@@ -280,14 +283,14 @@ async fn creates_with_structs_of_1_5_and_50_entries_replay_20_times_each() {
     let parent = create(&app, "parent").await;
     for n in [1, 5, 50] {
         let mut s = new_session(&format!("s-{n}"));
-        s.config = Some(big_struct(n, "config"));
-        s.input_refs = Some(big_struct(n, "refs"));
-        s.metadata = Some(big_struct(n, "meta"));
+        s.config = Some(big_struct(n, "config").into());
+        s.input_refs = Some(big_struct(n, "refs").into());
+        s.metadata = Some(big_struct(n, "meta").into());
         let mut r = new_result(&parent.id, &format!("r-{n}"), 0.5);
-        r.source_representation = Some(big_struct(n, "src"));
-        r.target_representation = Some(big_struct(n, "tgt"));
+        r.source_representation = Some(big_struct(n, "src").into());
+        r.target_representation = Some(big_struct(n, "tgt").into());
         let mut t = new_test_case(&format!("t-{n}"), TestType::Behavioral, "ui");
-        t.required_hardware = Some(big_struct(n, "hw"));
+        t.required_hardware = Some(big_struct(n, "hw").into());
         let paths: Vec<String> = (0..n).map(|i| format!("src/f{i}.rs")).collect();
         let paths: Vec<&str> = paths.iter().map(String::as_str).collect();
         let c = coverage_report(&format!("c-{n}"), &paths);
@@ -379,9 +382,12 @@ async fn every_rpc_refuses_a_key_reused_for_other_content_and_keeps_what_is_stor
     assert_reused(&s.create_session(other).await.unwrap_err(), "full");
     // A Struct value differing deep inside is other content too.
     let mut other = new_session("reuse");
-    other.config = Some(Struct {
-        fields: [("threshold".to_string(), number(0.91))].into(),
-    });
+    other.config = Some(
+        Struct {
+            fields: [("threshold".to_string(), number(0.91))].into(),
+        }
+        .into(),
+    );
     assert_reused(&s.create_session(other).await.unwrap_err(), "0.9");
 
     // RecordResult.
@@ -483,7 +489,7 @@ async fn a_write_only_key_reads_nothing_stored_through_a_replay() {
 
     // Someone with every scope stores content holding a secret.
     let mut s = new_session("owned");
-    s.config = Some(secret("s3cr3t-config"));
+    s.config = Some(secret("s3cr3t-config").into());
     let first_s = sessions
         .create_session(authed(s.clone(), root))
         .await
@@ -491,7 +497,7 @@ async fn a_write_only_key_reads_nothing_stored_through_a_replay() {
         .into_inner();
     let session_id = first_s.session.as_ref().unwrap().id.clone();
     let mut r = new_result(&session_id, "owned-result", 0.5);
-    r.source_representation = Some(secret("s3cr3t-representation"));
+    r.source_representation = Some(secret("s3cr3t-representation").into());
     let first_r = results
         .record_result(authed(r.clone(), root))
         .await
@@ -652,7 +658,7 @@ async fn concurrent_calls_with_one_key_agree_on_one_outcome_for_every_rpc() {
         |r: &CreateSessionResponse| (r.session.as_ref().unwrap().id.clone(), r.created);
     let same = race(&app, |_, ch| async move {
         let mut s = new_session("race-s");
-        s.config = Some(big_struct(20, "c"));
+        s.config = Some(big_struct(20, "c").into());
         SessionServiceClient::new(ch)
             .create_session(s)
             .await
@@ -675,7 +681,7 @@ async fn concurrent_calls_with_one_key_agree_on_one_outcome_for_every_rpc() {
         let sid = sid.clone();
         async move {
             let mut r = new_result(&sid, "race-r", 0.5);
-            r.target_representation = Some(big_struct(20, "t"));
+            r.target_representation = Some(big_struct(20, "t").into());
             ResultServiceClient::new(ch)
                 .record_result(r)
                 .await
@@ -700,7 +706,7 @@ async fn concurrent_calls_with_one_key_agree_on_one_outcome_for_every_rpc() {
         |r: &CreateTestCaseResponse| (r.test_case.as_ref().unwrap().id.clone(), r.created);
     let same = race(&app, |_, ch| async move {
         let mut t = new_test_case("race-tc", TestType::Unit, "core");
-        t.required_hardware = Some(big_struct(20, "hw"));
+        t.required_hardware = Some(big_struct(20, "hw").into());
         TestCaseServiceClient::new(ch)
             .create_test_case(t)
             .await

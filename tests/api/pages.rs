@@ -53,8 +53,8 @@ async fn record_large(app: &TestApp, session_id: &str, n: usize) -> Vec<Validati
     let mut stored = Vec::new();
     for i in 0..n {
         let mut req = new_result(session_id, &format!("large-{i}"), 0.5);
-        req.source_representation = Some(large(&format!("src-{i}"), 's'));
-        req.target_representation = Some(large(&format!("tgt-{i}"), 't'));
+        req.source_representation = Some(large(&format!("src-{i}"), 's').into());
+        req.target_representation = Some(large(&format!("tgt-{i}"), 't').into());
         stored.push(crate::results::record(app, req).await);
     }
     stored
@@ -442,7 +442,7 @@ async fn a_result_larger_than_a_lowered_limit_fails_its_page_clearly_and_basic_l
     assert_eq!(listed, ids_in_list_order(&app).await);
 }
 
-fn small_struct(key: &str, text: &str) -> Struct {
+fn small_struct(key: &str, text: &str) -> verdict::structs::Struct {
     Struct {
         fields: [(
             key.to_string(),
@@ -452,6 +452,7 @@ fn small_struct(key: &str, text: &str) -> Struct {
         )]
         .into(),
     }
+    .into()
 }
 
 #[tokio::test]
@@ -617,7 +618,7 @@ async fn concurrent_pagers_and_exports_see_every_result_once_while_writers_add_m
         tokio::spawn(async move {
             for i in 0..20 {
                 let mut req = new_result(&session_id, &format!("late-{i}"), 0.7);
-                req.source_representation = Some(large(&format!("late-{i}"), 'l'));
+                req.source_representation = Some(large(&format!("late-{i}"), 'l').into());
                 client.record_result(req).await.expect("a concurrent write");
             }
         })

@@ -17,7 +17,7 @@ pub fn new_session(request_id: &str) -> CreateSessionRequest {
         source_technology: "cobol".into(),
         target_technology: "java".into(),
         validation_scope: "full".into(),
-        config: Some(json_struct(&[("threshold", 0.9)])),
+        config: Some(json_struct(&[("threshold", 0.9)]).into()),
         input_refs: None,
         metadata: None,
         ..Default::default()
@@ -208,17 +208,20 @@ async fn create_session_reports_every_bad_field() {
 async fn create_session_refuses_non_finite_numbers_and_oversized_json() {
     let app = spawn_app().await;
     let mut req = new_session("nan");
-    req.config = Some(json_struct(&[("score", f64::NAN)]));
+    req.config = Some(json_struct(&[("score", f64::NAN)]).into());
     let big = "x".repeat(70 * 1024);
-    req.metadata = Some(Struct {
-        fields: [(
-            "blob".to_string(),
-            Value {
-                kind: Some(Kind::StringValue(big)),
-            },
-        )]
+    req.metadata = Some(
+        Struct {
+            fields: [(
+                "blob".to_string(),
+                Value {
+                    kind: Some(Kind::StringValue(big)),
+                },
+            )]
+            .into(),
+        }
         .into(),
-    });
+    );
     let err = app.sessions.clone().create_session(req).await.unwrap_err();
     let v = violations(&err);
     assert!(

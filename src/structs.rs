@@ -31,8 +31,9 @@ pub struct Struct {
 enum Repr {
     Fields(prost_types::Struct),
     Encoded {
-        /// The message's bytes (its entries, without tag or length).
-        bytes: Box<[u8]>,
+        /// The message's bytes (its entries, without tag or length). A Vec
+        /// as written: making it a boxed slice would reallocate it.
+        bytes: Vec<u8>,
         decoded: OnceLock<prost_types::Struct>,
     },
 }
@@ -43,7 +44,7 @@ impl Struct {
     pub fn from_json_text(text: &[u8]) -> Result<Self, serde_json::Error> {
         Ok(Struct {
             repr: Repr::Encoded {
-                bytes: encode_json(text)?.into_boxed_slice(),
+                bytes: encode_json(text)?,
                 decoded: OnceLock::new(),
             },
         })

@@ -17,6 +17,19 @@ def _struct(values: dict) -> struct_pb2.Struct:
     return s
 
 
+# A config with every kind of JSON value, nested objects and lists, text
+# that needs escaping and a value longer than 127 bytes (a two-byte length on
+# the wire): what a session stores comes back as the same Struct.
+CONFIG = {
+    "threshold": 0.9,
+    "rules": ["naming", "control-flow"],
+    "limits": {"depth": 3, "strict": True, "skip": None, "ratio": -1.5e-7},
+    "matrix": [[1, 2], [], [{"os": "linux"}, False]],
+    "note": "café \"quoted\" \\ tab\t 🚀 " + "x" * 300,
+    "": "empty key",
+}
+
+
 def _create(walk, request_id: str, scope: str) -> pb.CreateSessionResponse:
     return walk.verdict.sessions.CreateSession(
         pb.CreateSessionRequest(
@@ -24,7 +37,7 @@ def _create(walk, request_id: str, scope: str) -> pb.CreateSessionResponse:
             source_technology="cobol",
             target_technology="java",
             validation_scope=scope,
-            config=_struct({"threshold": 0.9, "rules": ["naming", "control-flow"]}),
+            config=_struct(CONFIG),
             metadata=_struct({"example": "python"}),
         ),
         timeout=DEADLINE_SECONDS,
@@ -48,6 +61,8 @@ def create_session(walk):
         pb.GetSessionRequest(request_id=f"{walk.run_id}-main"), timeout=DEADLINE_SECONDS
     )
     assert got.session.id == first.session.id
+    assert got.session.config == _struct(CONFIG), "the stored config read back differently"
+    assert retry.session.config == _struct(CONFIG)
     walk.session_id = first.session.id
 
 
@@ -94,6 +109,7 @@ def list_sessions_by_page(walk):
         )
         pages += 1
         seen += [s.id for s in page.sessions]
+        assert all(s.config == _struct(CONFIG) for s in page.sessions), "a listed config differs"
         newest_first += [s.created_at.ToNanoseconds() for s in page.sessions]
         token = page.next_page_token
         if not token:

@@ -170,6 +170,22 @@ impl JsonDoc {
         self.doc
     }
 
+    /// A stored document as the JSON a digest reads (null when left out).
+    pub fn json_or_null(doc: Option<&JsonDoc>) -> Json {
+        doc.map_or(Json::Null, JsonDoc::to_json)
+    }
+
+    /// Whether the document is JSON `null` (a column written from a
+    /// missing value, as opposed to SQL NULL).
+    pub fn is_null(&self) -> bool {
+        self.text.trim_ascii() == b"null"
+    }
+
+    /// The document as a Struct unless it is JSON `null`.
+    pub fn into_object(self) -> Option<crate::structs::Struct> {
+        (!self.is_null()).then_some(self.doc)
+    }
+
     /// The document as JSON, exactly as stored.
     pub fn to_json(&self) -> Json {
         // The text parsed once already (into the Struct).
@@ -192,6 +208,48 @@ impl<'a> tokio_postgres::types::FromSql<'a> for JsonDoc {
     fn accepts(ty: &tokio_postgres::types::Type) -> bool {
         use tokio_postgres::types::Type;
         *ty == Type::JSONB || *ty == Type::JSON
+    }
+}
+
+/// A JSON list column of objects as read: a Struct per item, their bytes
+/// written once straight from the column's text
+/// ([`crate::structs::Struct::list_from_json_text`]), and the text for the
+/// readers that want JSON. Serializes as the JSON it holds.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JsonDocList {
+    text: Box<[u8]>,
+    docs: Vec<crate::structs::Struct>,
+}
+
+impl JsonDocList {
+    /// The items as protobuf Structs.
+    pub fn into_structs(self) -> Vec<crate::structs::Struct> {
+        self.docs
+    }
+}
+
+impl<'a> tokio_postgres::types::FromSql<'a> for JsonDocList {
+    fn from_sql(
+        ty: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let text = json_text(ty, raw)?;
+        Ok(JsonDocList {
+            text: text.into(),
+            docs: crate::structs::Struct::list_from_json_text(text)?,
+        })
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        use tokio_postgres::types::Type;
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+}
+
+impl serde::Serialize for JsonDocList {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let json: Json = serde_json::from_slice(&self.text).map_err(serde::ser::Error::custom)?;
+        json.serialize(s)
     }
 }
 
@@ -377,6 +435,24 @@ mod tests {
         assert_eq!(
             JsonDoc::from_sql(&Type::JSON, b"{}").unwrap().into_struct(),
             crate::structs::Struct::default()
+        );
+    }
+
+    #[test]
+    fn a_json_null_document_is_no_object() {
+        use tokio_postgres::types::{FromSql, Type};
+        for raw in [&b"\x01null"[..], b"\x01 null "] {
+            let doc = JsonDoc::from_sql(&Type::JSONB, raw).unwrap();
+            assert!(doc.is_null());
+            assert_eq!(doc.into_object(), None);
+        }
+        let doc = JsonDoc::from_sql(&Type::JSONB, b"\x01{}").unwrap();
+        assert!(!doc.is_null());
+        assert_eq!(doc.into_object(), Some(crate::structs::Struct::default()));
+        assert_eq!(
+            JsonDoc::json_or_null(None),
+            Json::Null,
+            "a column left out reads as null"
         );
     }
 

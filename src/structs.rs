@@ -42,12 +42,26 @@ impl Struct {
     /// A Struct of the JSON text `text` (an object's entries; anything else:
     /// none, as [`crate::convert::parse_struct`]).
     pub fn from_json_text(text: &[u8]) -> Result<Self, serde_json::Error> {
-        Ok(Struct {
+        Ok(Struct::encoded(encode_json(text)?))
+    }
+
+    /// The Structs of the JSON text `text` of a list: one per item (an
+    /// object's entries; any other item: none), and none at all when the
+    /// text is not a list, as `json_to_struct` over a JSON array.
+    pub fn list_from_json_text(text: &[u8]) -> Result<Vec<Self>, serde_json::Error> {
+        let mut de = serde_json::Deserializer::from_slice(text);
+        let list = serde::Deserializer::deserialize_any(&mut de, TopList)?;
+        de.end()?;
+        Ok(list)
+    }
+
+    fn encoded(bytes: Vec<u8>) -> Self {
+        Struct {
             repr: Repr::Encoded {
-                bytes: encode_json(text)?,
+                bytes,
                 decoded: OnceLock::new(),
             },
-        })
+        }
     }
 
     /// The entries as a `prost_types::Struct`.
@@ -264,6 +278,67 @@ impl<'de> Visitor<'de> for Top<'_> {
     }
 }
 
+/// The outer JSON value of a list of Structs: one per item, or none.
+struct TopList;
+
+impl<'de> Visitor<'de> for TopList {
+    type Value = Vec<Struct>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Struct>, A::Error> {
+        let mut list = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(item) = seq.next_element_seed(Item)? {
+            list.push(item);
+        }
+        Ok(list)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<Struct>, A::Error> {
+        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+        Ok(Vec::new())
+    }
+
+    fn visit_unit<E>(self) -> Result<Vec<Struct>, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Vec<Struct>, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Vec<Struct>, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Vec<Struct>, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Vec<Struct>, E> {
+        Ok(Vec::new())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Vec<Struct>, E> {
+        Ok(Vec::new())
+    }
+}
+
+/// One item of a list of Structs.
+struct Item;
+
+impl<'de> DeserializeSeed<'de> for Item {
+    type Value = Struct;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Struct, D::Error> {
+        let mut out = Vec::new();
+        Top(&mut out).deserialize(d)?;
+        Ok(Struct::encoded(out))
+    }
+}
+
 /// An object's entries, as `Struct.fields` map entries.
 fn entries<'de, A: MapAccess<'de>>(out: &mut Vec<u8>, mut map: A) -> Result<(), A::Error> {
     loop {
@@ -443,6 +518,36 @@ mod tests {
             assert_eq!(s, Struct::from(expected.clone()));
             assert_eq!(s.clone().into_inner(), expected);
         }
+    }
+
+    #[test]
+    fn a_list_gives_a_struct_per_item_as_json_to_struct_does() {
+        for doc in [
+            r#"[{"action": "click", "n": 1}, {}, {"nested": {"l": [1, {"a": null}]}}]"#,
+            r#"[1, "two", null, [{"a": 1}], {"b": true}]"#,
+            "[]",
+            r#"{"not": "a list"}"#,
+            "\"text\"",
+            "null",
+            "7",
+        ] {
+            let json: serde_json::Value = serde_json::from_str(doc).unwrap();
+            let expected: Vec<prost_types::Struct> = match &json {
+                serde_json::Value::Array(items) => items
+                    .iter()
+                    .map(|i| crate::convert::json_to_struct(i).into_inner())
+                    .collect(),
+                _ => Vec::new(),
+            };
+            let got: Vec<prost_types::Struct> = Struct::list_from_json_text(doc.as_bytes())
+                .unwrap()
+                .into_iter()
+                .map(Struct::into_inner)
+                .collect();
+            assert_eq!(got, expected, "{doc}");
+        }
+        assert!(Struct::list_from_json_text(b"[{}, ").is_err());
+        assert!(Struct::list_from_json_text(b"[] []").is_err());
     }
 
     #[test]

@@ -5,7 +5,7 @@ pub mod sql;
 
 pub use service::ResultApi;
 
-use crate::convert::{json_to_struct, timestamp};
+use crate::convert::{JsonDoc, timestamp};
 use crate::error::{Error, Result};
 use crate::pagination;
 use crate::proto;
@@ -46,8 +46,9 @@ pub struct ValidationResult {
     pub fidelity_score: f64,
     pub summary: String,
     pub execution_time_ms: i64,
-    pub source_representation: Json,
-    pub target_representation: Json,
+    /// `None` when a BASIC list left it out.
+    pub source_representation: Option<JsonDoc>,
+    pub target_representation: Option<JsonDoc>,
     pub created_at: DateTime<Utc>,
 }
 
@@ -63,10 +64,8 @@ impl From<ValidationResult> for proto::ValidationResult {
             summary: r.summary,
             execution_time_ms: r.execution_time_ms,
             // Null only when a BASIC list left them out.
-            source_representation: (!r.source_representation.is_null())
-                .then(|| json_to_struct(&r.source_representation)),
-            target_representation: (!r.target_representation.is_null())
-                .then(|| json_to_struct(&r.target_representation)),
+            source_representation: r.source_representation.and_then(JsonDoc::into_object),
+            target_representation: r.target_representation.and_then(JsonDoc::into_object),
             created_at: Some(timestamp(r.created_at)),
         }
     }

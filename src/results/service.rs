@@ -2,6 +2,7 @@
 
 use super::{ListResults, NewResult, ValidationResult, sql};
 use crate::audit::{self, Outcome};
+use crate::convert::JsonDoc;
 use crate::digest::{self, Canonical, Content};
 use crate::error::{Error, Reason, Result};
 use crate::pagination;
@@ -39,8 +40,8 @@ impl From<&ValidationResult> for NewResult {
             fidelity_score: r.fidelity_score,
             summary: r.summary.clone(),
             execution_time_ms: r.execution_time_ms,
-            source_representation: r.source_representation.clone(),
-            target_representation: r.target_representation.clone(),
+            source_representation: JsonDoc::json_or_null(r.source_representation.as_ref()),
+            target_representation: JsonDoc::json_or_null(r.target_representation.as_ref()),
         }
     }
 }

@@ -26,12 +26,8 @@ fn from_row(row: &Row) -> Result<ValidationResult> {
         summary: row.try_get("summary")?,
         execution_time_ms: row.try_get("execution_time_ms")?,
         // NULL (left out by a BASIC list) reads as JSON null.
-        source_representation: row
-            .try_get::<_, Option<serde_json::Value>>("source_representation")?
-            .unwrap_or_default(),
-        target_representation: row
-            .try_get::<_, Option<serde_json::Value>>("target_representation")?
-            .unwrap_or_default(),
+        source_representation: row.try_get("source_representation")?,
+        target_representation: row.try_get("target_representation")?,
         created_at: row.try_get("created_at")?,
     })
 }

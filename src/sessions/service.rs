@@ -6,6 +6,7 @@ use super::{
     StatusChange, sql, watch,
 };
 use crate::audit::{self, Outcome};
+use crate::convert::JsonDoc;
 use crate::digest::{self, Canonical, Content};
 use crate::error::{Error, Reason, Result};
 use crate::pagination;
@@ -77,18 +78,12 @@ impl From<&Session> for NewSession {
             source_technology: s.source_technology.clone(),
             target_technology: s.target_technology.clone(),
             validation_scope: s.validation_scope.clone(),
-            config: json_of(&s.config),
-            input_refs: json_of(&s.input_refs),
-            metadata: json_of(&s.metadata),
+            config: JsonDoc::json_or_null(s.config.as_ref()),
+            input_refs: JsonDoc::json_or_null(s.input_refs.as_ref()),
+            metadata: JsonDoc::json_or_null(s.metadata.as_ref()),
             labels: s.labels.clone(),
         }
     }
-}
-
-/// A stored document as the JSON a digest reads (null when left out).
-fn json_of(doc: &Option<crate::convert::JsonDoc>) -> serde_json::Value {
-    doc.as_ref()
-        .map_or(serde_json::Value::Null, crate::convert::JsonDoc::to_json)
 }
 
 fn not_found(id: impl std::fmt::Display) -> Error {

@@ -2,7 +2,7 @@
 //! form, and the list and statistics queries.
 
 use super::{ExecutionStatus, MAX_KEY, MAX_SUBSYSTEM, TestCaseRef, optional_ref};
-use crate::convert::{json_to_struct, timestamp};
+use crate::convert::{JsonDoc, JsonDocList, timestamp};
 use crate::error::{Error, FieldViolation, Result};
 use crate::labels::{self, LabelFilter, Labels};
 use crate::pagination;
@@ -273,11 +273,12 @@ pub struct Execution {
     pub status: ExecutionStatus,
     pub started_at: DateTime<Utc>,
     pub duration_ms: i64,
-    pub environment: Json,
+    /// `None` when a BASIC list left it out.
+    pub environment: Option<JsonDoc>,
     pub error_message: String,
     pub stack_trace: String,
     pub screenshot_refs: Vec<String>,
-    pub interaction_log: Json,
+    pub interaction_log: Option<JsonDocList>,
     pub performance: Json,
     pub created_at: DateTime<Utc>,
     /// The error signature and effective triage of a failure, when the
@@ -289,10 +290,10 @@ pub struct Execution {
 
 impl From<Execution> for proto::Execution {
     fn from(e: Execution) -> Self {
-        let steps = match &e.interaction_log {
-            Json::Array(steps) => steps.iter().map(json_to_struct).collect(),
-            _ => Vec::new(),
-        };
+        let steps = e
+            .interaction_log
+            .map(JsonDocList::into_structs)
+            .unwrap_or_default();
         let performance = match &e.performance {
             Json::Object(m) => m
                 .iter()
@@ -311,7 +312,7 @@ impl From<Execution> for proto::Execution {
             started_at: Some(timestamp(e.started_at)),
             duration_ms: e.duration_ms,
             // Null only when a BASIC list left it out.
-            environment: (!e.environment.is_null()).then(|| json_to_struct(&e.environment)),
+            environment: e.environment.and_then(JsonDoc::into_object),
             error_message: e.error_message,
             stack_trace: e.stack_trace,
             screenshot_refs: e.screenshot_refs,

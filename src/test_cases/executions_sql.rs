@@ -301,15 +301,11 @@ fn from_row(row: &Row) -> Result<Execution> {
         started_at: row.try_get("started_at")?,
         duration_ms: row.try_get("duration_ms")?,
         // NULL (left out by a BASIC list) reads as JSON null.
-        environment: row
-            .try_get::<_, Option<serde_json::Value>>("environment")?
-            .unwrap_or_default(),
+        environment: row.try_get("environment")?,
         error_message: row.try_get("error_message")?,
         stack_trace: row.try_get("stack_trace")?,
         screenshot_refs: row.try_get("screenshot_refs")?,
-        interaction_log: row
-            .try_get::<_, Option<serde_json::Value>>("interaction_log")?
-            .unwrap_or_default(),
+        interaction_log: row.try_get("interaction_log")?,
         performance: row
             .try_get::<_, Option<serde_json::Value>>("performance")?
             .unwrap_or_default(),

@@ -73,6 +73,35 @@ async fn record_result_stores_it_once_per_request_id() {
         .unwrap()
         .into_inner();
     assert_eq!(got.result, first.result);
+    // Representations the request left out are stored as empty objects
+    // and read back as empty Structs (set: only a BASIC list leaves them
+    // unset) from every full read.
+    let stored_kind: String = app
+        .sql()
+        .await
+        .query_one(
+            "SELECT jsonb_typeof(source_representation) FROM results",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(stored_kind, "object");
+    let empty = Some(verdict::structs::Struct::default());
+    let got = got.result.unwrap();
+    assert_eq!(got.source_representation, empty);
+    assert_eq!(got.target_representation, empty);
+    let listed = client
+        .list_results(ListResultsRequest {
+            session_id: s.id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.results.len(), 1);
+    assert_eq!(listed.results[0].source_representation, empty);
+    assert_eq!(listed.results[0].target_representation, empty);
 }
 
 #[tokio::test]

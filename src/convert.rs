@@ -153,26 +153,46 @@ fn json_text<'a>(
     }
 }
 
-/// A JSON object column as read: the protobuf Struct for replies, its
-/// message bytes written once straight from the column's text
-/// ([`crate::structs::Struct::from_json_text`]), and the text itself for
-/// the rarer readers that want JSON (exports, digests), which parse it on
-/// demand. Serializes as the JSON it holds.
+/// A JSON column as read: what replies send, parsed once straight from the
+/// column's text (`D`: a [`crate::structs::Struct`] written as message
+/// bytes, or one per item of a list), and the text itself for the rarer
+/// readers that want JSON (exports, digests), which parse it on demand.
+/// Serializes as the JSON it holds.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct JsonDoc {
+pub struct JsonColumn<D> {
     text: Box<[u8]>,
-    doc: crate::structs::Struct,
+    parsed: D,
 }
 
-impl JsonDoc {
-    /// The document as a protobuf Struct.
-    pub fn into_struct(self) -> crate::structs::Struct {
-        self.doc
-    }
+/// A JSON object column ([`crate::structs::Struct::from_json_text`]).
+pub type JsonDoc = JsonColumn<crate::structs::Struct>;
 
-    /// A stored document as the JSON a digest reads (null when left out).
-    pub fn json_or_null(doc: Option<&JsonDoc>) -> Json {
-        doc.map_or(Json::Null, JsonDoc::to_json)
+/// A JSON list column of objects: a Struct per item
+/// ([`crate::structs::Struct::list_from_json_text`]).
+pub type JsonDocList = JsonColumn<Vec<crate::structs::Struct>>;
+
+/// What a [`JsonColumn`] parses its text into.
+pub trait FromJsonText: Sized {
+    fn from_json_text(text: &[u8]) -> Result<Self, serde_json::Error>;
+}
+
+impl FromJsonText for crate::structs::Struct {
+    fn from_json_text(text: &[u8]) -> Result<Self, serde_json::Error> {
+        crate::structs::Struct::from_json_text(text)
+    }
+}
+
+impl FromJsonText for Vec<crate::structs::Struct> {
+    fn from_json_text(text: &[u8]) -> Result<Self, serde_json::Error> {
+        crate::structs::Struct::list_from_json_text(text)
+    }
+}
+
+impl<D> JsonColumn<D> {
+    /// The document as JSON, exactly as stored.
+    pub fn to_json(&self) -> Json {
+        // The text parsed once already (into `parsed`).
+        serde_json::from_slice(&self.text).unwrap_or_default()
     }
 
     /// Whether the document is JSON `null` (a column written from a
@@ -180,63 +200,41 @@ impl JsonDoc {
     pub fn is_null(&self) -> bool {
         self.text.trim_ascii() == b"null"
     }
+}
+
+impl JsonDoc {
+    /// The document as a protobuf Struct.
+    pub fn into_struct(self) -> crate::structs::Struct {
+        self.parsed
+    }
 
     /// The document as a Struct unless it is JSON `null`.
     pub fn into_object(self) -> Option<crate::structs::Struct> {
-        (!self.is_null()).then_some(self.doc)
+        (!self.is_null()).then_some(self.parsed)
     }
 
-    /// The document as JSON, exactly as stored.
-    pub fn to_json(&self) -> Json {
-        // The text parsed once already (into the Struct).
-        serde_json::from_slice(&self.text).unwrap_or_default()
+    /// A stored document as the JSON a digest reads (null when left out).
+    pub fn json_or_null(doc: Option<&JsonDoc>) -> Json {
+        doc.map_or(Json::Null, JsonDoc::to_json)
     }
-}
-
-impl<'a> tokio_postgres::types::FromSql<'a> for JsonDoc {
-    fn from_sql(
-        ty: &tokio_postgres::types::Type,
-        raw: &'a [u8],
-    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        let text = json_text(ty, raw)?;
-        Ok(JsonDoc {
-            text: text.into(),
-            doc: crate::structs::Struct::from_json_text(text)?,
-        })
-    }
-
-    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
-        use tokio_postgres::types::Type;
-        *ty == Type::JSONB || *ty == Type::JSON
-    }
-}
-
-/// A JSON list column of objects as read: a Struct per item, their bytes
-/// written once straight from the column's text
-/// ([`crate::structs::Struct::list_from_json_text`]), and the text for the
-/// readers that want JSON. Serializes as the JSON it holds.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct JsonDocList {
-    text: Box<[u8]>,
-    docs: Vec<crate::structs::Struct>,
 }
 
 impl JsonDocList {
     /// The items as protobuf Structs.
     pub fn into_structs(self) -> Vec<crate::structs::Struct> {
-        self.docs
+        self.parsed
     }
 }
 
-impl<'a> tokio_postgres::types::FromSql<'a> for JsonDocList {
+impl<'a, D: FromJsonText> tokio_postgres::types::FromSql<'a> for JsonColumn<D> {
     fn from_sql(
         ty: &tokio_postgres::types::Type,
         raw: &'a [u8],
     ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
         let text = json_text(ty, raw)?;
-        Ok(JsonDocList {
+        Ok(JsonColumn {
             text: text.into(),
-            docs: crate::structs::Struct::list_from_json_text(text)?,
+            parsed: D::from_json_text(text)?,
         })
     }
 
@@ -246,104 +244,10 @@ impl<'a> tokio_postgres::types::FromSql<'a> for JsonDocList {
     }
 }
 
-impl serde::Serialize for JsonDocList {
+impl<D> serde::Serialize for JsonColumn<D> {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let json: Json = serde_json::from_slice(&self.text).map_err(serde::ser::Error::custom)?;
         json.serialize(s)
-    }
-}
-
-impl serde::Serialize for JsonDoc {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let json: Json = serde_json::from_slice(&self.text).map_err(serde::ser::Error::custom)?;
-        json.serialize(s)
-    }
-}
-
-/// JSON text as a `Struct` (anything but an object: an empty one), the same
-/// Struct `json_to_struct(&serde_json::from_slice(text)?)` gives.
-pub fn parse_struct(text: &[u8]) -> Result<Struct, serde_json::Error> {
-    let ProtoValue(value) = serde_json::from_slice(text)?;
-    Ok(match value.kind {
-        Some(Kind::StructValue(s)) => s,
-        _ => Struct::default(),
-    })
-}
-
-/// A protobuf `Value` deserialized from JSON.
-struct ProtoValue(Value);
-
-impl ProtoValue {
-    fn of(kind: Kind) -> Self {
-        ProtoValue(Value { kind: Some(kind) })
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for ProtoValue {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(ProtoValueVisitor)
-    }
-}
-
-struct ProtoValueVisitor;
-
-impl<'de> serde::de::Visitor<'de> for ProtoValueVisitor {
-    type Value = ProtoValue;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_unit<E>(self) -> Result<ProtoValue, E> {
-        Ok(ProtoValue::of(Kind::NullValue(0)))
-    }
-
-    fn visit_none<E>(self) -> Result<ProtoValue, E> {
-        Ok(ProtoValue::of(Kind::NullValue(0)))
-    }
-
-    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<ProtoValue, D::Error> {
-        serde::Deserialize::deserialize(d)
-    }
-
-    fn visit_bool<E>(self, b: bool) -> Result<ProtoValue, E> {
-        Ok(ProtoValue::of(Kind::BoolValue(b)))
-    }
-
-    fn visit_i64<E>(self, n: i64) -> Result<ProtoValue, E> {
-        Ok(ProtoValue::of(Kind::NumberValue(n as f64)))
-    }
-
-    fn visit_u64<E>(self, n: u64) -> Result<ProtoValue, E> {
-        Ok(ProtoValue::of(Kind::NumberValue(n as f64)))
-    }
-
-    fn visit_f64<E>(self, n: f64) -> Result<ProtoValue, E> {
-        Ok(ProtoValue::of(Kind::NumberValue(n)))
-    }
-
-    fn visit_str<E>(self, s: &str) -> Result<ProtoValue, E> {
-        Ok(ProtoValue::of(Kind::StringValue(s.to_owned())))
-    }
-
-    fn visit_string<E>(self, s: String) -> Result<ProtoValue, E> {
-        Ok(ProtoValue::of(Kind::StringValue(s)))
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<ProtoValue, A::Error> {
-        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0));
-        while let Some(ProtoValue(v)) = seq.next_element()? {
-            values.push(v);
-        }
-        Ok(ProtoValue::of(Kind::ListValue(ListValue { values })))
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<ProtoValue, A::Error> {
-        let mut fields = std::collections::BTreeMap::new();
-        while let Some((k, ProtoValue(v))) = map.next_entry::<String, ProtoValue>()? {
-            fields.insert(k, v);
-        }
-        Ok(ProtoValue::of(Kind::StructValue(Struct { fields })))
     }
 }
 
@@ -397,30 +301,6 @@ mod tests {
             })
             .is_some()
         );
-    }
-
-    #[test]
-    fn json_text_parses_to_the_struct_serde_json_gives() {
-        for text in [
-            r#"{}"#,
-            r#"{"a": 1, "b": -2, "c": 1.5, "d": 1e300, "e": 18446744073709551615, "f": 123456789012345678901234567890}"#,
-            r#"{"s": "x\u00e9\n\"q\"", "t": true, "f": false, "n": null}"#,
-            r#"{"l": [1, "two", [3, {"four": [null]}], {}], "o": {"p": {"q": {}}}}"#,
-            r#"{"dup": 1, "dup": 2}"#,
-            r#"{"x": 0.1, "y": -0.0, "z": 5e-324, "w": 1.7976931348623157e308}"#,
-            r#"[1, 2]"#,
-            r#""text""#,
-            r#"null"#,
-        ] {
-            let json: Json = serde_json::from_str(text).unwrap();
-            assert_eq!(
-                parse_struct(text.as_bytes()).unwrap(),
-                *json_to_struct(&json),
-                "{text}"
-            );
-        }
-        assert!(parse_struct(b"{").is_err());
-        assert!(parse_struct(b"{} x").is_err());
     }
 
     #[test]

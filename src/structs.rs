@@ -40,7 +40,7 @@ enum Repr {
 
 impl Struct {
     /// A Struct of the JSON text `text` (an object's entries; anything else:
-    /// none, as [`crate::convert::parse_struct`]).
+    /// none, as [`crate::convert::json_to_struct`]).
     pub fn from_json_text(text: &[u8]) -> Result<Self, serde_json::Error> {
         Ok(Struct::encoded(encode_json(text)?))
     }
@@ -50,7 +50,13 @@ impl Struct {
     /// text is not a list, as `json_to_struct` over a JSON array.
     pub fn list_from_json_text(text: &[u8]) -> Result<Vec<Self>, serde_json::Error> {
         let mut de = serde_json::Deserializer::from_slice(text);
-        let list = serde::Deserializer::deserialize_any(&mut de, TopList)?;
+        let starts_list = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+        let list = if starts_list {
+            serde::Deserializer::deserialize_seq(&mut de, TopList)?
+        } else {
+            // Not a list: checked to be JSON, and no items.
+            serde::Deserialize::deserialize(&mut de).map(|IgnoredAny| Vec::new())?
+        };
         de.end()?;
         Ok(list)
     }
@@ -278,7 +284,7 @@ impl<'de> Visitor<'de> for Top<'_> {
     }
 }
 
-/// The outer JSON value of a list of Structs: one per item, or none.
+/// The outer JSON list of a list of Structs: one per item.
 struct TopList;
 
 impl<'de> Visitor<'de> for TopList {
@@ -294,35 +300,6 @@ impl<'de> Visitor<'de> for TopList {
             list.push(item);
         }
         Ok(list)
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Vec<Struct>, A::Error> {
-        while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-        Ok(Vec::new())
-    }
-
-    fn visit_unit<E>(self) -> Result<Vec<Struct>, E> {
-        Ok(Vec::new())
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Vec<Struct>, E> {
-        Ok(Vec::new())
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<Vec<Struct>, E> {
-        Ok(Vec::new())
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<Vec<Struct>, E> {
-        Ok(Vec::new())
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<Vec<Struct>, E> {
-        Ok(Vec::new())
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<Vec<Struct>, E> {
-        Ok(Vec::new())
     }
 }
 
@@ -475,7 +452,14 @@ impl<'de> Visitor<'de> for ValueOf<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::convert::parse_struct;
+    use crate::convert::json_to_struct;
+
+    /// The Struct of `text` by the serde_json path: what the bytes must
+    /// decode to.
+    fn parse_struct(text: &[u8]) -> serde_json::Result<prost_types::Struct> {
+        let json: serde_json::Value = serde_json::from_slice(text)?;
+        Ok(json_to_struct(&json).into_inner())
+    }
 
     /// Each document decodes to the Struct the parsing path builds.
     #[test]

@@ -104,7 +104,8 @@ async fn concurrent_readers_share_one_connection_and_see_every_acknowledged_writ
 async fn readers_lose_nothing_when_the_shared_connections_backends_are_terminated() {
     let (_, url) = create_database().await;
     let app = spawn_app_with(test_config(&url)).await;
-    let id = create(&app, "terminated").await.id;
+    let created = create(&app, "terminated").await;
+    let id = created.id.clone();
     let sql = app.sql().await;
 
     let readers = 8;
@@ -115,6 +116,7 @@ async fn readers_lose_nothing_when_the_shared_connections_backends_are_terminate
     for r in 0..readers {
         let mut client = app.sessions.clone();
         let (id, progress, stop) = (id.clone(), progress.clone(), stop.clone());
+        let created = created.clone();
         tasks.spawn(async move {
             while stop.load(Ordering::Acquire) == 0 {
                 // Half the readers set a deadline (kept by the gateway, not
@@ -126,7 +128,9 @@ async fn readers_lose_nothing_when_the_shared_connections_backends_are_terminate
                 };
                 let got = client.get_session(request).await;
                 let got = got.unwrap_or_else(|e| panic!("reader {r}: {e:?}"));
-                assert_eq!(got.into_inner().session.unwrap().id, id);
+                // The whole session, its JSON documents (sent as message
+                // bytes written from the column) included.
+                assert_eq!(got.into_inner().session.unwrap(), created);
                 progress[r].fetch_add(1, Ordering::AcqRel);
             }
         });

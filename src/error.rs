@@ -219,7 +219,7 @@ pub const ERROR_DOMAIN: &str = "verdict.v1";
 
 /// Everything that can go wrong in a call. The text of `Unavailable` and
 /// `Internal` is internal detail: it is logged, never sent to the caller.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     #[error("invalid argument: {0:?}")]
     InvalidArgument(Vec<FieldViolation>),

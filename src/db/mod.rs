@@ -415,6 +415,11 @@ impl Db {
         }
     }
 
+    /// How many calls may wait for a connection before more are shed.
+    pub fn max_waiting(&self) -> usize {
+        self.max_waiting
+    }
+
     /// How many times calls took a pooled connection (see the field).
     pub fn connections_acquired(&self) -> u64 {
         self.acquired.load(Ordering::Relaxed)

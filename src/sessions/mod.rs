@@ -1,6 +1,7 @@
 //! Validation sessions and their processing logs: domain types and their
 //! conversions from and to the wire.
 
+mod appends;
 mod feed;
 mod service;
 pub mod sql;

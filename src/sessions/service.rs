@@ -1,6 +1,7 @@
 //! SessionService: thin handlers — validate, convert, run the SQL inside the
 //! transaction the handler owns, convert back.
 
+use super::appends::{Appends, Item};
 use super::{
     ListLogs, ListSessions, NewLogEntry, NewSession, Session, SessionLookup, SessionStatus,
     StatusChange, sql, watch,
@@ -14,17 +15,23 @@ use crate::proto::{self, session_service_server::SessionService};
 use crate::rpc::{self, RpcResult};
 use crate::state::AppState;
 use crate::totals;
+use std::sync::Arc;
 use tonic::{Request, Response};
 use uuid::Uuid;
 
 /// The SessionService implementation.
 pub struct SessionApi {
     state: AppState,
+    /// Appends waiting for a statement of their session (group commit).
+    appends: Arc<Appends>,
 }
 
 impl SessionApi {
     pub fn new(state: AppState) -> Self {
-        SessionApi { state }
+        SessionApi {
+            state,
+            appends: Arc::default(),
+        }
     }
 }
 
@@ -253,19 +260,14 @@ impl SessionService for SessionApi {
     ) -> RpcResult<proto::AppendSessionLogResponse> {
         let (call, req) = rpc::split(request);
         let project = call.project()?;
+        let bytes = prost::Message::encoded_len(&req);
         let entry = NewLogEntry::try_from(req)?;
-        let key_id = call.key_id();
-        let trace_id = call.trace_id();
-        let audit = sql::AppendAudit {
-            key_id: key_id.as_ref().map(|k| k.as_str()),
-            rpc: call.rpc(),
-            outcome: Outcome::Appended.as_str(),
-            trace_id: trace_id.as_deref(),
-        };
-        let mut conn = self.state.db.conn(&call).await?;
-        // One statement, one round trip: position, entry and audit row
-        // commit together (see `sql::append_log`).
-        let stored = sql::append_log(conn.write_client().await?, project, &entry, &audit).await?;
+        // The reply carries a consistency token, as after any write.
+        crate::db::replica::note_write();
+        let stored = self
+            .appends
+            .append(&self.state.db, project, Item { entry, call, bytes })
+            .await?;
         Ok(Response::new(proto::AppendSessionLogResponse {
             entry: Some(stored.into()),
         }))

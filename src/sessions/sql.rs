@@ -8,6 +8,7 @@ use super::{
 use crate::db::Stmt;
 use crate::error::{Error, Reason, Result};
 use deadpool_postgres::GenericClient;
+use serde_json::Value as Json;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
@@ -398,11 +399,13 @@ pub async fn delete(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<u
     DELETE.execute(c, &[&project, &id]).await
 }
 
-/// AppendSessionLog in one statement, so one round trip: take the next
-/// position of the session `$2` of project `$1` (unless it is in a final
-/// status), store the entry there and the call's audit row with it. One
-/// statement is one transaction: the three writes commit together or not
-/// at all, and a refused append takes no position.
+/// AppendSessionLog in one statement, so one round trip, for one entry or
+/// a group of entries of one session (see [`super::appends`]): take the
+/// next `$3` positions of the session `$2` of project `$1` (unless it is in
+/// a final status), store the entries there in item order and each one's
+/// audit row with it. One statement is one transaction: every write of the
+/// group commits together or none does, and a refused group takes no
+/// position.
 ///
 /// The UPDATE locks the session row until the statement commits, so appends
 /// to one session (and its status moves) commit one at a time in position
@@ -411,72 +414,94 @@ pub async fn delete(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<u
 /// row is re-read under the lock), so no entry lands after a final status.
 /// The audit row's target is the session id as PostgreSQL prints a uuid
 /// (lowercase, hyphenated: the same text as everywhere else).
-const APPEND_LOG: Stmt = Stmt::new(
+const APPEND_LOGS: Stmt = Stmt::new(
     "INSERT",
     "session_logs",
     concat!(
-        "WITH position AS (\
-           UPDATE sessions SET log_seq = log_seq + 1 \
+        "WITH item AS (\
+           SELECT * FROM unnest($4::text[], $5::text[], $6::jsonb[], $7::text[], $8::text[]) \
+             WITH ORDINALITY AS i (level, message, fields, key_id, trace_id, n)), \
+         position AS (\
+           UPDATE sessions SET log_seq = log_seq + $3 \
             WHERE project_id = $1 AND id = $2 \
               AND status NOT IN ('completed', 'failed', 'cancelled') \
-            RETURNING log_seq), \
+            RETURNING log_seq - $3 AS base), \
          entry AS (\
            INSERT INTO session_logs (session_id, seq, level, message, fields, project_id) \
-           SELECT $2, log_seq, $3, $4, $5, $1 FROM position \
+           SELECT $2, position.base + item.n, item.level, item.message, item.fields, $1 \
+             FROM position, item \
            RETURNING ",
         log_columns!(),
         "), \
          audit AS (\
            INSERT INTO audit_events (key_id, rpc, target_ids, outcome, trace_id, project_id) \
-           SELECT $6, $7, ARRAY[$2::text], $8, $9, $1 FROM entry) \
+           SELECT item.key_id, $9, ARRAY[$2::text], $10, item.trace_id, $1 \
+             FROM entry, position, item WHERE item.n = entry.seq - position.base) \
          SELECT ",
         log_columns!(),
-        " FROM entry"
+        " FROM entry ORDER BY seq"
     ),
 );
 
-/// Who appends, as the audit row of [`append_log`] records it.
-pub struct AppendAudit<'a> {
+/// One entry of an append and who appends it, as its audit row records it.
+pub struct Append<'a> {
+    pub entry: &'a NewLogEntry,
     pub key_id: Option<&'a str>,
-    pub rpc: &'a str,
-    pub outcome: &'a str,
     pub trace_id: Option<&'a str>,
 }
 
-/// Appends `e` to the log of its session in `project` at the next position,
-/// with its audit row (see [`APPEND_LOG`]). NOT_FOUND when `project` has no
-/// such session; FAILED_PRECONDITION (SESSION_NOT_ACCEPTING_WRITES) when it
-/// is in a final status.
-pub async fn append_log(
+/// Appends `items`, entries of the session `session_id` of `project`, at
+/// its next positions in item order, each with its audit row (RPC `rpc`,
+/// outcome `outcome`; see [`APPEND_LOGS`]), and returns them stored, in item
+/// order. NOT_FOUND when `project` has no such session;
+/// FAILED_PRECONDITION (SESSION_NOT_ACCEPTING_WRITES) when it is in a final
+/// status. All or nothing.
+pub async fn append_logs(
     c: &impl GenericClient,
     project: Uuid,
-    e: &NewLogEntry,
-    audit: &AppendAudit<'_>,
-) -> Result<LogEntry> {
-    let row = APPEND_LOG
-        .query_opt(
+    session_id: Uuid,
+    items: &[Append<'_>],
+    rpc: &str,
+    outcome: &str,
+) -> Result<Vec<LogEntry>> {
+    let count = items.len() as i64;
+    let levels: Vec<&str> = items.iter().map(|a| a.entry.level.as_str()).collect();
+    let messages: Vec<&str> = items.iter().map(|a| a.entry.message.as_str()).collect();
+    let fields: Vec<&Json> = items.iter().map(|a| &a.entry.fields).collect();
+    let key_ids: Vec<Option<&str>> = items.iter().map(|a| a.key_id).collect();
+    let trace_ids: Vec<Option<&str>> = items.iter().map(|a| a.trace_id).collect();
+    let rows = APPEND_LOGS
+        .query(
             c,
             &[
                 &project,
-                &e.session_id,
-                &e.level.as_str(),
-                &e.message,
-                &e.fields,
-                &audit.key_id,
-                &audit.rpc,
-                &audit.outcome,
-                &audit.trace_id,
+                &session_id,
+                &count,
+                &levels,
+                &messages,
+                &fields,
+                &key_ids,
+                &trace_ids,
+                &rpc,
+                &outcome,
             ],
         )
         .await
         .map_err(|err| match err {
-            Error::NotFound(_) => not_found(e.session_id),
+            Error::NotFound(_) => not_found(session_id),
             other => other,
         })?;
-    match row {
-        Some(row) => log_from_row(&row),
-        None => Err(refused_append(c, project, e.session_id).await),
+    if rows.is_empty() {
+        return Err(refused_append(c, project, session_id).await);
     }
+    if rows.len() != items.len() {
+        return Err(Error::Internal(format!(
+            "{} log entries stored for {} appended",
+            rows.len(),
+            items.len()
+        )));
+    }
+    rows.iter().map(log_from_row).collect()
 }
 
 const STATUS: Stmt = Stmt::new(

@@ -2,6 +2,7 @@
 
 mod admin;
 mod admin_deadlines;
+mod appends;
 mod audit;
 mod auth;
 mod bounds;

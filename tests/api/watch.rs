@@ -147,7 +147,7 @@ use verdict::proto::{ListSessionLogsRequest, SessionLogEntry, UpdateSessionStatu
 
 type Client = SessionServiceClient<Channel>;
 
-fn entry(id: &str, message: &str) -> AppendSessionLogRequest {
+pub fn entry(id: &str, message: &str) -> AppendSessionLogRequest {
     AppendSessionLogRequest {
         session_id: id.into(),
         level: LogLevel::Info as i32,
@@ -242,7 +242,7 @@ async fn all_logs(client: &mut Client, id: &str) -> Vec<SessionLogEntry> {
     }
 }
 
-fn reason(status: &tonic::Status) -> String {
+pub fn reason(status: &tonic::Status) -> String {
     use tonic_types::StatusExt;
     status
         .get_details_error_info()

@@ -12,6 +12,13 @@ pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
     }
 }
 
+/// A uuid as the wire spells it (lowercase, hyphenated), without going
+/// through the formatting machinery.
+pub fn uuid_string(id: uuid::Uuid) -> String {
+    let mut buf = uuid::Uuid::encode_buffer();
+    id.hyphenated().encode_lower(&mut buf).to_owned()
+}
+
 pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<Timestamp> {
     t.map(timestamp)
 }
@@ -139,7 +146,7 @@ fn json_to_value(j: &Json) -> Value {
 
 /// The JSON text of a `jsonb` (a version byte, 1, then the text) or `json`
 /// column's binary value.
-fn json_text<'a>(
+pub(crate) fn json_text<'a>(
     ty: &tokio_postgres::types::Type,
     raw: &'a [u8],
 ) -> Result<&'a [u8], Box<dyn std::error::Error + Sync + Send>> {

@@ -60,6 +60,40 @@ pub fn to_json(labels: &Labels) -> serde_json::Value {
     )
 }
 
+/// Labels read straight from their jsonb column, as [`from_json`] reads
+/// them (non-string values skipped, a document that is not an object read
+/// as no labels), without building a `serde_json::Value` first; the common
+/// empty object costs nothing.
+pub struct LabelsColumn(pub Labels);
+
+impl<'a> tokio_postgres::types::FromSql<'a> for LabelsColumn {
+    fn from_sql(
+        ty: &tokio_postgres::types::Type,
+        raw: &'a [u8],
+    ) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        let text = crate::convert::json_text(ty, raw)?;
+        if text == b"{}" {
+            return Ok(LabelsColumn(Labels::new()));
+        }
+        let object: BTreeMap<String, serde_json::Value> =
+            serde_json::from_slice(text).unwrap_or_default();
+        Ok(LabelsColumn(
+            object
+                .into_iter()
+                .filter_map(|(k, v)| match v {
+                    serde_json::Value::String(v) => Some((k, v)),
+                    _ => None,
+                })
+                .collect(),
+        ))
+    }
+
+    fn accepts(ty: &tokio_postgres::types::Type) -> bool {
+        use tokio_postgres::types::Type;
+        *ty == Type::JSONB || *ty == Type::JSON
+    }
+}
+
 /// Labels read back from their jsonb value (non-string values, which the
 /// gateway never writes, are skipped).
 pub fn from_json(value: &serde_json::Value) -> HashMap<String, String> {
@@ -116,5 +150,35 @@ impl LabelFilter {
             (!self.labels.is_empty()).then(|| to_json(&self.labels)),
             (!self.label_keys.is_empty()).then_some(self.label_keys.as_slice()),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio_postgres::types::{FromSql, Type};
+
+    fn read(ty: &Type, raw: &[u8]) -> Labels {
+        LabelsColumn::from_sql(ty, raw).unwrap().0
+    }
+
+    #[test]
+    fn a_labels_column_reads_as_from_json_reads_its_value() {
+        for text in [
+            r#"{}"#,
+            r#"{"team": "core", "n": 1, "nested": {"a": "b"}, "list": ["x"], "none": null}"#,
+            r#"{"é": "ü", "esc\"aped": "line\nbreak"}"#,
+            r#"null"#,
+            r#"["not", "an", "object"]"#,
+            r#""text""#,
+        ] {
+            let value: serde_json::Value = serde_json::from_str(text).unwrap();
+            let expected: Labels = from_json(&value).into_iter().collect();
+            let mut jsonb = vec![1u8];
+            jsonb.extend_from_slice(text.as_bytes());
+            assert_eq!(read(&Type::JSONB, &jsonb), expected, "{text}");
+            assert_eq!(read(&Type::JSON, text.as_bytes()), expected, "{text}");
+        }
+        assert!(LabelsColumn::from_sql(&Type::JSONB, b"\x02{}").is_err());
     }
 }

@@ -268,10 +268,11 @@ pub async fn fetch_view<R>(
         }
         View::Basic => (basic.query(c, &params[..params.len() - 1]).await?, false),
     };
-    Ok(Fetched {
-        rows: rows.iter().map(convert).collect::<Result<_>>()?,
-        cut,
-    })
+    let mut items = Vec::with_capacity(rows.len());
+    for row in &rows {
+        items.push(convert(row)?);
+    }
+    Ok(Fetched { rows: items, cut })
 }
 
 /// Bytes of a list reply's `total` (int64, field 30: two-byte tag and at
@@ -324,7 +325,7 @@ where
 {
     let Fetched { rows, cut } = rows.into();
     let budget = reply_limit.saturating_sub(TOKEN_RESERVE);
-    let mut items = Vec::new();
+    let mut items = Vec::with_capacity(rows.len().min(page_size.max(0) as usize));
     let mut used = 0usize;
     let mut last_key = None;
     // Rows the query itself left out follow the last one fetched.

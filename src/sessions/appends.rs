@@ -61,16 +61,24 @@ struct Waiting {
 
 /// The appends waiting for a statement of their session, by session. A
 /// session is a key here while one of its statements is in flight.
-#[derive(Default)]
 pub struct Appends {
+    db: Db,
     queues: Mutex<HashMap<Key, Vec<Waiting>>>,
 }
 
 impl Appends {
+    pub fn new(db: Db) -> Self {
+        Appends {
+            db,
+            queues: Mutex::default(),
+        }
+    }
+
     /// Appends `item` to the log of its session in `project`, alone or in a
     /// group with concurrent appends of the same session, and returns it
     /// stored.
-    pub async fn append(self: &Arc<Self>, db: &Db, project: Uuid, item: Item) -> Result<LogEntry> {
+    pub async fn append(self: &Arc<Self>, project: Uuid, item: Item) -> Result<LogEntry> {
+        let db = &self.db;
         let key = (project, item.entry.session_id);
         let waiting = {
             let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
@@ -105,7 +113,6 @@ impl Appends {
             Ok(item) => {
                 let turn = Turn {
                     appends: self.clone(),
-                    db: db.clone(),
                     key,
                     done: false,
                 };
@@ -150,7 +157,6 @@ impl Appends {
 /// handed on when dropped.
 struct Turn {
     appends: Arc<Appends>,
-    db: Db,
     key: Key,
     /// The queue was found empty and the turn given up.
     done: bool,
@@ -171,14 +177,17 @@ impl Drop for Turn {
         }
         let mut turn = Turn {
             appends: self.appends.clone(),
-            db: self.db.clone(),
             key: self.key,
             done: false,
         };
         let Some(group) = turn.next_group() else {
             return;
         };
-        tokio::spawn(write_groups(turn, group));
+        // Outside a runtime (the gateway's runtime being torn down) the
+        // queued calls are dropped with it and hear nothing.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(write_groups(turn, group));
+        }
     }
 }
 
@@ -187,7 +196,9 @@ async fn write_groups(mut turn: Turn, mut group: Vec<Waiting>) {
     loop {
         let span = group[0].span.clone();
         let items: Vec<&Item> = group.iter().map(|w| &w.item).collect();
-        let result = write(&turn.db, turn.key.0, &items).instrument(span).await;
+        let result = write(&turn.appends.db, turn.key.0, &items)
+            .instrument(span)
+            .await;
         match result {
             Ok(stored) => {
                 for (w, entry) in group.into_iter().zip(stored) {

@@ -29,8 +29,8 @@ pub struct SessionApi {
 impl SessionApi {
     pub fn new(state: AppState) -> Self {
         SessionApi {
+            appends: Arc::new(Appends::new(state.db.clone())),
             state,
-            appends: Arc::default(),
         }
     }
 }
@@ -266,7 +266,7 @@ impl SessionService for SessionApi {
         crate::db::replica::note_write();
         let stored = self
             .appends
-            .append(&self.state.db, project, Item { entry, call, bytes })
+            .append(project, Item { entry, call, bytes })
             .await?;
         Ok(Response::new(proto::AppendSessionLogResponse {
             entry: Some(stored.into()),

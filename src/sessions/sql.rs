@@ -46,9 +46,7 @@ fn session_from_row(row: &Row) -> Result<Session> {
         started_at: row.try_get(11)?,
         completed_at: row.try_get(12)?,
         version: row.try_get(13)?,
-        labels: crate::labels::from_json(&row.try_get(14)?)
-            .into_iter()
-            .collect(),
+        labels: row.try_get::<_, crate::labels::LabelsColumn>(14)?.0,
     })
 }
 

@@ -94,6 +94,48 @@ def append_logs(walk):
     assert seen == messages, f"log read back as {seen}"
 
 
+def concurrent_appends(walk):
+    """Eight threads append to one session at once (the gateway may commit
+    concurrent appends of a session together): every reply names the
+    position its entry is listed at, positions run 1, 2, 3, … with no gap,
+    and each thread's entries keep the order it appended them in."""
+    session = _create(walk, f"{walk.run_id}-concurrent", f"{walk.run_id}/concurrent").session
+    walk.extra_session_ids.append(session.id)
+    threads, each = 8, 20
+
+    def writer(t):
+        replies = []
+        for i in range(each):
+            reply = walk.verdict.sessions.AppendSessionLog(
+                pb.AppendSessionLogRequest(
+                    session_id=session.id, level=pb.LOG_LEVEL_INFO, message=f"w{t}-{i}"
+                ),
+                timeout=DEADLINE_SECONDS,
+            )
+            assert reply.entry.message == f"w{t}-{i}", reply
+            replies.append((reply.entry.message, reply.entry.sequence))
+        return replies
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+        per_thread = list(pool.map(writer, range(threads)))
+
+    listed, token = [], ""
+    while True:
+        page = walk.verdict.sessions.ListSessionLogs(
+            pb.ListSessionLogsRequest(session_id=session.id, page_size=50, page_token=token),
+            timeout=DEADLINE_SECONDS,
+        )
+        listed += [(entry.message, entry.sequence) for entry in page.entries]
+        token = page.next_page_token
+        if not token:
+            break
+    assert [seq for _, seq in listed] == list(range(1, threads * each + 1)), listed
+    assert sorted(listed) == sorted(r for replies in per_thread for r in replies)
+    for replies in per_thread:
+        seqs = [seq for _, seq in replies]
+        assert seqs == sorted(seqs), f"a thread's entries out of order: {replies}"
+
+
 def list_sessions_by_page(walk):
     """ListSessions with a page size small enough to need several pages: every
     session comes back exactly once, newest first."""
@@ -198,6 +240,7 @@ def delete_sessions(walk):
 STEPS = [
     create_session,
     append_logs,
+    concurrent_appends,
     list_sessions_by_page,
     watch_session,
     error_codes,

@@ -553,9 +553,10 @@ impl Conn {
             && !self.session_timeout_set
         {
             self.session_timeout_set = true;
-            self.object()
-                .batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis()))
-                .await?;
+            send_ahead(
+                self.object()
+                    .batch_execute(&format!("SET statement_timeout = {}", timeout.as_millis())),
+            )?;
         }
         Ok(self.object())
     }
@@ -577,7 +578,7 @@ impl Conn {
         let object = self.object.as_mut().expect("object is present until drop");
         replica::note_write();
         let tx = object.transaction().await?;
-        set_local_timeout(&tx, timeout).await?;
+        set_local_timeout(&tx, timeout)?;
         Ok(tx)
     }
 }
@@ -594,7 +595,7 @@ impl Conn {
             .read_only(true)
             .start()
             .await?;
-        set_local_timeout(&tx, timeout).await?;
+        set_local_timeout(&tx, timeout)?;
         Ok(tx)
     }
 
@@ -632,18 +633,38 @@ impl Drop for Conn {
 }
 
 /// Applies a call's lowered statement timeout to the transaction it began.
-async fn set_local_timeout(
+fn set_local_timeout(
     tx: &deadpool_postgres::Transaction<'_>,
     timeout: Option<Duration>,
 ) -> Result<()> {
     if let Some(timeout) = timeout {
-        tx.batch_execute(&format!(
+        send_ahead(tx.batch_execute(&format!(
             "SET LOCAL statement_timeout = {}",
             timeout.as_millis()
-        ))
-        .await?;
+        )))?;
     }
     Ok(())
+}
+
+/// Sends a `SET` (the future of its `batch_execute`) without waiting for
+/// its reply: it goes out on the connection now, ahead of the call's own
+/// statements, which PostgreSQL runs after it, in the same round trip; the
+/// connection reads its reply and drops it. A `SET` of a timeout has no
+/// server-side failure of its own (a broken connection fails the statements
+/// after it as well); a request that cannot be sent at all fails here.
+fn send_ahead(
+    set: impl std::future::Future<Output = std::result::Result<(), tokio_postgres::Error>>,
+) -> Result<()> {
+    let mut set = std::pin::pin!(set);
+    // tokio-postgres sends a simple query on the first poll, before it
+    // waits for the reply.
+    match set
+        .as_mut()
+        .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+    {
+        std::task::Poll::Ready(done) => done.map_err(Error::from),
+        std::task::Poll::Pending => Ok(()),
+    }
 }
 
 /// Connects one connection outside the pool (with the TLS of `config`),

@@ -12,13 +12,6 @@ pub fn timestamp(t: DateTime<Utc>) -> Timestamp {
     }
 }
 
-/// A uuid as the wire spells it (lowercase, hyphenated), without going
-/// through the formatting machinery.
-pub fn uuid_string(id: uuid::Uuid) -> String {
-    let mut buf = uuid::Uuid::encode_buffer();
-    id.hyphenated().encode_lower(&mut buf).to_owned()
-}
-
 pub fn opt_timestamp(t: Option<DateTime<Utc>>) -> Option<Timestamp> {
     t.map(timestamp)
 }

@@ -52,9 +52,7 @@ pub(super) fn from_row(row: &Row) -> Result<Report> {
         file_count: row.try_get("file_count")?,
         recorded_at: row.try_get("recorded_at")?,
         created_at: row.try_get("created_at")?,
-        labels: crate::labels::from_json(&row.try_get("labels")?)
-            .into_iter()
-            .collect(),
+        labels: row.try_get::<_, crate::labels::LabelsColumn>("labels")?.0,
     })
 }
 

@@ -130,6 +130,24 @@ impl Appends {
         }
     }
 
+    /// Hands the turn of `key` on: the next group goes out on a task of its
+    /// own, or the turn is given up when nothing waits. Outside a runtime
+    /// (the gateway's runtime being torn down) the queued calls are dropped
+    /// with it and hear nothing.
+    fn hand_on(self: &Arc<Self>, key: Key) {
+        let Some(group) = self.next_group(key) else {
+            return;
+        };
+        let turn = Turn {
+            appends: self.clone(),
+            key,
+            done: false,
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(write_groups(turn, group));
+        }
+    }
+
     /// Takes the next group of `key` off its queue, or gives up the
     /// session's turn when nothing waits.
     fn next_group(&self, key: Key) -> Option<Vec<Waiting>> {
@@ -172,21 +190,8 @@ impl Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let mut turn = Turn {
-            appends: self.appends.clone(),
-            key: self.key,
-            done: false,
-        };
-        let Some(group) = turn.next_group() else {
-            return;
-        };
-        // Outside a runtime (the gateway's runtime being torn down) the
-        // queued calls are dropped with it and hear nothing.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(write_groups(turn, group));
+        if !self.done {
+            self.appends.hand_on(self.key);
         }
     }
 }

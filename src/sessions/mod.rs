@@ -11,7 +11,7 @@ mod watch;
 pub use feed::Watches;
 pub use service::SessionApi;
 
-use crate::convert::{JsonDoc, opt_timestamp, timestamp, uuid_string};
+use crate::convert::{JsonDoc, opt_timestamp, timestamp};
 use crate::error::{Error, Result};
 use crate::labels::{self, LabelFilter, Labels};
 use crate::pagination;
@@ -87,7 +87,7 @@ pub struct Session {
 impl From<Session> for proto::Session {
     fn from(s: Session) -> Self {
         proto::Session {
-            id: uuid_string(s.id),
+            id: s.id.to_string(),
             request_id: s.request_id,
             source_technology: s.source_technology,
             target_technology: s.target_technology,
@@ -303,7 +303,7 @@ impl From<LogEntry> for proto::SessionLogEntry {
     fn from(e: LogEntry) -> Self {
         proto::SessionLogEntry {
             id: e.id,
-            session_id: uuid_string(e.session_id),
+            session_id: e.session_id.to_string(),
             logged_at: Some(timestamp(e.logged_at)),
             level: e.level.to_proto() as i32,
             message: e.message,

@@ -311,9 +311,7 @@ fn from_row(row: &Row) -> Result<Execution> {
             .unwrap_or_default(),
         created_at: row.try_get("created_at")?,
         triage: None,
-        labels: crate::labels::from_json(&row.try_get("labels")?)
-            .into_iter()
-            .collect(),
+        labels: row.try_get::<_, crate::labels::LabelsColumn>("labels")?.0,
     })
 }
 

@@ -352,7 +352,13 @@ async fn concurrent_appenders_across_terminated_backends_lose_nothing_acknowledg
             let mut failed = Vec::new();
             for i in 0..EACH {
                 let message = format!("w{w}-{i}");
-                match client.append_session_log(entry(&sid, &message)).await {
+                // Odd writers carry a deadline below the statement maximum:
+                // their groups set `statement_timeout` ahead of the append.
+                let mut request = tonic::Request::new(entry(&sid, &message));
+                if w % 2 == 1 {
+                    request.set_timeout(Duration::from_secs(20));
+                }
+                match client.append_session_log(request).await {
                     Ok(r) => acked.push((message, r.into_inner().entry.unwrap().sequence)),
                     Err(e) => {
                         assert!(

@@ -22,6 +22,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Stored JSON documents are sent as the bytes of their message,
         // written straight from the column (see `src/structs.rs`).
         .extern_path(".google.protobuf.Struct", "crate::structs::Struct")
+        // Sessions are written straight from their rows (see
+        // `src/encode.rs`); clients read it as the generated message.
+        .extern_path(
+            ".verdict.v1.ListSessionsResponse",
+            "crate::encode::ListSessionsResponse",
+        )
+        .extern_path(
+            ".verdict.v1.GetSessionResponse",
+            "crate::encode::GetSessionResponse",
+        )
         .compile_fds(fds)?;
 
     println!("cargo:rerun-if-changed=proto");

@@ -16,6 +16,7 @@ pub mod coverage;
 pub mod db;
 pub mod digest;
 pub mod discrepancies;
+pub mod encode;
 pub mod error;
 pub mod failures;
 pub mod ingest;
@@ -43,6 +44,9 @@ pub mod wire;
 #[allow(clippy::large_enum_variant)] // generated oneofs; boxing would change the public API
 pub mod proto {
     tonic::include_proto!("verdict.v1");
+
+    /// Hand-written (see [`crate::encode`]); the same message on the wire.
+    pub use crate::encode::{GetSessionResponse, ListSessionsResponse};
 
     /// The encoded descriptor set of `proto/`, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

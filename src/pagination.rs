@@ -256,6 +256,22 @@ pub async fn fetch_view<R>(
     params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
     convert: impl Fn(&tokio_postgres::Row) -> Result<R>,
 ) -> Result<Fetched<R>> {
+    let Fetched { rows, cut } = fetch_rows(c, view, full, basic, params).await?;
+    let mut items = Vec::with_capacity(rows.len());
+    for row in &rows {
+        items.push(convert(row)?);
+    }
+    Ok(Fetched { rows: items, cut })
+}
+
+/// [`fetch_view`], keeping the rows as read.
+pub async fn fetch_rows(
+    c: &impl deadpool_postgres::GenericClient,
+    view: View,
+    full: &crate::db::Stmt,
+    basic: &crate::db::Stmt,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> Result<Fetched<tokio_postgres::Row>> {
     let (rows, cut) = match view {
         View::Full => {
             let rows = full.query(c, params).await?;
@@ -268,11 +284,7 @@ pub async fn fetch_view<R>(
         }
         View::Basic => (basic.query(c, &params[..params.len() - 1]).await?, false),
     };
-    let mut items = Vec::with_capacity(rows.len());
-    for row in &rows {
-        items.push(convert(row)?);
-    }
-    Ok(Fetched { rows: items, cut })
+    Ok(Fetched { rows, cut })
 }
 
 /// Bytes of a list reply's `total` (int64, field 30: two-byte tag and at
@@ -323,28 +335,99 @@ where
     T: prost::Message,
     K: Serialize,
 {
-    let Fetched { rows, cut } = rows.into();
+    let rows = rows.into();
+    let mut items = Vec::with_capacity(rows.rows.len().min(page_size.max(0) as usize));
+    let token = page_with(
+        rows,
+        page_size,
+        reply_limit,
+        fingerprint,
+        |r| Ok(key(r)),
+        |row, room| {
+            let item = convert(row);
+            let cost = item_cost(item.encoded_len());
+            if room.is_some_and(|room| cost > room) {
+                return Ok(None);
+            }
+            items.push(item);
+            Ok(Some(cost))
+        },
+    )?;
+    Ok((items, token))
+}
+
+/// [`page`] for a list whose reply items are written straight from their
+/// rows: `encode` appends a row's item, as the reply's field 1 (tag, length
+/// and message), to the bytes returned. Those bytes go in the reply
+/// message's pre-encoded items (e.g. `sessions::encode::ListSessionsResponse`).
+pub fn page_encoded<K: Serialize>(
+    rows: Fetched<tokio_postgres::Row>,
+    page_size: i64,
+    reply_limit: usize,
+    fingerprint: &str,
+    key: impl Fn(&tokio_postgres::Row) -> Result<K>,
+    encode: impl Fn(&tokio_postgres::Row, &mut Vec<u8>) -> Result<()>,
+) -> Result<(Vec<u8>, String)> {
+    // A few hundred bytes per item is the common case; larger ones grow it.
+    let mut out = Vec::with_capacity((rows.rows.len() * 512).min(reply_limit));
+    let token = page_with(
+        rows,
+        page_size,
+        reply_limit,
+        fingerprint,
+        key,
+        |row, room| {
+            let start = out.len();
+            encode(&row, &mut out)?;
+            let cost = out.len() - start;
+            if room.is_some_and(|room| cost > room) {
+                out.truncate(start);
+                return Ok(None);
+            }
+            Ok(Some(cost))
+        },
+    )?;
+    Ok((out, token))
+}
+
+/// What [`page`] and [`page_encoded`] share: walks `rows`, offering each to
+/// `add` with the bytes still free in the reply (`None` for the first item,
+/// which always goes in). `add` takes the item and returns its cost in
+/// bytes, or returns `None` and takes nothing when it would not fit. The
+/// token of the next page is returned.
+fn page_with<R, K: Serialize>(
+    rows: Fetched<R>,
+    page_size: i64,
+    reply_limit: usize,
+    fingerprint: &str,
+    key: impl Fn(&R) -> Result<K>,
+    mut add: impl FnMut(R, Option<usize>) -> Result<Option<usize>>,
+) -> Result<String> {
+    let Fetched { rows, cut } = rows;
     let budget = reply_limit.saturating_sub(TOKEN_RESERVE);
-    let mut items = Vec::with_capacity(rows.len().min(page_size.max(0) as usize));
+    let mut count = 0i64;
     let mut used = 0usize;
     let mut last_key = None;
     // Rows the query itself left out follow the last one fetched.
     let mut more = cut;
     for row in rows {
-        if items.len() as i64 >= page_size {
+        if count >= page_size {
             more = true;
             break;
         }
-        let row_key = key(&row);
-        let item = convert(row);
-        let cost = item_cost(item.encoded_len());
-        if !items.is_empty() && used + cost > budget {
-            more = true;
-            break;
+        let row_key = key(&row)?;
+        let room = (count > 0).then(|| budget.saturating_sub(used));
+        match add(row, room)? {
+            Some(cost) => {
+                used += cost;
+                count += 1;
+                last_key = Some(row_key);
+            }
+            None => {
+                more = true;
+                break;
+            }
         }
-        used += cost;
-        items.push(item);
-        last_key = Some(row_key);
     }
     let token = match (more, last_key) {
         (true, Some(k)) => encode(fingerprint, &k),
@@ -365,7 +448,7 @@ where
             ),
         ));
     }
-    Ok((items, token))
+    Ok(token)
 }
 
 #[cfg(test)]

@@ -199,21 +199,27 @@ const LIST_VALUE: u8 = 0x32;
 /// `serde_json`'s limit), as parsing it does.
 pub fn encode_json(text: &[u8]) -> Result<Vec<u8>, serde_json::Error> {
     let mut out = Vec::with_capacity(text.len() + text.len() / 2 + 8);
-    let mut de = serde_json::Deserializer::from_slice(text);
-    Top(&mut out).deserialize(&mut de)?;
-    de.end()?;
+    encode_json_into(text, &mut out)?;
     Ok(out)
 }
 
+/// [`encode_json`], appending the Struct's bytes to `out`. On failure `out`
+/// may hold part of them.
+pub fn encode_json_into(text: &[u8], out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    Top(out).deserialize(&mut de)?;
+    de.end()
+}
+
 /// Writes a one-byte length placeholder; returns where the content starts.
-fn open(out: &mut Vec<u8>) -> usize {
+pub(crate) fn open(out: &mut Vec<u8>) -> usize {
     out.push(0);
     out.len()
 }
 
 /// Sets the length of the content from `start` (see [`open`]), moving the
 /// content when its length takes more than one byte.
-fn close(out: &mut Vec<u8>, start: usize) {
+pub(crate) fn close(out: &mut Vec<u8>, start: usize) {
     let len = out.len() - start;
     if len < 0x80 {
         out[start - 1] = len as u8;

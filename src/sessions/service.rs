@@ -148,25 +148,27 @@ impl SessionService for SessionApi {
         let project = call.project()?;
         let include_summary = req.include_summary;
         let lookup = SessionLookup::try_from(req)?;
-        let (session, summary) = crate::db::short_read!(&self.state.db, &call, |c| {
-            let session = match &lookup {
-                SessionLookup::Id(id) => sql::get(c, project, *id)
+        // The session is written straight from its row.
+        let (encoded_session, summary) = crate::db::short_read!(&self.state.db, &call, |c| {
+            let (id, session) = match &lookup {
+                SessionLookup::Id(id) => sql::get_wire(c, project, *id)
                     .await?
                     .ok_or_else(|| not_found(id))?,
-                SessionLookup::RequestId(rid) => sql::get_by_request_id(c, project, rid)
+                SessionLookup::RequestId(rid) => sql::get_by_request_id_wire(c, project, rid)
                     .await?
                     .ok_or_else(|| Error::NotFound(format!("no session has request_id {rid:?}")))?,
             };
             let summary = if include_summary {
-                Some(super::summary::of(c, project, session.id).await?)
+                Some(super::summary::of(c, project, id).await?)
             } else {
                 None
             };
             Ok((session, summary))
         })?;
         Ok(Response::new(proto::GetSessionResponse {
-            session: Some(session.into()),
+            encoded_session,
             summary,
+            ..Default::default()
         }))
     }
 
@@ -193,20 +195,22 @@ impl SessionService for SessionApi {
             self.state.count_exact_below,
         )
         .await?;
-        let (sessions, next_page_token) = pagination::page(
+        // The sessions are written straight from their rows.
+        let (encoded_sessions, next_page_token) = pagination::page_encoded(
             rows,
             query.page_size,
             self.state.max_message_bytes,
             &query.fingerprint,
-            sql::session_key,
-            Into::into,
+            sql::session_row_key,
+            |row, out| sql::session_to_wire(row, 1, out),
         )?;
         let (total, total_mode) = total.wire();
         Ok(Response::new(proto::ListSessionsResponse {
-            sessions,
+            encoded_sessions,
             next_page_token,
             total,
             total_mode,
+            ..Default::default()
         }))
     }
 

@@ -50,6 +50,48 @@ fn session_from_row(row: &Row) -> Result<Session> {
     })
 }
 
+/// Appends the session of a row that starts with `session_columns!()` to
+/// `out` as field `field` of a reply (key, length and `verdict.v1.Session`),
+/// straight from the row's bytes: what `session_from_row` and the proto
+/// conversion give, without building either (see [`crate::encode`]).
+pub fn session_to_wire(row: &Row, field: u32, out: &mut Vec<u8>) -> Result<()> {
+    use crate::encode::*;
+    let at = start_message(out, field);
+    let id: Uuid = row.try_get(0)?;
+    put_str(
+        out,
+        1,
+        id.hyphenated().encode_lower(&mut Uuid::encode_buffer()),
+    );
+    // request_id, source_technology, target_technology, validation_scope.
+    for column in 1..=4 {
+        put_str(out, column as u32 + 1, row.try_get(column)?);
+    }
+    let status = SessionStatus::from_db(row.try_get(5)?)?;
+    put_varint(out, 6, status.to_proto() as i64);
+    // config, input_refs, metadata; NULL (left out by a BASIC list): unset.
+    for column in 6..=8 {
+        if let Some(JsonText(text)) = row.try_get(column)? {
+            put_struct_json(out, column as u32 + 1, text)?;
+        }
+    }
+    put_timestamp(out, 10, row.try_get(9)?);
+    put_timestamp(out, 11, row.try_get(10)?);
+    put_opt_timestamp(out, 12, row.try_get(11)?);
+    put_opt_timestamp(out, 13, row.try_get(12)?);
+    put_varint(out, 14, row.try_get(13)?);
+    let labels = row.try_get::<_, crate::labels::LabelsColumn>(14)?.0;
+    put_str_map(out, 20, &labels);
+    end_message(out, at);
+    Ok(())
+}
+
+/// The list-order key of a row that starts with `session_columns!()`.
+pub fn session_row_key(row: &Row) -> Result<SessionKey> {
+    let created_at: chrono::DateTime<chrono::Utc> = row.try_get(9)?;
+    Ok((created_at.timestamp_micros(), row.try_get(0)?))
+}
+
 /// A log entry from a row that starts with `log_columns!()`, read by
 /// position.
 fn log_from_row(row: &Row) -> Result<LogEntry> {
@@ -131,6 +173,31 @@ pub const BY_ID: Stmt = Stmt::new(
 
 /// The session `id` of `project`; `None` when there is none in that
 /// project (whether or not another project has one).
+/// The session `id` of `project`: its id and the session as field 1 of a
+/// reply (see [`session_to_wire`]).
+pub async fn get_wire(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<Option<Wire>> {
+    wire(BY_ID.query_opt(c, &[&project, &id]).await?)
+}
+
+/// [`get_wire`] by request_id.
+pub async fn get_by_request_id_wire(
+    c: &impl GenericClient,
+    project: Uuid,
+    request_id: &str,
+) -> Result<Option<Wire>> {
+    wire(BY_REQUEST_ID.query_opt(c, &[&project, &request_id]).await?)
+}
+
+/// A session's id and its encoding as a reply's field 1.
+pub type Wire = (Uuid, Vec<u8>);
+
+fn wire(row: Option<Row>) -> Result<Option<Wire>> {
+    let Some(row) = row else { return Ok(None) };
+    let mut out = Vec::with_capacity(512);
+    session_to_wire(&row, 1, &mut out)?;
+    Ok(Some((row.try_get(0)?, out)))
+}
+
 pub async fn get(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<Option<Session>> {
     BY_ID
         .query_opt(c, &[&project, &id])
@@ -281,7 +348,7 @@ pub async fn list(
     project: Uuid,
     q: &ListSessions,
     max_bytes: i64,
-) -> Result<crate::pagination::Fetched<Session>> {
+) -> Result<crate::pagination::Fetched<Row>> {
     let f = &q.filter;
     let statuses: Option<Vec<&str>> =
         (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
@@ -303,7 +370,7 @@ pub async fn list(
         &label_keys,
         &max_bytes,
     ];
-    crate::pagination::fetch_view(c, q.view, &LIST, &LIST_BASIC, params, session_from_row).await
+    crate::pagination::fetch_rows(c, q.view, &LIST, &LIST_BASIC, params).await
 }
 
 /// The total of ListSessions: LIST's filters (`$1`…`$7`), without paging.

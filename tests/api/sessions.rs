@@ -7,8 +7,8 @@ use std::time::Duration;
 use tonic::{Code, Request};
 use verdict::proto::{
     AppendSessionLogRequest, CreateSessionRequest, DeleteSessionRequest, GetSessionRequest,
-    ListSessionLogsRequest, ListSessionsRequest, LogLevel, Session, SessionStatus, TimeRange,
-    UpdateSessionStatusRequest, get_session_request::Lookup,
+    ListSessionLogsRequest, ListSessionsRequest, LogLevel, Session, SessionStatus, SessionView,
+    TimeRange, UpdateSessionStatusRequest, get_session_request::Lookup,
 };
 
 pub fn new_session(request_id: &str) -> CreateSessionRequest {
@@ -368,6 +368,132 @@ async fn a_page_walk_returns_every_session_exactly_once_newest_first() {
         })
         .collect();
     assert!(times.windows(2).all(|w| w[0] >= w[1]), "not newest first");
+}
+
+/// A JSON object from `json!`, as a request's Struct.
+fn to_struct(json: serde_json::Value) -> verdict::structs::Struct {
+    verdict::convert::json_to_struct(&json)
+}
+
+#[tokio::test]
+async fn get_and_list_return_each_session_exactly_as_its_last_write_did() {
+    // GetSession and ListSessions write sessions straight from their rows;
+    // writes reply with the generated message. Every field of every shape
+    // must read back the same both ways, in every view.
+    let app = spawn_app().await;
+    let mut client = app.sessions.clone();
+    let long = "x".repeat(300);
+    let shapes = vec![
+        // Only what is required.
+        CreateSessionRequest {
+            request_id: "plain".into(),
+            source_technology: "cobol".into(),
+            target_technology: "java".into(),
+            validation_scope: "full".into(),
+            ..Default::default()
+        },
+        // Multi-byte text, every kind of JSON value, documents whose
+        // lengths take one, two and three bytes, labels.
+        CreateSessionRequest {
+            request_id: "ünïcode-🚀".into(),
+            source_technology: "パスカル".into(),
+            target_technology: "java \"quoted\" \\ back".into(),
+            validation_scope: "modules/é".into(),
+            config: Some(to_struct(serde_json::json!({
+                "n": -1.5, "big": 1e300, "zero": 0, "t": true, "f": false, "null": null,
+                "s": "line\nbreak \"q\" é", "list": [1, "two", [3], {"four": 4}],
+                "nested": {"a": {"b": {"c": [null, {}]}}}, "empty": {}, "long": long,
+            }))),
+            input_refs: Some(to_struct(serde_json::json!({}))),
+            metadata: Some(to_struct(serde_json::json!({"blob": "y".repeat(20_000)}))),
+            labels: [("team", "core"), ("é", "ü"), ("tier", "1")]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        },
+        new_session("started"),
+        new_session("finished"),
+    ];
+    // What each session's last write replied, by request_id.
+    let mut written = std::collections::HashMap::new();
+    for request in shapes {
+        let session = client
+            .create_session(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .session
+            .unwrap();
+        written.insert(session.request_id.clone(), session);
+    }
+    let get = |client: &mut verdict::proto::session_service_client::SessionServiceClient<_>,
+               request_id: &str| {
+        let request = GetSessionRequest {
+            lookup: Some(Lookup::RequestId(request_id.into())),
+            ..Default::default()
+        };
+        let mut client = client.clone();
+        async move {
+            client
+                .get_session(request)
+                .await
+                .unwrap()
+                .into_inner()
+                .session
+                .unwrap()
+        }
+    };
+    let started = written["started"].id.clone();
+    let s = set_status(&app, &started, SessionStatus::Processing)
+        .await
+        .unwrap();
+    written.insert(s.request_id.clone(), s);
+    let finished = written["finished"].id.clone();
+    set_status(&app, &finished, SessionStatus::Processing)
+        .await
+        .unwrap();
+    let s = set_status(&app, &finished, SessionStatus::Completed)
+        .await
+        .unwrap();
+    written.insert(s.request_id.clone(), s);
+    for (request_id, want) in &written {
+        assert_eq!(&get(&mut client, request_id).await, want);
+    }
+
+    for view in [
+        SessionView::Unspecified,
+        SessionView::Full,
+        SessionView::Basic,
+    ] {
+        let listed = client
+            .list_sessions(ListSessionsRequest {
+                page_size: 50,
+                view: view as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .sessions;
+        assert_eq!(listed.len(), 4, "{view:?}");
+        for session in listed {
+            let mut want = written[&session.request_id].clone();
+            if view == SessionView::Basic {
+                (want.config, want.input_refs, want.metadata) = (None, None, None);
+            }
+            assert_eq!(session, want, "{view:?}");
+        }
+    }
+    let finished = get(&mut client, "finished").await;
+    assert!(finished.started_at.is_some() && finished.completed_at.is_some());
+    let rich = get(&mut client, "ünïcode-🚀").await;
+    assert_eq!(rich.labels.len(), 3);
+    assert_eq!(
+        rich.metadata.unwrap().fields["blob"],
+        Value {
+            kind: Some(Kind::StringValue("y".repeat(20_000)))
+        }
+    );
 }
 
 #[tokio::test]

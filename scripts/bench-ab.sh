@@ -22,8 +22,9 @@
 # pgbench and python3. Results: $WORK/results.tsv.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-SHARED=${SHARED:-$HERE/../../../shared/bench}
-[ -f "$SHARED/frames.py" ] || SHARED=/work/shared/bench
+# ../shared beside the project.
+SHARED=${SHARED:-$HERE/../../shared/bench}
+[ -f "$SHARED/frames.py" ] || { echo "no $SHARED/frames.py: set SHARED to ../shared/bench"; exit 1; }
 read -r -a BINS <<<"${BINS:-target/release/verdict}"
 for b in "${BINS[@]}"; do [ -x "$b" ] || { echo "no $b: cargo build --release first"; exit 1; }; done
 WORK=${WORK:-${TMPDIR:-/tmp}/ab_work}

@@ -16,7 +16,7 @@
 # and ../shared/bench/frames.py (request frames). Results: $WORK/results.tsv.
 set -euo pipefail
 : "${VERDICT_BIN:=target/release/verdict}"; [ -x "$VERDICT_BIN" ] || { echo "no $VERDICT_BIN: cargo build --release first"; exit 1; }
-FRAMES=${FRAMES:-/work/shared/bench/frames.py}
+FRAMES=${FRAMES:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/shared/bench/frames.py}
 WORK=${WORK:-${TMPDIR:-/tmp}/replica_bench}
 PGBIN=/usr/lib/postgresql/15/bin
 free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }

@@ -2,7 +2,7 @@
 # The scale bench of issue 18, before and after, on one database.
 #
 #   SCALE=S BEFORE=/path/to/old/verdict AFTER=target/release/verdict \
-#     KEEP=/work/scale/S scripts/scale.sh
+#     KEEP=/var/tmp/scale/S scripts/scale.sh
 #
 # SCALE      S (1M executions, 1M discrepancies, 2M metric points, 20k
 #            coverage reports with 1M files) or L (five times that).

@@ -112,6 +112,9 @@ async function render(page: () => Promise<HTMLElement[]>, title: string) {
   pageAbort.abort();
   pageAbort = new AbortController();
   const signal = pageAbort.signal;
+  // Not loaded until this render ends (a page shown again, e.g. after a
+  // new key, must not look loaded while its call is still out).
+  main.removeAttribute("data-loaded");
   main.replaceChildren(h("p", { class: "muted" }, "Loading…"));
   try {
     const content = await page();

@@ -22,11 +22,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Stored JSON documents are sent as the bytes of their message,
         // written straight from the column (see `src/structs.rs`).
         .extern_path(".google.protobuf.Struct", "crate::structs::Struct")
-        // Sessions are written straight from their rows (see
+        // Sessions and results are written straight from their rows (see
         // `src/encode.rs`); clients read it as the generated message.
         .extern_path(
             ".verdict.v1.ListSessionsResponse",
             "crate::encode::ListSessionsResponse",
+        )
+        .extern_path(
+            ".verdict.v1.ListResultsResponse",
+            "crate::encode::ListResultsResponse",
         )
         .extern_path(
             ".verdict.v1.GetSessionResponse",

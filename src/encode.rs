@@ -37,6 +37,24 @@ pub fn put_varint(out: &mut Vec<u8>, field: u32, v: i64) {
     }
 }
 
+/// A double field; nothing when `v` is 0 (as prost: -0.0 too).
+pub fn put_double(out: &mut Vec<u8>, field: u32, v: f64) {
+    if v != 0.0 {
+        encode_key(field, WireType::SixtyFourBit, out);
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// A string field holding a UUID in its canonical text form.
+pub fn put_uuid(out: &mut Vec<u8>, field: u32, id: uuid::Uuid) {
+    put_str(
+        out,
+        field,
+        id.hyphenated()
+            .encode_lower(&mut uuid::Uuid::encode_buffer()),
+    );
+}
+
 /// Starts a message field: its key and a length placeholder. Returns where
 /// its content starts, for [`end_message`].
 pub fn start_message(out: &mut Vec<u8>, field: u32) -> usize {
@@ -146,87 +164,109 @@ impl<'a> tokio_postgres::types::FromSql<'a> for JsonText<'a> {
     }
 }
 
-/// `verdict.v1.ListSessionsResponse`, as the build maps it here: the
-/// generated fields, plus the sessions the gateway wrote from their rows.
+/// Defines the hand-written form of a list reply `{ repeated Item items = 1;
+/// string next_page_token = 2; int64 total = 30; CountMode total_mode = 31; }`
+/// (every list of the API has this shape), as the build maps it here: the
+/// generated fields, plus items the gateway wrote from their rows.
 ///
 /// A client reads the generated fields, as it would the generated message
-/// (decoding fills `sessions`). The gateway sets `encoded_sessions` instead:
-/// field 1's entries as written by `sessions::sql::session_to_wire` (tag,
-/// length and `Session` each), sent ahead of any in `sessions`.
-#[derive(Clone, PartialEq, Default, Debug)]
-pub struct ListSessionsResponse {
-    /// The page of sessions, newest first.
-    pub sessions: Vec<crate::proto::Session>,
-    /// Token for the next page; empty on the last page and only there.
-    pub next_page_token: String,
-    /// The number of rows matching the request's filters over every page.
-    pub total: i64,
-    /// How `total` was obtained (`verdict.v1.CountMode`).
-    pub total_mode: i32,
-    /// Sessions already encoded as field 1 (see the type).
-    pub encoded_sessions: Vec<u8>,
+/// (decoding fills the items' field). The gateway sets the encoded items
+/// instead: field 1's entries, each with its tag and length (see
+/// [`crate::pagination::page_encoded`]), sent ahead of any decoded ones.
+macro_rules! list_reply {
+    ($name:ident, $items:ident, $encoded:ident, $item:ty) => {
+        #[derive(Clone, PartialEq, Default, Debug)]
+        pub struct $name {
+            /// The page, in list order.
+            pub $items: Vec<$item>,
+            /// Token for the next page; empty on the last page and only there.
+            pub next_page_token: String,
+            /// The number of rows matching the request's filters over every page.
+            pub total: i64,
+            /// How `total` was obtained (`verdict.v1.CountMode`).
+            pub total_mode: i32,
+            /// Items already encoded as field 1 (see [`list_reply`]).
+            pub $encoded: Vec<u8>,
+        }
+
+        impl prost::Message for $name {
+            fn encode_raw(&self, buf: &mut impl BufMut) {
+                use prost::encoding::{int32, int64, message, string};
+                buf.put_slice(&self.$encoded);
+                for item in &self.$items {
+                    message::encode(1, item, buf);
+                }
+                if !self.next_page_token.is_empty() {
+                    string::encode(2, &self.next_page_token, buf);
+                }
+                if self.total != 0 {
+                    int64::encode(30, &self.total, buf);
+                }
+                if self.total_mode != 0 {
+                    int32::encode(31, &self.total_mode, buf);
+                }
+            }
+
+            fn merge_field(
+                &mut self,
+                tag: u32,
+                wire_type: WireType,
+                buf: &mut impl Buf,
+                ctx: DecodeContext,
+            ) -> std::result::Result<(), prost::DecodeError> {
+                use prost::encoding::{int32, int64, message, skip_field, string};
+                match tag {
+                    1 => message::merge_repeated(wire_type, &mut self.$items, buf, ctx),
+                    2 => string::merge(wire_type, &mut self.next_page_token, buf, ctx),
+                    30 => int64::merge(wire_type, &mut self.total, buf, ctx),
+                    31 => int32::merge(wire_type, &mut self.total_mode, buf, ctx),
+                    _ => skip_field(wire_type, tag, buf, ctx),
+                }
+            }
+
+            fn encoded_len(&self) -> usize {
+                use prost::encoding::{int32, int64, message, string};
+                let token = if self.next_page_token.is_empty() {
+                    0
+                } else {
+                    string::encoded_len(2, &self.next_page_token)
+                };
+                let total = if self.total != 0 {
+                    int64::encoded_len(30, &self.total)
+                } else {
+                    0
+                };
+                let mode = if self.total_mode != 0 {
+                    int32::encoded_len(31, &self.total_mode)
+                } else {
+                    0
+                };
+                self.$encoded.len()
+                    + message::encoded_len_repeated(1, &self.$items)
+                    + token
+                    + total
+                    + mode
+            }
+
+            fn clear(&mut self) {
+                *self = $name::default();
+            }
+        }
+    };
 }
 
-impl prost::Message for ListSessionsResponse {
-    fn encode_raw(&self, buf: &mut impl BufMut) {
-        use prost::encoding::{int32, int64, message, string};
-        buf.put_slice(&self.encoded_sessions);
-        for s in &self.sessions {
-            message::encode(1, s, buf);
-        }
-        if !self.next_page_token.is_empty() {
-            string::encode(2, &self.next_page_token, buf);
-        }
-        if self.total != 0 {
-            int64::encode(30, &self.total, buf);
-        }
-        if self.total_mode != 0 {
-            int32::encode(31, &self.total_mode, buf);
-        }
-    }
-
-    fn merge_field(
-        &mut self,
-        tag: u32,
-        wire_type: WireType,
-        buf: &mut impl Buf,
-        ctx: DecodeContext,
-    ) -> std::result::Result<(), prost::DecodeError> {
-        use prost::encoding::{int32, int64, message, skip_field, string};
-        match tag {
-            1 => message::merge_repeated(wire_type, &mut self.sessions, buf, ctx),
-            2 => string::merge(wire_type, &mut self.next_page_token, buf, ctx),
-            30 => int64::merge(wire_type, &mut self.total, buf, ctx),
-            31 => int32::merge(wire_type, &mut self.total_mode, buf, ctx),
-            _ => skip_field(wire_type, tag, buf, ctx),
-        }
-    }
-
-    fn encoded_len(&self) -> usize {
-        use prost::encoding::{int32, int64, message, string};
-        self.encoded_sessions.len()
-            + message::encoded_len_repeated(1, &self.sessions)
-            + if self.next_page_token.is_empty() {
-                0
-            } else {
-                string::encoded_len(2, &self.next_page_token)
-            }
-            + if self.total != 0 {
-                int64::encoded_len(30, &self.total)
-            } else {
-                0
-            }
-            + if self.total_mode != 0 {
-                int32::encoded_len(31, &self.total_mode)
-            } else {
-                0
-            }
-    }
-
-    fn clear(&mut self) {
-        *self = ListSessionsResponse::default();
-    }
-}
+list_reply!(
+    ListSessionsResponse,
+    sessions,
+    encoded_sessions,
+    crate::proto::Session
+);
+list_reply!(
+    ListResultsResponse,
+    results,
+    encoded_results,
+    crate::proto::ValidationResult
+);
 
 /// `verdict.v1.GetSessionResponse`, as the build maps it here: the
 /// generated fields, plus the session as the gateway wrote it from its row
@@ -319,11 +359,16 @@ mod tests {
         put_str(&mut out, 2, "");
         put_varint(&mut out, 6, 0);
         assert!(out.is_empty());
+        put_double(&mut out, 5, 0.0);
+        put_double(&mut out, 5, -0.0);
+        assert!(out.is_empty());
         put_str(&mut out, 2, &"é".repeat(100));
         put_varint(&mut out, 6, -1);
+        put_double(&mut out, 5, 0.975);
         let mut want = Vec::new();
         prost::encoding::string::encode(2, &"é".repeat(100), &mut want);
         prost::encoding::int64::encode(6, &-1, &mut want);
+        prost::encoding::double::encode(5, &0.975, &mut want);
         assert_eq!(out, want);
     }
 

@@ -46,7 +46,7 @@ pub mod proto {
     tonic::include_proto!("verdict.v1");
 
     /// Hand-written (see [`crate::encode`]); the same message on the wire.
-    pub use crate::encode::{GetSessionResponse, ListSessionsResponse};
+    pub use crate::encode::{GetSessionResponse, ListResultsResponse, ListSessionsResponse};
 
     /// The encoded descriptor set of `proto/`, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -158,13 +158,14 @@ impl ResultService for ResultApi {
         let mut conn = self.state.db.conn(&call).await?;
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
         let rows = sql::list(conn.client().await?, project, &query, max_bytes).await?;
-        let (results, next_page_token) = pagination::page(
+        // The results are written straight from their rows.
+        let (encoded_results, next_page_token) = pagination::page_encoded(
             rows,
             query.page_size,
             self.state.max_message_bytes,
             &query.fingerprint,
-            sql::key,
-            Into::into,
+            sql::row_key,
+            |row, out| sql::result_to_wire(row, 1, out),
         )?;
         let (total, total_mode) = sql::count(
             conn.client().await?,
@@ -176,10 +177,11 @@ impl ResultService for ResultApi {
         .await?
         .wire();
         Ok(Response::new(proto::ListResultsResponse {
-            results,
+            encoded_results,
             next_page_token,
             total,
             total_mode,
+            ..Default::default()
         }))
     }
 }

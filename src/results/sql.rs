@@ -32,6 +32,49 @@ fn from_row(row: &Row) -> Result<ValidationResult> {
     })
 }
 
+/// Appends the result of a row that starts with `result_columns!()` to `out`
+/// as field `field` of a reply (key, length and `verdict.v1.ValidationResult`),
+/// straight from the row's bytes: what `from_row` and the proto conversion
+/// give, without building either (see [`crate::encode`]).
+pub fn result_to_wire(row: &Row, field: u32, out: &mut Vec<u8>) -> Result<()> {
+    use crate::encode::*;
+    let at = start_message(out, field);
+    put_uuid(out, 1, row.try_get(0)?);
+    put_uuid(out, 2, row.try_get(1)?);
+    put_str(out, 3, row.try_get(2)?);
+    put_varint(
+        out,
+        4,
+        ResultType::from_db(row.try_get(3)?)?.to_proto() as i64,
+    );
+    put_varint(
+        out,
+        5,
+        OverallStatus::from_db(row.try_get(4)?)?.to_proto() as i64,
+    );
+    put_double(out, 6, row.try_get(5)?);
+    put_str(out, 7, row.try_get(6)?);
+    put_varint(out, 8, row.try_get(7)?);
+    // The representations; unset when NULL (left out by a BASIC list) or
+    // JSON null.
+    for column in 8..=9 {
+        if let Some(JsonText(text)) = row.try_get(column)?
+            && text.trim_ascii() != b"null"
+        {
+            put_struct_json(out, column as u32 + 1, text)?;
+        }
+    }
+    put_timestamp(out, 11, row.try_get(10)?);
+    end_message(out, at);
+    Ok(())
+}
+
+/// The list-order key of a row that starts with `result_columns!()`.
+pub fn row_key(row: &Row) -> Result<ResultKey> {
+    let created_at: chrono::DateTime<chrono::Utc> = row.try_get(10)?;
+    Ok((created_at.timestamp_micros(), row.try_get(0)?))
+}
+
 pub fn key(r: &ValidationResult) -> ResultKey {
     (r.created_at.timestamp_micros(), r.id)
 }
@@ -238,7 +281,7 @@ pub async fn list(
     project: Uuid,
     q: &ListResults,
     max_bytes: i64,
-) -> Result<pagination::Fetched<ValidationResult>> {
+) -> Result<pagination::Fetched<Row>> {
     let f = &q.filter;
     let types: Option<Vec<&str>> =
         (!f.result_types.is_empty()).then(|| f.result_types.iter().map(|t| t.as_str()).collect());
@@ -260,7 +303,7 @@ pub async fn list(
         &limit,
         &max_bytes,
     ];
-    pagination::fetch_view(c, q.view, &LIST, &LIST_BASIC, params, from_row).await
+    pagination::fetch_rows(c, q.view, &LIST, &LIST_BASIC, params).await
 }
 
 /// A batch of the results of session `$1` of project `$5` for exports: at

@@ -191,7 +191,7 @@ async fn list_results_of_large_results_stops_pages_by_bytes_and_returns_every_re
     let large_fetched = fetched
         .rows
         .iter()
-        .filter(|r| r.request_id.starts_with("large-"))
+        .filter(|r| r.get::<_, &str>("request_id").starts_with("large-"))
         .count();
     assert!(
         (1..=3).contains(&large_fetched),

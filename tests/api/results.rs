@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use tonic::Code;
 use verdict::proto::{
     GetResultRequest, ListResultsRequest, OverallStatus, RecordResultRequest, ResultType,
-    SessionStatus, ValidationResult,
+    ResultView, SessionStatus, ValidationResult,
 };
 
 pub fn new_result(session_id: &str, request_id: &str, fidelity: f64) -> RecordResultRequest {
@@ -32,6 +32,95 @@ pub async fn record(app: &TestApp, req: RecordResultRequest) -> ValidationResult
         .into_inner()
         .result
         .expect("result")
+}
+
+#[tokio::test]
+async fn listed_results_are_exactly_what_recording_them_returned_in_either_view() {
+    // ListResults writes its results straight from the rows; RecordResult
+    // replies with the generated message. Every field of every shape must
+    // read back the same, in every view.
+    let app = spawn_app().await;
+    let session = create(&app, "results-on-the-wire").await;
+    let doc = |json: serde_json::Value| Some(verdict::convert::json_to_struct(&json));
+    let shapes = vec![
+        // Zero fidelity and time (left out on the wire), no representations.
+        RecordResultRequest {
+            fidelity_score: 0.0,
+            execution_time_ms: 0,
+            ..new_result(&session.id, "zeros", 0.0)
+        },
+        RecordResultRequest {
+            result_type: ResultType::Hybrid as i32,
+            overall_status: OverallStatus::Warning as i32,
+            summary: "résumé \"quoted\" 🚀".into(),
+            execution_time_ms: i64::from(i32::MAX) * 4,
+            source_representation: doc(serde_json::json!({
+                "n": -1.5, "t": true, "null": null, "list": [1, "two", [3], {"four": 4}],
+                "nested": {"a": {"b": {"c": [null, {}]}}}, "long": "x".repeat(300),
+            })),
+            target_representation: doc(serde_json::json!({"blob": "y".repeat(20_000)})),
+            ..new_result(&session.id, "rich", 0.123_456_789)
+        },
+        RecordResultRequest {
+            result_type: ResultType::Behavioral as i32,
+            overall_status: OverallStatus::Failed as i32,
+            source_representation: doc(serde_json::json!({})),
+            ..new_result(&session.id, "perfect", 1.0)
+        },
+    ];
+    let mut written = std::collections::HashMap::new();
+    for request in shapes {
+        let result = record(&app, request).await;
+        written.insert(result.id.clone(), result);
+    }
+    // A representation stored as JSON null (by SQL; the gateway stores
+    // `{}` for a missing one) reads as unset, as GetResult reads it.
+    app.sql()
+        .await
+        .execute(
+            "UPDATE results SET source_representation = 'null' WHERE request_id = 'perfect'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let perfect = written
+        .values_mut()
+        .find(|r| r.request_id == "perfect")
+        .unwrap();
+    perfect.source_representation = None;
+    let got = app
+        .results
+        .clone()
+        .get_result(GetResultRequest {
+            id: perfect.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.result.as_ref(), Some(&*perfect));
+    for view in [ResultView::Unspecified, ResultView::Full, ResultView::Basic] {
+        let listed = app
+            .results
+            .clone()
+            .list_results(ListResultsRequest {
+                session_id: session.id.clone(),
+                page_size: 50,
+                view: view as i32,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .results;
+        assert_eq!(listed.len(), 3, "{view:?}");
+        for result in listed {
+            let mut want = written[&result.id].clone();
+            if view == ResultView::Basic {
+                (want.source_representation, want.target_representation) = (None, None);
+            }
+            assert_eq!(result, want, "{view:?}");
+        }
+    }
 }
 
 #[tokio::test]

@@ -22,7 +22,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Stored JSON documents are sent as the bytes of their message,
         // written straight from the column (see `src/structs.rs`).
         .extern_path(".google.protobuf.Struct", "crate::structs::Struct")
-        // Sessions and results are written straight from their rows (see
+        // Sessions, results and discrepancies are written straight from
+        // their rows (see
         // `src/encode.rs`); clients read it as the generated message.
         .extern_path(
             ".verdict.v1.ListSessionsResponse",
@@ -31,6 +32,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .extern_path(
             ".verdict.v1.ListResultsResponse",
             "crate::encode::ListResultsResponse",
+        )
+        .extern_path(
+            ".verdict.v1.ListDiscrepanciesResponse",
+            "crate::encode::ListDiscrepanciesResponse",
         )
         .extern_path(
             ".verdict.v1.GetSessionResponse",

@@ -267,6 +267,12 @@ list_reply!(
     encoded_results,
     crate::proto::ValidationResult
 );
+list_reply!(
+    ListDiscrepanciesResponse,
+    discrepancies,
+    encoded_discrepancies,
+    crate::proto::Discrepancy
+);
 
 /// `verdict.v1.GetSessionResponse`, as the build maps it here: the
 /// generated fields, plus the session as the gateway wrote it from its row

@@ -46,7 +46,9 @@ pub mod proto {
     tonic::include_proto!("verdict.v1");
 
     /// Hand-written (see [`crate::encode`]); the same message on the wire.
-    pub use crate::encode::{GetSessionResponse, ListResultsResponse, ListSessionsResponse};
+    pub use crate::encode::{
+        GetSessionResponse, ListDiscrepanciesResponse, ListResultsResponse, ListSessionsResponse,
+    };
 
     /// The encoded descriptor set of `proto/`, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -135,11 +135,16 @@ async function seed() {
       totals: { linesCovered: BigInt(lines), linesTotal: 1000n, branchesCovered: BigInt(lines / 2), branchesTotal: 1000n, functionsCovered: 90n, functionsTotal: 100n },
     });
   }
+  // Two points per hour, a minute apart, inside one half hour of the clock:
+  // the metrics page's buckets are half hours, so the pair must not
+  // straddle one's edge whatever the time the test runs at.
+  const halfHour = HOUR / 2;
+  const slot = Math.floor(now / halfHour) * halfHour + 5 * 60_000;
   await api.metrics.recordMetricPoints({
     batchId: randomUUID(),
     points: [5, 4, 3, 2, 1].flatMap((hoursAgo) => [
-      { name: "migration.duration_ms", value: 1000 + hoursAgo * 100, unit: "ms", recordedAt: timestampFromMs(now - hoursAgo * HOUR) },
-      { name: "migration.duration_ms", value: 1400 + hoursAgo * 50, unit: "ms", recordedAt: timestampFromMs(now - hoursAgo * HOUR + 60_000) },
+      { name: "migration.duration_ms", value: 1000 + hoursAgo * 100, unit: "ms", recordedAt: timestampFromMs(slot - hoursAgo * HOUR) },
+      { name: "migration.duration_ms", value: 1400 + hoursAgo * 50, unit: "ms", recordedAt: timestampFromMs(slot - hoursAgo * HOUR + 60_000) },
     ]),
   });
   return { live, done };

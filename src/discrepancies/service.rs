@@ -208,13 +208,14 @@ impl DiscrepancyService for DiscrepancyApi {
         let project = call.project()?;
         let mut conn = self.state.db.conn(&call).await?;
         let rows = sql::list(conn.client().await?, project, &query).await?;
-        let (discrepancies, next_page_token) = pagination::page(
-            rows,
+        // The discrepancies are written straight from their rows.
+        let (encoded_discrepancies, next_page_token) = pagination::page_encoded(
+            rows.into(),
             query.page_size,
             self.state.max_message_bytes,
             &query.fingerprint,
-            sql::key,
-            Into::into,
+            sql::row_key,
+            |row, out| sql::discrepancy_to_wire(row, 1, out),
         )?;
         let (total, total_mode) = sql::count(
             conn.client().await?,
@@ -226,10 +227,11 @@ impl DiscrepancyService for DiscrepancyApi {
         .await?
         .wire();
         Ok(Response::new(proto::ListDiscrepanciesResponse {
-            discrepancies,
+            encoded_discrepancies,
             next_page_token,
             total,
             total_mode,
+            ..Default::default()
         }))
     }
 

@@ -49,6 +49,54 @@ fn from_row(row: &Row) -> Result<Discrepancy> {
     })
 }
 
+/// Appends the discrepancy of a row that starts with
+/// `discrepancy_columns!()` to `out` as field `field` of a reply (key,
+/// length and `verdict.v1.Discrepancy`), straight from the row's bytes: what
+/// `from_row` and the proto conversion give, without building either (see
+/// [`crate::encode`]).
+pub fn discrepancy_to_wire(row: &Row, field: u32, out: &mut Vec<u8>) -> Result<()> {
+    use crate::encode::*;
+    let at = start_message(out, field);
+    put_uuid(out, 1, row.try_get(0)?);
+    put_uuid(out, 2, row.try_get(1)?);
+    if let Some(result_id) = row.try_get(2)? {
+        put_uuid(out, 3, result_id);
+    }
+    put_str(out, 4, row.try_get(3)?);
+    put_varint(
+        out,
+        5,
+        Severity::from_rank(row.try_get(4)?)?.to_proto() as i64,
+    );
+    // description, source_element, target_element, recommendation.
+    for column in 5..=8 {
+        put_str(out, column as u32 + 1, row.try_get(column)?);
+    }
+    put_double(out, 10, row.try_get(9)?);
+    put_str(out, 11, row.try_get(10)?);
+    put_varint(
+        out,
+        12,
+        Resolution::from_db(row.try_get(11)?)?.to_proto() as i64,
+    );
+    put_str(out, 13, row.try_get(12)?);
+    put_str(out, 14, row.try_get(13)?);
+    put_opt_timestamp(out, 15, row.try_get(14)?);
+    put_timestamp(out, 16, row.try_get(15)?);
+    end_message(out, at);
+    Ok(())
+}
+
+/// The list-order key of a row that starts with `discrepancy_columns!()`.
+pub fn row_key(row: &Row) -> Result<DiscrepancyKey> {
+    let created_at: chrono::DateTime<chrono::Utc> = row.try_get(15)?;
+    Ok((
+        row.try_get(4)?,
+        created_at.timestamp_micros(),
+        row.try_get(0)?,
+    ))
+}
+
 pub fn key(d: &Discrepancy) -> DiscrepancyKey {
     (d.severity.rank(), d.created_at.timestamp_micros(), d.id)
 }
@@ -306,7 +354,7 @@ pub async fn list(
     c: &impl GenericClient,
     project_id: Uuid,
     q: &ListDiscrepancies,
-) -> Result<Vec<Discrepancy>> {
+) -> Result<Vec<Row>> {
     let f = &q.filter;
     let severities: Option<Vec<i16>> =
         (!f.severities.is_empty()).then(|| f.severities.iter().map(|s| s.rank()).collect());
@@ -341,7 +389,7 @@ pub async fn list(
             LIST_SEARCH.query(c, &params).await?
         }
     };
-    rows.iter().map(from_row).collect()
+    Ok(rows)
 }
 
 const BY_ID: Stmt = Stmt::new(

@@ -7,9 +7,10 @@ use crate::sessions::create;
 use std::collections::{HashMap, HashSet};
 use tonic::Code;
 use verdict::proto::{
-    DiscrepancyInput, IngestDiscrepanciesRequest, IngestDiscrepanciesResponse,
-    ListDiscrepanciesRequest, ListResolutionHistoryRequest, RecordDiscrepanciesRequest, Resolution,
-    ResolveDiscrepancyRequest, Severity, SummarizeDiscrepanciesRequest, TimeRange,
+    DiscrepancyInput, GetDiscrepancyRequest, IngestDiscrepanciesRequest,
+    IngestDiscrepanciesResponse, ListDiscrepanciesRequest, ListResolutionHistoryRequest,
+    RecordDiscrepanciesRequest, Resolution, ResolveDiscrepancyRequest, Severity,
+    SummarizeDiscrepanciesRequest, TimeRange,
 };
 
 pub fn item(n: usize) -> DiscrepancyInput {
@@ -53,6 +54,76 @@ async fn record_batch(
         .expect("record discrepancies")
         .into_inner()
         .ids
+}
+
+#[tokio::test]
+async fn listed_discrepancies_are_exactly_what_get_discrepancy_returns() {
+    // ListDiscrepancies writes its items straight from the rows;
+    // GetDiscrepancy replies with the generated message. Every field of every
+    // shape must read back the same.
+    let app = spawn_app().await;
+    let session = create(&app, "discrepancies-on-the-wire").await;
+    let result = record(&app, new_result(&session.id, "for-discrepancies", 0.5)).await;
+    let mut with_result = item(0);
+    with_result.result_id = result.id.clone();
+    with_result.confidence = 1.0;
+    with_result.fingerprint = "given-fingerprint".into();
+    let mut bare = item(1);
+    (
+        bare.source_element,
+        bare.target_element,
+        bare.recommendation,
+    ) = (String::new(), String::new(), String::new());
+    bare.confidence = 0.0;
+    let mut rich = item(2);
+    rich.description = "précision perdue « 0,1 » 🚀 \"quoted\"".into();
+    rich.kind = "编码".into();
+    rich.confidence = 0.123_456_789;
+    let mut long = item(3);
+    long.description = "x".repeat(5_000);
+    let ids = record_batch(
+        &app,
+        &session.id,
+        "wire",
+        vec![with_result, bare, rich, long, item(4)],
+    )
+    .await;
+    app.discrepancies
+        .clone()
+        .resolve_discrepancy(ResolveDiscrepancyRequest {
+            id: ids[2].clone(),
+            resolution: Resolution::Acknowledged as i32,
+            actor: "Zoë".into(),
+            note: "seen, \"fine\"".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let listed = app
+        .discrepancies
+        .clone()
+        .list_discrepancies(ListDiscrepanciesRequest {
+            session_id: session.id.clone(),
+            page_size: 50,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .discrepancies;
+    assert_eq!(listed.len(), 5);
+    for d in listed {
+        let want = app
+            .discrepancies
+            .clone()
+            .get_discrepancy(GetDiscrepancyRequest { id: d.id.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .discrepancy
+            .unwrap();
+        assert_eq!(d, want);
+    }
 }
 
 #[tokio::test]

@@ -496,6 +496,102 @@ async fn get_and_list_return_each_session_exactly_as_its_last_write_did() {
     );
 }
 
+/// Every page of ListSessions, retrying a page that failed UNAVAILABLE (a
+/// terminated backend) with the same token, as the API asks a caller to.
+async fn walk_sessions(
+    mut client: verdict::proto::session_service_client::SessionServiceClient<
+        tonic::transport::Channel,
+    >,
+) -> Vec<Session> {
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = match client
+            .list_sessions(ListSessionsRequest {
+                page_size: 7,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(page) => page.into_inner(),
+            Err(e) if e.code() == Code::Unavailable => continue,
+            Err(e) => panic!("a page failed: {e:?}"),
+        };
+        seen.extend(page.sessions);
+        if page.next_page_token.is_empty() {
+            return seen;
+        }
+        token = page.next_page_token;
+    }
+}
+
+#[tokio::test]
+async fn concurrent_pagers_across_terminated_backends_see_every_session_once_as_stored() {
+    // Sessions written from their rows: several pagers walk the list while a
+    // writer adds sessions and every gateway backend is terminated after each
+    // write. Each walk returns every earlier session exactly once, in list
+    // order, each exactly as GetSession returns it.
+    let app = spawn_app().await;
+    let mut before = Vec::new();
+    for i in 0..40 {
+        before.push(create(&app, &format!("early-{i}")).await);
+    }
+    let sql = app.sql().await;
+    let writer = {
+        let mut client = app.sessions.clone();
+        async move {
+            for i in 0..12 {
+                let request = new_session(&format!("late-{i}"));
+                // A create whose backend was terminated is retried: the
+                // request_id makes the retry store it once.
+                while let Err(e) = client.create_session(request.clone()).await {
+                    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                }
+                sql.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE application_name = 'verdict' AND datname = current_database() \
+                       AND pid <> pg_backend_pid()",
+                    &[],
+                )
+                .await
+                .unwrap();
+            }
+        }
+    };
+    let pagers = (0..3).map(|_| walk_sessions(app.sessions.clone()));
+    let ((), walks) = tokio::join!(writer, futures::future::join_all(pagers));
+
+    let after = walk_sessions(app.sessions.clone()).await;
+    assert_eq!(after.len(), before.len() + 12);
+    let position: std::collections::HashMap<&str, usize> = after
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.id.as_str(), i))
+        .collect();
+    let stored: std::collections::HashMap<&str, &Session> =
+        after.iter().map(|s| (s.id.as_str(), s)).collect();
+    for walk in &walks {
+        let ids: HashSet<&str> = walk.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids.len(), walk.len(), "no session twice");
+        assert!(
+            before.iter().all(|s| ids.contains(s.id.as_str())),
+            "every earlier session"
+        );
+        assert!(
+            walk.windows(2)
+                .all(|w| position[w[0].id.as_str()] < position[w[1].id.as_str()]),
+            "in list order"
+        );
+        for session in walk {
+            assert_eq!(session, stored[session.id.as_str()], "as stored");
+        }
+    }
+    for session in &before {
+        assert_eq!(stored[session.id.as_str()], session, "as created");
+    }
+}
+
 #[tokio::test]
 async fn list_sessions_applies_every_filter() {
     let app = spawn_app().await;

@@ -38,6 +38,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "crate::encode::ListDiscrepanciesResponse",
         )
         .extern_path(
+            ".verdict.v1.ListSessionLogsResponse",
+            "crate::encode::ListSessionLogsResponse",
+        )
+        .extern_path(
             ".verdict.v1.GetSessionResponse",
             "crate::encode::GetSessionResponse",
         )

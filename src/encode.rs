@@ -268,6 +268,12 @@ list_reply!(
     crate::proto::ValidationResult
 );
 list_reply!(
+    ListSessionLogsResponse,
+    entries,
+    encoded_entries,
+    crate::proto::SessionLogEntry
+);
+list_reply!(
     ListDiscrepanciesResponse,
     discrepancies,
     encoded_discrepancies,

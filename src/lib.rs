@@ -47,7 +47,8 @@ pub mod proto {
 
     /// Hand-written (see [`crate::encode`]); the same message on the wire.
     pub use crate::encode::{
-        GetSessionResponse, ListDiscrepanciesResponse, ListResultsResponse, ListSessionsResponse,
+        GetSessionResponse, ListDiscrepanciesResponse, ListResultsResponse,
+        ListSessionLogsResponse, ListSessionsResponse,
     };
 
     /// The encoded descriptor set of `proto/`, served by reflection.
@@ -234,7 +235,8 @@ impl Application {
 
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let hub = Hub::new();
-        let watches = sessions::Watches::new(self.watch_db.clone(), shutdown_rx.clone());
+        let watches =
+            sessions::Watches::new(self.watch_db.clone(), shutdown_rx.clone(), hub.clone());
         let state = AppState {
             db: self.db.clone(),
             hub: hub.clone(),
@@ -254,7 +256,7 @@ impl Application {
         let mut background = JoinSet::new();
         observability::register_pool_gauges(&self.db);
         observability::set_database(self.pg.config());
-        background.spawn(watches.dispatch(hub.clone()));
+        background.spawn(watches.dispatch());
         if let Some(listener) = self.metrics_listener.take() {
             background.spawn(observability::serve_prometheus(listener, self.db.clone()));
         }

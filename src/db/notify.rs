@@ -1,10 +1,16 @@
 //! The LISTEN side of change notifications: one connection outside the pool
 //! per gateway, fanned out in-process to every watcher.
+//!
+//! The connection is open only while something is watched: every write to
+//! a session notifies, and a gateway nobody watches would otherwise take
+//! and drop a notification per write. When watching starts, LISTEN runs
+//! first and a [`Notice::Resync`] follows it, so whatever committed before
+//! the listener heard it is read again, just as after a reconnect.
 
 use super::PgConfig;
 use futures::StreamExt;
 use std::time::Duration;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_postgres::AsyncMessage;
 use uuid::Uuid;
 
@@ -25,6 +31,8 @@ pub enum Notice {
 #[derive(Clone)]
 pub struct Hub {
     tx: broadcast::Sender<Notice>,
+    /// Whether anything is watched: the listener runs only while it is.
+    wanted: watch::Sender<bool>,
 }
 
 impl Default for Hub {
@@ -36,7 +44,18 @@ impl Default for Hub {
 impl Hub {
     pub fn new() -> Self {
         let (tx, _) = broadcast::channel(4096);
-        Hub { tx }
+        Hub {
+            tx,
+            wanted: watch::Sender::new(false),
+        }
+    }
+
+    /// Says whether anything is watched now: the listener connects (and
+    /// resyncs every watcher) when this turns true and disconnects when it
+    /// turns false.
+    pub fn set_watched(&self, watched: bool) {
+        self.wanted
+            .send_if_modified(|w| std::mem::replace(w, watched) != watched);
     }
 
     /// Subscribe before reading the state to watch, so nothing committed in
@@ -45,13 +64,21 @@ impl Hub {
         self.tx.subscribe()
     }
 
-    /// Keeps a LISTEN connection open for as long as the gateway runs,
-    /// reconnecting with capped backoff.
+    /// Keeps a LISTEN connection open while anything is watched, for as
+    /// long as the gateway runs, reconnecting with capped backoff.
     pub async fn listen(self, config: PgConfig) {
+        let mut wanted = self.wanted.subscribe();
         let mut delay = Duration::from_millis(100);
         loop {
-            match self.listen_once(&config).await {
-                Ok(()) => delay = Duration::from_millis(100),
+            if wanted.wait_for(|w| *w).await.is_err() {
+                return;
+            }
+            match self.listen_once(&config, &mut wanted).await {
+                Ok(Ended::Unwatched) => {
+                    delay = Duration::from_millis(100);
+                    continue;
+                }
+                Ok(Ended::Closed) => delay = Duration::from_millis(100),
                 Err(e) => tracing::warn!(error = %e, "notification listener lost its connection"),
             }
             tokio::time::sleep(delay).await;
@@ -59,7 +86,11 @@ impl Hub {
         }
     }
 
-    async fn listen_once(&self, config: &PgConfig) -> Result<(), tokio_postgres::Error> {
+    async fn listen_once(
+        &self,
+        config: &PgConfig,
+        wanted: &mut watch::Receiver<bool>,
+    ) -> Result<Ended, tokio_postgres::Error> {
         let (client, mut connection) = config.connect().await?;
         let (ntx, mut nrx) = mpsc::unbounded_channel();
         let driver = tokio::spawn(async move {
@@ -85,13 +116,41 @@ impl Hub {
         tracing::debug!("listening for session changes");
         // Anything committed while we were not listening is caught up now.
         let _ = self.tx.send(Notice::Resync);
-        while let Some(n) = nrx.recv().await {
-            if let Ok(id) = n.payload().parse::<Uuid>() {
-                let _ = self.tx.send(Notice::SessionChanged(id));
+        let ended = loop {
+            tokio::select! {
+                n = nrx.recv() => match n {
+                    Some(n) => {
+                        if let Ok(id) = n.payload().parse::<Uuid>() {
+                            let _ = self.tx.send(Notice::SessionChanged(id));
+                        }
+                    }
+                    None => break Ended::Closed,
+                },
+                // Nothing watched any more: the connection closes. Watching
+                // again reconnects and resyncs.
+                unwatched = wanted.wait_for(|w| !*w) => {
+                    if unwatched.is_err() {
+                        break Ended::Closed;
+                    }
+                    tracing::debug!("nothing watched: the notification listener disconnects");
+                    break Ended::Unwatched;
+                }
             }
-        }
+        };
         driver.abort();
-        let _ = self.tx.send(Notice::Resync);
-        Ok(())
+        drop(client);
+        if ended == Ended::Closed {
+            let _ = self.tx.send(Notice::Resync);
+        }
+        Ok(ended)
     }
+}
+
+/// Why a listening connection ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ended {
+    /// The server closed it: watchers resync once it is back.
+    Closed,
+    /// Nothing is watched any more.
+    Unwatched,
 }

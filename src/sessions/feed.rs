@@ -174,6 +174,8 @@ struct Inner {
     db: Db,
     feeds: Mutex<HashMap<Uuid, Arc<Feed>>>,
     shutdown: watch::Receiver<bool>,
+    /// Told whether any feed runs: the listener listens only then.
+    hub: Hub,
 }
 
 struct Feed {
@@ -234,12 +236,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Watches {
-    pub fn new(db: Db, shutdown: watch::Receiver<bool>) -> Self {
+    pub fn new(db: Db, shutdown: watch::Receiver<bool>, hub: Hub) -> Self {
         Watches {
             inner: Arc::new(Inner {
                 db,
                 feeds: Mutex::new(HashMap::new()),
                 shutdown,
+                hub,
             }),
         }
     }
@@ -278,6 +281,8 @@ impl Watches {
                 feed.wake.notify_one();
                 tokio::spawn(self.clone().run_feed(id, feed.clone()));
                 feeds.insert(id, feed.clone());
+                // Set under the lock, so the last word matches the map.
+                self.inner.hub.set_watched(true);
                 feed
             }
         };
@@ -299,8 +304,8 @@ impl Watches {
     /// Routes notifications to feeds, for as long as the gateway runs. A
     /// listener reconnect (or a lag) may have lost notifications: every feed
     /// then re-reads.
-    pub async fn dispatch(self, hub: Hub) {
-        let mut notices = hub.subscribe();
+    pub async fn dispatch(self) {
+        let mut notices = self.inner.hub.subscribe();
         loop {
             match notices.recv().await {
                 Ok(Notice::SessionChanged(id)) => {
@@ -326,6 +331,9 @@ impl Watches {
         }
         if feeds.get(&id).is_some_and(|f| Arc::ptr_eq(f, feed)) {
             feeds.remove(&id);
+            if feeds.is_empty() {
+                self.inner.hub.set_watched(false);
+            }
         }
         true
     }

@@ -291,23 +291,25 @@ impl SessionService for SessionApi {
         if rows.is_empty() && sql::get(c, project, query.session_id).await?.is_none() {
             return Err(not_found(query.session_id).into());
         }
-        let (entries, next_page_token) = pagination::page(
-            rows,
+        // The entries are written straight from their rows.
+        let (encoded_entries, next_page_token) = pagination::page_encoded(
+            rows.into(),
             query.page_size,
             self.state.max_message_bytes,
             &query.fingerprint,
-            |last| last.seq,
-            Into::into,
+            sql::log_row_key,
+            |row, out| sql::log_to_wire(row, 1, out),
         )?;
         let (total, total_mode) =
             sql::count_logs(c, project, &query, count, self.state.count_exact_below)
                 .await?
                 .wire();
         Ok(Response::new(proto::ListSessionLogsResponse {
-            entries,
+            encoded_entries,
             next_page_token,
             total,
             total_mode,
+            ..Default::default()
         }))
     }
 

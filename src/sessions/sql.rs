@@ -94,6 +94,33 @@ pub fn session_row_key(row: &Row) -> Result<SessionKey> {
 
 /// A log entry from a row that starts with `log_columns!()`, read by
 /// position.
+/// Writes a log entry from a row that starts with `log_columns!()` as
+/// `field` of a reply: the bytes `From<LogEntry>` gives, without the
+/// entry in between.
+pub fn log_to_wire(row: &Row, field: u32, out: &mut Vec<u8>) -> Result<()> {
+    use crate::encode::*;
+    let at = start_message(out, field);
+    put_varint(out, 1, row.try_get(0)?);
+    put_uuid(out, 2, row.try_get(1)?);
+    put_timestamp(out, 3, row.try_get(3)?);
+    put_varint(
+        out,
+        4,
+        LogLevel::from_db(row.try_get(4)?)?.to_proto() as i64,
+    );
+    put_str(out, 5, row.try_get(5)?);
+    let JsonText(fields) = row.try_get(6)?;
+    put_struct_json(out, 6, fields)?;
+    put_varint(out, 7, row.try_get(2)?);
+    end_message(out, at);
+    Ok(())
+}
+
+/// The list-order key (`seq`) of a row that starts with `log_columns!()`.
+pub fn log_row_key(row: &Row) -> Result<i64> {
+    Ok(row.try_get(2)?)
+}
+
 fn log_from_row(row: &Row) -> Result<LogEntry> {
     Ok(LogEntry {
         id: row.try_get(0)?,
@@ -634,12 +661,8 @@ const LIST_LOGS_SEARCH: Stmt = Stmt::new(
 );
 
 /// One page of the log of a session of `project` in sequence order, plus
-/// one extra row when more follow.
-pub async fn list_logs(
-    c: &impl GenericClient,
-    project: Uuid,
-    q: &ListLogs,
-) -> Result<Vec<LogEntry>> {
+/// one extra row when more follow (rows of `log_columns!()`).
+pub async fn list_logs(c: &impl GenericClient, project: Uuid, q: &ListLogs) -> Result<Vec<Row>> {
     let levels: Vec<&str> = LogLevel::ALL
         .iter()
         .copied()
@@ -657,7 +680,7 @@ pub async fn list_logs(
             LIST_LOGS_SEARCH.query(c, &with_query).await?
         }
     };
-    rows.iter().map(log_from_row).collect()
+    Ok(rows)
 }
 
 /// The total of ListSessionLogs: LIST_LOGS's filters, without paging.

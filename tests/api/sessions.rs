@@ -1030,3 +1030,98 @@ async fn a_deadline_cancels_the_query_in_postgresql() {
         .unwrap();
     assert_eq!(after.version, 2, "the cancelled update changed nothing");
 }
+
+#[tokio::test]
+async fn listed_log_entries_are_exactly_what_appending_them_returned_on_every_page() {
+    // ListSessionLogs writes its entries straight from their rows;
+    // AppendSessionLog replies with the generated message. Every field of
+    // every shape must read back the same, page by page and filtered.
+    let app = spawn_app().await;
+    let mut client = app.sessions.clone();
+    let session = client
+        .create_session(new_session("logs-on-the-wire"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let shapes = [
+        (LogLevel::Debug, "d".to_string(), None),
+        (
+            LogLevel::Info,
+            "ünïcode 🚀 \"quoted\" \\ back\nline".to_string(),
+            Some(to_struct(serde_json::json!({}))),
+        ),
+        (
+            LogLevel::Warning,
+            "every kind of value".to_string(),
+            Some(to_struct(serde_json::json!({
+                "n": -1.5, "big": 1e300, "zero": 0, "t": true, "f": false, "null": null,
+                "s": "é \"q\"", "list": [1, "two", [3], {"four": 4}],
+                "nested": {"a": {"b": {"c": [null, {}]}}}, "empty": {},
+            }))),
+        ),
+        (
+            LogLevel::Error,
+            "m".repeat(3_000),
+            Some(to_struct(serde_json::json!({"blob": "y".repeat(20_000)}))),
+        ),
+        (LogLevel::Info, "plain".to_string(), None),
+    ];
+    let mut appended = Vec::new();
+    for (level, message, fields) in shapes {
+        appended.push(
+            client
+                .append_session_log(AppendSessionLogRequest {
+                    session_id: session.id.clone(),
+                    level: level as i32,
+                    message,
+                    fields,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .entry
+                .unwrap(),
+        );
+    }
+    // Two entries a page: the token of each page leads to the next.
+    let list = |min_level: LogLevel| {
+        let mut client = client.clone();
+        let id = session.id.clone();
+        async move {
+            let (mut out, mut token, mut pages) = (Vec::new(), String::new(), 0);
+            loop {
+                let page = client
+                    .list_session_logs(ListSessionLogsRequest {
+                        session_id: id.clone(),
+                        min_level: min_level as i32,
+                        page_size: 2,
+                        page_token: token,
+                        ..Default::default()
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                pages += 1;
+                assert!(page.entries.len() <= 2);
+                out.extend(page.entries);
+                if page.next_page_token.is_empty() {
+                    return (out, pages);
+                }
+                token = page.next_page_token;
+            }
+        }
+    };
+    let (all, pages) = list(LogLevel::Unspecified).await;
+    assert_eq!(all, appended, "every entry as appended, in sequence order");
+    assert_eq!(pages, 3);
+    let (warnings, _) = list(LogLevel::Warning).await;
+    let want: Vec<_> = appended
+        .iter()
+        .filter(|e| e.level >= LogLevel::Warning as i32)
+        .cloned()
+        .collect();
+    assert_eq!(warnings, want);
+    assert_eq!(warnings.len(), 2);
+}

@@ -652,3 +652,125 @@ async fn entries_written_by_direct_sql_get_the_next_sequence_and_reach_watchers(
     let stored = append_retrying(&mut client, &s.id, "after").await;
     assert_eq!(stored.sequence, 5);
 }
+
+/// How many connections of the gateway listen on the session channel.
+async fn session_listeners(sql: &tokio_postgres::Client) -> i64 {
+    sql.query_one(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND pid <> pg_backend_pid() AND query = 'LISTEN verdict_session_changed'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Polls until `want` session listeners exist (at most 20 s).
+async fn await_session_listeners(sql: &tokio_postgres::Client, want: i64) {
+    let started = std::time::Instant::now();
+    while session_listeners(sql).await != want {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still not {want} session listener(s) after 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn the_session_listener_runs_only_while_watched_and_its_first_watchers_miss_nothing() {
+    const WRITERS: usize = 4;
+    const EACH: usize = 100;
+    const WATCHERS: usize = 6;
+    const BEFORE: usize = 5;
+    let app = spawn_app().await;
+    let sql = app.sql().await;
+    let s = create(&app, "listened-lazily").await;
+    set_status(&app, &s.id, SessionStatus::Processing)
+        .await
+        .unwrap();
+    let mut writer = SessionServiceClient::new(connect(app.port).await);
+    for i in 0..BEFORE {
+        writer
+            .append_session_log(entry(&s.id, &format!("unwatched {i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        session_listeners(&sql).await,
+        0,
+        "nobody watches: no connection listens for session changes"
+    );
+
+    // Watchers start while writers commit: the first ones join before the
+    // listener is up, with entries committing all along. Each asks for the
+    // whole log and must get every entry once, in order.
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(WRITERS + WATCHERS));
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let mut client = SessionServiceClient::new(connect(app.port).await);
+        let (id, start) = (s.id.clone(), start.clone());
+        writers.spawn(async move {
+            start.wait().await;
+            for i in 0..EACH {
+                client
+                    .append_session_log(entry(&id, &format!("w{w}-{i}")))
+                    .await
+                    .expect("append");
+            }
+        });
+    }
+    let mut watchers = Vec::new();
+    for _ in 0..WATCHERS {
+        let mut client = SessionServiceClient::new(connect(app.port).await);
+        let (id, start) = (s.id.clone(), start.clone());
+        watchers.push(tokio::spawn(async move {
+            start.wait().await;
+            let stream = watch(&mut client, watch_from(&id, Some(0), None)).await;
+            drain(stream, Duration::from_secs(60)).await
+        }));
+    }
+    writers.join_all().await;
+    await_session_listeners(&sql, 1).await;
+    set_status(&app, &s.id, SessionStatus::Completed)
+        .await
+        .unwrap();
+    let total = (BEFORE + WRITERS * EACH) as i64;
+    for watcher in watchers {
+        let events = watcher.await.unwrap();
+        assert_eq!(
+            sequences(&events),
+            (1..=total).collect::<Vec<_>>(),
+            "every entry once, in order"
+        );
+        assert_eq!(status_of(events.last().cloned()), SessionStatus::Completed);
+    }
+
+    // Every watch ended: the listener disconnects.
+    await_session_listeners(&sql, 0).await;
+    writer
+        .append_session_log(entry(&s.id, "refused: final"))
+        .await
+        .expect_err("a completed session takes no entries");
+
+    // Watching again listens again, and a change made right after the
+    // watcher's first event reaches it.
+    let s2 = create(&app, "listened-again").await;
+    let mut client = SessionServiceClient::new(connect(app.port).await);
+    let mut stream = watch(&mut client, watch_from(&s2.id, None, None)).await;
+    assert_eq!(status_of(next(&mut stream).await), SessionStatus::Pending);
+    let stored = writer
+        .append_session_log(entry(&s2.id, "watched again"))
+        .await
+        .unwrap()
+        .into_inner()
+        .entry
+        .unwrap();
+    match next(&mut stream).await {
+        Some(Event::LogEntry(e)) => assert_eq!(e.sequence, stored.sequence),
+        other => panic!("expected the entry, got {other:?}"),
+    }
+    await_session_listeners(&sql, 1).await;
+    drop(stream);
+    await_session_listeners(&sql, 0).await;
+}

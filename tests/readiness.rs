@@ -70,11 +70,11 @@ fn record_health(app: &TestApp) -> (Seen, tokio::task::JoinHandle<()>) {
 
 #[tokio::test]
 async fn a_replica_without_connection_slots_is_not_serving_until_an_idle_replica_gives_them_back() {
-    // 20 slots: replica A (pool 16, probe, listener) and this test's own
-    // connection take 19; replica B gets one for its probe or its listener
-    // and none for its pool (its probe only tries the pool while its own
-    // connection is up).
-    let mut pg = postgres_with(20).await;
+    // 19 slots: replica A (pool 16, probe; nothing is watched, so no
+    // listener) and this test's own connection take 18; replica B gets one
+    // for its probe and none for its pool (its probe only tries the pool
+    // while its own connection is up).
+    let mut pg = postgres_with(19).await;
     let url = pg.database_url("verdict");
     let mut a_config = test_config(&url);
     a_config.pool_size = 16;
@@ -97,8 +97,8 @@ async fn a_replica_without_connection_slots_is_not_serving_until_an_idle_replica
     let (health, recorder) = record_health(&b);
 
     // Wait until B has migrated, its start-up connection is gone and every
-    // slot is taken (B's probe or listener holds the last one), so that no
-    // call of this test races them for it.
+    // slot is taken (B's probe holds the last one), so that no call of this
+    // test races it for it.
     let started = Instant::now();
     loop {
         let row = admin
@@ -110,7 +110,7 @@ async fn a_replica_without_connection_slots_is_not_serving_until_an_idle_replica
             .await
             .unwrap();
         let (clients, starting): (i64, i64) = (row.get(0), row.get(1));
-        if b.db.is_ready() && clients == 20 && starting == 0 {
+        if b.db.is_ready() && clients == 19 && starting == 0 {
             break;
         }
         assert!(

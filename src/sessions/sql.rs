@@ -92,8 +92,6 @@ pub fn session_row_key(row: &Row) -> Result<SessionKey> {
     Ok((created_at.timestamp_micros(), row.try_get(0)?))
 }
 
-/// A log entry from a row that starts with `log_columns!()`, read by
-/// position.
 /// Writes a log entry from a row that starts with `log_columns!()` as
 /// `field` of a reply: the bytes `From<LogEntry>` gives, without the
 /// entry in between.
@@ -121,6 +119,8 @@ pub fn log_row_key(row: &Row) -> Result<i64> {
     Ok(row.try_get(2)?)
 }
 
+/// A log entry from a row that starts with `log_columns!()`, read by
+/// position.
 fn log_from_row(row: &Row) -> Result<LogEntry> {
     Ok(LogEntry {
         id: row.try_get(0)?,

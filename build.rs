@@ -42,6 +42,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             "crate::encode::ListSessionLogsResponse",
         )
         .extern_path(
+            ".verdict.v1.ListExecutionsResponse",
+            "crate::encode::ListExecutionsResponse",
+        )
+        .extern_path(
             ".verdict.v1.GetSessionResponse",
             "crate::encode::GetSessionResponse",
         )

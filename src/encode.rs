@@ -133,6 +133,19 @@ pub fn put_struct_json(out: &mut Vec<u8>, field: u32, text: &[u8]) -> Result<()>
     Ok(())
 }
 
+/// A `repeated string` field: every item, empty ones too.
+pub fn put_repeated_str<'a>(
+    out: &mut Vec<u8>,
+    field: u32,
+    items: impl IntoIterator<Item = &'a str>,
+) {
+    for s in items {
+        encode_key(field, WireType::LengthDelimited, out);
+        encode_varint(s.len() as u64, out);
+        out.extend_from_slice(s.as_bytes());
+    }
+}
+
 /// A `map<string, string>` field of `entries`: one entry message each.
 pub fn put_str_map<'a>(
     out: &mut Vec<u8>,
@@ -272,6 +285,12 @@ list_reply!(
     entries,
     encoded_entries,
     crate::proto::SessionLogEntry
+);
+list_reply!(
+    ListExecutionsResponse,
+    executions,
+    encoded_executions,
+    crate::proto::Execution
 );
 list_reply!(
     ListDiscrepanciesResponse,

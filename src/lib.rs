@@ -47,7 +47,7 @@ pub mod proto {
 
     /// Hand-written (see [`crate::encode`]); the same message on the wire.
     pub use crate::encode::{
-        GetSessionResponse, ListDiscrepanciesResponse, ListResultsResponse,
+        GetSessionResponse, ListDiscrepanciesResponse, ListExecutionsResponse, ListResultsResponse,
         ListSessionLogsResponse, ListSessionsResponse,
     };
 

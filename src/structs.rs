@@ -309,6 +309,70 @@ impl<'de> Visitor<'de> for TopList {
     }
 }
 
+/// [`Struct::list_from_json_text`], written as the repeated Struct field
+/// `field` of a message into `out`: one entry per item of the list (an
+/// object's entries; any other item: an empty Struct), none when the text is
+/// not a list. On failure `out` may hold part of them.
+pub fn encode_json_list_into(
+    text: &[u8],
+    field: u32,
+    out: &mut Vec<u8>,
+) -> Result<(), serde_json::Error> {
+    let mut de = serde_json::Deserializer::from_slice(text);
+    let starts_list = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
+    if starts_list {
+        serde::Deserializer::deserialize_seq(&mut de, ListInto { field, out })?;
+    } else {
+        serde::Deserialize::deserialize(&mut de).map(|IgnoredAny| ())?;
+    }
+    de.end()
+}
+
+/// The items of a list, each written as field `field` (see
+/// [`encode_json_list_into`]).
+struct ListInto<'a> {
+    field: u32,
+    out: &'a mut Vec<u8>,
+}
+
+impl<'de> Visitor<'de> for ListInto<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON list")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let (field, out) = (self.field, self.out);
+        while seq
+            .next_element_seed(ItemInto {
+                field,
+                out: &mut *out,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+}
+
+/// One item of a list, written as field `field` of the message in `out`.
+struct ItemInto<'a> {
+    field: u32,
+    out: &'a mut Vec<u8>,
+}
+
+impl<'de> DeserializeSeed<'de> for ItemInto<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        prost::encoding::encode_key(self.field, WireType::LengthDelimited, self.out);
+        let at = open(self.out);
+        Top(&mut *self.out).deserialize(d)?;
+        close(self.out, at);
+        Ok(())
+    }
+}
+
 /// One item of a list of Structs.
 struct Item;
 

@@ -319,6 +319,96 @@ pub fn key(e: &Execution) -> ExecutionKey {
     (e.started_at.timestamp_micros(), e.id)
 }
 
+/// The list-order key of a row of a list statement (either view).
+pub fn row_key(row: &Row) -> Result<ExecutionKey> {
+    let started_at: chrono::DateTime<chrono::Utc> = row.try_get(7)?;
+    Ok((started_at.timestamp_micros(), row.try_get(0)?))
+}
+
+/// The ids of a page's failures (rows with an error message), whose
+/// triage the reply carries (`crate::failures::sql::effective`).
+pub fn failure_ids(rows: &[Row]) -> Result<Vec<Uuid>> {
+    let mut ids = Vec::new();
+    for row in rows {
+        if !row.try_get::<_, &str>(10)?.is_empty() {
+            ids.push(row.try_get(0)?);
+        }
+    }
+    Ok(ids)
+}
+
+/// Writes an execution from a row of a list statement (either view) as
+/// `field` of a reply, with its failure's signature and triage when it has
+/// them: the bytes `From<Execution>` gives, without the execution in
+/// between.
+pub fn execution_to_wire(
+    row: &Row,
+    triage: Option<&(crate::failures::Signature, crate::failures::Triage)>,
+    field: u32,
+    out: &mut Vec<u8>,
+) -> Result<()> {
+    use crate::encode::*;
+    let unreadable = |e: serde_json::Error| {
+        Error::Internal(format!("a stored JSON document is unreadable: {e}"))
+    };
+    let at = start_message(out, field);
+    put_uuid(out, 1, row.try_get(0)?);
+    put_uuid(out, 2, row.try_get(1)?);
+    put_str(out, 3, row.try_get(2)?);
+    if let Some(session) = row.try_get(3)? {
+        put_uuid(out, 4, session);
+    }
+    put_varint(
+        out,
+        5,
+        ExecutionStatus::from_db(row.try_get(6)?)?.to_proto() as i64,
+    );
+    put_timestamp(out, 6, row.try_get(7)?);
+    put_varint(out, 7, row.try_get(8)?);
+    // SQL NULL (a BASIC list) and JSON null: unset.
+    if let Some(JsonText(environment)) = row.try_get(9)?
+        && environment.trim_ascii() != b"null"
+    {
+        put_struct_json(out, 8, environment)?;
+    }
+    put_str(out, 9, row.try_get(10)?);
+    put_str(out, 10, row.try_get(11)?);
+    if let Some(refs) = row.try_get::<_, Option<Vec<&str>>>(12)? {
+        put_repeated_str(out, 11, refs);
+    }
+    if let Some(JsonText(steps)) = row.try_get(13)? {
+        crate::structs::encode_json_list_into(steps, 12, out).map_err(unreadable)?;
+    }
+    if let Some(JsonText(performance)) = row.try_get(14)? {
+        // Only the numbers of an object, as `From<Execution>`.
+        if let serde_json::Value::Object(m) =
+            serde_json::from_slice(performance).map_err(unreadable)?
+        {
+            for (k, v) in &m {
+                if let Some(v) = v.as_f64() {
+                    let entry = start_message(out, 13);
+                    put_str(out, 1, k);
+                    put_double(out, 2, v);
+                    end_message(out, entry);
+                }
+            }
+        }
+    }
+    put_timestamp(out, 14, row.try_get(15)?);
+    if let Some(run) = row.try_get(4)? {
+        put_uuid(out, 15, run);
+    }
+    put_varint(out, 16, i64::from(row.try_get::<_, i32>(5)?));
+    let labels = row.try_get::<_, crate::labels::LabelsColumn>(16)?.0;
+    put_str_map(out, 20, &labels);
+    if let Some((signature, triage)) = triage {
+        put_str(out, 30, &crate::failures::to_hex(signature));
+        prost::encoding::message::encode(31, &crate::proto::Triage::from(triage.clone()), out);
+    }
+    end_message(out, at);
+    Ok(())
+}
+
 /// The list statement over `columns` (of `e`, the executions, and `t`,
 /// their test cases) with `extra` (a further predicate) in its WHERE: the
 /// executions of the project `$9` that pass the filters, newest
@@ -502,7 +592,7 @@ pub async fn list(
     q: &ListExecutions,
     test_case_id: Option<Uuid>,
     max_bytes: i64,
-) -> Result<crate::pagination::Fetched<Execution>> {
+) -> Result<crate::pagination::Fetched<Row>> {
     let f = &q.filter;
     let statuses: Option<Vec<&str>> =
         (!f.statuses.is_empty()).then(|| f.statuses.iter().map(|s| s.as_str()).collect());
@@ -532,7 +622,7 @@ pub async fn list(
     };
     // Last: the BASIC statement takes every parameter but this one.
     params.push(&max_bytes);
-    crate::pagination::fetch_view(c, q.view, full, basic, &params, from_row).await
+    crate::pagination::fetch_rows(c, q.view, full, basic, &params).await
 }
 
 /// A batch of a session's executions for exports: at most `$3` rows after

@@ -433,15 +433,20 @@ impl TestCaseService for TestCaseApi {
             None => None,
         };
         let max_bytes = i64::try_from(self.state.max_message_bytes).unwrap_or(i64::MAX);
-        let mut rows = executions_sql::list(c, project, &query, test_case_id, max_bytes).await?;
-        crate::failures::fill_triage(c, project, &mut rows.rows).await?;
-        let (executions, next_page_token) = pagination::page(
+        let rows = executions_sql::list(c, project, &query, test_case_id, max_bytes).await?;
+        let failures = executions_sql::failure_ids(&rows.rows)?;
+        let triage = crate::failures::sql::effective(c, project, &failures).await?;
+        // The executions are written straight from their rows.
+        let (encoded_executions, next_page_token) = pagination::page_encoded(
             rows,
             query.page_size,
             self.state.max_message_bytes,
             &query.fingerprint,
-            executions_sql::key,
-            Into::into,
+            executions_sql::row_key,
+            |row, out| {
+                let id: uuid::Uuid = row.try_get(0)?;
+                executions_sql::execution_to_wire(row, triage.get(&id), 1, out)
+            },
         )?;
         let (total, total_mode) = executions_sql::count(
             c,
@@ -454,10 +459,11 @@ impl TestCaseService for TestCaseApi {
         .await?
         .wire();
         Ok(Response::new(proto::ListExecutionsResponse {
-            executions,
+            encoded_executions,
             next_page_token,
             total,
             total_mode,
+            ..Default::default()
         }))
     }
 

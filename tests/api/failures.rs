@@ -977,3 +977,168 @@ async fn the_normaliser_masks_each_kind_and_keeps_everything_else() {
         }
     }
 }
+
+#[tokio::test]
+async fn listed_executions_are_exactly_what_get_execution_returns_in_either_view() {
+    // ListExecutions writes its executions straight from their rows (with
+    // the triage of failures); GetExecution replies with the generated
+    // message. Every field of every shape must read back the same, page by
+    // page; BASIC leaves out exactly what it says.
+    use verdict::proto::{ExecutionView, GetExecutionRequest};
+    let app = spawn_app().await;
+    create_project(&app, "team-a").await;
+    create_cases(&app, "team-a", &["t-1", "t-2"]).await;
+    let to_struct = |v: serde_json::Value| verdict::convert::json_to_struct(&v);
+    let mut rich = failure("t-1", "disk /dev/sda1 full after 12 writes", 1);
+    rich.stack_trace = "at main.rs:1\n  at lib.rs:2 « é » 🚀".into();
+    rich.environment = Some(to_struct(serde_json::json!({
+        "os": "linux", "n": -1.5, "t": true, "nested": {"a": [1, "two", null]}, "empty": {}
+    })));
+    rich.screenshot_refs = vec!["s3://shots/1.png".into(), "s3://shots/2.png".into()];
+    rich.interaction_log = vec![
+        to_struct(serde_json::json!({"step": 1, "click": "#ok"})),
+        to_struct(serde_json::json!({})),
+        to_struct(serde_json::json!({"blob": "y".repeat(20_000)})),
+    ];
+    rich.performance = [("p50".to_string(), 12.5), ("zero".to_string(), 0.0)]
+        .into_iter()
+        .collect();
+    rich.labels = [("shard", "3"), ("é", "ü")]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    // A session and a run of the project, for the execution that names both.
+    let session = app
+        .sessions
+        .clone()
+        .create_session(in_project(
+            crate::sessions::new_session("wire-session"),
+            "team-a",
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let test_run =
+        verdict::proto::test_run_service_client::TestRunServiceClient::new(app.channel.clone())
+            .create_test_run(in_project(
+                crate::test_runs::new_run("wire-run", "main", &[]),
+                "team-a",
+            ))
+            .await
+            .unwrap()
+            .into_inner()
+            .run
+            .unwrap();
+    let mut plain = run("t-2", ExecutionStatus::Passed, 2, 0);
+    plain.session_id = session.id.clone();
+    plain.run_id = test_run.id.clone();
+    let overridden = failure("t-2", "timeout after 30 s", 3);
+    let odd = failure("t-1", "disk /dev/sdb2 full after 99 writes", 4);
+    let ids = record(&app, "team-a", "wire", vec![rich, plain, overridden, odd]).await;
+    // A signature triage (reaches both disk failures) and an execution
+    // override.
+    let signature = all_signatures(&app, "team-a", Default::default())
+        .await
+        .into_iter()
+        .find(|s| s.example_message.contains("disk"))
+        .expect("the disk signature")
+        .signature;
+    let mut f = failures(&app);
+    f.triage_failure_signature(in_project(
+        triage(&signature, TriageState::ProductBug, "Zoë"),
+        "team-a",
+    ))
+    .await
+    .unwrap();
+    f.triage_execution(in_project(
+        TriageExecutionRequest {
+            execution_id: ids[2].clone(),
+            state: TriageState::AutomationBug as i32,
+            comment: "retry \"fixed\" it".into(),
+            actor: "ana".into(),
+            ..Default::default()
+        },
+        "team-a",
+    ))
+    .await
+    .unwrap();
+    // Shapes only direct SQL can store: items of the interaction log that
+    // are not objects, performance values that are not numbers, an
+    // environment that is JSON null.
+    app.sql()
+        .await
+        .execute(
+            "UPDATE test_executions SET interaction_log = '[1, {\"a\": 2}, \"x\", null, []]', \
+             performance = '{\"p\": 1.5, \"s\": \"text\", \"n\": null, \"i\": 7}', \
+             environment = 'null' WHERE id = $1",
+            &[&ids[3].parse::<uuid::Uuid>().unwrap()],
+        )
+        .await
+        .unwrap();
+
+    let mut by_get = HashMap::new();
+    for id in &ids {
+        let e = app
+            .test_cases
+            .clone()
+            .get_execution(in_project(GetExecutionRequest { id: id.clone() }, "team-a"))
+            .await
+            .unwrap()
+            .into_inner()
+            .execution
+            .unwrap();
+        by_get.insert(id.clone(), e);
+    }
+    assert!(by_get[&ids[0]].triage.is_some() && by_get[&ids[2]].triage.is_some());
+    assert_eq!(
+        (
+            by_get[&ids[1]].session_id.as_str(),
+            by_get[&ids[1]].run_id.as_str()
+        ),
+        (session.id.as_str(), test_run.id.as_str())
+    );
+    assert_eq!(by_get[&ids[3]].interaction_log.len(), 5);
+    assert_eq!(by_get[&ids[3]].performance.len(), 2);
+    for view in [ExecutionView::Full, ExecutionView::Basic] {
+        let (mut listed, mut token, mut pages) = (Vec::<Execution>::new(), String::new(), 0);
+        loop {
+            let page = app
+                .test_cases
+                .clone()
+                .list_executions(in_project(
+                    ListExecutionsRequest {
+                        page_size: 3,
+                        page_token: token,
+                        view: view as i32,
+                        ..Default::default()
+                    },
+                    "team-a",
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            pages += 1;
+            listed.extend(page.executions);
+            if page.next_page_token.is_empty() {
+                break;
+            }
+            token = page.next_page_token;
+        }
+        assert_eq!(pages, 2, "{view:?}");
+        let listed_ids: Vec<&str> = listed.iter().map(|e| e.id.as_str()).collect();
+        let newest_first: Vec<&str> = ids.iter().rev().map(String::as_str).collect();
+        assert_eq!(listed_ids, newest_first, "{view:?}: newest first");
+        for e in listed {
+            let mut want = by_get[&e.id].clone();
+            if view == ExecutionView::Basic {
+                want.environment = None;
+                want.stack_trace = String::new();
+                want.interaction_log = Vec::new();
+                want.performance = Default::default();
+            }
+            assert_eq!(e, want, "{view:?}");
+        }
+    }
+}

@@ -172,6 +172,11 @@ pub type JsonDoc = JsonColumn<crate::structs::Struct>;
 pub type JsonDocList = JsonColumn<Vec<crate::structs::Struct>>;
 
 /// What a [`JsonColumn`] parses its text into.
+/// Whether the JSON text `text` is `null`.
+pub fn is_json_null(text: &[u8]) -> bool {
+    text.trim_ascii() == b"null"
+}
+
 pub trait FromJsonText: Sized {
     fn from_json_text(text: &[u8]) -> Result<Self, serde_json::Error>;
 }
@@ -198,7 +203,7 @@ impl<D> JsonColumn<D> {
     /// Whether the document is JSON `null` (a column written from a
     /// missing value, as opposed to SQL NULL).
     pub fn is_null(&self) -> bool {
-        self.text.trim_ascii() == b"null"
+        is_json_null(&self.text)
     }
 }
 

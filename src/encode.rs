@@ -146,6 +146,18 @@ pub fn put_repeated_str<'a>(
     }
 }
 
+/// A `google.protobuf.Struct` field of a JSON column, as `JsonDoc::into_object`
+/// reads one: unset when the column is SQL NULL (left out by a BASIC list)
+/// or JSON null.
+pub fn put_opt_struct_json(out: &mut Vec<u8>, field: u32, doc: Option<JsonText>) -> Result<()> {
+    match doc {
+        Some(JsonText(text)) if !crate::convert::is_json_null(text) => {
+            put_struct_json(out, field, text)
+        }
+        _ => Ok(()),
+    }
+}
+
 /// A `map<string, string>` field of `entries`: one entry message each.
 pub fn put_str_map<'a>(
     out: &mut Vec<u8>,

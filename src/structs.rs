@@ -49,16 +49,7 @@ impl Struct {
     /// object's entries; any other item: none), and none at all when the
     /// text is not a list, as `json_to_struct` over a JSON array.
     pub fn list_from_json_text(text: &[u8]) -> Result<Vec<Self>, serde_json::Error> {
-        let mut de = serde_json::Deserializer::from_slice(text);
-        let starts_list = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-        let list = if starts_list {
-            serde::Deserializer::deserialize_seq(&mut de, TopList)?
-        } else {
-            // Not a list: checked to be JSON, and no items.
-            serde::Deserialize::deserialize(&mut de).map(|IgnoredAny| Vec::new())?
-        };
-        de.end()?;
-        Ok(list)
+        Ok(read_list(text, TopList)?.unwrap_or_default())
     }
 
     fn encoded(bytes: Vec<u8>) -> Self {
@@ -318,14 +309,24 @@ pub fn encode_json_list_into(
     field: u32,
     out: &mut Vec<u8>,
 ) -> Result<(), serde_json::Error> {
+    read_list(text, ListInto { field, out }).map(drop)
+}
+
+/// The JSON text `text` read by `items` when it is a list; `None` when it
+/// is not (it is only checked to be JSON).
+fn read_list<'de, V: Visitor<'de>>(
+    text: &'de [u8],
+    items: V,
+) -> Result<Option<V::Value>, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_slice(text);
     let starts_list = text.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[');
-    if starts_list {
-        serde::Deserializer::deserialize_seq(&mut de, ListInto { field, out })?;
+    let read = if starts_list {
+        Some(serde::Deserializer::deserialize_seq(&mut de, items)?)
     } else {
-        serde::Deserialize::deserialize(&mut de).map(|IgnoredAny| ())?;
-    }
-    de.end()
+        serde::Deserialize::deserialize(&mut de).map(|IgnoredAny| None)?
+    };
+    de.end()?;
+    Ok(read)
 }
 
 /// The items of a list, each written as field `field` (see

@@ -58,11 +58,7 @@ pub fn result_to_wire(row: &Row, field: u32, out: &mut Vec<u8>) -> Result<()> {
     // The representations; unset when NULL (left out by a BASIC list) or
     // JSON null.
     for column in 8..=9 {
-        if let Some(JsonText(text)) = row.try_get(column)?
-            && text.trim_ascii() != b"null"
-        {
-            put_struct_json(out, column as u32 + 1, text)?;
-        }
+        put_opt_struct_json(out, column as u32 + 1, row.try_get(column)?)?;
     }
     put_timestamp(out, 11, row.try_get(10)?);
     end_message(out, at);

@@ -288,19 +288,24 @@ pub struct Execution {
     pub labels: Labels,
 }
 
+/// The figures of a stored performance document: the numbers of an
+/// object (anything else in it, or a document that is no object: none).
+pub fn performance_figures(doc: &Json) -> impl Iterator<Item = (&String, f64)> {
+    doc.as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| Some((k, v.as_f64()?)))
+}
+
 impl From<Execution> for proto::Execution {
     fn from(e: Execution) -> Self {
         let steps = e
             .interaction_log
             .map(JsonDocList::into_structs)
             .unwrap_or_default();
-        let performance = match &e.performance {
-            Json::Object(m) => m
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
-                .collect(),
-            _ => Default::default(),
-        };
+        let performance = performance_figures(&e.performance)
+            .map(|(k, v)| (k.clone(), v))
+            .collect();
         proto::Execution {
             id: e.id.to_string(),
             test_case_id: e.test_case_id.to_string(),

@@ -365,12 +365,7 @@ pub fn execution_to_wire(
     );
     put_timestamp(out, 6, row.try_get(7)?);
     put_varint(out, 7, row.try_get(8)?);
-    // SQL NULL (a BASIC list) and JSON null: unset.
-    if let Some(JsonText(environment)) = row.try_get(9)?
-        && environment.trim_ascii() != b"null"
-    {
-        put_struct_json(out, 8, environment)?;
-    }
+    put_opt_struct_json(out, 8, row.try_get(9)?)?;
     put_str(out, 9, row.try_get(10)?);
     put_str(out, 10, row.try_get(11)?);
     if let Some(refs) = row.try_get::<_, Option<Vec<&str>>>(12)? {
@@ -380,18 +375,12 @@ pub fn execution_to_wire(
         crate::structs::encode_json_list_into(steps, 12, out).map_err(unreadable)?;
     }
     if let Some(JsonText(performance)) = row.try_get(14)? {
-        // Only the numbers of an object, as `From<Execution>`.
-        if let serde_json::Value::Object(m) =
-            serde_json::from_slice(performance).map_err(unreadable)?
-        {
-            for (k, v) in &m {
-                if let Some(v) = v.as_f64() {
-                    let entry = start_message(out, 13);
-                    put_str(out, 1, k);
-                    put_double(out, 2, v);
-                    end_message(out, entry);
-                }
-            }
+        let doc = serde_json::from_slice(performance).map_err(unreadable)?;
+        for (k, v) in super::executions::performance_figures(&doc) {
+            let entry = start_message(out, 13);
+            put_str(out, 1, k);
+            put_double(out, 2, v);
+            end_message(out, entry);
         }
     }
     put_timestamp(out, 14, row.try_get(15)?);

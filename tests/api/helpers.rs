@@ -493,3 +493,39 @@ pub async fn channel_when_serving(port: u16, within: Duration) -> Option<Channel
     .await
     .ok()
 }
+
+/// Every item of a list, page by page: `page(token)` asks for one page and
+/// gives its items and next token. A page refused UNAVAILABLE (its backend
+/// was just terminated) is asked for again; any other error fails the test.
+pub async fn walk_pages<T, F, Fut>(mut page: F) -> Vec<T>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<(Vec<T>, String), tonic::Status>>,
+{
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let (items, next) = match page(token.clone()).await {
+            Ok(page) => page,
+            Err(e) if e.code() == tonic::Code::Unavailable => continue,
+            Err(e) => panic!("a page failed: {e:?}"),
+        };
+        seen.extend(items);
+        if next.is_empty() {
+            return seen;
+        }
+        token = next;
+    }
+}
+
+/// Terminates every backend the gateway holds in the test's database.
+pub async fn terminate_gateway_backends(sql: &tokio_postgres::Client) {
+    sql.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE application_name = 'verdict' AND datname = current_database() \
+           AND pid <> pg_backend_pid()",
+        &[],
+    )
+    .await
+    .unwrap();
+}

@@ -499,31 +499,23 @@ async fn get_and_list_return_each_session_exactly_as_its_last_write_did() {
 /// Every page of ListSessions, retrying a page that failed UNAVAILABLE (a
 /// terminated backend) with the same token, as the API asks a caller to.
 async fn walk_sessions(
-    mut client: verdict::proto::session_service_client::SessionServiceClient<
-        tonic::transport::Channel,
-    >,
+    client: verdict::proto::session_service_client::SessionServiceClient<tonic::transport::Channel>,
 ) -> Vec<Session> {
-    let mut seen = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = match client
-            .list_sessions(ListSessionsRequest {
-                page_size: 7,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(page) => page.into_inner(),
-            Err(e) if e.code() == Code::Unavailable => continue,
-            Err(e) => panic!("a page failed: {e:?}"),
-        };
-        seen.extend(page.sessions);
-        if page.next_page_token.is_empty() {
-            return seen;
+    crate::helpers::walk_pages(|page_token| {
+        let mut client = client.clone();
+        async move {
+            let page = client
+                .list_sessions(ListSessionsRequest {
+                    page_size: 7,
+                    page_token,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            Ok((page.sessions, page.next_page_token))
         }
-        token = page.next_page_token;
-    }
+    })
+    .await
 }
 
 #[tokio::test]
@@ -548,14 +540,7 @@ async fn concurrent_pagers_across_terminated_backends_see_every_session_once_as_
                 while let Err(e) = client.create_session(request.clone()).await {
                     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
                 }
-                sql.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE application_name = 'verdict' AND datname = current_database() \
-                       AND pid <> pg_backend_pid()",
-                    &[],
-                )
-                .await
-                .unwrap();
+                crate::helpers::terminate_gateway_backends(&sql).await;
             }
         }
     };
@@ -1124,4 +1109,98 @@ async fn listed_log_entries_are_exactly_what_appending_them_returned_on_every_pa
         .collect();
     assert_eq!(warnings, want);
     assert_eq!(warnings.len(), 2);
+}
+
+/// Every entry of a session's log, 7 a page, retrying a page refused while
+/// the gateway's backends are being terminated.
+async fn walk_logs(
+    client: verdict::proto::session_service_client::SessionServiceClient<tonic::transport::Channel>,
+    session_id: String,
+) -> Vec<verdict::proto::SessionLogEntry> {
+    crate::helpers::walk_pages(|page_token| {
+        let mut client = client.clone();
+        let session_id = session_id.clone();
+        async move {
+            let page = client
+                .list_session_logs(ListSessionLogsRequest {
+                    session_id,
+                    page_size: 7,
+                    page_token,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            Ok((page.entries, page.next_page_token))
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn concurrent_log_pagers_across_terminated_backends_see_every_entry_once_as_stored() {
+    // Log entries written from their rows: several pagers walk a session's
+    // log while a writer appends and every gateway backend is terminated
+    // after each append. Each walk returns every earlier entry exactly once,
+    // in sequence order, each exactly as stored.
+    let app = spawn_app().await;
+    let mut client = app.sessions.clone();
+    let session = client
+        .create_session(new_session("paged-log"))
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+        .unwrap();
+    let append = |message: String| AppendSessionLogRequest {
+        session_id: session.id.clone(),
+        level: LogLevel::Info as i32,
+        message,
+        fields: Some(to_struct(serde_json::json!({"k": "v", "n": 1}))),
+    };
+    let mut before = Vec::new();
+    for i in 0..40 {
+        let entry = client
+            .append_session_log(append(format!("early {i}")))
+            .await
+            .unwrap()
+            .into_inner()
+            .entry
+            .unwrap();
+        before.push(entry);
+    }
+    let sql = app.sql().await;
+    let writer = {
+        let mut client = app.sessions.clone();
+        let append = &append;
+        async move {
+            for i in 0..12 {
+                // An append cut off by a terminated backend may be retried
+                // as a new entry: the walks are checked against what is
+                // stored at the end.
+                while let Err(e) = client.append_session_log(append(format!("late {i}"))).await {
+                    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                }
+                crate::helpers::terminate_gateway_backends(&sql).await;
+            }
+        }
+    };
+    let pagers = (0..3).map(|_| walk_logs(app.sessions.clone(), session.id.clone()));
+    let ((), walks) = tokio::join!(writer, futures::future::join_all(pagers));
+
+    let after = walk_logs(app.sessions.clone(), session.id.clone()).await;
+    assert!(after.len() >= before.len() + 12);
+    assert_eq!(&after[..before.len()], &before[..], "as appended");
+    let stored: std::collections::HashMap<i64, &verdict::proto::SessionLogEntry> =
+        after.iter().map(|e| (e.sequence, e)).collect();
+    for walk in &walks {
+        assert!(walk.len() >= before.len());
+        assert!(
+            walk.windows(2).all(|w| w[0].sequence < w[1].sequence),
+            "in sequence order, none twice"
+        );
+        assert_eq!(&walk[..before.len()], &before[..], "every earlier entry");
+        for entry in walk {
+            assert_eq!(entry, stored[&entry.sequence], "as stored");
+        }
+    }
 }

@@ -923,3 +923,89 @@ async fn deleting_a_session_removes_its_executions_but_not_the_others() {
         .collect();
     assert_eq!(ids.len(), 6);
 }
+
+/// Every execution of the default project in the FULL view, 7 a page,
+/// retrying a page refused while the gateway's backends are being
+/// terminated.
+async fn walk_executions(app: &TestApp) -> Vec<verdict::proto::Execution> {
+    crate::helpers::walk_pages(|page_token| {
+        let mut client = app.test_cases.clone();
+        async move {
+            let page = client
+                .list_executions(ListExecutionsRequest {
+                    page_size: 7,
+                    page_token,
+                    view: verdict::proto::ExecutionView::Full as i32,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            Ok((page.executions, page.next_page_token))
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn concurrent_execution_pagers_across_terminated_backends_see_every_execution_once_as_stored()
+{
+    // Executions written from their rows: several pagers walk the list
+    // while a writer records newer executions and every gateway backend is
+    // terminated after each batch. Each walk returns every earlier
+    // execution exactly once, newest first, each exactly as stored.
+    let app = spawn_app().await;
+    create_test_case(&app, new_test_case("paged", TestType::Unit, "core")).await;
+    let item = |second: i64| {
+        let mut e = run("paged", ExecutionStatus::Failed, second, 5);
+        e.error_message = format!("failed at step {}", second % 3);
+        e.environment = Some(verdict::convert::json_to_struct(
+            &serde_json::json!({"os": "linux", "n": second}),
+        ));
+        e.performance = [("p50".to_string(), second as f64)].into_iter().collect();
+        e
+    };
+    record(&app, "early", (0..40).map(item).collect())
+        .await
+        .unwrap();
+    let before = walk_executions(&app).await;
+    assert_eq!(before.len(), 40);
+    let sql = app.sql().await;
+    let writer = async {
+        for b in 0..12i64 {
+            // A batch id makes a retried batch store once.
+            while let Err(e) = record(&app, &format!("late-{b}"), vec![item(100 + b)]).await {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+            }
+            crate::helpers::terminate_gateway_backends(&sql).await;
+        }
+    };
+    let pagers = (0..3).map(|_| walk_executions(&app));
+    let ((), walks) = tokio::join!(writer, futures::future::join_all(pagers));
+
+    let after = walk_executions(&app).await;
+    assert_eq!(after.len(), 52);
+    assert_eq!(&after[12..], &before[..], "the earlier ones, as they were");
+    let stored: std::collections::HashMap<&str, &verdict::proto::Execution> =
+        after.iter().map(|e| (e.id.as_str(), e)).collect();
+    let position: std::collections::HashMap<&str, usize> = after
+        .iter()
+        .enumerate()
+        .map(|(i, e)| (e.id.as_str(), i))
+        .collect();
+    for walk in &walks {
+        let ids: HashSet<&str> = walk.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids.len(), walk.len(), "no execution twice");
+        assert!(
+            before.iter().all(|e| ids.contains(e.id.as_str())),
+            "every earlier execution"
+        );
+        assert!(
+            walk.windows(2)
+                .all(|w| position[w[0].id.as_str()] < position[w[1].id.as_str()]),
+            "newest first"
+        );
+        for e in walk {
+            assert_eq!(e, stored[e.id.as_str()], "as stored");
+        }
+    }
+}

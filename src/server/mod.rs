@@ -4,6 +4,7 @@
 //! console (crate::console) on the same port.
 
 mod decode;
+mod direct;
 mod error_info;
 pub mod health;
 pub mod incoming;
@@ -36,25 +37,13 @@ use crate::test_runs::TestRunApi;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tonic::server::NamedService;
 use tonic::transport::Server;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
 /// Names of the Verdict services, as health and reflection list them.
 pub fn service_names() -> Vec<&'static str> {
-    vec![
-        <SessionServiceServer<SessionApi> as NamedService>::NAME,
-        <ResultServiceServer<ResultApi> as NamedService>::NAME,
-        <DiscrepancyServiceServer<DiscrepancyApi> as NamedService>::NAME,
-        <MetricsServiceServer<MetricsApi> as NamedService>::NAME,
-        <AdminServiceServer<AdminApi> as NamedService>::NAME,
-        <TestCaseServiceServer<TestCaseApi> as NamedService>::NAME,
-        <CoverageServiceServer<CoverageApi> as NamedService>::NAME,
-        <ProjectServiceServer<ProjectApi> as NamedService>::NAME,
-        <TestRunServiceServer<TestRunApi> as NamedService>::NAME,
-        <FailureServiceServer<FailureApi> as NamedService>::NAME,
-    ]
+    direct::Services::names()
 }
 
 /// Serves until `shutdown` resolves, then drains in-flight calls.
@@ -120,21 +109,25 @@ pub async fn serve(
             state.db.clone(),
             request_limit,
         ))
+        // Innermost: the Verdict services, found by name; health,
+        // reflection and unknown paths go on to tonic's routes.
+        .layer(direct::DirectLayer(direct::Services {
+            sessions: limited!(SessionServiceServer, SessionApi),
+            results: limited!(ResultServiceServer, ResultApi),
+            discrepancies: limited!(DiscrepancyServiceServer, DiscrepancyApi),
+            test_cases: limited!(TestCaseServiceServer, TestCaseApi),
+            coverage: limited!(CoverageServiceServer, CoverageApi),
+            metrics: limited!(MetricsServiceServer, MetricsApi),
+            admin: limited!(AdminServiceServer, AdminApi),
+            projects: limited!(ProjectServiceServer, ProjectApi),
+            test_runs: limited!(TestRunServiceServer, TestRunApi),
+            failures: limited!(FailureServiceServer, FailureApi),
+        }))
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             reporter,
         )))
         .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
-        .add_service(limited!(SessionServiceServer, SessionApi))
-        .add_service(limited!(ResultServiceServer, ResultApi))
-        .add_service(limited!(DiscrepancyServiceServer, DiscrepancyApi))
-        .add_service(limited!(TestCaseServiceServer, TestCaseApi))
-        .add_service(limited!(CoverageServiceServer, CoverageApi))
-        .add_service(limited!(MetricsServiceServer, MetricsApi))
-        .add_service(limited!(AdminServiceServer, AdminApi))
-        .add_service(limited!(ProjectServiceServer, ProjectApi))
-        .add_service(limited!(TestRunServiceServer, TestRunApi))
-        .add_service(limited!(FailureServiceServer, FailureApi));
+        .add_service(reflection_v1alpha);
     let limits = incoming::Limits::from_config(config);
     match tls {
         Some(tls) => {

@@ -197,10 +197,19 @@ async fn the_auth_layer_refusals_carry_their_reason() {
 #[tokio::test]
 async fn statuses_tonic_makes_itself_carry_a_reason_too() {
     let app = spawn_app().await;
-    // Unknown method of a known service, and an unknown service.
+    // Unknown method of a known service, an unknown service, and paths
+    // that are a known service's name cut, padded or taken apart.
     for path in [
         "/verdict.v1.SessionService/NoSuchMethod",
         "/verdict.v1.NoSuchService/Get",
+        "/verdict.v1.SessionService",
+        "/verdict.v1.SessionService/",
+        "/verdict.v1.SessionService/GetSession/",
+        "/verdict.v1.SessionService/GetSession/GetSession",
+        "/verdict.v1.SessionServiceX/GetSession",
+        "/verdict.v1.SessionServic/GetSession",
+        "//verdict.v1.SessionService/GetSession",
+        "/verdict.v1.sessionservice/GetSession",
     ] {
         let err = raw_unary(&app, path, Vec::new()).await.unwrap_err();
         assert_reason(&err, Code::Unimplemented, "UNKNOWN_METHOD");

@@ -19,6 +19,7 @@ use super::{
 };
 use futures::future::{BoxFuture, Either};
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use tonic::server::NamedService;
 use tower::{Layer, Service};
@@ -43,7 +44,7 @@ macro_rules! services {
             /// The call to the Verdict service `req`'s path names, or to
             /// `rest` when it names none.
             fn call<S>(
-                &mut self,
+                &self,
                 req: http::Request<tonic::body::Body>,
                 rest: &mut S,
             ) -> Either<BoxFuture<'static, Result<Reply, Infallible>>, S::Future>
@@ -57,7 +58,7 @@ macro_rules! services {
                     .and_then(|p| p.split_once('/'))
                     .map_or("", |(service, _)| service);
                 match service {
-                    $(<$server<$api> as NamedService>::NAME => Either::Left(self.$field.call(req)),)*
+                    $(<$server<$api> as NamedService>::NAME => Either::Left(self.$field.clone().call(req)),)*
                     _ => Either::Right(rest.call(req)),
                 }
             }
@@ -87,7 +88,7 @@ impl<S> Layer<S> for DirectLayer {
 
     fn layer(&self, rest: S) -> Self::Service {
         Direct {
-            services: self.0.clone(),
+            services: Arc::new(self.0.clone()),
             rest,
         }
     }
@@ -95,7 +96,8 @@ impl<S> Layer<S> for DirectLayer {
 
 #[derive(Clone)]
 pub struct Direct<S> {
-    services: Services,
+    /// Shared: every layer above clones its inner service per call.
+    services: Arc<Services>,
     /// Whatever is not a Verdict service.
     rest: S,
 }

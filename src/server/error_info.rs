@@ -61,10 +61,11 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // The service polled ready takes the call now; only its reply is
+        // awaited, so nothing needs a clone of it.
+        let call = self.inner.call(req);
         Box::pin(async move {
-            let mut response = inner.call(req).await?;
+            let mut response = call.await?;
             if response.headers().contains_key(GRPC_STATUS) {
                 // Trailers-only: the status is in the headers.
                 complete(response.headers_mut());

@@ -20,7 +20,6 @@
 
 use crate::error::Error;
 use bytes::{Buf, Bytes, BytesMut};
-use futures::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use prost::Message as _;
 use std::collections::HashMap;
@@ -349,15 +348,15 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    type Future = S::Future;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        // The service polled ready takes the call: nothing here waits, so
+        // nothing needs a clone of it.
         let req = match SCAN_OF.get(req.uri().path()) {
             Some(&scan) => {
                 let max_message_bytes = self.max_message_bytes;
@@ -375,7 +374,7 @@ where
             }
             None => req,
         };
-        Box::pin(inner.call(req))
+        self.inner.call(req)
     }
 }
 

@@ -72,14 +72,10 @@ where
     }
 
     fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        // The ready service handles this call; a fresh clone waits for the next.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-
         let path = req.uri().path().trim_start_matches('/');
         let (service, _) = path.split_once('/').unwrap_or((path, ""));
         if is_infrastructure(service) {
-            return Box::pin(inner.call(req));
+            return Box::pin(self.inner.call(req));
         }
         let label = method_label(path);
         let service = if label == OTHER_METHOD {
@@ -136,9 +132,14 @@ where
             .map(|t| t.mul_f64(0.95));
 
         let method = name;
+        // The service polled ready takes the call now (in the call's span,
+        // as the inner layers' own work); only its reply is awaited, so
+        // nothing needs a clone of it.
+        let started = Instant::now();
+        let call = span
+            .in_scope(|| self.inner.call(req))
+            .instrument(span.clone());
         Box::pin(async move {
-            let started = Instant::now();
-            let call = inner.call(req).instrument(span.clone());
             let response = match deadline {
                 Some(limit) => match tokio::time::timeout(limit, call).await {
                     Ok(response) => response?,

@@ -96,7 +96,8 @@ impl<S> Layer<S> for DirectLayer {
 
 #[derive(Clone)]
 pub struct Direct<S> {
-    /// Shared: every layer above clones its inner service per call.
+    /// Shared: a layer above that awaits before calling (auth) clones the
+    /// stack below it per call.
     services: Arc<Services>,
     /// Whatever is not a Verdict service.
     rest: S,

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
+use tokio::task::futures::TaskLocalFuture;
 
 const VERSION: u8 = 2;
 /// Tokens are small; anything much longer is not one of ours.
@@ -65,16 +66,17 @@ tokio::task_local! {
     static PROJECT: uuid::Uuid;
 }
 
-/// Runs `f` (a call) in the project `project`: every page token issued or
-/// accepted inside is bound to it, as to the list's filters, so a token of
-/// one project's list is refused in another's.
-pub async fn in_project<F: Future>(project: uuid::Uuid, f: F) -> F::Output {
-    PROJECT.scope(project, f).await
-}
+/// A call's future running in its project with the gateway's page-token
+/// key current (what [`scoped`] makes): a named type, so a layer can return
+/// it without a box.
+pub type Scoped<F> = TaskLocalFuture<uuid::Uuid, TaskLocalFuture<Signer, F>>;
 
-/// Runs `f` (a call) with `signer` as the key of its page tokens.
-pub async fn with_signer<F: Future>(signer: Signer, f: F) -> F::Output {
-    SIGNER.scope(signer, f).await
+/// Runs `f` (a call) in the project `project`, with `signer` as the key of
+/// its page tokens: every token issued or accepted inside is bound to the
+/// project, as to the list's filters, so a token of one project's list is
+/// refused in another's.
+pub fn scoped<F: Future>(project: uuid::Uuid, signer: Signer, f: F) -> Scoped<F> {
+    PROJECT.scope(project, SIGNER.scope(signer, f))
 }
 
 /// Runs `f` synchronously with `signer` (tests and tools).

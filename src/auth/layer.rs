@@ -16,9 +16,12 @@
 //! named as such only to a caller presenting its right secret (its
 //! holder): UNAUTHENTICATED with reason `KEY_REVOKED`.
 //!
-//! Every call past the checks runs with the gateway's page-token key
-//! current (see [`crate::pagination::with_signer`]) and carries the key's
-//! [`Revocation`] signal in its extensions.
+//! Every call past the checks runs in its project with the gateway's
+//! page-token key current (see [`crate::pagination::scoped`]) and carries
+//! the key's [`Revocation`] signal in its extensions. A unary call whose key
+//! the cache admitted (or that needs none) and whose project is known
+//! without a read goes straight to the handler polled ready: no box, no
+//! clone of the stack below.
 
 use super::Caller;
 use super::cache::{KeyCache, Revocation, Verdict};
@@ -27,9 +30,9 @@ use super::limiter::FailureLimiter;
 use super::scopes::{self, Access};
 use super::stream::{self, RequestGuard, ResponseGuard, Shape, Stop};
 use crate::error::{Error, Reason, error_info};
-use crate::pagination::{Signer, in_project, with_signer};
+use crate::pagination::{Scoped, Signer, scoped};
 use crate::projects::{self, Directory};
-use futures::future::BoxFuture;
+use futures::future::{BoxFuture, Either};
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
@@ -155,14 +158,14 @@ where
     S: Service<http::Request<Body>, Response = http::Response<Body>>,
 {
     let Some(shape) = shape else {
-        return in_project(project, with_signer(signer, inner.call(req))).await;
+        return scoped(project, signer, inner.call(req)).await;
     };
     let started = tokio::time::Instant::now();
     if shape.client_streaming {
         let stop = Stop::new(revocation.as_ref(), started, lifetime);
         req = req.map(|body| Body::new(RequestGuard::new(body, stop)));
     }
-    let response = in_project(project, with_signer(signer, inner.call(req))).await?;
+    let response = scoped(project, signer, inner.call(req)).await?;
     if shape.client_streaming
         && is_error(&response)
         && let Some(status) = stream::stopped(revocation.as_ref(), started, lifetime)
@@ -177,147 +180,218 @@ where
     Ok(response)
 }
 
+/// What a key the cache or the database judged may do in a call needing
+/// `scope`: its binding and revocation signal, or the reply refusing it.
+fn admit_key(verdict: Verdict, scope: super::Scope, id: keys::KeyId) -> Result<Admitted, Refusal> {
+    match verdict {
+        Verdict::Valid {
+            scopes,
+            project,
+            revocation,
+        } => {
+            if scopes.contains(scope) {
+                Ok((project, revocation))
+            } else {
+                Err(Box::new(reject(Error::PermissionDenied(format!(
+                    "this call needs the `{}` scope; key {id} has `{}`",
+                    scope.as_str(),
+                    scopes.to_list()
+                )))))
+            }
+        }
+        Verdict::Invalid => Err(Box::new(reject(not_valid()))),
+        Verdict::Revoked => Err(Box::new(stream::revoked_status().into_http())),
+    }
+}
+
+/// The reply refusing a call.
+type Refusal = Box<http::Response<Body>>;
+
+/// An admitted call's key binding (`None`: every project, or no key) and
+/// revocation signal.
+type Admitted = (Option<uuid::Uuid>, Revocation);
+
+/// Where a call's key stands before its project is resolved.
+enum Judged {
+    /// Admitted (by the cache, or without a key).
+    Admitted(Admitted),
+    /// The key's row must be read first (the cache does not know it).
+    Unread {
+        id: keys::KeyId,
+        check: keys::SecretCheck,
+        scope: super::Scope,
+    },
+}
+
+/// Tells the handler who calls, in which project, and the key's
+/// revocation signal.
+fn tag(req: &mut http::Request<Body>, caller: Caller, revocation: Revocation) {
+    req.extensions_mut().insert(caller);
+    req.extensions_mut().insert(revocation);
+}
+
+/// A reply made without calling the handler.
+fn answer<E: Send + 'static>(
+    response: http::Response<Body>,
+) -> BoxFuture<'static, Result<http::Response<Body>, E>> {
+    Box::pin(std::future::ready(Ok(response)))
+}
+
 impl<S> Service<http::Request<Body>> for Auth<S>
 where
     S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
 {
     type Response = http::Response<Body>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+    /// Right: a unary call whose key and project were known without a
+    /// database read, handed to the ready handler as it is (no clone of
+    /// the stack below, no box). Left: everything else.
+    type Future =
+        Either<BoxFuture<'static, Result<Self::Response, Self::Error>>, Scoped<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
         let (scope, rpc) = match scopes::access(req.uri().path()) {
-            Access::Open => {
-                let mut inner = inner;
-                return Box::pin(inner.call(req));
-            }
+            Access::Open => return Either::Left(Box::pin(self.inner.call(req))),
             Access::Needs { scope, rpc } => (scope, rpc),
         };
         let shape = self.shared.streaming.get(rpc).copied();
-        let lifetime = self.shared.keys.settings().max_stream_lifetime;
-        let signer = self.shared.signer.clone();
-        let named = req.headers().get(projects::HEADER).cloned();
         if !self.shared.required {
-            let shared = self.shared.clone();
-            return Box::pin(async move {
-                let project = match shared
-                    .projects
-                    .resolve(named.as_ref().map(|v| v.as_bytes()), None)
-                    .await
-                {
-                    Ok(project) => project,
-                    Err(e) => return Ok(reject(e)),
-                };
-                req.extensions_mut().insert(Caller {
-                    key_id: None,
-                    rpc,
-                    project: Some(project),
-                    bound: None,
-                });
-                req.extensions_mut().insert(shared.never.clone());
-                guarded(inner, req, shape, None, lifetime, signer, project).await
-            });
+            let never = self.shared.never.clone();
+            return self.call_judged(req, rpc, shape, None, Judged::Admitted((None, never)));
         }
         let Some(presented) = req
             .headers()
             .get(http::header::AUTHORIZATION)
             .and_then(|v| keys::parse_authorization(v.as_bytes()))
         else {
-            let response = if req.headers().contains_key(http::header::AUTHORIZATION) {
-                reject(not_valid())
-            } else {
-                reject(Error::Unauthenticated(
-                    "this call needs an API key; send `authorization: Bearer vk_…` with a key \
-                     from `verdict keys create`"
-                        .into(),
-                ))
-            };
-            return Box::pin(async move { Ok(response) });
+            return Either::Left(answer(
+                if req.headers().contains_key(http::header::AUTHORIZATION) {
+                    reject(not_valid())
+                } else {
+                    reject(Error::Unauthenticated(
+                        "this call needs an API key; send `authorization: Bearer vk_…` with a \
+                         key from `verdict keys create`"
+                            .into(),
+                    ))
+                },
+            ));
         };
         let id = presented.id;
         // Hash now: the presented secret borrows the request's headers.
         let check = presented.checker();
-        let cached = self.shared.keys.cached(id, &check);
+        let judged = match self.shared.keys.cached(id, &check) {
+            None => Judged::Unread { id, check, scope },
+            Some(verdict) => match admit_key(verdict, scope, id) {
+                Ok(admitted) => Judged::Admitted(admitted),
+                Err(refusal) => return Either::Left(answer(*refusal)),
+            },
+        };
+        self.call_judged(req, rpc, shape, Some(id), judged)
+    }
+}
+
+impl<S> Auth<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+{
+    /// Calls the handler once the project is resolved: straight when
+    /// the key is admitted and the project known without a database read
+    /// (unary calls only; streams take the guarded path), else boxed.
+    fn call_judged(
+        &mut self,
+        mut req: http::Request<Body>,
+        rpc: &'static str,
+        shape: Option<Shape>,
+        key_id: Option<keys::KeyId>,
+        judged: Judged,
+    ) -> <Self as Service<http::Request<Body>>>::Future {
+        let caller = move |project, bound| Caller {
+            key_id,
+            rpc,
+            project: Some(project),
+            bound,
+        };
+        if let (Judged::Admitted((bound, revocation)), None) = (&judged, shape) {
+            let named = req.headers().get(projects::HEADER).map(|v| v.as_bytes());
+            match self.shared.projects.resolve_known(named, *bound) {
+                Some(Ok(project)) => {
+                    tag(&mut req, caller(project, *bound), revocation.clone());
+                    let signer = self.shared.signer.clone();
+                    return Either::Right(scoped(project, signer, self.inner.call(req)));
+                }
+                Some(Err(e)) => return Either::Left(answer(reject(e))),
+                None => {}
+            }
+        }
+        let lifetime = self.shared.keys.settings().max_stream_lifetime;
         let shared = self.shared.clone();
-        Box::pin(async move {
-            let verdict = match cached {
-                Some(verdict) => verdict,
-                None => {
-                    let peer = peer(&req);
-                    // A token of the peer's failure budget is taken only by
-                    // a call that reads the row itself.
-                    let spent = std::sync::atomic::AtomicBool::new(false);
-                    let admit = || {
-                        shared.limiter.take(peer)?;
-                        spent.store(true, std::sync::atomic::Ordering::Relaxed);
-                        Ok(())
-                    };
-                    let fetched = match shared.keys.fetch(id, &check, admit).await {
-                        Ok(fetched) => fetched,
-                        Err(wait) => return Ok(rate_limited(wait).into_http()),
-                    };
-                    // Only refusals spend the peer's budget (a busy or
-                    // unreachable database is not the caller's failure).
-                    if spent.load(std::sync::atomic::Ordering::Relaxed)
-                        && !matches!(fetched, Ok(Verdict::Invalid | Verdict::Revoked))
-                    {
-                        shared.limiter.refund(peer);
-                    }
-                    match fetched {
-                        Ok(verdict) => verdict,
-                        Err(e) => return Ok(reject(e)),
+        // The ready handler goes with the call; a clone stays for later ones.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        Either::Left(Box::pin(async move {
+            let (bound, revocation) = match judged {
+                Judged::Admitted(admitted) => admitted,
+                Judged::Unread { id, check, scope } => {
+                    match shared.read_key(peer(&req), id, &check, scope).await {
+                        Ok(admitted) => admitted,
+                        Err(refusal) => return Ok(*refusal),
                     }
                 }
             };
-            let (scopes, bound, revocation) = match verdict {
-                Verdict::Valid {
-                    scopes,
-                    project,
-                    revocation,
-                } => (scopes, project, revocation),
-                Verdict::Invalid => return Ok(reject(not_valid())),
-                Verdict::Revoked => return Ok(stream::revoked_status().into_http()),
-            };
-            if !scopes.contains(scope) {
-                return Ok(reject(Error::PermissionDenied(format!(
-                    "this call needs the `{}` scope; key {id} has `{}`",
-                    scope.as_str(),
-                    scopes.to_list()
-                ))));
-            }
-            let project = match shared
-                .projects
-                .resolve(named.as_ref().map(|v| v.as_bytes()), bound)
-                .await
-            {
+            let named = req.headers().get(projects::HEADER).map(|v| v.as_bytes());
+            let project = match shared.projects.resolve(named, bound).await {
                 Ok(project) => project,
                 Err(e) => return Ok(reject(e)),
             };
-            req.extensions_mut().insert(Caller {
-                key_id: Some(id),
-                rpc,
-                project: Some(project),
-                bound,
-            });
-            req.extensions_mut().insert(revocation.clone());
-            guarded(
-                inner,
-                req,
-                shape,
-                Some(revocation),
-                lifetime,
-                signer,
-                project,
-            )
-            .await
-        })
+            // Without a key, the signal that never fires.
+            let signal = key_id.map(|_| revocation.clone());
+            tag(&mut req, caller(project, bound), revocation);
+            let signer = shared.signer.clone();
+            guarded(inner, req, shape, signal, lifetime, signer, project).await
+        }))
+    }
+}
+
+impl Shared {
+    /// Reads key `id`'s row (the cache did not know it) and judges the
+    /// call, within the calling peer's budget of failed lookups.
+    async fn read_key(
+        &self,
+        peer: IpAddr,
+        id: keys::KeyId,
+        check: &keys::SecretCheck,
+        scope: super::Scope,
+    ) -> Result<Admitted, Refusal> {
+        // A token of the peer's failure budget is taken only by a call
+        // that reads the row itself.
+        let spent = std::sync::atomic::AtomicBool::new(false);
+        let admit = || {
+            self.limiter.take(peer)?;
+            spent.store(true, std::sync::atomic::Ordering::Relaxed);
+            Ok(())
+        };
+        let fetched = match self.keys.fetch(id, check, admit).await {
+            Ok(fetched) => fetched,
+            Err(wait) => return Err(Box::new(rate_limited(wait).into_http())),
+        };
+        // Only refusals spend the peer's budget (a busy or unreachable
+        // database is not the caller's failure).
+        if spent.load(std::sync::atomic::Ordering::Relaxed)
+            && !matches!(fetched, Ok(Verdict::Invalid | Verdict::Revoked))
+        {
+            self.limiter.refund(peer);
+        }
+        match fetched {
+            Ok(verdict) => admit_key(verdict, scope, id),
+            Err(e) => Err(Box::new(reject(e))),
+        }
     }
 }

@@ -418,7 +418,7 @@ impl<S> Layer<S> for ConsistencyLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Consistency {
             inner,
-            layer: self.clone(),
+            layer: Arc::new(self.clone()),
         }
     }
 }
@@ -426,7 +426,9 @@ impl<S> Layer<S> for ConsistencyLayer {
 #[derive(Clone)]
 pub struct Consistency<S> {
     inner: S,
-    layer: ConsistencyLayer,
+    /// Behind one `Arc`: the stack is cloned for every call, and the
+    /// database handle holds several.
+    layer: Arc<ConsistencyLayer>,
 }
 
 type BoxFuture<T> = Pin<Box<dyn std::future::Future<Output = T> + Send>>;

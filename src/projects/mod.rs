@@ -61,6 +61,32 @@ pub fn not_allowed(name: &str) -> Error {
     ))
 }
 
+/// The slug a raw `x-verdict-project` value names.
+fn slug_of(raw: &[u8]) -> Result<&str> {
+    std::str::from_utf8(raw)
+        .ok()
+        .filter(|s| valid_slug(s))
+        .ok_or_else(|| {
+            Error::invalid(
+                HEADER,
+                "must be a project slug: 1 to 63 lowercase letters, digits and inner hyphens",
+            )
+        })
+}
+
+/// The project a call naming `slug` works in, given what the slug was found
+/// to be (`found`) and its key's binding.
+fn judge(slug: &str, found: Option<Uuid>, bound: Option<Uuid>) -> Result<Uuid> {
+    match (found, bound) {
+        (Some(id), None) => Ok(id),
+        (Some(id), Some(b)) if id == b => Ok(id),
+        // Bound keys learn nothing about other projects, not even
+        // whether they exist.
+        (_, Some(_)) => Err(not_allowed(slug)),
+        (None, None) => Err(Error::NotFound(format!("no project has slug {slug:?}"))),
+    }
+}
+
 /// The slug → id map of projects, shared by every call of a gateway.
 #[derive(Clone)]
 pub struct Directory {
@@ -88,30 +114,37 @@ impl Directory {
     /// bytes, `None` when absent) and its key's binding (`None`: every
     /// project, or authentication off).
     pub async fn resolve(&self, header: Option<&[u8]>, bound: Option<Uuid>) -> Result<Uuid> {
+        if let Some(known) = self.resolve_known(header, bound) {
+            return known;
+        }
+        match header {
+            None => self.default_id().await,
+            Some(raw) => {
+                let slug = slug_of(raw)?;
+                judge(slug, self.id_of(slug).await?, bound)
+            }
+        }
+    }
+
+    /// What [`Self::resolve`] answers when it needs no database read (the
+    /// slug is cached, or there is none to look up); `None` when it does.
+    pub fn resolve_known(
+        &self,
+        header: Option<&[u8]>,
+        bound: Option<Uuid>,
+    ) -> Option<Result<Uuid>> {
         let Some(raw) = header else {
             return match bound {
-                Some(id) => Ok(id),
-                None => self.default_id().await,
+                Some(id) => Some(Ok(id)),
+                None => self.inner.default.get().map(|id| Ok(*id)),
             };
         };
-        let slug = std::str::from_utf8(raw)
-            .ok()
-            .filter(|s| valid_slug(s))
-            .ok_or_else(|| {
-                Error::invalid(
-                    HEADER,
-                    "must be a project slug: 1 to 63 lowercase letters, digits and inner hyphens",
-                )
-            })?;
-        let found = self.id_of(slug).await?;
-        match (found, bound) {
-            (Some(id), None) => Ok(id),
-            (Some(id), Some(b)) if id == b => Ok(id),
-            // Bound keys learn nothing about other projects, not even
-            // whether they exist.
-            (_, Some(_)) => Err(not_allowed(slug)),
-            (None, None) => Err(Error::NotFound(format!("no project has slug {slug:?}"))),
-        }
+        let slug = match slug_of(raw) {
+            Ok(slug) => slug,
+            Err(e) => return Some(Err(e)),
+        };
+        let found = self.cached(slug)?;
+        Some(judge(slug, Some(found), bound))
     }
 
     /// The id of the project `default` (read once; it cannot be deleted).
@@ -140,10 +173,8 @@ impl Directory {
 
     /// The id of `slug`, from the cache or the database.
     pub async fn id_of(&self, slug: &str) -> Result<Option<Uuid>> {
-        if let Some((id, at)) = self.lock().get(slug)
-            && at.elapsed() < TTL
-        {
-            return Ok(Some(*id));
+        if let Some(id) = self.cached(slug) {
+            return Ok(Some(id));
         }
         let mut conn = self.inner.db.conn(&Call::default()).await?;
         let found = sql::id_of(conn.client().await?, slug).await?;
@@ -160,6 +191,14 @@ impl Directory {
             }
         }
         Ok(found)
+    }
+
+    /// The id of `slug` while its cached entry is fresh.
+    fn cached(&self, slug: &str) -> Option<Uuid> {
+        self.lock()
+            .get(slug)
+            .filter(|(_, at)| at.elapsed() < TTL)
+            .map(|(id, _)| *id)
     }
 
     /// Forgets `slug` (after this gateway deleted it).

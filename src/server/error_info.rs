@@ -5,107 +5,23 @@
 //! a reason chosen by code, and tonic's codec failures are reclassified
 //! (see [`super::decode`]).
 //!
-//! The OK path costs one header lookup (trailers-only replies) or one check
-//! of the trailers frame (streamed replies); only a non-OK status is parsed.
+//! The trace layer ([`super::trace`]) applies [`complete`] to every reply's
+//! status, in the headers of a trailers-only reply or in the trailers of a
+//! streamed one, before it records the status: the OK path costs one
+//! comparison; only a non-OK status is parsed.
 
 use super::decode;
 use crate::error::{ERROR_DOMAIN, RETRY_DELAY, Reason};
 use base64::Engine;
 use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use bytes::Bytes;
-use futures::future::BoxFuture;
 use http::HeaderMap;
-use http_body::{Body, Frame, SizeHint};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetail, ErrorInfo, RetryInfo, StatusExt};
-use tower::{Layer, Service};
 
 const GRPC_STATUS: &str = "grpc-status";
 const GRPC_MESSAGE: &str = "grpc-message";
 const GRPC_DETAILS: &str = "grpc-status-details-bin";
-
-/// Adds ErrorInfo to every non-OK status that lacks one.
-#[derive(Clone, Copy, Default)]
-pub struct ErrorInfoLayer;
-
-impl<S> Layer<S> for ErrorInfoLayer {
-    type Service = WithErrorInfo<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        WithErrorInfo { inner }
-    }
-}
-
-#[derive(Clone)]
-pub struct WithErrorInfo<S> {
-    inner: S,
-}
-
-impl<S, ReqBody> Service<http::Request<ReqBody>> for WithErrorInfo<S>
-where
-    S: Service<http::Request<ReqBody>, Response = http::Response<tonic::body::Body>>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-    ReqBody: Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<ReqBody>) -> Self::Future {
-        // The service polled ready takes the call now; only its reply is
-        // awaited, so nothing needs a clone of it.
-        let call = self.inner.call(req);
-        Box::pin(async move {
-            let mut response = call.await?;
-            if response.headers().contains_key(GRPC_STATUS) {
-                // Trailers-only: the status is in the headers.
-                complete(response.headers_mut());
-                return Ok(response);
-            }
-            Ok(response.map(|body| tonic::body::Body::new(TrailersBody { inner: body })))
-        })
-    }
-}
-
-/// Passes a reply body through, completing the status in its trailers.
-struct TrailersBody {
-    inner: tonic::body::Body,
-}
-
-impl Body for TrailersBody {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &mut polled
-            && let Some(trailers) = frame.trailers_mut()
-        {
-            complete(trailers);
-        }
-        polled
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
 
 /// `grpc-status-details-bin` is base64 with or without padding.
 const BASE64: GeneralPurpose = GeneralPurpose::new(

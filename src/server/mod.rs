@@ -99,7 +99,6 @@ pub async fn serve(
         .layer(web)
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(trace::RpcTraceLayer)
-        .layer(error_info::ErrorInfoLayer)
         .layer(crate::ingest::ResetLayer)
         .layer(auth)
         .layer(prescan::PrescanLayer {

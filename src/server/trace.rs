@@ -3,11 +3,16 @@
 //! headers of a trailers-only reply, or from the trailers of a streamed one),
 //! and one log line per call at a level chosen by that code.
 //!
+//! The same layer gives every non-OK status its ErrorInfo (see
+//! [`super::error_info`]) before recording it, probes' and tools' calls
+//! included (they are not traced): one watch over each reply instead of two.
+//!
 //! A caller controls the path, so nothing here grows with it: a method the
 //! gateway does not serve is named `_OTHER` in spans and metrics, its path
 //! is logged cut short, and lines about refused or failed calls pass a rate
 //! limit (a token bucket) that reports how many similar lines it dropped.
 
+use super::error_info::complete;
 use crate::observability::{OTHER_METHOD, method_label};
 use bytes::Bytes;
 use futures::future::BoxFuture;
@@ -75,7 +80,8 @@ where
         let path = req.uri().path().trim_start_matches('/');
         let (service, _) = path.split_once('/').unwrap_or((path, ""));
         if is_infrastructure(service) {
-            return Box::pin(self.inner.call(req));
+            let call = self.inner.call(req);
+            return Box::pin(async move { Ok(completed(call.await?, None)) });
         }
         let label = method_label(path);
         let service = if label == OTHER_METHOD {
@@ -152,21 +158,33 @@ where
                 },
                 None => call.await?,
             };
-            if let Some(code) = grpc_status(response.headers()) {
-                finish(&span, &method, code, started);
-                return Ok(response);
-            }
-            Ok(response.map(|body| {
-                tonic::body::Body::new(StatusBody {
-                    inner: body,
-                    method,
-                    span,
-                    started,
-                    done: false,
-                })
-            }))
+            let watch = Watch {
+                method,
+                span,
+                started,
+            };
+            Ok(completed(response, Some(watch)))
         })
     }
+}
+
+/// Completes the status of `response` with its ErrorInfo, and records it
+/// on the call's span (`watch`) once it is known: now for a trailers-only
+/// reply, else when the body's trailers pass.
+fn completed(
+    mut response: http::Response<tonic::body::Body>,
+    watch: Option<Watch>,
+) -> http::Response<tonic::body::Body> {
+    if response.headers().contains_key("grpc-status") {
+        complete(response.headers_mut());
+        if let Some(watch) = watch
+            && let Some(code) = grpc_status(response.headers())
+        {
+            watch.finish(code);
+        }
+        return response;
+    }
+    response.map(|inner| tonic::body::Body::new(StatusBody { inner, watch }))
 }
 
 /// Whether `OTEL_SEMCONV_STABILITY_OPT_IN` asks for the pre-1.38 RPC
@@ -316,14 +334,24 @@ fn finish(span: &Span, name: &CallName, code: i32, started: Instant) {
     }
 }
 
-/// Passes a response body through, watching for the trailers that carry the
-/// status of a streamed (or successful unary) reply.
-struct StatusBody {
-    inner: tonic::body::Body,
+/// A traced call whose status is still to come.
+struct Watch {
     method: CallName,
     span: Span,
     started: Instant,
-    done: bool,
+}
+
+impl Watch {
+    fn finish(self, code: i32) {
+        finish(&self.span, &self.method, code, self.started);
+    }
+}
+
+/// Passes a response body through, completing the status in its trailers
+/// and recording it on the call's span (`watch`, taken when done).
+struct StatusBody {
+    inner: tonic::body::Body,
+    watch: Option<Watch>,
 }
 
 impl Body for StatusBody {
@@ -334,25 +362,25 @@ impl Body for StatusBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
-        match &polled {
+        let mut polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &mut polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let Some(code) = frame.trailers_ref().and_then(grpc_status) {
-                    self.done = true;
-                    finish(&self.span, &self.method, code, self.started);
+                if let Some(trailers) = frame.trailers_mut() {
+                    complete(trailers);
+                    if let Some(code) = grpc_status(trailers)
+                        && let Some(watch) = self.watch.take()
+                    {
+                        watch.finish(code);
+                    }
                 }
             }
-            Poll::Ready(Some(Err(_))) | Poll::Ready(None) if !self.done => {
-                self.done = true;
+            Poll::Ready(Some(Err(_))) | Poll::Ready(None) => {
                 // The stream ended without a status: the client went away.
-                finish(
-                    &self.span,
-                    &self.method,
-                    tonic::Code::Cancelled as i32,
-                    self.started,
-                );
+                if let Some(watch) = self.watch.take() {
+                    watch.finish(tonic::Code::Cancelled as i32);
+                }
             }
-            _ => {}
+            Poll::Pending => {}
         }
         polled
     }
@@ -368,13 +396,8 @@ impl Body for StatusBody {
 
 impl Drop for StatusBody {
     fn drop(&mut self) {
-        if !self.done {
-            finish(
-                &self.span,
-                &self.method,
-                tonic::Code::Cancelled as i32,
-                self.started,
-            );
+        if let Some(watch) = self.watch.take() {
+            watch.finish(tonic::Code::Cancelled as i32);
         }
     }
 }

@@ -61,8 +61,10 @@ async fn a_key_bound_to_one_project_cannot_name_another_nor_learn_that_it_exists
     own = project(own, "team-a");
     s.list_sessions(own).await.unwrap();
 
-    // Another project, existing or not, and `default`: one answer.
-    for other in ["team-b", "no-such-team", "default"] {
+    // Another project, existing or not, and `default`: one answer, the
+    // first time (slugs read from the database) and the second (slugs the
+    // gateway has cached, judged without a read).
+    for other in ["team-b", "no-such-team", "default"].repeat(2) {
         let err = s
             .list_sessions(project(
                 authed(ListSessionsRequest::default(), &a_key),

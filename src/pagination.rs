@@ -9,7 +9,7 @@
 //! bytes were changed, or that was made up, fails the MAC.
 //!
 //! The signing key belongs to the gateway serving the call: the server
-//! layer runs every call inside [`with_signer`], so the areas' conversions
+//! layer runs every call inside [`scoped`], so the areas' conversions
 //! call [`encode`] and [`decode`] without passing it around.
 
 use crate::error::{Error, Reason, Result};
@@ -96,7 +96,7 @@ struct Token<K> {
 }
 
 /// A fingerprint of one list (`scope`, e.g. `sessions`) with its filters,
-/// in the call's project (see [`in_project`]).
+/// in the call's project (see [`scoped`]).
 pub fn fingerprint(scope: &str, filter: &impl Serialize) -> String {
     let mut h = Sha256::new();
     h.update(scope.as_bytes());

@@ -4,7 +4,7 @@
 //! common.proto).
 //!
 //! Each list declares one [`Counter`] next to its list statement with
-//! [`counter!`]: the `FROM … WHERE …` of its filters, written once, becomes
+//! [`counter!`](crate::counter): the `FROM … WHERE …` of its filters, written once, becomes
 //! a `SELECT count(*)` (EXACT) and an `EXPLAIN (FORMAT JSON) SELECT 1`
 //! (ESTIMATED) with the same bound parameters. Both are constant SQL. The
 //! handler then makes one call, [`count`], with the mode the request asked
@@ -53,7 +53,7 @@ pub fn requested(raw: i32) -> Result<Mode> {
     }
 }
 
-/// The two statements that count one list's rows (see [`counter!`]).
+/// The two statements that count one list's rows (see [`counter!`](crate::counter)).
 #[derive(Debug, Clone, Copy)]
 pub struct Counter {
     /// `SELECT count(*) FROM …`: one row, one bigint.

@@ -114,12 +114,10 @@ impl Directory {
     /// bytes, `None` when absent) and its key's binding (`None`: every
     /// project, or authentication off).
     pub async fn resolve(&self, header: Option<&[u8]>, bound: Option<Uuid>) -> Result<Uuid> {
-        if let Some(known) = self.resolve_known(header, bound) {
-            return known;
-        }
-        match header {
-            None => self.default_id().await,
-            Some(raw) => {
+        match (header, bound) {
+            (None, Some(id)) => Ok(id),
+            (None, None) => self.default_id().await,
+            (Some(raw), _) => {
                 let slug = slug_of(raw)?;
                 judge(slug, self.id_of(slug).await?, bound)
             }

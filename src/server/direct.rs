@@ -96,8 +96,8 @@ impl<S> Layer<S> for DirectLayer {
 
 #[derive(Clone)]
 pub struct Direct<S> {
-    /// Shared: a layer above that awaits before calling (auth) clones the
-    /// stack below it per call.
+    /// Shared: the HTTP server clones the whole stack for every call, and
+    /// the auth layer's boxed path clones the stack below it.
     services: Arc<Services>,
     /// Whatever is not a Verdict service.
     rest: S,

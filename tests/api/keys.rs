@@ -661,6 +661,21 @@ async fn a_revocation_reaches_open_streams_across_a_cut_listener_connection() {
     // Cut the key listener's connection, then revoke at once: the
     // notification may be lost; the reconnect (which empties the cache and
     // re-reads keys with open streams) or the per-second backstop catches it.
+    cut_key_listener(&app).await;
+    verdict::revoke_key(&config, &id).await.expect("revoke");
+    let ended = tokio::time::timeout(Duration::from_secs(3), watch.message())
+        .await
+        .expect("the watch outlived the revocation across a cut listener")
+        .expect_err("the watch ends with an error");
+    assert_eq!(ended.code(), Code::Unauthenticated);
+    assert_eq!(reason(&ended), "KEY_REVOKED");
+    let refused = refused_within(&app, &reader, Duration::from_secs(3)).await;
+    assert_eq!(reason(&refused), "KEY_REVOKED");
+}
+
+/// Terminates the backend of the gateway's key listener (`LISTEN
+/// verdict_keys_changed`), waiting (bounded) until there is one.
+async fn cut_key_listener(app: &TestApp) {
     let sql = app.sql().await;
     let start = Instant::now();
     loop {
@@ -674,7 +689,7 @@ async fn a_revocation_reaches_open_streams_across_a_cut_listener_connection() {
             .unwrap()
             .get(0);
         if cut > 0 {
-            break;
+            return;
         }
         assert!(
             start.elapsed() < Duration::from_secs(10),
@@ -682,15 +697,92 @@ async fn a_revocation_reaches_open_streams_across_a_cut_listener_connection() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+#[tokio::test]
+async fn eight_clients_calling_with_a_cached_key_are_all_refused_soon_after_its_revocation_across_a_cut_listener()
+ {
+    let (_, url) = create_database().await;
+    let config = auth_config(&url);
+    let (id, token) = create_key(&config, "busy", "read").await;
+    let app = spawn_app_with(config.clone()).await;
+
+    // Eight clients, each on a connection of its own, call in a loop with
+    // the same key (cached after the first call: every later call is judged
+    // from memory). Each says when its first call succeeded, then goes on
+    // until it has seen ten refusals in a row, recording every answer.
+    let stop_by = Instant::now() + Duration::from_secs(60);
+    let (started, mut ready) = tokio::sync::mpsc::channel::<()>(8);
+    let mut clients = Vec::new();
+    for _ in 0..8 {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{}", app.port))
+                .unwrap()
+                .connect()
+                .await
+                .unwrap();
+        let mut s = SessionServiceClient::new(channel);
+        let token = token.clone();
+        let started = started.clone();
+        clients.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            let mut refused_in_a_row = 0;
+            while refused_in_a_row < 10 && Instant::now() < stop_by {
+                let answer = s
+                    .list_sessions(authed(ListSessionsRequest::default(), &token))
+                    .await;
+                let at = Instant::now();
+                if answer.is_err() {
+                    refused_in_a_row += 1;
+                } else {
+                    refused_in_a_row = 0;
+                    if answers.is_empty() {
+                        let _ = started.send(()).await;
+                    }
+                }
+                answers.push((at, answer.map(|_| ()).map_err(|e| (e.code(), reason(&e)))));
+            }
+            answers
+        }));
+    }
+    drop(started);
+    for _ in 0..8 {
+        ready
+            .recv()
+            .await
+            .expect("every client's first call succeeds");
+    }
+
+    // The notification of the revocation may be lost with the listener's
+    // connection: the reconnect or the cache's backstop must catch it.
+    cut_key_listener(&app).await;
     verdict::revoke_key(&config, &id).await.expect("revoke");
-    let ended = tokio::time::timeout(Duration::from_secs(3), watch.message())
-        .await
-        .expect("the watch outlived the revocation across a cut listener")
-        .expect_err("the watch ends with an error");
-    assert_eq!(ended.code(), Code::Unauthenticated);
-    assert_eq!(reason(&ended), "KEY_REVOKED");
-    let refused = refused_within(&app, &reader, Duration::from_secs(3)).await;
-    assert_eq!(reason(&refused), "KEY_REVOKED");
+    let revoked = Instant::now();
+
+    for client in clients {
+        let answers = client.await.unwrap();
+        let first_refusal = answers
+            .iter()
+            .position(|(_, a)| a.is_err())
+            .expect("every client is refused in the end");
+        let (at, answer) = &answers[first_refusal];
+        assert!(
+            at.saturating_duration_since(revoked) < Duration::from_secs(2),
+            "a client was still served {:?} after the revocation",
+            at.saturating_duration_since(revoked)
+        );
+        assert_eq!(
+            answer,
+            &Err((Code::Unauthenticated, "KEY_REVOKED".to_owned()))
+        );
+        // Once refused, never served again.
+        for (_, later) in &answers[first_refusal..] {
+            assert_eq!(
+                later,
+                &Err((Code::Unauthenticated, "KEY_REVOKED".to_owned()))
+            );
+        }
+    }
 }
 
 #[tokio::test]

@@ -32,6 +32,18 @@ fn session(request_id: &str) -> CreateSessionRequest {
     }
 }
 
+/// The gateway process, killed if the test fails before it exits.
+struct Gateway(Option<std::process::Child>);
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
 /// Starts the binary in runtime shape `shape`, writes from 4 concurrent
 /// clients (each reading back what it wrote), terminates every gateway
 /// backend in PostgreSQL mid-run, then sends SIGTERM: the gateway must keep
@@ -46,15 +58,17 @@ async fn serves_recovers_and_drains(shape: &str) {
         .local_addr()
         .unwrap()
         .port();
-    let mut gateway = std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .arg("serve")
-        .env("DATABASE_URL", pg.database_url("verdict"))
-        .env("VERDICT_LISTEN", format!("127.0.0.1:{port}"))
-        .env("VERDICT_ROLLUP_INTERVAL_SECS", "0")
-        .env("VERDICT_RUNTIME", shape)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap();
+    let mut gateway = Gateway(Some(
+        std::process::Command::new(env!("CARGO_BIN_EXE_verdict"))
+            .arg("serve")
+            .env("DATABASE_URL", pg.database_url("verdict"))
+            .env("VERDICT_LISTEN", format!("127.0.0.1:{port}"))
+            .env("VERDICT_ROLLUP_INTERVAL_SECS", "0")
+            .env("VERDICT_RUNTIME", shape)
+            .env("RUST_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    ));
     let channel = channel_when_serving(port, Duration::from_secs(60))
         .await
         .unwrap_or_else(|| panic!("the gateway ({shape}) serves"));
@@ -62,12 +76,15 @@ async fn serves_recovers_and_drains(shape: &str) {
     let acked = Arc::new(std::sync::Mutex::new(Vec::new()));
     let count = Arc::new(AtomicUsize::new(0));
     let terminated = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Why each writer stopped, for the failure message.
+    let stopped = Arc::new(std::sync::Mutex::new(Vec::new()));
     let (first, second) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let mut writers = JoinSet::new();
     for w in 0..4 {
         let mut client =
             verdict::proto::session_service_client::SessionServiceClient::new(channel.clone());
         let (acked, count, terminated) = (acked.clone(), count.clone(), terminated.clone());
+        let stopped = stopped.clone();
         let (first, second) = (first.clone(), second.clone());
         writers.spawn(async move {
             let mut after_termination = 0usize;
@@ -104,6 +121,7 @@ async fn serves_recovers_and_drains(shape: &str) {
                     }
                     // After SIGTERM: refused or cut off, never acknowledged.
                     Err(s) => {
+                        stopped.lock().unwrap().push(format!("writer {w}: {s:?}"));
                         let raced_goaway =
                             s.code() == Code::Internal && format!("{s:?}").contains("GoAway");
                         assert!(
@@ -152,9 +170,15 @@ async fn serves_recovers_and_drains(shape: &str) {
     terminated.store(true, Ordering::SeqCst);
     tokio::time::timeout(Duration::from_secs(120), second.notified())
         .await
-        .expect("200 more writes acknowledged after the backends were terminated");
+        .unwrap_or_else(|_| {
+            panic!(
+                "200 more writes acknowledged after the backends were terminated; \
+                 writers stopped: {:?}",
+                stopped.lock().unwrap()
+            )
+        });
     // SAFETY: signalling the child we spawned.
-    unsafe { libc::kill(gateway.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(gateway.0.as_ref().unwrap().id() as i32, libc::SIGTERM) };
     let drained = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(done) = writers.join_next().await {
             done.unwrap();
@@ -162,7 +186,8 @@ async fn serves_recovers_and_drains(shape: &str) {
     })
     .await;
     assert!(drained.is_ok(), "every writer stops after SIGTERM");
-    let status = tokio::task::spawn_blocking(move || gateway.wait())
+    let mut child = gateway.0.take().unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait())
         .await
         .unwrap()
         .unwrap();

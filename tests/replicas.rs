@@ -124,19 +124,19 @@ async fn create(sessions: &Sessions, request_id: &str) -> (String, String) {
     (reply.into_inner().session.unwrap().id, token)
 }
 
-/// Waits (bounded) until reads without a token reach the standby: the
-/// gateway has checked it and found it fresh.
+/// Waits (bounded) until reads without a token reach the standby (the
+/// gateway has checked it and found it fresh) and the standby has `id`.
+/// Until it has replayed the create, a read it serves answers NOT_FOUND:
+/// a read without a token may lag by up to the configured bound.
 async fn until_the_replica_serves(p: &Pair, id: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    let before = session_reads(&p.standby).await;
     loop {
-        p.app
-            .sessions
-            .clone()
-            .get_session(get(id, None))
-            .await
-            .unwrap();
-        if session_reads(&p.standby).await > before {
+        let before = session_reads(&p.standby).await;
+        let read = p.app.sessions.clone().get_session(get(id, None)).await;
+        if let Err(status) = &read {
+            assert_eq!(status.code(), tonic::Code::NotFound, "{status:?}");
+        }
+        if read.is_ok() && session_reads(&p.standby).await > before {
             return;
         }
         assert!(

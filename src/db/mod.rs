@@ -2,6 +2,7 @@
 //! pool, per-call statement timeouts, traced statements, SQLSTATE mapping,
 //! migrations and the embedded server.
 
+pub mod driven;
 pub mod embedded;
 mod error;
 pub mod migrate;
@@ -747,9 +748,9 @@ fn new_pool(
     max_lifetime: Duration,
     writable: bool,
 ) -> anyhow::Result<Pool> {
-    let manager = Manager::from_config(
+    let manager = Manager::from_connect(
         pg.config().clone(),
-        pg.tls().connector(),
+        driven::Connect(pg.tls().connector()),
         ManagerConfig {
             // Only checks that the connection is not known closed: no
             // round trip for a connection that was just in use.

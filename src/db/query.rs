@@ -158,7 +158,7 @@ impl Stmt {
                 let stmt = c.prepare_cached(self.sql).await?;
                 c.query(&stmt, params).await
             };
-            let ran = run.await;
+            let ran = super::driven::flushed(run).await;
             self.measure(started, ran.as_ref().err());
             match ran {
                 Ok(rows) => {
@@ -209,7 +209,7 @@ impl Stmt {
                 let stmt = c.prepare_cached(self.sql).await?;
                 c.execute(&stmt, params).await
             };
-            let ran = run.await;
+            let ran = super::driven::flushed(run).await;
             self.measure(started, ran.as_ref().err());
             match ran {
                 Ok(n) => {

@@ -68,6 +68,9 @@ thread_local! {
 /// are polled (see the module).
 pub const WRITE_EVERY: usize = 2;
 
+/// Most connections a thread's list holds.
+const MOST_LISTED: usize = 1024;
+
 impl Wake for Driven {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref()
@@ -77,9 +80,17 @@ impl Wake for Driven {
         if !self.listed.swap(true, Ordering::AcqRel) {
             // A runtime being torn down has no list: the task's wake below
             // is then all there is, as it always may be.
+            // A thread that wakes connections but runs no statement never
+            // empties its list: past a bound, the dead entries go, and a
+            // connection not listed is still run by its task.
             let _ = WOKEN.try_with(|w| {
                 if let Ok(mut w) = w.try_borrow_mut() {
-                    w.push(Arc::downgrade(self));
+                    if w.len() >= MOST_LISTED {
+                        w.retain(|d| d.strong_count() > 0);
+                    }
+                    if w.len() < MOST_LISTED {
+                        w.push(Arc::downgrade(self));
+                    }
                 }
             });
         }

@@ -288,25 +288,7 @@ async fn pooled_connections_whose_backends_were_terminated_are_replaced_without_
     }
     // The terminated backends are gone (each exits once it handles the
     // signal, which the calls above do not wait for).
-    let started = Instant::now();
-    loop {
-        let survivors: i64 = admin
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
-                &[&pids],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if survivors == 0 {
-            break;
-        }
-        assert!(
-            started.elapsed() < PATIENCE,
-            "{survivors} terminated backends still listed"
-        );
-        tokio::time::sleep(POLL).await;
-    }
+    until_gone(&admin, &pids, "terminated backends still listed").await;
 
     app.stop().await.unwrap();
     drop(admin);
@@ -336,28 +318,30 @@ async fn pooled_connections_are_renewed_after_their_maximum_lifetime() {
     }
     // The old connection was closed, not leaked.
     let admin = admin_client(&url).await;
+    until_gone(&admin, &[first], "the old connection stays open").await;
+    drop(admin);
+    app.stop().await.unwrap();
+    pg.stop().await.unwrap();
+}
+
+/// Waits (bounded) until none of `pids` is a server process any more.
+async fn until_gone(admin: &tokio_postgres::Client, pids: &[i32], what: &str) {
     let started = Instant::now();
     loop {
         let alive: i64 = admin
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                &[&first],
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)",
+                &[&pids],
             )
             .await
             .unwrap()
             .get(0);
         if alive == 0 {
-            break;
+            return;
         }
-        assert!(
-            started.elapsed() < PATIENCE,
-            "the old connection stays open"
-        );
+        assert!(started.elapsed() < PATIENCE, "{alive} {what}");
         tokio::time::sleep(POLL).await;
     }
-    drop(admin);
-    app.stop().await.unwrap();
-    pg.stop().await.unwrap();
 }
 
 /// The backend pid of the connection the pool hands out next.

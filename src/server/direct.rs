@@ -9,8 +9,10 @@
 //! services none of that is needed: the service's name is the path up to
 //! its second `/`, and the generated server matches the method itself. A
 //! call to any other path (health, reflection, a path nobody serves) goes
-//! on to `Routes` as before.
+//! on to `Routes` as before. A unary method is then called straight
+//! ([`super::unary`]); a streaming one through its tonic server.
 
+use super::unary::{self, Limits};
 use super::{
     AdminApi, AdminServiceServer, CoverageApi, CoverageServiceServer, DiscrepancyApi,
     DiscrepancyServiceServer, FailureApi, FailureServiceServer, MetricsApi, MetricsServiceServer,
@@ -28,14 +30,36 @@ type Reply = http::Response<tonic::body::Body>;
 
 /// Declares [`Services`] and its dispatch by name from one list.
 macro_rules! services {
-    ($($field:ident: $server:ident<$api:ident>),* $(,)?) => {
-        /// Every Verdict service, ready to be called.
+    ($($field:ident: $server:ident<$api:ident> by $unary:ident),* $(,)?) => {
+        /// The implementation of every Verdict service.
+        pub struct Apis {
+            $(pub $field: $api,)*
+        }
+
+        /// Every Verdict service, ready to be called: its implementation,
+        /// called straight for a unary method ([`super::unary`]), and its
+        /// tonic server for the rest.
         #[derive(Clone)]
         pub struct Services {
-            $(pub $field: $server<$api>,)*
+            $($field: (Arc<$api>, $server<$api>),)*
+            limits: Limits,
         }
 
         impl Services {
+            /// Every service with the same message size limits.
+            pub fn new(apis: Apis, limits: Limits) -> Self {
+                Services {
+                    $($field: {
+                        let api = Arc::new(apis.$field);
+                        let server = $server::from_arc(api.clone())
+                            .max_decoding_message_size(limits.decode)
+                            .max_encoding_message_size(limits.encode);
+                        (api, server)
+                    },)*
+                    limits,
+                }
+            }
+
             /// Their names, as health and reflection list them.
             pub fn names() -> Vec<&'static str> {
                 vec![$(<$server<$api> as NamedService>::NAME,)*]
@@ -57,8 +81,21 @@ macro_rules! services {
                     .strip_prefix('/')
                     .and_then(|p| p.split_once('/'))
                     .map_or("", |(service, _)| service);
+                // A compressed request is tonic's to refuse or decode.
+                let plain = !req.headers().contains_key("grpc-encoding");
                 match service {
-                    $(<$server<$api> as NamedService>::NAME => Either::Left(self.$field.clone().call(req)),)*
+                    $(<$server<$api> as NamedService>::NAME => {
+                        let (api, server) = &self.$field;
+                        let req = if plain {
+                            match unary::$unary(api, server, req, self.limits) {
+                                Ok(call) => return Either::Left(call),
+                                Err(req) => req,
+                            }
+                        } else {
+                            req
+                        };
+                        Either::Left(server.clone().call(req))
+                    })*
                     _ => Either::Right(rest.call(req)),
                 }
             }
@@ -67,16 +104,16 @@ macro_rules! services {
 }
 
 services!(
-    sessions: SessionServiceServer<SessionApi>,
-    results: ResultServiceServer<ResultApi>,
-    discrepancies: DiscrepancyServiceServer<DiscrepancyApi>,
-    test_cases: TestCaseServiceServer<TestCaseApi>,
-    coverage: CoverageServiceServer<CoverageApi>,
-    metrics: MetricsServiceServer<MetricsApi>,
-    admin: AdminServiceServer<AdminApi>,
-    projects: ProjectServiceServer<ProjectApi>,
-    test_runs: TestRunServiceServer<TestRunApi>,
-    failures: FailureServiceServer<FailureApi>,
+    sessions: SessionServiceServer<SessionApi> by session_service,
+    results: ResultServiceServer<ResultApi> by result_service,
+    discrepancies: DiscrepancyServiceServer<DiscrepancyApi> by discrepancy_service,
+    test_cases: TestCaseServiceServer<TestCaseApi> by test_case_service,
+    coverage: CoverageServiceServer<CoverageApi> by coverage_service,
+    metrics: MetricsServiceServer<MetricsApi> by metrics_service,
+    admin: AdminServiceServer<AdminApi> by admin_service,
+    projects: ProjectServiceServer<ProjectApi> by project_service,
+    test_runs: TestRunServiceServer<TestRunApi> by test_run_service,
+    failures: FailureServiceServer<FailureApi> by failure_service,
 );
 
 /// The innermost layer: [`Services`] in front of `Routes`.

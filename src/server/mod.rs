@@ -10,6 +10,7 @@ pub mod health;
 pub mod incoming;
 mod prescan;
 mod trace;
+mod unary;
 
 use crate::admin::AdminApi;
 use crate::auth::{AuthLayer, AuthMode};
@@ -70,13 +71,6 @@ pub async fn serve(
     // stores always fits a reply (with its id, times and page token).
     let limit = config.max_message_bytes;
     let request_limit = config.max_request_bytes();
-    macro_rules! limited {
-        ($server:ident, $api:ident) => {
-            $server::new($api::new(state.clone()))
-                .max_decoding_message_size(request_limit)
-                .max_encoding_message_size(limit)
-        };
-    }
     let auth = AuthLayer::new(
         state.keys.clone(),
         auth.is_required(),
@@ -110,18 +104,24 @@ pub async fn serve(
         ))
         // Innermost: the Verdict services, found by name; health,
         // reflection and unknown paths go on to tonic's routes.
-        .layer(direct::DirectLayer(direct::Services {
-            sessions: limited!(SessionServiceServer, SessionApi),
-            results: limited!(ResultServiceServer, ResultApi),
-            discrepancies: limited!(DiscrepancyServiceServer, DiscrepancyApi),
-            test_cases: limited!(TestCaseServiceServer, TestCaseApi),
-            coverage: limited!(CoverageServiceServer, CoverageApi),
-            metrics: limited!(MetricsServiceServer, MetricsApi),
-            admin: limited!(AdminServiceServer, AdminApi),
-            projects: limited!(ProjectServiceServer, ProjectApi),
-            test_runs: limited!(TestRunServiceServer, TestRunApi),
-            failures: limited!(FailureServiceServer, FailureApi),
-        }))
+        .layer(direct::DirectLayer(direct::Services::new(
+            direct::Apis {
+                sessions: SessionApi::new(state.clone()),
+                results: ResultApi::new(state.clone()),
+                discrepancies: DiscrepancyApi::new(state.clone()),
+                test_cases: TestCaseApi::new(state.clone()),
+                coverage: CoverageApi::new(state.clone()),
+                metrics: MetricsApi::new(state.clone()),
+                admin: AdminApi::new(state.clone()),
+                projects: ProjectApi::new(state.clone()),
+                test_runs: TestRunApi::new(state.clone()),
+                failures: FailureApi::new(state.clone()),
+            },
+            unary::Limits {
+                decode: request_limit,
+                encode: limit,
+            },
+        )))
         .add_service(HealthServer::new(HealthService::from_health_reporter(
             reporter,
         )))

@@ -198,10 +198,9 @@ pub const BY_ID: Stmt = Stmt::new(
     ),
 );
 
-/// The session `id` of `project`; `None` when there is none in that
-/// project (whether or not another project has one).
 /// The session `id` of `project`: its id and the session as field 1 of a
-/// reply (see [`session_to_wire`]).
+/// reply (see [`session_to_wire`]); `None` when there is none in that
+/// project (whether or not another project has one).
 pub async fn get_wire(c: &impl GenericClient, project: Uuid, id: Uuid) -> Result<Option<Wire>> {
     wire(BY_ID.query_opt(c, &[&project, &id]).await?)
 }

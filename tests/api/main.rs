@@ -48,4 +48,5 @@ mod test_cases;
 mod test_runs;
 mod tls;
 mod totals;
+mod unary_bodies;
 mod watch;

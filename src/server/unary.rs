@@ -9,7 +9,8 @@
 //! body's bytes are the five-byte gRPC prefix and the message, and the reply
 //! is one data frame and a constant trailer. Measured with h2load against
 //! the same PostgreSQL, alternating builds, GetSession's gateway CPU per
-//! call fell by 0.7–2.4 µs.
+//! call fell by 0.9–2.4 µs in four of five alternations (README,
+//! Benchmarks), and allocations per call from 49.1 to 43.2.
 //!
 //! Anything else — a compressed or oversized message, no message or more
 //! than one, bytes that do not decode — is handed, with the bytes already

@@ -75,12 +75,7 @@ macro_rules! services {
             where
                 S: Service<http::Request<tonic::body::Body>>,
             {
-                let service = req
-                    .uri()
-                    .path()
-                    .strip_prefix('/')
-                    .and_then(|p| p.split_once('/'))
-                    .map_or("", |(service, _)| service);
+                let (service, _) = unary::service_and_method(req.uri().path());
                 // A compressed request is tonic's to refuse or decode.
                 let plain = !req.headers().contains_key("grpc-encoding");
                 match service {

@@ -406,11 +406,10 @@ enum Front {
 
 impl ScannedBody {
     fn front(&self) -> Front {
-        if self.buf.len() < 5 {
+        let Some((flag, len)) = super::unary::prefix(&self.buf) else {
             return Front::Partial;
-        }
-        let compressed = self.buf[0] != 0;
-        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        };
+        let compressed = flag != 0;
         if len > self.max_message_bytes {
             return Front::TooLarge;
         }

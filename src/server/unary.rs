@@ -56,14 +56,18 @@ pub struct Limits {
 // Result<Call, Req>`, generated from the descriptors.
 include!(concat!(env!("OUT_DIR"), "/verdict_unary.rs"));
 
-/// What follows the service in a request's path (`/pkg.Service/Method`):
-/// the method, or something no method is named (`Method/More`).
-fn method(req: &Req) -> &str {
-    req.uri()
-        .path()
-        .strip_prefix('/')
+/// The service and what follows it in a path (`/pkg.Service/Method`): the
+/// method, or something no method is named (`Method/More`); both empty for
+/// a path of another shape.
+pub(super) fn service_and_method(path: &str) -> (&str, &str) {
+    path.strip_prefix('/')
         .and_then(|p| p.split_once('/'))
-        .map_or("", |(_, method)| method)
+        .unwrap_or(("", ""))
+}
+
+/// The method part of a request's path (see [`service_and_method`]).
+fn method(req: &Req) -> &str {
+    service_and_method(req.uri().path()).1
 }
 
 /// Headers a reply's metadata may not set (tonic removes the same).
@@ -104,7 +108,7 @@ where
             Ok(data) => {
                 received.push(data);
                 if !received.may_be_one(limits.decode) {
-                    let replay = Replay::body(received.into_bytes(), Some(body), None);
+                    let replay = Frames::body(received.into_bytes(), Some(body), None);
                     return fallback
                         .call(http::Request::from_parts(parts, replay))
                         .await;
@@ -117,7 +121,7 @@ where
     let message = match one_message(&bytes, limits.decode).map(M::decode) {
         Some(Ok(message)) => message,
         _ => {
-            let replay = Replay::body(bytes, None, trailers);
+            let replay = Frames::body(bytes, None, trailers);
             return fallback
                 .call(http::Request::from_parts(parts, replay))
                 .await;
@@ -157,10 +161,7 @@ fn reply<R: prost::Message>(response: Result<tonic::Response<R>, Status>, limit:
             message.encode_raw(&mut data);
             let mut trailers = http::HeaderMap::with_capacity(1);
             trailers.insert(Status::GRPC_STATUS, http::HeaderValue::from_static("0"));
-            One {
-                data: Some(data.freeze()),
-                trailers: Some(trailers),
-            }
+            Frames::body(data.freeze(), None, Some(trailers))
         }
         _ => {
             // tonic's status and words for a reply over the limit.
@@ -171,13 +172,10 @@ fn reply<R: prost::Message>(response: Result<tonic::Response<R>, Status>, limit:
             // Only a message with bytes no header may hold fails here;
             // this one has none.
             let _ = status.add_header(&mut trailers);
-            One {
-                data: None,
-                trailers: Some(trailers),
-            }
+            Frames::body(Bytes::new(), None, Some(trailers))
         }
     };
-    let mut reply = http::Response::new(tonic::body::Body::new(body));
+    let mut reply = http::Response::new(body);
     *reply.version_mut() = http::Version::HTTP_2;
     *reply.headers_mut() = headers;
     *reply.extensions_mut() = extensions;
@@ -191,8 +189,9 @@ fn one_message(bytes: &Bytes, limit: usize) -> Option<Bytes> {
     (flag == 0 && len <= limit && bytes.len() - 5 == len).then(|| bytes.slice(5..))
 }
 
-/// A message's compression flag and length, once its five bytes are in.
-fn prefix(bytes: &[u8]) -> Option<(u8, usize)> {
+/// A message's compression flag and length, once its five bytes are in
+/// (the gRPC length prefix).
+pub(super) fn prefix(bytes: &[u8]) -> Option<(u8, usize)> {
     let head: [u8; 5] = bytes.get(..5)?.try_into().ok()?;
     let len = u32::from_be_bytes([head[1], head[2], head[3], head[4]]);
     Some((head[0], len as usize))
@@ -241,56 +240,31 @@ impl Received {
     }
 }
 
-/// A unary reply: its message (none when it failed), then its trailers.
-struct One {
+/// A body of frames already at hand: some data, then the rest of another
+/// body, then trailers — a request body given back with the bytes read so
+/// far, or a unary reply (its message, or none when it failed, and its
+/// status).
+struct Frames {
     data: Option<Bytes>,
-    trailers: Option<http::HeaderMap>,
-}
-
-impl Body for One {
-    type Data = Bytes;
-    type Error = Status;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        _cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if let Some(data) = self.data.take() {
-            return Poll::Ready(Some(Ok(Frame::data(data))));
-        }
-        Poll::Ready(self.trailers.take().map(|t| Ok(Frame::trailers(t))))
-    }
-
-    // No exact size hint: hyper would then send a content-length and end
-    // the stream after the data, without the trailers.
-    fn is_end_stream(&self) -> bool {
-        self.data.is_none() && self.trailers.is_none()
-    }
-}
-
-/// A request body given back: the bytes read, then the rest of the body,
-/// then its trailers.
-struct Replay {
-    read: Option<Bytes>,
     rest: Option<tonic::body::Body>,
     trailers: Option<http::HeaderMap>,
 }
 
-impl Replay {
+impl Frames {
     fn body(
-        read: Bytes,
+        data: Bytes,
         rest: Option<tonic::body::Body>,
         trailers: Option<http::HeaderMap>,
     ) -> tonic::body::Body {
-        tonic::body::Body::new(Replay {
-            read: Some(read).filter(|b| !b.is_empty()),
+        tonic::body::Body::new(Frames {
+            data: Some(data).filter(|b| !b.is_empty()),
             rest,
             trailers,
         })
     }
 }
 
-impl Body for Replay {
+impl Body for Frames {
     type Data = Bytes;
     type Error = Status;
 
@@ -299,8 +273,8 @@ impl Body for Replay {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        if let Some(read) = this.read.take() {
-            return Poll::Ready(Some(Ok(Frame::data(read))));
+        if let Some(data) = this.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
         }
         if let Some(rest) = &mut this.rest {
             match Pin::new(rest).poll_frame(cx) {
@@ -311,8 +285,11 @@ impl Body for Replay {
         Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))))
     }
 
+    // No exact size hint: for a reply, hyper would then send a
+    // content-length and end the stream after the data, without the
+    // trailers.
     fn is_end_stream(&self) -> bool {
-        self.read.is_none()
+        self.data.is_none()
             && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
             && self.trailers.is_none()
     }

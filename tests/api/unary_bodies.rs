@@ -29,19 +29,47 @@ async fn call_in_frames(
     frames: Vec<Vec<u8>>,
     trailers: Option<http::HeaderMap>,
 ) -> Reply {
-    let tcp = TcpStream::connect(("127.0.0.1", app.port)).await.unwrap();
+    let (client, conn) = open(app.port).await;
+    let reply = send_in_frames(app.port, &client, path, headers, frames, trailers).await;
+    drop(client);
+    conn.abort();
+    reply
+}
+
+/// A raw HTTP/2 connection to the gateway, its driver spawned.
+async fn open(port: u16) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>) {
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     let (client, conn) = h2::client::handshake(tcp).await.unwrap();
-    let conn = tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    let mut request = http::Request::post(format!("http://127.0.0.1:{}{path}", app.port))
+    let conn = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (client, conn)
+}
+
+/// A request's headers for `path`.
+fn request(port: u16, path: &str, headers: &[(&str, &str)]) -> http::Request<()> {
+    let mut request = http::Request::post(format!("http://127.0.0.1:{port}{path}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
+    request.body(()).unwrap()
+}
+
+/// [`call_in_frames`] on a connection already open.
+async fn send_in_frames(
+    port: u16,
+    client: &h2::client::SendRequest<Bytes>,
+    path: &str,
+    headers: &[(&str, &str)],
+    frames: Vec<Vec<u8>>,
+    trailers: Option<http::HeaderMap>,
+) -> Reply {
+    let mut client = client.clone().ready().await.unwrap();
     let ends_at_headers = frames.is_empty() && trailers.is_none();
     let (response, mut send) = client
-        .send_request(request.body(()).unwrap(), ends_at_headers)
+        .send_request(request(port, path, headers), ends_at_headers)
         .unwrap();
     let last = frames.len();
     for (i, frame) in frames.into_iter().enumerate() {
@@ -61,8 +89,6 @@ async fn call_in_frames(
     // A trailers-only reply carries its status in the headers.
     let trailers = body.trailers().await.unwrap().unwrap_or(parts.headers);
     let status = tonic::Status::from_header_map(&trailers).expect("a grpc-status");
-    drop(client);
-    conn.abort();
     Reply { status, message }
 }
 
@@ -225,4 +251,65 @@ async fn bodies_that_are_not_one_plain_message_get_the_codecs_answers_and_write_
     .await;
     expect(&reply, Code::Unimplemented);
     assert!(!stored(&app, "unary-path").await);
+}
+
+#[tokio::test]
+async fn concurrent_callers_some_cancelling_mid_message_store_exactly_the_whole_messages() {
+    let app = spawn_app().await;
+    let mut callers = Vec::new();
+    for i in 0..8 {
+        let port = app.port;
+        callers.push(tokio::spawn(async move {
+            let (client, conn) = open(port).await;
+            let whole = framed(
+                false,
+                &new_session(&format!("unary-whole-{i}")).encode_to_vec(),
+            );
+            if i % 2 == 0 {
+                // The whole message, seven bytes a frame.
+                let frames = whole.chunks(7).map(<[u8]>::to_vec).collect();
+                let reply = send_in_frames(port, &client, CREATE, &[], frames, None).await;
+                expect(&reply, Code::Ok);
+            } else {
+                // Half a message, then the stream is cancelled...
+                let cut = framed(
+                    false,
+                    &new_session(&format!("unary-cancelled-{i}")).encode_to_vec(),
+                );
+                let mut sender = client.clone().ready().await.unwrap();
+                let (response, mut send) = sender
+                    .send_request(request(port, CREATE, &[]), false)
+                    .unwrap();
+                send.send_data(Bytes::copy_from_slice(&cut[..cut.len() / 2]), false)
+                    .unwrap();
+                send.send_reset(h2::Reason::CANCEL);
+                assert!(response.await.is_err(), "a cancelled stream gets no reply");
+                // ...and the same connection serves the next call whole.
+                let reply = send_in_frames(port, &client, CREATE, &[], vec![whole], None).await;
+                expect(&reply, Code::Ok);
+            }
+            drop(client);
+            conn.abort();
+        }));
+    }
+    for caller in callers {
+        caller.await.unwrap();
+    }
+    for i in 0..8 {
+        assert!(
+            stored(&app, &format!("unary-whole-{i}")).await,
+            "unary-whole-{i}"
+        );
+    }
+    let n: i64 = app
+        .sql()
+        .await
+        .query_one(
+            "SELECT count(*) FROM sessions WHERE request_id LIKE 'unary-cancelled-%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "no cancelled message was stored");
 }

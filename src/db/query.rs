@@ -4,6 +4,7 @@
 
 use crate::error::Result;
 use deadpool_postgres::GenericClient;
+use futures::TryStreamExt;
 use std::future::Future;
 use std::time::Instant;
 use tokio_postgres::Row;
@@ -50,6 +51,9 @@ const COLLECTIONS: &[&str] = &[
     "triage_history",
     "pg_stat_user_tables",
 ];
+
+/// The span field of the rows a query returned.
+const RETURNED: &str = "db.response.returned_rows";
 
 type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
@@ -149,21 +153,25 @@ impl Stmt {
         }
     }
 
-    /// Runs a query and returns every row.
-    pub async fn query(&self, c: &impl GenericClient, params: Params<'_>) -> Result<Vec<Row>> {
+    /// Runs `run` (this statement's preparation and execution) in the
+    /// statement's span, recording its duration and outcome and, on
+    /// success, `rows(&out)` in the span's `field` (the rows it returned,
+    /// or those it affected).
+    async fn traced<T>(
+        &self,
+        run: impl Future<Output = Result<T, tokio_postgres::Error>>,
+        field: &'static str,
+        rows: impl FnOnce(&T) -> u64,
+    ) -> Result<T> {
         let span = self.span();
         async {
             let started = Instant::now();
-            let run = async {
-                let stmt = c.prepare_cached(self.sql).await?;
-                c.query(&stmt, params).await
-            };
             let ran = super::driven::flushed(run).await;
             self.measure(started, ran.as_ref().err());
             match ran {
-                Ok(rows) => {
-                    Span::current().record("db.response.returned_rows", rows.len() as i64);
-                    Ok(rows)
+                Ok(out) => {
+                    Span::current().record(field, rows(&out) as i64);
+                    Ok(out)
                 }
                 Err(e) => {
                     Self::fail(&Span::current(), &e);
@@ -175,22 +183,57 @@ impl Stmt {
         .await
     }
 
-    /// Runs a query expected to return at most one row.
+    /// Runs a query and returns every row.
+    pub async fn query(&self, c: &impl GenericClient, params: Params<'_>) -> Result<Vec<Row>> {
+        self.traced(
+            async {
+                let stmt = c.prepare_cached(self.sql).await?;
+                c.query(&stmt, params).await
+            },
+            RETURNED,
+            |rows| rows.len() as u64,
+        )
+        .await
+    }
+
+    /// Runs a query expected to return at most one row. The rows are read
+    /// off the stream as they come, not gathered first: a second one is an
+    /// error.
     pub async fn query_opt(
         &self,
         c: &impl GenericClient,
         params: Params<'_>,
     ) -> Result<Option<Row>> {
-        let mut rows = self.query(c, params).await?;
-        if rows.len() > 1 {
+        let (first, more) = self
+            .traced(
+                async {
+                    let stmt = c.prepare_cached(self.sql).await?;
+                    let rows = c
+                        .query_raw(&stmt, params.iter().map(|p| *p as &dyn ToSql))
+                        .await?;
+                    let mut rows = std::pin::pin!(rows);
+                    let first = rows.try_next().await?;
+                    let mut more = 0usize;
+                    if first.is_some() {
+                        while rows.try_next().await?.is_some() {
+                            more += 1;
+                        }
+                    }
+                    Ok((first, more))
+                },
+                RETURNED,
+                |(first, more)| u64::from(first.is_some()) + *more as u64,
+            )
+            .await?;
+        if more > 0 {
             return Err(crate::error::Error::Internal(format!(
                 "{} {} returned {} rows where at most one was expected",
                 self.op,
                 self.table,
-                rows.len()
+                more + 1
             )));
         }
-        Ok(rows.pop())
+        Ok(first)
     }
 
     /// Runs a query expected to return exactly one row.
@@ -202,27 +245,14 @@ impl Stmt {
 
     /// Runs a statement and returns the number of rows it affected.
     pub async fn execute(&self, c: &impl GenericClient, params: Params<'_>) -> Result<u64> {
-        let span = self.span();
-        async {
-            let started = Instant::now();
-            let run = async {
+        self.traced(
+            async {
                 let stmt = c.prepare_cached(self.sql).await?;
                 c.execute(&stmt, params).await
-            };
-            let ran = super::driven::flushed(run).await;
-            self.measure(started, ran.as_ref().err());
-            match ran {
-                Ok(n) => {
-                    Span::current().record("db.response.affected_rows", n as i64);
-                    Ok(n)
-                }
-                Err(e) => {
-                    Self::fail(&Span::current(), &e);
-                    Err(e.into())
-                }
-            }
-        }
-        .instrument(span)
+            },
+            "db.response.affected_rows",
+            |n| *n,
+        )
         .await
     }
 }

@@ -64,6 +64,8 @@ struct SharedConn {
     tls: MakeRustlsConnect,
     /// When it was given its slot, by [`super::connection_clock_ms`].
     given_ms: u64,
+    /// When it reaches the pool's maximum lifetime, by the same clock.
+    renew_ms: u64,
     /// When a read last took it, by the same clock.
     leased_ms: std::sync::atomic::AtomicU64,
 }
@@ -109,17 +111,29 @@ impl SharedReads {
     /// connection is full, and the read should queue for the pool like
     /// any other call (which sheds load past its waiting limit).
     pub async fn lease(self: &Arc<Self>) -> Result<Option<Lease>> {
-        let Some(slot) = self.slots.iter().position(|slot| {
-            self.current(slot)
-                .is_none_or(|c| c.in_flight.load(Ordering::Relaxed) < DEPTH)
-        }) else {
+        // One look at each slot, one reading of the clock: the slot's
+        // connection when it has room, or the first unconnected slot.
+        let now_ms = super::connection_clock_ms();
+        let Some((slot, found)) =
+            self.slots
+                .iter()
+                .enumerate()
+                .find_map(|(i, slot)| match self.current(slot, now_ms) {
+                    None => Some((i, None)),
+                    Some(c) if c.in_flight.load(Ordering::Relaxed) < DEPTH => Some((i, Some(c))),
+                    Some(_) => None,
+                })
+        else {
             return Ok(None);
         };
+        let mut found = found;
         loop {
-            let conn = self.connected(slot).await?;
+            let conn = match found.take() {
+                Some(conn) => conn,
+                None => self.connected(slot).await?,
+            };
             conn.in_flight.fetch_add(1, Ordering::AcqRel);
-            conn.leased_ms
-                .store(super::connection_clock_ms(), Ordering::Relaxed);
+            conn.leased_ms.store(now_ms, Ordering::Relaxed);
             let lease = Lease {
                 conn,
                 slot,
@@ -138,16 +152,22 @@ impl SharedReads {
     /// The slot's open connection, made if there is none.
     async fn connected(&self, slot: usize) -> Result<Arc<SharedConn>> {
         let s = &self.slots[slot];
-        if let Some(conn) = self.current(s) {
+        if let Some(conn) = self.current(s, super::connection_clock_ms()) {
             return Ok(conn);
         }
         let _making = s.connecting.lock().await;
-        if let Some(conn) = self.current(s) {
+        if let Some(conn) = self.current(s, super::connection_clock_ms()) {
             return Ok(conn);
         }
         let given_ms = super::connection_clock_ms();
         let object = self.pool.get().await?;
+        // Renewed once the pool's connection reaches its maximum lifetime,
+        // counted from when the pool made it, by the connection clock.
+        let left = self
+            .max_lifetime
+            .saturating_sub(Object::metrics(&object).age());
         let conn = Arc::new(SharedConn {
+            renew_ms: given_ms.saturating_add(left.as_millis() as u64),
             object: Some(object),
             in_flight: AtomicUsize::new(0),
             abandoned: AtomicBool::new(false),
@@ -204,12 +224,11 @@ impl SharedReads {
     /// closed, younger than the maximum lifetime, and given its slot after
     /// the last connection error any call saw. An older one is taken out of
     /// the slot (it keeps its reads; the pool checks it when it comes back).
-    fn current(&self, slot: &Slot) -> Option<Arc<SharedConn>> {
+    fn current(&self, slot: &Slot, now_ms: u64) -> Option<Arc<SharedConn>> {
         let mut held = slot.conn.lock().unwrap_or_else(|p| p.into_inner());
         let usable = held.as_ref().is_some_and(|c| {
-            c.object
-                .as_ref()
-                .is_some_and(|o| !o.is_closed() && Object::metrics(o).age() < self.max_lifetime)
+            now_ms < c.renew_ms
+                && c.object.as_ref().is_some_and(|o| !o.is_closed())
                 && !super::connection_error_since(c.given_ms)
         });
         if usable {

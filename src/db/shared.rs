@@ -114,7 +114,7 @@ impl SharedReads {
         // One look at each slot, one reading of the clock: the slot's
         // connection when it has room, or the first unconnected slot.
         let now_ms = super::connection_clock_ms();
-        let Some((slot, found)) =
+        let Some((slot, mut found)) =
             self.slots
                 .iter()
                 .enumerate()
@@ -126,7 +126,6 @@ impl SharedReads {
         else {
             return Ok(None);
         };
-        let mut found = found;
         loop {
             let conn = match found.take() {
                 Some(conn) => conn,

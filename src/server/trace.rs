@@ -282,7 +282,8 @@ static FAILED_LINES: LogBudget = LogBudget::new(50, 20);
 /// `info`, server-side trouble at `warn`/`error`, successes at `debug`;
 /// all but successes within a [`LogBudget`].
 fn finish(span: &Span, name: &CallName, code: i32, started: Instant) {
-    crate::observability::rpc_finished(name.label, code, started.elapsed(), span);
+    let elapsed = started.elapsed();
+    crate::observability::rpc_finished(name.label, code, elapsed, span);
     let code_name = crate::observability::grpc_code_name(code);
     span.record("rpc.response.status_code", code_name);
     if old_conventions() {
@@ -298,7 +299,7 @@ fn finish(span: &Span, name: &CallName, code: i32, started: Instant) {
         span.record("otel.status_code", "ERROR");
         span.record("error.type", code_name);
     }
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let ms = elapsed.as_secs_f64() * 1000.0;
     let _entered = span.enter();
     if code == Ok {
         tracing::debug!(grpc.code = ?code, elapsed_ms = ms, "rpc finished");

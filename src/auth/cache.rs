@@ -19,9 +19,9 @@
 //! with random ids cannot make legitimate calls wait. Unknown ids are
 //! remembered in a bounded negative cache.
 //!
-//! Every key that passed a check has a `watch` channel: a revocation flips
+//! Every key with a stream open has a `watch` channel: a revocation flips
 //! it, which ends the key's open streams (see `super::stream`) and is what
-//! handlers read through [`Revocation`].
+//! streaming handlers read through [`Revocation`].
 
 use super::ScopeSet;
 use super::keys::{self, KeyId, SecretCheck};
@@ -65,12 +65,13 @@ pub struct KeySettings {
 
 /// What a presented token turned out to be.
 pub enum Verdict {
-    /// Valid: the key's scopes and its revocation signal.
+    /// Valid: the key's scopes and binding. A call that needs to hear
+    /// of a later revocation (a stream) asks for its signal with
+    /// [`KeyCache::subscribe`].
     Valid {
         scopes: ScopeSet,
         /// The project the key is bound to; `None`: every project.
         project: Option<uuid::Uuid>,
-        revocation: Revocation,
     },
     /// An unknown id or a wrong secret: callers get one answer for both.
     Invalid,
@@ -79,7 +80,8 @@ pub enum Verdict {
 }
 
 /// The revocation signal of the caller's key, in the request extensions of
-/// every authenticated call (`request.extensions().get::<Revocation>()`).
+/// every authenticated streaming call (`request.extensions().get::<Revocation>()`;
+/// a unary call is judged once, when it is admitted).
 /// A handler that commits per chunk of a long stream checks
 /// [`Revocation::is_revoked`] before each commit, so nothing is committed
 /// under a key revoked meanwhile. (The auth layer already ends the streams
@@ -247,33 +249,13 @@ impl KeyCache {
                 })
         };
         if let Some((matches, revoked, scopes, project)) = known {
-            return Some(self.judge(id, matches, revoked, scopes, project));
+            return Some(judge(matches, revoked, scopes, project));
         }
         let unknown = lock(&self.inner.unknown);
         unknown
             .get(&id)
             .is_some_and(|at| at.elapsed() < ttl)
             .then_some(Verdict::Invalid)
-    }
-
-    fn judge(
-        &self,
-        id: KeyId,
-        matches: bool,
-        revoked: bool,
-        scopes: ScopeSet,
-        project: Option<uuid::Uuid>,
-    ) -> Verdict {
-        // The secret first: only its holder learns that a key was revoked.
-        match (matches, revoked) {
-            (false, _) => Verdict::Invalid,
-            (true, true) => Verdict::Revoked,
-            (true, false) => Verdict::Valid {
-                scopes,
-                project,
-                revocation: self.subscribe(id),
-            },
-        }
     }
 
     /// Reads the key's row through the lookup pool, caches it and judges;
@@ -353,7 +335,7 @@ impl KeyCache {
                 },
             );
         }
-        Ok(self.judge(id, matches, revoked, scopes, project))
+        Ok(judge(matches, revoked, scopes, project))
     }
 
     fn remember_unknown(&self, id: KeyId) {
@@ -368,7 +350,10 @@ impl KeyCache {
         unknown.insert(id, Instant::now());
     }
 
-    fn subscribe(&self, id: KeyId) -> Revocation {
+    /// The revocation signal of key `id`. Asked for after the key was
+    /// judged: a revocation in between has fired the signal, and a fired
+    /// signal is kept, so the subscriber still sees it.
+    pub fn subscribe(&self, id: KeyId) -> Revocation {
         let mut signals = lock(&self.inner.signals);
         if signals.len() >= SIGNAL_SWEEP_AT && !signals.contains_key(&id) {
             // Keep fired signals: a call judged just before the revocation
@@ -456,6 +441,16 @@ impl KeyCache {
             self.fire(id);
         }
         Ok(())
+    }
+}
+
+/// What a presented secret makes of a key's row.
+fn judge(matches: bool, revoked: bool, scopes: ScopeSet, project: Option<uuid::Uuid>) -> Verdict {
+    // The secret first: only its holder learns that a key was revoked.
+    match (matches, revoked) {
+        (false, _) => Verdict::Invalid,
+        (true, true) => Verdict::Revoked,
+        (true, false) => Verdict::Valid { scopes, project },
     }
 }
 

@@ -32,7 +32,11 @@ pub struct KeyId([u8; ID_LEN]);
 impl KeyId {
     /// Parses 16 lowercase hex characters.
     pub fn parse(s: &str) -> Option<Self> {
-        let bytes: [u8; ID_LEN] = s.as_bytes().try_into().ok()?;
+        Self::from_bytes(s.as_bytes())
+    }
+
+    fn from_bytes(s: &[u8]) -> Option<Self> {
+        let bytes: [u8; ID_LEN] = s.try_into().ok()?;
         bytes
             .iter()
             .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
@@ -60,32 +64,38 @@ impl std::fmt::Display for KeyId {
 /// A well-formed token, split; says nothing yet about whether it is valid.
 pub struct Presented<'a> {
     pub id: KeyId,
-    secret: &'a str,
+    /// 43 base64url characters.
+    secret: &'a [u8],
 }
 
 /// Splits an `authorization` value (`Bearer vk_…`). Anything that is not
 /// exactly a token of our format is `None`: it is refused without asking
 /// the database.
 pub fn parse_authorization(value: &[u8]) -> Option<Presented<'_>> {
-    let value = std::str::from_utf8(value).ok()?;
-    let (scheme, token) = value.split_once(' ')?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    let space = value.iter().position(|&b| b == b' ')?;
+    let (scheme, token) = (&value[..space], &value[space + 1..]);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
         return None;
     }
-    parse_token(token.trim())
+    parse_bytes(token.trim_ascii())
 }
 
 /// Splits a bare token.
 pub fn parse_token(token: &str) -> Option<Presented<'_>> {
-    if token.len() != TOKEN_LEN || !token.starts_with(PREFIX) {
+    parse_bytes(token.as_bytes())
+}
+
+/// Splits a token given as bytes: only ASCII of the exact format passes.
+fn parse_bytes(token: &[u8]) -> Option<Presented<'_>> {
+    let rest = token.strip_prefix(PREFIX.as_bytes())?;
+    if token.len() != TOKEN_LEN {
         return None;
     }
-    let rest = &token[PREFIX.len()..];
     let (id, secret) = rest.split_at(ID_LEN);
-    let secret = secret.strip_prefix('_')?;
-    let id = KeyId::parse(id)?;
-    let base64url = |b: u8| b.is_ascii_alphanumeric() || b == b'-' || b == b'_';
-    if secret.len() != SECRET_LEN || !secret.bytes().all(base64url) {
+    let secret = secret.strip_prefix(b"_")?;
+    let id = KeyId::from_bytes(id)?;
+    let base64url = |b: &u8| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_';
+    if secret.len() != SECRET_LEN || !secret.iter().all(base64url) {
         return None;
     }
     Some(Presented { id, secret })
@@ -104,7 +114,7 @@ impl Presented<'_> {
 }
 
 /// The hash of a presented secret.
-pub struct SecretCheck(Vec<u8>);
+pub struct SecretCheck([u8; 32]);
 
 impl SecretCheck {
     /// Whether it equals `stored`, in constant time.
@@ -113,8 +123,8 @@ impl SecretCheck {
     }
 }
 
-fn hash_secret(secret: &str) -> Vec<u8> {
-    Sha256::digest(secret.as_bytes()).to_vec()
+fn hash_secret(secret: &[u8]) -> [u8; 32] {
+    Sha256::digest(secret).into()
 }
 
 /// Random bytes from the operating system's CSPRNG.
@@ -140,7 +150,7 @@ pub fn generate() -> Result<NewKey> {
     let secret = URL_SAFE_NO_PAD.encode(random_bytes::<SECRET_BYTES>()?);
     Ok(NewKey {
         id,
-        secret_hash: hash_secret(&secret),
+        secret_hash: hash_secret(secret.as_bytes()).to_vec(),
         token: format!("{PREFIX}{id}_{secret}"),
     })
 }
@@ -348,5 +358,13 @@ mod tests {
         assert!(parse_authorization(&[0xff, 0xfe, b' ', b'v']).is_none());
         assert!(parse_authorization(b"bearer ").is_none());
         assert!(parse_authorization(format!("bearer {}", key.token).as_bytes()).is_some());
+        // Surrounding ASCII whitespace is allowed; any byte outside the
+        // token's alphabet is not, whatever its encoding.
+        assert!(parse_authorization(format!("Bearer  {} \t", key.token).as_bytes()).is_some());
+        let mut raw = good.clone().into_bytes();
+        *raw.last_mut().unwrap() = 0xff;
+        assert!(parse_authorization(&raw).is_none());
+        assert!(parse_authorization(format!("{good}\u{a0}").as_bytes()).is_none());
+        assert!(parse_authorization(format!("Bearer\u{a0}{}", key.token).as_bytes()).is_none());
     }
 }

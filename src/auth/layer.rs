@@ -17,8 +17,9 @@
 //! holder): UNAUTHENTICATED with reason `KEY_REVOKED`.
 //!
 //! Every call past the checks runs in its project with the gateway's
-//! page-token key current (see [`crate::pagination::scoped`]) and carries
-//! the key's [`Revocation`] signal in its extensions. A unary call whose key
+//! page-token key current (see [`crate::pagination::scoped`]); a streaming
+//! call also carries the key's [`Revocation`] signal in its extensions (a
+//! unary call is judged once, when it is admitted). A unary call whose key
 //! the cache admitted (or that needs none) and whose project is known
 //! without a read goes straight to the handler polled ready: no box, no
 //! clone of the stack below.
@@ -61,8 +62,8 @@ struct Shared {
     projects: Directory,
     /// The streaming RPCs, whose bodies are guarded.
     streaming: HashMap<String, Shape>,
-    /// The signal of calls without a key (authentication off), made once:
-    /// a channel per call would cost an allocation for nothing.
+    /// The signal of streams without a key (authentication off), made
+    /// once: a channel per stream would cost an allocation for nothing.
     never: Revocation,
 }
 
@@ -181,16 +182,12 @@ where
 }
 
 /// What a key the cache or the database judged may do in a call needing
-/// `scope`: its binding and revocation signal, or the reply refusing it.
+/// `scope`: its binding, or the reply refusing it.
 fn admit_key(verdict: Verdict, scope: super::Scope, id: keys::KeyId) -> Result<Admitted, Refusal> {
     match verdict {
-        Verdict::Valid {
-            scopes,
-            project,
-            revocation,
-        } => {
+        Verdict::Valid { scopes, project } => {
             if scopes.contains(scope) {
-                Ok((project, revocation))
+                Ok(project)
             } else {
                 Err(Box::new(reject(Error::PermissionDenied(format!(
                     "this call needs the `{}` scope; key {id} has `{}`",
@@ -207,9 +204,8 @@ fn admit_key(verdict: Verdict, scope: super::Scope, id: keys::KeyId) -> Result<A
 /// The reply refusing a call.
 type Refusal = Box<http::Response<Body>>;
 
-/// An admitted call's key binding (`None`: every project, or no key) and
-/// revocation signal.
-type Admitted = (Option<uuid::Uuid>, Revocation);
+/// An admitted call's key binding (`None`: every project, or no key).
+type Admitted = Option<uuid::Uuid>;
 
 /// Where a call's key stands before its project is resolved.
 enum Judged {
@@ -221,13 +217,6 @@ enum Judged {
         check: keys::SecretCheck,
         scope: super::Scope,
     },
-}
-
-/// Tells the handler who calls, in which project, and the key's
-/// revocation signal.
-fn tag(req: &mut http::Request<Body>, caller: Caller, revocation: Revocation) {
-    req.extensions_mut().insert(caller);
-    req.extensions_mut().insert(revocation);
 }
 
 /// A reply made without calling the handler.
@@ -262,8 +251,7 @@ where
         };
         let shape = self.shared.streaming.get(rpc).copied();
         if !self.shared.required {
-            let never = self.shared.never.clone();
-            return self.call_judged(req, rpc, shape, None, Judged::Admitted((None, never)));
+            return self.call_judged(req, rpc, shape, None, Judged::Admitted(None));
         }
         let Some(presented) = req
             .headers()
@@ -319,11 +307,11 @@ where
             project: Some(project),
             bound,
         };
-        if let (Judged::Admitted((bound, revocation)), None) = (&judged, shape) {
+        if let (Judged::Admitted(bound), None) = (&judged, shape) {
             let named = req.headers().get(projects::HEADER).map(|v| v.as_bytes());
             match self.shared.projects.resolve_known(named, *bound) {
                 Some(Ok(project)) => {
-                    tag(&mut req, caller(project, *bound), revocation.clone());
+                    req.extensions_mut().insert(caller(project, *bound));
                     let signer = self.shared.signer.clone();
                     return Either::Right(scoped(project, signer, self.inner.call(req)));
                 }
@@ -337,7 +325,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         Either::Left(Box::pin(async move {
-            let (bound, revocation) = match judged {
+            let bound = match judged {
                 Judged::Admitted(admitted) => admitted,
                 Judged::Unread { id, check, scope } => {
                     match shared.read_key(peer(&req), id, &check, scope).await {
@@ -351,9 +339,21 @@ where
                 Ok(project) => project,
                 Err(e) => return Ok(reject(e)),
             };
-            // Without a key, the signal that never fires.
-            let signal = key_id.map(|_| revocation.clone());
-            tag(&mut req, caller(project, bound), revocation);
+            req.extensions_mut().insert(caller(project, bound));
+            // A stream hears of its key's revocation: subscribed now that the
+            // key is judged (a revocation since has fired the signal, and a
+            // fired signal is kept). Without a key, the signal that never fires.
+            let signal = match (shape, key_id) {
+                (None, _) => None,
+                (Some(_), Some(id)) => Some(shared.keys.subscribe(id)),
+                (Some(_), None) => {
+                    req.extensions_mut().insert(shared.never.clone());
+                    None
+                }
+            };
+            if let Some(signal) = &signal {
+                req.extensions_mut().insert(signal.clone());
+            }
             let signer = shared.signer.clone();
             guarded(inner, req, shape, signal, lifetime, signer, project).await
         }))

@@ -3,6 +3,7 @@
 //! message size limits, over plain TCP or TLS; gRPC-Web, CORS and the
 //! console (crate::console) on the same port.
 
+mod connections;
 mod decode;
 mod direct;
 mod error_info;
@@ -38,7 +39,7 @@ use crate::test_runs::TestRunApi;
 use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tonic::transport::Server;
+use tonic::service::Routes;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
@@ -80,16 +81,19 @@ pub async fn serve(
 
     let web = crate::console::WebLayer::new(&config.cors_origins, config.console)?;
 
-    let router = Server::builder()
-        // Advertised in SETTINGS: a client may not open more at once.
-        .max_concurrent_streams(config.max_streams_per_connection)
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        // Browsers: gRPC-Web over HTTP/1.1 (or HTTP/2) on this same port.
-        // CORS and the console's files are answered outermost; the
-        // translation comes next, so tracing, auth and every later layer
-        // see a gRPC-Web call as the native call it becomes.
-        .accept_http1(true)
+    // Health, reflection and any path nobody serves; their router made
+    // ready for serving as tonic's transport did (`Routes::prepare`, no SQL).
+    let routes = Routes::new(HealthServer::new(HealthService::from_health_reporter(
+        reporter,
+    )))
+    .add_service(reflection_v1)
+    .add_service(reflection_v1alpha);
+    let routes = Routes::prepare(routes);
+    // Browsers: gRPC-Web over HTTP/1.1 (or HTTP/2) on this same port.
+    // CORS and the console's files are answered outermost; the
+    // translation comes next, so tracing, auth and every later layer
+    // see a gRPC-Web call as the native call it becomes.
+    let service = tower::ServiceBuilder::new()
         .layer(web)
         .layer(tonic_web::GrpcWebLayer::new())
         .layer(trace::RpcTraceLayer)
@@ -122,23 +126,23 @@ pub async fn serve(
                 encode: limit,
             },
         )))
-        .add_service(HealthServer::new(HealthService::from_health_reporter(
-            reporter,
-        )))
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha);
+        .service(routes);
+    let settings = connections::Settings {
+        // Advertised in SETTINGS: a client may not open more at once.
+        max_concurrent_streams: config.max_streams_per_connection,
+        keepalive_interval: Duration::from_secs(30),
+        keepalive_timeout: Duration::from_secs(10),
+    };
     let limits = incoming::Limits::from_config(config);
     match tls {
         Some(tls) => {
             tracing::info!(mutual = tls.is_mutual(), "serving TLS only");
-            router
-                .serve_with_incoming_shutdown(tls.incoming(listener, limits), shutdown)
-                .await?
+            let incoming = tls.incoming(listener, limits);
+            connections::serve(incoming, service, settings, shutdown).await;
         }
         None => {
-            router
-                .serve_with_incoming_shutdown(incoming::plain(listener, limits), shutdown)
-                .await?
+            let incoming = incoming::plain(listener, limits);
+            connections::serve(incoming, service, settings, shutdown).await;
         }
     }
     Ok(())

@@ -873,3 +873,55 @@ fn the_stream_lifetime_setting_takes_units_and_refuses_nonsense() {
         Duration::from_secs(3_600)
     );
 }
+
+/// A channel to the gateway whose connection comes from `source` (any
+/// address of the loopback network), not the default 127.0.0.1.
+async fn connect_from(source: std::net::IpAddr, port: u16) -> tonic::transport::Channel {
+    let connector = tower::service_fn(move |_: http::Uri| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(std::net::SocketAddr::new(source, 0))?;
+        let stream = socket
+            .connect(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+            .await?;
+        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+    });
+    tonic::transport::Endpoint::from_static("http://verdict.invalid")
+        .connect_with_connector(connector)
+        .await
+        .expect("connect to the gateway")
+}
+
+#[tokio::test]
+async fn the_failure_budget_is_per_address_so_one_peer_spending_it_does_not_lock_out_another() {
+    let (_, url) = create_database().await;
+    let mut config = auth_config(&url);
+    config.auth_failure_burst = 3;
+    config.auth_failures_per_sec = 0.01;
+    let (app, keys) = spawn_with_keys(config).await;
+    let list = |mut client: SessionServiceClient<tonic::transport::Channel>| async move {
+        client
+            .list_sessions(authed(ListSessionsRequest::default(), &random_token()))
+            .await
+            .unwrap_err()
+    };
+    // 127.0.0.1 spends its budget of failed lookups, then is refused
+    // without one.
+    let first = SessionServiceClient::new(connect_from([127, 0, 0, 1].into(), app.port).await);
+    for _ in 0..3 {
+        let status = list(first.clone()).await;
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+    let spent = keys.lookups();
+    let status = list(first.clone()).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(reason(&status), "RATE_LIMITED");
+    assert_eq!(keys.lookups(), spent, "a refused peer costs no lookup");
+    // Another address of the same host still has its own budget.
+    let second = SessionServiceClient::new(connect_from([127, 0, 0, 2].into(), app.port).await);
+    let status = list(second.clone()).await;
+    assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    assert_eq!(keys.lookups(), spent + 1);
+    // And the first is still refused.
+    let status = list(first).await;
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+}

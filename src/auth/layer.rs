@@ -344,15 +344,12 @@ where
             // key is judged (a revocation since has fired the signal, and a
             // fired signal is kept). Without a key, the signal that never fires.
             let signal = match (shape, key_id) {
-                (None, _) => None,
                 (Some(_), Some(id)) => Some(shared.keys.subscribe(id)),
-                (Some(_), None) => {
-                    req.extensions_mut().insert(shared.never.clone());
-                    None
-                }
+                _ => None,
             };
-            if let Some(signal) = &signal {
-                req.extensions_mut().insert(signal.clone());
+            if shape.is_some() {
+                let heard = signal.clone().unwrap_or_else(|| shared.never.clone());
+                req.extensions_mut().insert(heard);
             }
             let signer = shared.signer.clone();
             guarded(inner, req, shape, signal, lifetime, signer, project).await

@@ -516,8 +516,8 @@ impl Db {
             Some(left) if left.is_zero() => Err(Error::DeadlineExceeded),
             Some(left) if left < self.max_statement_timeout => {
                 // Leave a margin so PostgreSQL cancels the statement (and the
-                // caller hears DEADLINE_EXCEEDED from us) before the transport's
-                // own timer abandons the call with the query still running.
+                // caller hears DEADLINE_EXCEEDED from us) before the trace
+                // layer's deadline abandons the call with the query still running.
                 let margin = left / 10 + Duration::from_millis(2);
                 Ok(Some(
                     left.saturating_sub(margin).max(Duration::from_millis(1)),

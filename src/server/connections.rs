@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::pin;
@@ -28,7 +29,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tonic::body::Body;
 use tonic::transport::server::Connected;
-use tower::{Service, ServiceExt, util::Oneshot};
+use tower::{Service, ServiceExt};
 
 /// The HTTP settings of every connection.
 #[derive(Debug, Clone, Copy)]
@@ -92,10 +93,16 @@ pub async fn serve<I, IO, S>(
                     None => break,
                 },
             };
-            let calls = PerConnection {
-                info: io.connect_info(),
-                service: service.clone(),
-            };
+            // Each call gets the connection's info in its extensions and a
+            // clone of the service stack (hyper-util's adapter clones it).
+            let info = io.connect_info();
+            let calls = TowerToHyperService::new(service.clone().map_request(
+                move |req: http::Request<Incoming>| {
+                    let mut req = req.map(Body::new);
+                    req.extensions_mut().insert(info.clone());
+                    req
+                },
+            ));
             let connection = builder
                 .serve_connection(TokioIo::new(io), calls)
                 .into_owned();
@@ -108,28 +115,4 @@ pub async fn serve<I, IO, S>(
         }
     }
     graceful.shutdown().await;
-}
-
-/// The calls of one connection: each gets the connection's info and a
-/// clone of the service stack.
-#[derive(Clone)]
-struct PerConnection<S, C> {
-    service: S,
-    info: C,
-}
-
-impl<S, C> hyper::service::Service<http::Request<Incoming>> for PerConnection<S, C>
-where
-    S: Service<http::Request<Body>, Response = http::Response<Body>> + Clone,
-    C: Clone + Send + Sync + 'static,
-{
-    type Response = http::Response<Body>;
-    type Error = S::Error;
-    type Future = Oneshot<S, http::Request<Body>>;
-
-    fn call(&self, req: http::Request<Incoming>) -> Self::Future {
-        let mut req = req.map(Body::new);
-        req.extensions_mut().insert(self.info.clone());
-        self.service.clone().oneshot(req)
-    }
 }

@@ -126,10 +126,11 @@ where
             let _ = span.set_parent(parent);
         }
 
-        // The call's own deadline, enforced here so that a call stuck on an
-        // unresponsive database answers DEADLINE_EXCEEDED at its deadline
-        // (the transport's timer would answer CANCELLED). Statement timeouts
-        // fire earlier in the normal case; this is the backstop.
+        // The call's own deadline, enforced here (the only server-side timer
+        // on it) so that a call stuck on an unresponsive database answers
+        // DEADLINE_EXCEEDED at its deadline rather than leaving the caller's
+        // own timer to give up on it. Statement timeouts fire earlier in the
+        // normal case; this is the backstop.
         let deadline = req
             .headers()
             .get("grpc-timeout")

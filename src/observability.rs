@@ -86,6 +86,8 @@ struct Otel {
     rpc_duration: Histogram<f64>,
     db_duration: Histogram<f64>,
     statement_timeouts: Counter<u64>,
+    reads_batched: Counter<u64>,
+    reads_sent_again: Counter<u64>,
     ingest_rows: Counter<u64>,
     pool_wait: Histogram<f64>,
     pool_timeouts: Counter<u64>,
@@ -132,6 +134,10 @@ struct Registry {
     /// Keyed by job and outcome.
     jobs: Mutex<BTreeMap<[&'static str; 2], Histo>>,
     statement_timeouts: AtomicU64,
+    /// Reads written behind one Sync with others (`db::coalesce`).
+    reads_batched: AtomicU64,
+    /// Reads sent again after an earlier read of their batch failed.
+    reads_sent_again: AtomicU64,
     /// Waits for a pooled connection (one series, no labels).
     pool_wait: Mutex<BTreeMap<[&'static str; 1], Histo>>,
     pool_timeouts: AtomicU64,
@@ -150,6 +156,8 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
         statements: Mutex::new(BTreeMap::new()),
         jobs: Mutex::new(BTreeMap::new()),
         statement_timeouts: AtomicU64::new(0),
+        reads_batched: AtomicU64::new(0),
+        reads_sent_again: AtomicU64::new(0),
         pool_wait: Mutex::new(BTreeMap::new()),
         pool_timeouts: AtomicU64::new(0),
         ingest_rows: Mutex::new(BTreeMap::new()),
@@ -173,6 +181,16 @@ static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
                 .u64_counter("verdict.db.statement_timeouts")
                 .with_description(
                     "Statements cancelled by their statement_timeout (call deadlines)",
+                )
+                .build(),
+            reads_batched: meter
+                .u64_counter("verdict.db.reads_batched")
+                .with_description("Reads by key written behind one Sync with others")
+                .build(),
+            reads_sent_again: meter
+                .u64_counter("verdict.db.reads_sent_again")
+                .with_description(
+                    "Batched reads sent again because an earlier read of their batch failed",
                 )
                 .build(),
             ingest_rows: meter
@@ -518,6 +536,26 @@ pub fn pool_wait(waited: Duration, timed_out: bool) {
 pub fn statement_timeout() {
     REGISTRY.statement_timeouts.fetch_add(1, Ordering::Relaxed);
     REGISTRY.otel.statement_timeouts.add(1, &[]);
+}
+
+/// Records `n` reads written behind one Sync with others.
+pub fn reads_batched(n: u64) {
+    REGISTRY.reads_batched.fetch_add(n, Ordering::Relaxed);
+    REGISTRY.otel.reads_batched.add(n, &[]);
+}
+
+/// Records `n` batched reads sent again after an earlier one failed.
+pub fn reads_sent_again(n: u64) {
+    REGISTRY.reads_sent_again.fetch_add(n, Ordering::Relaxed);
+    REGISTRY.otel.reads_sent_again.add(n, &[]);
+}
+
+/// (reads batched, reads sent again) since the process started.
+pub fn batched_reads() -> (u64, u64) {
+    (
+        REGISTRY.reads_batched.load(Ordering::Relaxed),
+        REGISTRY.reads_sent_again.load(Ordering::Relaxed),
+    )
 }
 
 /// Records rows written by an ingest of `kind` (e.g. `discrepancies`).
@@ -974,6 +1012,26 @@ pub fn render_prometheus(db: &Db, format: Format) -> String {
         "verdict_db_statement_timeouts_total",
         "",
         r.statement_timeouts.load(Ordering::Relaxed),
+    );
+    w.family(
+        "verdict_db_reads_batched",
+        "counter",
+        "Reads by key written behind one Sync with others.",
+    );
+    w.sample(
+        "verdict_db_reads_batched_total",
+        "",
+        r.reads_batched.load(Ordering::Relaxed),
+    );
+    w.family(
+        "verdict_db_reads_sent_again",
+        "counter",
+        "Batched reads sent again because an earlier read of their batch failed.",
+    );
+    w.sample(
+        "verdict_db_reads_sent_again_total",
+        "",
+        r.reads_sent_again.load(Ordering::Relaxed),
     );
     w.counters(
         "verdict_ingest_rows",

@@ -222,15 +222,9 @@ impl<F: Future> Future for Flushed<F> {
 
 /// Opens connections whose tasks are [`spawn`]ed here: deadpool's own
 /// connect, but for the task.
-pub struct Connect<T>(pub T);
+pub struct Connect(pub tokio_postgres_rustls::MakeRustlsConnect);
 
-impl<T> deadpool_postgres::Connect for Connect<T>
-where
-    T: tokio_postgres::tls::MakeTlsConnect<tokio_postgres::Socket> + Clone + Sync + Send + 'static,
-    T::Stream: Sync + Send,
-    T::TlsConnect: Sync + Send,
-    <T::TlsConnect as tokio_postgres::tls::TlsConnect<tokio_postgres::Socket>>::Future: Send,
-{
+impl deadpool_postgres::Connect for Connect {
     fn connect(
         &self,
         pg_config: &tokio_postgres::Config,
@@ -241,13 +235,26 @@ where
         let tls = self.0.clone();
         let pg_config = pg_config.clone();
         Box::pin(async move {
+            // Reads written together share a Sync where this connects the
+            // socket itself (see `coalesce`); elsewhere as tokio-postgres
+            // connects.
+            if let Some(connected) = super::coalesce::connect(&pg_config, &tls).await {
+                let (client, connection) = connected?;
+                return Ok((client, run(connection)));
+            }
             let (client, connection) = pg_config.connect(tls).await?;
-            let task = spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::warn!(error = %e, "database connection ended with an error");
-                }
-            });
-            Ok((client, task))
+            Ok((client, run(connection)))
         })
     }
+}
+
+/// Runs a connection's half as a [`spawn`]ed task, logging how it ended.
+fn run(
+    connection: impl Future<Output = Result<(), tokio_postgres::Error>> + Send + 'static,
+) -> JoinHandle<()> {
+    spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "database connection ended with an error");
+        }
+    })
 }

@@ -2,6 +2,7 @@
 //! pool, per-call statement timeouts, traced statements, SQLSTATE mapping,
 //! migrations and the embedded server.
 
+pub mod coalesce;
 pub mod driven;
 pub mod embedded;
 mod error;
@@ -305,6 +306,7 @@ impl Db {
             0 => None,
             n => Some(shared::SharedReads::new(
                 new_pool(pg, n, Duration::from_secs(5), self.max_lifetime, true)?,
+                pg.config().clone(),
                 pg.tls().connector(),
                 n,
                 self.max_lifetime,

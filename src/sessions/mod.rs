@@ -9,6 +9,9 @@ mod summary;
 mod watch;
 
 pub use feed::Watches;
+
+/// The SQL of a session's summary (a read [`crate::db`] may batch).
+pub(crate) const SUMMARY_SQL: &str = summary::SUMMARY.sql;
 pub use service::SessionApi;
 
 use crate::convert::{JsonDoc, opt_timestamp, timestamp};

@@ -257,7 +257,7 @@ pub async fn get_for_update(
         .transpose()
 }
 
-const BY_REQUEST_ID: Stmt = Stmt::new(
+pub const BY_REQUEST_ID: Stmt = Stmt::new(
     "SELECT",
     "sessions",
     concat!(

@@ -12,7 +12,7 @@ use deadpool_postgres::GenericClient;
 use uuid::Uuid;
 
 /// Counts of session `$2` of project `$1`, one row per (dimension, value).
-const SUMMARY: Stmt = Stmt::new(
+pub(crate) const SUMMARY: Stmt = Stmt::new(
     "SELECT",
     "results",
     "SELECT 'result' AS dimension, overall_status AS key, count(*) AS n \

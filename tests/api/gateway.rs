@@ -468,4 +468,6 @@ async fn the_prometheus_endpoint_reports_rpcs_pool_and_ingest() {
         "{body}"
     );
     assert!(body.contains("# TYPE verdict_db_statement_timeouts_total counter"));
+    assert!(body.contains("# TYPE verdict_db_reads_batched_total counter"));
+    assert!(body.contains("# TYPE verdict_db_reads_sent_again_total counter"));
 }

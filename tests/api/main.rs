@@ -6,6 +6,7 @@ mod appends;
 mod audit;
 mod auth;
 mod bounds;
+mod coalesced_reads;
 mod coverage;
 mod coverage_days;
 mod direct_sql;

@@ -7,8 +7,10 @@
 //! connection under h2load (GetSession, 8 calls in flight), the backend made
 //! 0.97 `sendto` calls per read, and they were 31 % of its CPU.
 //!
-//! [`Coalesce`] sits between a connection's tokio-postgres half and its
-//! socket (or TLS stream). When one write carries several executions of the
+//! [`Coalesce`] sits between a shared read connection's tokio-postgres half
+//! and its socket (or TLS stream); those connections, from a pool of their
+//! own, run only the reads of [`super::short_read!`] (and, when one is
+//! abandoned, an empty query behind what it still runs). When one write carries several executions of the
 //! statements in [`READS`] (read-only lookups by key), it drops the Sync
 //! between each and the next, so the server runs them as one batch and
 //! flushes once; on the way back it puts a ReadyForQuery after each
@@ -22,6 +24,10 @@
 //! until the Sync. Those reads are sent again, each with its own Sync, and
 //! the answers to whatever was written after the batch are held back until
 //! theirs, so every caller still gets its own statement's answer, in order.
+//! (Holding answers back suits these connections: short reads, at most
+//! [`super::shared::DEPTH`] in flight. A connection that also ran a
+//! `COPY … FROM STDIN`, which waits for its CopyInResponse before it sends
+//! its rows, or streamed large results, must not use this.)
 //!
 //! Sync messages are counted to know which answer belongs to which request:
 //! every Sync, simple Query and FunctionCall gets one ReadyForQuery, except
@@ -222,8 +228,7 @@ impl<S> Coalesce<S> {
             return;
         }
         let sql = cstr(&body[name.len() + 1..]);
-        let read = sql.is_some_and(|sql| READS.iter().any(|r| r.as_bytes() == sql));
-        if read {
+        if sql.is_some_and(|sql| READS.iter().any(|r| r.as_bytes() == sql)) {
             self.reads.insert(Bytes::copy_from_slice(name));
         } else {
             self.reads.remove(name);

@@ -222,7 +222,12 @@ impl<F: Future> Future for Flushed<F> {
 
 /// Opens connections whose tasks are [`spawn`]ed here: deadpool's own
 /// connect, but for the task.
-pub struct Connect(pub tokio_postgres_rustls::MakeRustlsConnect);
+pub struct Connect {
+    pub tls: tokio_postgres_rustls::MakeRustlsConnect,
+    /// The reads written together share a Sync (`super::coalesce`): for
+    /// the shared read connections, which run nothing else.
+    pub batch_reads: bool,
+}
 
 impl deadpool_postgres::Connect for Connect {
     fn connect(
@@ -232,13 +237,14 @@ impl deadpool_postgres::Connect for Connect {
         '_,
         Result<(tokio_postgres::Client, JoinHandle<()>), tokio_postgres::Error>,
     > {
-        let tls = self.0.clone();
+        let tls = self.tls.clone();
         let pg_config = pg_config.clone();
+        let batch_reads = self.batch_reads;
         Box::pin(async move {
-            // Reads written together share a Sync where this connects the
-            // socket itself (see `coalesce`); elsewhere as tokio-postgres
-            // connects.
-            if let Some(connected) = super::coalesce::connect(&pg_config, &tls).await {
+            // Where this can open the socket itself (see `coalesce`); else
+            // as tokio-postgres connects.
+            if batch_reads && let Some(connected) = super::coalesce::connect(&pg_config, &tls).await
+            {
                 let (client, connection) = connected?;
                 return Ok((client, run(connection)));
             }

@@ -284,6 +284,7 @@ impl Db {
             settings.wait_timeout,
             max_lifetime,
             writable,
+            false,
         )?;
         Ok(Db {
             pool,
@@ -305,7 +306,7 @@ impl Db {
         self.shared = match connections {
             0 => None,
             n => Some(shared::SharedReads::new(
-                new_pool(pg, n, Duration::from_secs(5), self.max_lifetime, true)?,
+                new_pool(pg, n, Duration::from_secs(5), self.max_lifetime, true, true)?,
                 pg.config().clone(),
                 pg.tls().connector(),
                 n,
@@ -743,16 +744,22 @@ fn read_only(messages: &[tokio_postgres::SimpleQueryMessage]) -> bool {
 
 /// A pool of connections to `pg`: created on demand, each checked before
 /// reuse (see [`check_before_reuse`]), connects and checks bounded to 5 s.
+/// `batch_reads`: the pool of the shared read connections, whose reads
+/// written together share a Sync ([`coalesce`]).
 fn new_pool(
     pg: &PgConfig,
     max_size: usize,
     wait_timeout: Duration,
     max_lifetime: Duration,
     writable: bool,
+    batch_reads: bool,
 ) -> anyhow::Result<Pool> {
     let manager = Manager::from_connect(
         pg.config().clone(),
-        driven::Connect(pg.tls().connector()),
+        driven::Connect {
+            tls: pg.tls().connector(),
+            batch_reads,
+        },
         ManagerConfig {
             // Only checks that the connection is not known closed: no
             // round trip for a connection that was just in use.

@@ -8,7 +8,6 @@ use crate::sessions::new_session;
 use std::process::Command;
 use tonic::Code;
 use tonic_health::pb::HealthCheckRequest;
-use verdict::proto::get_session_request::Lookup;
 use verdict::proto::session_service_client::SessionServiceClient;
 use verdict::proto::{GetSessionRequest, ListAuditEventsRequest, ListSessionsRequest};
 
@@ -20,10 +19,7 @@ fn code<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>) -> Cod
 }
 
 fn get(id: &str) -> GetSessionRequest {
-    GetSessionRequest {
-        lookup: Some(Lookup::Id(id.into())),
-        ..Default::default()
-    }
+    crate::helpers::get_session_by_id(id)
 }
 
 #[tokio::test]

@@ -7,13 +7,9 @@ use crate::sessions::create;
 use std::time::Duration;
 use tonic::Code;
 use verdict::proto::GetSessionRequest;
-use verdict::proto::get_session_request::Lookup;
 
 fn get(id: &str) -> GetSessionRequest {
-    GetSessionRequest {
-        lookup: Some(Lookup::Id(id.into())),
-        ..Default::default()
-    }
+    crate::helpers::get_session_by_id(id)
 }
 
 /// The pid of the gateway backend waiting for a lock, once there is one.
@@ -118,58 +114,79 @@ async fn a_read_cancelled_in_the_server_fails_alone_and_the_reads_batched_with_i
     app.stop().await.unwrap();
 }
 
-/// Session `id` of `project` by the gateway's own statement.
-async fn read(
-    client: &tokio_postgres::Client,
-    by_id: &tokio_postgres::Statement,
+/// Sessions created in a gateway, and one connection to its database made
+/// the way the gateway makes its shared read connections, with the
+/// gateway's read by id prepared on it.
+struct OwnConnection {
+    app: crate::helpers::TestApp,
+    client: tokio_postgres::Client,
+    by_id: tokio_postgres::Statement,
     project: uuid::Uuid,
-    id: &uuid::Uuid,
-) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
-    client.query_opt(by_id, &[&project, id]).await
+    ids: Vec<uuid::Uuid>,
 }
 
-/// One connection made the way the gateway makes its pool's, with four
-/// reads pipelined in one write behind a lock; the first is cancelled.
+impl OwnConnection {
+    async fn new(label: &str, sessions: usize) -> OwnConnection {
+        let (_, url) = create_database().await;
+        let app = spawn_app_with(test_config(&url)).await;
+        let mut ids = Vec::new();
+        for i in 0..sessions {
+            ids.push(create(&app, &format!("{label}-{i}")).await.id);
+        }
+        let project = app
+            .sql()
+            .await
+            .query_one(
+                "SELECT project_id FROM sessions WHERE id = $1::text::uuid",
+                &[&ids[0]],
+            )
+            .await
+            .unwrap()
+            .get::<_, uuid::Uuid>(0);
+        let pg = verdict::db::tls::PgConfig::parse(&url).unwrap();
+        let mut config = pg.config().clone();
+        config.application_name("verdict");
+        let (client, connection) = verdict::db::coalesce::connect(&config, &pg.tls().connector())
+            .await
+            .expect("a configuration this connects itself")
+            .expect("connected");
+        tokio::spawn(connection);
+        let by_id = client
+            .prepare(verdict::sessions::sql::BY_ID.sql)
+            .await
+            .unwrap();
+        let ids = ids.iter().map(|id| id.parse().unwrap()).collect();
+        OwnConnection {
+            app,
+            client,
+            by_id,
+            project,
+            ids,
+        }
+    }
+
+    /// Session `id` by the gateway's own statement.
+    async fn read(
+        &self,
+        id: &uuid::Uuid,
+    ) -> Result<Option<tokio_postgres::Row>, tokio_postgres::Error> {
+        self.client
+            .query_opt(&self.by_id, &[&self.project, id])
+            .await
+    }
+}
+
+/// Four reads pipelined in one write behind a lock; the first is cancelled.
 #[tokio::test]
 async fn reads_skipped_after_a_failure_in_their_batch_are_answered_in_order_on_the_same_connection()
 {
-    let (_, url) = create_database().await;
-    let app = spawn_app_with(test_config(&url)).await;
-    let mut ids = Vec::new();
-    for i in 0..4 {
-        ids.push(create(&app, &format!("pipelined-{i}")).await.id);
-    }
-    let project = app
-        .sql()
-        .await
-        .query_one(
-            "SELECT project_id FROM sessions WHERE id = $1::text::uuid",
-            &[&ids[0]],
-        )
-        .await
-        .unwrap()
-        .get::<_, uuid::Uuid>(0);
-    let pg = verdict::db::tls::PgConfig::parse(&url).unwrap();
-    let mut config = pg.config().clone();
-    config.application_name("verdict");
-    let (client, connection) = verdict::db::coalesce::connect(&config, &pg.tls().connector())
-        .await
-        .expect("a configuration this connects itself")
-        .expect("connected");
-    tokio::spawn(connection);
-    let by_id = client
-        .prepare(verdict::sessions::sql::BY_ID.sql)
-        .await
-        .unwrap();
-    let parsed: Vec<uuid::Uuid> = ids.iter().map(|id| id.parse().unwrap()).collect();
-
-    let sql = app.sql().await;
-    let lock = hold_the_sessions_lock(&app).await;
+    let own = OwnConnection::new("pipelined", 4).await;
+    let sql = own.app.sql().await;
+    let lock = hold_the_sessions_lock(&own.app).await;
     let (batched_before, again_before) = verdict::db::coalesce::counts();
     // Polled together, the four are queued before the connection writes:
     // one write, one batch.
-    let reads =
-        futures::future::join_all(parsed.iter().map(|id| read(&client, &by_id, project, id)));
+    let reads = futures::future::join_all(own.ids.iter().map(|id| own.read(id)));
     let release = async {
         cancel_the_read_waiting_on_the_lock(&sql).await;
         lock.batch_execute("COMMIT").await.unwrap();
@@ -185,17 +202,16 @@ async fn reads_skipped_after_a_failure_in_their_batch_are_answered_in_order_on_t
         first.code(),
         Some(&tokio_postgres::error::SqlState::QUERY_CANCELED)
     );
-    for (read, id) in reads.zip(&parsed[1..]) {
+    for (read, id) in reads.zip(&own.ids[1..]) {
         let row = read.expect("a skipped read is answered").expect("its row");
         assert_eq!(row.get::<_, uuid::Uuid>("id"), *id);
     }
     // Later statements, reads and others, are answered in order.
-    let again =
-        futures::future::join_all(parsed.iter().map(|id| read(&client, &by_id, project, id))).await;
-    for (read, id) in again.into_iter().zip(&parsed) {
+    let again = futures::future::join_all(own.ids.iter().map(|id| own.read(id))).await;
+    for (read, id) in again.into_iter().zip(&own.ids) {
         assert_eq!(read.unwrap().unwrap().get::<_, uuid::Uuid>("id"), *id);
     }
-    let one: i32 = client.query_one("SELECT 1", &[]).await.unwrap().get(0);
+    let one: i32 = own.client.query_one("SELECT 1", &[]).await.unwrap().get(0);
     assert_eq!(one, 1);
-    app.stop().await.unwrap();
+    own.app.stop().await.unwrap();
 }

@@ -529,3 +529,11 @@ pub async fn terminate_gateway_backends(sql: &tokio_postgres::Client) {
     .await
     .unwrap();
 }
+
+/// GetSession of session `id`.
+pub fn get_session_by_id(id: &str) -> verdict::proto::GetSessionRequest {
+    verdict::proto::GetSessionRequest {
+        lookup: Some(verdict::proto::get_session_request::Lookup::Id(id.into())),
+        ..Default::default()
+    }
+}

@@ -229,6 +229,20 @@ async fn sslmode_require_encrypts_every_connection_of_the_gateway() {
         next(&mut stream).await,
         Some(Event::LogEntry(e)) if e.message == "over tls"
     ));
+    // Concurrent reads by key share a connection, and a Sync, over TLS.
+    let (batched_before, _) = verdict::db::coalesce::counts();
+    let reads: Vec<_> = (0..8)
+        .map(|_| {
+            let mut client = app.sessions.clone();
+            let id = session.id.clone();
+            async move { client.get_session(get_session_by_id(&id)).await }
+        })
+        .collect();
+    for read in futures::future::join_all(reads).await {
+        assert_eq!(read.unwrap().into_inner().session.unwrap().id, session.id);
+    }
+    let (batched_after, _) = verdict::db::coalesce::counts();
+    assert!(batched_after > batched_before, "reads were batched");
 
     let connections = gateway_connections(server, &database).await;
     assert!(

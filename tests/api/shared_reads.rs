@@ -11,14 +11,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tonic::Code;
-use verdict::proto::get_session_request::Lookup;
 use verdict::proto::{GetSessionRequest, ListSessionsRequest, SessionStatus};
 
 fn get(id: &str) -> GetSessionRequest {
-    GetSessionRequest {
-        lookup: Some(Lookup::Id(id.into())),
-        ..Default::default()
-    }
+    crate::helpers::get_session_by_id(id)
 }
 
 fn with_deadline<T>(message: T, deadline: Duration) -> tonic::Request<T> {

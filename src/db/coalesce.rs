@@ -10,12 +10,12 @@
 //! [`Coalesce`] sits between a shared read connection's tokio-postgres half
 //! and its socket (or TLS stream); those connections, from a pool of their
 //! own, run only the reads of [`super::short_read!`] (and, when one is
-//! abandoned, an empty query behind what it still runs). When one write carries several executions of the
-//! statements in [`READS`] (read-only lookups by key), it drops the Sync
-//! between each and the next, so the server runs them as one batch and
-//! flushes once; on the way back it puts a ReadyForQuery after each
-//! statement's result, so tokio-postgres sees exactly the answers it would
-//! have seen. Everything else passes through unchanged, and a Sync is only
+//! abandoned, an empty query behind what it still runs). When one write
+//! carries several executions of the statements in [`READS`] (read-only
+//! lookups by key), it drops the Sync between each and the next, so the
+//! server runs them as one batch and flushes once; on the way back it puts
+//! a ReadyForQuery after each statement's result, so tokio-postgres sees
+//! exactly the answers it would have seen. Everything else passes through unchanged, and a Sync is only
 //! ever dropped between two such reads, so no write shares a transaction
 //! with anything.
 //!

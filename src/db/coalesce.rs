@@ -35,7 +35,7 @@
 //! Execute, which the server ignores in copy-in mode (it is known by the
 //! CopyInResponse that precedes it).
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::io;
 use std::pin::Pin;
@@ -53,13 +53,6 @@ pub static READS: &[&str] = &[
 
 /// Most reads one Sync covers (the reads of a shared connection at most).
 const MOST_IN_BATCH: usize = super::shared::DEPTH;
-
-/// (reads batched, reads sent again) since the process started (the
-/// metrics `verdict_db_reads_batched_total` and
-/// `verdict_db_reads_sent_again_total`).
-pub fn counts() -> (u64, u64) {
-    crate::observability::batched_reads()
-}
 
 const SYNC: [u8; 5] = [b'S', 0, 0, 0, 4];
 
@@ -434,23 +427,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for Coalesce<S> {
                 this.to_client.advance(n);
                 return Poll::Ready(Ok(()));
             }
-            this.from_server.reserve(8192);
-            let filled = {
-                let spare = this.from_server.spare_capacity_mut();
-                let mut read = ReadBuf::uninit(spare);
-                match Pin::new(&mut this.inner).poll_read(cx, &mut read) {
-                    Poll::Ready(Ok(())) => read.filled().len(),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                    Poll::Pending => return Poll::Pending,
+            match tokio_util::io::poll_read_buf(
+                Pin::new(&mut this.inner),
+                cx,
+                &mut this.from_server,
+            ) {
+                Poll::Ready(Ok(0)) => {
+                    // End of stream: what is whole was delivered already.
+                    return Poll::Ready(Ok(()));
                 }
-            };
-            if filled == 0 {
-                // End of stream: what is whole was delivered already.
-                return Poll::Ready(Ok(()));
+                Poll::Ready(Ok(_)) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
             }
-            // SAFETY: `filled` bytes of the spare capacity were initialised
-            // by the read above.
-            unsafe { this.from_server.advance_mut(filled) };
             this.take_server_messages()?;
             // Reads sent again go out now. A failure to write them is left
             // for tokio-postgres's next write or flush to meet, after the

@@ -4,6 +4,7 @@
 
 use crate::helpers::{create_database, spawn_app_with, test_config};
 use crate::sessions::create;
+use crate::shared_reads::{backends_waiting_on_a_lock, hold_the_sessions_lock};
 use std::time::Duration;
 use tonic::Code;
 use verdict::proto::GetSessionRequest;
@@ -16,33 +17,14 @@ fn get(id: &str) -> GetSessionRequest {
 async fn backend_waiting_on_a_lock(sql: &tokio_postgres::Client) -> i32 {
     tokio::time::timeout(Duration::from_secs(20), async {
         loop {
-            let rows = sql
-                .query(
-                    "SELECT pid FROM pg_stat_activity \
-                     WHERE application_name = 'verdict' AND datname = current_database() \
-                       AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap();
-            if let Some(row) = rows.first() {
-                return row.get(0);
+            if let Some(pid) = backends_waiting_on_a_lock(sql).await.first() {
+                return *pid;
             }
             tokio::task::yield_now().await;
         }
     })
     .await
     .expect("a gateway backend waits on the lock")
-}
-
-/// A connection holding the sessions table's exclusive lock until it
-/// commits.
-async fn hold_the_sessions_lock(app: &crate::helpers::TestApp) -> tokio_postgres::Client {
-    let lock = app.sql().await;
-    lock.batch_execute("BEGIN; LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
-    lock
 }
 
 /// Cancels the statement of the gateway backend waiting on the lock.
@@ -73,7 +55,7 @@ async fn a_read_cancelled_in_the_server_fails_alone_and_the_reads_batched_with_i
     let sql = app.sql().await;
     let lock = hold_the_sessions_lock(&app).await;
 
-    let (_, again_before) = verdict::db::coalesce::counts();
+    let (_, again_before) = verdict::observability::batched_reads();
     // Eight callers on one HTTP/2 connection: their statements go out
     // together on the shared connection, queued behind the lock.
     let calls: Vec<_> = (0..8)
@@ -101,7 +83,7 @@ async fn a_read_cancelled_in_the_server_fails_alone_and_the_reads_batched_with_i
         }
     }
     assert_eq!(failed, 1, "only the cancelled read fails");
-    let (_, again_after) = verdict::db::coalesce::counts();
+    let (_, again_after) = verdict::observability::batched_reads();
     assert!(
         again_after > again_before,
         "the reads batched with the cancelled one were sent again"
@@ -183,7 +165,7 @@ async fn reads_skipped_after_a_failure_in_their_batch_are_answered_in_order_on_t
     let own = OwnConnection::new("pipelined", 4).await;
     let sql = own.app.sql().await;
     let lock = hold_the_sessions_lock(&own.app).await;
-    let (batched_before, again_before) = verdict::db::coalesce::counts();
+    let (batched_before, again_before) = verdict::observability::batched_reads();
     // Polled together, the four are queued before the connection writes:
     // one write, one batch.
     let reads = futures::future::join_all(own.ids.iter().map(|id| own.read(id)));
@@ -192,7 +174,7 @@ async fn reads_skipped_after_a_failure_in_their_batch_are_answered_in_order_on_t
         lock.batch_execute("COMMIT").await.unwrap();
     };
     let (reads, ()) = futures::join!(reads, release);
-    let (batched_after, again_after) = verdict::db::coalesce::counts();
+    let (batched_after, again_after) = verdict::observability::batched_reads();
     assert!(batched_after >= batched_before + 4, "one batch of four");
     assert!(again_after >= again_before + 3, "three reads sent again");
 

@@ -230,7 +230,7 @@ async fn sslmode_require_encrypts_every_connection_of_the_gateway() {
         Some(Event::LogEntry(e)) if e.message == "over tls"
     ));
     // Concurrent reads by key share a connection, and a Sync, over TLS.
-    let (batched_before, _) = verdict::db::coalesce::counts();
+    let (batched_before, _) = verdict::observability::batched_reads();
     let reads: Vec<_> = (0..8)
         .map(|_| {
             let mut client = app.sessions.clone();
@@ -241,7 +241,7 @@ async fn sslmode_require_encrypts_every_connection_of_the_gateway() {
     for read in futures::future::join_all(reads).await {
         assert_eq!(read.unwrap().into_inner().session.unwrap().id, session.id);
     }
-    let (batched_after, _) = verdict::db::coalesce::counts();
+    let (batched_after, _) = verdict::observability::batched_reads();
     assert!(batched_after > batched_before, "reads were batched");
 
     let connections = gateway_connections(server, &database).await;

@@ -174,11 +174,7 @@ async fn reads_stuck_behind_a_lock_end_at_their_deadline_and_leave_nothing_runni
 
     // A read first, so that the shared connection exists before the lock.
     app.sessions.clone().get_session(get(&id)).await.unwrap();
-    let mut lock = app.sql().await;
-    let tx = lock.transaction().await.unwrap();
-    tx.batch_execute("LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
-        .await
-        .unwrap();
+    let lock = hold_the_sessions_lock(&app).await;
 
     // 6 callers with a 400 ms deadline, pipelined on one connection behind
     // the lock: each hears DEADLINE_EXCEEDED in time.
@@ -221,17 +217,7 @@ async fn reads_stuck_behind_a_lock_end_at_their_deadline_and_leave_nothing_runni
     // is still held (the statement timeout, 30 s, is far away).
     tokio::time::timeout(Duration::from_secs(10), async {
         loop {
-            let waiting: i64 = sql
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                     WHERE application_name = 'verdict' AND datname = current_database() \
-                       AND wait_event_type = 'Lock'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            if waiting == 0 {
+            if backends_waiting_on_a_lock(&sql).await.is_empty() {
                 return;
             }
             tokio::task::yield_now().await;
@@ -241,7 +227,7 @@ async fn reads_stuck_behind_a_lock_end_at_their_deadline_and_leave_nothing_runni
     .expect("no gateway backend still waits on the lock");
 
     // Once the lock is gone, reads are served again (on a new connection).
-    tx.commit().await.unwrap();
+    lock.batch_execute("COMMIT").await.unwrap();
     let got = app
         .sessions
         .clone()
@@ -286,21 +272,47 @@ async fn without_shared_connections_every_read_takes_a_pooled_one() {
     app.stop().await.unwrap();
 }
 
+/// A connection holding the sessions table's exclusive lock until it
+/// commits.
+pub(crate) async fn hold_the_sessions_lock(
+    app: &crate::helpers::TestApp,
+) -> tokio_postgres::Client {
+    let lock = app.sql().await;
+    lock.batch_execute("BEGIN; LOCK TABLE sessions IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    lock
+}
+
+/// The pids of the gateway's backends in this database that match
+/// `condition` (on `pg_stat_activity`), in order.
+async fn gateway_backends(sql: &tokio_postgres::Client, condition: &str) -> Vec<i32> {
+    let query = format!(
+        "SELECT pid FROM pg_stat_activity \
+         WHERE application_name = 'verdict' AND datname = current_database() \
+           AND {condition} ORDER BY pid"
+    );
+    sql.query(&query, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The pids of the gateway backends waiting for a lock.
+pub(crate) async fn backends_waiting_on_a_lock(sql: &tokio_postgres::Client) -> Vec<i32> {
+    gateway_backends(sql, "wait_event_type = 'Lock'").await
+}
+
 /// The pids of the gateway backends whose last statement read sessions by
 /// id (one shared connection while reads are few).
 async fn reader_pid(sql: &tokio_postgres::Client) -> Vec<i32> {
-    sql.query(
-        "SELECT pid FROM pg_stat_activity \
-         WHERE application_name = 'verdict' AND datname = current_database() \
-           AND query LIKE 'SELECT % FROM sessions WHERE project_id = $1 AND id = $2' \
-         ORDER BY pid",
-        &[],
+    gateway_backends(
+        sql,
+        "query LIKE 'SELECT % FROM sessions WHERE project_id = $1 AND id = $2'",
     )
     .await
-    .unwrap()
-    .iter()
-    .map(|r| r.get(0))
-    .collect()
 }
 
 /// A gateway configured by `tweak`, a session created in it and read once
